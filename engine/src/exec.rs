@@ -1,0 +1,352 @@
+//! Running fragments: the Flight-client operator and the hub's physical planner.
+//!
+//! ```text
+//!   FragmentNode (logical) ──FragmentPlanner──▶ FragmentExec, one partition per station
+//!                                                 partition i: DoGet(ticket) on station i,
+//!                                                 spawned at once, bounded by a deadline
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow_flight::Ticket;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::error::FlightError;
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::context::QueryPlanner;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::logical_expr::{LogicalPlan, UserDefinedLogicalNode};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::limit::GlobalLimitExec;
+use datafusion::physical_plan::stream::RecordBatchReceiverStream;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
+use futures::StreamExt;
+use railyard_planner::{FederationPlanner, Fragment, FragmentNode};
+use railyard_udfs::wire::FragmentTicket;
+use tokio::time::{Instant, timeout_at};
+use tonic::Code;
+
+use crate::error::StationFailure;
+use crate::station_client::StationClient;
+
+/// Who runs a query and how long a station may take: fixed per query.
+#[derive(Debug, Clone)]
+pub struct QueryContext {
+    pub query_id: String,
+    pub researcher: String,
+    pub fragment_timeout: Duration,
+}
+
+/// Physical operator that runs one fragment at every station of its table; partition `i`
+/// streams station `i`'s answer.
+#[derive(Debug)]
+pub struct FragmentExec {
+    fragment: Arc<Fragment>,
+    stations: Vec<StationClient>,
+    query: QueryContext,
+    properties: Arc<PlanProperties>,
+}
+
+impl FragmentExec {
+    pub fn new(fragment: Arc<Fragment>, stations: Vec<StationClient>, query: QueryContext) -> Self {
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(&fragment.schema)),
+            Partitioning::UnknownPartitioning(stations.len()),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Self {
+            fragment,
+            stations,
+            query,
+            properties: Arc::new(properties),
+        }
+    }
+}
+
+impl DisplayAs for FragmentExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let names: Vec<&str> = self.stations.iter().map(|s| s.name.as_ref()).collect();
+        write!(
+            f,
+            "FragmentExec: #{} at [{}]: {}",
+            self.fragment.id,
+            names.join(", "),
+            self.fragment.sql
+        )
+    }
+}
+
+impl ExecutionPlan for FragmentExec {
+    fn name(&self) -> &str {
+        "FragmentExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if !children.is_empty() {
+            return Err(DataFusionError::Internal(
+                "FragmentExec has no children".to_string(),
+            ));
+        }
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        let station = self.stations.get(partition).cloned().ok_or_else(|| {
+            DataFusionError::Internal(format!("FragmentExec has no partition {partition}"))
+        })?;
+        let schema = Arc::clone(&self.fragment.schema);
+        let mut builder = RecordBatchReceiverStream::builder(Arc::clone(&schema), 2);
+        let tx = builder.tx();
+        let ticket = FragmentTicket {
+            query_id: self.query.query_id.clone(),
+            fragment: self.fragment.id,
+            researcher: self.query.researcher.clone(),
+            sql: self.fragment.sql.clone(),
+        };
+        let timeout = self.query.fragment_timeout;
+        // Spawned at once, so every station starts as soon as the plan starts, whatever
+        // order DataFusion polls the partitions in.
+        builder.spawn(async move {
+            let deadline = Instant::now() + timeout;
+            let fragment = ticket.fragment;
+            let result = fetch(&station, ticket, &schema, deadline, |batch| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(batch)).await.is_ok() }
+            })
+            .await;
+            if let Err(failure) = result {
+                let failure = match failure {
+                    Fetch::Timeout => StationFailure::Timeout {
+                        station: station.name.to_string(),
+                        fragment,
+                        timeout,
+                    },
+                    Fetch::Failed(f) => f,
+                };
+                let _ = tx
+                    .send(Err(DataFusionError::External(Box::new(failure))))
+                    .await;
+            }
+            Ok(())
+        });
+        Ok(builder.build())
+    }
+}
+
+enum Fetch {
+    Timeout,
+    Failed(StationFailure),
+}
+
+/// Runs one fragment at one station, checking every batch against the expected schema and
+/// handing it to `sink` (which returns false once the consumer is gone).
+async fn fetch<F, Fut>(
+    station: &StationClient,
+    ticket: FragmentTicket,
+    schema: &SchemaRef,
+    deadline: Instant,
+    sink: F,
+) -> Result<(), Fetch>
+where
+    F: Fn(RecordBatch) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let name = station.name.to_string();
+    let fragment = ticket.fragment;
+    let failed = |code: Code, message: String| {
+        Fetch::Failed(StationFailure::Failed {
+            station: name.clone(),
+            fragment,
+            code,
+            message,
+        })
+    };
+    let from_status = |s: tonic::Status| {
+        let message = s.message().to_string();
+        // The station names itself in its errors; do not say it twice.
+        let prefix = format!("station '{name}': ");
+        let message = message
+            .strip_prefix(&prefix)
+            .unwrap_or(&message)
+            .to_string();
+        match s.code() {
+            Code::Unavailable => Fetch::Failed(StationFailure::Unreachable {
+                station: name.clone(),
+                url: station.url.to_string(),
+                message,
+            }),
+            code => failed(code, message),
+        }
+    };
+    let response = timeout_at(
+        deadline,
+        station.flight().do_get(Ticket::new(ticket.to_bytes())),
+    )
+    .await
+    .map_err(|_| Fetch::Timeout)?
+    .map_err(from_status)?;
+    let mut stream = FlightRecordBatchStream::new_from_flight_data(
+        response.into_inner().map(|r| r.map_err(FlightError::from)),
+    );
+    loop {
+        let next = timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| Fetch::Timeout)?;
+        let batch = match next {
+            None => return Ok(()),
+            Some(Err(FlightError::Tonic(status))) => return Err(from_status(*status)),
+            Some(Err(e)) => return Err(failed(Code::Internal, e.to_string())),
+            Some(Ok(batch)) => batch,
+        };
+        let batch = conform(batch, schema).map_err(|message| {
+            Fetch::Failed(StationFailure::Protocol {
+                station: name.clone(),
+                fragment,
+                message,
+            })
+        })?;
+        if !sink(batch).await {
+            return Ok(());
+        }
+    }
+}
+
+/// Gives a station's batch the fragment's expected schema (names are positional), refusing
+/// any difference in column count or type.
+fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+    if batch.num_columns() != schema.fields().len() {
+        return Err(format!(
+            "{} columns instead of {}",
+            batch.num_columns(),
+            schema.fields().len()
+        ));
+    }
+    for (got, want) in batch.schema().fields().iter().zip(schema.fields()) {
+        if got.data_type() != want.data_type() {
+            return Err(format!(
+                "column '{}' is {} instead of {}",
+                want.name(),
+                got.data_type(),
+                want.data_type()
+            ));
+        }
+    }
+    RecordBatch::try_new(Arc::clone(schema), batch.columns().to_vec()).map_err(|e| e.to_string())
+}
+
+/// Plans [`FragmentNode`]s into [`FragmentExec`]s.
+#[derive(Debug)]
+struct FragmentPlanner {
+    stations: Arc<Vec<StationClient>>,
+    query: QueryContext,
+}
+
+#[async_trait]
+impl ExtensionPlanner for FragmentPlanner {
+    async fn plan_extension(
+        &self,
+        _planner: &dyn PhysicalPlanner,
+        node: &dyn UserDefinedLogicalNode,
+        _logical_inputs: &[&LogicalPlan],
+        _physical_inputs: &[Arc<dyn ExecutionPlan>],
+        _session: &dyn Session,
+        _planning_ctx: &PhysicalPlanningContext,
+    ) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(node) = node.as_any().downcast_ref::<FragmentNode>() else {
+            return Ok(None);
+        };
+        let fragment = Arc::clone(&node.fragment);
+        let stations = fragment
+            .stations
+            .iter()
+            .map(|name| {
+                self.stations
+                    .iter()
+                    .find(|s| s.name.as_ref() == name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        DataFusionError::Plan(format!("station '{name}' is not connected"))
+                    })
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        let fetch = fragment.fetch;
+        let mut exec: Arc<dyn ExecutionPlan> =
+            Arc::new(FragmentExec::new(fragment, stations, self.query.clone()));
+        if let Some(n) = fetch {
+            exec = Arc::new(GlobalLimitExec::new(
+                Arc::new(CoalescePartitionsExec::new(exec)),
+                0,
+                Some(n),
+            ));
+        }
+        Ok(Some(exec))
+    }
+}
+
+/// The hub's query planner: DataFusion's optimized plan is split into fragments, then
+/// planned physically with fragments becoming [`FragmentExec`]s.
+pub struct FederatedQueryPlanner {
+    pub planner: Arc<FederationPlanner>,
+    pub stations: Arc<Vec<StationClient>>,
+    pub query: QueryContext,
+}
+
+impl fmt::Debug for FederatedQueryPlanner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FederatedQueryPlanner")
+            .field("query", &self.query)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl QueryPlanner for FederatedQueryPlanner {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session: &dyn Session,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let federated = self.planner.federate(logical_plan).await?;
+        let planner =
+            DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(FragmentPlanner {
+                stations: Arc::clone(&self.stations),
+                query: self.query.clone(),
+            })]);
+        planner.create_physical_plan(&federated.plan, session).await
+    }
+}

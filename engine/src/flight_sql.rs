@@ -1,0 +1,363 @@
+//! The hub's Arrow Flight SQL front: what ADBC, pyarrow and `railyard sql` talk to.
+//!
+//! Statements are stateless: a statement's ticket (and a prepared statement's handle) carries
+//! the SQL text itself, and `DoGet` plans it again. Planning is sub-millisecond, and a hub
+//! restart or a second hub behind a balancer loses nothing.
+
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+
+use arrow::datatypes::Schema;
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
+};
+use arrow_flight::{
+    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc,
+    Ticket,
+};
+use futures::{Stream, TryStreamExt, stream};
+use prost::Message;
+
+use tonic::{Request, Response, Status};
+
+use crate::error::{Error, to_status};
+use crate::hub::Hub;
+
+/// Researcher identity in `railyard local` mode, where there is no authentication.
+pub const LOCAL_RESEARCHER: &str = "local";
+
+static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
+    let mut builder = SqlInfoDataBuilder::new();
+    builder.append(SqlInfo::FlightSqlServerName, "Railyard hub");
+    builder.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    builder.append(SqlInfo::FlightSqlServerArrowVersion, "1.5");
+    builder.append(SqlInfo::FlightSqlServerReadOnly, true);
+    builder.append(SqlInfo::FlightSqlServerSql, true);
+    builder.append(SqlInfo::FlightSqlServerSubstrait, false);
+    builder.append(SqlInfo::FlightSqlServerTransaction, 0_i32);
+    builder.append(SqlInfo::FlightSqlServerCancel, false);
+    builder.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    // The static builder input above is well-formed; building it cannot fail.
+    builder.build().expect("static SQL info builds")
+});
+
+type DoGetStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
+
+/// Flight SQL service over a [`Hub`].
+#[derive(Clone)]
+pub struct HubFlightSql {
+    hub: Arc<Hub>,
+}
+
+impl HubFlightSql {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+
+    fn researcher<T>(&self, _request: &Request<T>) -> &'static str {
+        LOCAL_RESEARCHER
+    }
+
+    async fn statement_info(
+        &self,
+        sql: &str,
+        researcher: &str,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        let planned = self.hub.plan(sql, researcher).await.map_err(to_status)?;
+        let schema = planned.schema();
+        let ticket = TicketStatementQuery {
+            statement_handle: sql.as_bytes().to_vec().into(),
+        };
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
+        FlightInfo::new()
+            .try_with_schema(schema.as_ref())
+            .map_err(|e| Status::internal(e.to_string()))
+            .map(|info| {
+                info.with_endpoint(endpoint)
+                    .with_descriptor(descriptor)
+                    .with_ordered(true)
+            })
+    }
+
+    fn batch_stream(batch: arrow::array::RecordBatch) -> Result<Response<DoGetStream>, Status> {
+        let schema = batch.schema();
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(stream::once(async move { Ok(batch) }))
+            .map_err(Status::from);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    fn info_for<M: ProstMessageExt + Clone>(
+        command: &M,
+        schema: &Schema,
+        descriptor: FlightDescriptor,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(command.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_endpoint(endpoint)
+            .with_descriptor(descriptor);
+        Ok(Response::new(info))
+    }
+}
+
+fn handle_sql(handle: &[u8]) -> Result<&str, Status> {
+    std::str::from_utf8(handle)
+        .map_err(|_| Status::invalid_argument("statement handle is not UTF-8 SQL"))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for HubFlightSql {
+    type FlightService = HubFlightSql;
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let researcher = self.researcher(&request);
+        let info = self
+            .statement_info(&query.query, researcher, request.into_inner())
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let researcher = self.researcher(&request);
+        let sql = handle_sql(&query.prepared_statement_handle)?.to_string();
+        let info = self
+            .statement_info(&sql, researcher, request.into_inner())
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let researcher = self.researcher(&request);
+        let sql = handle_sql(&ticket.statement_handle)?;
+        let batches = self.hub.execute(sql, researcher).await.map_err(to_status)?;
+        let schema = batches.schema();
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))))
+            .map_err(|e| match e {
+                FlightError::ExternalError(inner) => {
+                    match inner.downcast::<datafusion::error::DataFusionError>() {
+                        Ok(df) => to_status(Error::from(*df)),
+                        Err(other) => Status::internal(other.to_string()),
+                    }
+                }
+                other => Status::from(other),
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let ticket = TicketStatementQuery {
+            statement_handle: query.prepared_statement_handle,
+        };
+        self.do_get_statement(ticket, request).await
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let researcher = self.researcher(&request);
+        let planned = self
+            .hub
+            .plan(&query.query, researcher)
+            .await
+            .map_err(to_status)?;
+        let schema = planned.schema();
+        let IpcMessage(dataset_schema) =
+            SchemaAsIpc::new(schema.as_ref(), &IpcWriteOptions::default())
+                .try_into()
+                .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: query.query.into_bytes().into(),
+            dataset_schema,
+            parameter_schema: Default::default(),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        _request: Request<Action>,
+    ) -> Result<(), Status> {
+        // Handles are the SQL itself: nothing is held on the hub.
+        Ok(())
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        _query: CommandPreparedStatementQuery,
+        _request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        Err(Status::invalid_argument(
+            "query parameters are not supported: write the values into the SQL text",
+        ))
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        Self::info_for(&query, &schema, request.into_inner())
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let tables = self.hub.list_tables().await.map_err(to_status)?;
+        let mut builder = query.into_builder();
+        let mut seen = std::collections::BTreeSet::new();
+        for (catalog, ..) in tables {
+            if seen.insert(catalog.clone()) {
+                builder.append(catalog);
+            }
+        }
+        Self::batch_stream(
+            builder
+                .build()
+                .map_err(|e| Status::internal(e.to_string()))?,
+        )
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        Self::info_for(&query, &schema, request.into_inner())
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let tables = self.hub.list_tables().await.map_err(to_status)?;
+        let mut builder = query.into_builder();
+        let mut seen = std::collections::BTreeSet::new();
+        for (catalog, schema, ..) in tables {
+            if seen.insert((catalog.clone(), schema.clone())) {
+                builder.append(catalog, schema);
+            }
+        }
+        Self::batch_stream(
+            builder
+                .build()
+                .map_err(|e| Status::internal(e.to_string()))?,
+        )
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        Self::info_for(&query, &schema, request.into_inner())
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let tables = self.hub.list_tables().await.map_err(to_status)?;
+        let mut builder = query.into_builder();
+        for (catalog, schema, table, kind, arrow_schema) in tables {
+            builder
+                .append(catalog, schema, table, kind, arrow_schema.as_ref())
+                .map_err(Status::from)?;
+        }
+        Self::batch_stream(
+            builder
+                .build()
+                .map_err(|e| Status::internal(e.to_string()))?,
+        )
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        Self::info_for(&query, &schema, request.into_inner())
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let mut builder = query.into_builder();
+        for kind in ["LOCAL TEMPORARY", "TABLE", "VIEW"] {
+            builder.append(kind);
+        }
+        Self::batch_stream(
+            builder
+                .build()
+                .map_err(|e| Status::internal(e.to_string()))?,
+        )
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder(&SQL_INFO).schema();
+        Self::info_for(&query, &schema, request.into_inner())
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let batch = query
+            .into_builder(&SQL_INFO)
+            .build()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Self::batch_stream(batch)
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}

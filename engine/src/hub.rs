@@ -1,0 +1,215 @@
+//! The hub: the federated catalog, per-query sessions, and query execution.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::datasource::TableType;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::context::{SQLOptions, SessionState};
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use railyard_planner::{
+    FederatedCatalog, FederationPlanner, explain_batch, strip_explain_federated,
+};
+use tracing::info;
+
+use crate::error::{Error, Result};
+use crate::exec::{FederatedQueryPlanner, QueryContext};
+use crate::station_client::{StationAddress, StationClient};
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// How long one station may take to deliver one fragment, start to end.
+    pub fragment_timeout: Duration,
+    /// How long to keep retrying to reach a station at start-up.
+    pub connect_patience: Duration,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            fragment_timeout: Duration::from_secs(60),
+            connect_patience: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A planned query: either a physical plan to run or an answer already computed at the hub
+/// (`EXPLAIN FEDERATED`).
+pub enum Planned {
+    Plan(
+        Arc<dyn ExecutionPlan>,
+        Arc<datafusion::execution::TaskContext>,
+    ),
+    Batches(SchemaRef, Vec<RecordBatch>),
+}
+
+impl Planned {
+    pub fn schema(&self) -> SchemaRef {
+        match self {
+            Planned::Plan(plan, _) => plan.schema(),
+            Planned::Batches(schema, _) => Arc::clone(schema),
+        }
+    }
+
+    /// Starts execution (station fragments are sent now).
+    pub fn execute(self) -> Result<SendableRecordBatchStream> {
+        match self {
+            Planned::Plan(plan, task) => Ok(execute_stream(plan, task)?),
+            Planned::Batches(schema, batches) => {
+                Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
+            }
+        }
+    }
+}
+
+/// The researcher-facing coordinator of a federation.
+pub struct Hub {
+    stations: Arc<Vec<StationClient>>,
+    catalog: FederatedCatalog,
+    planner: Arc<FederationPlanner>,
+    base: SessionState,
+    options: HubOptions,
+}
+
+impl Hub {
+    /// Connects to every station and builds the federated catalog from what they announce.
+    pub async fn connect(addresses: &[StationAddress], options: HubOptions) -> Result<Self> {
+        let mut stations = Vec::new();
+        let mut catalog = FederatedCatalog::new();
+        for address in addresses {
+            if stations
+                .iter()
+                .any(|s: &StationClient| s.name.as_ref() == address.name)
+            {
+                return Err(Error::BadRequest(format!(
+                    "station '{}' is configured twice",
+                    address.name
+                )));
+            }
+            let client = StationClient::connect(address, options.connect_patience).await?;
+            for (table, schema) in client.tables().await? {
+                catalog.add(&address.name, &table, schema)?;
+            }
+            stations.push(client);
+        }
+        let planner = Arc::new(FederationPlanner::new(&catalog)?);
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("datafusion", "public");
+        let ctx = SessionContext::new_with_config(config);
+        for table in catalog.tables() {
+            let name = table.name().to_string();
+            ctx.register_table(name.as_str(), table)?;
+        }
+        info!(
+            stations = stations.len(),
+            tables = catalog.tables().len(),
+            "hub catalog ready"
+        );
+        Ok(Self {
+            stations: Arc::new(stations),
+            catalog,
+            planner,
+            base: ctx.state(),
+            options,
+        })
+    }
+
+    pub fn catalog(&self) -> &FederatedCatalog {
+        &self.catalog
+    }
+
+    pub fn station_names(&self) -> Vec<String> {
+        self.stations.iter().map(|s| s.name.to_string()).collect()
+    }
+
+    /// A session for one query: the shared catalog, and a query planner that knows who asks.
+    fn session(&self, researcher: &str) -> SessionState {
+        let query = QueryContext {
+            query_id: uuid::Uuid::new_v4().to_string(),
+            researcher: researcher.to_string(),
+            fragment_timeout: self.options.fragment_timeout,
+        };
+        SessionStateBuilder::new_from_existing(self.base.clone())
+            .with_query_planner(Arc::new(FederatedQueryPlanner {
+                planner: Arc::clone(&self.planner),
+                stations: Arc::clone(&self.stations),
+                query,
+            }))
+            .build()
+    }
+
+    /// Plans `sql` for `researcher` without contacting any station.
+    pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
+        let state = self.session(researcher);
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        if let Some(inner) = strip_explain_federated(sql) {
+            let logical = state.create_logical_plan(inner).await?;
+            options.verify_plan(&logical)?;
+            let optimized = state.optimize(&logical)?;
+            let federated = self.planner.federate(&optimized).await?;
+            let batch = explain_batch(&federated)?;
+            return Ok(Planned::Batches(batch.schema(), vec![batch]));
+        }
+        let logical = state.create_logical_plan(sql).await?;
+        options.verify_plan(&logical)?;
+        let physical = state.create_physical_plan(&logical).await?;
+        Ok(Planned::Plan(physical, state.task_ctx()))
+    }
+
+    /// Plans and starts `sql`.
+    pub async fn execute(&self, sql: &str, researcher: &str) -> Result<SendableRecordBatchStream> {
+        self.plan(sql, researcher).await?.execute()
+    }
+
+    /// Plans, runs and collects `sql`.
+    pub async fn collect(&self, sql: &str, researcher: &str) -> Result<Vec<RecordBatch>> {
+        use futures::TryStreamExt;
+        let stream = self.execute(sql, researcher).await?;
+        Ok(stream.try_collect().await?)
+    }
+
+    /// The tables a client may list: (catalog, schema, table, type, arrow schema).
+    pub async fn list_tables(&self) -> Result<Vec<(String, String, String, String, SchemaRef)>> {
+        let mut out = Vec::new();
+        let catalogs = self.base.catalog_list();
+        for catalog_name in catalogs.catalog_names() {
+            let Some(catalog) = catalogs.catalog(&catalog_name) else {
+                continue;
+            };
+            for schema_name in catalog.schema_names() {
+                let Some(schema) = catalog.schema(&schema_name) else {
+                    continue;
+                };
+                for table_name in schema.table_names() {
+                    let Some(table) = schema.table(&table_name).await? else {
+                        continue;
+                    };
+                    let kind = match table.table_type() {
+                        TableType::Base => "TABLE",
+                        TableType::View => "VIEW",
+                        TableType::Temporary => "LOCAL TEMPORARY",
+                    };
+                    out.push((
+                        catalog_name.clone(),
+                        schema_name.clone(),
+                        table_name,
+                        kind.to_string(),
+                        table.schema(),
+                    ));
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
+        Ok(out)
+    }
+}

@@ -1,0 +1,63 @@
+//! The Railyard hub: researchers' Flight SQL endpoint, fragment dispatch and merge.
+//!
+//! ```text
+//!   client ── Flight SQL ──▶ HubFlightSql ──▶ Hub::plan
+//!                                              │ DataFusion: parse, analyze, optimize
+//!                                              │ FederatedQueryPlanner: split into fragments
+//!                                              │   (railyard-planner) and plan physically
+//!                                              ▼
+//!                         merge operators (final aggregates, joins, sort, limit)
+//!                                              ▲
+//!                         FragmentExec: one partition per station, concurrent DoGet
+//!                                              ▲
+//!                              stations (Arrow Flight, railyard-station)
+//! ```
+//!
+//! The key decision: the hub is DataFusion with one extra operator. Everything above the
+//! fragments — merging partial aggregate states, HAVING, ORDER BY, joins of merged results —
+//! is DataFusion's own execution, so the hub inherits its correctness and speed.
+//!
+//! Layout: [`hub`] (catalog discovery, per-query sessions), [`exec`] (the fragment operator and
+//! the query planner), [`station_client`] (connections to stations), [`flight_sql`] (the
+//! Flight SQL service), [`error`] (errors and their one mapping to gRPC statuses).
+
+pub mod error;
+pub mod exec;
+pub mod flight_sql;
+pub mod hub;
+pub mod station_client;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::{Error, Result, StationFailure};
+pub use flight_sql::{HubFlightSql, LOCAL_RESEARCHER};
+pub use hub::{Hub, HubOptions, Planned};
+pub use station_client::{MAX_MESSAGE_BYTES, StationAddress, StationClient};
+
+/// Serves the hub's Flight SQL endpoint on `listener` until `shutdown` resolves.
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.and_then(|stream| {
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    });
+    let service = FlightServiceServer::new(HubFlightSql::new(hub))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

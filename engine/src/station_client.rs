@@ -1,0 +1,110 @@
+//! The hub's connection to one station.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use arrow_flight::Criteria;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use futures::TryStreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Result, StationFailure};
+
+/// Largest gRPC message the hub accepts from a station or sends to a client.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where a station listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StationAddress {
+    pub name: String,
+    /// `grpc://host:port` or `http://host:port`.
+    pub url: String,
+}
+
+/// A connected station. Cloning shares the underlying HTTP/2 connection.
+#[derive(Debug, Clone)]
+pub struct StationClient {
+    pub name: Arc<str>,
+    pub url: Arc<str>,
+    client: FlightServiceClient<Channel>,
+}
+
+impl StationClient {
+    /// Connects to a station, retrying until `patience` has passed (a station may still be
+    /// opening its files).
+    pub async fn connect(address: &StationAddress, patience: Duration) -> Result<Self> {
+        let http_url = address
+            .url
+            .strip_prefix("grpc://")
+            .map(|rest| format!("http://{rest}"))
+            .unwrap_or_else(|| address.url.clone());
+        let unreachable = |message: String| StationFailure::Unreachable {
+            station: address.name.clone(),
+            url: address.url.clone(),
+            message,
+        };
+        let endpoint = Endpoint::from_shared(http_url)
+            .map_err(|e| unreachable(format!("invalid address: {e}")))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let deadline = tokio::time::Instant::now() + patience;
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(unreachable(e.to_string()).into());
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let client = FlightServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            name: address.name.as_str().into(),
+            url: address.url.as_str().into(),
+            client,
+        })
+    }
+
+    pub fn flight(&self) -> FlightServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    /// The tables this station announces, with their schemas.
+    pub async fn tables(&self) -> Result<Vec<(String, SchemaRef)>> {
+        let failed = |message: String| StationFailure::Protocol {
+            station: self.name.to_string(),
+            fragment: 0,
+            message,
+        };
+        let infos: Vec<_> = self
+            .flight()
+            .list_flights(Criteria::default())
+            .await
+            .map_err(|s| StationFailure::Unreachable {
+                station: self.name.to_string(),
+                url: self.url.to_string(),
+                message: s.message().to_string(),
+            })?
+            .into_inner()
+            .try_collect()
+            .await
+            .map_err(|s| failed(s.message().to_string()))?;
+        let mut tables = Vec::new();
+        for info in infos {
+            let name = info
+                .flight_descriptor
+                .as_ref()
+                .and_then(|d| d.path.first().cloned())
+                .ok_or_else(|| failed("a table without a name".to_string()))?;
+            let schema = info
+                .try_decode_schema()
+                .map_err(|e| failed(format!("table '{name}': {e}")))?;
+            tables.push((name, Arc::new(schema)));
+        }
+        Ok(tables)
+    }
+}

@@ -1,0 +1,137 @@
+//! The federated catalog: which logical tables exist and which stations hold a part of each.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::plan_err;
+use datafusion::datasource::TableType;
+use datafusion::error::Result as DfResult;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+
+use crate::error::{Error, Result};
+
+/// A horizontally partitioned table: every station holds other rows with the same columns,
+/// and the table means their union.
+///
+/// As a [`TableProvider`] it only describes the table to DataFusion's SQL planner; its scan is
+/// a placeholder that the federation planner replaces with per-station fragments.
+#[derive(Debug, Clone)]
+pub struct FederatedTable {
+    name: String,
+    schema: SchemaRef,
+    stations: Vec<String>,
+}
+
+impl FederatedTable {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stations holding a part of this table, sorted by name.
+    pub fn stations(&self) -> &[String] {
+        &self.stations
+    }
+}
+
+#[async_trait]
+impl TableProvider for FederatedTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        _projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        plan_err!(
+            "not supported in a federated query: table '{}' is referenced where the federation \
+             planner cannot split the query into station fragments (for example inside a \
+             correlated subquery)",
+            self.name
+        )
+    }
+}
+
+/// All federated tables of a collaboration, built from what each station announces.
+#[derive(Debug, Default, Clone)]
+pub struct FederatedCatalog {
+    tables: BTreeMap<String, (SchemaRef, Vec<String>)>,
+}
+
+impl FederatedCatalog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `station` holds a part of `table` with `schema`. Every station of a table
+    /// must announce the same columns with the same types: a union of differently typed parts
+    /// would silently change values, so a mismatch is refused and named.
+    pub fn add(&mut self, station: &str, table: &str, schema: SchemaRef) -> Result<()> {
+        match self.tables.get_mut(table) {
+            None => {
+                self.tables
+                    .insert(table.to_string(), (schema, vec![station.to_string()]));
+            }
+            Some((existing, stations)) => {
+                let first = &stations[0];
+                if existing.fields().len() != schema.fields().len() {
+                    return Err(Error::Catalog(format!(
+                        "table '{table}' has {} columns at station '{first}' but {} at station \
+                         '{station}'",
+                        existing.fields().len(),
+                        schema.fields().len()
+                    )));
+                }
+                for (a, b) in existing.fields().iter().zip(schema.fields()) {
+                    if a.name() != b.name() || a.data_type() != b.data_type() {
+                        return Err(Error::Catalog(format!(
+                            "table '{table}': column '{}' ({}) at station '{first}' does not \
+                             match column '{}' ({}) at station '{station}'",
+                            a.name(),
+                            a.data_type(),
+                            b.name(),
+                            b.data_type()
+                        )));
+                    }
+                }
+                if stations.iter().any(|s| s == station) {
+                    return Err(Error::Catalog(format!(
+                        "station '{station}' announced table '{table}' twice"
+                    )));
+                }
+                stations.push(station.to_string());
+                stations.sort();
+            }
+        }
+        Ok(())
+    }
+
+    /// The table providers to register in the hub's session.
+    pub fn tables(&self) -> Vec<Arc<FederatedTable>> {
+        self.tables
+            .iter()
+            .map(|(name, (schema, stations))| {
+                Arc::new(FederatedTable {
+                    name: name.clone(),
+                    schema: Arc::clone(schema),
+                    stations: stations.clone(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+}

@@ -1,0 +1,148 @@
+//! A fragment: the SQL one station runs, and the placeholder node that stands for its
+//! union over all stations in the hub's plan.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::common::{DFSchema, DFSchemaRef, Result};
+use datafusion::logical_expr::{Expr, LogicalPlan, UserDefinedLogicalNodeCore};
+
+/// What a fragment releases from a station.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FragmentKind {
+    /// One row per group: the group keys and the accumulator state of each aggregate.
+    PartialAggregate {
+        /// How each group key is computed at the station (SQL text).
+        groups: Vec<String>,
+        /// Which aggregate each state column belongs to (SQL text of the original call).
+        aggregates: Vec<String>,
+    },
+    /// Rows of the table after the pushed-down filters and projections.
+    Rows { columns: Vec<String> },
+}
+
+/// One query part that runs, unchanged, at every station holding `table`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fragment {
+    /// Position of this fragment in its query (1-based, for EXPLAIN and errors).
+    pub id: usize,
+    /// The federated table the fragment reads.
+    pub table: String,
+    /// The stations it runs at.
+    pub stations: Vec<String>,
+    /// The SQL text each station re-plans itself.
+    pub sql: String,
+    /// The schema a station must return (positional column names).
+    pub schema: SchemaRef,
+    pub kind: FragmentKind,
+    /// A row limit already in the SQL; the hub applies it again to the union.
+    pub fetch: Option<usize>,
+}
+
+impl Fragment {
+    /// A human-readable account of what leaves each station.
+    pub fn releases(&self) -> String {
+        match &self.kind {
+            FragmentKind::PartialAggregate { groups, aggregates } => {
+                let mut parts = Vec::new();
+                if groups.is_empty() {
+                    parts.push("one row".to_string());
+                } else {
+                    parts.push(format!("one row per group of ({})", groups.join(", ")));
+                }
+                if !aggregates.is_empty() {
+                    parts.push(format!(
+                        "with the partial state of {}",
+                        aggregates.join(", ")
+                    ));
+                }
+                parts.join(" ")
+            }
+            FragmentKind::Rows { columns } => {
+                format!("row-level values of ({})", columns.join(", "))
+            }
+        }
+    }
+}
+
+/// Leaf of the hub's logical plan that stands for the union of a fragment's results over all
+/// of its stations. The hub's physical planner turns it into the Flight client operator.
+#[derive(Debug, Clone)]
+pub struct FragmentNode {
+    pub fragment: Arc<Fragment>,
+    schema: DFSchemaRef,
+}
+
+impl FragmentNode {
+    pub fn try_new(fragment: Arc<Fragment>) -> Result<Self> {
+        let schema = Arc::new(DFSchema::try_from(fragment.schema.as_ref().clone())?);
+        Ok(Self { fragment, schema })
+    }
+
+    pub fn into_plan(self) -> LogicalPlan {
+        LogicalPlan::Extension(datafusion::logical_expr::Extension {
+            node: Arc::new(self),
+        })
+    }
+}
+
+impl PartialEq for FragmentNode {
+    fn eq(&self, other: &Self) -> bool {
+        self.fragment == other.fragment
+    }
+}
+
+impl Eq for FragmentNode {}
+
+impl Hash for FragmentNode {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.fragment.hash(state)
+    }
+}
+
+impl PartialOrd for FragmentNode {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        (self.fragment.id, &self.fragment.sql)
+            .partial_cmp(&(other.fragment.id, &other.fragment.sql))
+    }
+}
+
+impl UserDefinedLogicalNodeCore for FragmentNode {
+    fn name(&self) -> &str {
+        "Fragment"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        &self.schema
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        vec![]
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let kind = match self.fragment.kind {
+            FragmentKind::PartialAggregate { .. } => "partial aggregate",
+            FragmentKind::Rows { .. } => "rows",
+        };
+        write!(
+            f,
+            "Fragment #{}: {} of {} at [{}]",
+            self.fragment.id,
+            kind,
+            self.fragment.table,
+            self.fragment.stations.join(", ")
+        )
+    }
+
+    fn with_exprs_and_inputs(&self, _exprs: Vec<Expr>, _inputs: Vec<LogicalPlan>) -> Result<Self> {
+        Ok(self.clone())
+    }
+}

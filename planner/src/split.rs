@@ -1,0 +1,630 @@
+//! The split: turn an optimized hub plan over federated tables into station fragments plus a
+//! hub plan that merges their results.
+//!
+//! The planner walks the plan top-down looking for the largest subtree that reads a single
+//! federated table through operators a station can run on its own rows:
+//!
+//! ```text
+//!   Aggregate            ← partial states pushed to the station, merged at the hub
+//!     Projection         ← expressions inlined into the fragment
+//!       SubqueryAlias    ← renames only
+//!         Filter         ← predicates pushed into the fragment's WHERE
+//!           TableScan    ← the federated table
+//! ```
+//!
+//! Such a subtree becomes one [`Fragment`] (SQL text) and is replaced in the hub's plan by a
+//! [`FragmentNode`] (the union of the stations' answers) under, for an aggregate, a merge
+//! `Aggregate` of the same shape whose functions are [`MergeAggregate`]s, and a projection
+//! that restores the original column names and types, so the rest of the plan (joins, HAVING,
+//! ORDER BY, LIMIT, window functions, …) runs at the hub unchanged.
+//!
+//! An aggregate that has no mergeable state (an ordered aggregate such as
+//! `array_agg(x ORDER BY y)`) is not pushed: the subtree below it is fetched as rows and the
+//! hub aggregates. Whether a station releases those rows is its policy's decision.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Schema};
+use datafusion::catalog::default_table_source::source_as_provider;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema};
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::logical_expr::expr::{AggregateFunction, NullTreatment};
+use datafusion::logical_expr::{
+    Aggregate, AggregateUDF, Expr, ExprSchemable, GroupingSet, LogicalPlan, Projection, cast,
+};
+use datafusion::prelude::SessionContext;
+use futures::future::BoxFuture;
+use railyard_udfs::{MergeAggregate, MergeArg, partial_of};
+
+use crate::catalog::{FederatedCatalog, FederatedTable};
+use crate::error::{Error, Result};
+use crate::fragment::{Fragment, FragmentKind, FragmentNode};
+use crate::sql::{SelectSql, expr_sql};
+
+/// A hub plan whose federated scans have been replaced by fragments.
+#[derive(Debug, Clone)]
+pub struct FederatedPlan {
+    /// The hub's logical plan; its leaves over federated data are [`FragmentNode`]s.
+    pub plan: LogicalPlan,
+    /// Every fragment, in the order the planner created them.
+    pub fragments: Vec<Arc<Fragment>>,
+}
+
+/// Splits plans over a [`FederatedCatalog`]. Holds a "shadow" session with the same table
+/// schemas and fragment functions as a station, used to plan each fragment's SQL exactly as
+/// the stations will, before any station is contacted.
+pub struct FederationPlanner {
+    shadow: SessionContext,
+}
+
+impl std::fmt::Debug for FederationPlanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FederationPlanner").finish_non_exhaustive()
+    }
+}
+
+impl FederationPlanner {
+    pub fn new(catalog: &FederatedCatalog) -> Result<Self> {
+        let shadow = railyard_udfs::fragment_context()?;
+        for table in catalog.tables() {
+            shadow.register_table(
+                table.name(),
+                Arc::new(EmptyTable::new(datafusion::catalog::TableProvider::schema(
+                    table.as_ref(),
+                ))),
+            )?;
+        }
+        Ok(Self { shadow })
+    }
+
+    /// Splits an optimized logical plan. Plans that read no federated table come back
+    /// unchanged with no fragments.
+    pub async fn federate(&self, plan: &LogicalPlan) -> Result<FederatedPlan> {
+        let mut fragments = Vec::new();
+        let plan = self.rewrite(plan.clone(), &mut fragments).await?;
+        check_no_federated_scan(&plan)?;
+        Ok(FederatedPlan { plan, fragments })
+    }
+
+    fn rewrite<'a>(
+        &'a self,
+        plan: LogicalPlan,
+        fragments: &'a mut Vec<Arc<Fragment>>,
+    ) -> BoxFuture<'a, Result<LogicalPlan>> {
+        Box::pin(async move {
+            if let LogicalPlan::Aggregate(agg) = &plan
+                && let Some(split) = AggregateSplit::analyze(agg)?
+            {
+                return self.aggregate_fragment(agg, split, fragments).await;
+            }
+            if let Some(chain) = RowChain::analyze(&plan)? {
+                return self.rows_fragment(&plan, chain, fragments).await;
+            }
+            if plan.inputs().is_empty() {
+                return Ok(plan);
+            }
+            let mut inputs = Vec::new();
+            for input in plan.inputs().into_iter().cloned().collect::<Vec<_>>() {
+                inputs.push(self.rewrite(input, fragments).await?);
+            }
+            Ok(plan.with_new_exprs(plan.expressions(), inputs)?)
+        })
+    }
+
+    /// Plans `sql` in the shadow session: the schema every station will return.
+    async fn fragment_schema(&self, sql: &str) -> Result<Arc<Schema>> {
+        let plan = self
+            .shadow
+            .state()
+            .create_logical_plan(sql)
+            .await
+            .map_err(|e| {
+                Error::NotSupported(format!(
+                    "the fragment SQL generated for this query does not plan ({e}): {sql}"
+                ))
+            })?;
+        Ok(Arc::new(plan.schema().as_arrow().clone()))
+    }
+
+    async fn aggregate_fragment(
+        &self,
+        agg: &Aggregate,
+        split: AggregateSplit,
+        fragments: &mut Vec<Arc<Fragment>>,
+    ) -> Result<LogicalPlan> {
+        let rows = &split.rows;
+        let mut items = Vec::new();
+        let mut group_sql = Vec::new();
+        for (i, g) in split.groups.iter().enumerate() {
+            let sql = expr_sql(g)?;
+            items.push((sql.clone(), format!("g{i}")));
+            group_sql.push(sql);
+        }
+        let mut aggregate_sql = Vec::new();
+        for (j, p) in split.partials.iter().enumerate() {
+            items.push((expr_sql(p)?, format!("a{j}")));
+            aggregate_sql.push(expr_sql(&split.originals[j])?);
+        }
+        let filters = rows
+            .filters
+            .iter()
+            .map(expr_sql)
+            .collect::<Result<Vec<_>>>()?;
+        let sql = SelectSql {
+            table: rows.table.name(),
+            items,
+            filters,
+            group_by: group_sql.clone(),
+            limit: None,
+        }
+        .render();
+        let schema = self.fragment_schema(&sql).await?;
+
+        // The merge functions were derived from the hub's own argument types; the station's
+        // states must have exactly the struct type they expect.
+        for (j, expected) in split.state_types.iter().enumerate() {
+            let got = schema.field(split.groups.len() + j).data_type();
+            if got != expected {
+                return Err(Error::NotSupported(format!(
+                    "the fragment SQL for {} changes the type of its partial state \
+                     ({got} instead of {expected}): {sql}",
+                    aggregate_sql[j]
+                )));
+            }
+        }
+
+        let fragment = Arc::new(Fragment {
+            id: fragments.len() + 1,
+            table: rows.table.name().to_string(),
+            stations: rows.table.stations().to_vec(),
+            sql,
+            schema,
+            kind: FragmentKind::PartialAggregate {
+                groups: group_sql,
+                aggregates: aggregate_sql,
+            },
+            fetch: None,
+        });
+        fragments.push(Arc::clone(&fragment));
+        let node = Arc::new(FragmentNode::try_new(fragment)?.into_plan());
+
+        let group_cols: Vec<Expr> = (0..split.groups.len())
+            .map(|i| Expr::Column(Column::new_unqualified(format!("g{i}"))))
+            .collect();
+        let hub_groups = hub_group_exprs(&agg.group_expr, &split.keys, &group_cols)?;
+        let hub_aggs = split
+            .merges
+            .into_iter()
+            .enumerate()
+            .map(|(j, merge)| {
+                Expr::AggregateFunction(AggregateFunction::new_udf(
+                    Arc::new(AggregateUDF::from(merge)),
+                    vec![Expr::Column(Column::new_unqualified(format!("a{j}")))],
+                    false,
+                    None,
+                    vec![],
+                    None,
+                ))
+            })
+            .collect();
+        let merged = LogicalPlan::Aggregate(Aggregate::try_new(node, hub_groups, hub_aggs)?);
+        restore_schema(merged, agg.schema.as_ref())
+    }
+
+    async fn rows_fragment(
+        &self,
+        plan: &LogicalPlan,
+        chain: RowChain,
+        fragments: &mut Vec<Arc<Fragment>>,
+    ) -> Result<LogicalPlan> {
+        let mut items = Vec::new();
+        let mut columns = Vec::new();
+        for (i, e) in chain.outputs.iter().enumerate() {
+            items.push((expr_sql(e)?, format!("c{i}")));
+            columns.push(plan.schema().field(i).name().clone());
+        }
+        let empty = items.is_empty();
+        if empty {
+            // Only the row count matters to the hub (e.g. count(*) over a LIMIT).
+            items.push(("1".to_string(), "c0".to_string()));
+        }
+        let filters = chain
+            .filters
+            .iter()
+            .map(expr_sql)
+            .collect::<Result<Vec<_>>>()?;
+        let sql = SelectSql {
+            table: chain.table.name(),
+            items,
+            filters,
+            group_by: vec![],
+            limit: chain.fetch,
+        }
+        .render();
+        let schema = self.fragment_schema(&sql).await?;
+        let fragment = Arc::new(Fragment {
+            id: fragments.len() + 1,
+            table: chain.table.name().to_string(),
+            stations: chain.table.stations().to_vec(),
+            sql,
+            schema,
+            kind: FragmentKind::Rows { columns },
+            fetch: chain.fetch,
+        });
+        fragments.push(Arc::clone(&fragment));
+        let node = FragmentNode::try_new(fragment)?.into_plan();
+        if empty {
+            return Ok(node);
+        }
+        restore_schema(node, plan.schema().as_ref())
+    }
+}
+
+/// Projects `plan`'s columns, by position, back to the names, qualifiers and types of
+/// `original`, so parent operators of the replaced subtree resolve their columns unchanged.
+fn restore_schema(plan: LogicalPlan, original: &DFSchema) -> Result<LogicalPlan> {
+    let produced = Arc::clone(plan.schema());
+    if produced.fields().len() != original.fields().len() {
+        return Err(Error::NotSupported(format!(
+            "internal: the merge plan has {} columns where the query expects {}",
+            produced.fields().len(),
+            original.fields().len()
+        )));
+    }
+    let exprs = (0..original.fields().len())
+        .map(|i| {
+            let (q, f) = original.qualified_field(i);
+            let (pq, pf) = produced.qualified_field(i);
+            let mut e = Expr::Column(Column::from((pq, pf)));
+            if pf.data_type() != f.data_type() {
+                e = cast(e, f.data_type().clone());
+            }
+            e.alias_qualified(q.cloned(), f.name())
+        })
+        .collect::<Vec<_>>();
+    Ok(LogicalPlan::Projection(Projection::try_new(
+        exprs,
+        Arc::new(plan),
+    )?))
+}
+
+/// The hub's grouping: the original grouping with every key replaced by the fragment column
+/// holding it. Grouping sets keep their shape: the stations group by every key that occurs in
+/// any set, and the hub rolls those fine groups up, which merges states correctly.
+fn hub_group_exprs(original: &[Expr], keys: &[Expr], cols: &[Expr]) -> Result<Vec<Expr>> {
+    let lookup = |e: &Expr| -> Result<Expr> {
+        keys.iter()
+            .position(|k| k == e)
+            .map(|i| cols[i].clone())
+            .ok_or_else(|| Error::NotSupported(format!("internal: unknown group key {e}")))
+    };
+    let map_list = |list: &[Expr]| list.iter().map(lookup).collect::<Result<Vec<_>>>();
+    if let [Expr::GroupingSet(set)] = original {
+        let set = match set {
+            GroupingSet::Rollup(list) => GroupingSet::Rollup(map_list(list)?),
+            GroupingSet::Cube(list) => GroupingSet::Cube(map_list(list)?),
+            GroupingSet::GroupingSets(sets) => GroupingSet::GroupingSets(
+                sets.iter()
+                    .map(|s| map_list(s))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        };
+        return Ok(vec![Expr::GroupingSet(set)]);
+    }
+    Ok(cols.to_vec())
+}
+
+/// A chain of row-wise operators over one federated table, as station-side expressions.
+struct RowChain {
+    table: Arc<FederatedTable>,
+    /// Predicates over the table's columns.
+    filters: Vec<Expr>,
+    /// One expression over the table's columns per output column of the chain's top node.
+    outputs: Vec<Expr>,
+    /// The chain top's output columns, for substituting parent expressions.
+    columns: Vec<Column>,
+    /// A row limit pushed into the scan; nothing row-changing may sit above it in the chain.
+    fetch: Option<usize>,
+}
+
+impl RowChain {
+    fn analyze(plan: &LogicalPlan) -> Result<Option<RowChain>> {
+        Ok(match plan {
+            LogicalPlan::TableScan(scan) => {
+                let Ok(provider) = source_as_provider(&scan.source) else {
+                    return Ok(None);
+                };
+                let Some(table) = provider.downcast_ref::<FederatedTable>() else {
+                    return Ok(None);
+                };
+                let table = Arc::new(table.clone());
+                let full = DFSchema::try_from_qualified_schema(
+                    scan.table_name.clone(),
+                    scan.source.schema().as_ref(),
+                )?;
+                let base = RowChain {
+                    table,
+                    filters: vec![],
+                    outputs: full
+                        .fields()
+                        .iter()
+                        .map(|f| Expr::Column(Column::new_unqualified(f.name())))
+                        .collect(),
+                    columns: full.columns(),
+                    fetch: None,
+                };
+                let filters = scan
+                    .filters
+                    .iter()
+                    .map(|f| base.substitute(f))
+                    .collect::<Option<Vec<_>>>();
+                let Some(filters) = filters else {
+                    return Ok(None);
+                };
+                let outputs = scan
+                    .projected_schema
+                    .columns()
+                    .iter()
+                    .map(|c| base.substitute(&Expr::Column(c.clone())))
+                    .collect::<Option<Vec<_>>>();
+                let Some(outputs) = outputs else {
+                    return Ok(None);
+                };
+                Some(RowChain {
+                    table: base.table,
+                    filters,
+                    outputs,
+                    columns: scan.projected_schema.columns(),
+                    fetch: scan.fetch,
+                })
+            }
+            LogicalPlan::Filter(filter) => {
+                let Some(mut chain) = RowChain::analyze(&filter.input)? else {
+                    return Ok(None);
+                };
+                if chain.fetch.is_some() {
+                    return Ok(None);
+                }
+                let Some(pred) = chain.substitute(&filter.predicate) else {
+                    return Ok(None);
+                };
+                chain.filters.push(pred);
+                Some(chain)
+            }
+            LogicalPlan::Projection(proj) => {
+                let Some(chain) = RowChain::analyze(&proj.input)? else {
+                    return Ok(None);
+                };
+                let outputs = proj
+                    .expr
+                    .iter()
+                    .map(|e| chain.substitute(&e.clone().unalias()))
+                    .collect::<Option<Vec<_>>>();
+                let Some(outputs) = outputs else {
+                    return Ok(None);
+                };
+                Some(RowChain {
+                    outputs,
+                    columns: proj.schema.columns(),
+                    ..chain
+                })
+            }
+            LogicalPlan::SubqueryAlias(alias) => {
+                let Some(chain) = RowChain::analyze(&alias.input)? else {
+                    return Ok(None);
+                };
+                Some(RowChain {
+                    columns: alias.schema.columns(),
+                    ..chain
+                })
+            }
+            _ => None,
+        })
+    }
+
+    /// Rewrites an expression over the chain top's columns into one over the table's
+    /// columns, or `None` if it needs anything a station cannot evaluate on its own rows.
+    fn substitute(&self, expr: &Expr) -> Option<Expr> {
+        let mut supported = true;
+        let out = expr
+            .clone()
+            .transform_up(|e| {
+                Ok(match e {
+                    Expr::Column(c) => match self.lookup(&c) {
+                        Some(sub) => Transformed::yes(sub.clone()),
+                        None => {
+                            supported = false;
+                            Transformed::new(Expr::Column(c), false, TreeNodeRecursion::Stop)
+                        }
+                    },
+                    Expr::ScalarSubquery(_)
+                    | Expr::InSubquery(_)
+                    | Expr::Exists(_)
+                    | Expr::SetComparison(_)
+                    | Expr::OuterReferenceColumn(..)
+                    | Expr::Placeholder(_)
+                    | Expr::ScalarVariable(..)
+                    | Expr::GroupingSet(_)
+                    | Expr::AggregateFunction(_)
+                    | Expr::WindowFunction(_)
+                    | Expr::Unnest(_) => {
+                        supported = false;
+                        Transformed::new(e, false, TreeNodeRecursion::Stop)
+                    }
+                    #[expect(deprecated)]
+                    Expr::Wildcard { .. } => {
+                        supported = false;
+                        Transformed::new(e, false, TreeNodeRecursion::Stop)
+                    }
+                    other => Transformed::no(other),
+                })
+            })
+            .ok()?
+            .data;
+        supported.then_some(out)
+    }
+
+    fn lookup(&self, c: &Column) -> Option<&Expr> {
+        if let Some(i) = self.columns.iter().position(|x| x == c) {
+            return self.outputs.get(i);
+        }
+        if c.relation.is_none() {
+            let mut hits = self
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.name == c.name);
+            if let (Some((i, _)), None) = (hits.next(), hits.next()) {
+                return self.outputs.get(i);
+            }
+        }
+        None
+    }
+}
+
+/// An aggregate whose partial half can run at the stations.
+struct AggregateSplit {
+    rows: RowChain,
+    /// Distinct group keys as the hub's plan spells them (over the aggregate's input).
+    keys: Vec<Expr>,
+    /// The same keys as station expressions.
+    groups: Vec<Expr>,
+    /// `partial_<agg>(…)` calls as station expressions.
+    partials: Vec<Expr>,
+    /// The hub half of each aggregate.
+    merges: Vec<MergeAggregate>,
+    /// The struct type each partial returns, computed from the hub's argument types.
+    state_types: Vec<DataType>,
+    /// The original aggregate calls over the station's columns (for EXPLAIN and errors).
+    originals: Vec<Expr>,
+}
+
+impl AggregateSplit {
+    fn analyze(agg: &Aggregate) -> Result<Option<AggregateSplit>> {
+        let Some(rows) = RowChain::analyze(&agg.input)? else {
+            return Ok(None);
+        };
+        // Partial aggregation below a per-station LIMIT would aggregate too many rows.
+        if rows.fetch.is_some() {
+            return Ok(None);
+        }
+        let keys: Vec<Expr> = match agg.group_expr.as_slice() {
+            [Expr::GroupingSet(set)] => set.distinct_expr().into_iter().cloned().collect(),
+            list => list.to_vec(),
+        };
+        let Some(groups) = keys
+            .iter()
+            .map(|k| rows.substitute(k))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+
+        let input_schema = agg.input.schema();
+        let mut partials = Vec::new();
+        let mut merges = Vec::new();
+        let mut state_types = Vec::new();
+        let mut originals = Vec::new();
+        for e in &agg.aggr_expr {
+            let inner = match e {
+                Expr::Alias(a) => a.expr.as_ref(),
+                other => other,
+            };
+            let Expr::AggregateFunction(f) = inner else {
+                return Ok(None);
+            };
+            let p = &f.params;
+            if !p.order_by.is_empty()
+                || matches!(p.null_treatment, Some(NullTreatment::IgnoreNulls))
+            {
+                return Ok(None);
+            }
+            let Some(args) = p
+                .args
+                .iter()
+                .map(|a| rows.substitute(a))
+                .collect::<Option<Vec<_>>>()
+            else {
+                return Ok(None);
+            };
+            let filter = match &p.filter {
+                None => None,
+                Some(flt) => match rows.substitute(flt) {
+                    Some(s) => Some(Box::new(s)),
+                    None => return Ok(None),
+                },
+            };
+            let mut merge_args = Vec::new();
+            let mut arg_fields = Vec::new();
+            for a in &p.args {
+                let (_, field) = a.to_field(input_schema.as_ref())?;
+                arg_fields.push(Arc::clone(&field));
+                merge_args.push(match a {
+                    Expr::Literal(v, _) => MergeArg::Literal(field, v.clone()),
+                    _ => MergeArg::Column(field),
+                });
+            }
+            let state_fields = railyard_udfs::PartialAggregate::state_struct_fields(
+                &f.func,
+                &arg_fields,
+                p.distinct,
+            )?;
+            state_types.push(DataType::Struct(state_fields));
+            // The original call as the station would spell it, to say what is released.
+            originals.push(Expr::AggregateFunction(AggregateFunction::new_udf(
+                Arc::clone(&f.func),
+                args.clone(),
+                p.distinct,
+                filter.clone(),
+                vec![],
+                None,
+            )));
+            partials.push(Expr::AggregateFunction(AggregateFunction::new_udf(
+                partial_of(Arc::clone(&f.func), p.distinct),
+                args,
+                false,
+                filter,
+                vec![],
+                None,
+            )));
+            merges.push(MergeAggregate::new(
+                Arc::clone(&f.func),
+                merge_args,
+                p.distinct,
+            ));
+        }
+        Ok(Some(AggregateSplit {
+            rows,
+            keys,
+            groups,
+            partials,
+            merges,
+            state_types,
+            originals,
+        }))
+    }
+}
+
+/// Fails if a federated table is still scanned anywhere (also inside subquery expressions):
+/// such a scan has no fragment and would not run.
+fn check_no_federated_scan(plan: &LogicalPlan) -> Result<()> {
+    let mut found = None;
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Ok(provider) = source_as_provider(&scan.source)
+            && provider.is::<FederatedTable>()
+        {
+            found = Some(scan.table_name.to_string());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    match found {
+        Some(table) => Err(Error::NotSupported(format!(
+            "table '{table}' is used in a subquery that could not be turned into a join \
+             (correlated subqueries over federated tables must be decorrelatable)"
+        ))),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,13 @@
+//! Railyard: federated SQL over stations that keep their data at home.
+//!
+//! This crate is the `railyard` binary's library: the one-process federation of
+//! `railyard local` ([`local`]), the Flight SQL client of `railyard sql` ([`client`]), the
+//! synthetic registry of `railyard gen` ([`synth`]) and the demo ([`demo`]). The federation
+//! itself lives in the workspace crates: `railyard-station` (stations), `railyard-engine`
+//! (the hub), `railyard-planner` (the split into fragments) and `railyard-udfs` (functions
+//! both sides share).
+
+pub mod client;
+pub mod demo;
+pub mod local;
+pub mod synth;

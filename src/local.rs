@@ -1,0 +1,222 @@
+//! `railyard local`: a whole federation in one process, on loopback sockets.
+//!
+//! Every `.csv`/`.parquet` file in a table's directory becomes one station (named after the
+//! file's stem); files with the same stem under different tables belong to the same station.
+//! Each station serves its own Flight endpoint on `127.0.0.1:0`, and the hub connects to them
+//! exactly as it would to remote stations.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow::datatypes::SchemaRef;
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use railyard_engine::{Hub, HubOptions, StationAddress};
+use railyard_station::{Format, Station, TableFile};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// `NAME=DIR`: a horizontally partitioned table whose parts are the files in `DIR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl FromStr for TableSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, dir) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=DIR, got '{s}'"))?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(format!("table name missing in '{s}'"));
+        }
+        if dir.trim().is_empty() {
+            return Err(format!("directory missing in '{s}'"));
+        }
+        Ok(TableSpec {
+            name: name.to_string(),
+            dir: PathBuf::from(dir.trim()),
+        })
+    }
+}
+
+/// The stations of a local federation, derived from the table directories: station name →
+/// its tables.
+pub async fn plan_stations(specs: &[TableSpec]) -> Result<BTreeMap<String, Vec<TableFile>>> {
+    let mut stations: BTreeMap<String, Vec<TableFile>> = BTreeMap::new();
+    let mut seen_tables = std::collections::BTreeSet::new();
+    for spec in specs {
+        if !seen_tables.insert(spec.name.clone()) {
+            bail!("table '{}' is given twice", spec.name);
+        }
+        let files = table_files(&spec.dir).with_context(|| format!("table '{}'", spec.name))?;
+        let schemas = unified_schemas(&files)
+            .await
+            .with_context(|| format!("table '{}' in {}", spec.name, spec.dir.display()))?;
+        for ((station, path, format), schema) in files.into_iter().zip(schemas) {
+            stations.entry(station).or_default().push(TableFile {
+                name: spec.name.clone(),
+                path,
+                format,
+                schema,
+            });
+        }
+    }
+    Ok(stations)
+}
+
+/// The data files of one table directory: (station name, path, format), sorted by station.
+fn table_files(dir: &Path) -> Result<Vec<(String, PathBuf, Format)>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read directory {}", dir.display()))?;
+    let mut files = BTreeMap::new();
+    for entry in entries {
+        let path = entry?.path();
+        if !path.is_file() {
+            continue;
+        }
+        let Some(format) = Format::of(&path) else {
+            continue;
+        };
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| anyhow!("file name is not UTF-8: {}", path.display()))?
+            .to_string();
+        if let Some((other, _)) = files.insert(stem.clone(), (path.clone(), format)) {
+            bail!(
+                "station '{stem}' has two files in {}: {} and {}",
+                dir.display(),
+                other.display(),
+                path.display()
+            );
+        }
+    }
+    if files.is_empty() {
+        bail!("no .csv or .parquet files in {}", dir.display());
+    }
+    Ok(files
+        .into_iter()
+        .map(|(stem, (path, format))| (stem, path, format))
+        .collect())
+}
+
+/// The schema each file should be read with, so all stations of a table agree on types:
+/// CSV files are inferred together (a column that is integral at one station and fractional
+/// at another becomes a float everywhere); if the table also has Parquet parts, the first
+/// Parquet file's schema is authoritative for the CSV parts.
+async fn unified_schemas(files: &[(String, PathBuf, Format)]) -> Result<Vec<Option<SchemaRef>>> {
+    let ctx = SessionContext::new();
+    let csv: Vec<String> = files
+        .iter()
+        .filter(|f| f.2 == Format::Csv)
+        .map(|f| f.1.to_string_lossy().into_owned())
+        .collect();
+    let first_parquet = files.iter().find(|f| f.2 == Format::Parquet);
+    let csv_schema: Option<SchemaRef> = match (first_parquet, csv.is_empty()) {
+        (_, true) => None,
+        (Some((_, path, _)), false) => {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("parquet");
+            let df = ctx
+                .read_parquet(
+                    path.to_string_lossy().into_owned(),
+                    ParquetReadOptions::default().file_extension(&format!(".{ext}")),
+                )
+                .await
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Some(Arc::new(df.schema().as_arrow().clone()))
+        }
+        (None, false) => {
+            let df = ctx
+                .read_csv(csv.clone(), CsvReadOptions::new().has_header(true))
+                .await
+                .with_context(|| format!("cannot infer a schema from {}", csv.join(", ")))?;
+            Some(Arc::new(df.schema().as_arrow().clone()))
+        }
+    };
+    Ok(files
+        .iter()
+        .map(|f| match f.2 {
+            Format::Csv => csv_schema.clone(),
+            Format::Parquet => None,
+        })
+        .collect())
+}
+
+/// A running local federation.
+pub struct LocalFederation {
+    pub hub: Arc<Hub>,
+    /// `grpc://127.0.0.1:PORT` of the hub's Flight SQL endpoint.
+    pub hub_url: String,
+    pub stations: Vec<StationAddress>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<Result<()>>,
+}
+
+impl LocalFederation {
+    /// Starts one station per data file stem and a hub serving Flight SQL on `hub_listener`.
+    pub async fn start(
+        specs: &[TableSpec],
+        hub_listener: TcpListener,
+        options: HubOptions,
+    ) -> Result<Self> {
+        let plan = plan_stations(specs).await?;
+        let (shutdown, stop) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut addresses = Vec::new();
+        for (name, tables) in plan {
+            let station = Arc::new(Station::open(name.clone(), &tables).await?);
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let mut stop = stop.clone();
+            tasks.spawn(async move {
+                railyard_station::serve(station, listener, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(anyhow::Error::from)
+            });
+            addresses.push(StationAddress {
+                name,
+                url: format!("grpc://{addr}"),
+            });
+        }
+        let hub = Arc::new(Hub::connect(&addresses, options).await?);
+        let hub_addr = hub_listener.local_addr()?;
+        let mut stop_hub = stop.clone();
+        let serving = Arc::clone(&hub);
+        tasks.spawn(async move {
+            railyard_engine::serve(serving, hub_listener, async move {
+                let _ = stop_hub.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        });
+        Ok(Self {
+            hub,
+            hub_url: format!("grpc://{hub_addr}"),
+            stations: addresses,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops the hub and all stations and waits for them to finish.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        while let Some(done) = self.tasks.join_next().await {
+            done.context("a server task panicked")??;
+        }
+        Ok(())
+    }
+}

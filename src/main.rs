@@ -1,0 +1,178 @@
+//! The `railyard` command line.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use railyard::client::HubClient;
+use railyard::local::{LocalFederation, TableSpec};
+use railyard::{demo, synth};
+use railyard_engine::HubOptions;
+use tokio::net::TcpListener;
+
+/// Railyard: federated analytics for health research. Stations keep patient data at home;
+/// researchers send SQL to a hub, and only aggregates come back.
+#[derive(Debug, Parser)]
+#[command(name = "railyard", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole federation in this process: one station per data file, and a hub.
+    ///
+    /// Every .csv or .parquet file in a table's directory becomes one station, named after
+    /// the file's stem (station_a.csv → station 'station_a'); files with the same stem under
+    /// several --table directories are tables of the same station. Each station serves
+    /// Arrow Flight on its own loopback port; the hub serves Flight SQL on --listen.
+    /// No authentication: for trying things on one machine. Stops on Ctrl-C or SIGTERM.
+    Local {
+        /// Address of the hub's Flight SQL endpoint (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// A federated table NAME whose parts are the data files in DIR (repeatable).
+        #[arg(long = "table", value_name = "NAME=DIR", required = true)]
+        tables: Vec<TableSpec>,
+        /// Seconds one station may take to deliver one fragment.
+        #[arg(long, default_value_t = 60)]
+        fragment_timeout: u64,
+    },
+    /// Generate synthetic registry data, start a local federation, run realistic queries and
+    /// print each query, its federated plan and its answer. Needs no arguments or network.
+    Demo {
+        /// Synthetic patients over all three stations.
+        #[arg(long, default_value_t = demo::DEFAULT_PATIENTS)]
+        patients: usize,
+    },
+    /// Write the demo's synthetic registry data (one Parquet file per station) to a
+    /// directory, for `railyard local --table registry=DIR/registry`.
+    Gen {
+        /// Directory to write into (created if missing); files go to DIR/registry/.
+        #[arg(long)]
+        out: PathBuf,
+        /// Synthetic patients over all three stations.
+        #[arg(long, default_value_t = demo::DEFAULT_PATIENTS)]
+        patients: usize,
+        /// Random seed: the same seed always gives the same data.
+        #[arg(long, default_value_t = synth::DEFAULT_SEED)]
+        seed: u64,
+    },
+    /// Run one SQL statement on a hub and print the answer.
+    ///
+    /// Prefix a query with EXPLAIN FEDERATED to see what each station would run and what
+    /// would leave it, without running anything.
+    Sql {
+        /// The hub's Flight SQL address.
+        #[arg(long, default_value = "grpc://127.0.0.1:50051")]
+        hub: String,
+        /// How to print the answer.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+        /// The SQL statement.
+        sql: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header row.
+    Csv,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RAILYARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Local {
+            listen,
+            tables,
+            fragment_timeout,
+        } => {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let options = HubOptions {
+                fragment_timeout: Duration::from_secs(fragment_timeout),
+                ..HubOptions::default()
+            };
+            let federation = LocalFederation::start(&tables, listener, options).await?;
+            for s in &federation.stations {
+                eprintln!("station {} listening on {}", s.name, s.url);
+            }
+            println!("hub listening on {}", federation.hub_url);
+            std::io::stdout().flush()?;
+            wait_for_stop_signal().await?;
+            federation.shutdown().await?;
+            Ok(())
+        }
+        Command::Demo { patients } => {
+            let mut out = std::io::stdout().lock();
+            demo::run(patients, &mut out).await
+        }
+        Command::Gen {
+            out,
+            patients,
+            seed,
+        } => {
+            let profiles = synth::default_profiles(patients);
+            let dir = synth::write_registry(&out, &profiles, seed)?;
+            println!(
+                "wrote {patients} patients for {} stations to {}",
+                profiles.len(),
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Sql { hub, format, sql } => {
+            let mut client = HubClient::connect(&hub).await?;
+            let answer = client.query(&sql).await?;
+            match format {
+                OutputFormat::Table => println!("{}", answer.to_table()?),
+                OutputFormat::Csv => {
+                    let stdout = std::io::stdout().lock();
+                    let mut writer = arrow::csv::WriterBuilder::new()
+                        .with_header(true)
+                        .build(stdout);
+                    if answer.batches.is_empty() {
+                        writer.write(&arrow::array::RecordBatch::new_empty(answer.schema))?;
+                    }
+                    for batch in &answer.batches {
+                        writer.write(batch)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_stop_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

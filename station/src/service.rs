@@ -1,0 +1,175 @@
+//! The station's Arrow Flight service.
+//!
+//! `DoGet` with a [`FragmentTicket`] runs a fragment; `ListFlights` announces the station's
+//! tables (one `FlightInfo` per table, path = table name, with its schema) so a hub can build
+//! its federated catalog. Nothing else is served.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use futures::stream::{self, BoxStream};
+use futures::{Stream, StreamExt, TryStreamExt};
+use railyard_udfs::wire::FragmentTicket;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Station;
+use crate::error::{Error, to_status};
+
+type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Serves one [`Station`] over Arrow Flight.
+#[derive(Clone)]
+pub struct StationService {
+    station: Arc<Station>,
+}
+
+impl StationService {
+    pub fn new(station: Arc<Station>) -> Self {
+        Self { station }
+    }
+
+    fn status(&self, e: Error) -> Status {
+        to_status(self.station.name(), e)
+    }
+}
+
+#[tonic::async_trait]
+impl FlightService for StationService {
+    type HandshakeStream = FlightStream<HandshakeResponse>;
+    type ListFlightsStream = FlightStream<FlightInfo>;
+    type DoGetStream = FlightStream<FlightData>;
+    type DoPutStream = FlightStream<PutResult>;
+    type DoActionStream = FlightStream<arrow_flight::Result>;
+    type ListActionsStream = FlightStream<ActionType>;
+    type DoExchangeStream = FlightStream<FlightData>;
+
+    async fn handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented("a station needs no handshake"))
+    }
+
+    async fn list_flights(
+        &self,
+        _request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        let mut infos = Vec::new();
+        for (name, schema) in self.station.tables().await.map_err(|e| self.status(e))? {
+            let info = FlightInfo::new()
+                .try_with_schema(schema.as_ref())
+                .map_err(|e| Status::internal(e.to_string()))?
+                .with_descriptor(FlightDescriptor::new_path(vec![name]));
+            infos.push(Ok(info));
+        }
+        Ok(Response::new(Box::pin(stream::iter(infos))))
+    }
+
+    async fn get_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        Err(Status::unimplemented(
+            "a station runs fragments through DoGet only",
+        ))
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented(
+            "a station runs fragments through DoGet only",
+        ))
+    }
+
+    async fn get_schema(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        Err(Status::unimplemented(
+            "table schemas are announced through ListFlights",
+        ))
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let ticket = FragmentTicket::from_bytes(&request.into_inner().ticket)
+            .map_err(|m| self.status(Error::BadRequest(m)))?;
+        let batches = self
+            .station
+            .run_fragment(&ticket)
+            .await
+            .map_err(|e| self.status(e))?;
+        let station = self.station.name().to_string();
+        let schema = batches.schema();
+        let flight = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))))
+            .map_err(move |e| match e {
+                FlightError::ExternalError(inner) => {
+                    match inner.downcast::<datafusion::error::DataFusionError>() {
+                        Ok(df) => to_status(&station, Error::DataFusion(df)),
+                        Err(other) => Status::internal(format!("station '{station}': {other}")),
+                    }
+                }
+                other => Status::internal(format!("station '{station}': {other}")),
+            });
+        Ok(Response::new(Box::pin(flight)))
+    }
+
+    async fn do_put(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        Err(Status::unimplemented("a station accepts no data"))
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("a station accepts no data"))
+    }
+
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        let action = request.into_inner();
+        match action.r#type.as_str() {
+            "health" => {
+                let body = arrow_flight::Result {
+                    body: self.station.name().as_bytes().to_vec().into(),
+                };
+                let s: BoxStream<'static, Result<arrow_flight::Result, Status>> =
+                    stream::once(async move { Ok(body) }).boxed();
+                Ok(Response::new(s))
+            }
+            other => Err(Status::unimplemented(format!(
+                "station '{}' has no action '{other}'",
+                self.station.name()
+            ))),
+        }
+    }
+
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        let health = ActionType {
+            r#type: "health".to_string(),
+            description: "returns the station's name".to_string(),
+        };
+        Ok(Response::new(Box::pin(stream::iter(vec![Ok(health)]))))
+    }
+}

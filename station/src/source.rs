@@ -1,0 +1,82 @@
+//! A station's data: local files registered as tables of its own DataFusion session.
+
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+
+use crate::error::{Error, Result};
+
+/// File formats a station reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Csv,
+    Parquet,
+}
+
+impl Format {
+    /// The format of a file by its extension (`.csv`, `.parquet`), if Railyard reads it.
+    pub fn of(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "csv" => Some(Format::Csv),
+            "parquet" => Some(Format::Parquet),
+            _ => None,
+        }
+    }
+}
+
+/// One table of a station, backed by one file.
+#[derive(Debug, Clone)]
+pub struct TableFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub format: Format,
+    /// The schema to read the file with. For CSV this replaces type inference, so that all
+    /// stations of a federated table read the same types; `None` infers (CSV) or uses the
+    /// file's own schema (Parquet).
+    pub schema: Option<SchemaRef>,
+}
+
+impl TableFile {
+    pub(crate) async fn register(&self, station: &str, ctx: &SessionContext) -> Result<()> {
+        let path = self
+            .path
+            .to_str()
+            .ok_or_else(|| self.error(station, "path is not UTF-8"))?;
+        // A single-file table still filters by extension: use the file's own spelling.
+        let extension = format!(
+            ".{}",
+            self.path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or_default()
+        );
+        let registered = match self.format {
+            Format::Csv => {
+                let mut options = CsvReadOptions::new()
+                    .has_header(true)
+                    .file_extension(&extension);
+                if let Some(schema) = &self.schema {
+                    options = options.schema(schema.as_ref());
+                }
+                ctx.register_csv(&self.name, path, options).await
+            }
+            Format::Parquet => {
+                let mut options = ParquetReadOptions::default().file_extension(&extension);
+                if let Some(schema) = &self.schema {
+                    options = options.schema(schema.as_ref());
+                }
+                ctx.register_parquet(&self.name, path, options).await
+            }
+        };
+        registered.map_err(|e| self.error(station, &e.strip_backtrace()))
+    }
+
+    fn error(&self, station: &str, message: &str) -> Error {
+        Error::Source {
+            station: station.to_string(),
+            table: self.name.clone(),
+            message: format!("{}: {message}", self.path.display()),
+        }
+    }
+}

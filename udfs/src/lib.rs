@@ -1,0 +1,77 @@
+//! DataFusion functions that Railyard stations and the hub both register, so that a state a
+//! station computes can be merged at the hub.
+//!
+//! ```text
+//!   station (its own rows)                         hub (states only)
+//!   ─────────────────────                          ──────────────────
+//!   partial_avg(age)  ── struct{s0: count, s1: sum} ──▶ merge_avg(state) ──▶ avg(age)
+//!   = avg's Accumulator::state()                        = avg's merge_batch() + evaluate()
+//! ```
+//!
+//! The key decision: the partial/final split of an aggregate is not re-invented per function.
+//! Every aggregate DataFusion knows (and every Railyard statistical aggregate added later) is
+//! federated through its own `Accumulator` contract — `state()` at the station,
+//! `merge_batch()` at the hub — so the federated answer equals the centralized one by
+//! construction, with the same types.
+//!
+//! Layout: one function (family) per file. [`partial`] is the station half, [`merge`] the hub
+//! half, [`wire`] the ticket a fragment travels in; [`register_partials`] installs the
+//! station halves into a session, and [`fragment_session_config`] is the configuration under
+//! which a fragment's SQL is planned, identical at the hub (to predict the fragment's schema)
+//! and at every station.
+
+pub mod merge;
+pub mod partial;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::common::Result;
+use datafusion::logical_expr::AggregateUDF;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+pub use merge::{MergeAggregate, MergeArg};
+pub use partial::{PARTIAL_DISTINCT_PREFIX, PARTIAL_PREFIX, PartialAggregate};
+
+/// Registers `partial_<name>` and `partial_distinct_<name>` for every aggregate function the
+/// session knows (call it after registering any custom aggregates).
+pub fn register_partials(ctx: &SessionContext) -> Result<()> {
+    let state = ctx.state();
+    let mut inners: BTreeMap<String, Arc<AggregateUDF>> = BTreeMap::new();
+    for udaf in state.aggregate_functions().values() {
+        if udaf.inner().is::<PartialAggregate>() || udaf.inner().is::<MergeAggregate>() {
+            continue;
+        }
+        inners.insert(udaf.name().to_string(), Arc::clone(udaf));
+    }
+    for inner in inners.into_values() {
+        for distinct in [false, true] {
+            ctx.register_udaf(AggregateUDF::from(PartialAggregate::new(
+                Arc::clone(&inner),
+                distinct,
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The partial wrapper of `inner` as registered by [`register_partials`].
+pub fn partial_of(inner: Arc<AggregateUDF>, distinct: bool) -> Arc<AggregateUDF> {
+    Arc::new(AggregateUDF::from(PartialAggregate::new(inner, distinct)))
+}
+
+/// Session configuration for planning fragment SQL. The hub plans every fragment once under
+/// this configuration to know its output schema; a station must plan it the same way.
+pub fn fragment_session_config() -> SessionConfig {
+    SessionConfig::new()
+        .with_information_schema(false)
+        .with_create_default_catalog_and_schema(true)
+}
+
+/// A session for fragments: the default functions plus every partial wrapper.
+pub fn fragment_context() -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config(fragment_session_config());
+    register_partials(&ctx)?;
+    Ok(ctx)
+}

@@ -1,0 +1,32 @@
+//! The hub ↔ station contract that is not a function: what a fragment ticket carries.
+//!
+//! A fragment travels as an Arrow Flight `DoGet` ticket whose bytes are this JSON document.
+//! SQL text (not a serialized plan) keeps hub and stations on different versions compatible
+//! and keeps the station's audit log readable by a privacy officer.
+
+use serde::{Deserialize, Serialize};
+
+/// The contents of a fragment ticket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FragmentTicket {
+    /// The hub's id of the researcher's query (one query may send several fragments).
+    pub query_id: String,
+    /// Which fragment of that query this is (1-based).
+    pub fragment: usize,
+    /// Who asked: a researcher name, or `local` in `railyard local` mode.
+    pub researcher: String,
+    /// The fragment's SQL; the station plans it itself.
+    pub sql: String,
+}
+
+impl FragmentTicket {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serializing a struct of strings and integers cannot fail.
+        serde_json::to_vec(self).expect("a fragment ticket serializes")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a Railyard fragment ticket: {e}"))
+    }
+}
