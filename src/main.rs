@@ -50,7 +50,8 @@ enum Command {
         patients: usize,
     },
     /// Write the demo's synthetic registry data (one Parquet file per station) to a
-    /// directory, for `railyard local --table registry=DIR/registry`.
+    /// directory, for `railyard local --table registry=DIR/registry`; optionally also TPC-H
+    /// `lineitem` and `orders` split over the same three stations.
     Gen {
         /// Directory to write into (created if missing); files go to DIR/registry/.
         #[arg(long)]
@@ -61,6 +62,10 @@ enum Command {
         /// Random seed: the same seed always gives the same data.
         #[arg(long, default_value_t = synth::DEFAULT_SEED)]
         seed: u64,
+        /// Also write TPC-H lineitem and orders at this scale factor (1 = 6M line items)
+        /// to DIR/lineitem/ and DIR/orders/.
+        #[arg(long, value_name = "SF")]
+        tpch_scale: Option<f64>,
     },
     /// Run one SQL statement on a hub and print the answer.
     ///
@@ -134,6 +139,7 @@ async fn run(cli: Cli) -> Result<()> {
             out,
             patients,
             seed,
+            tpch_scale,
         } => {
             let profiles = synth::default_profiles(patients);
             let dir = synth::write_registry(&out, &profiles, seed)?;
@@ -142,6 +148,19 @@ async fn run(cli: Cli) -> Result<()> {
                 profiles.len(),
                 dir.display()
             );
+            if let Some(scale) = tpch_scale {
+                anyhow::ensure!(
+                    scale > 0.0 && scale.is_finite(),
+                    "--tpch-scale must be a positive number, got {scale}"
+                );
+                let names: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
+                let (lineitem, orders) = railyard::tpch::write_tpch(&out, scale, &names)?;
+                println!(
+                    "wrote TPC-H SF{scale} to {} and {}",
+                    lineitem.display(),
+                    orders.display()
+                );
+            }
             Ok(())
         }
         Command::Sql { hub, format, sql } => {

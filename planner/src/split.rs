@@ -101,15 +101,55 @@ impl FederationPlanner {
             if let Some(chain) = RowChain::analyze(&plan)? {
                 return self.rows_fragment(&plan, chain, fragments).await;
             }
-            if plan.inputs().is_empty() {
-                return Ok(plan);
-            }
-            let mut inputs = Vec::new();
-            for input in plan.inputs().into_iter().cloned().collect::<Vec<_>>() {
-                inputs.push(self.rewrite(input, fragments).await?);
-            }
-            Ok(plan.with_new_exprs(plan.expressions(), inputs)?)
+            let plan = if plan.inputs().is_empty() {
+                plan
+            } else {
+                let mut inputs = Vec::new();
+                for input in plan.inputs().into_iter().cloned().collect::<Vec<_>>() {
+                    inputs.push(self.rewrite(input, fragments).await?);
+                }
+                plan.with_new_exprs(plan.expressions(), inputs)?
+            };
+            self.rewrite_subqueries(plan, fragments).await
         })
+    }
+
+    /// Splits the plans of subquery expressions (`x > (SELECT avg(x) …)`, `EXISTS (…)`,
+    /// `IN (SELECT …)`) that DataFusion keeps as expressions rather than joins.
+    async fn rewrite_subqueries(
+        &self,
+        plan: LogicalPlan,
+        fragments: &mut Vec<Arc<Fragment>>,
+    ) -> Result<LogicalPlan> {
+        let mut subplans = Vec::new();
+        plan.apply_subqueries(|sub| {
+            if let LogicalPlan::Subquery(s) = sub {
+                subplans.push(s.subquery.as_ref().clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        if subplans.is_empty() {
+            return Ok(plan);
+        }
+        let mut rewritten = Vec::new();
+        for sub in subplans {
+            rewritten.push(self.rewrite(sub, fragments).await?);
+        }
+        // `map_subqueries` visits subqueries in the same order as `apply_subqueries`.
+        let mut rewritten = rewritten.into_iter();
+        let plan = plan
+            .map_subqueries(|sub| match sub {
+                LogicalPlan::Subquery(mut s) => match rewritten.next() {
+                    Some(new) => {
+                        s.subquery = Arc::new(new);
+                        Ok(Transformed::yes(LogicalPlan::Subquery(s)))
+                    }
+                    None => Ok(Transformed::no(LogicalPlan::Subquery(s))),
+                },
+                other => Ok(Transformed::no(other)),
+            })?
+            .data;
+        Ok(plan)
     }
 
     /// Plans `sql` in the shadow session: the schema every station will return.

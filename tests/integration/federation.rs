@@ -1,0 +1,1 @@
+//! Federation behaviour beyond query answers: failures, timeouts, EXPLAIN, the CLI.

@@ -1,0 +1,6 @@
+//! Integration tests: real stations and a real hub on loopback sockets, queried through
+//! Flight SQL, compared with one centralized DataFusion session over the pooled data.
+
+mod federation;
+mod fixtures;
+mod slt;

@@ -1,0 +1,243 @@
+//! The SQL corpus (`sql/*.slt`): every file runs on two engines — the centralized reference
+//! and the federation (3 stations + hub over Flight SQL) — and both must give the file's
+//! expected results.
+//!
+//! Expected results are the centralized engine's answers: regenerate them with
+//! `RAILYARD_SLT_COMPLETE=1 cargo test --test integration slt` after adding queries, and
+//! review the diff. Records only one engine should run carry `onlyif federated` or
+//! `onlyif centralized`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Array, RecordBatch};
+use arrow::datatypes::DataType;
+use arrow::util::display::array_value_to_string;
+use async_trait::async_trait;
+use datafusion::prelude::SessionContext;
+use railyard::client::HubClient;
+use railyard_engine::HubOptions;
+use sqllogictest::{
+    AsyncDB, DBOutput, DefaultColumnType, Runner, default_column_validator, default_normalizer,
+    default_validator,
+};
+
+use crate::fixtures;
+
+#[derive(Debug)]
+pub struct EngineError(String);
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+/// Prints a value the same way for both engines: floats to 10 significant digits (the two
+/// engines add partial sums in different orders), empty strings as `(empty)`.
+pub fn format_rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for batch in batches {
+        for r in 0..batch.num_rows() {
+            let row = batch
+                .columns()
+                .iter()
+                .map(|col| format_value(col.as_ref(), r))
+                .collect();
+            rows.push(row);
+        }
+    }
+    rows
+}
+
+fn format_value(col: &dyn Array, row: usize) -> String {
+    if col.is_null(row) {
+        return "NULL".to_string();
+    }
+    let value = match col.data_type() {
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => {
+            let text = array_value_to_string(col, row).expect("float formats");
+            let x: f64 = text.parse().expect("float parses");
+            format_float(x)
+        }
+        _ => array_value_to_string(col, row).expect("value formats"),
+    };
+    if value.is_empty() {
+        "(empty)".to_string()
+    } else {
+        value
+    }
+}
+
+pub fn format_float(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".to_string();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "inf" } else { "-inf" }.to_string();
+    }
+    if x == 0.0 {
+        return "0".to_string();
+    }
+    let rounded: f64 = format!("{x:.9e}").parse().expect("rounded float parses");
+    format!("{rounded}")
+}
+
+fn output(batches: &[RecordBatch], columns: usize) -> DBOutput<DefaultColumnType> {
+    DBOutput::Rows {
+        types: vec![DefaultColumnType::Any; columns],
+        rows: format_rows(batches),
+    }
+}
+
+/// The reference: one DataFusion session over the pooled data.
+pub struct Centralized {
+    ctx: SessionContext,
+}
+
+#[async_trait]
+impl AsyncDB for Centralized {
+    type Error = EngineError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<Self::ColumnType>, Self::Error> {
+        let df = self
+            .ctx
+            .sql(sql)
+            .await
+            .map_err(|e| EngineError(e.strip_backtrace()))?;
+        let columns = df.schema().fields().len();
+        let batches = df
+            .collect()
+            .await
+            .map_err(|e| EngineError(e.strip_backtrace()))?;
+        Ok(output(&batches, columns))
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "centralized"
+    }
+}
+
+/// The system under test: a Flight SQL client of the hub.
+pub struct Federated {
+    client: HubClient,
+}
+
+#[async_trait]
+impl AsyncDB for Federated {
+    type Error = EngineError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<Self::ColumnType>, Self::Error> {
+        let answer = self
+            .client
+            .query(sql)
+            .await
+            .map_err(|e| EngineError(format!("{e:#}")))?;
+        Ok(output(&answer.batches, answer.schema.fields().len()))
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "federated"
+    }
+}
+
+fn corpus_file(name: &str) -> PathBuf {
+    fixtures::repo().join("sql").join(name)
+}
+
+async fn run_corpus_file(name: &str) {
+    let file = corpus_file(name);
+    let ctx = Arc::new(fixtures::centralized().await);
+
+    let make_central = {
+        let ctx = Arc::clone(&ctx);
+        move || {
+            let ctx = ctx.as_ref().clone();
+            async move { Ok::<_, EngineError>(Centralized { ctx }) }
+        }
+    };
+    if std::env::var_os("RAILYARD_SLT_COMPLETE").is_some() {
+        let mut runner = Runner::new(make_central.clone());
+        runner.add_label("centralized");
+        runner
+            .update_test_file(
+                &file,
+                " ",
+                default_validator,
+                default_normalizer,
+                default_column_validator,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("completing {name}: {e}"));
+    }
+
+    let mut central = Runner::new(make_central);
+    central.add_label("centralized");
+    if let Err(e) = central.run_file_async(&file).await {
+        panic!("centralized engine, {name}:\n{}", e.display(true));
+    }
+
+    let federation = fixtures::federation(&fixtures::table_specs(), HubOptions::default()).await;
+    let url = federation.hub_url.clone();
+    let mut federated = Runner::new(move || {
+        let url = url.clone();
+        async move {
+            HubClient::connect(&url)
+                .await
+                .map(|client| Federated { client })
+                .map_err(|e| EngineError(format!("{e:#}")))
+        }
+    });
+    federated.add_label("federated");
+    let result = federated.run_file_async(&file).await;
+    federation
+        .shutdown()
+        .await
+        .expect("federation stops cleanly");
+    if let Err(e) = result {
+        panic!("federated engine, {name}:\n{}", e.display(true));
+    }
+}
+
+macro_rules! corpus {
+    ($($test:ident => $file:literal),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                run_corpus_file($file).await;
+            }
+        )*
+
+        /// Every corpus file has a test above.
+        #[test]
+        fn every_corpus_file_is_run() {
+            let listed: std::collections::BTreeSet<&str> = [$($file),*].into_iter().collect();
+            let mut on_disk = std::collections::BTreeSet::new();
+            for entry in std::fs::read_dir(fixtures::repo().join("sql")).expect("sql/ exists") {
+                let name = entry.expect("dir entry").file_name().into_string().expect("UTF-8");
+                if name.ends_with(".slt") {
+                    on_disk.insert(name);
+                }
+            }
+            let on_disk: std::collections::BTreeSet<&str> =
+                on_disk.iter().map(String::as_str).collect();
+            assert_eq!(listed, on_disk, "sql/*.slt and the corpus! list differ");
+        }
+    };
+}
+
+corpus! {
+    slt_lung => "lung.slt",
+    slt_breast_cancer => "breast_cancer.slt",
+    slt_registry => "registry.slt",
+    slt_tpch => "tpch.slt",
+    slt_errors => "errors.slt",
+}
