@@ -108,14 +108,17 @@ impl SelectSql<'_> {
             .collect::<Vec<_>>()
             .join(", ");
         let mut sql = format!("SELECT {items} FROM {}", quote_ident(self.table));
-        if !self.filters.is_empty() {
-            let preds = self
-                .filters
-                .iter()
-                .map(|f| format!("({f})"))
-                .collect::<Vec<_>>()
-                .join(" AND ");
-            sql.push_str(&format!(" WHERE {preds}"));
+        match self.filters.as_slice() {
+            [] => {}
+            [only] => sql.push_str(&format!(" WHERE {only}")),
+            many => {
+                let preds = many
+                    .iter()
+                    .map(|f| format!("({f})"))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                sql.push_str(&format!(" WHERE {preds}"));
+            }
         }
         if !self.group_by.is_empty() {
             sql.push_str(&format!(" GROUP BY {}", self.group_by.join(", ")));

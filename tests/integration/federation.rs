@@ -1,1 +1,539 @@
-//! Federation behaviour beyond query answers: failures, timeouts, EXPLAIN, the CLI.
+//! Federation behaviour beyond query answers: what crosses the wire, failures, timeouts,
+//! catalog checks, Flight SQL metadata and the command line.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+use arrow_flight::Ticket;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::sql::CommandGetTables;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use futures::TryStreamExt;
+use railyard::client::HubClient;
+use railyard_engine::{Hub, HubOptions, StationAddress};
+use railyard_station::{Format, Station, TableFile};
+use railyard_udfs::wire::FragmentTicket;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::fixtures::{self, spec, test_data};
+
+fn lung_only() -> Vec<railyard::local::TableSpec> {
+    vec![spec("lung", test_data("lung/horizontal/csv"))]
+}
+
+/// The rows of an `EXPLAIN FEDERATED` answer as (location, step, plan, releases).
+fn explain_rows(batches: &[RecordBatch]) -> Vec<[String; 4]> {
+    let mut rows = Vec::new();
+    for b in batches {
+        let col = |i: usize| b.column(i).as_string::<i32>().clone();
+        let cols = [col(0), col(1), col(2), col(3)];
+        for r in 0..b.num_rows() {
+            rows.push(cols.clone().map(|c| c.value(r).to_string()));
+        }
+    }
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_federated_shows_each_station_fragment_and_the_merge() {
+    let federation = fixtures::federation(&lung_only(), HubOptions::default()).await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let answer = client
+        .query("EXPLAIN FEDERATED SELECT sex, avg(age) FROM lung WHERE age > 50 GROUP BY sex")
+        .await
+        .unwrap();
+    let rows = explain_rows(&answer.batches);
+    let stations: Vec<&str> = rows
+        .iter()
+        .filter(|r| r[0] != "hub")
+        .map(|r| r[0].as_str())
+        .collect();
+    assert_eq!(stations, ["station_a", "station_b", "station_c"]);
+    for r in rows.iter().filter(|r| r[0] != "hub") {
+        assert!(r[1].contains("partial aggregate of lung"), "{r:?}");
+        assert!(r[2].contains("partial_avg("), "{r:?}");
+        assert!(r[2].contains("WHERE (age > 50)"), "{r:?}");
+        assert!(r[2].contains("GROUP BY sex"), "{r:?}");
+        assert!(r[3].contains("one row per group of (sex)"), "{r:?}");
+    }
+    let hub = rows.iter().find(|r| r[0] == "hub").expect("a hub row");
+    assert!(hub[2].contains("merge_avg"), "{hub:?}");
+    assert!(hub[2].contains("Fragment #1"), "{hub:?}");
+    federation.shutdown().await.unwrap();
+}
+
+/// Sends a fragment straight to a station, as the hub would, and returns its batches.
+async fn run_at_station(url: &str, sql: &str) -> Vec<RecordBatch> {
+    let channel = tonic::transport::Endpoint::from_shared(url.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = FlightServiceClient::new(channel);
+    let ticket = FragmentTicket {
+        query_id: "test".into(),
+        fragment: 1,
+        researcher: "test".into(),
+        sql: sql.to_string(),
+    };
+    let response = client
+        .do_get(Ticket::new(ticket.to_bytes()))
+        .await
+        .unwrap()
+        .into_inner();
+    FlightRecordBatchStream::new_from_flight_data(response.map_err(FlightError::from))
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_partial_states_leave_a_station_for_an_aggregate() {
+    let federation = fixtures::federation(&lung_only(), HubOptions::default()).await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let sql = "SELECT sex, count(*), avg(age), var_samp(time) FROM lung GROUP BY sex";
+    let plan = client
+        .query(&format!("EXPLAIN FEDERATED {sql}"))
+        .await
+        .unwrap();
+    let fragment = explain_rows(&plan.batches)
+        .into_iter()
+        .find(|r| r[0] == "station_a")
+        .expect("a fragment for station_a")[2]
+        .clone();
+    let station_a = &federation.stations[0];
+    assert_eq!(station_a.name, "station_a");
+    let released = run_at_station(&station_a.url, &fragment).await;
+    let rows: usize = released.iter().map(|b| b.num_rows()).sum();
+    // Two groups (sex 1 and 2), not the station's 76 patients.
+    assert_eq!(rows, 2);
+    let schema = released[0].schema();
+    assert_eq!(schema.fields().len(), 4, "{schema:?}");
+    for field in schema.fields().iter().skip(1) {
+        assert!(
+            matches!(field.data_type(), DataType::Struct(_)),
+            "aggregates leave as state structs: {field:?}"
+        );
+    }
+    // The hub's merged answer equals the pooled one.
+    let merged = client.query(&format!("{sql} ORDER BY sex")).await.unwrap();
+    let pooled = fixtures::centralized()
+        .await
+        .sql(&format!("{sql} ORDER BY sex"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::slt::format_rows(&merged.batches),
+        crate::slt::format_rows(&pooled)
+    );
+    federation.shutdown().await.unwrap();
+}
+
+/// A station of a [`Manual`] federation: name, address, stop switch, server task.
+type ManualStation = (
+    String,
+    SocketAddr,
+    Option<oneshot::Sender<()>>,
+    JoinHandle<()>,
+);
+
+/// Stations started one by one, each with its own stop switch, and a hub over them.
+struct Manual {
+    hub_url: String,
+    stations: Vec<ManualStation>,
+    hub_stop: oneshot::Sender<()>,
+}
+
+async fn manual_federation(options: HubOptions) -> Manual {
+    let mut stations = Vec::new();
+    let mut addresses = Vec::new();
+    for name in fixtures::STATIONS {
+        let table = TableFile {
+            name: "lung".into(),
+            path: test_data(&format!("lung/horizontal/parquet/{name}.parquet")),
+            format: Format::Parquet,
+            schema: None,
+        };
+        let station = Arc::new(Station::open(name, &[table]).await.unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            railyard_station::serve(station, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        addresses.push(StationAddress {
+            name: name.to_string(),
+            url: format!("grpc://{addr}"),
+        });
+        stations.push((name.to_string(), addr, Some(stop), task));
+    }
+    let hub = Arc::new(Hub::connect(&addresses, options).await.unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub_url = format!("grpc://{}", listener.local_addr().unwrap());
+    let (hub_stop, hub_stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        railyard_engine::serve(hub, listener, async {
+            let _ = hub_stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Manual {
+        hub_url,
+        stations,
+        hub_stop,
+    }
+}
+
+impl Manual {
+    /// Stops one station's server and waits until its port is closed.
+    async fn stop_station(&mut self, name: &str) -> SocketAddr {
+        let entry = self
+            .stations
+            .iter_mut()
+            .find(|s| s.0 == name)
+            .expect("a station of that name");
+        entry
+            .2
+            .take()
+            .expect("station still running")
+            .send(())
+            .unwrap();
+        (&mut entry.3).await.unwrap();
+        entry.1
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_that_is_down_fails_the_query_with_its_name() {
+    let mut federation = manual_federation(HubOptions::default()).await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    assert_eq!(
+        client
+            .query("SELECT count(*) FROM lung")
+            .await
+            .unwrap()
+            .num_rows(),
+        1
+    );
+    federation.stop_station("station_b").await;
+    let err = client
+        .query("SELECT count(*) FROM lung")
+        .await
+        .expect_err("a query needing a stopped station fails")
+        .to_string();
+    assert!(err.contains("station 'station_b'"), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+    assert!(err.contains("Unavailable"), "{err}");
+    let _ = federation.hub_stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_that_hangs_is_cut_off_by_the_fragment_timeout() {
+    let options = HubOptions {
+        fragment_timeout: Duration::from_millis(700),
+        ..HubOptions::default()
+    };
+    let mut federation = manual_federation(options).await;
+    let addr = federation.stop_station("station_c").await;
+    // A peer that accepts connections on station_c's address and never answers.
+    let black_hole = TcpListener::bind(addr).await.unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            open.push(socket);
+        }
+    });
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let err = client
+        .query("SELECT sex, count(*) FROM lung GROUP BY sex")
+        .await
+        .expect_err("a hung station fails the query")
+        .to_string();
+    assert!(err.contains("station 'station_c'"), "{err}");
+    assert!(err.contains("did not answer fragment #1 within"), "{err}");
+    assert!(err.contains("DeadlineExceeded"), "{err}");
+    held.abort();
+    let _ = federation.hub_stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stations_with_different_columns_for_one_table_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, column_type: DataType| {
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("id", DataType::Int64, false),
+            arrow::datatypes::Field::new("dose", column_type.clone(), true),
+        ]));
+        let dose: Arc<dyn Array> = match column_type {
+            DataType::Int64 => Arc::new(arrow::array::Int64Array::from(vec![1, 2])),
+            _ => Arc::new(arrow::array::StringArray::from(vec!["1", "2"])),
+        };
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(arrow::array::Int64Array::from(vec![1, 2])), dose],
+        )
+        .unwrap();
+        let file = std::fs::File::create(dir.path().join(name)).unwrap();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    };
+    write("hospital_1.parquet", DataType::Int64);
+    write("hospital_2.parquet", DataType::Utf8);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = railyard::local::LocalFederation::start(
+        &[spec("trial", dir.path().to_path_buf())],
+        listener,
+        HubOptions::default(),
+    )
+    .await
+    .err()
+    .expect("mismatched stations are refused")
+    .to_string();
+    assert!(err.contains("table 'trial'"), "{err}");
+    assert!(err.contains("column 'dose'"), "{err}");
+    assert!(
+        err.contains("hospital_1") && err.contains("hospital_2"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flight_sql_metadata_lists_federated_tables_with_their_columns() {
+    let specs = vec![
+        spec("lung", test_data("lung/horizontal/csv")),
+        spec(
+            "breast_cancer",
+            test_data("breast_cancer/horizontal/parquet"),
+        ),
+    ];
+    let federation = fixtures::federation(&specs, HubOptions::default()).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(federation.hub_url.replace("grpc://", "http://"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    let info = client
+        .get_tables(CommandGetTables {
+            catalog: None,
+            db_schema_filter_pattern: Some("public".into()),
+            table_name_filter_pattern: None,
+            table_types: vec![],
+            include_schema: true,
+        })
+        .await
+        .unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let batches: Vec<RecordBatch> = client
+        .do_get(ticket)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    let names = batch
+        .column_by_name("table_name")
+        .unwrap()
+        .as_string::<i32>()
+        .iter()
+        .map(|v| v.unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(names, ["breast_cancer", "lung"]);
+    let schemas = batch
+        .column_by_name("table_schema")
+        .unwrap()
+        .as_binary::<i32>();
+    let lung_schema = arrow::ipc::convert::try_schema_from_ipc_buffer(schemas.value(1)).unwrap();
+    assert_eq!(lung_schema.fields().len(), 11);
+    assert!(lung_schema.field_with_name("wt_loss").is_ok());
+    federation.shutdown().await.unwrap();
+}
+
+fn railyard() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_railyard"))
+}
+
+#[test]
+fn railyard_local_serves_until_sigterm_and_exits_cleanly() {
+    let mut child = railyard()
+        .args(["local", "--listen", "127.0.0.1:0", "--table"])
+        .arg(format!(
+            "lung={}",
+            test_data("lung/horizontal/csv").display()
+        ))
+        .arg("--table")
+        .arg(format!(
+            "breast_cancer={}",
+            test_data("breast_cancer/horizontal/parquet").display()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("hub listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (lung, bc) = runtime.block_on(async {
+        let mut client = HubClient::connect(&url).await.unwrap();
+        let lung = client.query("SELECT count(*) FROM lung").await.unwrap();
+        let bc = client
+            .query("SELECT count(*) FROM breast_cancer")
+            .await
+            .unwrap();
+        (lung, bc)
+    });
+    assert_eq!(crate::slt::format_rows(&lung.batches), [["228"]]);
+    assert_eq!(crate::slt::format_rows(&bc.batches), [["569"]]);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "railyard local exited with {exit}");
+}
+
+#[test]
+fn railyard_local_explains_bad_arguments() {
+    let missing = railyard()
+        .args([
+            "local",
+            "--listen",
+            "127.0.0.1:0",
+            "--table",
+            "x=/no/such/dir",
+        ])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("table 'x'") && err.contains("/no/such/dir"),
+        "{err}"
+    );
+
+    let no_equals = railyard()
+        .args(["local", "--table", "lung"])
+        .output()
+        .unwrap();
+    assert!(!no_equals.status.success());
+    let err = String::from_utf8_lossy(&no_equals.stderr);
+    assert!(err.contains("expected NAME=DIR"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        test_data("lung/horizontal/csv/station_a.csv"),
+        dir.path().join("station_a.csv"),
+    )
+    .unwrap();
+    std::fs::copy(
+        test_data("lung/horizontal/parquet/station_a.parquet"),
+        dir.path().join("station_a.parquet"),
+    )
+    .unwrap();
+    let twice = railyard()
+        .args(["local", "--listen", "127.0.0.1:0", "--table"])
+        .arg(format!("lung={}", dir.path().display()))
+        .output()
+        .unwrap();
+    assert!(!twice.status.success());
+    let err = String::from_utf8_lossy(&twice.stderr);
+    assert!(err.contains("station 'station_a' has two files"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn railyard_sql_prints_answers_and_explains_errors() {
+    let federation = fixtures::federation(&lung_only(), HubOptions::default()).await;
+    let url = federation.hub_url.clone();
+    let (ok, bad, csv) = tokio::task::spawn_blocking(move || {
+        let ok = railyard()
+            .args([
+                "sql",
+                "--hub",
+                &url,
+                "SELECT sex, count(*) AS n FROM lung GROUP BY sex ORDER BY sex",
+            ])
+            .output()
+            .unwrap();
+        let bad = railyard()
+            .args(["sql", "--hub", &url, "SELECT nothing FROM lung"])
+            .output()
+            .unwrap();
+        let csv = railyard()
+            .args([
+                "sql",
+                "--hub",
+                &url,
+                "--format",
+                "csv",
+                "SELECT count(*) AS n FROM lung",
+            ])
+            .output()
+            .unwrap();
+        (ok, bad, csv)
+    })
+    .await
+    .unwrap();
+    assert!(ok.status.success());
+    let table = String::from_utf8_lossy(&ok.stdout);
+    assert!(table.contains("| sex | n   |"), "{table}");
+    assert!(table.contains("| 1   | 138 |"), "{table}");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("nothing"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&csv.stdout), "n\n228\n");
+    federation.shutdown().await.unwrap();
+}
+
+#[test]
+fn railyard_demo_runs_its_queries_and_exits_zero() {
+    let out = railyard()
+        .args(["demo", "--patients", "6000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (_, sql) in railyard::demo::QUERIES {
+        assert!(stdout.contains(sql), "the demo shows {sql}");
+    }
+    assert_eq!(
+        stdout.matches("hub merge plan:").count(),
+        railyard::demo::QUERIES.len()
+    );
+    assert!(
+        stdout.contains("| patients | mean_age | sd_age |"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("| 6000     |"), "{stdout}");
+}

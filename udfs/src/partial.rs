@@ -33,6 +33,7 @@ pub const PARTIAL_DISTINCT_PREFIX: &str = "partial_distinct_";
 pub struct PartialAggregate {
     inner: Arc<AggregateUDF>,
     name: String,
+    aliases: Vec<String>,
     distinct: bool,
     signature: Signature,
 }
@@ -46,6 +47,11 @@ impl PartialAggregate {
         };
         Self {
             name: format!("{prefix}{}", inner.name()),
+            aliases: inner
+                .aliases()
+                .iter()
+                .map(|a| format!("{prefix}{a}"))
+                .collect(),
             signature: inner.signature().clone(),
             inner,
             distinct,
@@ -112,6 +118,10 @@ impl PartialAggregate {
 impl AggregateUDFImpl for PartialAggregate {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn aliases(&self) -> &[String] {
+        &self.aliases
     }
 
     fn signature(&self) -> &Signature {
