@@ -41,6 +41,10 @@ enum Command {
         /// Seconds one station may take to deliver one fragment.
         #[arg(long, default_value_t = 60)]
         fragment_timeout: u64,
+        /// Partitions of the hub's own execution (merging states needs one; raise it for
+        /// queries that join large row-level fragments at the hub).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        hub_partitions: u16,
     },
     /// Generate synthetic registry data, start a local federation, run realistic queries and
     /// print each query, its federated plan and its answer. Needs no arguments or network.
@@ -91,8 +95,19 @@ enum OutputFormat {
     Csv,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match start(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One readable line (with its causes), never a backtrace: this is for people.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RAILYARD_LOG")
@@ -113,12 +128,14 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             tables,
             fragment_timeout,
+            hub_partitions,
         } => {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let options = HubOptions {
                 fragment_timeout: Duration::from_secs(fragment_timeout),
+                merge_partitions: usize::from(hub_partitions),
                 ..HubOptions::default()
             };
             let federation = LocalFederation::start(&tables, listener, options).await?;

@@ -17,7 +17,7 @@ use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
 use async_trait::async_trait;
 use datafusion::catalog::Session;
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -51,16 +51,20 @@ pub struct QueryContext {
 
 /// Physical operator that runs one fragment at every station of its table; partition `i`
 /// streams station `i`'s answer.
-#[derive(Debug)]
+///
+/// The operator is planned without knowing who asks; the hub assigns the query's identity
+/// with [`FragmentExec::with_query`] before executing (see [`assign_query`]), so one shared
+/// session serves all queries.
+#[derive(Debug, Clone)]
 pub struct FragmentExec {
     fragment: Arc<Fragment>,
     stations: Vec<StationClient>,
-    query: QueryContext,
+    query: Option<QueryContext>,
     properties: Arc<PlanProperties>,
 }
 
 impl FragmentExec {
-    pub fn new(fragment: Arc<Fragment>, stations: Vec<StationClient>, query: QueryContext) -> Self {
+    pub fn new(fragment: Arc<Fragment>, stations: Vec<StationClient>) -> Self {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(Arc::clone(&fragment.schema)),
             Partitioning::UnknownPartitioning(stations.len()),
@@ -70,10 +74,33 @@ impl FragmentExec {
         Self {
             fragment,
             stations,
-            query,
+            query: None,
             properties: Arc::new(properties),
         }
     }
+
+    /// The same operator, sent on behalf of `query`.
+    pub fn with_query(&self, query: QueryContext) -> Self {
+        Self {
+            query: Some(query),
+            ..self.clone()
+        }
+    }
+}
+
+/// Gives every [`FragmentExec`] in `plan` the identity of the query it belongs to.
+pub fn assign_query(
+    plan: Arc<dyn ExecutionPlan>,
+    query: &QueryContext,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    Ok(plan
+        .transform_up(|node| {
+            Ok(match node.downcast_ref::<FragmentExec>() {
+                Some(exec) => Transformed::yes(Arc::new(exec.with_query(query.clone())) as _),
+                None => Transformed::no(node),
+            })
+        })?
+        .data)
 }
 
 impl DisplayAs for FragmentExec {
@@ -129,16 +156,19 @@ impl ExecutionPlan for FragmentExec {
         let station = self.stations.get(partition).cloned().ok_or_else(|| {
             DataFusionError::Internal(format!("FragmentExec has no partition {partition}"))
         })?;
+        let query = self.query.as_ref().ok_or_else(|| {
+            DataFusionError::Internal("a fragment was executed without a query identity".into())
+        })?;
         let schema = Arc::clone(&self.fragment.schema);
         let mut builder = RecordBatchReceiverStream::builder(Arc::clone(&schema), 2);
         let tx = builder.tx();
         let ticket = FragmentTicket {
-            query_id: self.query.query_id.clone(),
+            query_id: query.query_id.clone(),
             fragment: self.fragment.id,
-            researcher: self.query.researcher.clone(),
+            researcher: query.researcher.clone(),
             sql: self.fragment.sql.clone(),
         };
-        let timeout = self.query.fragment_timeout;
+        let timeout = query.fragment_timeout;
         // Spawned at once, so every station starts as soon as the plan starts, whatever
         // order DataFusion polls the partitions in.
         builder.spawn(async move {
@@ -273,7 +303,6 @@ fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String
 #[derive(Debug)]
 struct FragmentPlanner {
     stations: Arc<Vec<StationClient>>,
-    query: QueryContext,
 }
 
 #[async_trait]
@@ -305,8 +334,7 @@ impl ExtensionPlanner for FragmentPlanner {
             })
             .collect::<DfResult<Vec<_>>>()?;
         let fetch = fragment.fetch;
-        let mut exec: Arc<dyn ExecutionPlan> =
-            Arc::new(FragmentExec::new(fragment, stations, self.query.clone()));
+        let mut exec: Arc<dyn ExecutionPlan> = Arc::new(FragmentExec::new(fragment, stations));
         if let Some(n) = fetch {
             exec = Arc::new(GlobalLimitExec::new(
                 Arc::new(CoalescePartitionsExec::new(exec)),
@@ -323,13 +351,11 @@ impl ExtensionPlanner for FragmentPlanner {
 pub struct FederatedQueryPlanner {
     pub planner: Arc<FederationPlanner>,
     pub stations: Arc<Vec<StationClient>>,
-    pub query: QueryContext,
 }
 
 impl fmt::Debug for FederatedQueryPlanner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FederatedQueryPlanner")
-            .field("query", &self.query)
             .finish_non_exhaustive()
     }
 }
@@ -345,7 +371,6 @@ impl QueryPlanner for FederatedQueryPlanner {
         let planner =
             DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(FragmentPlanner {
                 stations: Arc::clone(&self.stations),
-                query: self.query.clone(),
             })]);
         planner.create_physical_plan(&federated.plan, session).await
     }

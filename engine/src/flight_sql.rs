@@ -1,11 +1,18 @@
 //! The hub's Arrow Flight SQL front: what ADBC, pyarrow and `railyard sql` talk to.
 //!
-//! Statements are stateless: a statement's ticket (and a prepared statement's handle) carries
-//! the SQL text itself, and `DoGet` plans it again. Planning is sub-millisecond, and a hub
-//! restart or a second hub behind a balancer loses nothing.
+//! `GetFlightInfo` for a statement plans it *and starts it*: the stations work while the
+//! client receives the `FlightInfo` and comes back with `DoGet`, which then only streams.
+//! A started query waits (bounded buffer, so at most a few batches are held) for its `DoGet`
+//! for [`UNCLAIMED_AFTER`]; after that it is dropped and its stations are cancelled.
+//!
+//! The ticket carries the SQL next to the id of the started query, so a `DoGet` that comes
+//! too late, twice, or to another hub behind a balancer simply runs the statement again.
+//! A prepared statement's handle is its SQL text: nothing is held on the hub for it.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::datatypes::Schema;
 use arrow::ipc::writer::IpcWriteOptions;
@@ -25,9 +32,13 @@ use arrow_flight::{
     Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc,
     Ticket,
 };
-use futures::{Stream, TryStreamExt, stream};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use prost::Message;
-
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, to_status};
@@ -53,15 +64,81 @@ static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
 
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
 
+/// How long a started query waits for its `DoGet`.
+pub const UNCLAIMED_AFTER: Duration = Duration::from_secs(300);
+
+/// A statement ticket: the SQL, and the id of the query `GetFlightInfo` started for it.
+#[derive(Debug, Serialize, Deserialize)]
+struct StatementTicket {
+    started: Option<String>,
+    sql: String,
+}
+
+/// A query started by `GetFlightInfo`, waiting for its `DoGet`.
+struct Started {
+    at: Instant,
+    stream: SendableRecordBatchStream,
+}
+
 /// Flight SQL service over a [`Hub`].
 #[derive(Clone)]
 pub struct HubFlightSql {
     hub: Arc<Hub>,
+    started: Arc<Mutex<HashMap<String, Started>>>,
 }
 
 impl HubFlightSql {
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        Self {
+            hub,
+            started: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Plans and starts `sql`, driving it into a small buffer so that the stations work
+    /// before `DoGet` arrives. Returns the id under which it waits, and its schema.
+    async fn start(
+        &self,
+        sql: &str,
+        researcher: &str,
+    ) -> Result<(String, arrow::datatypes::SchemaRef), Status> {
+        let planned = self.hub.plan(sql, researcher).await.map_err(to_status)?;
+        let schema = planned.schema();
+        let mut batches = planned.execute().map_err(to_status)?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            while let Some(batch) = batches.next().await {
+                if tx.send(batch).await.is_err() {
+                    // Nobody will read it (unclaimed and dropped): stop the stations.
+                    return;
+                }
+            }
+        });
+        let stream = Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&schema),
+            ReceiverStream::new(rx),
+        ));
+        let id = uuid::Uuid::new_v4().to_string();
+        // The lock guards a map operation only; a poisoned lock means a panic mid-insert,
+        // after which the map is still a valid map.
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        started.retain(|_, s| s.at.elapsed() < UNCLAIMED_AFTER);
+        started.insert(
+            id.clone(),
+            Started {
+                at: Instant::now(),
+                stream,
+            },
+        );
+        Ok((id, schema))
+    }
+
+    fn claim(&self, id: &str) -> Option<SendableRecordBatchStream> {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        started
+            .remove(id)
+            .filter(|s| s.at.elapsed() < UNCLAIMED_AFTER)
+            .map(|s| s.stream)
     }
 
     fn researcher<T>(&self, _request: &Request<T>) -> &'static str {
@@ -74,10 +151,16 @@ impl HubFlightSql {
         researcher: &str,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
-        let planned = self.hub.plan(sql, researcher).await.map_err(to_status)?;
-        let schema = planned.schema();
+        let (id, schema) = self.start(sql, researcher).await?;
+        let ticket = StatementTicket {
+            started: Some(id),
+            sql: sql.to_string(),
+        };
         let ticket = TicketStatementQuery {
-            statement_handle: sql.as_bytes().to_vec().into(),
+            // A struct of two strings always serializes.
+            statement_handle: serde_json::to_vec(&ticket)
+                .expect("a statement ticket serializes")
+                .into(),
         };
         let endpoint =
             FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
@@ -156,8 +239,16 @@ impl FlightSqlService for HubFlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let researcher = self.researcher(&request);
-        let sql = handle_sql(&ticket.statement_handle)?;
-        let batches = self.hub.execute(sql, researcher).await.map_err(to_status)?;
+        let ticket: StatementTicket = serde_json::from_slice(&ticket.statement_handle)
+            .map_err(|_| Status::invalid_argument("not a statement ticket of this hub"))?;
+        let batches = match ticket.started.as_deref().and_then(|id| self.claim(id)) {
+            Some(batches) => batches,
+            None => self
+                .hub
+                .execute(&ticket.sql, researcher)
+                .await
+                .map_err(to_status)?,
+        };
         let schema = batches.schema();
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(schema)
@@ -179,8 +270,12 @@ impl FlightSqlService for HubFlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let sql = handle_sql(&query.prepared_statement_handle)?.to_string();
         let ticket = TicketStatementQuery {
-            statement_handle: query.prepared_statement_handle,
+            // A struct of two strings always serializes.
+            statement_handle: serde_json::to_vec(&StatementTicket { started: None, sql })
+                .expect("a statement ticket serializes")
+                .into(),
         };
         self.do_get_statement(ticket, request).await
     }

@@ -18,7 +18,7 @@ use railyard_planner::{
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::exec::{FederatedQueryPlanner, QueryContext};
+use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query};
 use crate::station_client::{StationAddress, StationClient};
 
 /// Hub settings.
@@ -28,6 +28,10 @@ pub struct HubOptions {
     pub fragment_timeout: Duration,
     /// How long to keep retrying to reach a station at start-up.
     pub connect_patience: Duration,
+    /// Partitions of the hub's own execution. The hub mostly merges partial states (a few
+    /// rows per group and station), where one partition avoids repartitioning overhead;
+    /// raise it for hubs that join large row-level fragments.
+    pub merge_partitions: usize,
 }
 
 impl Default for HubOptions {
@@ -35,6 +39,7 @@ impl Default for HubOptions {
         Self {
             fragment_timeout: Duration::from_secs(60),
             connect_patience: Duration::from_secs(10),
+            merge_partitions: 1,
         }
     }
 }
@@ -100,9 +105,19 @@ impl Hub {
         }
         let planner = Arc::new(FederationPlanner::new(&catalog)?);
         let config = SessionConfig::new()
+            .with_target_partitions(options.merge_partitions.max(1))
             .with_information_schema(true)
             .with_default_catalog_and_schema("datafusion", "public");
-        let ctx = SessionContext::new_with_config(config);
+        let stations = Arc::new(stations);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .with_query_planner(Arc::new(FederatedQueryPlanner {
+                planner: Arc::clone(&planner),
+                stations: Arc::clone(&stations),
+            }))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         for table in catalog.tables() {
             let name = table.name().to_string();
             ctx.register_table(name.as_str(), table)?;
@@ -113,7 +128,7 @@ impl Hub {
             "hub catalog ready"
         );
         Ok(Self {
-            stations: Arc::new(stations),
+            stations,
             catalog,
             planner,
             base: ctx.state(),
@@ -129,25 +144,10 @@ impl Hub {
         self.stations.iter().map(|s| s.name.to_string()).collect()
     }
 
-    /// A session for one query: the shared catalog, and a query planner that knows who asks.
-    fn session(&self, researcher: &str) -> SessionState {
-        let query = QueryContext {
-            query_id: uuid::Uuid::new_v4().to_string(),
-            researcher: researcher.to_string(),
-            fragment_timeout: self.options.fragment_timeout,
-        };
-        SessionStateBuilder::new_from_existing(self.base.clone())
-            .with_query_planner(Arc::new(FederatedQueryPlanner {
-                planner: Arc::clone(&self.planner),
-                stations: Arc::clone(&self.stations),
-                query,
-            }))
-            .build()
-    }
-
-    /// Plans `sql` for `researcher` without contacting any station.
+    /// Plans `sql` for `researcher` without contacting any station. All queries share one
+    /// session; who asks is attached to the plan's fragments afterwards.
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
-        let state = self.session(researcher);
+        let state = &self.base;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -163,6 +163,12 @@ impl Hub {
         let logical = state.create_logical_plan(sql).await?;
         options.verify_plan(&logical)?;
         let physical = state.create_physical_plan(&logical).await?;
+        let query = QueryContext {
+            query_id: uuid::Uuid::new_v4().to_string(),
+            researcher: researcher.to_string(),
+            fragment_timeout: self.options.fragment_timeout,
+        };
+        let physical = assign_query(physical, &query)?;
         Ok(Planned::Plan(physical, state.task_ctx()))
     }
 

@@ -22,7 +22,8 @@
 //! `array_agg(x ORDER BY y)`) is not pushed: the subtree below it is fetched as rows and the
 //! hub aggregates. Whether a station releases those rows is its policy's decision.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::{DataType, Schema};
 use datafusion::catalog::default_table_source::source_as_provider;
@@ -56,7 +57,12 @@ pub struct FederatedPlan {
 /// the stations will, before any station is contacted.
 pub struct FederationPlanner {
     shadow: SessionContext,
+    /// Fragment schemas by SQL text: the shadow catalog never changes, so neither do they.
+    schemas: Mutex<HashMap<String, Arc<Schema>>>,
 }
+
+/// Distinct fragment texts whose schemas the planner remembers.
+const SCHEMA_CACHE_ENTRIES: usize = 1024;
 
 impl std::fmt::Debug for FederationPlanner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,7 +81,10 @@ impl FederationPlanner {
                 ))),
             )?;
         }
-        Ok(Self { shadow })
+        Ok(Self {
+            shadow,
+            schemas: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Splits an optimized logical plan. Plans that read no federated table come back
@@ -101,13 +110,16 @@ impl FederationPlanner {
             if let Some(chain) = RowChain::analyze(&plan)? {
                 return self.rows_fragment(&plan, chain, fragments).await;
             }
-            let plan = if plan.inputs().is_empty() {
+            let before = fragments.len();
+            let mut inputs = Vec::new();
+            for input in plan.inputs().into_iter().cloned().collect::<Vec<_>>() {
+                inputs.push(self.rewrite(input, fragments).await?);
+            }
+            // Rebuild a node only if something below it changed: nodes that read no
+            // federated table pass through exactly as DataFusion planned them.
+            let plan = if fragments.len() == before {
                 plan
             } else {
-                let mut inputs = Vec::new();
-                for input in plan.inputs().into_iter().cloned().collect::<Vec<_>>() {
-                    inputs.push(self.rewrite(input, fragments).await?);
-                }
                 plan.with_new_exprs(plan.expressions(), inputs)?
             };
             self.rewrite_subqueries(plan, fragments).await
@@ -128,12 +140,13 @@ impl FederationPlanner {
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
-        if subplans.is_empty() {
-            return Ok(plan);
-        }
+        let before = fragments.len();
         let mut rewritten = Vec::new();
         for sub in subplans {
             rewritten.push(self.rewrite(sub, fragments).await?);
+        }
+        if fragments.len() == before {
+            return Ok(plan);
         }
         // `map_subqueries` visits subqueries in the same order as `apply_subqueries`.
         let mut rewritten = rewritten.into_iter();
@@ -154,6 +167,15 @@ impl FederationPlanner {
 
     /// Plans `sql` in the shadow session: the schema every station will return.
     async fn fragment_schema(&self, sql: &str) -> Result<Arc<Schema>> {
+        // The lock guards map operations only; after a panic the map is still valid.
+        if let Some(schema) = self
+            .schemas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sql)
+        {
+            return Ok(Arc::clone(schema));
+        }
         let plan = self
             .shadow
             .state()
@@ -164,7 +186,13 @@ impl FederationPlanner {
                     "the fragment SQL generated for this query does not plan ({e}): {sql}"
                 ))
             })?;
-        Ok(Arc::new(plan.schema().as_arrow().clone()))
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let mut schemas = self.schemas.lock().unwrap_or_else(|p| p.into_inner());
+        if schemas.len() >= SCHEMA_CACHE_ENTRIES {
+            schemas.clear();
+        }
+        schemas.insert(sql.to_string(), Arc::clone(&schema));
+        Ok(schema)
     }
 
     async fn aggregate_fragment(

@@ -20,12 +20,17 @@ pub mod error;
 pub mod service;
 pub mod source;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::SchemaRef;
 use arrow_flight::flight_service_server::FlightServiceServer;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::context::{SQLOptions, SessionState};
+use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use railyard_udfs::wire::FragmentTicket;
@@ -40,21 +45,37 @@ pub use source::{Format, TableFile};
 /// Largest gRPC message a station accepts or sends (Flight batches are split below this).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Distinct fragment texts whose plans a station keeps (the hub sends the same fragment for
+/// every run of a query).
+const PLAN_CACHE_ENTRIES: usize = 1024;
+
 /// A station: its name and its own DataFusion session over its tables.
 pub struct Station {
     name: String,
     ctx: SessionContext,
+    state: SessionState,
+    /// Optimized plans of fragments seen before, by SQL text. Only plans without stable or
+    /// volatile functions are kept (the optimizer folds `now()` into a constant).
+    plans: Mutex<HashMap<String, LogicalPlan>>,
 }
 
 impl Station {
     /// Opens a station over `tables`. Fails, naming the file, if a table cannot be read.
     pub async fn open(name: impl Into<String>, tables: &[TableFile]) -> Result<Self> {
         let name = name.into();
-        let ctx = railyard_udfs::fragment_context()?;
+        let config =
+            railyard_udfs::fragment_session_config().with_target_partitions(partitions_for(tables));
+        let ctx = railyard_udfs::fragment_context_with(config)?;
         for table in tables {
             table.register(&name, &ctx).await?;
         }
-        Ok(Self { name, ctx })
+        let state = ctx.state();
+        Ok(Self {
+            name,
+            ctx,
+            state,
+            plans: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -84,21 +105,85 @@ impl Station {
     /// Plans a fragment in the station's own session and starts executing it. Only queries
     /// are accepted: no DDL, no DML, no `SET`.
     pub async fn run_fragment(&self, ticket: &FragmentTicket) -> Result<SendableRecordBatchStream> {
-        let options = datafusion::execution::context::SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let planned = self.ctx.sql_with_options(&ticket.sql, options).await;
-        let df = match planned {
-            Ok(df) => df,
+        let planned = self.optimized_plan(&ticket.sql).await;
+        let optimized = match planned {
+            Ok(plan) => plan,
             Err(e) => {
-                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e.strip_backtrace(), "fragment refused");
-                return Err(e.into());
+                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment refused");
+                return Err(e);
             }
         };
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment planned");
-        Ok(df.execute_stream().await?)
+        let physical = self
+            .state
+            .query_planner()
+            .create_physical_plan(&optimized, &self.state)
+            .await?;
+        Ok(execute_stream(physical, self.state.task_ctx())?)
     }
+
+    async fn optimized_plan(&self, sql: &str) -> Result<LogicalPlan> {
+        if let Some(plan) = self.cached(sql) {
+            return Ok(plan);
+        }
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let logical = self.state.create_logical_plan(sql).await?;
+        options.verify_plan(&logical)?;
+        let optimized = self.state.optimize(&logical)?;
+        if only_immutable_functions(&logical) {
+            let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+            if plans.len() >= PLAN_CACHE_ENTRIES {
+                plans.clear();
+            }
+            plans.insert(sql.to_string(), optimized.clone());
+        }
+        Ok(optimized)
+    }
+
+    fn cached(&self, sql: &str) -> Option<LogicalPlan> {
+        // The lock guards map operations only; after a panic the map is still valid.
+        let plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        plans.get(sql).cloned()
+    }
+}
+
+/// Bytes of data per partition a station aims for.
+const BYTES_PER_PARTITION: u64 = 16 * 1024 * 1024;
+
+/// How many partitions a station's queries use: one per [`BYTES_PER_PARTITION`] of its
+/// files, at most one per core. Small stations answer fastest from one partition (no
+/// repartitioning between the two aggregation phases); large ones use every core.
+fn partitions_for(tables: &[TableFile]) -> usize {
+    let bytes: u64 = tables
+        .iter()
+        .filter_map(|t| std::fs::metadata(&t.path).ok())
+        .map(|m| m.len())
+        .sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (bytes.div_ceil(BYTES_PER_PARTITION) as usize).clamp(1, cores)
+}
+
+/// Whether every function in `plan` gives the same result whenever it runs (so its
+/// optimized plan, with constants folded, may be reused).
+fn only_immutable_functions(plan: &LogicalPlan) -> bool {
+    let mut immutable = true;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && f.func.signature().volatility != Volatility::Immutable
+                {
+                    immutable = false;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    immutable
 }
 
 /// Serves `station` over Arrow Flight on `listener` until `shutdown` resolves.

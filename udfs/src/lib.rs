@@ -71,7 +71,13 @@ pub fn fragment_session_config() -> SessionConfig {
 
 /// A session for fragments: the default functions plus every partial wrapper.
 pub fn fragment_context() -> Result<SessionContext> {
-    let ctx = SessionContext::new_with_config(fragment_session_config());
+    fragment_context_with(fragment_session_config())
+}
+
+/// A session for fragments under `config` (derived from [`fragment_session_config`], e.g.
+/// with another number of partitions).
+pub fn fragment_context_with(config: SessionConfig) -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config(config);
     register_partials(&ctx)?;
     Ok(ctx)
 }
