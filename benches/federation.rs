@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use railyard::client::HubClient;
-use railyard::local::{LocalFederation, TableSpec};
+use railyard::local::{Governance, LocalFederation, TableSpec};
 use railyard::synth::{StationProfile, default_profiles, write_registry};
 use railyard_engine::HubOptions;
 use tokio::net::TcpListener;
@@ -88,6 +88,13 @@ async fn main() -> Result<()> {
     let keep = std::env::var("RAILYARD_BENCH_DIR").ok().map(PathBuf::from);
     let temp = tempfile::tempdir()?;
     let dir = keep.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    // The bench measures the engine on every query shape, so stations run the open test
+    // policy (every column public, k = 1); audit logs (fsynced per fragment) are written
+    // as in production.
+    let governance = Governance::new(
+        Some(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/policies/open.toml")),
+        temp.path().join("audit"),
+    )?;
 
     let profiles: Vec<StationProfile> = default_profiles(per_station * 3)
         .into_iter()
@@ -134,6 +141,7 @@ async fn main() -> Result<()> {
         &specs,
         TcpListener::bind("127.0.0.1:0").await?,
         HubOptions::default(),
+        &governance,
     )
     .await?;
     let mut client = HubClient::connect(&federation.hub_url).await?;
@@ -190,6 +198,7 @@ async fn main() -> Result<()> {
         }],
         TcpListener::bind("127.0.0.1:0").await?,
         HubOptions::default(),
+        &governance,
     )
     .await?;
     let mut client = HubClient::connect(&small.hub_url).await?;

@@ -2,6 +2,7 @@
 //! realistic questions, each shown with its federated plan and its answer.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -10,7 +11,7 @@ use railyard_engine::HubOptions;
 use tokio::net::TcpListener;
 
 use crate::client::{Answer, HubClient};
-use crate::local::{LocalFederation, TableSpec};
+use crate::local::{Governance, LocalFederation, TableSpec};
 use crate::synth;
 
 /// Default number of synthetic patients over all stations.
@@ -24,27 +25,30 @@ pub const QUERIES: &[(&str, &str)] = &[
          round(stddev_samp(age), 1) AS sd_age FROM registry",
     ),
     (
-        "Case mix by tumour site",
-        "SELECT site, count(*) AS patients, round(avg(age), 1) AS mean_age, \
-         round(100.0 * avg(CASE WHEN sex = 'F' THEN 1.0 ELSE 0.0 END), 1) AS pct_female \
-         FROM registry GROUP BY site ORDER BY patients DESC",
+        "Case mix by tumour site and sex",
+        "SELECT site, sex, count(*) AS patients, round(avg(age), 1) AS mean_age \
+         FROM registry GROUP BY site, sex ORDER BY site, sex",
     ),
     (
-        "Share of advanced (stage III-IV) tumours by site and period of diagnosis",
-        "SELECT site, CASE WHEN diagnosis_year < 2012 THEN '2000-2011' ELSE '2012-2022' END \
-         AS period, count(*) AS patients, \
-         round(100.0 * avg(CASE WHEN stage >= 3 THEN 1.0 ELSE 0.0 END), 1) AS pct_advanced \
+        "Share of advanced (stage III-IV) tumours by site and period of diagnosis \
+         (stations release counts per group; the hub computes the shares)",
+        "WITH g AS (SELECT site, CASE WHEN diagnosis_year < 2012 THEN '2000-2011' \
+         ELSE '2012-2022' END AS period, stage >= 3 AS advanced, count(*) AS n \
          FROM registry WHERE stage IS NOT NULL AND site IN ('lung', 'colorectal', 'breast') \
-         GROUP BY 1, 2 ORDER BY 1, 2",
+         GROUP BY 1, 2, 3) \
+         SELECT site, period, sum(n) AS patients, \
+         round(100.0 * sum(CASE WHEN advanced THEN n ELSE 0 END) / sum(n), 1) AS pct_advanced \
+         FROM g GROUP BY site, period ORDER BY site, period",
     ),
     (
         "Crude 5-year mortality by stage, diagnoses up to 2020",
-        "SELECT stage, count(*) AS patients, \
-         round(100.0 * avg(CASE WHEN vital_status = 'dead' AND survival_days <= 1826 \
-         THEN 1.0 ELSE 0.0 END), 1) AS pct_dead_within_5y, \
-         round(avg(survival_days) / 365.25, 2) AS mean_years_followed \
-         FROM registry WHERE diagnosis_date <= DATE '2020-12-31' AND stage IS NOT NULL \
-         GROUP BY stage ORDER BY stage",
+        "WITH g AS (SELECT stage, vital_status = 'dead' AND survival_days <= 1826 AS died, \
+         count(*) AS n, sum(survival_days) AS days FROM registry \
+         WHERE diagnosis_date <= DATE '2020-12-31' AND stage IS NOT NULL GROUP BY 1, 2) \
+         SELECT stage, sum(n) AS patients, \
+         round(100.0 * sum(CASE WHEN died THEN n ELSE 0 END) / sum(n), 1) AS pct_dead_within_5y, \
+         round(CAST(sum(days) AS DOUBLE) / sum(n) / 365.25, 2) AS mean_years_followed \
+         FROM g GROUP BY stage ORDER BY stage",
     ),
     (
         "Body-mass index by sex (a DECIMAL column, with missing values)",
@@ -61,8 +65,24 @@ pub const QUERIES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Questions the stations' default policy refuses: (what is tried, the SQL).
+pub const REFUSED: &[(&str, &str)] = &[
+    (
+        "The youngest patient's exact age (one person's value)",
+        "SELECT min(age) FROM registry",
+    ),
+    (
+        "Row-level data",
+        "SELECT patient_id, age, site FROM registry LIMIT 5",
+    ),
+    (
+        "One patient singled out by a filter",
+        "SELECT count(*), avg(age) FROM registry WHERE patient_id = 1234",
+    ),
+];
+
 /// Runs the demo, writing everything it shows to `out`.
-pub async fn run(patients: usize, out: &mut impl Write) -> Result<()> {
+pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
     let profiles = synth::default_profiles(patients);
@@ -84,6 +104,7 @@ pub async fn run(patients: usize, out: &mut impl Write) -> Result<()> {
         }],
         listener,
         HubOptions::default(),
+        &Governance::new(None, data_dir)?,
     )
     .await?;
     writeln!(
@@ -115,11 +136,49 @@ pub async fn run(patients: usize, out: &mut impl Write) -> Result<()> {
                 elapsed.as_secs_f64() * 1000.0
             )?;
         }
+        writeln!(
+            out,
+            "── The stations' default policy: every column 'aggregate', groups of at least 5"
+        )?;
+        let policies = client
+            .query(
+                "SELECT station, table_name, min_group_size, count(*) AS columns, \
+                 string_agg(DISTINCT visibility, ', ') AS visibilities FROM railyard.policies \
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2",
+            )
+            .await?;
+        writeln!(out, "{}\n", policies.to_table()?)?;
+        for (what, sql) in REFUSED {
+            writeln!(out, "── Refused: {what}")?;
+            writeln!(out, "{sql}")?;
+            match client.query(sql).await {
+                Ok(answer) => anyhow::bail!(
+                    "the default policy let through {} rows of: {sql}",
+                    answer.num_rows()
+                ),
+                Err(e) => writeln!(out, "  → {}\n", refusal_text(&e))?,
+            }
+        }
+        writeln!(
+            out,
+            "Every decision above is in the stations' audit logs: {} \
+             (check one with `railyard audit verify PATH`)",
+            data_dir.join("<station>").join("audit.jsonl").display()
+        )?;
         anyhow::Ok(())
     }
     .await;
     federation.shutdown().await?;
     result
+}
+
+/// The message of a refused query, without the client library's wrapping.
+fn refusal_text(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    match text.find("policy:") {
+        Some(at) => text[at..].to_string(),
+        None => text,
+    }
 }
 
 /// Renders an `EXPLAIN FEDERATED` answer compactly: each fragment once, with the stations

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use arrow::datatypes::SchemaRef;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
 use railyard_engine::{Hub, HubOptions, StationAddress};
-use railyard_station::{Format, Station, TableFile};
+use railyard_station::{Format, Policy, Station, StationConfig, TableFile};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -153,6 +153,34 @@ async fn unified_schemas(files: &[(String, PathBuf, Format)]) -> Result<Vec<Opti
         .collect())
 }
 
+/// How the stations of a local federation are governed.
+#[derive(Debug, Clone)]
+pub struct Governance {
+    /// The policy every station applies ([`Policy::default`]: nothing row-level, k = 5).
+    pub policy: Policy,
+    /// Each station keeps its audit log in `DIR/<station>/audit.jsonl`.
+    pub data_dir: PathBuf,
+}
+
+impl Governance {
+    /// `policy` from a file (or the default policy), audit logs under `data_dir`.
+    pub fn new(policy: Option<&Path>, data_dir: impl Into<PathBuf>) -> Result<Self> {
+        let policy = match policy {
+            Some(path) => Policy::load(path)?,
+            None => Policy::default(),
+        };
+        Ok(Self {
+            policy,
+            data_dir: data_dir.into(),
+        })
+    }
+
+    /// Where `station` keeps its audit log.
+    pub fn audit_log(&self, station: &str) -> PathBuf {
+        self.data_dir.join(station).join("audit.jsonl")
+    }
+}
+
 /// A running local federation.
 pub struct LocalFederation {
     pub hub: Arc<Hub>,
@@ -169,13 +197,18 @@ impl LocalFederation {
         specs: &[TableSpec],
         hub_listener: TcpListener,
         options: HubOptions,
+        governance: &Governance,
     ) -> Result<Self> {
         let plan = plan_stations(specs).await?;
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut addresses = Vec::new();
         for (name, tables) in plan {
-            let station = Arc::new(Station::open(name.clone(), &tables).await?);
+            let config = StationConfig {
+                policy: governance.policy.clone(),
+                audit_log: governance.audit_log(&name),
+            };
+            let station = Arc::new(Station::open(name.clone(), &tables, config).await?);
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             let mut stop = stop.clone();

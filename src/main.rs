@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use railyard::client::HubClient;
-use railyard::local::{LocalFederation, TableSpec};
+use railyard::local::{Governance, LocalFederation, TableSpec};
 use railyard::{demo, synth};
 use railyard_engine::HubOptions;
 use tokio::net::TcpListener;
@@ -45,6 +45,13 @@ enum Command {
         /// queries that join large row-level fragments at the hub).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
         hub_partitions: u16,
+        /// The disclosure policy (TOML) every station applies; see docs/policy.md. Without
+        /// one, stations release nothing row-level and no group of fewer than 5 rows.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Where stations keep their state: DIR/<station>/audit.jsonl is each audit log.
+        #[arg(long, value_name = "DIR", default_value = ".railyard")]
+        data_dir: PathBuf,
     },
     /// Generate synthetic registry data, start a local federation, run realistic queries and
     /// print each query, its federated plan and its answer. Needs no arguments or network.
@@ -52,6 +59,14 @@ enum Command {
         /// Synthetic patients over all three stations.
         #[arg(long, default_value_t = demo::DEFAULT_PATIENTS)]
         patients: usize,
+        /// Where the demo's stations keep their audit logs (DIR/<station>/audit.jsonl).
+        #[arg(long, value_name = "DIR", default_value = ".railyard")]
+        data_dir: PathBuf,
+    },
+    /// Work with a station's audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Write the demo's synthetic registry data (one Parquet file per station) to a
     /// directory, for `railyard local --table registry=DIR/registry`; optionally also TPC-H
@@ -84,6 +99,16 @@ enum Command {
         format: OutputFormat,
         /// The SQL statement.
         sql: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check an audit log's hash chain; report the first broken record and exit non-zero
+    /// if there is one.
+    Verify {
+        /// The audit log (e.g. .railyard/station_a/audit.jsonl).
+        path: PathBuf,
     },
 }
 
@@ -129,7 +154,10 @@ async fn run(cli: Cli) -> Result<()> {
             tables,
             fragment_timeout,
             hub_partitions,
+            policy,
+            data_dir,
         } => {
+            let governance = Governance::new(policy.as_deref(), data_dir)?;
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -138,7 +166,8 @@ async fn run(cli: Cli) -> Result<()> {
                 merge_partitions: usize::from(hub_partitions),
                 ..HubOptions::default()
             };
-            let federation = LocalFederation::start(&tables, listener, options).await?;
+            let federation =
+                LocalFederation::start(&tables, listener, options, &governance).await?;
             for s in &federation.stations {
                 eprintln!("station {} listening on {}", s.name, s.url);
             }
@@ -148,9 +177,35 @@ async fn run(cli: Cli) -> Result<()> {
             federation.shutdown().await?;
             Ok(())
         }
-        Command::Demo { patients } => {
+        Command::Demo { patients, data_dir } => {
             let mut out = std::io::stdout().lock();
-            demo::run(patients, &mut out).await
+            demo::run(patients, &data_dir, &mut out).await
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { path },
+        } => {
+            let v = railyard_station::audit::verify(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if let Some((line, why)) = v.broken {
+                anyhow::bail!(
+                    "{}: record {line} is broken: {why} ({} records before it verify)",
+                    path.display(),
+                    v.records
+                );
+            }
+            println!(
+                "{}: {} records, chain intact, head {}",
+                path.display(),
+                v.records,
+                v.head
+            );
+            if v.torn_tail {
+                println!(
+                    "note: the last line is incomplete (the station stopped while writing it); \
+                     it was never acknowledged, and the station cuts it off when it next starts"
+                );
+            }
+            Ok(())
         }
         Command::Gen {
             out,

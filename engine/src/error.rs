@@ -55,6 +55,10 @@ pub enum Error {
     Station(#[from] Box<StationFailure>),
     #[error("invalid request: {0}")]
     BadRequest(String),
+    /// A station's policy refused a fragment of the query; nothing was run anywhere. The
+    /// message is the station's, naming the rule and the column.
+    #[error("{0}")]
+    Refused(String),
     #[error("hub server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -109,8 +113,16 @@ pub fn to_status(e: Error) -> Status {
             }
         }
         Error::Planner(e) => Status::invalid_argument(e.to_string()),
-        Error::Station(f) => Status::new(f.code(), f.to_string()),
+        Error::Station(f) => match f.as_ref() {
+            StationFailure::Failed {
+                code: Code::PermissionDenied,
+                message,
+                ..
+            } => Status::permission_denied(message.clone()),
+            other => Status::new(other.code(), other.to_string()),
+        },
         Error::BadRequest(m) => Status::invalid_argument(m),
+        Error::Refused(m) => Status::permission_denied(m),
         Error::Transport(e) => Status::internal(e.to_string()),
     }
 }

@@ -79,6 +79,25 @@ impl FragmentExec {
         }
     }
 
+    /// The fragment's ticket for each of its stations (once a query is assigned).
+    pub fn tickets(&self) -> Vec<(StationClient, FragmentTicket)> {
+        let Some(query) = &self.query else {
+            return Vec::new();
+        };
+        self.stations
+            .iter()
+            .map(|s| {
+                let ticket = FragmentTicket {
+                    query_id: query.query_id.clone(),
+                    fragment: self.fragment.id,
+                    researcher: query.researcher.clone(),
+                    sql: self.fragment.sql.clone(),
+                };
+                (s.clone(), ticket)
+            })
+            .collect()
+    }
+
     /// The same operator, sent on behalf of `query`.
     pub fn with_query(&self, query: QueryContext) -> Self {
         Self {
@@ -101,6 +120,19 @@ pub fn assign_query(
             })
         })?
         .data)
+}
+
+/// Every (station, ticket) a planned query will send, in fragment order.
+pub fn query_tickets(plan: &Arc<dyn ExecutionPlan>) -> Vec<(StationClient, FragmentTicket)> {
+    let mut out = Vec::new();
+    let _ = plan.apply(|node| {
+        if let Some(exec) = node.downcast_ref::<FragmentExec>() {
+            out.extend(exec.tickets());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out.sort_by_key(|(s, t)| (t.fragment, s.name.clone()));
+    out
 }
 
 impl DisplayAs for FragmentExec {

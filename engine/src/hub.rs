@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::datasource::MemTable;
 use datafusion::datasource::TableType;
+use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::{SQLOptions, SessionState};
@@ -13,12 +16,13 @@ use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use railyard_planner::{
-    FederatedCatalog, FederationPlanner, explain_batch, strip_explain_federated,
+    FederatedCatalog, FederationPlanner, StationTablePolicy, explain_batch, strip_explain_federated,
 };
 use tracing::info;
 
+use crate::error::StationFailure;
 use crate::error::{Error, Result};
-use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query};
+use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query, query_tickets};
 use crate::station_client::{StationAddress, StationClient};
 
 /// Hub settings.
@@ -73,6 +77,91 @@ impl Planned {
     }
 }
 
+/// Asks every station whether its policy accepts its fragments, before any is run: a query
+/// one station refuses releases nothing from any station. The first refusal (in fragment,
+/// then station order) is the error.
+async fn check_at_stations(plan: &Arc<dyn ExecutionPlan>, timeout: Duration) -> Result<()> {
+    let tickets = query_tickets(plan);
+    let answers = futures::future::join_all(tickets.iter().map(|(station, ticket)| async move {
+        match tokio::time::timeout(timeout, station.check(ticket)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(StationFailure::Timeout {
+                station: station.name.to_string(),
+                fragment: ticket.fragment,
+                timeout,
+            }
+            .into()),
+        }
+    }))
+    .await;
+    for answer in answers {
+        match answer {
+            Ok(_) => {}
+            Err(Error::Station(failure)) => {
+                if let StationFailure::Failed {
+                    code: tonic::Code::PermissionDenied,
+                    message,
+                    ..
+                } = failure.as_ref()
+                {
+                    return Err(Error::Refused(message.clone()));
+                }
+                return Err(Error::Station(failure));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(())
+}
+
+/// Registers `railyard.policies`: per station, table and column, the column's visibility
+/// and the table's k, as the stations announced them.
+fn register_policies(
+    ctx: &SessionContext,
+    policies: &[(String, railyard_udfs::wire::TablePolicyInfo)],
+) -> Result<()> {
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("station", DataType::Utf8, false),
+        Field::new("table_name", DataType::Utf8, false),
+        Field::new("column_name", DataType::Utf8, false),
+        Field::new("visibility", DataType::Utf8, false),
+        Field::new("min_group_size", DataType::Int64, false),
+    ]));
+    let (mut station, mut table, mut column, mut visibility, mut k) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for (name, info) in policies {
+        for (c, v) in &info.columns {
+            station.push(name.clone());
+            table.push(info.table.clone());
+            column.push(c.clone());
+            visibility.push(v.clone());
+            k.push(info.min_group_size as i64);
+        }
+    }
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(StringArray::from(station)),
+            Arc::new(StringArray::from(table)),
+            Arc::new(StringArray::from(column)),
+            Arc::new(StringArray::from(visibility)),
+            Arc::new(Int64Array::from(k)),
+        ],
+    )
+    .map_err(DataFusionError::from)?;
+    let catalog = ctx
+        .catalog("datafusion")
+        .ok_or_else(|| Error::BadRequest("the hub's default catalog is missing".to_string()))?;
+    catalog.register_schema("railyard", Arc::new(MemorySchemaProvider::new()))?;
+    ctx.register_table(
+        "railyard.policies",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    Ok(())
+}
+
 /// The researcher-facing coordinator of a federation.
 pub struct Hub {
     stations: Arc<Vec<StationClient>>,
@@ -87,6 +176,7 @@ impl Hub {
     pub async fn connect(addresses: &[StationAddress], options: HubOptions) -> Result<Self> {
         let mut stations = Vec::new();
         let mut catalog = FederatedCatalog::new();
+        let mut policies = Vec::new();
         for address in addresses {
             if stations
                 .iter()
@@ -100,6 +190,23 @@ impl Hub {
             let client = StationClient::connect(address, options.connect_patience).await?;
             for (table, schema) in client.tables().await? {
                 catalog.add(&address.name, &table, schema)?;
+            }
+            for table in client.policy().await? {
+                let public = table
+                    .columns
+                    .iter()
+                    .filter(|(_, v)| v == "public")
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                catalog.set_policy(
+                    &address.name,
+                    &table.table,
+                    StationTablePolicy {
+                        min_group_size: table.min_group_size,
+                        public,
+                    },
+                );
+                policies.push((address.name.clone(), table));
             }
             stations.push(client);
         }
@@ -122,6 +229,7 @@ impl Hub {
             let name = table.name().to_string();
             ctx.register_table(name.as_str(), table)?;
         }
+        register_policies(&ctx, &policies)?;
         info!(
             stations = stations.len(),
             tables = catalog.tables().len(),
@@ -169,6 +277,7 @@ impl Hub {
             fragment_timeout: self.options.fragment_timeout,
         };
         let physical = assign_query(physical, &query)?;
+        check_at_stations(&physical, self.options.fragment_timeout).await?;
         Ok(Planned::Plan(physical, state.task_ctx()))
     }
 

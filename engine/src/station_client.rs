@@ -4,10 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
-use arrow_flight::Criteria;
 use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::{Action, Criteria};
 use futures::TryStreamExt;
 use tonic::transport::{Channel, Endpoint};
+
+use railyard_udfs::wire::{CheckAnswer, FragmentTicket, TablePolicyInfo};
+use tonic::Code;
 
 use crate::error::{Result, StationFailure};
 
@@ -106,5 +109,70 @@ impl StationClient {
             tables.push((name, Arc::new(schema)));
         }
         Ok(tables)
+    }
+
+    /// Runs a station action and returns the body of its single result.
+    async fn action(
+        &self,
+        kind: &str,
+        body: Vec<u8>,
+    ) -> std::result::Result<Vec<u8>, tonic::Status> {
+        let mut results = self
+            .flight()
+            .do_action(Action::new(kind, body))
+            .await?
+            .into_inner();
+        let first = results
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::internal(format!("action '{kind}' returned nothing")))?;
+        Ok(first.body.to_vec())
+    }
+
+    /// The station's policy per table.
+    pub async fn policy(&self) -> Result<Vec<TablePolicyInfo>> {
+        let body =
+            self.action("policy", Vec::new())
+                .await
+                .map_err(|s| StationFailure::Unreachable {
+                    station: self.name.to_string(),
+                    url: self.url.to_string(),
+                    message: s.message().to_string(),
+                })?;
+        Ok(
+            serde_json::from_slice(&body).map_err(|e| StationFailure::Protocol {
+                station: self.name.to_string(),
+                fragment: 0,
+                message: format!("unreadable policy: {e}"),
+            })?,
+        )
+    }
+
+    /// Asks the station whether its policy accepts `ticket`, without running it.
+    pub async fn check(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
+        let fragment = ticket.fragment;
+        let body = self
+            .action("check", ticket.to_bytes())
+            .await
+            .map_err(|s| match s.code() {
+                Code::Unavailable => StationFailure::Unreachable {
+                    station: self.name.to_string(),
+                    url: self.url.to_string(),
+                    message: s.message().to_string(),
+                },
+                code => StationFailure::Failed {
+                    station: self.name.to_string(),
+                    fragment,
+                    code,
+                    message: s.message().to_string(),
+                },
+            })?;
+        Ok(
+            serde_json::from_slice(&body).map_err(|e| StationFailure::Protocol {
+                station: self.name.to_string(),
+                fragment,
+                message: format!("unreadable check answer: {e}"),
+            })?,
+        )
     }
 }

@@ -1,6 +1,6 @@
 //! The federated catalog: which logical tables exist and which stations hold a part of each.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -24,6 +24,17 @@ pub struct FederatedTable {
     name: String,
     schema: SchemaRef,
     stations: Vec<String>,
+    policies: BTreeMap<String, StationTablePolicy>,
+}
+
+/// What the hub knows of one station's policy for one table (the station remains the
+/// authority: it checks every fragment itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StationTablePolicy {
+    /// k: the station's minimum group size for this table.
+    pub min_group_size: u64,
+    /// Columns whose row-level values the station releases.
+    pub public: BTreeSet<String>,
 }
 
 impl FederatedTable {
@@ -34,6 +45,18 @@ impl FederatedTable {
     /// Stations holding a part of this table, sorted by name.
     pub fn stations(&self) -> &[String] {
         &self.stations
+    }
+
+    /// The group-size threshold the hub applies to merged groups of an aggregate that
+    /// touches `columns`: the largest k among the stations where one of them is not public
+    /// (1 if every station releases all of them row by row).
+    pub fn min_group_size(&self, columns: &BTreeSet<String>) -> u64 {
+        self.policies
+            .values()
+            .filter(|p| !columns.iter().all(|c| p.public.contains(c)))
+            .map(|p| p.min_group_size)
+            .max()
+            .unwrap_or(1)
     }
 }
 
@@ -67,6 +90,7 @@ impl TableProvider for FederatedTable {
 #[derive(Debug, Default, Clone)]
 pub struct FederatedCatalog {
     tables: BTreeMap<String, (SchemaRef, Vec<String>)>,
+    policies: BTreeMap<(String, String), StationTablePolicy>,
 }
 
 impl FederatedCatalog {
@@ -117,15 +141,30 @@ impl FederatedCatalog {
         Ok(())
     }
 
+    /// Records what `station` announced of its policy for `table`.
+    pub fn set_policy(&mut self, station: &str, table: &str, policy: StationTablePolicy) {
+        self.policies
+            .insert((table.to_string(), station.to_string()), policy);
+    }
+
     /// The table providers to register in the hub's session.
     pub fn tables(&self) -> Vec<Arc<FederatedTable>> {
         self.tables
             .iter()
             .map(|(name, (schema, stations))| {
+                let policies = stations
+                    .iter()
+                    .filter_map(|s| {
+                        self.policies
+                            .get(&(name.clone(), s.clone()))
+                            .map(|p| (s.clone(), p.clone()))
+                    })
+                    .collect();
                 Arc::new(FederatedTable {
                     name: name.clone(),
                     schema: Arc::clone(schema),
                     stations: stations.clone(),
+                    policies,
                 })
             })
             .collect()

@@ -40,6 +40,9 @@ pub struct Fragment {
     pub kind: FragmentKind,
     /// A row limit already in the SQL; the hub applies it again to the union.
     pub fetch: Option<usize>,
+    /// The group-size threshold the hub applies to merged groups (1: none). Stations apply
+    /// their own k to their groups before anything leaves them.
+    pub min_group_size: u64,
 }
 
 impl Fragment {
@@ -59,7 +62,16 @@ impl Fragment {
                         aggregates.join(", ")
                     ));
                 }
-                parts.join(" ")
+                parts.push("and its row count".to_string());
+                let mut text = parts.join(" ");
+                if self.min_group_size > 1 {
+                    text.push_str(&format!(
+                        "; each station withholds groups below its k, and the hub those \
+                         below {} after merging",
+                        self.min_group_size
+                    ));
+                }
+                text
             }
             FragmentKind::Rows { columns } => {
                 format!("row-level values of ({})", columns.join(", "))

@@ -32,7 +32,7 @@ pub mod fragment;
 pub mod split;
 pub mod sql;
 
-pub use catalog::{FederatedCatalog, FederatedTable};
+pub use catalog::{FederatedCatalog, FederatedTable, StationTablePolicy};
 pub use error::{Error, Result};
 pub use explain::{explain_batch, explain_schema, strip_explain_federated};
 pub use fragment::{Fragment, FragmentKind, FragmentNode};

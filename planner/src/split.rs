@@ -22,7 +22,7 @@
 //! `array_agg(x ORDER BY y)`) is not pushed: the subtree below it is fetched as rows and the
 //! hub aggregates. Whether a station releases those rows is its policy's decision.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::{DataType, Schema};
@@ -30,12 +30,15 @@ use datafusion::catalog::default_table_source::source_as_provider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchema};
 use datafusion::datasource::empty::EmptyTable;
+use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::logical_expr::expr::{AggregateFunction, NullTreatment};
 use datafusion::logical_expr::{
-    Aggregate, AggregateUDF, Expr, ExprSchemable, GroupingSet, LogicalPlan, Projection, cast,
+    Aggregate, AggregateUDF, Expr, ExprSchemable, Filter, GroupingSet, LogicalPlan, Projection,
+    cast, lit,
 };
 use datafusion::prelude::SessionContext;
 use futures::future::BoxFuture;
+use railyard_udfs::wire::ROWS_COLUMN;
 use railyard_udfs::{MergeAggregate, MergeArg, partial_of};
 
 use crate::catalog::{FederatedCatalog, FederatedTable};
@@ -228,6 +231,26 @@ impl FederationPlanner {
         }
         .render();
         let schema = self.fragment_schema(&sql).await?;
+        // Every station appends its groups' row counts (see `railyard_udfs::wire`).
+        let schema = {
+            let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+            fields.push(Arc::new(arrow::datatypes::Field::new(
+                ROWS_COLUMN,
+                arrow::datatypes::DataType::Int64,
+                false,
+            )));
+            Arc::new(Schema::new(fields))
+        };
+        let mut used = BTreeSet::new();
+        for e in split
+            .groups
+            .iter()
+            .chain(&split.partials)
+            .chain(&rows.filters)
+        {
+            used.extend(e.column_refs().into_iter().map(|c| c.name.clone()));
+        }
+        let min_group_size = rows.table.min_group_size(&used);
 
         // The merge functions were derived from the hub's own argument types; the station's
         // states must have exactly the struct type they expect.
@@ -253,6 +276,7 @@ impl FederationPlanner {
                 aggregates: aggregate_sql,
             },
             fetch: None,
+            min_group_size,
         });
         fragments.push(Arc::clone(&fragment));
         let node = Arc::new(FragmentNode::try_new(fragment)?.into_plan());
@@ -261,7 +285,7 @@ impl FederationPlanner {
             .map(|i| Expr::Column(Column::new_unqualified(format!("g{i}"))))
             .collect();
         let hub_groups = hub_group_exprs(&agg.group_expr, &split.keys, &group_cols)?;
-        let hub_aggs = split
+        let mut hub_aggs: Vec<Expr> = split
             .merges
             .into_iter()
             .enumerate()
@@ -276,7 +300,18 @@ impl FederationPlanner {
                 ))
             })
             .collect();
-        let merged = LogicalPlan::Aggregate(Aggregate::try_new(node, hub_groups, hub_aggs)?);
+        hub_aggs.push(sum(Expr::Column(Column::new_unqualified(ROWS_COLUMN))).alias(ROWS_COLUMN));
+        let grouped = !hub_groups.is_empty();
+        let mut merged = LogicalPlan::Aggregate(Aggregate::try_new(node, hub_groups, hub_aggs)?);
+        // A global aggregate needs no second threshold: each station refused it below its
+        // own k, so the merged count is at least the largest k.
+        if grouped && min_group_size > 1 {
+            let rows = Expr::Column(Column::new_unqualified(ROWS_COLUMN));
+            merged = LogicalPlan::Filter(Filter::try_new(
+                rows.gt_eq(lit(min_group_size as i64)),
+                Arc::new(merged),
+            )?);
+        }
         restore_schema(merged, agg.schema.as_ref())
     }
 
@@ -319,6 +354,7 @@ impl FederationPlanner {
             schema,
             kind: FragmentKind::Rows { columns },
             fetch: chain.fetch,
+            min_group_size: 1,
         });
         fragments.push(Arc::clone(&fragment));
         let node = FragmentNode::try_new(fragment)?.into_plan();
@@ -333,7 +369,10 @@ impl FederationPlanner {
 /// `original`, so parent operators of the replaced subtree resolve their columns unchanged.
 fn restore_schema(plan: LogicalPlan, original: &DFSchema) -> Result<LogicalPlan> {
     let produced = Arc::clone(plan.schema());
-    if produced.fields().len() != original.fields().len() {
+    // A merged aggregate carries the row count as one trailing column, dropped here.
+    let trailing_count = produced.fields().len() == original.fields().len() + 1
+        && produced.field(produced.fields().len() - 1).name() == ROWS_COLUMN;
+    if produced.fields().len() != original.fields().len() && !trailing_count {
         return Err(Error::NotSupported(format!(
             "internal: the merge plan has {} columns where the query expects {}",
             produced.fields().len(),

@@ -19,34 +19,59 @@ def railyard_binary() -> pathlib.Path:
     return target / "debug" / "railyard"
 
 
-@pytest.fixture(scope="session")
-def hub_url():
+def start_local(tmp: pathlib.Path, policy: "pathlib.Path | None"):
+    """Starts `railyard local` over the lung and breast_cancer stations; returns the
+    process and the hub's URL."""
     binary = railyard_binary()
     if not binary.exists():
         pytest.fail(f"{binary} does not exist: build it with `cargo build` or set RAILYARD_BIN")
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "local",
-            "--listen",
-            "127.0.0.1:0",
-            "--table",
-            f"lung={DATA / 'lung' / 'horizontal' / 'csv'}",
-            "--table",
-            f"breast_cancer={DATA / 'breast_cancer' / 'horizontal' / 'parquet'}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = [
+        str(binary),
+        "local",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp),
+        "--table",
+        f"lung={DATA / 'lung' / 'horizontal' / 'csv'}",
+        "--table",
+        f"breast_cancer={DATA / 'breast_cancer' / 'horizontal' / 'parquet'}",
+    ]
+    if policy is not None:
+        args += ["--policy", str(policy)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
     prefix = "hub listening on "
     if not line.startswith(prefix):
         proc.kill()
         pytest.fail(f"railyard local did not start: {line!r} {proc.stderr.read()}")
-    yield line[len(prefix):]
+    return proc, line[len(prefix):]
+
+
+def stop(proc):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read()
+
+
+@pytest.fixture(scope="session")
+def hub_url(tmp_path_factory):
+    """A federation under the open test policy (every column public, k = 1): answers
+    must equal pandas on the pooled data exactly."""
+    proc, url = start_local(tmp_path_factory.mktemp("open"), REPO / "tests" / "policies" / "open.toml")
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def guarded_hub():
+    """A federation under the stations' default policy (nothing row-level, k = 5); yields
+    (hub URL, data directory holding the audit logs)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_local(pathlib.Path(tmp), None)
+        yield url, pathlib.Path(tmp)
+        stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,22 @@ pub enum Error {
     DataFusion(#[from] Box<DataFusionError>),
     #[error("station server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The station's policy refused the fragment (the message names rule and column).
+    #[error("{} (rule {})", .0.message, .0.rule)]
+    Refused(crate::check::Refusal),
+    /// An approved fragment failed while running; the category names no data value.
+    #[error(
+        "station '{station}': {category} while running fragment #{fragment} (the station's log has the detail)"
+    )]
+    Failed {
+        station: String,
+        fragment: usize,
+        category: &'static str,
+    },
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 impl From<DataFusionError> for Error {
@@ -31,7 +47,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The one conversion from station errors to gRPC statuses.
 pub fn to_status(station: &str, e: Error) -> Status {
-    match e {
+    match &e {
         Error::BadRequest(m) => Status::invalid_argument(format!("station '{station}': {m}")),
         Error::DataFusion(e) => match e.as_ref() {
             DataFusionError::SQL(..)
@@ -45,6 +61,8 @@ pub fn to_status(station: &str, e: Error) -> Status {
             }
             _ => Status::internal(format!("station '{station}': {}", e.strip_backtrace())),
         },
+        Error::Refused(_) => Status::permission_denied(e.to_string()),
+        Error::Failed { .. } => Status::aborted(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }

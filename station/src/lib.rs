@@ -16,29 +16,40 @@
 //! [`serve`] (run it on a listener until shutdown), [`error`] (errors and their one mapping
 //! to gRPC statuses).
 
+pub mod audit;
+pub mod check;
 pub mod error;
+pub mod policy;
 pub mod service;
 pub mod source;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::{SQLOptions, SessionState};
 use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
 use datafusion::physical_plan::execute_stream;
+use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::prelude::SessionContext;
-use futures::StreamExt;
-use railyard_udfs::wire::FragmentTicket;
+use futures::{StreamExt, TryStreamExt};
+use railyard_udfs::wire::{CheckAnswer, FragmentTicket, TablePolicyInfo};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
+pub use audit::AuditLog;
+pub use check::{ROWS_COLUMN, Refusal, Release};
 pub use error::{Error, Result};
+pub use policy::{Policy, Visibility};
 pub use service::StationService;
 pub use source::{Format, TableFile};
 
@@ -49,37 +60,76 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// every run of a query).
 const PLAN_CACHE_ENTRIES: usize = 1024;
 
-/// A station: its name and its own DataFusion session over its tables.
+/// How a station is governed: its policy and where its audit log lives.
+#[derive(Debug, Clone)]
+pub struct StationConfig {
+    pub policy: Policy,
+    /// The audit log file (created with its directory if missing).
+    pub audit_log: PathBuf,
+}
+
+/// A fragment plan that passed the policy, optimized, with what it may release.
+#[derive(Debug, Clone)]
+struct Approved {
+    plan: LogicalPlan,
+    table: String,
+    release: Release,
+}
+
+/// A station: its name, its own DataFusion session over its tables, its policy and its
+/// audit log.
 pub struct Station {
     name: String,
     ctx: SessionContext,
     state: SessionState,
-    /// Optimized plans of fragments seen before, by SQL text. Only plans without stable or
+    policy: Policy,
+    audit: AuditLog,
+    /// Approved plans of fragments seen before, by SQL text. Only plans without stable or
     /// volatile functions are kept (the optimizer folds `now()` into a constant).
-    plans: Mutex<HashMap<String, LogicalPlan>>,
+    plans: Mutex<HashMap<String, Approved>>,
 }
 
 impl Station {
-    /// Opens a station over `tables`. Fails, naming the file, if a table cannot be read.
-    pub async fn open(name: impl Into<String>, tables: &[TableFile]) -> Result<Self> {
+    /// Opens a station over `tables`. Fails, naming the file, if a table cannot be read, and
+    /// naming the line, if the policy names a column a table does not have.
+    pub async fn open(
+        name: impl Into<String>,
+        tables: &[TableFile],
+        config: StationConfig,
+    ) -> Result<Self> {
         let name = name.into();
-        let config =
+        let session =
             railyard_udfs::fragment_session_config().with_target_partitions(partitions_for(tables));
-        let ctx = railyard_udfs::fragment_context_with(config)?;
+        let ctx = railyard_udfs::fragment_context_with(session)?;
         for table in tables {
             table.register(&name, &ctx).await?;
         }
+        let audit = AuditLog::open(&config.audit_log, &name)?;
         let state = ctx.state();
-        Ok(Self {
+        let station = Self {
             name,
             ctx,
             state,
+            policy: config.policy,
+            audit,
             plans: Mutex::new(HashMap::new()),
-        })
+        };
+        for (table, schema) in station.tables().await? {
+            station.policy.validate_table(&table, &schema)?;
+        }
+        Ok(station)
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
     }
 
     /// The station's tables and their schemas, sorted by name.
@@ -102,51 +152,228 @@ impl Station {
         Ok(out)
     }
 
-    /// Plans a fragment in the station's own session and starts executing it. Only queries
-    /// are accepted: no DDL, no DML, no `SET`.
+    /// The policy of every table, resolved per column, as the station announces it.
+    pub async fn policy_info(&self) -> Result<Vec<TablePolicyInfo>> {
+        Ok(self
+            .tables()
+            .await?
+            .into_iter()
+            .map(|(table, schema)| TablePolicyInfo {
+                min_group_size: self.policy.min_group_size(&table),
+                columns: schema
+                    .fields()
+                    .iter()
+                    .map(|f| {
+                        let v = self.policy.visibility(&table, f.name());
+                        (f.name().clone(), v.to_string())
+                    })
+                    .collect(),
+                table,
+            })
+            .collect())
+    }
+
+    /// Checks a fragment against the policy without running it. A refusal is audited.
+    pub async fn check_fragment(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
+        let approved = self.approve(ticket).await?;
+        Ok(match approved.release {
+            Release::Rows => CheckAnswer {
+                release: "rows".to_string(),
+                min_group_size: 1,
+            },
+            Release::Groups { k, .. } => CheckAnswer {
+                release: "groups".to_string(),
+                min_group_size: k,
+            },
+        })
+    }
+
+    /// Plans a fragment in the station's own session, checks it against the policy, runs
+    /// it, applies the group-size threshold, writes the audit record (durably), and only
+    /// then returns the batches to release. Only queries are accepted: no DDL, no DML, no
+    /// `SET`.
     pub async fn run_fragment(&self, ticket: &FragmentTicket) -> Result<SendableRecordBatchStream> {
-        let planned = self.optimized_plan(&ticket.sql).await;
-        let optimized = match planned {
-            Ok(plan) => plan,
+        let approved = self.approve(ticket).await?;
+        info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment approved");
+        let batches = match self.execute(&approved.plan).await {
+            Ok(batches) => batches,
             Err(e) => {
-                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment refused");
-                return Err(e);
+                let category = failure_category(&e);
+                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment failed");
+                self.record(ticket, audit::Decision::Failed, Some(category), 0, 0)?;
+                return Err(Error::Failed {
+                    station: self.name.clone(),
+                    fragment: ticket.fragment,
+                    category,
+                });
             }
         };
-        info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment planned");
+        let schema = approved.plan.schema().inner().clone();
+        let (batches, released, suppressed) = match approved.release {
+            Release::Rows => {
+                let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+                (batches, rows, 0)
+            }
+            Release::Groups { k: 1, .. } => {
+                // Every column it touches is public: nothing to withhold (an empty global
+                // aggregate still answers, with its zero count).
+                let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+                (batches, rows, 0)
+            }
+            Release::Groups { k, global } => {
+                let (kept, released, suppressed) = apply_threshold(batches, k)?;
+                if global && released == 0 {
+                    let refusal = Refusal {
+                        rule: "min_group_size",
+                        message: format!(
+                            "policy: station '{}' requires every released aggregate of table \
+                             '{}' to cover at least {k} rows; this one covers fewer",
+                            self.name, approved.table
+                        ),
+                    };
+                    self.record(ticket, audit::Decision::Refused, Some(refusal.rule), 0, 0)?;
+                    return Err(Error::Refused(refusal));
+                }
+                (kept, released, suppressed)
+            }
+        };
+        self.record(ticket, audit::Decision::Allowed, None, released, suppressed)?;
+        Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
+    }
+
+    fn record(
+        &self,
+        ticket: &FragmentTicket,
+        decision: audit::Decision,
+        rule: Option<&str>,
+        rows: u64,
+        suppressed: u64,
+    ) -> Result<()> {
+        let researcher = if ticket.researcher.is_empty() {
+            "local"
+        } else {
+            ticket.researcher.as_str()
+        };
+        self.audit.append(audit::Entry {
+            researcher,
+            query_id: &ticket.query_id,
+            fragment: ticket.fragment as u64,
+            sql: &ticket.sql,
+            decision,
+            rule,
+            rows,
+            suppressed,
+        })?;
+        Ok(())
+    }
+
+    async fn execute(&self, plan: &LogicalPlan) -> Result<Vec<RecordBatch>, DataFusionError> {
         let physical = self
             .state
             .query_planner()
-            .create_physical_plan(&optimized, &self.state)
+            .create_physical_plan(plan, &self.state)
             .await?;
-        Ok(execute_stream(physical, self.state.task_ctx())?)
+        execute_stream(physical, self.state.task_ctx())?
+            .try_collect()
+            .await
     }
 
-    async fn optimized_plan(&self, sql: &str) -> Result<LogicalPlan> {
-        if let Some(plan) = self.cached(sql) {
-            return Ok(plan);
+    /// The approved, optimized plan of a fragment, or its refusal (audited).
+    async fn approve(&self, ticket: &FragmentTicket) -> Result<Approved> {
+        if let Some(approved) = self.cached(&ticket.sql) {
+            return Ok(approved);
         }
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let logical = self.state.create_logical_plan(sql).await?;
+        let logical = match self.state.create_logical_plan(&ticket.sql).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment does not plan");
+                return Err(e.into());
+            }
+        };
         options.verify_plan(&logical)?;
-        let optimized = self.state.optimize(&logical)?;
+        let checked = match check::check(&logical, &self.policy, &self.name) {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, rule = refusal.rule, "fragment refused");
+                self.record(ticket, audit::Decision::Refused, Some(refusal.rule), 0, 0)?;
+                return Err(Error::Refused(refusal));
+            }
+        };
+        let approved = Approved {
+            plan: self.state.optimize(&checked.plan)?,
+            table: checked.table,
+            release: checked.release,
+        };
         if only_immutable_functions(&logical) {
             let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
             if plans.len() >= PLAN_CACHE_ENTRIES {
                 plans.clear();
             }
-            plans.insert(sql.to_string(), optimized.clone());
+            plans.insert(ticket.sql.clone(), approved.clone());
         }
-        Ok(optimized)
+        Ok(approved)
     }
 
-    fn cached(&self, sql: &str) -> Option<LogicalPlan> {
+    fn cached(&self, sql: &str) -> Option<Approved> {
         // The lock guards map operations only; after a panic the map is still valid.
         let plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         plans.get(sql).cloned()
+    }
+}
+
+/// Keeps the groups whose row count (the last column) is at least `k`; returns the kept
+/// batches, the groups kept and the groups suppressed.
+fn apply_threshold(batches: Vec<RecordBatch>, k: u64) -> Result<(Vec<RecordBatch>, u64, u64)> {
+    let mut kept = Vec::with_capacity(batches.len());
+    let (mut released, mut suppressed) = (0u64, 0u64);
+    for batch in batches {
+        let rows = batch
+            .columns()
+            .last()
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            .ok_or_else(|| {
+                Error::BadRequest(format!(
+                    "internal: the aggregate has no {ROWS_COLUMN} column of type Int64"
+                ))
+            })?;
+        let keep: BooleanArray = rows
+            .iter()
+            .map(|n| Some(n.is_some_and(|n| n >= 0 && n as u64 >= k)))
+            .collect();
+        let n = keep.true_count() as u64;
+        released += n;
+        suppressed += batch.num_rows() as u64 - n;
+        if n as usize == batch.num_rows() {
+            kept.push(batch);
+        } else if n > 0 {
+            kept.push(filter_record_batch(&batch, &keep).map_err(DataFusionError::from)?);
+        }
+    }
+    Ok((kept, released, suppressed))
+}
+
+/// A failure category that names no data value (execution errors can quote the value that
+/// failed to parse or cast; that text stays in the station's own log).
+fn failure_category(e: &DataFusionError) -> &'static str {
+    match e.find_root() {
+        DataFusionError::ArrowError(a, _) => match a.as_ref() {
+            arrow::error::ArrowError::DivideByZero => "division by zero",
+            arrow::error::ArrowError::CastError(_) | arrow::error::ArrowError::ParseError(_) => {
+                "a value could not be converted"
+            }
+            arrow::error::ArrowError::ComputeError(_)
+            | arrow::error::ArrowError::ArithmeticOverflow(_) => "a computation failed",
+            _ => "reading or computing failed",
+        },
+        DataFusionError::ResourcesExhausted(_) => "resources exhausted",
+        DataFusionError::IoError(_) | DataFusionError::ObjectStore(_) => {
+            "the station could not read its data"
+        }
+        _ => "execution failed",
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! `DoGet` with a [`FragmentTicket`] runs a fragment; `ListFlights` announces the station's
 //! tables (one `FlightInfo` per table, path = table name, with its schema) so a hub can build
-//! its federated catalog. Nothing else is served.
+//! its federated catalog; the actions `check` (a fragment against the policy, without
+//! running it), `policy` (k and column visibilities) and `health`. Nothing else is served.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -146,14 +147,31 @@ impl FlightService for StationService {
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
         let action = request.into_inner();
+        let reply = |body: Vec<u8>| {
+            let body = arrow_flight::Result { body: body.into() };
+            let s: BoxStream<'static, Result<arrow_flight::Result, Status>> =
+                stream::once(async move { Ok(body) }).boxed();
+            Ok(Response::new(s))
+        };
         match action.r#type.as_str() {
-            "health" => {
-                let body = arrow_flight::Result {
-                    body: self.station.name().as_bytes().to_vec().into(),
-                };
-                let s: BoxStream<'static, Result<arrow_flight::Result, Status>> =
-                    stream::once(async move { Ok(body) }).boxed();
-                Ok(Response::new(s))
+            "health" => reply(self.station.name().as_bytes().to_vec()),
+            "check" => {
+                let ticket = FragmentTicket::from_bytes(&action.body)
+                    .map_err(|m| self.status(Error::BadRequest(m)))?;
+                let answer = self
+                    .station
+                    .check_fragment(&ticket)
+                    .await
+                    .map_err(|e| self.status(e))?;
+                reply(serde_json::to_vec(&answer).expect("a check answer serializes"))
+            }
+            "policy" => {
+                let info = self
+                    .station
+                    .policy_info()
+                    .await
+                    .map_err(|e| self.status(e))?;
+                reply(serde_json::to_vec(&info).expect("a policy serializes"))
             }
             other => Err(Status::unimplemented(format!(
                 "station '{}' has no action '{other}'",
@@ -166,10 +184,26 @@ impl FlightService for StationService {
         &self,
         _request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
-        let health = ActionType {
-            r#type: "health".to_string(),
-            description: "returns the station's name".to_string(),
-        };
-        Ok(Response::new(Box::pin(stream::iter(vec![Ok(health)]))))
+        let actions = [
+            ("health", "returns the station's name"),
+            (
+                "check",
+                "checks a fragment ticket against the station's policy without running it; \
+                 returns {release, min_group_size} or PERMISSION_DENIED naming the rule",
+            ),
+            (
+                "policy",
+                "returns the station's policy per table: k and each column's visibility",
+            ),
+        ]
+        .into_iter()
+        .map(|(t, d)| {
+            Ok(ActionType {
+                r#type: t.to_string(),
+                description: d.to_string(),
+            })
+        })
+        .collect::<Vec<_>>();
+        Ok(Response::new(Box::pin(stream::iter(actions))))
     }
 }

@@ -1,9 +1,8 @@
 //! Federation behaviour beyond query answers: what crosses the wire, failures, timeouts,
 //! catalog checks, Flight SQL metadata and the command line.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use railyard::client::HubClient;
 use railyard_engine::{Hub, HubOptions, StationAddress};
-use railyard_station::{Format, Station, TableFile};
+use railyard_station::{Format, Policy, Station, StationConfig, TableFile};
 use railyard_udfs::wire::FragmentTicket;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -98,7 +97,13 @@ async fn run_at_station(url: &str, sql: &str) -> Vec<RecordBatch> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_partial_states_leave_a_station_for_an_aggregate() {
-    let federation = fixtures::federation(&lung_only(), HubOptions::default()).await;
+    // Under the stations' default policy: nothing row-level, k = 5.
+    let federation = fixtures::federation_with(
+        &lung_only(),
+        HubOptions::default(),
+        &fixtures::default_governance(),
+    )
+    .await;
     let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
     let sql = "SELECT sex, count(*), avg(age), var_samp(time) FROM lung GROUP BY sex";
     let plan = client
@@ -117,13 +122,35 @@ async fn only_partial_states_leave_a_station_for_an_aggregate() {
     // Two groups (sex 1 and 2), not the station's 76 patients.
     assert_eq!(rows, 2);
     let schema = released[0].schema();
-    assert_eq!(schema.fields().len(), 4, "{schema:?}");
-    for field in schema.fields().iter().skip(1) {
+    assert_eq!(schema.fields().len(), 5, "{schema:?}");
+    for field in schema.fields().iter().skip(1).take(3) {
         assert!(
             matches!(field.data_type(), DataType::Struct(_)),
             "aggregates leave as state structs: {field:?}"
         );
     }
+    // The station appends each group's row count, which the hub uses to apply k again.
+    let last = schema.field(4);
+    assert_eq!(
+        (last.name().as_str(), last.data_type()),
+        ("__rows", &DataType::Int64)
+    );
+    let counts: i64 = released
+        .iter()
+        .map(|b| arrow::compute::sum(b.column(4).as_primitive::<arrow::datatypes::Int64Type>()))
+        .map(Option::unwrap_or_default)
+        .sum();
+    let expected = datafusion::prelude::SessionContext::new()
+        .read_csv(
+            fixtures::path(&test_data("lung/horizontal/csv/station_a.csv")),
+            datafusion::prelude::CsvReadOptions::new(),
+        )
+        .await
+        .unwrap()
+        .count()
+        .await
+        .unwrap() as i64;
+    assert_eq!(counts, expected);
     // The hub's merged answer equals the pooled one.
     let merged = client.query(&format!("{sql} ORDER BY sex")).await.unwrap();
     let pooled = fixtures::centralized()
@@ -166,7 +193,11 @@ async fn manual_federation(options: HubOptions) -> Manual {
             format: Format::Parquet,
             schema: None,
         };
-        let station = Arc::new(Station::open(name, &[table]).await.unwrap());
+        let config = StationConfig {
+            policy: Policy::load(&fixtures::repo().join("tests/policies/open.toml")).unwrap(),
+            audit_log: fixtures::audit_dir().join(name).join("audit.jsonl"),
+        };
+        let station = Arc::new(Station::open(name, &[table], config).await.unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -302,6 +333,7 @@ async fn stations_with_different_columns_for_one_table_are_refused_at_start() {
         &[spec("trial", dir.path().to_path_buf())],
         listener,
         HubOptions::default(),
+        &fixtures::open_governance(),
     )
     .await
     .err()
@@ -369,36 +401,18 @@ async fn flight_sql_metadata_lists_federated_tables_with_their_columns() {
     federation.shutdown().await.unwrap();
 }
 
-fn railyard() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_railyard"))
-}
+use fixtures::railyard;
 
 #[test]
 fn railyard_local_serves_until_sigterm_and_exits_cleanly() {
-    let mut child = railyard()
-        .args(["local", "--listen", "127.0.0.1:0", "--table"])
-        .arg(format!(
-            "lung={}",
-            test_data("lung/horizontal/csv").display()
-        ))
-        .arg("--table")
-        .arg(format!(
-            "breast_cancer={}",
-            test_data("breast_cancer/horizontal/parquet").display()
-        ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("hub listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_string();
+    let (mut child, url) = fixtures::spawn_local(
+        fixtures::table_arg("lung", "lung/horizontal/csv")
+            .into_iter()
+            .chain(fixtures::table_arg(
+                "breast_cancer",
+                "breast_cancer/horizontal/parquet",
+            )),
+    );
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (lung, bc) = runtime.block_on(async {
         let mut client = HubClient::connect(&url).await.unwrap();

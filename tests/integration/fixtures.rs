@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
-use railyard::local::{LocalFederation, TableSpec};
+use railyard::local::{Governance, LocalFederation, TableSpec};
 use railyard_engine::HubOptions;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -115,13 +115,87 @@ pub async fn centralized() -> SessionContext {
 }
 
 /// Three stations and a hub on loopback ports.
+/// Under the open test policy (`tests/policies/open.toml`: every column public, k = 1),
+/// with audit logs in a fresh temporary directory.
 pub async fn federation(specs: &[TableSpec], options: HubOptions) -> LocalFederation {
+    federation_with(specs, options, &open_governance()).await
+}
+
+/// The open test policy, audit logs in a temporary directory kept for the process.
+pub fn open_governance() -> Governance {
+    Governance::new(Some(&repo().join("tests/policies/open.toml")), audit_dir())
+        .expect("the open test policy loads")
+}
+
+/// The stations' default policy (no file), audit logs in a temporary directory.
+pub fn default_governance() -> Governance {
+    Governance::new(None, audit_dir()).expect("the default policy")
+}
+
+/// A fresh directory for audit logs, removed when the test process ends.
+pub fn audit_dir() -> PathBuf {
+    static DIRS: std::sync::Mutex<Vec<TempDir>> = std::sync::Mutex::new(Vec::new());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().to_path_buf();
+    DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir);
+    path
+}
+
+/// Three stations and a hub on loopback ports, governed by `governance`.
+pub async fn federation_with(
+    specs: &[TableSpec],
+    options: HubOptions,
+    governance: &Governance,
+) -> LocalFederation {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
-    LocalFederation::start(specs, listener, options)
+    LocalFederation::start(specs, listener, options, governance)
         .await
         .expect("start the federation")
 }
 
 pub fn path(p: &Path) -> String {
     p.to_str().expect("UTF-8 path").to_string()
+}
+
+/// The `railyard` binary, run in a fresh directory (stations keep their audit logs under
+/// `./.railyard` unless told otherwise).
+pub fn railyard() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_railyard"));
+    command.current_dir(audit_dir());
+    command
+}
+
+/// Starts `railyard local --listen 127.0.0.1:0 ARGS…`; returns the process and the hub URL
+/// from the one line it prints when ready.
+pub fn spawn_local<I, S>(args: I) -> (std::process::Child, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    use std::io::BufRead;
+    let mut child = railyard()
+        .args(["local", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("railyard local starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let url = line
+        .trim()
+        .strip_prefix("hub listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+/// `--table NAME=DIR` arguments.
+pub fn table_arg(name: &str, rel: &str) -> [String; 2] {
+    [
+        "--table".to_string(),
+        format!("{name}={}", test_data(rel).display()),
+    ]
 }

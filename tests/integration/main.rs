@@ -3,4 +3,5 @@
 
 mod federation;
 mod fixtures;
+mod policy;
 mod slt;

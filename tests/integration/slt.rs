@@ -7,7 +7,7 @@
 //! review the diff. Records only one engine should run carry `onlyif federated` or
 //! `onlyif centralized`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch};
@@ -186,6 +186,11 @@ async fn run_corpus_file(name: &str) {
     }
 
     let federation = fixtures::federation(&fixtures::table_specs(), HubOptions::default()).await;
+    run_federated(federation, &file, name).await;
+}
+
+/// Runs `file` through a Flight SQL client of `federation`, then stops the federation.
+async fn run_federated(federation: railyard::local::LocalFederation, file: &Path, name: &str) {
     let url = federation.hub_url.clone();
     let mut federated = Runner::new(move || {
         let url = url.clone();
@@ -197,7 +202,7 @@ async fn run_corpus_file(name: &str) {
         }
     });
     federated.add_label("federated");
-    let result = federated.run_file_async(&file).await;
+    let result = federated.run_file_async(file).await;
     federation
         .shutdown()
         .await
@@ -240,4 +245,48 @@ corpus! {
     slt_registry => "registry.slt",
     slt_tpch => "tpch.slt",
     slt_errors => "errors.slt",
+}
+
+/// Runs a policy corpus file (`sql/policy/NAME.slt`) on the federation only, its stations
+/// governed by `policy` (a file under `sql/policy/`, or the default policy).
+async fn run_policy_file(name: &str, policy: Option<&str>) {
+    let file = fixtures::repo().join("sql/policy").join(name);
+    let policy = policy.map(|p| fixtures::repo().join("sql/policy").join(p));
+    let governance = railyard::local::Governance::new(policy.as_deref(), fixtures::audit_dir())
+        .expect("the corpus policy loads");
+    let federation =
+        fixtures::federation_with(&fixtures::table_specs(), HubOptions::default(), &governance)
+            .await;
+    run_federated(federation, &file, name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_policy_adversarial_under_the_default_policy() {
+    run_policy_file("adversarial.slt", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_policy_hospital() {
+    run_policy_file("hospital.slt", Some("hospital.toml")).await;
+}
+
+/// Every policy corpus file has a test above.
+#[test]
+fn every_policy_corpus_file_is_run() {
+    let mut on_disk = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(fixtures::repo().join("sql/policy")).expect("sql/policy/") {
+        let name = entry
+            .expect("dir entry")
+            .file_name()
+            .into_string()
+            .expect("UTF-8");
+        if name.ends_with(".slt") {
+            on_disk.insert(name);
+        }
+    }
+    let listed: std::collections::BTreeSet<String> = ["adversarial.slt", "hospital.slt"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(listed, on_disk);
 }

@@ -221,11 +221,27 @@ impl GroupsAccumulator for MergeGroupsAccumulator {
         opt_filter: Option<&BooleanArray>,
         total_num_groups: usize,
     ) -> Result<()> {
-        if opt_filter.is_some() {
-            return internal_err!("a merge aggregate never carries a FILTER clause");
-        }
+        // A merge never has a FILTER clause of its own, but DataFusion passes an all-false
+        // filter to create the groups of empty grouping sets: merge only the selected rows.
+        let Some(filter) = opt_filter else {
+            return self.inner.merge_batch(
+                &state_columns(values)?,
+                group_indices,
+                total_num_groups,
+            );
+        };
+        let selected: Vec<ArrayRef> = values
+            .iter()
+            .map(|v| arrow::compute::filter(v.as_ref(), filter))
+            .collect::<std::result::Result<_, _>>()?;
+        let indices: Vec<usize> = group_indices
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| filter.is_valid(*i) && filter.value(*i))
+            .map(|(_, g)| *g)
+            .collect();
         self.inner
-            .merge_batch(&state_columns(values)?, group_indices, total_num_groups)
+            .merge_batch(&state_columns(&selected)?, &indices, total_num_groups)
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {

@@ -6,6 +6,33 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The column a station appends to every aggregate fragment's answer: how many of its rows
+/// each group counts (`count(*)`, Int64). The station suppresses groups below its k with it,
+/// and the hub sums it to apply k again to merged groups.
+pub const ROWS_COLUMN: &str = "__rows";
+
+/// A station's answer to the `check` action: the fragment passed its policy, and what it
+/// will release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckAnswer {
+    /// `rows` (row-level values of public columns) or `groups` (one row per group, with
+    /// [`ROWS_COLUMN`] appended).
+    pub release: String,
+    /// The group-size threshold the station applies (1 for row-level releases).
+    pub min_group_size: u64,
+}
+
+/// One table's policy as a station announces it through the `policy` action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablePolicyInfo {
+    pub table: String,
+    /// k for this table.
+    pub min_group_size: u64,
+    /// (column, visibility) in schema order; visibility is `public`, `aggregate`, `dp`,
+    /// `join_key` or `hidden`.
+    pub columns: Vec<(String, String)>,
+}
+
 /// The contents of a fragment ticket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

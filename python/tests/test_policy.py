@@ -1,0 +1,82 @@
+"""The stations' default policy, seen from a real ADBC client: refusals arrive as errors
+that name the rule, and grouped answers hold only groups of at least k = 5 rows per station.
+The reference is pandas on each station's own file."""
+
+import pathlib
+
+import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_manager
+import pandas as pd
+import pytest
+
+from conftest import DATA
+
+K = 5
+STATIONS = ["station_a", "station_b", "station_c"]
+
+
+@pytest.fixture()
+def conn(guarded_hub):
+    url, _ = guarded_hub
+    with flightsql.connect(url, autocommit=True) as connection:
+        yield connection
+
+
+def fetch(conn, sql) -> pd.DataFrame:
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetch_arrow_table().to_pandas()
+
+
+def refusal(conn, sql) -> str:
+    with conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error) as err:
+            cur.execute(sql)
+            cur.fetch_arrow_table()
+    return str(err.value)
+
+
+def test_row_level_and_single_values_are_refused_with_the_rule(conn):
+    text = refusal(conn, "SELECT age FROM lung")
+    assert "policy:" in text and "'age'" in text and "row-level" in text, text
+    text = refusal(conn, "SELECT min(age) FROM lung")
+    assert "min() would release a single value" in text, text
+
+
+def test_refusals_never_echo_a_value(conn):
+    # A cast that would fail on a data value is refused before it runs.
+    text = refusal(conn, "SELECT count(*) FROM lung WHERE CAST(CAST(age AS VARCHAR) || 'x' AS INT) = 1")
+    assert "fallible_expression" in text or "can fail" in text, text
+    lung = pd.read_csv(DATA / "lung" / "full.csv")
+    for value in lung["age"].astype(str).unique():
+        assert f"'{value}'" not in text
+
+
+def test_grouped_counts_keep_only_groups_of_k_per_station(conn):
+    got = fetch(conn, "SELECT inst, count(*) AS n FROM lung GROUP BY inst")
+    # Reference: per station, groups of at least k rows; then summed over stations.
+    parts = []
+    for s in STATIONS:
+        df = pd.read_csv(DATA / "lung" / "horizontal" / "csv" / f"{s}.csv")
+        counts = df.groupby("inst", dropna=False).size()
+        parts.append(counts[counts >= K])
+    expected = pd.concat(parts).groupby(level=0, dropna=False).sum()
+    expected = expected[expected >= K]
+    got = got.set_index("inst")["n"].sort_index()
+    assert len(got) == len(expected)
+    for inst, n in expected.items():
+        key = inst if not pd.isna(inst) else got.index[got.index.isna()][0]
+        assert got.loc[key] == n
+    assert (got >= K).all()
+
+
+def test_every_decision_is_in_an_audit_log(conn, guarded_hub):
+    _, data_dir = guarded_hub
+    refusal(conn, "SELECT max(age) FROM lung")
+    logs = sorted(pathlib.Path(data_dir).glob("*/audit.jsonl"))
+    assert [p.parent.name for p in logs] == STATIONS
+    import json
+
+    records = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
+    refused = [r for r in records if r["decision"] == "refused" and "max(" in r["sql"]]
+    assert refused and all(r["rule"] == "unsafe_aggregate" for r in refused)

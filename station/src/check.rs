@@ -1,0 +1,888 @@
+//! The policy check: run on the plan a station built itself from a fragment's SQL, before
+//! any data is read.
+//!
+//! A fragment must be a straight chain over one table. Two shapes pass:
+//!
+//! ```text
+//!   rows:       [Projection | Filter | SubqueryAlias | Sort | Limit]* → TableScan
+//!               every column it touches (output, filter, sort) must be `public`
+//!   aggregate:  [Projection | SubqueryAlias]* → Aggregate → [Projection | Filter | SubqueryAlias]* → TableScan
+//!               filters and group keys may use `aggregate` columns (the group-size
+//!               threshold covers whatever they select); aggregate arguments are checked
+//!               per call; the station appends the group's row count `__rows`
+//! ```
+//!
+//! Why arguments are restricted: thresholds count the rows of a group, but an expression
+//! inside an aggregate can make one row dominate it (`sum(age * (patient_id = 7))`, or the
+//! same with pure arithmetic). An argument over a non-public column may therefore only
+//! scale and shift that one column (`a·x + b`), and only aggregates whose state is a sum
+//! of per-row contributions are accepted (count, sum, mean, variances, covariances,
+//! regressions): their value moves by a bounded amount per row, where `min()`, `median()` or
+//! `array_agg()` would hand out one patient's value.
+//!
+//! Every refusal names the rule and the column, and never contains a data value: messages
+//! are built from the policy, the schema and the query text only.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::datatypes::DataType;
+use datafusion::common::Column;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchema, DFSchemaRef, ScalarValue};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{
+    Aggregate, BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator, Projection, SubqueryAlias,
+};
+use railyard_udfs::PartialAggregate;
+
+use crate::policy::{Policy, Visibility};
+
+pub use railyard_udfs::wire::ROWS_COLUMN;
+
+/// Aggregates whose state is a sum of bounded per-row contributions: safe over groups of
+/// at least k rows.
+const SAFE_AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "mean",
+    "var",
+    "var_samp",
+    "var_pop",
+    "var_population",
+    "stddev",
+    "stddev_samp",
+    "stddev_pop",
+    "covar",
+    "covar_samp",
+    "covar_pop",
+    "corr",
+    "regr_slope",
+    "regr_intercept",
+    "regr_count",
+    "regr_r2",
+    "regr_avgx",
+    "regr_avgy",
+    "regr_sxx",
+    "regr_syy",
+    "regr_sxy",
+    "bool_and",
+    "bool_or",
+];
+
+/// A refused fragment: the rule that refused it and a message naming rule and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: &'static str,
+    pub message: String,
+}
+
+/// What a checked fragment may release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Row-level values of public columns.
+    Rows,
+    /// One row per group, the last column being the group's row count; groups below `k`
+    /// are suppressed, and a global aggregate below `k` is refused.
+    Groups { k: u64, global: bool },
+}
+
+/// A fragment that passed the policy: the plan to run (with the row count appended for an
+/// aggregate) and what it releases.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub plan: LogicalPlan,
+    pub table: String,
+    pub release: Release,
+}
+
+/// Where a column comes from: the table columns it is computed from.
+#[derive(Debug, Clone, Default)]
+struct Lineage {
+    bases: BTreeSet<String>,
+}
+
+struct Checker<'a> {
+    policy: &'a Policy,
+    station: &'a str,
+    table: String,
+    /// Every table column referenced anywhere in the fragment.
+    used: BTreeSet<String>,
+}
+
+impl Checker<'_> {
+    fn column_refusal(&self, rule: &'static str, column: &str, why: &str) -> Refusal {
+        let visibility = self.policy.visibility(&self.table, column);
+        Refusal {
+            rule,
+            message: format!(
+                "policy: column '{column}' of table '{}' is '{visibility}' at station '{}'; {why}",
+                self.table, self.station
+            ),
+        }
+    }
+
+    fn shape(&self, why: &str) -> Refusal {
+        Refusal {
+            rule: "fragment_shape",
+            message: format!(
+                "policy: station '{}' refuses the fragment: {why}",
+                self.station
+            ),
+        }
+    }
+
+    fn visibility(&self, column: &str) -> Visibility {
+        self.policy.visibility(&self.table, column)
+    }
+
+    /// The table columns an expression is computed from, given its input's lineage.
+    fn lineage(
+        &mut self,
+        expr: &Expr,
+        input: &[(Column, Lineage)],
+        schema: &DFSchema,
+    ) -> Result<Lineage, Refusal> {
+        self.literals(expr)?;
+        let mut out = Lineage::default();
+        for c in expr.column_refs() {
+            let found = input.iter().find(|(col, _)| col == c).or_else(|| {
+                let mut named = input.iter().filter(|(col, _)| col.name == c.name);
+                match (c.relation.is_none(), named.next(), named.next()) {
+                    (true, Some(hit), None) => Some(hit),
+                    _ => None,
+                }
+            });
+            let Some((_, lineage)) = found else {
+                return Err(self.shape(&format!("column '{}' cannot be traced", c.name)));
+            };
+            out.bases.extend(lineage.bases.iter().cloned());
+        }
+        for c in &out.bases {
+            self.forbidden(c)?;
+        }
+        if let Some(c) = self.first_non_public(&out.bases)
+            && let Some(what) = fallible(expr, schema)
+        {
+            return Err(self.column_refusal(
+                "fallible_expression",
+                &c,
+                &format!(
+                    "{what} can fail on particular values, and whether the fragment fails \
+                     would reveal them"
+                ),
+            ));
+        }
+        self.used.extend(out.bases.iter().cloned());
+        Ok(out)
+    }
+
+    /// Refuses subqueries and over-long string literals anywhere in an expression.
+    fn literals(&self, expr: &Expr) -> Result<(), Refusal> {
+        let mut refusal = None;
+        let _ = expr.apply(|e| {
+            match e {
+                Expr::ScalarSubquery(_)
+                | Expr::InSubquery(_)
+                | Expr::Exists(_)
+                | Expr::SetComparison(_)
+                | Expr::OuterReferenceColumn(..) => {
+                    refusal = Some(self.shape("subqueries are not accepted in a fragment"));
+                }
+                Expr::Literal(
+                    ScalarValue::Utf8(Some(s))
+                    | ScalarValue::LargeUtf8(Some(s))
+                    | ScalarValue::Utf8View(Some(s)),
+                    _,
+                ) if s.chars().count() > self.policy.max_string_literal => {
+                    refusal = Some(Refusal {
+                        rule: "string_literal",
+                        message: format!(
+                            "policy: station '{}' accepts string literals of at most {} \
+                             characters; the fragment has one of {}",
+                            self.station,
+                            self.policy.max_string_literal,
+                            s.chars().count()
+                        ),
+                    });
+                }
+                _ => {}
+            }
+            Ok(if refusal.is_some() {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        });
+        refusal.map_or(Ok(()), Err)
+    }
+
+    /// Refuses a column that may never appear, whatever the fragment does with it.
+    fn forbidden(&self, column: &str) -> Result<(), Refusal> {
+        let (rule, why) = match self.visibility(column) {
+            Visibility::Public | Visibility::Aggregate => return Ok(()),
+            Visibility::Hidden => ("hidden_column", "it cannot be used in any query"),
+            Visibility::JoinKey => (
+                "join_key_column",
+                "it leaves a station only as a keyed pseudonym for linking tables",
+            ),
+            Visibility::Dp => (
+                "dp_column",
+                "it can only be used in differentially private aggregates",
+            ),
+        };
+        Err(self.column_refusal(rule, column, why))
+    }
+
+    fn first_non_public<'b>(
+        &self,
+        columns: impl IntoIterator<Item = &'b String>,
+    ) -> Option<String> {
+        columns
+            .into_iter()
+            .find(|c| self.visibility(c) != Visibility::Public)
+            .cloned()
+    }
+
+    /// Checks one aggregate call whose arguments touch non-public columns.
+    fn aggregate_call(
+        &mut self,
+        call: &AggregateFunction,
+        input: &[(Column, Lineage)],
+        schema: &DFSchema,
+    ) -> Result<(), Refusal> {
+        let (name, distinct) = match call.func.inner().downcast_ref::<PartialAggregate>() {
+            Some(partial) => (partial.inner().name().to_string(), partial.is_distinct()),
+            None => (call.func.name().to_string(), call.params.distinct),
+        };
+        let mut arg_bases = BTreeSet::new();
+        for arg in &call.params.args {
+            arg_bases.extend(self.lineage(arg, input, schema)?.bases);
+        }
+        for sort in &call.params.order_by {
+            arg_bases.extend(self.lineage(&sort.expr, input, schema)?.bases);
+        }
+        if let Some(filter) = &call.params.filter {
+            let bases = self.lineage(filter, input, schema)?.bases;
+            if let Some(c) = self.first_non_public(&bases) {
+                return Err(self.column_refusal(
+                    "aggregate_filter",
+                    &c,
+                    "an aggregate's FILTER clause would select a sub-group the group-size \
+                     threshold does not count; filter with WHERE or split with GROUP BY instead",
+                ));
+            }
+        }
+        let Some(column) = self.first_non_public(&arg_bases) else {
+            return Ok(());
+        };
+        if distinct {
+            return Err(self.column_refusal(
+                "distinct_aggregate",
+                &column,
+                &format!("{name}(DISTINCT …) would release the station's set of distinct values"),
+            ));
+        }
+        if !call.params.order_by.is_empty() {
+            return Err(self.column_refusal(
+                "ordering",
+                &column,
+                &format!("{name}() with ORDER BY would pick values by their rank"),
+            ));
+        }
+        if !SAFE_AGGREGATES.contains(&name.as_str()) {
+            let why = match name.as_str() {
+                "min" | "max" | "first_value" | "last_value" | "nth_value" => {
+                    format!("{name}() would release a single value")
+                }
+                "array_agg" | "string_agg" => format!("{name}() would release every value"),
+                n if n.contains("median") || n.contains("percentile") || n.contains("quantile") => {
+                    format!("{name}() would release an individual value")
+                }
+                _ => format!("{name}() is not one of the station's disclosure-safe aggregates"),
+            };
+            return Err(self.column_refusal("unsafe_aggregate", &column, &why));
+        }
+        for arg in &call.params.args {
+            let bases = self.lineage(arg, input, schema)?.bases;
+            if let Some(c) = self.first_non_public(&bases)
+                && (bases.len() > 1 || !affine(arg))
+            {
+                return Err(self.column_refusal(
+                    "aggregate_argument",
+                    &c,
+                    &format!(
+                        "inside {name}() it may only be scaled or shifted (a*x + b): other \
+                         expressions can make a single patient's value dominate the result"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scalar functions that return a value (or NULL) for every input, so whether they fail
+/// cannot depend on the data.
+const TOTAL_FUNCTIONS: &[&str] = &[
+    "date_part",
+    "datepart",
+    "extract",
+    "date_trunc",
+    "datetrunc",
+    "floor",
+    "ceil",
+    "round",
+    "trunc",
+    "signum",
+    "isnan",
+    "iszero",
+    "coalesce",
+    "nullif",
+    "nvl",
+    "ifnull",
+    "greatest",
+    "least",
+    "lower",
+    "upper",
+    "length",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "substr",
+    "substring",
+    "left",
+    "right",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "concat",
+    "concat_ws",
+    "starts_with",
+    "ends_with",
+    "strpos",
+];
+
+/// Names the first part of `expr` over data whose evaluation can fail for particular
+/// values (a division by a column that may be zero, a cast that may not parse, a function
+/// outside [`TOTAL_FUNCTIONS`]). Whether a fragment fails is itself a release: a query could
+/// make the station fail exactly when one patient has some value.
+fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
+    let mut found = None;
+    let _ = expr.apply(|e| {
+        if e.column_refs().is_empty() {
+            // Column-free: fails the same way whatever the data.
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        let bad = match e {
+            Expr::Column(_)
+            | Expr::Alias(_)
+            | Expr::Not(_)
+            | Expr::IsNull(_)
+            | Expr::IsNotNull(_)
+            | Expr::IsTrue(_)
+            | Expr::IsFalse(_)
+            | Expr::IsUnknown(_)
+            | Expr::IsNotTrue(_)
+            | Expr::IsNotFalse(_)
+            | Expr::IsNotUnknown(_)
+            | Expr::Negative(_)
+            | Expr::Between(_)
+            | Expr::Case(_)
+            | Expr::TryCast(_)
+            | Expr::InList(_)
+            | Expr::Like(_)
+            | Expr::SimilarTo(_)
+            | Expr::AggregateFunction(_) => None,
+            Expr::BinaryExpr(BinaryExpr { op, right, .. }) => match op {
+                Operator::Divide | Operator::Modulo => {
+                    let nonzero = match right.as_ref() {
+                        Expr::Literal(v, _) => {
+                            !v.is_null()
+                                && ScalarValue::new_zero(&v.data_type()).is_ok_and(|z| &z != v)
+                        }
+                        _ => false,
+                    };
+                    (!nonzero).then(|| format!("'{op}' by anything but a non-zero constant"))
+                }
+                Operator::Eq
+                | Operator::NotEq
+                | Operator::Lt
+                | Operator::LtEq
+                | Operator::Gt
+                | Operator::GtEq
+                | Operator::And
+                | Operator::Or
+                | Operator::IsDistinctFrom
+                | Operator::IsNotDistinctFrom
+                | Operator::Plus
+                | Operator::Minus
+                | Operator::Multiply
+                | Operator::LikeMatch
+                | Operator::ILikeMatch
+                | Operator::NotLikeMatch
+                | Operator::NotILikeMatch
+                | Operator::StringConcat => None,
+                other => Some(format!("the operator '{other}'")),
+            },
+            Expr::Cast(c) => match c.expr.get_type(schema) {
+                Ok(from) if lossless_cast(&from, c.field.data_type()) => None,
+                _ => Some(format!("CAST(… AS {})", c.field.data_type())),
+            },
+            Expr::ScalarFunction(f) => {
+                let name = f.func.name();
+                (!TOTAL_FUNCTIONS.contains(&name)).then(|| format!("{name}()"))
+            }
+            other => Some(other.variant_name().to_string()),
+        };
+        if bad.is_some() {
+            found = bad;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// Casts that succeed for every value of `from`.
+fn lossless_cast(from: &DataType, to: &DataType) -> bool {
+    use DataType::*;
+    let rank = |t: &DataType| match t {
+        Int8 => Some((true, 1)),
+        Int16 => Some((true, 2)),
+        Int32 => Some((true, 4)),
+        Int64 => Some((true, 8)),
+        UInt8 => Some((false, 1)),
+        UInt16 => Some((false, 2)),
+        UInt32 => Some((false, 4)),
+        UInt64 => Some((false, 8)),
+        _ => None,
+    };
+    if from == to || matches!(to, Utf8 | LargeUtf8 | Utf8View) {
+        return true;
+    }
+    match (from, to) {
+        (_, Float64 | Float32) => from.is_numeric(),
+        (Boolean, _) => to.is_integer(),
+        (Date32, Date64 | Timestamp(..)) => true,
+        (Decimal128(p, s), Decimal128(q, t)) => {
+            t >= s && i16::from(*q) - i16::from(*t) >= i16::from(*p) - i16::from(*s)
+        }
+        _ => match (rank(from), rank(to)) {
+            (Some((fs, fw)), Some((ts, tw))) => (fs == ts && tw >= fw) || (!fs && ts && tw > fw),
+            _ => false,
+        },
+    }
+}
+
+/// Whether `expr` is an affine function of (at most) one column: the column, literals,
+/// casts, negation, `+` and `-`, and `*` or `/` by a column-free factor.
+fn affine(expr: &Expr) -> bool {
+    let constant = |e: &Expr| e.column_refs().is_empty();
+    match expr {
+        Expr::Column(_) | Expr::Literal(..) => true,
+        Expr::Alias(a) => affine(&a.expr),
+        Expr::Cast(c) => affine(&c.expr),
+        Expr::TryCast(c) => affine(&c.expr),
+        Expr::Negative(e) => affine(e),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
+            Operator::Plus | Operator::Minus => affine(left) && affine(right),
+            Operator::Multiply => {
+                (constant(left) && affine(right)) || (constant(right) && affine(left))
+            }
+            Operator::Divide => constant(right) && affine(left),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn columns_of(schema: &DFSchemaRef) -> Vec<Column> {
+    schema.columns()
+}
+
+/// Checks a fragment's (unoptimized) logical plan against `policy`.
+pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Checked, Refusal> {
+    // The fragment as a chain, top to bottom.
+    let mut chain = vec![plan];
+    loop {
+        let node = chain[chain.len() - 1];
+        match node.inputs().as_slice() {
+            [] => break,
+            [one] => chain.push(one),
+            _ => {
+                return Err(Refusal {
+                    rule: "fragment_shape",
+                    message: format!(
+                        "policy: station '{station}' refuses the fragment: it must read one \
+                         table without joins or unions"
+                    ),
+                });
+            }
+        }
+    }
+    let LogicalPlan::TableScan(scan) = chain[chain.len() - 1] else {
+        return Err(Refusal {
+            rule: "fragment_shape",
+            message: format!("policy: station '{station}' refuses the fragment: it reads no table"),
+        });
+    };
+    let mut checker = Checker {
+        policy,
+        station,
+        table: scan.table_name.table().to_string(),
+        used: BTreeSet::new(),
+    };
+    let aggregate_at = chain
+        .iter()
+        .position(|n| matches!(n, LogicalPlan::Aggregate(_)));
+    if chain
+        .iter()
+        .filter(|n| matches!(n, LogicalPlan::Aggregate(_)))
+        .count()
+        > 1
+    {
+        return Err(checker.shape("it may aggregate only once"));
+    }
+
+    // Lineage, bottom-up.
+    let mut lineage: Vec<(Column, Lineage)> = Vec::new();
+    for (depth, node) in chain.iter().enumerate().rev() {
+        let above_aggregate = aggregate_at.is_some_and(|a| depth < a);
+        for e in node.expressions() {
+            checker.literals(&e)?;
+        }
+        lineage = match node {
+            LogicalPlan::TableScan(scan) => {
+                let full = datafusion::common::DFSchema::try_from_qualified_schema(
+                    scan.table_name.clone(),
+                    scan.source.schema().as_ref(),
+                )
+                .map_err(|_| checker.shape("its table schema cannot be read"))?;
+                let mut out: Vec<(Column, Lineage)> = full
+                    .columns()
+                    .into_iter()
+                    .map(|c| {
+                        let bases = BTreeSet::from([c.name.clone()]);
+                        (c, Lineage { bases })
+                    })
+                    .collect();
+                for f in &scan.filters {
+                    checker.lineage(f, &out, &full)?;
+                }
+                if let Some(projection) = &scan.projection {
+                    out = projection
+                        .iter()
+                        .filter_map(|i| out.get(*i).cloned())
+                        .collect();
+                }
+                out
+            }
+            LogicalPlan::Filter(filter) => {
+                if above_aggregate {
+                    return Err(checker.shape("HAVING is not accepted in an aggregate fragment"));
+                }
+                checker.lineage(&filter.predicate, &lineage, filter.input.schema())?;
+                lineage
+            }
+            LogicalPlan::Projection(p) => {
+                let mut out = Vec::new();
+                for (e, c) in p.expr.iter().zip(columns_of(&p.schema)) {
+                    out.push((c, checker.lineage(e, &lineage, p.input.schema())?));
+                }
+                out
+            }
+            LogicalPlan::SubqueryAlias(a) => columns_of(&a.schema)
+                .into_iter()
+                .zip(lineage.into_iter().map(|(_, l)| l))
+                .collect(),
+            LogicalPlan::Aggregate(agg) => {
+                let mut out = Vec::new();
+                let columns = columns_of(&agg.schema);
+                for (e, c) in agg.group_expr.iter().zip(columns.iter()) {
+                    out.push((c.clone(), checker.lineage(e, &lineage, agg.input.schema())?));
+                }
+                if matches!(agg.group_expr.as_slice(), [Expr::GroupingSet(_)]) {
+                    return Err(checker
+                        .shape("GROUPING SETS are merged at the hub; send the finest grouping"));
+                }
+                for e in &agg.aggr_expr {
+                    let call = match e {
+                        Expr::Alias(a) => a.expr.as_ref(),
+                        other => other,
+                    };
+                    let Expr::AggregateFunction(f) = call else {
+                        return Err(checker.shape("an aggregate output is not an aggregate call"));
+                    };
+                    checker.aggregate_call(f, &lineage, agg.input.schema())?;
+                    let mut all = Lineage::default();
+                    for a in &f.params.args {
+                        all.bases
+                            .extend(checker.lineage(a, &lineage, agg.input.schema())?.bases);
+                    }
+                    let c = columns[out.len()].clone();
+                    out.push((c, all));
+                }
+                out
+            }
+            LogicalPlan::Sort(s) => {
+                if aggregate_at.is_some() {
+                    return Err(Refusal {
+                        rule: "ordering",
+                        message: format!(
+                            "policy: station '{station}' refuses ORDER BY in an aggregate \
+                             fragment: it would select rows by their values"
+                        ),
+                    });
+                }
+                for e in &s.expr {
+                    checker.lineage(&e.expr, &lineage, s.input.schema())?;
+                }
+                lineage
+            }
+            LogicalPlan::Limit(_) => {
+                if aggregate_at.is_some() {
+                    return Err(Refusal {
+                        rule: "ordering",
+                        message: format!(
+                            "policy: station '{station}' refuses LIMIT in an aggregate \
+                             fragment: it would select which rows are aggregated"
+                        ),
+                    });
+                }
+                lineage
+            }
+            LogicalPlan::Distinct(_) => {
+                return Err(checker.shape("SELECT DISTINCT is not accepted; use GROUP BY"));
+            }
+            other => {
+                return Err(checker.shape(&format!(
+                    "{} is not accepted in a fragment",
+                    other.display()
+                )));
+            }
+        };
+    }
+
+    let table = checker.table.clone();
+    let Some(at) = aggregate_at else {
+        if let Some(c) = checker.first_non_public(&checker.used) {
+            return Err(checker.column_refusal(
+                "row_level",
+                &c,
+                "row-level values cannot leave the station; use it inside an aggregate",
+            ));
+        }
+        return Ok(Checked {
+            plan: plan.clone(),
+            table,
+            release: Release::Rows,
+        });
+    };
+    let LogicalPlan::Aggregate(agg) = chain[at] else {
+        unreachable!("aggregate_at points at an Aggregate");
+    };
+    let k = if checker.first_non_public(&checker.used).is_some() {
+        policy.min_group_size(&table)
+    } else {
+        1
+    };
+    if plan
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| f.name() == ROWS_COLUMN)
+    {
+        return Err(checker.shape(&format!("the column name {ROWS_COLUMN} is reserved")));
+    }
+    let plan = with_row_count(&chain[..at], agg)
+        .map_err(|e| checker.shape(&format!("the row count cannot be added ({e})")))?;
+    Ok(Checked {
+        plan,
+        table,
+        release: Release::Groups {
+            k,
+            global: agg.group_expr.is_empty(),
+        },
+    })
+}
+
+/// Rebuilds the fragment with `count(*) AS __rows` added to its aggregate and carried
+/// through every node above it as the last output column.
+fn with_row_count(
+    above: &[&LogicalPlan],
+    agg: &Aggregate,
+) -> datafusion::common::Result<LogicalPlan> {
+    let mut aggr = agg.aggr_expr.clone();
+    aggr.push(datafusion::functions_aggregate::count::count_all().alias(ROWS_COLUMN));
+    let mut plan = LogicalPlan::Aggregate(Aggregate::try_new(
+        Arc::clone(&agg.input),
+        agg.group_expr.clone(),
+        aggr,
+    )?);
+    for node in above.iter().rev() {
+        let rows = {
+            let schema = plan.schema();
+            let i = schema.fields().len() - 1;
+            Expr::Column(Column::from(schema.qualified_field(i)))
+        };
+        plan = match node {
+            LogicalPlan::Projection(p) => {
+                let mut exprs = p.expr.clone();
+                exprs.push(rows);
+                LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan))?)
+            }
+            LogicalPlan::SubqueryAlias(a) => {
+                LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(Arc::new(plan), a.alias.clone())?)
+            }
+            other => {
+                return datafusion::common::plan_err!("{} above an aggregate", other.display());
+            }
+        };
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::datasource::MemTable;
+
+    use super::*;
+
+    async fn plan(sql: &str) -> LogicalPlan {
+        let ctx = railyard_udfs::fragment_context().unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("patient_id", DataType::Int64, false),
+            Field::new("age", DataType::Int32, true),
+            Field::new("inst", DataType::Int64, true),
+            Field::new("note", DataType::Utf8, true),
+        ]));
+        ctx.register_table(
+            "lung",
+            Arc::new(MemTable::try_new(schema, vec![vec![]]).unwrap()),
+        )
+        .unwrap();
+        ctx.state().create_logical_plan(sql).await.unwrap()
+    }
+
+    fn policy() -> Policy {
+        Policy::parse(
+            "[tables.lung.columns]\ninst = \"public\"\nnote = \"hidden\"\n",
+            "test",
+        )
+        .unwrap()
+    }
+
+    async fn rule(sql: &str) -> Result<Release, &'static str> {
+        check(&plan(sql).await, &policy(), "s")
+            .map(|c| c.release)
+            .map_err(|r| {
+                assert!(r.message.starts_with("policy: "), "{}", r.message);
+                r.rule
+            })
+    }
+
+    #[tokio::test]
+    async fn each_rule_refuses_its_shape() {
+        let cases = [
+            ("SELECT age FROM lung", "row_level"),
+            ("SELECT inst FROM lung WHERE age > 3", "row_level"),
+            ("SELECT note FROM lung", "hidden_column"),
+            (
+                "SELECT count(*) FROM lung WHERE note = 'x'",
+                "hidden_column",
+            ),
+            ("SELECT min(age) FROM lung", "unsafe_aggregate"),
+            ("SELECT partial_max(age) FROM lung", "unsafe_aggregate"),
+            ("SELECT sum(age * age) FROM lung", "aggregate_argument"),
+            ("SELECT sum(age * inst) FROM lung", "aggregate_argument"),
+            ("SELECT count(DISTINCT age) FROM lung", "distinct_aggregate"),
+            (
+                "SELECT count(*) FILTER (WHERE age > 3) FROM lung",
+                "aggregate_filter",
+            ),
+            (
+                "SELECT sum(age / (age - 3)) FROM lung",
+                "fallible_expression",
+            ),
+            (
+                "SELECT count(*) FROM lung WHERE CAST(age AS TINYINT) = 1",
+                "fallible_expression",
+            ),
+            (
+                "SELECT inst, count(*) FROM lung GROUP BY inst HAVING count(*) > 1",
+                "fragment_shape",
+            ),
+            (
+                "SELECT count(*) FROM lung a JOIN lung b ON a.inst = b.inst",
+                "fragment_shape",
+            ),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(rule(sql).await, Err(expected), "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn safe_fragments_pass_with_the_right_threshold() {
+        assert_eq!(
+            rule("SELECT inst FROM lung WHERE inst > 2").await,
+            Ok(Release::Rows)
+        );
+        assert_eq!(
+            rule("SELECT inst, count(*) FROM lung GROUP BY inst").await,
+            Ok(Release::Groups {
+                k: 1,
+                global: false
+            })
+        );
+        assert_eq!(
+            rule(
+                "SELECT inst, partial_avg(age * 2 + 1) AS a0 FROM lung WHERE age > 60 GROUP BY inst"
+            )
+            .await,
+            Ok(Release::Groups {
+                k: 5,
+                global: false
+            })
+        );
+        assert_eq!(
+            rule("SELECT count(*) FROM lung WHERE CAST(age AS BIGINT) / 10 = 6").await,
+            Ok(Release::Groups { k: 5, global: true })
+        );
+        // The row count is appended as the last column.
+        let checked = check(
+            &plan("SELECT inst AS g0, partial_sum(age) AS a0 FROM lung GROUP BY inst").await,
+            &policy(),
+            "s",
+        )
+        .unwrap();
+        let fields = checked.plan.schema().fields().clone();
+        assert_eq!(fields.len(), 3);
+        assert_eq!(fields[2].name(), ROWS_COLUMN);
+    }
+
+    #[test]
+    fn casts_that_cannot_fail() {
+        assert!(lossless_cast(&DataType::Int32, &DataType::Int64));
+        assert!(lossless_cast(&DataType::Int64, &DataType::Float64));
+        assert!(lossless_cast(&DataType::UInt8, &DataType::Int16));
+        assert!(lossless_cast(&DataType::Date32, &DataType::Utf8));
+        assert!(!lossless_cast(&DataType::Int64, &DataType::Int32));
+        assert!(!lossless_cast(&DataType::Utf8, &DataType::Int64));
+        assert!(!lossless_cast(&DataType::Int64, &DataType::UInt64));
+        assert!(lossless_cast(
+            &DataType::Decimal128(4, 1),
+            &DataType::Decimal128(20, 1)
+        ));
+        assert!(!lossless_cast(
+            &DataType::Decimal128(20, 1),
+            &DataType::Decimal128(4, 1)
+        ));
+    }
+}

@@ -1,0 +1,389 @@
+//! Station policy end to end, under the default policy (every column `aggregate`, k = 5):
+//! grouped answers against an independent per-station reference, and the audit log through
+//! a crash and a tampering.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use railyard::client::HubClient;
+use railyard_engine::HubOptions;
+
+use crate::fixtures::{self, STATIONS, railyard, spec, test_data};
+use crate::slt::format_rows;
+
+/// The reference: plain DataFusion over each station's own file, as one view with a
+/// `station` column, so per-station thresholds can be written in SQL.
+async fn per_station_reference() -> SessionContext {
+    let ctx = SessionContext::new();
+    let mut parts = Vec::new();
+    for s in STATIONS {
+        let file = test_data(&format!("lung/horizontal/parquet/{s}.parquet"));
+        ctx.register_parquet(
+            format!("lung_{s}"),
+            fixtures::path(&file),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .expect("station file");
+        parts.push(format!("SELECT '{s}' AS station, * FROM lung_{s}"));
+    }
+    ctx.sql(&format!(
+        "CREATE VIEW lung_s AS {}",
+        parts.join(" UNION ALL ")
+    ))
+    .await
+    .expect("reference view");
+    ctx
+}
+
+/// (federated query, reference query): the reference keeps, per station, the groups of at
+/// least 5 rows, merges them, and keeps merged groups of at least 5 rows.
+const CASES: &[(&str, &str)] = &[
+    (
+        "SELECT inst, count(*) AS n FROM lung GROUP BY inst ORDER BY inst",
+        "WITH per AS (SELECT station, inst, count(*) AS n FROM lung_s GROUP BY station, inst \
+         HAVING count(*) >= 5) \
+         SELECT inst, sum(n) FROM per GROUP BY inst HAVING sum(n) >= 5 ORDER BY inst",
+    ),
+    (
+        "SELECT age, count(*) AS n, avg(time) AS mean_time FROM lung GROUP BY age ORDER BY age",
+        "WITH per AS (SELECT station, age, count(*) AS n, sum(time) AS s FROM lung_s \
+         GROUP BY station, age HAVING count(*) >= 5) \
+         SELECT age, sum(n), CAST(sum(s) AS DOUBLE) / sum(n) FROM per GROUP BY age \
+         HAVING sum(n) >= 5 ORDER BY age",
+    ),
+    (
+        "SELECT sex, ph_ecog, count(*) AS n, avg(wt_loss) AS w FROM lung WHERE age > 60 \
+         GROUP BY sex, ph_ecog ORDER BY sex, ph_ecog",
+        "WITH per AS (SELECT station, sex, ph_ecog, count(*) AS n, sum(wt_loss) AS s, \
+         count(wt_loss) AS c FROM lung_s WHERE age > 60 GROUP BY station, sex, ph_ecog \
+         HAVING count(*) >= 5) \
+         SELECT sex, ph_ecog, sum(n), CAST(sum(s) AS DOUBLE) / nullif(sum(c), 0) FROM per \
+         GROUP BY sex, ph_ecog HAVING sum(n) >= 5 ORDER BY sex, ph_ecog",
+    ),
+    (
+        // Ordering by size cannot reach below k: the smallest groups shown have k rows.
+        "SELECT age, count(*) AS n FROM lung GROUP BY age ORDER BY n, age LIMIT 3",
+        "WITH per AS (SELECT station, age, count(*) AS n FROM lung_s GROUP BY station, age \
+         HAVING count(*) >= 5) \
+         SELECT age, sum(n) AS n FROM per GROUP BY age HAVING sum(n) >= 5 \
+         ORDER BY n, age LIMIT 3",
+    ),
+    (
+        // HAVING runs on merged groups: groups withheld at a station are not there to find.
+        "SELECT inst, count(*) AS n FROM lung GROUP BY inst HAVING count(*) < 12 ORDER BY inst",
+        "WITH per AS (SELECT station, inst, count(*) AS n FROM lung_s GROUP BY station, inst \
+         HAVING count(*) >= 5) \
+         SELECT inst, sum(n) FROM per GROUP BY inst HAVING sum(n) >= 5 AND sum(n) < 12 \
+         ORDER BY inst",
+    ),
+    (
+        // DISTINCT is a grouping at the stations: only values k rows share are counted.
+        "SELECT count(DISTINCT age) FROM lung",
+        "WITH per AS (SELECT station, age, count(*) AS n FROM lung_s GROUP BY station, age \
+         HAVING count(*) >= 5), \
+         merged AS (SELECT age FROM per GROUP BY age HAVING sum(n) >= 5) \
+         SELECT count(age) FROM merged",
+    ),
+    (
+        // A global aggregate over at least k rows at every station is exact.
+        "SELECT count(*), avg(age), var_samp(time) FROM lung WHERE age > 65",
+        "SELECT count(*), avg(age), var_samp(time) FROM lung_s WHERE age > 65",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_answers_equal_the_per_station_thresholded_reference() {
+    let federation = fixtures::federation_with(
+        &[spec("lung", test_data("lung/horizontal/parquet"))],
+        HubOptions::default(),
+        &fixtures::default_governance(),
+    )
+    .await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let reference = per_station_reference().await;
+    for (federated, expected) in CASES {
+        let got = client
+            .query(federated)
+            .await
+            .unwrap_or_else(|e| panic!("{federated}: {e:#}"));
+        let want = reference
+            .sql(expected)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let (got, want) = (format_rows(&got.batches), format_rows(&want));
+        assert!(!want.is_empty(), "the reference of {federated} is empty");
+        assert_eq!(got, want, "{federated}");
+    }
+    // The inst query does withhold something: some institution has fewer than k patients
+    // at some station, so the pooled answer differs from the released one.
+    let pooled = reference
+        .sql("SELECT inst, count(*) FROM lung_s GROUP BY inst ORDER BY inst")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let released = client.query(CASES[0].0).await.unwrap();
+    assert_ne!(format_rows(&pooled), format_rows(&released.batches));
+    federation.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_query_runs_nowhere_and_every_station_audits_its_own_decision() {
+    let governance = fixtures::default_governance();
+    let federation = fixtures::federation_with(
+        &[spec("lung", test_data("lung/horizontal/parquet"))],
+        HubOptions::default(),
+        &governance,
+    )
+    .await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    client
+        .query("SELECT sex, count(*) FROM lung GROUP BY sex")
+        .await
+        .unwrap();
+    let err = client
+        .query("SELECT sex, min(age) FROM lung GROUP BY sex")
+        .await
+        .expect_err("min() of an aggregate column is refused");
+    let text = format!("{err:#}");
+    assert!(text.contains("(rule unsafe_aggregate)"), "{text}");
+    assert!(text.contains("PermissionDenied"), "{text}");
+    federation.shutdown().await.unwrap();
+    for s in STATIONS {
+        let records = read_records(&governance.audit_log(s));
+        // The allowed query: checked, then run, one record with what it released.
+        let allowed: Vec<_> = records
+            .iter()
+            .filter(|r| r["decision"] == "allowed")
+            .collect();
+        assert_eq!(allowed.len(), 1, "{s}: {records:?}");
+        assert_eq!(allowed[0]["rows"], 2, "{s}: two sex groups released");
+        assert_eq!(allowed[0]["researcher"], "local");
+        // The refused one: refused at the check, never run, nothing released.
+        let refused: Vec<_> = records
+            .iter()
+            .filter(|r| r["decision"] == "refused")
+            .collect();
+        assert_eq!(refused.len(), 1, "{s}: {records:?}");
+        assert_eq!(refused[0]["rule"], "unsafe_aggregate");
+        assert_eq!(refused[0]["rows"], 0);
+        assert_eq!(records.len(), 2, "{s}: {records:?}");
+    }
+}
+
+fn read_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect()
+}
+
+/// Starts `railyard local` over the lung stations with audit logs under `data_dir`.
+fn start_local(data_dir: &Path) -> (Child, String) {
+    let mut args = vec!["--data-dir".to_string(), fixtures::path(data_dir)];
+    args.extend(fixtures::table_arg("lung", "lung/horizontal/csv"));
+    fixtures::spawn_local(args)
+}
+
+fn verify(log: &Path) -> std::process::Output {
+    railyard()
+        .args(["audit", "verify"])
+        .arg(log)
+        .output()
+        .unwrap()
+}
+
+fn logs(data_dir: &Path) -> Vec<PathBuf> {
+    STATIONS
+        .iter()
+        .map(|s| data_dir.join(s).join("audit.jsonl"))
+        .collect()
+}
+
+/// Queries the stations answer and refuse, in a loop, until `stop` passes.
+async fn query_until(url: &str, stop: Instant) -> usize {
+    let mut client = HubClient::connect(url).await.unwrap();
+    let mut n = 0;
+    let queries = [
+        "SELECT sex, count(*), avg(age) FROM lung GROUP BY sex",
+        "SELECT max(age) FROM lung",
+        "SELECT ph_ecog, avg(time) FROM lung GROUP BY ph_ecog",
+    ];
+    while Instant::now() < stop {
+        // Refusals are expected; the connection may die with the process.
+        let _ = client.query(queries[n % queries.len()]).await;
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn the_audit_chain_verifies_after_the_stations_are_killed_mid_run() {
+    let data_dir = fixtures::audit_dir();
+    let (mut child, url) = start_local(&data_dir);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // Kill (SIGKILL, no clean-up) while queries are in flight.
+    let sent = runtime.block_on(async {
+        let load = tokio::spawn({
+            let url = url.clone();
+            async move { query_until(&url, Instant::now() + Duration::from_secs(3)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        child.kill().unwrap();
+        load.await.unwrap()
+    });
+    child.wait().unwrap();
+    assert!(sent > 3, "only {sent} queries were sent before the kill");
+    let mut before = Vec::new();
+    for log in logs(&data_dir) {
+        let out = verify(&log);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {stdout}{}",
+            log.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("chain intact"), "{stdout}");
+        before.push(read_complete_records(&log));
+    }
+    assert!(before.iter().all(|n| *n > 0), "{before:?}");
+
+    // Restarted on the same logs, the stations continue the chain.
+    let (mut child, url) = start_local(&data_dir);
+    runtime.block_on(async {
+        let mut client = HubClient::connect(&url).await.unwrap();
+        client
+            .query("SELECT sex, count(*) FROM lung GROUP BY sex")
+            .await
+            .unwrap();
+    });
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    for (log, n) in logs(&data_dir).iter().zip(before) {
+        let out = verify(log);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(read_complete_records(log) > n);
+    }
+}
+
+/// Complete (newline-terminated) records in a log.
+fn read_complete_records(log: &Path) -> usize {
+    std::fs::read_to_string(log).unwrap().matches('\n').count()
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn audit_verify_reports_the_first_edited_or_missing_record() {
+    let data_dir = fixtures::audit_dir();
+    let (child, url) = start_local(&data_dir);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = HubClient::connect(&url).await.unwrap();
+        for sql in [
+            "SELECT sex, count(*) FROM lung GROUP BY sex",
+            "SELECT min(age) FROM lung",
+            "SELECT inst, count(*) FROM lung GROUP BY inst",
+            "SELECT count(*) FROM lung",
+        ] {
+            let _ = client.query(sql).await;
+        }
+    });
+    sigterm(&child);
+    let mut child = child;
+    assert!(child.wait().unwrap().success());
+
+    let log = data_dir.join("station_a/audit.jsonl");
+    let original = std::fs::read_to_string(&log).unwrap();
+    assert!(verify(&log).status.success());
+    let lines: Vec<&str> = original.lines().collect();
+    assert!(lines.len() >= 4, "{original}");
+
+    // A privacy officer's nightmare: someone hides what was released by record 3.
+    let edited = lines[2].replacen("\"rows\":", "\"rows\":1", 1);
+    assert_ne!(edited, lines[2]);
+    let mut tampered = lines.clone();
+    tampered[2] = &edited;
+    std::fs::write(&log, tampered.join("\n") + "\n").unwrap();
+    let out = verify(&log);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("record 3 is broken"), "{stderr}");
+    assert!(stderr.contains("edited"), "{stderr}");
+
+    // Deleting a record is caught at the record after it.
+    let mut deleted = lines.clone();
+    deleted.remove(1);
+    std::fs::write(&log, deleted.join("\n") + "\n").unwrap();
+    let out = verify(&log);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("record 2 is broken"), "{stderr}");
+
+    // A station refuses to start on a broken log rather than extend it.
+    let mut start = railyard()
+        .args(["local", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .args(fixtures::table_arg("lung", "lung/horizontal/csv"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = start.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut start.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("audit log") && stderr.contains("broken"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_policy_file_with_a_mistake_is_refused_at_start_naming_the_line() {
+    let dir = fixtures::audit_dir();
+    let policy = dir.join("policy.toml");
+    let cases = [
+        (
+            "min_group_size = 5\n[tables.lung.columns]\nage = \"aggregate\"\ntime = \"publik\"\n",
+            ["line 4", "publik"],
+        ),
+        // A column the table does not have (a misspelt 'hidden' would silently do nothing).
+        (
+            "[tables.lung.columns]\npatinet_id = \"hidden\"\n",
+            ["line 2", "no column 'patinet_id'"],
+        ),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(&policy, text).unwrap();
+        let out = railyard()
+            .args(["local", "--listen", "127.0.0.1:0", "--policy"])
+            .arg(&policy)
+            .args(fixtures::table_arg("lung", "lung/horizontal/csv"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        for e in expected {
+            assert!(stderr.contains(e), "{stderr}");
+        }
+    }
+}
