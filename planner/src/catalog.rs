@@ -174,3 +174,49 @@ impl FederatedCatalog {
         self.tables.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    #[test]
+    fn the_hub_threshold_is_the_largest_k_where_a_touched_column_is_not_public() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("inst", DataType::Int64, true),
+            Field::new("age", DataType::Int64, true),
+        ]));
+        let mut catalog = FederatedCatalog::new();
+        for (station, k, public) in [("a", 5, vec!["inst"]), ("b", 10, vec![]), ("c", 3, vec![])] {
+            catalog.add(station, "lung", Arc::clone(&schema)).unwrap();
+            catalog.set_policy(
+                station,
+                "lung",
+                StationTablePolicy {
+                    min_group_size: k,
+                    public: public.into_iter().map(String::from).collect(),
+                },
+            );
+        }
+        let table = &catalog.tables()[0];
+        let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(table.min_group_size(&cols(&["age"])), 10);
+        // 'inst' is public at a only: b and c still threshold it.
+        assert_eq!(table.min_group_size(&cols(&["inst"])), 10);
+        assert_eq!(table.min_group_size(&cols(&[])), 1);
+
+        let mut open = FederatedCatalog::new();
+        open.add("a", "t", Arc::clone(&schema)).unwrap();
+        open.set_policy(
+            "a",
+            "t",
+            StationTablePolicy {
+                min_group_size: 7,
+                public: cols(&["inst", "age"]),
+            },
+        );
+        assert_eq!(open.tables()[0].min_group_size(&cols(&["inst", "age"])), 1);
+        assert_eq!(open.tables()[0].min_group_size(&cols(&["age"])), 1);
+    }
+}

@@ -588,6 +588,20 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                 lineage
             }
             LogicalPlan::Projection(p) => {
+                // Above the aggregate only renaming: an expression over a group's results
+                // (e.g. one that fails when count(*) = 1) would act before the threshold.
+                if above_aggregate
+                    && !p.expr.iter().all(|e| match e {
+                        Expr::Column(_) => true,
+                        Expr::Alias(a) => matches!(a.expr.as_ref(), Expr::Column(_)),
+                        _ => false,
+                    })
+                {
+                    return Err(checker.shape(
+                        "expressions over aggregate results are computed at the hub; \
+                         a fragment may only name them",
+                    ));
+                }
                 let mut out = Vec::new();
                 for (e, c) in p.expr.iter().zip(columns_of(&p.schema)) {
                     out.push((c, checker.lineage(e, &lineage, p.input.schema())?));

@@ -8,17 +8,12 @@ use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
-use arrow_flight::Ticket;
-use arrow_flight::decode::FlightRecordBatchStream;
-use arrow_flight::error::FlightError;
-use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::sql::CommandGetTables;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use railyard::client::HubClient;
 use railyard_engine::{Hub, HubOptions, StationAddress};
 use railyard_station::{Format, Policy, Station, StationConfig, TableFile};
-use railyard_udfs::wire::FragmentTicket;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -72,27 +67,9 @@ async fn explain_federated_shows_each_station_fragment_and_the_merge() {
 
 /// Sends a fragment straight to a station, as the hub would, and returns its batches.
 async fn run_at_station(url: &str, sql: &str) -> Vec<RecordBatch> {
-    let channel = tonic::transport::Endpoint::from_shared(url.replace("grpc://", "http://"))
-        .unwrap()
-        .connect()
+    fixtures::run_at_station(url, sql)
         .await
-        .unwrap();
-    let mut client = FlightServiceClient::new(channel);
-    let ticket = FragmentTicket {
-        query_id: "test".into(),
-        fragment: 1,
-        researcher: "test".into(),
-        sql: sql.to_string(),
-    };
-    let response = client
-        .do_get(Ticket::new(ticket.to_bytes()))
-        .await
-        .unwrap()
-        .into_inner();
-    FlightRecordBatchStream::new_from_flight_data(response.map_err(FlightError::from))
-        .try_collect()
-        .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,3 +199,35 @@ pub fn table_arg(name: &str, rel: &str) -> [String; 2] {
         format!("{name}={}", test_data(rel).display()),
     ]
 }
+
+/// Sends `sql` straight to a station as a fragment ticket (as a hub would, or as someone
+/// bypassing the hub could), and collects what it releases.
+pub async fn run_at_station(
+    url: &str,
+    sql: &str,
+) -> Result<Vec<arrow::array::RecordBatch>, String> {
+    use arrow_flight::decode::FlightRecordBatchStream;
+    use arrow_flight::error::FlightError;
+    use futures::TryStreamExt;
+    let channel = tonic::transport::Endpoint::from_shared(url.replace("grpc://", "http://"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = arrow_flight::flight_service_client::FlightServiceClient::new(channel);
+    let ticket = railyard_udfs::wire::FragmentTicket {
+        query_id: "test".into(),
+        fragment: 1,
+        researcher: "test".into(),
+        sql: sql.to_string(),
+    };
+    let response = client
+        .do_get(arrow_flight::Ticket::new(ticket.to_bytes()))
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    FlightRecordBatchStream::new_from_flight_data(response.map_err(FlightError::from))
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -178,6 +178,50 @@ async fn a_refused_query_runs_nowhere_and_every_station_audits_its_own_decision(
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_enforces_its_policy_when_the_hub_is_bypassed() {
+    let federation = fixtures::federation_with(
+        &[spec("lung", test_data("lung/horizontal/parquet"))],
+        HubOptions::default(),
+        &fixtures::default_governance(),
+    )
+    .await;
+    let url = &federation.stations[0].url;
+    let refused = [
+        ("SELECT age FROM lung", "(rule row_level)"),
+        (
+            "SELECT count(*) FROM lung WHERE patient_id = 7",
+            "(rule min_group_size)",
+        ),
+        // An error computed from a group's size would tell that a small group exists
+        // before it is withheld: only plain columns may sit above the aggregate.
+        (
+            "SELECT inst AS g0, CASE WHEN count(*) = 1 THEN 1 / 0 ELSE 0 END AS a0 FROM lung \
+             GROUP BY inst",
+            "(rule fragment_shape)",
+        ),
+        (
+            "SELECT inst, count(*) FROM lung GROUP BY inst HAVING count(*) < 5",
+            "(rule fragment_shape)",
+        ),
+    ];
+    for (sql, rule) in refused {
+        let err = fixtures::run_at_station(url, sql)
+            .await
+            .expect_err("refused by the station itself");
+        assert!(err.contains(rule), "{sql}: {err}");
+    }
+    // Groups of one patient are withheld by the station, not only by the hub.
+    let released = fixtures::run_at_station(
+        url,
+        "SELECT patient_id AS g0, partial_count(1) AS a0 FROM lung GROUP BY patient_id",
+    )
+    .await
+    .unwrap();
+    assert_eq!(released.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    federation.shutdown().await.unwrap();
+}
+
 fn read_records(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
