@@ -86,16 +86,18 @@ impl FragmentExec {
         };
         self.stations
             .iter()
-            .map(|s| {
-                let ticket = FragmentTicket {
-                    query_id: query.query_id.clone(),
-                    fragment: self.fragment.id,
-                    researcher: query.researcher.clone(),
-                    sql: self.fragment.sql.clone(),
-                };
-                (s.clone(), ticket)
-            })
+            .map(|s| (s.clone(), self.ticket(query)))
             .collect()
+    }
+
+    /// What this fragment's `DoGet` (and `check`) carries on behalf of `query`.
+    fn ticket(&self, query: &QueryContext) -> FragmentTicket {
+        FragmentTicket {
+            query_id: query.query_id.clone(),
+            fragment: self.fragment.id,
+            researcher: query.researcher.clone(),
+            sql: self.fragment.sql.clone(),
+        }
     }
 
     /// The same operator, sent on behalf of `query`.
@@ -194,12 +196,7 @@ impl ExecutionPlan for FragmentExec {
         let schema = Arc::clone(&self.fragment.schema);
         let mut builder = RecordBatchReceiverStream::builder(Arc::clone(&schema), 2);
         let tx = builder.tx();
-        let ticket = FragmentTicket {
-            query_id: query.query_id.clone(),
-            fragment: self.fragment.id,
-            researcher: query.researcher.clone(),
-            sql: self.fragment.sql.clone(),
-        };
+        let ticket = self.ticket(query);
         let timeout = query.fragment_timeout;
         // Spawned at once, so every station starts as soon as the plan starts, whatever
         // order DataFusion polls the partitions in.

@@ -94,6 +94,9 @@ async fn check_at_stations(plan: &Arc<dyn ExecutionPlan>, timeout: Duration) -> 
         }
     }))
     .await;
+    // An accepted check's answer (release kind, the station's k) is informational: the hub's
+    // own threshold was planned from the policies the stations announced at connect, and
+    // every station applies its own k to what it releases regardless.
     for answer in answers {
         match answer {
             Ok(_) => {}
@@ -252,8 +255,9 @@ impl Hub {
         self.stations.iter().map(|s| s.name.to_string()).collect()
     }
 
-    /// Plans `sql` for `researcher` without contacting any station. All queries share one
-    /// session; who asks is attached to the plan's fragments afterwards.
+    /// Plans `sql` for `researcher` and has every station check its fragments against its
+    /// policy (nothing runs yet). All queries share one session; who asks is attached to the
+    /// plan's fragments afterwards.
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
         let state = &self.base;
         let options = SQLOptions::new()

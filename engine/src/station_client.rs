@@ -129,50 +129,51 @@ impl StationClient {
         Ok(first.body.to_vec())
     }
 
-    /// The station's policy per table.
-    pub async fn policy(&self) -> Result<Vec<TablePolicyInfo>> {
-        let body =
-            self.action("policy", Vec::new())
-                .await
-                .map_err(|s| StationFailure::Unreachable {
-                    station: self.name.to_string(),
-                    url: self.url.to_string(),
-                    message: s.message().to_string(),
-                })?;
-        Ok(
-            serde_json::from_slice(&body).map_err(|e| StationFailure::Protocol {
+    /// A failed action as a [`StationFailure`] naming this station.
+    fn action_failure(&self, fragment: usize, s: tonic::Status) -> StationFailure {
+        match s.code() {
+            Code::Unavailable => StationFailure::Unreachable {
                 station: self.name.to_string(),
-                fragment: 0,
-                message: format!("unreadable policy: {e}"),
-            })?,
-        )
+                url: self.url.to_string(),
+                message: s.message().to_string(),
+            },
+            code => StationFailure::Failed {
+                station: self.name.to_string(),
+                fragment,
+                code,
+                message: s.message().to_string(),
+            },
+        }
     }
 
-    /// Asks the station whether its policy accepts `ticket`, without running it.
-    pub async fn check(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
-        let fragment = ticket.fragment;
+    /// Runs an action whose single result is a JSON document.
+    async fn json_action<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        body: Vec<u8>,
+        fragment: usize,
+    ) -> Result<T> {
         let body = self
-            .action("check", ticket.to_bytes())
+            .action(kind, body)
             .await
-            .map_err(|s| match s.code() {
-                Code::Unavailable => StationFailure::Unreachable {
-                    station: self.name.to_string(),
-                    url: self.url.to_string(),
-                    message: s.message().to_string(),
-                },
-                code => StationFailure::Failed {
-                    station: self.name.to_string(),
-                    fragment,
-                    code,
-                    message: s.message().to_string(),
-                },
-            })?;
+            .map_err(|s| self.action_failure(fragment, s))?;
         Ok(
             serde_json::from_slice(&body).map_err(|e| StationFailure::Protocol {
                 station: self.name.to_string(),
                 fragment,
-                message: format!("unreadable check answer: {e}"),
+                message: format!("unreadable answer to '{kind}': {e}"),
             })?,
         )
+    }
+
+    /// The station's policy per table.
+    pub async fn policy(&self) -> Result<Vec<TablePolicyInfo>> {
+        self.json_action("policy", Vec::new(), 0).await
+    }
+
+    /// Asks the station whether its policy accepts `ticket`, without running it.
+    pub async fn check(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
+        self.json_action("check", ticket.to_bytes(), ticket.fragment)
+            .await
     }
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use arrow::datatypes::DataType;
 use datafusion::common::Column;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::common::{DFSchema, DFSchemaRef, ScalarValue};
+use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator, Projection, SubqueryAlias,
@@ -245,21 +245,25 @@ impl Checker<'_> {
             .cloned()
     }
 
-    /// Checks one aggregate call whose arguments touch non-public columns.
+    /// Checks one aggregate call; returns the lineage of its value (its arguments' columns).
     fn aggregate_call(
         &mut self,
         call: &AggregateFunction,
         input: &[(Column, Lineage)],
         schema: &DFSchema,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Lineage, Refusal> {
         let (name, distinct) = match call.func.inner().downcast_ref::<PartialAggregate>() {
             Some(partial) => (partial.inner().name().to_string(), partial.is_distinct()),
             None => (call.func.name().to_string(), call.params.distinct),
         };
-        let mut arg_bases = BTreeSet::new();
+        let mut args = Vec::with_capacity(call.params.args.len());
         for arg in &call.params.args {
-            arg_bases.extend(self.lineage(arg, input, schema)?.bases);
+            args.push((arg, self.lineage(arg, input, schema)?.bases));
         }
+        let value = Lineage {
+            bases: args.iter().flat_map(|(_, b)| b.iter().cloned()).collect(),
+        };
+        let mut arg_bases = value.bases.clone();
         for sort in &call.params.order_by {
             arg_bases.extend(self.lineage(&sort.expr, input, schema)?.bases);
         }
@@ -275,7 +279,7 @@ impl Checker<'_> {
             }
         }
         let Some(column) = self.first_non_public(&arg_bases) else {
-            return Ok(());
+            return Ok(value);
         };
         if distinct {
             return Err(self.column_refusal(
@@ -304,9 +308,8 @@ impl Checker<'_> {
             };
             return Err(self.column_refusal("unsafe_aggregate", &column, &why));
         }
-        for arg in &call.params.args {
-            let bases = self.lineage(arg, input, schema)?.bases;
-            if let Some(c) = self.first_non_public(&bases)
+        for (arg, bases) in &args {
+            if let Some(c) = self.first_non_public(bases)
                 && (bases.len() > 1 || !affine(arg))
             {
                 return Err(self.column_refusal(
@@ -319,7 +322,7 @@ impl Checker<'_> {
                 ));
             }
         }
-        Ok(())
+        Ok(value)
     }
 }
 
@@ -499,10 +502,6 @@ fn affine(expr: &Expr) -> bool {
     }
 }
 
-fn columns_of(schema: &DFSchemaRef) -> Vec<Column> {
-    schema.columns()
-}
-
 /// Checks a fragment's (unoptimized) logical plan against `policy`.
 pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Checked, Refusal> {
     // The fragment as a chain, top to bottom.
@@ -603,18 +602,20 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                     ));
                 }
                 let mut out = Vec::new();
-                for (e, c) in p.expr.iter().zip(columns_of(&p.schema)) {
+                for (e, c) in p.expr.iter().zip(p.schema.columns()) {
                     out.push((c, checker.lineage(e, &lineage, p.input.schema())?));
                 }
                 out
             }
-            LogicalPlan::SubqueryAlias(a) => columns_of(&a.schema)
+            LogicalPlan::SubqueryAlias(a) => a
+                .schema
+                .columns()
                 .into_iter()
                 .zip(lineage.into_iter().map(|(_, l)| l))
                 .collect(),
             LogicalPlan::Aggregate(agg) => {
                 let mut out = Vec::new();
-                let columns = columns_of(&agg.schema);
+                let columns = agg.schema.columns();
                 for (e, c) in agg.group_expr.iter().zip(columns.iter()) {
                     out.push((c.clone(), checker.lineage(e, &lineage, agg.input.schema())?));
                 }
@@ -630,14 +631,8 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                     let Expr::AggregateFunction(f) = call else {
                         return Err(checker.shape("an aggregate output is not an aggregate call"));
                     };
-                    checker.aggregate_call(f, &lineage, agg.input.schema())?;
-                    let mut all = Lineage::default();
-                    for a in &f.params.args {
-                        all.bases
-                            .extend(checker.lineage(a, &lineage, agg.input.schema())?.bases);
-                    }
-                    let c = columns[out.len()].clone();
-                    out.push((c, all));
+                    let value = checker.aggregate_call(f, &lineage, agg.input.schema())?;
+                    out.push((columns[out.len()].clone(), value));
                 }
                 out
             }

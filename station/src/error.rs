@@ -24,11 +24,10 @@ pub enum Error {
     Refused(crate::check::Refusal),
     /// An approved fragment failed while running; the category names no data value.
     #[error(
-        "station '{station}': {category} while running fragment #{fragment} (the station's log has the detail)"
+        "station '{station}': {category} while running the fragment (the station's log has the detail)"
     )]
     Failed {
         station: String,
-        fragment: usize,
         category: &'static str,
     },
     #[error(transparent)]

@@ -203,20 +203,15 @@ impl Station {
                 self.record(ticket, audit::Decision::Failed, Some(category), 0, 0)?;
                 return Err(Error::Failed {
                     station: self.name.clone(),
-                    fragment: ticket.fragment,
                     category,
                 });
             }
         };
         let schema = approved.plan.schema().inner().clone();
         let (batches, released, suppressed) = match approved.release {
-            Release::Rows => {
-                let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-                (batches, rows, 0)
-            }
-            Release::Groups { k: 1, .. } => {
-                // Every column it touches is public: nothing to withhold (an empty global
-                // aggregate still answers, with its zero count).
+            // Row-level public values, or groups over public columns only (k = 1): nothing
+            // to withhold (an empty global aggregate still answers, with its zero count).
+            Release::Rows | Release::Groups { k: 1, .. } => {
                 let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
                 (batches, rows, 0)
             }

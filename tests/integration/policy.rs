@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use railyard::client::HubClient;
+use railyard::local::{Governance, LocalFederation};
 use railyard_engine::HubOptions;
 
 use crate::fixtures::{self, STATIONS, railyard, spec, test_data};
@@ -36,6 +37,18 @@ async fn per_station_reference() -> SessionContext {
     .await
     .expect("reference view");
     ctx
+}
+
+/// The lung stations (Parquet) and a hub, under the default policy (k = 5).
+async fn lung_under_default_policy() -> (LocalFederation, Governance) {
+    let governance = fixtures::default_governance();
+    let federation = fixtures::federation_with(
+        &[spec("lung", test_data("lung/horizontal/parquet"))],
+        HubOptions::default(),
+        &governance,
+    )
+    .await;
+    (federation, governance)
 }
 
 /// (federated query, reference query): the reference keeps, per station, the groups of at
@@ -96,12 +109,7 @@ const CASES: &[(&str, &str)] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grouped_answers_equal_the_per_station_thresholded_reference() {
-    let federation = fixtures::federation_with(
-        &[spec("lung", test_data("lung/horizontal/parquet"))],
-        HubOptions::default(),
-        &fixtures::default_governance(),
-    )
-    .await;
+    let (federation, _) = lung_under_default_policy().await;
     let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
     let reference = per_station_reference().await;
     for (federated, expected) in CASES {
@@ -136,13 +144,7 @@ async fn grouped_answers_equal_the_per_station_thresholded_reference() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_query_runs_nowhere_and_every_station_audits_its_own_decision() {
-    let governance = fixtures::default_governance();
-    let federation = fixtures::federation_with(
-        &[spec("lung", test_data("lung/horizontal/parquet"))],
-        HubOptions::default(),
-        &governance,
-    )
-    .await;
+    let (federation, governance) = lung_under_default_policy().await;
     let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
     client
         .query("SELECT sex, count(*) FROM lung GROUP BY sex")
@@ -180,12 +182,7 @@ async fn a_refused_query_runs_nowhere_and_every_station_audits_its_own_decision(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_station_enforces_its_policy_when_the_hub_is_bypassed() {
-    let federation = fixtures::federation_with(
-        &[spec("lung", test_data("lung/horizontal/parquet"))],
-        HubOptions::default(),
-        &fixtures::default_governance(),
-    )
-    .await;
+    let (federation, _) = lung_under_default_policy().await;
     let url = &federation.stations[0].url;
     let refused = [
         ("SELECT age FROM lung", "(rule row_level)"),
