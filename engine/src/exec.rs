@@ -116,6 +116,11 @@ pub fn assign_query(
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
     Ok(plan
         .transform_up(|node| {
+            if let Some(exec) = node.downcast_ref::<crate::stats::StatsExec>() {
+                return Ok(Transformed::yes(
+                    Arc::new(exec.with_query(query.clone())) as _
+                ));
+            }
             Ok(match node.downcast_ref::<FragmentExec>() {
                 Some(exec) => Transformed::yes(Arc::new(exec.with_query(query.clone())) as _),
                 None => Transformed::no(node),
@@ -230,6 +235,40 @@ impl ExecutionPlan for FragmentExec {
 enum Fetch {
     Timeout,
     Failed(StationFailure),
+}
+
+/// Runs one ticket at every station in `stations` concurrently and collects each one's
+/// batches (in the order of `stations`). The first failure, in that order, is the error.
+pub(crate) async fn fetch_all(
+    stations: &[StationClient],
+    ticket: &FragmentTicket,
+    schema: &SchemaRef,
+    timeout: Duration,
+) -> Result<Vec<Vec<RecordBatch>>, StationFailure> {
+    let deadline = Instant::now() + timeout;
+    let answers = futures::future::join_all(stations.iter().map(|station| async move {
+        let batches = std::sync::Mutex::new(Vec::new());
+        let result = fetch(station, ticket.clone(), schema, deadline, |batch| {
+            // Only this future pushes; the lock cannot be poisoned by another holder.
+            batches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(batch);
+            std::future::ready(true)
+        })
+        .await;
+        match result {
+            Ok(()) => Ok(batches.into_inner().unwrap_or_else(|p| p.into_inner())),
+            Err(Fetch::Timeout) => Err(StationFailure::Timeout {
+                station: station.name.to_string(),
+                fragment: ticket.fragment,
+                timeout,
+            }),
+            Err(Fetch::Failed(f)) => Err(f),
+        }
+    }))
+    .await;
+    answers.into_iter().collect()
 }
 
 /// Runs one fragment at one station, checking every batch against the expected schema and

@@ -207,6 +207,8 @@ impl Hub {
                     StationTablePolicy {
                         min_group_size: table.min_group_size,
                         public,
+                        model_min_rows: table.model_min_rows,
+                        survival_time_resolution: table.survival_time_resolution,
                     },
                 );
                 policies.push((address.name.clone(), table));
@@ -233,6 +235,17 @@ impl Hub {
             ctx.register_table(name.as_str(), table)?;
         }
         register_policies(&ctx, &policies)?;
+        crate::stats::register(
+            &ctx,
+            Arc::new(crate::stats::StatsEnv {
+                stations: Arc::clone(&stations),
+                tables: catalog
+                    .tables()
+                    .into_iter()
+                    .map(|t| (t.name().to_string(), t))
+                    .collect(),
+            }),
+        );
         info!(
             stations = stations.len(),
             tables = catalog.tables().len(),

@@ -26,6 +26,7 @@ pub mod exec;
 pub mod flight_sql;
 pub mod hub;
 pub mod station_client;
+pub mod stats;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -29,12 +29,29 @@ pub struct FederatedTable {
 
 /// What the hub knows of one station's policy for one table (the station remains the
 /// authority: it checks every fragment itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StationTablePolicy {
     /// k: the station's minimum group size for this table.
     pub min_group_size: u64,
     /// Columns whose row-level values the station releases.
     pub public: BTreeSet<String>,
+    /// Fewest complete rows the station contributes to a model.
+    pub model_min_rows: u64,
+    /// Bin width of the survival times it releases (0 = exact).
+    pub survival_time_resolution: f64,
+}
+
+impl Default for StationTablePolicy {
+    /// A station that announced nothing is treated as fully open: the station enforces its
+    /// own policy whatever the hub assumes.
+    fn default() -> Self {
+        Self {
+            min_group_size: 1,
+            public: BTreeSet::new(),
+            model_min_rows: 1,
+            survival_time_resolution: 0.0,
+        }
+    }
 }
 
 impl FederatedTable {
@@ -51,12 +68,21 @@ impl FederatedTable {
     /// touches `columns`: the largest k among the stations where one of them is not public
     /// (1 if every station releases all of them row by row).
     pub fn min_group_size(&self, columns: &BTreeSet<String>) -> u64 {
-        self.policies
-            .values()
-            .filter(|p| !columns.iter().all(|c| p.public.contains(c)))
+        self.restricting(columns)
             .map(|p| p.min_group_size)
             .max()
             .unwrap_or(1)
+    }
+
+    /// The policies of the stations where one of `columns` is not public: those whose
+    /// disclosure rules apply to a computation over them.
+    pub fn restricting<'a>(
+        &'a self,
+        columns: &'a BTreeSet<String>,
+    ) -> impl Iterator<Item = &'a StationTablePolicy> + 'a {
+        self.policies
+            .values()
+            .filter(move |p| !columns.iter().all(|c| p.public.contains(c)))
     }
 }
 
@@ -196,6 +222,7 @@ mod tests {
                 StationTablePolicy {
                     min_group_size: k,
                     public: public.into_iter().map(String::from).collect(),
+                    ..StationTablePolicy::default()
                 },
             );
         }
@@ -214,6 +241,7 @@ mod tests {
             StationTablePolicy {
                 min_group_size: 7,
                 public: cols(&["inst", "age"]),
+                ..StationTablePolicy::default()
             },
         );
         assert_eq!(open.tables()[0].min_group_size(&cols(&["inst", "age"])), 1);

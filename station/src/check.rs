@@ -35,6 +35,8 @@ use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator, Projection, SubqueryAlias,
 };
 use railyard_udfs::PartialAggregate;
+use railyard_udfs::glm_terms::{Family, GLM_TERMS, glm_covariates};
+use railyard_udfs::survival_terms::{SURVIVAL_TERMS, survival_covariates};
 
 use crate::policy::{Policy, Visibility};
 
@@ -79,13 +81,26 @@ pub struct Refusal {
 }
 
 /// What a checked fragment may release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Release {
     /// Row-level values of public columns.
     Rows,
     /// One row per group, the last column being the group's row count; groups below `k`
     /// are suppressed, and a global aggregate below `k` is refused.
     Groups { k: u64, global: bool },
+    /// One `glm_terms` value (and the row count): released only if it covers at least
+    /// `min_rows` complete rows, at least three per parameter, and every level indicator
+    /// is 1 on at least `k` rows and 0 on at least `k`.
+    Model {
+        k: u64,
+        min_rows: u64,
+        parameters: usize,
+        indicators: Vec<usize>,
+    },
+    /// Groups as for [`Release::Groups`], each with a `survival_terms` value (the
+    /// second-last column); a NULL value (times that cannot be pooled to the rule) refuses
+    /// the whole release.
+    Survival { k: u64, global: bool },
 }
 
 /// A fragment that passed the policy: the plan to run (with the row count appended for an
@@ -97,10 +112,43 @@ pub struct Checked {
     pub release: Release,
 }
 
-/// Where a column comes from: the table columns it is computed from.
+/// Where a column comes from: the table columns it is computed from, and whether it is one
+/// of them unchanged.
 #[derive(Debug, Clone, Default)]
 struct Lineage {
     bases: BTreeSet<String>,
+    direct: bool,
+}
+
+/// The lineage of column `c` among a node's input columns.
+fn find<'a>(input: &'a [(Column, Lineage)], c: &Column) -> Option<&'a Lineage> {
+    input
+        .iter()
+        .find(|(col, _)| col == c)
+        .or_else(|| {
+            let mut named = input.iter().filter(|(col, _)| col.name == c.name);
+            match (c.relation.is_none(), named.next(), named.next()) {
+                (true, Some(hit), None) => Some(hit),
+                _ => None,
+            }
+        })
+        .map(|(_, l)| l)
+}
+
+/// What a model aggregate (`glm_terms`, `survival_terms`) asks for, as read from its
+/// literal arguments.
+#[derive(Debug, Clone, PartialEq)]
+enum ModelCall {
+    Glm {
+        parameters: usize,
+        indicators: Vec<usize>,
+    },
+    Survival {
+        covariates: usize,
+        resolution: f64,
+        min_rows: f64,
+        min_events: f64,
+    },
 }
 
 struct Checker<'a> {
@@ -109,6 +157,8 @@ struct Checker<'a> {
     table: String,
     /// Every table column referenced anywhere in the fragment.
     used: BTreeSet<String>,
+    /// The model aggregate of the fragment, if it has one.
+    model: Option<ModelCall>,
 }
 
 impl Checker<'_> {
@@ -147,14 +197,7 @@ impl Checker<'_> {
         self.literals(expr)?;
         let mut out = Lineage::default();
         for c in expr.column_refs() {
-            let found = input.iter().find(|(col, _)| col == c).or_else(|| {
-                let mut named = input.iter().filter(|(col, _)| col.name == c.name);
-                match (c.relation.is_none(), named.next(), named.next()) {
-                    (true, Some(hit), None) => Some(hit),
-                    _ => None,
-                }
-            });
-            let Some((_, lineage)) = found else {
+            let Some(lineage) = find(input, c) else {
                 return Err(self.shape(&format!("column '{}' cannot be traced", c.name)));
             };
             out.bases.extend(lineage.bases.iter().cloned());
@@ -262,7 +305,12 @@ impl Checker<'_> {
         }
         let value = Lineage {
             bases: args.iter().flat_map(|(_, b)| b.iter().cloned()).collect(),
+            direct: false,
         };
+        if matches!(name.as_str(), GLM_TERMS | SURVIVAL_TERMS) {
+            self.model_call(&name, call, input)?;
+            return Ok(value);
+        }
         let mut arg_bases = value.bases.clone();
         for sort in &call.params.order_by {
             arg_bases.extend(self.lineage(&sort.expr, input, schema)?.bases);
@@ -323,6 +371,147 @@ impl Checker<'_> {
             }
         }
         Ok(value)
+    }
+
+    /// Checks the arguments of a model aggregate: table columns used unchanged (a GLM
+    /// covariate may also be a level indicator `column = literal`), and literals for
+    /// everything else. Records what the call asks for; the release rules are applied once
+    /// the whole fragment is known.
+    fn model_call(
+        &mut self,
+        name: &str,
+        call: &AggregateFunction,
+        input: &[(Column, Lineage)],
+    ) -> Result<(), Refusal> {
+        if self.model.is_some() {
+            return Err(self.shape(&format!("{name}() may appear once in a fragment")));
+        }
+        if call.params.distinct || call.params.filter.is_some() || !call.params.order_by.is_empty()
+        {
+            return Err(self.shape(&format!("{name}() takes no DISTINCT, FILTER or ORDER BY")));
+        }
+        let args = &call.params.args;
+        let column = |e: &Expr| -> Option<()> {
+            let e = match e {
+                Expr::Cast(c) => c.expr.as_ref(),
+                Expr::TryCast(c) => c.expr.as_ref(),
+                other => other,
+            };
+            let Expr::Column(c) = e else { return None };
+            find(input, c)
+                .filter(|l| l.direct && l.bases.len() == 1)
+                .map(|_| ())
+        };
+        let not_column = |i: usize| {
+            self.shape(&format!(
+                "argument {} of {name}() must be a column of the table, unchanged",
+                i + 1
+            ))
+        };
+        let not_literal =
+            |i: usize| self.shape(&format!("argument {} of {name}() must be a literal", i + 1));
+        let model = if name == GLM_TERMS {
+            let family = match args.first().and_then(literal) {
+                Some(
+                    ScalarValue::Utf8(Some(s))
+                    | ScalarValue::LargeUtf8(Some(s))
+                    | ScalarValue::Utf8View(Some(s)),
+                ) => Family::parse(&s),
+                _ => None,
+            };
+            if family.is_none() {
+                return Err(self.shape(&format!(
+                    "{name}() needs a literal family: 'gaussian', 'binomial' or 'poisson'"
+                )));
+            }
+            let Some(ScalarValue::Boolean(Some(intercept))) = args.get(1).and_then(literal) else {
+                return Err(not_literal(1));
+            };
+            let Some(p) = glm_covariates(args.len(), intercept) else {
+                return Err(self.shape(&format!(
+                    "{name}() needs as many coefficients as design columns"
+                )));
+            };
+            column(&args[2]).ok_or_else(|| not_column(2))?;
+            let offset = usize::from(intercept);
+            let mut indicators = Vec::new();
+            for (j, x) in args[3..3 + p].iter().enumerate() {
+                if column(x).is_some() {
+                    continue;
+                }
+                let indicator = match x {
+                    Expr::BinaryExpr(BinaryExpr {
+                        left,
+                        op: Operator::Eq,
+                        right,
+                    }) => {
+                        (column(left).is_some() && literal(right).is_some())
+                            || (column(right).is_some() && literal(left).is_some())
+                    }
+                    _ => false,
+                };
+                if !indicator {
+                    return Err(self.shape(&format!(
+                        "argument {} of {name}() must be a column of the table, unchanged, or \
+                         a level indicator `column = literal`",
+                        j + 4
+                    )));
+                }
+                indicators.push(offset + j);
+            }
+            for (i, b) in args.iter().enumerate().skip(3 + p) {
+                if literal(b).and_then(|v| number(&v)).is_none() {
+                    return Err(not_literal(i));
+                }
+            }
+            ModelCall::Glm {
+                parameters: p + offset,
+                indicators,
+            }
+        } else {
+            let Some(p) = survival_covariates(args.len()) else {
+                return Err(self.shape(&format!(
+                    "{name}() needs as many coefficients as covariates"
+                )));
+            };
+            for i in (0..2).chain(5..5 + p) {
+                column(&args[i]).ok_or_else(|| not_column(i))?;
+            }
+            let mut literals = Vec::new();
+            for i in (2..5).chain(5 + p..args.len()) {
+                literals.push(
+                    literal(&args[i])
+                        .and_then(|v| number(&v))
+                        .ok_or_else(|| not_literal(i))?,
+                );
+            }
+            ModelCall::Survival {
+                covariates: p,
+                resolution: literals[0],
+                min_rows: literals[1],
+                min_events: literals[2],
+            }
+        };
+        self.model = Some(model);
+        Ok(())
+    }
+}
+
+/// The value of a literal argument (also a negated or cast literal).
+fn literal(e: &Expr) -> Option<ScalarValue> {
+    match e {
+        Expr::Literal(v, _) => Some(v.clone()),
+        Expr::Negative(inner) => literal(inner)?.arithmetic_negate().ok(),
+        Expr::Cast(c) => literal(&c.expr)?.cast_to(c.field.data_type()).ok(),
+        _ => None,
+    }
+}
+
+/// A literal as a finite number.
+fn number(v: &ScalarValue) -> Option<f64> {
+    match v.cast_to(&DataType::Float64).ok()? {
+        ScalarValue::Float64(Some(x)) if x.is_finite() => Some(x),
+        _ => None,
     }
 }
 
@@ -533,6 +722,7 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
         station,
         table: scan.table_name.table().to_string(),
         used: BTreeSet::new(),
+        model: None,
     };
     let aggregate_at = chain
         .iter()
@@ -565,7 +755,13 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                     .into_iter()
                     .map(|c| {
                         let bases = BTreeSet::from([c.name.clone()]);
-                        (c, Lineage { bases })
+                        (
+                            c,
+                            Lineage {
+                                bases,
+                                direct: true,
+                            },
+                        )
                     })
                     .collect();
                 for f in &scan.filters {
@@ -590,11 +786,10 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                 // Above the aggregate only renaming: an expression over a group's results
                 // (e.g. one that fails when count(*) = 1) would act before the threshold.
                 if above_aggregate
-                    && !p.expr.iter().all(|e| match e {
-                        Expr::Column(_) => true,
-                        Expr::Alias(a) => matches!(a.expr.as_ref(), Expr::Column(_)),
-                        _ => false,
-                    })
+                    && !p
+                        .expr
+                        .iter()
+                        .all(|e| matches!(e.clone().unalias_nested().data, Expr::Column(_)))
                 {
                     return Err(checker.shape(
                         "expressions over aggregate results are computed at the hub; \
@@ -603,7 +798,12 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                 }
                 let mut out = Vec::new();
                 for (e, c) in p.expr.iter().zip(p.schema.columns()) {
-                    out.push((c, checker.lineage(e, &lineage, p.input.schema())?));
+                    let mut l = checker.lineage(e, &lineage, p.input.schema())?;
+                    l.direct = match e.clone().unalias() {
+                        Expr::Column(source) => find(&lineage, &source).is_some_and(|s| s.direct),
+                        _ => false,
+                    };
+                    out.push((c, l));
                 }
                 out
             }
@@ -708,14 +908,84 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
     }
     let plan = with_row_count(&chain[..at], agg)
         .map_err(|e| checker.shape(&format!("the row count cannot be added ({e})")))?;
+    let global = agg.group_expr.is_empty();
+    let restricted = k > 1 || checker.first_non_public(&checker.used).is_some();
+    let release = match checker.model.take() {
+        None => Release::Groups { k, global },
+        Some(model) => {
+            if agg.aggr_expr.len() != 1 {
+                return Err(
+                    checker.shape("a model aggregate must be the fragment's only aggregate")
+                );
+            }
+            model_release(&checker, model, k, global, restricted)?
+        }
+    };
     Ok(Checked {
         plan,
         table,
-        release: Release::Groups {
-            k,
-            global: agg.group_expr.is_empty(),
-        },
+        release,
     })
+}
+
+/// The release of a model fragment, after checking what it asks for against the policy.
+fn model_release(
+    checker: &Checker,
+    model: ModelCall,
+    k: u64,
+    global: bool,
+    restricted: bool,
+) -> Result<Release, Refusal> {
+    let policy = checker.policy;
+    let table = &checker.table;
+    match model {
+        ModelCall::Glm { .. } if !global => {
+            Err(checker.shape("a model is fitted over the whole table: no GROUP BY"))
+        }
+        ModelCall::Glm { .. } | ModelCall::Survival { .. } if !restricted => {
+            Ok(Release::Groups { k: 1, global })
+        }
+        ModelCall::Glm {
+            parameters,
+            indicators,
+        } => Ok(Release::Model {
+            k,
+            min_rows: policy.model_min_rows(table),
+            parameters,
+            indicators,
+        }),
+        ModelCall::Survival {
+            covariates,
+            resolution,
+            min_rows,
+            min_events,
+        } => {
+            let width = policy.survival_time_resolution(table);
+            let needed_events = if covariates > 0 { k as f64 } else { 0.0 };
+            if width > 0.0
+                && (resolution < width || min_rows < k as f64 || min_events < needed_events)
+            {
+                return Err(Refusal {
+                    rule: "survival_time_resolution",
+                    message: format!(
+                        "policy: station '{}' releases survival times of table '{table}' only \
+                         floored to multiples of at least {width}, pooled to at least {k} rows{} \
+                         per released time",
+                        checker.station,
+                        if covariates > 0 {
+                            format!(" and no deaths or at least {k} deaths")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                });
+            }
+            Ok(Release::Survival {
+                k: k.max(policy.model_min_rows(table)),
+                global,
+            })
+        }
+    }
 }
 
 /// Rebuilds the fragment with `count(*) AS __rows` added to its aggregate and carried

@@ -28,7 +28,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch};
+use arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
 use arrow_flight::flight_service_server::FlightServiceServer;
@@ -41,6 +41,7 @@ use datafusion::physical_plan::execute_stream;
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
+use railyard_udfs::glm_terms::GlmLayout;
 use railyard_udfs::wire::{CheckAnswer, FragmentTicket, TablePolicyInfo};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -160,6 +161,8 @@ impl Station {
             .into_iter()
             .map(|(table, schema)| TablePolicyInfo {
                 min_group_size: self.policy.min_group_size(&table),
+                model_min_rows: self.policy.model_min_rows(&table),
+                survival_time_resolution: self.policy.survival_time_resolution(&table),
                 columns: schema
                     .fields()
                     .iter()
@@ -181,8 +184,12 @@ impl Station {
                 release: "rows".to_string(),
                 min_group_size: 1,
             },
-            Release::Groups { k, .. } => CheckAnswer {
+            Release::Groups { k, .. } | Release::Survival { k, .. } => CheckAnswer {
                 release: "groups".to_string(),
+                min_group_size: k,
+            },
+            Release::Model { k, .. } => CheckAnswer {
+                release: "model".to_string(),
                 min_group_size: k,
             },
         })
@@ -208,28 +215,11 @@ impl Station {
             }
         };
         let schema = approved.plan.schema().inner().clone();
-        let (batches, released, suppressed) = match approved.release {
-            // Row-level public values, or groups over public columns only (k = 1): nothing
-            // to withhold (an empty global aggregate still answers, with its zero count).
-            Release::Rows | Release::Groups { k: 1, .. } => {
-                let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-                (batches, rows, 0)
-            }
-            Release::Groups { k, global } => {
-                let (kept, released, suppressed) = apply_threshold(batches, k)?;
-                if global && released == 0 {
-                    let refusal = Refusal {
-                        rule: "min_group_size",
-                        message: format!(
-                            "policy: station '{}' requires every released aggregate of table \
-                             '{}' to cover at least {k} rows; this one covers fewer",
-                            self.name, approved.table
-                        ),
-                    };
-                    self.record(ticket, audit::Decision::Refused, Some(refusal.rule), 0, 0)?;
-                    return Err(Error::Refused(refusal));
-                }
-                (kept, released, suppressed)
+        let (batches, released, suppressed) = match release(&self.name, &approved, batches)? {
+            Ok(kept) => kept,
+            Err(refusal) => {
+                self.record(ticket, audit::Decision::Refused, Some(refusal.rule), 0, 0)?;
+                return Err(Error::Refused(refusal));
             }
         };
         self.record(ticket, audit::Decision::Allowed, None, released, suppressed)?;
@@ -317,6 +307,106 @@ impl Station {
         // The lock guards map operations only; after a panic the map is still valid.
         let plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         plans.get(sql).cloned()
+    }
+}
+
+type Kept = (Vec<RecordBatch>, u64, u64);
+
+/// Applies the fragment's release rule to its result: the batches to release with the
+/// number of groups released and suppressed, or the refusal of the whole release.
+fn release(
+    station: &str,
+    approved: &Approved,
+    batches: Vec<RecordBatch>,
+) -> Result<std::result::Result<Kept, Refusal>> {
+    let table = &approved.table;
+    let refuse = |rule: &'static str, why: String| {
+        Ok(Err(Refusal {
+            rule,
+            message: format!("policy: station '{station}' {why}"),
+        }))
+    };
+    match &approved.release {
+        // Row-level public values, or groups over public columns only (k = 1): nothing
+        // to withhold (an empty global aggregate still answers, with its zero count).
+        Release::Rows | Release::Groups { k: 1, .. } => {
+            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            Ok(Ok((batches, rows, 0)))
+        }
+        Release::Groups { k, global } | Release::Survival { k, global } => {
+            let (kept, released, suppressed) = apply_threshold(batches, *k)?;
+            if *global && released == 0 {
+                return refuse(
+                    "min_group_size",
+                    format!(
+                        "requires every released aggregate of table '{table}' to cover at least {k} rows; this one covers fewer"
+                    ),
+                );
+            }
+            if matches!(approved.release, Release::Survival { .. })
+                && kept
+                    .iter()
+                    .any(|b| b.num_columns() >= 2 && b.column(b.num_columns() - 2).null_count() > 0)
+            {
+                return refuse(
+                    "survival_events",
+                    format!(
+                        "cannot pool the survival times of table '{table}' into released times of at least {k} deaths each"
+                    ),
+                );
+            }
+            Ok(Ok((kept, released, suppressed)))
+        }
+        Release::Model {
+            k,
+            min_rows,
+            parameters,
+            indicators,
+        } => {
+            let terms = batches
+                .iter()
+                .find(|b| b.num_rows() > 0)
+                .and_then(|b| b.column(0).as_list_opt::<i32>())
+                .and_then(|l| railyard_udfs::glm_terms::list_values(l, 0));
+            let layout = GlmLayout { q: *parameters };
+            let Some(terms) = terms.filter(|t| t.len() == layout.len()) else {
+                return Err(Error::BadRequest(
+                    "internal: a model fragment returned no terms of the expected length".into(),
+                ));
+            };
+            let n = terms[GlmLayout::N];
+            let needed = (*min_rows).max(*k) as f64;
+            if n < needed {
+                return refuse(
+                    "model_min_rows",
+                    format!(
+                        "requires a model over table '{table}' to use at least {needed} complete rows; this one uses fewer"
+                    ),
+                );
+            }
+            if 3.0 * *parameters as f64 > n {
+                return refuse(
+                    "model_parameters",
+                    format!(
+                        "allows at most one model parameter per three complete rows of table '{table}'; this model has {parameters} parameters and too few rows"
+                    ),
+                );
+            }
+            for &j in indicators {
+                let ones = terms[layout.nonzero().start + j];
+                if ones < *k as f64 || n - ones < *k as f64 {
+                    return refuse(
+                        "model_level",
+                        format!(
+                            "requires every level of a categorical covariate of table '{table}' to hold at least {k} rows, and at least {k} rows outside it; design column {} does not",
+                            j + 1
+                        ),
+                    );
+                }
+            }
+            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            Ok(Ok((batches, rows, 0)))
+        }
     }
 }
 

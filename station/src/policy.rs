@@ -26,6 +26,12 @@ use toml::Spanned;
 pub const DEFAULT_MIN_GROUP_SIZE: u64 = 5;
 /// Default cap on the length of a string literal in a fragment.
 pub const DEFAULT_MAX_STRING_LITERAL: usize = 256;
+/// Default minimum rows a station contributes to a statistical model (DataSHIELD's
+/// `nfilter.glm` uses the same idea).
+pub const DEFAULT_MODEL_MIN_ROWS: u64 = 10;
+/// Default bin width of released survival times, in the time column's unit (a week when
+/// times are days).
+pub const DEFAULT_SURVIVAL_TIME_RESOLUTION: f64 = 7.0;
 
 /// How openly a column may be used, from most to least open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -61,6 +67,8 @@ struct PolicyFile {
     min_group_size: Option<Spanned<u64>>,
     default_visibility: Option<Visibility>,
     max_string_literal: Option<Spanned<usize>>,
+    model_min_rows: Option<Spanned<u64>>,
+    survival_time_resolution: Option<Spanned<f64>>,
     #[serde(default)]
     tables: BTreeMap<Spanned<String>, TableFile>,
 }
@@ -70,15 +78,19 @@ struct PolicyFile {
 struct TableFile {
     min_group_size: Option<Spanned<u64>>,
     default_visibility: Option<Visibility>,
+    model_min_rows: Option<Spanned<u64>>,
+    survival_time_resolution: Option<Spanned<f64>>,
     #[serde(default)]
     columns: BTreeMap<Spanned<String>, Visibility>,
 }
 
 /// The policy of one table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TablePolicy {
     pub min_group_size: Option<u64>,
     pub default_visibility: Option<Visibility>,
+    pub model_min_rows: Option<u64>,
+    pub survival_time_resolution: Option<f64>,
     /// Column name → (visibility, line in the policy file).
     pub columns: BTreeMap<String, (Visibility, usize)>,
     /// Line of the table's section in the policy file.
@@ -86,11 +98,16 @@ pub struct TablePolicy {
 }
 
 /// A station's policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub min_group_size: u64,
     pub default_visibility: Visibility,
     pub max_string_literal: usize,
+    /// Fewest complete rows a station contributes to a model (GLM, Cox, Kaplan–Meier).
+    pub model_min_rows: u64,
+    /// Survival times are floored to multiples of this before release, with k applied per
+    /// released time; 0 releases exact times (and per-time counts below k).
+    pub survival_time_resolution: f64,
     pub tables: BTreeMap<String, TablePolicy>,
     /// Where the policy came from (a path, or "default").
     pub source: String,
@@ -102,6 +119,8 @@ impl Default for Policy {
             min_group_size: DEFAULT_MIN_GROUP_SIZE,
             default_visibility: Visibility::Aggregate,
             max_string_literal: DEFAULT_MAX_STRING_LITERAL,
+            model_min_rows: DEFAULT_MODEL_MIN_ROWS,
+            survival_time_resolution: DEFAULT_SURVIVAL_TIME_RESOLUTION,
             tables: BTreeMap::new(),
             source: "default".to_string(),
         }
@@ -154,6 +173,25 @@ impl Policy {
             }
             Ok(*v.get_ref())
         };
+        let min_rows = |v: &Spanned<u64>| -> Result<u64, PolicyError> {
+            if *v.get_ref() == 0 {
+                return Err(error(format!(
+                    "line {}: model_min_rows must be at least 1",
+                    line_of(text, v.span().start)
+                )));
+            }
+            Ok(*v.get_ref())
+        };
+        let resolution = |v: &Spanned<f64>| -> Result<f64, PolicyError> {
+            let r = *v.get_ref();
+            if !(r.is_finite() && r >= 0.0) {
+                return Err(error(format!(
+                    "line {}: survival_time_resolution must be a number ≥ 0 (0 = exact times)",
+                    line_of(text, v.span().start)
+                )));
+            }
+            Ok(r)
+        };
         let mut policy = Policy {
             source: source.to_string(),
             ..Policy::default()
@@ -173,6 +211,12 @@ impl Policy {
             }
             policy.max_string_literal = *v.get_ref();
         }
+        if let Some(v) = &file.model_min_rows {
+            policy.model_min_rows = min_rows(v)?;
+        }
+        if let Some(v) = &file.survival_time_resolution {
+            policy.survival_time_resolution = resolution(v)?;
+        }
         for (name, table) in file.tables {
             let min_group_size = match &table.min_group_size {
                 Some(v) => Some(k(v)?),
@@ -191,6 +235,12 @@ impl Policy {
                 TablePolicy {
                     min_group_size,
                     default_visibility: table.default_visibility,
+                    model_min_rows: table.model_min_rows.as_ref().map(min_rows).transpose()?,
+                    survival_time_resolution: table
+                        .survival_time_resolution
+                        .as_ref()
+                        .map(resolution)
+                        .transpose()?,
                     columns,
                     line: line_of(text, name.span().start),
                 },
@@ -235,6 +285,22 @@ impl Policy {
             .get(table)
             .and_then(|t| t.min_group_size)
             .unwrap_or(self.min_group_size)
+    }
+
+    /// The fewest complete rows of `table` this station contributes to a model.
+    pub fn model_min_rows(&self, table: &str) -> u64 {
+        self.tables
+            .get(table)
+            .and_then(|t| t.model_min_rows)
+            .unwrap_or(self.model_min_rows)
+    }
+
+    /// The bin width of released survival times of `table` (0 = exact).
+    pub fn survival_time_resolution(&self, table: &str) -> f64 {
+        self.tables
+            .get(table)
+            .and_then(|t| t.survival_time_resolution)
+            .unwrap_or(self.survival_time_resolution)
     }
 }
 

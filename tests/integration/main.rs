@@ -5,3 +5,4 @@ mod federation;
 mod fixtures;
 mod policy;
 mod slt;
+mod statistics;

@@ -40,7 +40,7 @@ async fn per_station_reference() -> SessionContext {
 }
 
 /// The lung stations (Parquet) and a hub, under the default policy (k = 5).
-async fn lung_under_default_policy() -> (LocalFederation, Governance) {
+pub(crate) async fn lung_under_default_policy() -> (LocalFederation, Governance) {
     let governance = fixtures::default_governance();
     let federation = fixtures::federation_with(
         &[spec("lung", test_data("lung/horizontal/parquet"))],

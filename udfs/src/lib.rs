@@ -15,13 +15,17 @@
 //! construction, with the same types.
 //!
 //! Layout: one function (family) per file. [`partial`] is the station half, [`merge`] the hub
-//! half, [`wire`] the ticket a fragment travels in; [`register_partials`] installs the
+//! half, [`wire`] the ticket a fragment travels in; [`glm_terms`] and [`survival_terms`] are
+//! the per-station sums of the statistical models (their value is their state: the hub adds
+//! them up and solves); [`register_partials`] installs the
 //! station halves into a session, and [`fragment_session_config`] is the configuration under
 //! which a fragment's SQL is planned, identical at the hub (to predict the fragment's schema)
 //! and at every station.
 
+pub mod glm_terms;
 pub mod merge;
 pub mod partial;
+pub mod survival_terms;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -56,6 +60,13 @@ pub fn register_partials(ctx: &SessionContext) -> Result<()> {
     Ok(())
 }
 
+/// Registers the model aggregates whose value is their own mergeable state:
+/// [`glm_terms`](glm_terms::GlmTerms) and [`survival_terms`](survival_terms::SurvivalTerms).
+pub fn register_models(ctx: &SessionContext) {
+    ctx.register_udaf(AggregateUDF::from(glm_terms::GlmTerms::default()));
+    ctx.register_udaf(AggregateUDF::from(survival_terms::SurvivalTerms::default()));
+}
+
 /// The partial wrapper of `inner` as registered by [`register_partials`].
 pub fn partial_of(inner: Arc<AggregateUDF>, distinct: bool) -> Arc<AggregateUDF> {
     Arc::new(AggregateUDF::from(PartialAggregate::new(inner, distinct)))
@@ -78,6 +89,7 @@ pub fn fragment_context() -> Result<SessionContext> {
 /// with another number of partitions).
 pub fn fragment_context_with(config: SessionConfig) -> Result<SessionContext> {
     let ctx = SessionContext::new_with_config(config);
+    register_models(&ctx);
     register_partials(&ctx)?;
     Ok(ctx)
 }

@@ -23,11 +23,15 @@ pub struct CheckAnswer {
 }
 
 /// One table's policy as a station announces it through the `policy` action.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TablePolicyInfo {
     pub table: String,
     /// k for this table.
     pub min_group_size: u64,
+    /// Fewest complete rows the station contributes to a model.
+    pub model_min_rows: u64,
+    /// Bin width of released survival times (0 = exact).
+    pub survival_time_resolution: f64,
     /// (column, visibility) in schema order; visibility is `public`, `aggregate`, `dp`,
     /// `join_key` or `hidden`.
     pub columns: Vec<(String, String)>,

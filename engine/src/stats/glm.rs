@@ -1,0 +1,324 @@
+//! `glm(table, formula, family [, filter])` and `glm_fit(…)`: Fisher scoring over federated
+//! rounds.
+//!
+//! ```text
+//!   round 0   intercept-only terms at b = 0        → n, Σy      (the mean outcome ȳ)
+//!   round 1   intercept-only terms at b = g(ȳ)     → the null deviance
+//!   rounds 2… model terms at b_k                   → XᵀWX, XᵀWz, deviance at b_k
+//!             b_{k+1} = (XᵀWX)⁻¹ XᵀWz  (Cholesky)
+//! ```
+//!
+//! Converged when the Newton step from b_k is negligible or the deviance stops changing;
+//! the reported estimates are b_k, with standard errors from the XᵀWX of the same round,
+//! so estimates, deviance and errors belong to one point.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{BooleanArray, Float64Array, Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::common::{Result, exec_err, plan_err};
+use railyard_udfs::glm_terms::{Family, GLM_TERMS, GlmLayout, add_terms, f64_list_type};
+
+use super::formula::{Formula, Term};
+use super::{
+    Rounds, Source, batch, float_sql, ident, levels, normal_p, spd_inverse, spd_solve, t_p,
+    value_sql, value_text, with_rows,
+};
+
+const MAX_ITERATIONS: usize = 50;
+/// Relative size of a Newton step (or deviance change) taken as convergence.
+const TOLERANCE: f64 = 1e-10;
+
+#[derive(Debug, Clone)]
+pub(crate) struct GlmJob {
+    pub source: Source,
+    formula: Formula,
+    family: Family,
+    fit_summary: bool,
+}
+
+/// One design column: its name in results and its SQL at the station.
+struct DesignColumn {
+    name: String,
+    sql: String,
+}
+
+impl GlmJob {
+    pub fn new(source: Source, formula: &str, family: &str, fit_summary: bool) -> Result<Self> {
+        let Some(family) = Family::parse(family.trim()) else {
+            return plan_err!(
+                "glm: unknown family '{family}' (families: gaussian, binomial, poisson)"
+            );
+        };
+        let formula = Formula::parse(formula)?;
+        for (i, c) in formula.columns().iter().enumerate() {
+            let role = if i == 0 { "response" } else { "covariate" };
+            match &formula.terms.get(i.wrapping_sub(1)) {
+                Some(Term::Categorical(_)) => {
+                    source.column_type(c)?;
+                }
+                _ => source.numeric_column(c, role)?,
+            }
+        }
+        if formula.terms.is_empty() && !formula.intercept {
+            return plan_err!("glm: the model has no terms and no intercept");
+        }
+        Ok(Self {
+            source,
+            formula,
+            family,
+            fit_summary,
+        })
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        if self.fit_summary {
+            Arc::new(Schema::new(vec![
+                Field::new("n", DataType::Int64, false),
+                Field::new("iterations", DataType::Int64, false),
+                Field::new("converged", DataType::Boolean, false),
+                Field::new("log_likelihood", DataType::Float64, false),
+                Field::new("deviance", DataType::Float64, false),
+                Field::new("null_deviance", DataType::Float64, false),
+                Field::new("aic", DataType::Float64, false),
+            ]))
+        } else {
+            coefficient_schema()
+        }
+    }
+
+    /// One round: the summed `glm_terms` of every station for `design` at `beta`.
+    async fn terms(
+        &self,
+        rounds: &Rounds,
+        rows: &str,
+        design: &[DesignColumn],
+        intercept: bool,
+        beta: &[f64],
+    ) -> Result<Vec<f64>> {
+        let q = design.len() + usize::from(intercept);
+        let layout = GlmLayout { q };
+        let mut args = vec![
+            format!("'{}'", self.family.name()),
+            intercept.to_string(),
+            ident(self.formula.response.as_deref().unwrap_or_default()),
+        ];
+        args.extend(design.iter().map(|d| d.sql.clone()));
+        args.extend(beta.iter().map(|b| float_sql(*b)));
+        let select = format!("{GLM_TERMS}({}) AS terms", args.join(", "));
+        let schema = with_rows(vec![Field::new("terms", f64_list_type(), true)]);
+        let answers = rounds.run(&select, rows, schema).await?;
+        let mut sums = vec![0.0; layout.len()];
+        for batch in answers.iter().flatten() {
+            let list = batch.column(0).as_list::<i32>();
+            for row in 0..list.len() {
+                if list.is_null(row) {
+                    continue;
+                }
+                let values = list.value(row);
+                let values: Vec<f64> = values
+                    .as_primitive::<Float64Type>()
+                    .iter()
+                    .map(|v| v.unwrap_or(f64::NAN))
+                    .collect();
+                add_terms(&mut sums, &values)?;
+            }
+        }
+        if sums[GlmLayout::INVALID] > 0.0 {
+            let what = match self.family {
+                Family::Binomial => "a binomial outcome must lie between 0 and 1",
+                Family::Poisson => "a poisson outcome must be a count (≥ 0)",
+                Family::Gaussian => "the linear predictor overflowed",
+            };
+            return exec_err!(
+                "glm: {what}; '{}' has values outside that range",
+                self.formula.response.as_deref().unwrap_or_default()
+            );
+        }
+        Ok(sums)
+    }
+
+    /// The design columns, and the WHERE clause of the rows the model uses: the filter,
+    /// complete cases, and for each `C(x)` only the levels the stations release (a row of a
+    /// withheld level would otherwise count as the reference level).
+    async fn design(&self, rounds: &Rounds) -> Result<(Vec<DesignColumn>, String)> {
+        let complete = self.formula.columns();
+        let mut rows = self.source.where_clause(complete.iter());
+        let mut design = Vec::new();
+        for term in &self.formula.terms {
+            match term {
+                Term::Numeric(c) => design.push(DesignColumn {
+                    name: c.clone(),
+                    sql: ident(c),
+                }),
+                Term::Categorical(c) => {
+                    let levels = levels(rounds, &self.source, c, &complete).await?;
+                    if levels.len() < 2 {
+                        return exec_err!(
+                            "glm: C({c}) needs at least two levels with enough rows; it has {}",
+                            levels.len()
+                        );
+                    }
+                    for level in &levels[1..] {
+                        design.push(DesignColumn {
+                            name: format!("C({c})[T.{}]", value_text(level)),
+                            sql: format!("{} = {}", ident(c), value_sql(level)?),
+                        });
+                    }
+                    let listed = levels
+                        .iter()
+                        .map(value_sql)
+                        .collect::<Result<Vec<_>>>()?
+                        .join(", ");
+                    rows.push_str(&format!(" AND {} IN ({listed})", ident(c)));
+                }
+            }
+        }
+        Ok((design, rows))
+    }
+
+    pub async fn run(&self, rounds: &Rounds) -> Result<RecordBatch> {
+        let (design, rows) = self.design(rounds).await?;
+        let intercept = self.formula.intercept;
+        let q = design.len() + usize::from(intercept);
+        let layout = GlmLayout { q };
+
+        // The null model: intercept only, over the same complete rows.
+        let first = self.terms(rounds, &rows, &[], true, &[0.0]).await?;
+        let n = first[GlmLayout::N];
+        if n == 0.0 {
+            return exec_err!("glm: no complete rows");
+        }
+        let mean = first[GlmLayout::SUM_Y] / n;
+        let start = self.family.link(mean);
+        if !start.is_finite() {
+            return exec_err!(
+                "glm: the outcome is constant over the complete rows: the model cannot be fitted"
+            );
+        }
+        let null_deviance =
+            self.terms(rounds, &rows, &[], true, &[start]).await?[GlmLayout::DEVIANCE];
+
+        let mut beta = vec![0.0; q];
+        if intercept {
+            beta[0] = start;
+        }
+        let mut previous_deviance = f64::INFINITY;
+        let mut converged = false;
+        let mut iterations = 0;
+        let mut sums;
+        loop {
+            iterations += 1;
+            sums = self.terms(rounds, &rows, &design, intercept, &beta).await?;
+            let deviance = sums[GlmLayout::DEVIANCE];
+            let Some(next) = spd_solve(&sums[layout.xtwx()], &sums[layout.xtwz()]) else {
+                return exec_err!(
+                    "glm: the design is singular (a covariate is constant or a combination of \
+                     others, or a level has no rows)"
+                );
+            };
+            let step_small = next
+                .iter()
+                .zip(&beta)
+                .all(|(b1, b0)| (b1 - b0).abs() <= TOLERANCE * b1.abs().max(1.0));
+            let deviance_still =
+                (deviance - previous_deviance).abs() <= TOLERANCE * (deviance.abs() + 0.1);
+            if step_small || deviance_still {
+                converged = true;
+                break;
+            }
+            if iterations >= MAX_ITERATIONS {
+                break;
+            }
+            previous_deviance = deviance;
+            beta = next;
+        }
+
+        let n = sums[GlmLayout::N];
+        let deviance = sums[GlmLayout::DEVIANCE];
+        let residual_df = n - q as f64;
+        let (log_likelihood, aic) = match self.family {
+            Family::Gaussian => {
+                let ll = -n / 2.0 * ((2.0 * std::f64::consts::PI * deviance / n).ln() + 1.0);
+                (ll, -2.0 * ll + 2.0 * (q as f64 + 1.0))
+            }
+            _ => {
+                let ll = sums[GlmLayout::LOGLIK];
+                (ll, -2.0 * ll + 2.0 * q as f64)
+            }
+        };
+        if self.fit_summary {
+            return batch(
+                self.schema(),
+                vec![
+                    Arc::new(Int64Array::from(vec![n as i64])),
+                    Arc::new(Int64Array::from(vec![iterations as i64])),
+                    Arc::new(BooleanArray::from(vec![converged])),
+                    Arc::new(Float64Array::from(vec![log_likelihood])),
+                    Arc::new(Float64Array::from(vec![deviance])),
+                    Arc::new(Float64Array::from(vec![null_deviance])),
+                    Arc::new(Float64Array::from(vec![aic])),
+                ],
+            );
+        }
+        let Some(inverse) = spd_inverse(&sums[layout.xtwx()], q) else {
+            return exec_err!("glm: the information matrix is singular at the estimate");
+        };
+        let dispersion = match self.family {
+            Family::Gaussian => deviance / residual_df,
+            _ => 1.0,
+        };
+        let mut names: Vec<String> = Vec::with_capacity(q);
+        if intercept {
+            names.push("Intercept".to_string());
+        }
+        names.extend(design.iter().map(|d| d.name.clone()));
+        let mut estimates = Vec::with_capacity(q);
+        let mut errors = Vec::with_capacity(q);
+        let mut statistics = Vec::with_capacity(q);
+        let mut p_values = Vec::with_capacity(q);
+        for j in 0..q {
+            let se = (dispersion * inverse[(j, j)]).sqrt();
+            let statistic = beta[j] / se;
+            estimates.push(beta[j]);
+            errors.push(se);
+            statistics.push(statistic);
+            p_values.push(match self.family {
+                Family::Gaussian => t_p(statistic, residual_df),
+                _ => normal_p(statistic),
+            });
+        }
+        coefficients(names, estimates, errors, statistics, p_values)
+    }
+}
+
+/// `term, estimate, std_error, statistic, p_value`.
+pub(crate) fn coefficient_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("term", DataType::Utf8, false),
+        Field::new("estimate", DataType::Float64, false),
+        Field::new("std_error", DataType::Float64, false),
+        Field::new("statistic", DataType::Float64, false),
+        Field::new("p_value", DataType::Float64, false),
+    ]))
+}
+
+pub(crate) fn coefficients(
+    names: Vec<String>,
+    estimates: Vec<f64>,
+    errors: Vec<f64>,
+    statistics: Vec<f64>,
+    p_values: Vec<f64>,
+) -> Result<RecordBatch> {
+    batch(
+        coefficient_schema(),
+        vec![
+            Arc::new(StringArray::from(names)),
+            Arc::new(Float64Array::from(estimates)),
+            Arc::new(Float64Array::from(errors)),
+            Arc::new(Float64Array::from(statistics)),
+            Arc::new(Float64Array::from(p_values)),
+        ],
+    )
+}

@@ -1,0 +1,750 @@
+//! Federated statistics as SQL table functions: `glm`, `glm_fit`, `kaplan_meier`, `logrank`,
+//! `cox`, `cox_fit` and `crosstab`.
+//!
+//! ```text
+//!   SELECT * FROM glm('lung', 'status ~ age', 'binomial')
+//!        │ call_with_args: parse and check the arguments against the catalog (no I/O)
+//!        ▼
+//!   StatsTable ──scan──▶ StatsExec (query identity assigned like a FragmentExec)
+//!        │ execute: rounds, each one fragment per station, concurrently:
+//!        │   SELECT glm_terms('binomial', true, "status", "age", b0, b1) FROM "lung" WHERE …
+//!        ▼   stations check it (model rules), run it, release sums; the hub adds them up,
+//!   one batch of results                          solves, and sends the next round
+//! ```
+//!
+//! The key decision: a station's share of every model is an ordinary aggregate fragment
+//! (`glm_terms`, `survival_terms` from `railyard-udfs`), so it goes through the same policy
+//! check, audit log and thresholds as any SQL. The hub only ever adds up per-station sums,
+//! which is why the federated fit equals the pooled fit.
+//!
+//! Layout: this file (arguments, the operator, rounds), [`formula`] (model formulas), [`glm`],
+//! [`survival`] (Kaplan–Meier, log-rank, Cox), [`crosstab`].
+
+mod crosstab;
+mod formula;
+mod glm;
+mod survival;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableFunctionImpl, TableProvider};
+use datafusion::common::{DFSchema, Result as DfResult, ScalarValue, plan_err};
+use datafusion::datasource::TableType;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SessionState;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use datafusion::prelude::SessionContext;
+use railyard_planner::FederatedTable;
+use railyard_udfs::wire::FragmentTicket;
+
+use crate::exec::{QueryContext, fetch_all};
+use crate::station_client::StationClient;
+
+pub use formula::{Formula, Term};
+
+/// What the statistics functions need of the hub: its stations and its tables.
+#[derive(Debug)]
+pub struct StatsEnv {
+    pub stations: Arc<Vec<StationClient>>,
+    pub tables: BTreeMap<String, Arc<FederatedTable>>,
+}
+
+/// Registers every statistics table function in `ctx`.
+pub fn register(ctx: &SessionContext, env: Arc<StatsEnv>) {
+    for kind in [
+        Kind::Glm,
+        Kind::GlmFit,
+        Kind::KaplanMeier,
+        Kind::Logrank,
+        Kind::Cox,
+        Kind::CoxFit,
+        Kind::Crosstab,
+    ] {
+        ctx.register_udtf(
+            kind.name(),
+            Arc::new(StatsFunction {
+                kind,
+                env: Arc::clone(&env),
+            }),
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Glm,
+    GlmFit,
+    KaplanMeier,
+    Logrank,
+    Cox,
+    CoxFit,
+    Crosstab,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Glm => "glm",
+            Kind::GlmFit => "glm_fit",
+            Kind::KaplanMeier => "kaplan_meier",
+            Kind::Logrank => "logrank",
+            Kind::Cox => "cox",
+            Kind::CoxFit => "cox_fit",
+            Kind::Crosstab => "crosstab",
+        }
+    }
+
+    /// The argument names, required then optional.
+    fn usage(self) -> &'static str {
+        match self {
+            Kind::Glm | Kind::GlmFit => "(table, formula, family [, filter])",
+            Kind::KaplanMeier => "(table, time_column, event_column [, group_column [, filter]])",
+            Kind::Logrank => "(table, time_column, event_column, group_column [, filter])",
+            Kind::Cox | Kind::CoxFit => "(table, time_column, event_column, covariates [, filter])",
+            Kind::Crosstab => "(table, row_column, column_column [, filter])",
+        }
+    }
+
+    fn arity(self) -> (usize, usize) {
+        match self {
+            Kind::Glm | Kind::GlmFit => (3, 4),
+            Kind::KaplanMeier => (3, 5),
+            Kind::Logrank | Kind::Cox | Kind::CoxFit => (4, 5),
+            Kind::Crosstab => (3, 4),
+        }
+    }
+}
+
+/// A statistics call with its arguments checked against the catalog.
+#[derive(Debug, Clone)]
+pub(crate) enum Job {
+    Glm(glm::GlmJob),
+    KaplanMeier(survival::KmJob),
+    Logrank(survival::KmJob),
+    Cox(survival::CoxJob),
+    Crosstab(crosstab::CrosstabJob),
+}
+
+/// The table a statistics call reads, and the filter it applies.
+#[derive(Debug, Clone)]
+pub(crate) struct Source {
+    pub table: Arc<FederatedTable>,
+    /// The researcher's filter as SQL (re-rendered from its parsed form), if any.
+    pub filter: Option<String>,
+    /// Columns the filter reads.
+    pub filter_columns: BTreeSet<String>,
+}
+
+impl Source {
+    /// The WHERE clause of a fragment over `columns`: the filter, and complete cases.
+    pub fn where_clause<'a>(&self, columns: impl IntoIterator<Item = &'a String>) -> String {
+        let mut parts: Vec<String> = self.filter.iter().map(|f| format!("({f})")).collect();
+        let mut seen = BTreeSet::new();
+        for c in columns {
+            if seen.insert(c.clone()) {
+                parts.push(format!("{} IS NOT NULL", ident(c)));
+            }
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", parts.join(" AND "))
+        }
+    }
+
+    /// Every column a computation over `columns` touches (for thresholds).
+    pub fn touched<'a>(&self, columns: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
+        let mut all = self.filter_columns.clone();
+        all.extend(columns.into_iter().cloned());
+        all
+    }
+
+    /// The data type of a column, or an error naming it and the table.
+    pub fn column_type(&self, column: &str) -> DfResult<DataType> {
+        match self.table.schema().field_with_name(column) {
+            Ok(f) => Ok(f.data_type().clone()),
+            Err(_) => plan_err!(
+                "table '{}' has no column '{column}' (columns: {})",
+                self.table.name(),
+                self.table
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Like [`Source::column_type`], and the column must be numeric.
+    pub fn numeric_column(&self, column: &str, role: &str) -> DfResult<()> {
+        let t = self.column_type(column)?;
+        if !(t.is_numeric() || t == DataType::Boolean) {
+            return plan_err!("the {role} '{column}' must be numeric, not {t}");
+        }
+        Ok(())
+    }
+}
+
+/// A SQL identifier, quoted.
+pub(crate) fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A float as SQL text that parses back to exactly the same value.
+pub(crate) fn float_sql(v: f64) -> String {
+    let text = format!("{v:?}");
+    // `{:?}` writes `1e-10`; SQL reads that as a float too, but `1.0e-10` keeps it a float
+    // literal for every dialect.
+    if text.contains('e') && !text.contains('.') {
+        text.replacen('e', ".0e", 1)
+    } else {
+        text
+    }
+}
+
+/// A level value as a SQL literal (for `column = literal` indicators).
+pub(crate) fn value_sql(v: &ScalarValue) -> DfResult<String> {
+    Ok(match v {
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::LargeUtf8(Some(s))
+        | ScalarValue::Utf8View(Some(s)) => {
+            format!("'{}'", s.replace('\'', "''"))
+        }
+        ScalarValue::Boolean(Some(b)) => b.to_string(),
+        ScalarValue::Float32(Some(_)) | ScalarValue::Float64(Some(_)) => {
+            match v.cast_to(&DataType::Float64)? {
+                ScalarValue::Float64(Some(f)) => float_sql(f),
+                _ => unreachable!("a float casts to Float64"),
+            }
+        }
+        v if v.data_type().is_integer() && !v.is_null() => v.to_string(),
+        other => {
+            return plan_err!(
+                "levels of type {} are not supported (use an integer, text or boolean column)",
+                other.data_type()
+            );
+        }
+    })
+}
+
+/// A level value as the text shown in results (`1`, `female`).
+pub(crate) fn value_text(v: &ScalarValue) -> String {
+    match v {
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::LargeUtf8(Some(s))
+        | ScalarValue::Utf8View(Some(s)) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Debug)]
+struct StatsFunction {
+    kind: Kind,
+    env: Arc<StatsEnv>,
+}
+
+impl StatsFunction {
+    fn strings(&self, exprs: &[Expr]) -> DfResult<Vec<String>> {
+        let (min, max) = self.kind.arity();
+        let name = self.kind.name();
+        if exprs.len() < min || exprs.len() > max {
+            return plan_err!(
+                "{name}{}: {} arguments given",
+                self.kind.usage(),
+                exprs.len()
+            );
+        }
+        exprs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match e {
+                Expr::Literal(
+                    ScalarValue::Utf8(Some(s))
+                    | ScalarValue::LargeUtf8(Some(s))
+                    | ScalarValue::Utf8View(Some(s)),
+                    _,
+                ) => Ok(s.clone()),
+                _ => plan_err!(
+                    "{name}{}: argument {} must be a string literal",
+                    self.kind.usage(),
+                    i + 1
+                ),
+            })
+            .collect()
+    }
+
+    fn source(&self, table: &str, filter: Option<&str>, session: &dyn Session) -> DfResult<Source> {
+        let Some(t) = self.env.tables.get(table) else {
+            return plan_err!(
+                "{}: no federated table '{table}' (tables: {})",
+                self.kind.name(),
+                self.env
+                    .tables
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        let mut source = Source {
+            table: Arc::clone(t),
+            filter: None,
+            filter_columns: BTreeSet::new(),
+        };
+        if let Some(text) = filter.filter(|f| !f.trim().is_empty()) {
+            let Some(state) = session.as_any().downcast_ref::<SessionState>() else {
+                return plan_err!("{}: the filter cannot be parsed here", self.kind.name());
+            };
+            let schema = DFSchema::try_from_qualified_schema(t.name(), t.schema().as_ref())?;
+            let expr = state.create_logical_expr(text, &schema).map_err(|e| {
+                DataFusionError::Plan(format!(
+                    "{}: the filter does not parse: {e}",
+                    self.kind.name()
+                ))
+            })?;
+            source.filter_columns = expr.column_refs().iter().map(|c| c.name.clone()).collect();
+            let unqualified = expr
+                .transform(|e| {
+                    Ok(match e {
+                        Expr::Column(c) => datafusion::common::tree_node::Transformed::yes(
+                            Expr::Column(datafusion::common::Column::new_unqualified(c.name)),
+                        ),
+                        other => datafusion::common::tree_node::Transformed::no(other),
+                    })
+                })?
+                .data;
+            source.filter = Some(datafusion::sql::unparser::expr_to_sql(&unqualified)?.to_string());
+        }
+        Ok(source)
+    }
+}
+
+use datafusion::common::tree_node::TreeNode;
+
+impl TableFunctionImpl for StatsFunction {
+    fn call_with_args(
+        &self,
+        args: datafusion::catalog::TableFunctionArgs,
+    ) -> DfResult<Arc<dyn TableProvider>> {
+        let a = self.strings(args.exprs())?;
+        let session = args.session();
+        let job = match self.kind {
+            Kind::Glm | Kind::GlmFit => {
+                let source = self.source(&a[0], a.get(3).map(String::as_str), session)?;
+                Job::Glm(glm::GlmJob::new(
+                    source,
+                    &a[1],
+                    &a[2],
+                    self.kind == Kind::GlmFit,
+                )?)
+            }
+            Kind::KaplanMeier | Kind::Logrank => {
+                let source = self.source(&a[0], a.get(4).map(String::as_str), session)?;
+                let group = a.get(3).filter(|g| !g.trim().is_empty()).cloned();
+                if self.kind == Kind::Logrank && group.is_none() {
+                    return plan_err!("logrank{}: a group column is needed", self.kind.usage());
+                }
+                let km = survival::KmJob::new(source, &a[1], &a[2], group)?;
+                if self.kind == Kind::Logrank {
+                    Job::Logrank(km)
+                } else {
+                    Job::KaplanMeier(km)
+                }
+            }
+            Kind::Cox | Kind::CoxFit => {
+                let source = self.source(&a[0], a.get(4).map(String::as_str), session)?;
+                Job::Cox(survival::CoxJob::new(
+                    source,
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    self.kind == Kind::CoxFit,
+                )?)
+            }
+            Kind::Crosstab => {
+                let source = self.source(&a[0], a.get(3).map(String::as_str), session)?;
+                Job::Crosstab(crosstab::CrosstabJob::new(source, &a[1], &a[2])?)
+            }
+        };
+        Ok(Arc::new(StatsTable {
+            schema: job.schema(),
+            job,
+            stations: Arc::clone(&self.env.stations),
+        }))
+    }
+}
+
+impl Job {
+    fn schema(&self) -> SchemaRef {
+        match self {
+            Job::Glm(j) => j.schema(),
+            Job::KaplanMeier(j) => j.km_schema(),
+            Job::Logrank(_) => survival::logrank_schema(),
+            Job::Cox(j) => j.schema(),
+            Job::Crosstab(_) => crosstab::schema(),
+        }
+    }
+
+    fn source(&self) -> &Source {
+        match self {
+            Job::Glm(j) => &j.source,
+            Job::KaplanMeier(j) | Job::Logrank(j) => &j.source,
+            Job::Cox(j) => &j.source,
+            Job::Crosstab(j) => &j.source,
+        }
+    }
+
+    async fn run(&self, rounds: &Rounds) -> DfResult<RecordBatch> {
+        match self {
+            Job::Glm(j) => j.run(rounds).await,
+            Job::KaplanMeier(j) => j.run_km(rounds).await,
+            Job::Logrank(j) => j.run_logrank(rounds).await,
+            Job::Cox(j) => j.run(rounds).await,
+            Job::Crosstab(j) => j.run(rounds).await,
+        }
+    }
+}
+
+/// The result of a statistics call, as a table.
+#[derive(Debug)]
+struct StatsTable {
+    schema: SchemaRef,
+    job: Job,
+    stations: Arc<Vec<StationClient>>,
+}
+
+#[async_trait]
+impl TableProvider for StatsTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(StatsExec::new(
+            self.job.clone(),
+            Arc::clone(&self.schema),
+            projection.cloned(),
+            Arc::clone(&self.stations),
+        )?))
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![
+            TableProviderFilterPushDown::Unsupported;
+            filters.len()
+        ])
+    }
+}
+
+/// Runs a statistics job when executed; one partition, one batch.
+#[derive(Debug, Clone)]
+pub struct StatsExec {
+    job: Job,
+    full: SchemaRef,
+    projection: Option<Vec<usize>>,
+    stations: Arc<Vec<StationClient>>,
+    query: Option<QueryContext>,
+    properties: Arc<PlanProperties>,
+}
+
+impl StatsExec {
+    fn new(
+        job: Job,
+        full: SchemaRef,
+        projection: Option<Vec<usize>>,
+        stations: Arc<Vec<StationClient>>,
+    ) -> DfResult<Self> {
+        let schema = match &projection {
+            Some(p) => Arc::new(full.project(p)?),
+            None => Arc::clone(&full),
+        };
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        );
+        Ok(Self {
+            job,
+            full,
+            projection,
+            stations,
+            query: None,
+            properties: Arc::new(properties),
+        })
+    }
+
+    /// The same operator, run on behalf of `query`.
+    pub fn with_query(&self, query: QueryContext) -> Self {
+        Self {
+            query: Some(query),
+            ..self.clone()
+        }
+    }
+}
+
+impl DisplayAs for StatsExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "StatsExec: table={}", self.job.source().table.name())
+    }
+}
+
+impl ExecutionPlan for StatsExec {
+    fn name(&self) -> &str {
+        "StatsExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(
+            &Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+        ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
+    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if !children.is_empty() {
+            return plan_err!("StatsExec has no children");
+        }
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        if partition != 0 {
+            return plan_err!("StatsExec has one partition, not {partition}");
+        }
+        let Some(query) = self.query.clone() else {
+            return Err(DataFusionError::Internal(
+                "statistics were executed without a query identity".into(),
+            ));
+        };
+        let schema = self.properties.eq_properties.schema().clone();
+        let job = self.job.clone();
+        let projection = self.projection.clone();
+        let full = Arc::clone(&self.full);
+        let stations: Vec<StationClient> = {
+            let holding = job.source().table.stations();
+            self.stations
+                .iter()
+                .filter(|s| holding.iter().any(|h| h.as_str() == s.name.as_ref()))
+                .cloned()
+                .collect()
+        };
+        let run = async move {
+            let rounds = Rounds {
+                stations,
+                query,
+                next_fragment: AtomicUsize::new(1),
+                table: job.source().table.name().to_string(),
+            };
+            let batch = job.run(&rounds).await?;
+            debug_assert_eq!(batch.schema(), full);
+            match projection {
+                Some(p) => Ok(batch.project(&p)?),
+                None => Ok(batch),
+            }
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::once(run),
+        )))
+    }
+}
+
+/// One statistics call's conversation with the stations of its table.
+pub(crate) struct Rounds {
+    stations: Vec<StationClient>,
+    query: QueryContext,
+    next_fragment: AtomicUsize,
+    table: String,
+}
+
+impl Rounds {
+    /// Sends `SELECT {select} FROM table{rest}` to every station of the table at once and
+    /// returns each station's batches, in station order. `schema` is what every station
+    /// must answer (the station appends its row count, `__rows`, which is included).
+    pub async fn run(
+        &self,
+        select: &str,
+        rest: &str,
+        schema: SchemaRef,
+    ) -> DfResult<Vec<Vec<RecordBatch>>> {
+        let fragment = self.next_fragment.fetch_add(1, Ordering::Relaxed);
+        let sql = format!("SELECT {select} FROM {}{rest}", ident(&self.table));
+        let ticket = FragmentTicket {
+            query_id: self.query.query_id.clone(),
+            fragment,
+            researcher: self.query.researcher.clone(),
+            sql,
+        };
+        fetch_all(
+            &self.stations,
+            &ticket,
+            &schema,
+            self.query.fragment_timeout,
+        )
+        .await
+        .map_err(|failure| DataFusionError::External(Box::new(failure)))
+    }
+}
+
+/// A schema with `__rows` appended (what a station answers to an aggregate fragment).
+pub(crate) fn with_rows(fields: Vec<Field>) -> SchemaRef {
+    let mut fields = fields;
+    fields.push(Field::new(
+        railyard_udfs::wire::ROWS_COLUMN,
+        DataType::Int64,
+        false,
+    ));
+    Arc::new(Schema::new(fields))
+}
+
+/// Builds a batch from columns of `schema`.
+pub(crate) fn batch(schema: SchemaRef, columns: Vec<ArrayRef>) -> DfResult<RecordBatch> {
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// Levels of `column` with at least `k` complete rows pooled (each station also withholds
+/// its levels below its own k), sorted by value.
+pub(crate) async fn levels(
+    rounds: &Rounds,
+    source: &Source,
+    column: &str,
+    complete: &[String],
+) -> DfResult<Vec<ScalarValue>> {
+    let data_type = source.column_type(column)?;
+    let schema = with_rows(vec![
+        Field::new("level", data_type, true),
+        Field::new("n", DataType::Int64, false),
+    ]);
+    let rest = format!(
+        "{} GROUP BY {}",
+        source.where_clause(complete.iter()),
+        ident(column)
+    );
+    let answers = rounds
+        .run(
+            &format!("{} AS level, count(*) AS n", ident(column)),
+            &rest,
+            schema,
+        )
+        .await?;
+    let k = source
+        .table
+        .min_group_size(&source.touched(complete.iter()));
+    let mut counts: Vec<(ScalarValue, i64)> = Vec::new();
+    for batch in answers.iter().flatten() {
+        let n = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>();
+        for row in 0..batch.num_rows() {
+            let value = ScalarValue::try_from_array(batch.column(0), row)?;
+            let count = n.map(|a| a.value(row)).unwrap_or(0);
+            match counts.iter_mut().find(|(v, _)| *v == value) {
+                Some((_, c)) => *c += count,
+                None => counts.push((value, count)),
+            }
+        }
+    }
+    let mut levels: Vec<ScalarValue> = counts
+        .into_iter()
+        .filter(|(v, c)| !v.is_null() && *c as u64 >= k)
+        .map(|(v, _)| v)
+        .collect();
+    levels.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Ok(levels)
+}
+
+/// Two-sided p-value of a standard normal statistic.
+pub(crate) fn normal_p(z: f64) -> f64 {
+    statrs::function::erf::erfc(z.abs() / std::f64::consts::SQRT_2)
+}
+
+/// Two-sided p-value of a Student t statistic.
+pub(crate) fn t_p(t: f64, df: f64) -> f64 {
+    use statrs::distribution::{ContinuousCDF, StudentsT};
+    match StudentsT::new(0.0, 1.0, df) {
+        Ok(d) => 2.0 * d.sf(t.abs()),
+        Err(_) => f64::NAN,
+    }
+}
+
+/// Upper-tail p-value of a chi-square statistic.
+pub(crate) fn chi2_p(x: f64, df: f64) -> f64 {
+    use statrs::distribution::{ChiSquared, ContinuousCDF};
+    match ChiSquared::new(df) {
+        Ok(d) => d.sf(x),
+        Err(_) => f64::NAN,
+    }
+}
+
+/// Inverts a symmetric positive definite matrix (row-major, n × n), or None if it is not.
+pub(crate) fn spd_inverse(values: &[f64], n: usize) -> Option<nalgebra::DMatrix<f64>> {
+    let m = nalgebra::DMatrix::from_row_slice(n, n, values);
+    let m = (&m + m.transpose()) * 0.5;
+    nalgebra::Cholesky::new(m).map(|c| c.inverse())
+}
+
+/// Solves `A x = b` for symmetric positive definite `A`, or None if it is not.
+pub(crate) fn spd_solve(a: &[f64], b: &[f64]) -> Option<Vec<f64>> {
+    let n = b.len();
+    let m = nalgebra::DMatrix::from_row_slice(n, n, a);
+    let m = (&m + m.transpose()) * 0.5;
+    let chol = nalgebra::Cholesky::new(m)?;
+    let x = chol.solve(&nalgebra::DVector::from_column_slice(b));
+    x.iter()
+        .all(|v| v.is_finite())
+        .then(|| x.iter().copied().collect())
+}
+
+/// The `Kind` for display in errors.
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -1,0 +1,434 @@
+//! `glm_terms(family, intercept, y, x1 … xp, b1 … bq)`: one station's share of one
+//! iteratively reweighted least squares (Fisher scoring) step of a generalized linear model.
+//!
+//! For the coefficients `b` the hub sends, every complete row (y and all x non-NULL)
+//! contributes to sums that merge by addition across stations:
+//!
+//! ```text
+//!   n, Σy, deviance, log-likelihood,  XᵀW(Wη + y − μ)/W = Xᵀ(Wη + y − μ),  XᵀWX,
+//!   and per design column the number of rows where it is non-zero
+//! ```
+//!
+//! With a canonical link (identity/gaussian, logit/binomial, log/poisson) `dμ/dη = V(μ) = W`,
+//! so the working response never divides by a weight that may underflow: `XᵀWz =
+//! Xᵀ(Wη + y − μ)`. The hub solves `XᵀWX · b' = XᵀWz` for the next coefficients.
+//!
+//! The value is the state: a `List<Float64>` laid out by [`GlmLayout`]. Rows whose outcome
+//! is impossible for the family (binomial outside [0, 1], poisson below 0) are not used and
+//! only counted, so that the hub can refuse the model without the station failing on a value.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, ListArray};
+use arrow::datatypes::{DataType, Field, FieldRef, Float64Type};
+use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{Accumulator, AggregateUDFImpl, Signature, Volatility};
+use datafusion::physical_expr::expressions::Literal;
+
+/// The function's SQL name.
+pub const GLM_TERMS: &str = "glm_terms";
+
+/// The response distributions, each with its canonical link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Gaussian,
+    Binomial,
+    Poisson,
+}
+
+impl Family {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "gaussian" => Some(Family::Gaussian),
+            "binomial" => Some(Family::Binomial),
+            "poisson" => Some(Family::Poisson),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Gaussian => "gaussian",
+            Family::Binomial => "binomial",
+            Family::Poisson => "poisson",
+        }
+    }
+
+    /// The mean for a linear predictor (the inverse link).
+    pub fn mean(self, eta: f64) -> f64 {
+        match self {
+            Family::Gaussian => eta,
+            Family::Binomial => 1.0 / (1.0 + (-eta).exp()),
+            Family::Poisson => eta.exp(),
+        }
+    }
+
+    /// The linear predictor for a mean (the link).
+    pub fn link(self, mu: f64) -> f64 {
+        match self {
+            Family::Gaussian => mu,
+            Family::Binomial => (mu / (1.0 - mu)).ln(),
+            Family::Poisson => mu.ln(),
+        }
+    }
+
+    fn valid(self, y: f64) -> bool {
+        match self {
+            Family::Gaussian => y.is_finite(),
+            Family::Binomial => (0.0..=1.0).contains(&y),
+            Family::Poisson => y.is_finite() && y >= 0.0,
+        }
+    }
+}
+
+/// `ln(1 + e^x)` without overflow.
+fn softplus(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+/// `x ln x` with `0 ln 0 = 0`.
+fn xlogx(x: f64) -> f64 {
+    if x > 0.0 { x * x.ln() } else { 0.0 }
+}
+
+/// Where each sum sits in the released vector, for `q` design columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlmLayout {
+    pub q: usize,
+}
+
+impl GlmLayout {
+    /// Complete rows used.
+    pub const N: usize = 0;
+    /// Complete rows not used because the outcome is impossible for the family.
+    pub const INVALID: usize = 1;
+    pub const SUM_Y: usize = 2;
+    pub const DEVIANCE: usize = 3;
+    /// Σ log-likelihood per row (binomial, poisson; the gaussian one needs the fitted
+    /// variance and is computed by the hub from the deviance).
+    pub const LOGLIK: usize = 4;
+    const HEAD: usize = 5;
+
+    pub fn xtwz(self) -> Range<usize> {
+        Self::HEAD..Self::HEAD + self.q
+    }
+
+    /// Row-major q × q.
+    pub fn xtwx(self) -> Range<usize> {
+        let start = Self::HEAD + self.q;
+        start..start + self.q * self.q
+    }
+
+    /// Rows where each design column is non-zero.
+    pub fn nonzero(self) -> Range<usize> {
+        let start = Self::HEAD + self.q + self.q * self.q;
+        start..start + self.q
+    }
+
+    pub fn len(self) -> usize {
+        Self::HEAD + 2 * self.q + self.q * self.q
+    }
+
+    pub fn is_empty(self) -> bool {
+        false
+    }
+}
+
+/// How a call's arguments divide: `(family, intercept, y, x1 … xp, b1 … bq)` with
+/// `q = p + intercept`. Returns p.
+pub fn glm_covariates(args: usize, intercept: bool) -> Option<usize> {
+    let rest = args.checked_sub(3 + usize::from(intercept))?;
+    (rest % 2 == 0).then_some(rest / 2)
+}
+
+/// A `List<Float64>` scalar holding `values`.
+pub fn f64_list(values: &[f64]) -> ScalarValue {
+    ScalarValue::List(Arc::new(
+        ListArray::from_iter_primitive::<Float64Type, _, _>([Some(
+            values.iter().map(|v| Some(*v)).collect::<Vec<_>>(),
+        )]),
+    ))
+}
+
+/// The values of a non-NULL `List<Float64>` entry.
+pub fn list_values(list: &ListArray, row: usize) -> Option<Vec<f64>> {
+    if list.is_null(row) {
+        return None;
+    }
+    let values = list.value(row);
+    let values = values.as_primitive_opt::<Float64Type>()?;
+    Some(values.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+}
+
+/// A literal argument of an accumulator call, or a planning error naming it.
+pub(crate) fn literal_arg<'a>(
+    args: &'a AccumulatorArgs,
+    i: usize,
+    what: &str,
+) -> Result<&'a ScalarValue> {
+    match args.exprs.get(i).and_then(|e| e.downcast_ref::<Literal>()) {
+        Some(l) => Ok(l.value()),
+        None => plan_err!(
+            "{}: {what} (argument {}) must be a literal",
+            args.name,
+            i + 1
+        ),
+    }
+}
+
+/// A literal number argument as f64.
+pub(crate) fn literal_f64(args: &AccumulatorArgs, i: usize, what: &str) -> Result<f64> {
+    let value = literal_arg(args, i, what)?;
+    match value.cast_to(&DataType::Float64)? {
+        ScalarValue::Float64(Some(v)) if v.is_finite() => Ok(v),
+        _ => plan_err!(
+            "{}: {what} (argument {}) must be a finite number",
+            args.name,
+            i + 1
+        ),
+    }
+}
+
+/// Coerces every argument from `first_numeric` on to Float64 (numbers and booleans).
+pub(crate) fn coerce_numeric(
+    name: &str,
+    arg_types: &[DataType],
+    first_numeric: usize,
+) -> Result<Vec<DataType>> {
+    arg_types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if i < first_numeric {
+                return Ok(t.clone());
+            }
+            if t.is_numeric() || matches!(t, DataType::Boolean | DataType::Null) {
+                Ok(DataType::Float64)
+            } else {
+                plan_err!("{name}: argument {} must be numeric, not {t}", i + 1)
+            }
+        })
+        .collect()
+}
+
+/// The list type of the released vector.
+pub fn f64_list_type() -> DataType {
+    DataType::new_list(DataType::Float64, true)
+}
+
+/// The `glm_terms` aggregate.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct GlmTerms {
+    signature: Signature,
+}
+
+impl Default for GlmTerms {
+    fn default() -> Self {
+        Self {
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+}
+
+impl AggregateUDFImpl for GlmTerms {
+    fn name(&self) -> &str {
+        GLM_TERMS
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        if arg_types.len() < 4 {
+            return plan_err!(
+                "{GLM_TERMS}(family, intercept, y, x…, b…) needs at least four arguments"
+            );
+        }
+        let mut types = coerce_numeric(GLM_TERMS, arg_types, 2)?;
+        types[0] = DataType::Utf8;
+        types[1] = DataType::Boolean;
+        Ok(types)
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(f64_list_type())
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[terms]", args.name),
+            f64_list_type(),
+            true,
+        ))])
+    }
+
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        let family = match literal_arg(&args, 0, "the family")? {
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::LargeUtf8(Some(s))
+            | ScalarValue::Utf8View(Some(s)) => Family::parse(s),
+            _ => None,
+        };
+        let Some(family) = family else {
+            return plan_err!(
+                "{GLM_TERMS}: the family must be 'gaussian', 'binomial' or 'poisson'"
+            );
+        };
+        let intercept = match literal_arg(&args, 1, "the intercept flag")? {
+            ScalarValue::Boolean(Some(b)) => *b,
+            _ => return plan_err!("{GLM_TERMS}: the intercept flag must be true or false"),
+        };
+        let Some(p) = glm_covariates(args.exprs.len(), intercept) else {
+            return plan_err!(
+                "{GLM_TERMS}: expected y, p covariates and p{} coefficients",
+                if intercept { " + 1" } else { "" }
+            );
+        };
+        let q = p + usize::from(intercept);
+        let beta = (0..q)
+            .map(|j| literal_f64(&args, 3 + p + j, "a coefficient"))
+            .collect::<Result<Vec<_>>>()?;
+        let layout = GlmLayout { q };
+        Ok(Box::new(GlmAccumulator {
+            family,
+            intercept,
+            p,
+            beta,
+            layout,
+            sums: vec![0.0; layout.len()],
+            row: vec![0.0; q],
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct GlmAccumulator {
+    family: Family,
+    intercept: bool,
+    p: usize,
+    beta: Vec<f64>,
+    layout: GlmLayout,
+    sums: Vec<f64>,
+    /// The design row being added (reused).
+    row: Vec<f64>,
+}
+
+impl GlmAccumulator {
+    fn add_row(&mut self, y: f64) {
+        let layout = self.layout;
+        let q = layout.q;
+        let eta: f64 = self.row.iter().zip(&self.beta).map(|(x, b)| x * b).sum();
+        if !self.family.valid(y) || !eta.is_finite() {
+            self.sums[GlmLayout::INVALID] += 1.0;
+            return;
+        }
+        let mu = self.family.mean(eta);
+        let (w, deviance, loglik) = match self.family {
+            Family::Gaussian => (1.0, (y - mu) * (y - mu), 0.0),
+            Family::Binomial => {
+                // log μ = −softplus(−η), log(1 − μ) = −softplus(η): exact for large |η|.
+                let ll = -y * softplus(-eta) - (1.0 - y) * softplus(eta);
+                (mu * (1.0 - mu), 2.0 * (xlogx(y) + xlogx(1.0 - y) - ll), ll)
+            }
+            Family::Poisson => {
+                let ll = y * eta - mu - statrs::function::gamma::ln_gamma(y + 1.0);
+                let saturated = xlogx(y) - y - statrs::function::gamma::ln_gamma(y + 1.0);
+                (mu, 2.0 * (saturated - ll), ll)
+            }
+        };
+        let s = &mut self.sums;
+        s[GlmLayout::N] += 1.0;
+        s[GlmLayout::SUM_Y] += y;
+        s[GlmLayout::DEVIANCE] += deviance;
+        s[GlmLayout::LOGLIK] += loglik;
+        let r = w * eta + (y - mu);
+        let (xtwz, xtwx, nonzero) = (layout.xtwz(), layout.xtwx(), layout.nonzero());
+        for j in 0..q {
+            let xj = self.row[j];
+            s[xtwz.start + j] += xj * r;
+            if xj != 0.0 {
+                s[nonzero.start + j] += 1.0;
+            }
+            for k in 0..q {
+                s[xtwx.start + j * q + k] += w * xj * self.row[k];
+            }
+        }
+    }
+}
+
+/// Adds `other` into `sums` element by element.
+pub fn add_terms(sums: &mut [f64], other: &[f64]) -> Result<()> {
+    if sums.len() != other.len() {
+        return exec_err!(
+            "model terms of different lengths ({} and {}) cannot be merged",
+            sums.len(),
+            other.len()
+        );
+    }
+    for (a, b) in sums.iter_mut().zip(other) {
+        *a += b;
+    }
+    Ok(())
+}
+
+impl Accumulator for GlmAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let column = |i: usize| -> Result<&Float64Array> {
+            match values
+                .get(i)
+                .and_then(|a| a.as_primitive_opt::<Float64Type>())
+            {
+                Some(a) => Ok(a),
+                None => exec_err!("{GLM_TERMS}: argument {} is not Float64", i + 1),
+            }
+        };
+        let y = column(2)?;
+        let xs = (0..self.p)
+            .map(|j| column(3 + j))
+            .collect::<Result<Vec<_>>>()?;
+        let offset = usize::from(self.intercept);
+        if self.intercept {
+            self.row[0] = 1.0;
+        }
+        'rows: for i in 0..y.len() {
+            if y.is_null(i) {
+                continue;
+            }
+            for (j, x) in xs.iter().enumerate() {
+                if x.is_null(i) {
+                    continue 'rows;
+                }
+                self.row[offset + j] = x.value(i);
+            }
+            self.add_row(y.value(i));
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(f64_list(&self.sums))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + 8 * (self.sums.len() + self.beta.len() + self.row.len())
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![f64_list(&self.sums)])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let Some(list) = states.first().and_then(|a| a.as_list_opt::<i32>()) else {
+            return exec_err!("{GLM_TERMS}: the state is not a list");
+        };
+        for row in 0..list.len() {
+            if let Some(values) = list_values(list, row) {
+                add_terms(&mut self.sums, &values)?;
+            }
+        }
+        Ok(())
+    }
+}
