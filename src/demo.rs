@@ -65,6 +65,67 @@ pub const QUERIES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The real datasets the demo's stations also hold, embedded in the binary (see
+/// `tests/data/README.md` for their sources): (table, station, CSV text).
+const REAL_DATA: &[(&str, &str, &str)] = &[
+    (
+        "lung",
+        "station_a",
+        include_str!("../tests/data/lung/horizontal/csv/station_a.csv"),
+    ),
+    (
+        "lung",
+        "station_b",
+        include_str!("../tests/data/lung/horizontal/csv/station_b.csv"),
+    ),
+    (
+        "lung",
+        "station_c",
+        include_str!("../tests/data/lung/horizontal/csv/station_c.csv"),
+    ),
+    (
+        "breast_cancer",
+        "station_a",
+        include_str!("../tests/data/breast_cancer/horizontal/csv/station_a.csv"),
+    ),
+    (
+        "breast_cancer",
+        "station_b",
+        include_str!("../tests/data/breast_cancer/horizontal/csv/station_b.csv"),
+    ),
+    (
+        "breast_cancer",
+        "station_c",
+        include_str!("../tests/data/breast_cancer/horizontal/csv/station_c.csv"),
+    ),
+];
+
+/// The statistics part of the demo: (what a researcher asks, the SQL).
+pub const MODELS: &[(&str, &str)] = &[
+    (
+        "Logistic regression on the Wisconsin breast cancer data: how do tumour radius and \
+         texture relate to a benign diagnosis? (Fisher scoring, one round trip per station \
+         and iteration)",
+        "SELECT * FROM glm('breast_cancer', 'diagnosis ~ mean_radius + mean_texture', 'binomial')",
+    ),
+    (
+        "The same model's fit",
+        "SELECT * FROM glm_fit('breast_cancer', 'diagnosis ~ mean_radius + mean_texture', 'binomial')",
+    ),
+    (
+        "Survival after advanced lung cancer (NCCTG) by sex: log-rank test",
+        "SELECT * FROM logrank('lung', 'time', 'status', 'sex')",
+    ),
+    (
+        "Cox proportional hazards: age and sex (Efron ties)",
+        "SELECT * FROM cox('lung', 'time', 'status', 'age + sex')",
+    ),
+];
+
+/// The Kaplan–Meier query whose curves the demo draws.
+const KAPLAN_MEIER: &str =
+    "SELECT \"group\", time, survival FROM kaplan_meier('lung', 'time', 'status', 'sex')";
+
 /// Questions the stations' default policy refuses: (what is tried, the SQL).
 pub const REFUSED: &[(&str, &str)] = &[
     (
@@ -96,12 +157,24 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
     for p in &profiles {
         writeln!(out, "  {:<10} {:>7} patients", p.name, p.patients)?;
     }
+    let mut tables = vec![TableSpec {
+        name: "registry".into(),
+        dir: registry,
+    }];
+    for (table, station, csv) in REAL_DATA {
+        let dir = dir.path().join(table);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("{station}.csv")), csv)?;
+        if !tables.iter().any(|t| t.name == *table) {
+            tables.push(TableSpec {
+                name: table.to_string(),
+                dir,
+            });
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let federation = LocalFederation::start(
-        &[TableSpec {
-            name: "registry".into(),
-            dir: registry,
-        }],
+        &tables,
         listener,
         HubOptions::default(),
         &Governance::new(None, data_dir)?,
@@ -136,6 +209,7 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
                 elapsed.as_secs_f64() * 1000.0
             )?;
         }
+        show_models(&mut client, out).await?;
         writeln!(
             out,
             "── The stations' default policy: every column 'aggregate', groups of at least 5"
@@ -170,6 +244,108 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
     .await;
     federation.shutdown().await?;
     result
+}
+
+/// The statistics functions on real data, with a text plot of the Kaplan–Meier curves.
+async fn show_models(client: &mut HubClient, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "── Statistics on real data (docs/statistics.md); the stations' default policy \
+         applies: models over at least 10 rows per station, survival times in weeks pooled \
+         to at least 5 patients per station and released time"
+    )?;
+    let t = Instant::now();
+    let answer = client.query(KAPLAN_MEIER).await?;
+    let elapsed = t.elapsed();
+    writeln!(
+        out,
+        "── Kaplan–Meier survival by sex (lung: 1 = male, 2 = female)"
+    )?;
+    writeln!(out, "{KAPLAN_MEIER}\n")?;
+    write!(out, "{}", survival_plot(&answer, 64, 16))?;
+    writeln!(
+        out,
+        "{} released times in {:.1} ms\n",
+        answer.num_rows(),
+        elapsed.as_secs_f64() * 1000.0
+    )?;
+    for (question, sql) in MODELS {
+        writeln!(out, "── {question}")?;
+        writeln!(out, "{sql}\n")?;
+        let t = Instant::now();
+        let answer = client.query(sql).await?;
+        let elapsed = t.elapsed();
+        writeln!(out, "{}", answer.to_table()?)?;
+        writeln!(out, "in {:.1} ms\n", elapsed.as_secs_f64() * 1000.0)?;
+    }
+    Ok(())
+}
+
+/// Step curves of `(group, time, survival)` rows on a `width` × `height` character grid,
+/// one letter per group (its first character), survival from 1 at the top to 0 at the bottom.
+pub fn survival_plot(answer: &Answer, width: usize, height: usize) -> String {
+    let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for batch in &answer.batches {
+        let groups = batch.column(0).as_string::<i32>();
+        let times = batch
+            .column(1)
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        let survival = batch
+            .column(2)
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        for r in 0..batch.num_rows() {
+            let g = groups.value(r).to_string();
+            let point = (times.value(r), survival.value(r));
+            match curves.iter_mut().find(|(name, _)| *name == g) {
+                Some((_, points)) => points.push(point),
+                None => curves.push((g, vec![point])),
+            }
+        }
+    }
+    let t_max = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(t, _)| *t))
+        .fold(0.0f64, f64::max)
+        .max(1.0);
+    let mut grid = vec![vec![' '; width]; height];
+    for (name, points) in &curves {
+        let mark = name.chars().next().unwrap_or('*');
+        for (x, column) in (0..width).map(|x| (x, x as f64 / (width - 1) as f64 * t_max)) {
+            // The step function: the survival after the last time at or before this column.
+            let s = points
+                .iter()
+                .take_while(|(t, _)| *t <= column)
+                .last()
+                .map_or(1.0, |(_, s)| *s);
+            let y = ((1.0 - s) * (height - 1) as f64).round() as usize;
+            grid[y.min(height - 1)][x] = mark;
+        }
+    }
+    let mut text = String::new();
+    for (i, row) in grid.iter().enumerate() {
+        let label = match i {
+            0 => "1.0 ┤".to_string(),
+            i if i == height - 1 => "0.0 ┤".to_string(),
+            i if i == (height - 1) / 2 => "0.5 ┤".to_string(),
+            _ => "    │".to_string(),
+        };
+        text.push_str(&format!("  {label}{}\n", row.iter().collect::<String>()));
+    }
+    text.push_str(&format!("      └{}\n", "─".repeat(width)));
+    text.push_str(&format!(
+        "       0{:>w$}\n",
+        format!("{t_max:.0} days"),
+        w = width - 1
+    ));
+    text.push_str(&format!(
+        "       curves: {}\n",
+        curves
+            .iter()
+            .map(|(name, _)| format!("{} = sex {name}", name.chars().next().unwrap_or('*')))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    text
 }
 
 /// The message of a refused query, without the client library's wrapping.

@@ -369,6 +369,30 @@ mod tests {
     }
 
     #[test]
+    fn model_and_survival_settings_default_validate_and_override_per_table() {
+        let p = Policy::default();
+        assert_eq!(p.model_min_rows("lung"), DEFAULT_MODEL_MIN_ROWS);
+        assert_eq!(p.survival_time_resolution("lung"), 7.0);
+        let p = Policy::parse(
+            "model_min_rows = 20\nsurvival_time_resolution = 30.5\n\
+             [tables.lung]\nsurvival_time_resolution = 0\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.model_min_rows("lung"), 20);
+        assert_eq!(p.survival_time_resolution("lung"), 0.0);
+        assert_eq!(p.survival_time_resolution("other"), 30.5);
+        for (text, line) in [
+            ("model_min_rows = 0", 1),
+            ("\nsurvival_time_resolution = -1.0", 2),
+            ("[tables.t]\nsurvival_time_resolution = nan", 2),
+        ] {
+            let err = Policy::parse(text, "p.toml").unwrap_err().to_string();
+            assert!(err.contains(&format!("line {line}")), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn table_defaults_sit_between_columns_and_the_file_default() {
         let p = Policy::parse(
             "default_visibility = \"hidden\"\n[tables.t]\ndefault_visibility = \"public\"\n\

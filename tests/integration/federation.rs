@@ -527,4 +527,16 @@ fn railyard_demo_runs_its_queries_and_exits_zero() {
         "{stdout}"
     );
     assert!(stdout.contains("| 6000     |"), "{stdout}");
+    for (_, sql) in railyard::demo::MODELS {
+        assert!(stdout.contains(sql), "the demo shows {sql}");
+    }
+    // The binomial GLM's coefficient rows, and the Kaplan–Meier plot's axis and legend.
+    for shown in [
+        "| mean_radius  |",
+        "| Intercept    |",
+        "0.0 ┤",
+        "curves: 1 = sex 1, 2 = sex 2",
+    ] {
+        assert!(stdout.contains(shown), "the demo shows {shown}\n{stdout}");
+    }
 }

@@ -1,0 +1,126 @@
+//! The cost of the federated statistics, in round trips.
+//!
+//! `cargo bench --bench statistics` starts three loopback stations over the lung and breast
+//! cancer data (the stations' default policy) and times, through the Flight SQL client, one
+//! small aggregate (one round trip per station: the baseline) and each statistics call. It
+//! prints each call's median time, its ratio to the baseline, and how many rounds it ran (the
+//! fragments the first station's audit log recorded for one call). A SQL query also sends
+//! every station a `check` before running; the statistics' rounds are checked as they run.
+//!
+//! Environment: `RAILYARD_BENCH_RUNS` (timed runs per call, default 50).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use railyard::client::HubClient;
+use railyard::local::{Governance, LocalFederation, TableSpec};
+use railyard_engine::HubOptions;
+use tokio::net::TcpListener;
+
+const BASELINE: &str = "SELECT sex, count(*), avg(age) FROM lung GROUP BY sex";
+
+const CALLS: &[(&str, &str)] = &[
+    (
+        "binomial GLM, breast cancer",
+        "SELECT * FROM glm('breast_cancer', 'diagnosis ~ mean_radius + mean_texture', 'binomial')",
+    ),
+    (
+        "gaussian GLM, breast cancer",
+        "SELECT * FROM glm('breast_cancer', 'mean_area ~ mean_radius + mean_texture', 'gaussian')",
+    ),
+    (
+        "Kaplan–Meier by sex, lung",
+        "SELECT * FROM kaplan_meier('lung', 'time', 'status', 'sex')",
+    ),
+    (
+        "Cox age + sex, lung",
+        "SELECT * FROM cox('lung', 'time', 'status', 'age + sex')",
+    ),
+    (
+        "crosstab, lung",
+        "SELECT * FROM crosstab('lung', 'sex', 'ph_ecog')",
+    ),
+];
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Lines in station_a's audit log.
+fn audited(data_dir: &std::path::Path) -> usize {
+    std::fs::read_to_string(data_dir.join("station_a").join("audit.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let runs: usize = std::env::var("RAILYARD_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let dir = tempfile::tempdir()?;
+    let governance = Governance::new(None, dir.path())?;
+    let federation = LocalFederation::start(
+        &[
+            TableSpec {
+                name: "lung".into(),
+                dir: data.join("lung/horizontal/csv"),
+            },
+            TableSpec {
+                name: "breast_cancer".into(),
+                dir: data.join("breast_cancer/horizontal/parquet"),
+            },
+        ],
+        TcpListener::bind("127.0.0.1:0").await?,
+        HubOptions::default(),
+        &governance,
+    )
+    .await?;
+    let mut client = HubClient::connect(&federation.hub_url).await?;
+    let mut time = async |sql: &str| -> Result<Duration> {
+        for _ in 0..5 {
+            client.query(sql).await?;
+        }
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            client.query(sql).await?;
+            samples.push(t.elapsed());
+        }
+        Ok(median(samples))
+    };
+    let baseline = time(BASELINE).await?;
+    println!("three loopback stations, default policy, median of {runs} runs through Flight SQL\n");
+    println!(
+        "{:<32} {:>10} {:>12} {:>8}",
+        "call", "ms", "x baseline", "rounds"
+    );
+    println!(
+        "{:<32} {:>10.2} {:>12.2} {:>8}",
+        "baseline: one grouped aggregate",
+        ms(baseline),
+        1.0,
+        1
+    );
+    for (label, sql) in CALLS {
+        let before = audited(dir.path());
+        let elapsed = time(sql).await?;
+        let rounds = (audited(dir.path()) - before) / (runs + 5);
+        println!(
+            "{label:<32} {:>10.2} {:>12.2} {:>8}",
+            ms(elapsed),
+            elapsed.as_secs_f64() / baseline.as_secs_f64(),
+            rounds
+        );
+    }
+    federation.shutdown().await?;
+    Ok(())
+}
