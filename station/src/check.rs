@@ -20,6 +20,11 @@
 //! regressions): their value moves by a bounded amount per row, where `min()`, `median()` or
 //! `array_agg()` would hand out one patient's value.
 //!
+//! Model aggregates (`glm_terms`, `survival_terms`) are the exception: their arguments are
+//! several columns, used unchanged (or, for a GLM covariate, as a level indicator
+//! `column = literal`), with literal settings; what they release is bounded by the model
+//! rules of [`Release::Model`] and [`Release::Survival`], applied after running.
+//!
 //! Every refusal names the rule and the column, and never contains a data value: messages
 //! are built from the policy, the schema and the query text only.
 
@@ -299,6 +304,11 @@ impl Checker<'_> {
             Some(partial) => (partial.inner().name().to_string(), partial.is_distinct()),
             None => (call.func.name().to_string(), call.params.distinct),
         };
+        if call.func.inner().is::<PartialAggregate>()
+            && matches!(name.as_str(), GLM_TERMS | SURVIVAL_TERMS)
+        {
+            return Err(self.shape(&format!("{name}() is not split into partial states")));
+        }
         let mut args = Vec::with_capacity(call.params.args.len());
         for arg in &call.params.args {
             args.push((arg, self.lineage(arg, input, schema)?.bases));

@@ -230,6 +230,11 @@ async fn models_that_would_single_out_patients_are_refused() {
              GROUP BY inst",
             "(rule fragment_shape)",
         ),
+        // A model's partial state would skip the pooling done when it is evaluated.
+        (
+            "SELECT partial_survival_terms(time, status, 7.0, 5, 0) AS t FROM lung",
+            "partial_survival_terms",
+        ),
     ] {
         let err = fixtures::run_at_station(url, sql)
             .await

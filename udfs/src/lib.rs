@@ -44,7 +44,13 @@ pub fn register_partials(ctx: &SessionContext) -> Result<()> {
     let state = ctx.state();
     let mut inners: BTreeMap<String, Arc<AggregateUDF>> = BTreeMap::new();
     for udaf in state.aggregate_functions().values() {
-        if udaf.inner().is::<PartialAggregate>() || udaf.inner().is::<MergeAggregate>() {
+        // Model aggregates are never split: their value is their state, and their state
+        // before `evaluate` has not been pooled to the station's disclosure rules.
+        if udaf.inner().is::<PartialAggregate>()
+            || udaf.inner().is::<MergeAggregate>()
+            || udaf.inner().is::<glm_terms::GlmTerms>()
+            || udaf.inner().is::<survival_terms::SurvivalTerms>()
+        {
             continue;
         }
         inners.insert(udaf.name().to_string(), Arc::clone(udaf));

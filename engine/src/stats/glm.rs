@@ -214,8 +214,9 @@ impl GlmJob {
             let deviance = sums[GlmLayout::DEVIANCE];
             let Some(next) = spd_solve(&sums[layout.xtwx()], &sums[layout.xtwz()]) else {
                 return exec_err!(
-                    "glm: the design is singular (a covariate is constant or a combination of \
-                     others, or a level has no rows)"
+                    "glm: the design is singular or the fit diverged (a covariate is constant \
+                     or a combination of others, a level has no rows, or the covariates \
+                     separate the outcome perfectly)"
                 );
             };
             let step_small = next
