@@ -34,6 +34,7 @@ use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableFunctionImpl, TableProvider};
+use datafusion::common::tree_node::TreeNode;
 use datafusion::common::{DFSchema, Result as DfResult, ScalarValue, plan_err};
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
@@ -333,8 +334,6 @@ impl StatsFunction {
         Ok(source)
     }
 }
-
-use datafusion::common::tree_node::TreeNode;
 
 impl TableFunctionImpl for StatsFunction {
     fn call_with_args(
@@ -740,11 +739,4 @@ pub(crate) fn spd_solve(a: &[f64], b: &[f64]) -> Option<Vec<f64>> {
     x.iter()
         .all(|v| v.is_finite())
         .then(|| x.iter().copied().collect())
-}
-
-/// The `Kind` for display in errors.
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
 }
