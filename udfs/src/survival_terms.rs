@@ -104,6 +104,23 @@ pub fn survival_entries(values: &[f64], layout: SurvivalLayout) -> Result<Vec<(f
 /// One released time and its sums.
 type Entry = (f64, Vec<f64>);
 
+/// Per time, the sums of the rows at that time.
+pub type EventTable = BTreeMap<Time, Vec<f64>>;
+
+/// Adds a released value `[t, v…, t, v…]` into `table`, summing the vectors of equal times
+/// (how a station merges its partitions, and the hub its stations).
+pub fn add_entries(table: &mut EventTable, values: &[f64], layout: SurvivalLayout) -> Result<()> {
+    for (t, v) in survival_entries(values, layout)? {
+        match table.get_mut(&Time(t)) {
+            Some(sums) => add_terms(sums, &v)?,
+            None => {
+                table.insert(Time(t), v);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The `survival_terms` aggregate.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct SurvivalTerms {
@@ -202,7 +219,7 @@ struct SurvivalAccumulator {
     min_events: f64,
     beta: Vec<f64>,
     /// Per (floored) time, the sums of its rows.
-    times: BTreeMap<Time, Vec<f64>>,
+    times: EventTable,
     x: Vec<f64>,
 }
 
@@ -355,16 +372,8 @@ impl Accumulator for SurvivalAccumulator {
             return exec_err!("{SURVIVAL_TERMS}: the state is not a list");
         };
         for row in 0..list.len() {
-            let Some(values) = list_values(list, row) else {
-                continue;
-            };
-            for (t, v) in survival_entries(&values, self.layout)? {
-                match self.times.get_mut(&Time(t)) {
-                    Some(sums) => add_terms(sums, &v)?,
-                    None => {
-                        self.times.insert(Time(t), v);
-                    }
-                }
+            if let Some(values) = list_values(list, row) {
+                add_entries(&mut self.times, &values, self.layout)?;
             }
         }
         Ok(())

@@ -16,9 +16,11 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::array::{BooleanArray, Float64Array, Int64Array, StringArray};
-use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{Result, exec_err, plan_err};
-use railyard_udfs::glm_terms::{Family, GLM_TERMS, GlmLayout, add_terms, f64_list_type};
+use railyard_udfs::glm_terms::{
+    Family, GLM_TERMS, GlmLayout, add_terms, f64_list_type, list_values,
+};
 
 use super::formula::{Formula, Term};
 use super::{
@@ -113,16 +115,9 @@ impl GlmJob {
         for batch in answers.iter().flatten() {
             let list = batch.column(0).as_list::<i32>();
             for row in 0..list.len() {
-                if list.is_null(row) {
-                    continue;
+                if let Some(values) = list_values(list, row) {
+                    add_terms(&mut sums, &values)?;
                 }
-                let values = list.value(row);
-                let values: Vec<f64> = values
-                    .as_primitive::<Float64Type>()
-                    .iter()
-                    .map(|v| v.unwrap_or(f64::NAN))
-                    .collect();
-                add_terms(&mut sums, &values)?;
             }
         }
         if sums[GlmLayout::INVALID] > 0.0 {

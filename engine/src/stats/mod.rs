@@ -227,12 +227,8 @@ pub(crate) fn value_sql(v: &ScalarValue) -> DfResult<String> {
             format!("'{}'", s.replace('\'', "''"))
         }
         ScalarValue::Boolean(Some(b)) => b.to_string(),
-        ScalarValue::Float32(Some(_)) | ScalarValue::Float64(Some(_)) => {
-            match v.cast_to(&DataType::Float64)? {
-                ScalarValue::Float64(Some(f)) => float_sql(f),
-                _ => unreachable!("a float casts to Float64"),
-            }
-        }
+        ScalarValue::Float32(Some(f)) => float_sql(f64::from(*f)),
+        ScalarValue::Float64(Some(f)) => float_sql(*f),
         v if v.data_type().is_integer() && !v.is_null() => v.to_string(),
         other => {
             return plan_err!(

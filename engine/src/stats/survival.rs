@@ -6,14 +6,16 @@
 //! product-limit estimate, the log-rank statistic and the Efron partial likelihood are
 //! exactly the centralized ones (on the times the stations' policies release).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, Float64Array, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use arrow::array::{AsArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
-use railyard_udfs::glm_terms::{add_terms, f64_list_type};
-use railyard_udfs::survival_terms::{SURVIVAL_TERMS, SurvivalLayout, Time, survival_entries};
+use railyard_udfs::glm_terms::f64_list_type;
+use railyard_udfs::glm_terms::list_values;
+use railyard_udfs::survival_terms::{
+    EventTable, SURVIVAL_TERMS, SurvivalLayout, Time, add_entries,
+};
 
 use super::formula::{Formula, Term};
 use super::glm::coefficients;
@@ -24,9 +26,6 @@ use super::{
 
 const MAX_ITERATIONS: usize = 50;
 const TOLERANCE: f64 = 1e-10;
-
-/// Per time: the summed vector of every station.
-type EventTable = BTreeMap<Time, Vec<f64>>;
 
 /// What a survival fragment asks the stations for: the time resolution and pooling rules
 /// of the strictest station holding a non-public column among those used.
@@ -112,19 +111,13 @@ async fn event_tables(
         let list_column = batch.num_columns() - 2;
         let list = batch.column(list_column).as_list::<i32>();
         for row in 0..batch.num_rows() {
-            if list.is_null(row) {
-                continue;
-            }
             let key = match group {
                 Some(_) => Some(ScalarValue::try_from_array(batch.column(0), row)?),
                 None => None,
             };
-            let values: Vec<f64> = list
-                .value(row)
-                .as_primitive::<Float64Type>()
-                .iter()
-                .map(|v| v.unwrap_or(f64::NAN))
-                .collect();
+            let Some(values) = list_values(list, row) else {
+                continue;
+            };
             let at = match tables.iter().position(|(k, _)| *k == key) {
                 Some(at) => at,
                 None => {
@@ -132,15 +125,7 @@ async fn event_tables(
                     tables.len() - 1
                 }
             };
-            let table = &mut tables[at].1;
-            for (t, v) in survival_entries(&values, layout)? {
-                match table.get_mut(&Time(t)) {
-                    Some(sums) => add_terms(sums, &v)?,
-                    None => {
-                        table.insert(Time(t), v);
-                    }
-                }
-            }
+            add_entries(&mut tables[at].1, &values, layout)?;
         }
     }
     tables.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
