@@ -94,13 +94,13 @@ pub enum Release {
     /// are suppressed, and a global aggregate below `k` is refused.
     Groups { k: u64, global: bool },
     /// One `glm_terms` value (and the row count): released only if it covers at least
-    /// `min_rows` complete rows, at least three per parameter, and every level indicator
-    /// is 1 on at least `k` rows and 0 on at least `k`.
+    /// `min_rows` complete rows, at least three per parameter, and every design column is
+    /// non-zero on at least `k` rows and zero on none or at least `k` (a column non-zero
+    /// on a few rows, a level indicator or a rare 0/1 flag, would isolate them).
     Model {
         k: u64,
         min_rows: u64,
         parameters: usize,
-        indicators: Vec<usize>,
     },
     /// Groups as for [`Release::Groups`], each with a `survival_terms` value (the
     /// second-last column); a NULL value (times that cannot be pooled to the rule) refuses
@@ -146,7 +146,6 @@ fn find<'a>(input: &'a [(Column, Lineage)], c: &Column) -> Option<&'a Lineage> {
 enum ModelCall {
     Glm {
         parameters: usize,
-        indicators: Vec<usize>,
     },
     Survival {
         covariates: usize,
@@ -443,8 +442,6 @@ impl Checker<'_> {
                 )));
             };
             column(&args[2]).ok_or_else(|| not_column(2))?;
-            let offset = usize::from(intercept);
-            let mut indicators = Vec::new();
             for (j, x) in args[3..3 + p].iter().enumerate() {
                 if column(x).is_some() {
                     continue;
@@ -467,7 +464,6 @@ impl Checker<'_> {
                         j + 4
                     )));
                 }
-                indicators.push(offset + j);
             }
             for (i, b) in args.iter().enumerate().skip(3 + p) {
                 if literal(b).and_then(|v| number(&v)).is_none() {
@@ -475,8 +471,7 @@ impl Checker<'_> {
                 }
             }
             ModelCall::Glm {
-                parameters: p + offset,
-                indicators,
+                parameters: p + usize::from(intercept),
             }
         } else {
             let Some(p) = survival_covariates(args.len()) else {
@@ -955,14 +950,10 @@ fn model_release(
         ModelCall::Glm { .. } | ModelCall::Survival { .. } if !restricted => {
             Ok(Release::Groups { k: 1, global })
         }
-        ModelCall::Glm {
-            parameters,
-            indicators,
-        } => Ok(Release::Model {
+        ModelCall::Glm { parameters } => Ok(Release::Model {
             k,
             min_rows: policy.model_min_rows(table),
             parameters,
-            indicators,
         }),
         ModelCall::Survival {
             covariates,

@@ -361,7 +361,6 @@ fn release(
             k,
             min_rows,
             parameters,
-            indicators,
         } => {
             let terms = batches
                 .iter()
@@ -392,13 +391,14 @@ fn release(
                     ),
                 );
             }
-            for &j in indicators {
-                let ones = terms[layout.nonzero().start + j];
-                if ones < *k as f64 || n - ones < *k as f64 {
+            let k = *k as f64;
+            for (j, nonzero) in terms[layout.nonzero()].iter().enumerate() {
+                let zero = n - nonzero;
+                if *nonzero < k || (zero > 0.0 && zero < k) {
                     return refuse(
                         "model_level",
                         format!(
-                            "requires every level of a categorical covariate of table '{table}' to hold at least {k} rows, and at least {k} rows outside it; design column {} does not",
+                            "requires every design column of a model over table '{table}' (a covariate, or a level of a categorical one) to be non-zero on at least {k} rows and zero on none or at least {k}; design column {} is not",
                             j + 1
                         ),
                     );

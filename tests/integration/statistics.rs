@@ -199,6 +199,13 @@ async fn models_that_would_single_out_patients_are_refused() {
             "SELECT glm_terms('gaussian', true, age, patient_id = 3, 0.0, 0.0) AS t FROM lung",
             "(rule model_level)",
         ),
+        // So is a numeric column that is non-zero for one patient among the rows used
+        // (ph_ecog is 0 on 21 of station_a's rows, and 1 for patient 6).
+        (
+            "SELECT glm_terms('gaussian', true, age, ph_ecog, 0.0, 0.0) AS t FROM lung \
+             WHERE ph_ecog = 0 OR patient_id = 6",
+            "(rule model_level)",
+        ),
         // Its complement is as revealing.
         (
             "SELECT glm_terms('gaussian', true, age, patient_id <> 3, 0.0, 0.0) AS t FROM lung",
