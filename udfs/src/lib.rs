@@ -17,7 +17,8 @@
 //! Layout: one function (family) per file. [`partial`] is the station half, [`merge`] the hub
 //! half, [`wire`] the ticket a fragment travels in; [`glm_terms`] and [`survival_terms`] are
 //! the per-station sums of the statistical models (their value is their state: the hub adds
-//! them up and solves); [`register_partials`] installs the
+//! them up and solves); [`pseudonym`] is the keyed HMAC that links vertically partitioned
+//! tables (keyed only at stations); [`register_partials`] installs the
 //! station halves into a session, and [`fragment_session_config`] is the configuration under
 //! which a fragment's SQL is planned, identical at the hub (to predict the fragment's schema)
 //! and at every station.
@@ -25,6 +26,7 @@
 pub mod glm_terms;
 pub mod merge;
 pub mod partial;
+pub mod pseudonym;
 pub mod survival_terms;
 pub mod wire;
 
@@ -96,6 +98,9 @@ pub fn fragment_context() -> Result<SessionContext> {
 pub fn fragment_context_with(config: SessionConfig) -> Result<SessionContext> {
     let ctx = SessionContext::new_with_config(config);
     register_models(&ctx);
+    // Unkeyed: fragments that pseudonymize plan everywhere; a station replaces it with its
+    // keyed version.
+    ctx.register_udf(pseudonym::Pseudonym::unkeyed().udf());
     register_partials(&ctx)?;
     Ok(ctx)
 }

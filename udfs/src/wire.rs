@@ -11,12 +11,17 @@ use serde::{Deserialize, Serialize};
 /// and the hub sums it to apply k again to merged groups.
 pub const ROWS_COLUMN: &str = "__rows";
 
+/// The column holding the keyed pseudonym of the join key in a station's answer to a
+/// vertical-table fragment (`pseudonym(key) AS __pseudonym`).
+pub const PSEUDONYM_COLUMN: &str = "__pseudonym";
+
 /// A station's answer to the `check` action: the fragment passed its policy, and what it
 /// will release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckAnswer {
-    /// `rows` (row-level values of public columns) or `groups` (one row per group, with
-    /// [`ROWS_COLUMN`] appended).
+    /// `rows` (row-level values of public columns), `groups` (one row per group, with
+    /// [`ROWS_COLUMN`] appended), `model`, or `pseudonymized` (rows keyed by
+    /// [`PSEUDONYM_COLUMN`], for a hub join).
     pub release: String,
     /// The group-size threshold the station applies (1 for row-level releases).
     pub min_group_size: u64,
@@ -35,6 +40,10 @@ pub struct TablePolicyInfo {
     /// (column, visibility) in schema order; visibility is `public`, `aggregate`, `dp`,
     /// `join_key` or `hidden`.
     pub columns: Vec<(String, String)>,
+    /// Whether the station releases this table's `aggregate` columns row by row, keyed by
+    /// pseudonyms, to a hub that joins them with other stations' columns.
+    #[serde(default)]
+    pub allow_vertical: bool,
 }
 
 /// The contents of a fragment ticket.
