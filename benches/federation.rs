@@ -131,10 +131,12 @@ async fn main() -> Result<()> {
         TableSpec {
             name: "registry".into(),
             dir: registry.clone(),
+            key: None,
         },
         TableSpec {
             name: "lineitem".into(),
             dir: lineitem.clone(),
+            key: None,
         },
     ];
     let federation = LocalFederation::start(
@@ -195,6 +197,7 @@ async fn main() -> Result<()> {
         &[TableSpec {
             name: "lung".into(),
             dir: lung,
+            key: None,
         }],
         TcpListener::bind("127.0.0.1:0").await?,
         HubOptions::default(),

@@ -73,10 +73,12 @@ async fn main() -> Result<()> {
             TableSpec {
                 name: "lung".into(),
                 dir: data.join("lung/horizontal/csv"),
+                key: None,
             },
             TableSpec {
                 name: "breast_cancer".into(),
                 dir: data.join("breast_cancer/horizontal/parquet"),
+                key: None,
             },
         ],
         TcpListener::bind("127.0.0.1:0").await?,

@@ -160,6 +160,7 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
     let mut tables = vec![TableSpec {
         name: "registry".into(),
         dir: registry,
+        key: None,
     }];
     for (table, station, csv) in REAL_DATA {
         let dir = dir.path().join(table);
@@ -169,6 +170,7 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
             tables.push(TableSpec {
                 name: table.to_string(),
                 dir,
+                key: None,
             });
         }
     }

@@ -2,6 +2,8 @@
 //!
 //! Every `.csv`/`.parquet` file in a table's directory becomes one station (named after the
 //! file's stem); files with the same stem under different tables belong to the same station.
+//! A vertical table's files hold other columns of the same patients; the stations share a
+//! fresh random collaboration secret for its pseudonyms, and the hub joins them.
 //! Each station serves its own Flight endpoint on `127.0.0.1:0`, and the hub connects to them
 //! exactly as it would to remote stations.
 
@@ -13,17 +15,22 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::datatypes::SchemaRef;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
-use railyard_engine::{Hub, HubOptions, StationAddress};
-use railyard_station::{Format, Policy, Station, StationConfig, TableFile};
+use railyard_engine::{Hub, HubOptions, StationAddress, VerticalSpec};
+use railyard_station::policy::TablePolicy;
+use railyard_station::{Format, Policy, Station, StationConfig, TableFile, Visibility};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// `NAME=DIR`: a horizontally partitioned table whose parts are the files in `DIR`.
+/// `NAME=DIR`: a federated table whose parts are the files in `DIR`, one per station.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSpec {
     pub name: String,
     pub dir: PathBuf,
+    /// `None`: horizontally partitioned (each file holds other rows, same columns).
+    /// `Some(key)`: vertically partitioned (each file holds other columns of the same
+    /// patients plus the linking column `key`; the table is their inner join on it).
+    pub key: Option<String>,
 }
 
 impl FromStr for TableSpec {
@@ -43,6 +50,7 @@ impl FromStr for TableSpec {
         Ok(TableSpec {
             name: name.to_string(),
             dir: PathBuf::from(dir.trim()),
+            key: None,
         })
     }
 }
@@ -57,9 +65,13 @@ pub async fn plan_stations(specs: &[TableSpec]) -> Result<BTreeMap<String, Vec<T
             bail!("table '{}' is given twice", spec.name);
         }
         let files = table_files(&spec.dir).with_context(|| format!("table '{}'", spec.name))?;
-        let schemas = unified_schemas(&files)
-            .await
-            .with_context(|| format!("table '{}' in {}", spec.name, spec.dir.display()))?;
+        let schemas = match spec.key {
+            // Each part has its own columns: each file keeps its own schema.
+            Some(_) => vec![None; files.len()],
+            None => unified_schemas(&files)
+                .await
+                .with_context(|| format!("table '{}' in {}", spec.name, spec.dir.display()))?,
+        };
         for ((station, path, format), schema) in files.into_iter().zip(schemas) {
             stations.entry(station).or_default().push(TableFile {
                 name: spec.name.clone(),
@@ -179,6 +191,42 @@ impl Governance {
     pub fn audit_log(&self, station: &str) -> PathBuf {
         self.data_dir.join(station).join("audit.jsonl")
     }
+
+    /// The policy of the local stations: the given one, with every vertical table opted in
+    /// (`allow_vertical`) and its key column a `join_key`, unless the policy file says
+    /// otherwise for that table (then the stations refuse, naming the rule).
+    pub fn station_policy(&self, specs: &[TableSpec]) -> Policy {
+        let mut policy = self.policy.clone();
+        for spec in specs {
+            let Some(key) = &spec.key else { continue };
+            let table = policy
+                .tables
+                .entry(spec.name.clone())
+                .or_insert_with(|| TablePolicy {
+                    min_group_size: None,
+                    default_visibility: None,
+                    model_min_rows: None,
+                    survival_time_resolution: None,
+                    allow_vertical: None,
+                    columns: BTreeMap::new(),
+                    line: 0,
+                });
+            table.allow_vertical.get_or_insert(true);
+            table
+                .columns
+                .entry(key.clone())
+                .or_insert((Visibility::JoinKey, 0));
+        }
+        policy
+    }
+}
+
+/// A fresh random collaboration secret for the stations of one local federation.
+fn collaboration_secret() -> Arc<[u8]> {
+    use rand::RngCore;
+    let mut secret = vec![0u8; railyard_udfs::pseudonym::MIN_SECRET_BYTES];
+    rand::rng().fill_bytes(&mut secret);
+    Arc::from(secret)
 }
 
 /// A running local federation.
@@ -203,10 +251,26 @@ impl LocalFederation {
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut addresses = Vec::new();
+        let policy = governance.station_policy(specs);
+        let mut options = options;
+        for spec in specs {
+            if let Some(key) = &spec.key {
+                options.vertical.push(VerticalSpec {
+                    name: spec.name.clone(),
+                    key: key.clone(),
+                });
+            }
+        }
+        if options.data_dir.is_none() {
+            options.data_dir = Some(governance.data_dir.join("hub"));
+        }
+        // Shared by the stations only: the hub never learns it.
+        let secret = (!options.vertical.is_empty()).then(collaboration_secret);
         for (name, tables) in plan {
             let config = StationConfig {
-                policy: governance.policy.clone(),
+                policy: policy.clone(),
                 audit_log: governance.audit_log(&name),
+                collaboration_secret: secret.clone(),
             };
             let station = Arc::new(Station::open(name.clone(), &tables, config).await?);
             let listener = TcpListener::bind("127.0.0.1:0").await?;

@@ -35,9 +35,23 @@ enum Command {
         /// Address of the hub's Flight SQL endpoint (port 0 picks a free port).
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// A federated table NAME whose parts are the data files in DIR (repeatable).
-        #[arg(long = "table", value_name = "NAME=DIR", required = true)]
+        /// A federated table NAME whose parts are the data files in DIR (repeatable): each
+        /// file holds other patients with the same columns (horizontal partitioning).
+        #[arg(
+            long = "table",
+            value_name = "NAME=DIR",
+            required_unless_present = "vertical"
+        )]
         tables: Vec<TableSpec>,
+        /// A vertically partitioned table NAME (repeatable): each file in DIR holds other
+        /// columns of the same patients plus the --key column; the table is their inner
+        /// join on it. Stations link rows by keyed pseudonyms (HMAC-SHA256 under a secret
+        /// they share and the hub never sees); see docs/vertical.md.
+        #[arg(long = "vertical", value_name = "NAME=DIR", requires = "key")]
+        vertical: Vec<TableSpec>,
+        /// The column that links the parts of every --vertical table (never queryable).
+        #[arg(long, value_name = "COLUMN", requires = "vertical")]
+        key: Option<String>,
         /// Seconds one station may take to deliver one fragment.
         #[arg(long, default_value_t = 60)]
         fragment_timeout: u64,
@@ -49,7 +63,8 @@ enum Command {
         /// one, stations release nothing row-level and no group of fewer than 5 rows.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
-        /// Where stations keep their state: DIR/<station>/audit.jsonl is each audit log.
+        /// Where stations keep their state: DIR/<station>/audit.jsonl is each audit log
+        /// (the hub's join stations of --vertical tables log to DIR/hub/<table>-join/).
         #[arg(long, value_name = "DIR", default_value = ".railyard")]
         data_dir: PathBuf,
     },
@@ -151,12 +166,18 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Local {
             listen,
-            tables,
+            mut tables,
+            vertical,
+            key,
             fragment_timeout,
             hub_partitions,
             policy,
             data_dir,
         } => {
+            tables.extend(vertical.into_iter().map(|spec| TableSpec {
+                key: key.clone(),
+                ..spec
+            }));
             let governance = Governance::new(policy.as_deref(), data_dir)?;
             let listener = TcpListener::bind(listen)
                 .await

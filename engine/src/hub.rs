@@ -1,5 +1,7 @@
 //! The hub: the federated catalog, per-query sessions, and query execution.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ use crate::error::StationFailure;
 use crate::error::{Error, Result};
 use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query, query_tickets};
 use crate::station_client::{StationAddress, StationClient};
+use crate::vertical::{self, VerticalSpec};
 
 /// Hub settings.
 #[derive(Debug, Clone)]
@@ -36,6 +39,11 @@ pub struct HubOptions {
     /// rows per group and station), where one partition avoids repartitioning overhead;
     /// raise it for hubs that join large row-level fragments.
     pub merge_partitions: usize,
+    /// Vertically partitioned tables: each is served by a join station the hub runs.
+    pub vertical: Vec<VerticalSpec>,
+    /// Where the hub keeps its state: each join station's audit log is
+    /// `DIR/<table>-join/audit.jsonl`. Required when `vertical` is not empty.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for HubOptions {
@@ -44,6 +52,8 @@ impl Default for HubOptions {
             fragment_timeout: Duration::from_secs(60),
             connect_patience: Duration::from_secs(10),
             merge_partitions: 1,
+            vertical: Vec::new(),
+            data_dir: None,
         }
     }
 }
@@ -172,6 +182,8 @@ pub struct Hub {
     planner: Arc<FederationPlanner>,
     base: SessionState,
     options: HubOptions,
+    /// The join stations of vertical tables; they stop with the hub.
+    _joins: Vec<vertical::JoinStation>,
 }
 
 impl Hub {
@@ -180,6 +192,7 @@ impl Hub {
         let mut stations = Vec::new();
         let mut catalog = FederatedCatalog::new();
         let mut policies = Vec::new();
+        let mut announced = Vec::new();
         for address in addresses {
             if stations
                 .iter()
@@ -191,10 +204,58 @@ impl Hub {
                 )));
             }
             let client = StationClient::connect(address, options.connect_patience).await?;
-            for (table, schema) in client.tables().await? {
-                catalog.add(&address.name, &table, schema)?;
+            let tables = client.tables().await?;
+            let table_policies = client.policy().await?;
+            announced.push((client.clone(), tables, table_policies));
+            stations.push(client);
+        }
+        // Members of a vertical table are read through its join station, not by the planner.
+        let mut members: BTreeMap<String, Vec<vertical::Member>> = BTreeMap::new();
+        let mut direct = Vec::new();
+        for (client, tables, table_policies) in announced {
+            let mut own_policies = Vec::new();
+            for (table, schema) in tables {
+                let policy = table_policies.iter().find(|p| p.table == table).cloned();
+                if options.vertical.iter().any(|v| v.name == table) {
+                    members.entry(table).or_default().push(vertical::Member {
+                        client: client.clone(),
+                        schema,
+                        policy,
+                    });
+                } else {
+                    catalog.add(&client.name, &table, schema)?;
+                    own_policies.extend(policy);
+                }
             }
-            for table in client.policy().await? {
+            direct.push((client.name.to_string(), own_policies));
+        }
+        let mut joins = Vec::new();
+        for spec in &options.vertical {
+            let Some(dir) = &options.data_dir else {
+                return Err(Error::BadRequest(format!(
+                    "vertical table '{}' needs a hub data directory for its join station's \
+                     audit log",
+                    spec.name
+                )));
+            };
+            let join = vertical::start(
+                spec,
+                members.remove(&spec.name).unwrap_or_default(),
+                dir.join(format!("{}-join", spec.name)).join("audit.jsonl"),
+                options.fragment_timeout,
+                options.connect_patience,
+            )
+            .await?;
+            for (table, schema) in join.client.tables().await? {
+                catalog.add(&join.client.name, &table, schema)?;
+            }
+            catalog.set_vertical(&spec.name, join.layout.clone());
+            direct.push((join.client.name.to_string(), join.client.policy().await?));
+            stations.push(join.client.clone());
+            joins.push(join);
+        }
+        for (name, table_policies) in direct {
+            for table in table_policies {
                 let public = table
                     .columns
                     .iter()
@@ -202,7 +263,7 @@ impl Hub {
                     .map(|(c, _)| c.clone())
                     .collect();
                 catalog.set_policy(
-                    &address.name,
+                    &name,
                     &table.table,
                     StationTablePolicy {
                         min_group_size: table.min_group_size,
@@ -211,9 +272,8 @@ impl Hub {
                         survival_time_resolution: table.survival_time_resolution,
                     },
                 );
-                policies.push((address.name.clone(), table));
+                policies.push((name.clone(), table));
             }
-            stations.push(client);
         }
         let planner = Arc::new(FederationPlanner::new(&catalog)?);
         let config = SessionConfig::new()
@@ -257,6 +317,7 @@ impl Hub {
             planner,
             base: ctx.state(),
             options,
+            _joins: joins,
         })
     }
 

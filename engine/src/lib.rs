@@ -19,7 +19,9 @@
 //!
 //! Layout: [`hub`] (catalog discovery, per-query sessions), [`exec`] (the fragment operator and
 //! the query planner), [`station_client`] (connections to stations), [`flight_sql`] (the
-//! Flight SQL service), [`error`] (errors and their one mapping to gRPC statuses).
+//! Flight SQL service), [`stats`] (statistics table functions), [`vertical`] (the join
+//! station that serves vertically partitioned tables), [`error`] (errors and their one
+//! mapping to gRPC statuses).
 
 pub mod error;
 pub mod exec;
@@ -27,6 +29,7 @@ pub mod flight_sql;
 pub mod hub;
 pub mod station_client;
 pub mod stats;
+pub mod vertical;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +43,7 @@ pub use error::{Error, Result, StationFailure};
 pub use flight_sql::{HubFlightSql, LOCAL_RESEARCHER};
 pub use hub::{Hub, HubOptions, Planned};
 pub use station_client::{MAX_MESSAGE_BYTES, StationAddress, StationClient};
+pub use vertical::{VerticalSpec, join_station_name};
 
 /// Serves the hub's Flight SQL endpoint on `listener` until `shutdown` resolves.
 pub async fn serve(

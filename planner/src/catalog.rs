@@ -13,6 +13,7 @@ use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::error::{Error, Result};
+use crate::vertical::VerticalLayout;
 
 /// A horizontally partitioned table: every station holds other rows with the same columns,
 /// and the table means their union.
@@ -25,6 +26,9 @@ pub struct FederatedTable {
     schema: SchemaRef,
     stations: Vec<String>,
     policies: BTreeMap<String, StationTablePolicy>,
+    /// For a vertically partitioned table: its member stations and key. Its `stations` is
+    /// then the hub's join station, which reads the members.
+    vertical: Option<Arc<VerticalLayout>>,
 }
 
 /// What the hub knows of one station's policy for one table (the station remains the
@@ -62,6 +66,11 @@ impl FederatedTable {
     /// Stations holding a part of this table, sorted by name.
     pub fn stations(&self) -> &[String] {
         &self.stations
+    }
+
+    /// How the table is spread over stations, if it is vertically partitioned.
+    pub fn vertical(&self) -> Option<&VerticalLayout> {
+        self.vertical.as_deref()
     }
 
     /// The group-size threshold the hub applies to merged groups of an aggregate that
@@ -117,6 +126,7 @@ impl TableProvider for FederatedTable {
 pub struct FederatedCatalog {
     tables: BTreeMap<String, (SchemaRef, Vec<String>)>,
     policies: BTreeMap<(String, String), StationTablePolicy>,
+    vertical: BTreeMap<String, Arc<VerticalLayout>>,
 }
 
 impl FederatedCatalog {
@@ -173,6 +183,12 @@ impl FederatedCatalog {
             .insert((table.to_string(), station.to_string()), policy);
     }
 
+    /// Records that `table` is vertically partitioned as `layout` (its one station, added
+    /// with [`add`](Self::add), is the hub's join station).
+    pub fn set_vertical(&mut self, table: &str, layout: VerticalLayout) {
+        self.vertical.insert(table.to_string(), Arc::new(layout));
+    }
+
     /// The table providers to register in the hub's session.
     pub fn tables(&self) -> Vec<Arc<FederatedTable>> {
         self.tables
@@ -191,6 +207,7 @@ impl FederatedCatalog {
                     schema: Arc::clone(schema),
                     stations: stations.clone(),
                     policies,
+                    vertical: self.vertical.get(name).cloned(),
                 })
             })
             .collect()

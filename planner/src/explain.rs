@@ -49,6 +49,42 @@ pub fn explain_batch(plan: &FederatedPlan) -> Result<RecordBatch> {
             FragmentKind::PartialAggregate { .. } => "partial aggregate",
             FragmentKind::Rows { .. } => "rows",
         };
+        if !f.members.is_empty() {
+            // A vertical table: each member sends pseudonymized columns, the hub joins them
+            // and runs the fragment over the joined rows.
+            for (i, m) in f.members.iter().enumerate() {
+                location.push(m.station.clone());
+                step.push(format!(
+                    "fragment #{}.{} (pseudonymized rows of {} for the hub join)",
+                    f.id,
+                    i + 1,
+                    f.table
+                ));
+                text.push(m.sql.clone());
+                releases.push(if m.columns.is_empty() {
+                    "the keyed pseudonyms (HMAC-SHA256) of its rows, to the hub only".to_string()
+                } else {
+                    format!(
+                        "the keyed pseudonyms (HMAC-SHA256) of its rows with their values of \
+                         ({}), to the hub only, for this query only",
+                        m.columns.join(", ")
+                    )
+                });
+            }
+            location.push("hub".to_string());
+            step.push(format!(
+                "fragment #{} (join of {}, then {kind})",
+                f.id, f.table
+            ));
+            let stations: Vec<&str> = f.members.iter().map(|m| m.station.as_str()).collect();
+            text.push(format!(
+                "inner join of [{}] on the pseudonyms, then: {}",
+                stations.join(", "),
+                f.sql
+            ));
+            releases.push(f.releases());
+            continue;
+        }
         for s in &f.stations {
             location.push(s.clone());
             step.push(format!("fragment #{} ({kind} of {})", f.id, f.table));

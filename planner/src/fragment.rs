@@ -10,6 +10,8 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::{DFSchema, DFSchemaRef, Result};
 use datafusion::logical_expr::{Expr, LogicalPlan, UserDefinedLogicalNodeCore};
 
+use crate::vertical::MemberFragment;
+
 /// What a fragment releases from a station.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum FragmentKind {
@@ -43,6 +45,9 @@ pub struct Fragment {
     /// The group-size threshold the hub applies to merged groups (1: none). Stations apply
     /// their own k to their groups before anything leaves them.
     pub min_group_size: u64,
+    /// For a vertically partitioned table: what each member station sends to the hub's
+    /// join station, which runs `sql` over the joined rows (empty otherwise).
+    pub members: Vec<MemberFragment>,
 }
 
 impl Fragment {
@@ -64,7 +69,12 @@ impl Fragment {
                 }
                 parts.push("and its row count".to_string());
                 let mut text = parts.join(" ");
-                if self.min_group_size > 1 {
+                if self.min_group_size > 1 && !self.members.is_empty() {
+                    text.push_str(&format!(
+                        "; groups of fewer than {} joined rows are withheld",
+                        self.min_group_size
+                    ));
+                } else if self.min_group_size > 1 {
                     text.push_str(&format!(
                         "; each station withholds groups below its k, and the hub those \
                          below {} after merging",

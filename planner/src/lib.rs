@@ -23,7 +23,8 @@
 //!
 //! Layout: [`catalog`] (federated tables), [`split`] (the split itself), [`fragment`] (the
 //! fragment and its placeholder node), [`sql`] (fragment SQL text), [`explain`]
-//! (`EXPLAIN FEDERATED`).
+//! (`EXPLAIN FEDERATED`), [`vertical`] (what each member of a vertically partitioned table
+//! sends to the hub's join).
 
 pub mod catalog;
 pub mod error;
@@ -31,9 +32,11 @@ pub mod explain;
 pub mod fragment;
 pub mod split;
 pub mod sql;
+pub mod vertical;
 
 pub use catalog::{FederatedCatalog, FederatedTable, StationTablePolicy};
 pub use error::{Error, Result};
 pub use explain::{explain_batch, explain_schema, strip_explain_federated};
 pub use fragment::{Fragment, FragmentKind, FragmentNode};
 pub use split::{FederatedPlan, FederationPlanner};
+pub use vertical::{MemberFragment, VerticalLayout, VerticalMember};

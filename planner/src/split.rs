@@ -45,6 +45,7 @@ use crate::catalog::{FederatedCatalog, FederatedTable};
 use crate::error::{Error, Result};
 use crate::fragment::{Fragment, FragmentKind, FragmentNode};
 use crate::sql::{SelectSql, expr_sql};
+use crate::vertical::MemberFragment;
 
 /// A hub plan whose federated scans have been replaced by fragments.
 #[derive(Debug, Clone)]
@@ -251,6 +252,7 @@ impl FederationPlanner {
             used.extend(e.column_refs().into_iter().map(|c| c.name.clone()));
         }
         let min_group_size = rows.table.min_group_size(&used);
+        let members = vertical_members(&rows.table, &used, &rows.filters)?;
 
         // The merge functions were derived from the hub's own argument types; the station's
         // states must have exactly the struct type they expect.
@@ -277,6 +279,7 @@ impl FederationPlanner {
             },
             fetch: None,
             min_group_size,
+            members,
         });
         fragments.push(Arc::clone(&fragment));
         let node = Arc::new(FragmentNode::try_new(fragment)?.into_plan());
@@ -346,6 +349,11 @@ impl FederationPlanner {
         }
         .render();
         let schema = self.fragment_schema(&sql).await?;
+        let mut used = BTreeSet::new();
+        for e in chain.outputs.iter().chain(&chain.filters) {
+            used.extend(e.column_refs().into_iter().map(|c| c.name.clone()));
+        }
+        let members = vertical_members(&chain.table, &used, &chain.filters)?;
         let fragment = Arc::new(Fragment {
             id: fragments.len() + 1,
             table: chain.table.name().to_string(),
@@ -355,6 +363,7 @@ impl FederationPlanner {
             kind: FragmentKind::Rows { columns },
             fetch: chain.fetch,
             min_group_size: 1,
+            members,
         });
         fragments.push(Arc::clone(&fragment));
         let node = FragmentNode::try_new(fragment)?.into_plan();
@@ -363,6 +372,25 @@ impl FederationPlanner {
         }
         restore_schema(node, plan.schema().as_ref())
     }
+}
+
+/// What each member of a vertically partitioned table sends to the hub's join for a
+/// fragment that uses `used` (none for other tables).
+fn vertical_members(
+    table: &FederatedTable,
+    used: &BTreeSet<String>,
+    filters: &[Expr],
+) -> Result<Vec<MemberFragment>> {
+    let Some(layout) = table.vertical() else {
+        return Ok(Vec::new());
+    };
+    let columns: Vec<String> = datafusion::catalog::TableProvider::schema(table)
+        .fields()
+        .iter()
+        .filter(|f| used.contains(f.name()))
+        .map(|f| f.name().clone())
+        .collect();
+    layout.member_fragments(table.name(), &columns, filters)
 }
 
 /// Projects `plan`'s columns, by position, back to the names, qualifiers and types of

@@ -1,7 +1,7 @@
 //! The policy check: run on the plan a station built itself from a fragment's SQL, before
 //! any data is read.
 //!
-//! A fragment must be a straight chain over one table. Two shapes pass:
+//! A fragment must be a straight chain over one table. Three shapes pass:
 //!
 //! ```text
 //!   rows:       [Projection | Filter | SubqueryAlias | Sort | Limit]* → TableScan
@@ -10,6 +10,10 @@
 //!               filters and group keys may use `aggregate` columns (the group-size
 //!               threshold covers whatever they select); aggregate arguments are checked
 //!               per call; the station appends the group's row count `__rows`
+//!   pseudonymized rows (vertical tables): [Projection | Filter | SubqueryAlias]* → TableScan
+//!               with `pseudonym(join_key)` among the outputs; other columns `public` or
+//!               `aggregate`; only if the table's policy has `allow_vertical`, and at least
+//!               k rows
 //! ```
 //!
 //! Why arguments are restricted: thresholds count the rows of a group, but an expression
@@ -41,6 +45,7 @@ use datafusion::logical_expr::{
 };
 use railyard_udfs::PartialAggregate;
 use railyard_udfs::glm_terms::{Family, GLM_TERMS, glm_covariates};
+use railyard_udfs::pseudonym::PSEUDONYM;
 use railyard_udfs::survival_terms::{SURVIVAL_TERMS, survival_covariates};
 
 use crate::policy::{Policy, Visibility};
@@ -106,6 +111,10 @@ pub enum Release {
     /// second-last column); a NULL value (times that cannot be pooled to the rule) refuses
     /// the whole release.
     Survival { k: u64, global: bool },
+    /// Row-level values of `public` and `aggregate` columns keyed by `pseudonym(join_key)`,
+    /// for a hub that joins them with other stations' columns and releases only aggregates
+    /// over groups of at least k joined rows. Refused below `k` rows.
+    Pseudonymized { k: u64 },
 }
 
 /// A fragment that passed the policy: the plan to run (with the row count appended for an
@@ -163,6 +172,8 @@ struct Checker<'a> {
     used: BTreeSet<String>,
     /// The model aggregate of the fragment, if it has one.
     model: Option<ModelCall>,
+    /// Whether the fragment outputs `pseudonym(join_key)`.
+    pseudonymized: bool,
 }
 
 impl Checker<'_> {
@@ -263,6 +274,35 @@ impl Checker<'_> {
             })
         });
         refusal.map_or(Ok(()), Err)
+    }
+
+    /// Accepts `pseudonym(key)` only over the table's `join_key` column, unchanged.
+    fn pseudonym(&mut self, key: &Expr, input: &[(Column, Lineage)]) -> Result<(), Refusal> {
+        let wrong = |checker: &Self| Refusal {
+            rule: "join_key",
+            message: format!(
+                "policy: station '{}' computes {PSEUDONYM}() only of table '{}''s join_key \
+                 column, unchanged",
+                checker.station, checker.table
+            ),
+        };
+        let Expr::Column(c) = key else {
+            return Err(wrong(self));
+        };
+        let Some(lineage) = find(input, c) else {
+            return Err(self.shape(&format!("column '{}' cannot be traced", c.name)));
+        };
+        let Some(base) = lineage.bases.iter().next() else {
+            return Err(wrong(self));
+        };
+        if !lineage.direct
+            || lineage.bases.len() != 1
+            || self.visibility(base) != Visibility::JoinKey
+        {
+            return Err(wrong(self));
+        }
+        self.pseudonymized = true;
+        Ok(())
     }
 
     /// Refuses a column that may never appear, whatever the fragment does with it.
@@ -728,6 +768,7 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
         table: scan.table_name.table().to_string(),
         used: BTreeSet::new(),
         model: None,
+        pseudonymized: false,
     };
     let aggregate_at = chain
         .iter()
@@ -803,6 +844,12 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                 }
                 let mut out = Vec::new();
                 for (e, c) in p.expr.iter().zip(p.schema.columns()) {
+                    if let Some(key) = pseudonym_argument(e) {
+                        checker.pseudonym(key, &lineage)?;
+                        // A pseudonym carries no column's values: it uses none.
+                        out.push((c, Lineage::default()));
+                        continue;
+                    }
                     let mut l = checker.lineage(e, &lineage, p.input.schema())?;
                     l.direct = match e.clone().unalias() {
                         Expr::Column(source) => find(&lineage, &source).is_some_and(|s| s.direct),
@@ -881,6 +928,9 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
     }
 
     let table = checker.table.clone();
+    if checker.pseudonymized {
+        return pseudonymized_release(&checker, plan, &chain, aggregate_at.is_some());
+    }
     let Some(at) = aggregate_at else {
         if let Some(c) = checker.first_non_public(&checker.used) {
             return Err(checker.column_refusal(
@@ -931,6 +981,66 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
         table,
         release,
     })
+}
+
+/// The release of a fragment that outputs `pseudonym(join_key)`: rows for a hub join.
+fn pseudonymized_release(
+    checker: &Checker,
+    plan: &LogicalPlan,
+    chain: &[&LogicalPlan],
+    aggregates: bool,
+) -> Result<Checked, Refusal> {
+    let table = &checker.table;
+    if aggregates {
+        return Err(checker.shape(
+            "pseudonyms are released row by row for a hub join, never inside an aggregate",
+        ));
+    }
+    if chain
+        .iter()
+        .any(|n| matches!(n, LogicalPlan::Sort(_) | LogicalPlan::Limit(_)))
+    {
+        return Err(Refusal {
+            rule: "ordering",
+            message: format!(
+                "policy: station '{}' refuses ORDER BY and LIMIT in a pseudonymized fragment: \
+                 they would select rows by their values",
+                checker.station
+            ),
+        });
+    }
+    if !checker.policy.allow_vertical(table) {
+        return Err(Refusal {
+            rule: "allow_vertical",
+            message: format!(
+                "policy: station '{}' does not release table '{table}' for joins with other \
+                 stations' columns (allow_vertical is off)",
+                checker.station
+            ),
+        });
+    }
+    Ok(Checked {
+        plan: plan.clone(),
+        table: table.clone(),
+        release: Release::Pseudonymized {
+            k: checker.policy.min_group_size(table),
+        },
+    })
+}
+
+/// The argument of a `pseudonym(…)` output column, if `e` is one.
+fn pseudonym_argument(e: &Expr) -> Option<&Expr> {
+    let inner = match e {
+        Expr::Alias(a) => a.expr.as_ref(),
+        other => other,
+    };
+    match inner {
+        Expr::ScalarFunction(f) if f.func.name() == PSEUDONYM => match f.args.as_slice() {
+            [arg] => Some(arg),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// The release of a model fragment, after checking what it asks for against the policy.
@@ -1145,6 +1255,68 @@ mod tests {
         let fields = checked.plan.schema().fields().clone();
         assert_eq!(fields.len(), 3);
         assert_eq!(fields[2].name(), ROWS_COLUMN);
+    }
+
+    #[tokio::test]
+    async fn pseudonymized_rows_need_the_join_key_and_an_opt_in() {
+        let vertical = |extra: &str| {
+            Policy::parse(
+                &format!(
+                    "[tables.lung]\n{extra}\n[tables.lung.columns]\npatient_id = \"join_key\"\n\
+                     inst = \"public\"\nnote = \"hidden\"\n"
+                ),
+                "test",
+            )
+            .unwrap()
+        };
+        let run = |sql: &'static str, policy: Policy| async move {
+            check(&plan(sql).await, &policy, "s")
+                .map(|c| c.release)
+                .map_err(|r| {
+                    assert!(!r.message.contains("7"), "{}", r.message);
+                    r.rule
+                })
+        };
+        let on = || vertical("allow_vertical = true");
+        let ok = "SELECT pseudonym(patient_id) AS p, age, inst FROM lung WHERE age > 60";
+        assert_eq!(run(ok, on()).await, Ok(Release::Pseudonymized { k: 5 }));
+        assert_eq!(run(ok, vertical("")).await, Err("allow_vertical"));
+        assert_eq!(
+            run(ok, vertical("allow_vertical = false")).await,
+            Err("allow_vertical")
+        );
+        let refused = [
+            ("SELECT patient_id, age FROM lung", "join_key_column"),
+            (
+                "SELECT pseudonym(patient_id) AS p, note FROM lung",
+                "hidden_column",
+            ),
+            ("SELECT pseudonym(age) AS p FROM lung", "join_key"),
+            (
+                "SELECT pseudonym(patient_id + 1) AS p FROM lung",
+                "join_key",
+            ),
+            (
+                "SELECT pseudonym(patient_id) AS p FROM lung WHERE patient_id = 7",
+                "join_key_column",
+            ),
+            (
+                "SELECT pseudonym(patient_id) AS p, count(*) FROM lung GROUP BY pseudonym(patient_id)",
+                "join_key_column",
+            ),
+            (
+                "SELECT pseudonym(patient_id) AS p, age FROM lung ORDER BY age LIMIT 3",
+                "ordering",
+            ),
+        ];
+        for (sql, rule) in refused {
+            assert_eq!(run(sql, on()).await, Err(rule), "{sql}");
+        }
+        // Without a join_key column in the policy there is nothing to pseudonymize.
+        assert_eq!(
+            run("SELECT pseudonym(patient_id) AS p FROM lung", policy()).await,
+            Err("join_key")
+        );
     }
 
     #[test]

@@ -30,10 +30,35 @@ pub enum Error {
         station: String,
         category: &'static str,
     },
+    /// A station this one reads failed or refused (only the hub's join station reads other
+    /// stations).
+    #[error(transparent)]
+    Upstream(Upstream),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+}
+
+/// A failure of another station that a station's table reads (the hub's join station reads
+/// the members of a vertical table), carried through DataFusion as an external error. Its
+/// message is that station's own, which names no data value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Upstream {
+    /// The other station's policy refused its part.
+    pub refused: bool,
+    pub message: String,
+}
+
+impl Upstream {
+    /// The upstream failure at the root of `e`, if that is what `e` is.
+    pub fn of(e: &DataFusionError) -> Option<&Upstream> {
+        match e.find_root() {
+            DataFusionError::External(inner) => inner.downcast_ref::<Upstream>(),
+            _ => None,
+        }
+    }
 }
 
 impl From<DataFusionError> for Error {
@@ -62,6 +87,8 @@ pub fn to_status(station: &str, e: Error) -> Status {
         },
         Error::Refused(_) => Status::permission_denied(e.to_string()),
         Error::Failed { .. } => Status::aborted(e.to_string()),
+        Error::Upstream(u) if u.refused => Status::permission_denied(u.message.clone()),
+        Error::Upstream(u) => Status::aborted(u.message.clone()),
         other => Status::internal(other.to_string()),
     }
 }

@@ -32,6 +32,7 @@ use arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
 use arrow_flight::flight_service_server::FlightServiceServer;
+use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
@@ -42,6 +43,7 @@ use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use railyard_udfs::glm_terms::GlmLayout;
+use railyard_udfs::pseudonym::Pseudonym;
 use railyard_udfs::wire::{CheckAnswer, FragmentTicket, TablePolicyInfo};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -49,7 +51,7 @@ use tracing::{info, warn};
 
 pub use audit::AuditLog;
 pub use check::{ROWS_COLUMN, Refusal, Release};
-pub use error::{Error, Result};
+pub use error::{Error, Result, Upstream};
 pub use policy::{Policy, Visibility};
 pub use service::StationService;
 pub use source::{Format, TableFile};
@@ -67,6 +69,9 @@ pub struct StationConfig {
     pub policy: Policy,
     /// The audit log file (created with its directory if missing).
     pub audit_log: PathBuf,
+    /// The secret shared by a collaboration's stations (never by its hub) that keys the
+    /// pseudonyms of `join_key` columns; without one the station links no vertical table.
+    pub collaboration_secret: Option<Arc<[u8]>>,
 }
 
 /// A fragment plan that passed the policy, optimized, with what it may release.
@@ -84,6 +89,8 @@ pub struct Station {
     ctx: SessionContext,
     state: SessionState,
     policy: Policy,
+    /// Whether the station holds a collaboration secret (can compute pseudonyms).
+    keyed: bool,
     audit: AuditLog,
     /// Approved plans of fragments seen before, by SQL text. Only plans without stable or
     /// volatile functions are kept (the optimizer folds `now()` into a constant).
@@ -98,12 +105,31 @@ impl Station {
         tables: &[TableFile],
         config: StationConfig,
     ) -> Result<Self> {
+        Self::open_with(name, tables, Vec::new(), config).await
+    }
+
+    /// Opens a station over `tables` and over tables that are not files (`providers`, by
+    /// name): the hub's join station serves a vertical table this way.
+    pub async fn open_with(
+        name: impl Into<String>,
+        tables: &[TableFile],
+        providers: Vec<(String, Arc<dyn TableProvider>)>,
+        config: StationConfig,
+    ) -> Result<Self> {
         let name = name.into();
         let session =
             railyard_udfs::fragment_session_config().with_target_partitions(partitions_for(tables));
         let ctx = railyard_udfs::fragment_context_with(session)?;
+        if let Some(secret) = &config.collaboration_secret {
+            let keyed = Pseudonym::keyed(Arc::clone(secret))
+                .map_err(|e| Error::BadRequest(format!("station '{name}': {e}")))?;
+            ctx.register_udf(keyed.udf());
+        }
         for table in tables {
             table.register(&name, &ctx).await?;
+        }
+        for (table, provider) in providers {
+            ctx.register_table(table.as_str(), provider)?;
         }
         let audit = AuditLog::open(&config.audit_log, &name)?;
         let state = ctx.state();
@@ -112,6 +138,7 @@ impl Station {
             ctx,
             state,
             policy: config.policy,
+            keyed: config.collaboration_secret.is_some(),
             audit,
             plans: Mutex::new(HashMap::new()),
         };
@@ -163,6 +190,7 @@ impl Station {
                 min_group_size: self.policy.min_group_size(&table),
                 model_min_rows: self.policy.model_min_rows(&table),
                 survival_time_resolution: self.policy.survival_time_resolution(&table),
+                allow_vertical: self.policy.allow_vertical(&table),
                 columns: schema
                     .fields()
                     .iter()
@@ -192,6 +220,10 @@ impl Station {
                 release: "model".to_string(),
                 min_group_size: k,
             },
+            Release::Pseudonymized { k } => CheckAnswer {
+                release: "pseudonymized".to_string(),
+                min_group_size: k,
+            },
         })
     }
 
@@ -202,9 +234,19 @@ impl Station {
     pub async fn run_fragment(&self, ticket: &FragmentTicket) -> Result<SendableRecordBatchStream> {
         let approved = self.approve(ticket).await?;
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment approved");
-        let batches = match self.execute(&approved.plan).await {
+        let batches = match self.execute(&approved.plan, ticket).await {
             Ok(batches) => batches,
             Err(e) => {
+                if let Some(upstream) = Upstream::of(&e) {
+                    let (decision, what) = if upstream.refused {
+                        (audit::Decision::Refused, "a station it reads refused")
+                    } else {
+                        (audit::Decision::Failed, "a station it reads failed")
+                    };
+                    warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %upstream.message, "{what}");
+                    self.record(ticket, decision, Some(what), 0, 0)?;
+                    return Err(Error::Upstream(upstream.clone()));
+                }
                 let category = failure_category(&e);
                 warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment failed");
                 self.record(ticket, audit::Decision::Failed, Some(category), 0, 0)?;
@@ -252,13 +294,21 @@ impl Station {
         Ok(())
     }
 
-    async fn execute(&self, plan: &LogicalPlan) -> Result<Vec<RecordBatch>, DataFusionError> {
-        let physical = self
-            .state
+    /// Runs an approved plan. The ticket travels in the session's configuration, so a
+    /// table that is itself federated (the hub's join station) sends its own fragments on
+    /// behalf of the same query and researcher.
+    async fn execute(
+        &self,
+        plan: &LogicalPlan,
+        ticket: &FragmentTicket,
+    ) -> Result<Vec<RecordBatch>, DataFusionError> {
+        let mut state = self.state.clone();
+        state.config_mut().set_extension(Arc::new(ticket.clone()));
+        let physical = state
             .query_planner()
-            .create_physical_plan(plan, &self.state)
+            .create_physical_plan(plan, &state)
             .await?;
-        execute_stream(physical, self.state.task_ctx())?
+        execute_stream(physical, state.task_ctx())?
             .try_collect()
             .await
     }
@@ -281,6 +331,20 @@ impl Station {
         };
         options.verify_plan(&logical)?;
         let checked = match check::check(&logical, &self.policy, &self.name) {
+            Ok(checked)
+                if matches!(checked.release, Release::Pseudonymized { .. }) && !self.keyed =>
+            {
+                let refusal = Refusal {
+                    rule: "collaboration_secret",
+                    message: format!(
+                        "policy: station '{}' holds no collaboration secret, so it cannot \
+                         pseudonymize join keys",
+                        self.name
+                    ),
+                };
+                self.record(ticket, audit::Decision::Refused, Some(refusal.rule), 0, 0)?;
+                return Err(Error::Refused(refusal));
+            }
             Ok(checked) => checked,
             Err(refusal) => {
                 info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, rule = refusal.rule, "fragment refused");
@@ -331,6 +395,18 @@ fn release(
         // to withhold (an empty global aggregate still answers, with its zero count).
         Release::Rows | Release::Groups { k: 1, .. } => {
             let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            Ok(Ok((batches, rows, 0)))
+        }
+        Release::Pseudonymized { k } => {
+            let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+            if rows < *k {
+                return refuse(
+                    "min_group_size",
+                    format!(
+                        "requires a pseudonymized release of table '{table}' to cover at least {k} rows; this one covers fewer"
+                    ),
+                );
+            }
             Ok(Ok((batches, rows, 0)))
         }
         Release::Groups { k, global } | Release::Survival { k, global } => {

@@ -69,6 +69,7 @@ struct PolicyFile {
     max_string_literal: Option<Spanned<usize>>,
     model_min_rows: Option<Spanned<u64>>,
     survival_time_resolution: Option<Spanned<f64>>,
+    allow_vertical: Option<bool>,
     #[serde(default)]
     tables: BTreeMap<Spanned<String>, TableFile>,
 }
@@ -80,6 +81,7 @@ struct TableFile {
     default_visibility: Option<Visibility>,
     model_min_rows: Option<Spanned<u64>>,
     survival_time_resolution: Option<Spanned<f64>>,
+    allow_vertical: Option<bool>,
     #[serde(default)]
     columns: BTreeMap<Spanned<String>, Visibility>,
 }
@@ -91,6 +93,7 @@ pub struct TablePolicy {
     pub default_visibility: Option<Visibility>,
     pub model_min_rows: Option<u64>,
     pub survival_time_resolution: Option<f64>,
+    pub allow_vertical: Option<bool>,
     /// Column name → (visibility, line in the policy file).
     pub columns: BTreeMap<String, (Visibility, usize)>,
     /// Line of the table's section in the policy file.
@@ -108,6 +111,10 @@ pub struct Policy {
     /// Survival times are floored to multiples of this before release, with k applied per
     /// released time; 0 releases exact times (and per-time counts below k).
     pub survival_time_resolution: f64,
+    /// Whether `aggregate` columns may leave row by row, keyed by pseudonyms of the
+    /// `join_key` column, for a hub that joins them with other stations' columns of the same
+    /// patients (vertical partitioning). Off unless the policy opts in.
+    pub allow_vertical: bool,
     pub tables: BTreeMap<String, TablePolicy>,
     /// Where the policy came from (a path, or "default").
     pub source: String,
@@ -121,6 +128,7 @@ impl Default for Policy {
             max_string_literal: DEFAULT_MAX_STRING_LITERAL,
             model_min_rows: DEFAULT_MODEL_MIN_ROWS,
             survival_time_resolution: DEFAULT_SURVIVAL_TIME_RESOLUTION,
+            allow_vertical: false,
             tables: BTreeMap::new(),
             source: "default".to_string(),
         }
@@ -217,6 +225,9 @@ impl Policy {
         if let Some(v) = &file.survival_time_resolution {
             policy.survival_time_resolution = resolution(v)?;
         }
+        if let Some(v) = file.allow_vertical {
+            policy.allow_vertical = v;
+        }
         for (name, table) in file.tables {
             let min_group_size = match &table.min_group_size {
                 Some(v) => Some(k(v)?),
@@ -241,6 +252,7 @@ impl Policy {
                         .as_ref()
                         .map(resolution)
                         .transpose()?,
+                    allow_vertical: table.allow_vertical,
                     columns,
                     line: line_of(text, name.span().start),
                 },
@@ -250,7 +262,8 @@ impl Policy {
     }
 
     /// Refuses a policy that names a column `table` does not have: a misspelt `hidden`
-    /// column would otherwise silently fall back to the default visibility.
+    /// column would otherwise silently fall back to the default visibility. A table has at
+    /// most one `join_key` column (the one its pseudonyms are computed from).
     pub fn validate_table(&self, table: &str, schema: &Schema) -> Result<(), PolicyError> {
         let Some(t) = self.tables.get(table) else {
             return Ok(());
@@ -263,7 +276,33 @@ impl Policy {
                 });
             }
         }
+        let keys: Vec<_> = schema
+            .fields()
+            .iter()
+            .filter(|f| self.visibility(table, f.name()) == Visibility::JoinKey)
+            .map(|f| f.name().as_str())
+            .collect();
+        if keys.len() > 1 {
+            return Err(PolicyError {
+                origin: self.source.clone(),
+                message: format!(
+                    "line {}: table '{table}' has {} join_key columns ({}); a table is linked \
+                     by one",
+                    t.line,
+                    keys.len(),
+                    keys.join(", ")
+                ),
+            });
+        }
         Ok(())
+    }
+
+    /// Whether `table`'s `aggregate` columns may travel pseudonymized to a hub join.
+    pub fn allow_vertical(&self, table: &str) -> bool {
+        self.tables
+            .get(table)
+            .and_then(|t| t.allow_vertical)
+            .unwrap_or(self.allow_vertical)
     }
 
     /// The visibility of `column` of `table`.

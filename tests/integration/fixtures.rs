@@ -76,6 +76,7 @@ pub fn spec(name: &str, dir: PathBuf) -> TableSpec {
     TableSpec {
         name: name.to_string(),
         dir,
+        key: None,
     }
 }
 

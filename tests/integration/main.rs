@@ -6,3 +6,4 @@ mod fixtures;
 mod policy;
 mod slt;
 mod statistics;
+mod vertical;

@@ -513,36 +513,7 @@ impl DisplayAs for StatsExec {
 }
 
 impl ExecutionPlan for StatsExec {
-    fn name(&self) -> &str {
-        "StatsExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(
-            &Arc<dyn datafusion::physical_expr::PhysicalExpr>,
-        ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
-    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        if !children.is_empty() {
-            return plan_err!("StatsExec has no children");
-        }
-        Ok(self)
-    }
+    crate::exec::leaf_exec!("StatsExec");
 
     fn execute(
         &self,
