@@ -100,6 +100,44 @@ const REAL_DATA: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The vertically partitioned breast-cancer data: (station, CSV text). station_a holds the
+/// diagnosis and the `mean_*` features, station_b the `*_error` features, station_c the
+/// `worst_*` features of all but 29 patients; `patient_id` links them.
+const VERTICAL_DATA: &[(&str, &str)] = &[
+    (
+        "station_a",
+        include_str!("../tests/data/breast_cancer/vertical/csv/station_a.csv"),
+    ),
+    (
+        "station_b",
+        include_str!("../tests/data/breast_cancer/vertical/csv/station_b.csv"),
+    ),
+    (
+        "station_c",
+        include_str!("../tests/data/breast_cancer/vertical/csv/station_c.csv"),
+    ),
+];
+
+/// The vertical table's name in the demo.
+pub const VERTICAL_TABLE: &str = "breast_vertical";
+
+/// The vertical part of the demo: (what a researcher asks, the SQL).
+pub const VERTICAL: &[(&str, &str)] = &[
+    (
+        "Columns of three stations in one aggregate: mean features (station_a), error \
+         features (station_b) and worst features (station_c), joined at the hub on keyed \
+         pseudonyms of patient_id",
+        "SELECT diagnosis, count(*) AS patients, round(avg(mean_radius), 2) AS mean_radius, \
+         round(avg(radius_error), 3) AS radius_error, round(avg(worst_area), 1) AS worst_area \
+         FROM breast_vertical WHERE worst_texture > 20 GROUP BY diagnosis ORDER BY diagnosis",
+    ),
+    (
+        "A logistic regression whose covariates live at three different stations",
+        "SELECT * FROM glm('breast_vertical', \
+         'diagnosis ~ mean_radius + worst_texture + concavity_error', 'binomial')",
+    ),
+];
+
 /// The statistics part of the demo: (what a researcher asks, the SQL).
 pub const MODELS: &[(&str, &str)] = &[
     (
@@ -174,6 +212,16 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
             });
         }
     }
+    let vertical = dir.path().join(VERTICAL_TABLE);
+    std::fs::create_dir_all(&vertical)?;
+    for (station, csv) in VERTICAL_DATA {
+        std::fs::write(vertical.join(format!("{station}.csv")), csv)?;
+    }
+    tables.push(TableSpec {
+        name: VERTICAL_TABLE.into(),
+        dir: vertical,
+        key: Some("patient_id".into()),
+    });
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let federation = LocalFederation::start(
         &tables,
@@ -212,6 +260,7 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
             )?;
         }
         show_models(&mut client, out).await?;
+        show_vertical(&mut client, out).await?;
         writeln!(
             out,
             "── The stations' default policy: every column 'aggregate', groups of at least 5"
@@ -274,6 +323,31 @@ async fn show_models(client: &mut HubClient, out: &mut impl Write) -> Result<()>
     for (question, sql) in MODELS {
         writeln!(out, "── {question}")?;
         writeln!(out, "{sql}\n")?;
+        let t = Instant::now();
+        let answer = client.query(sql).await?;
+        let elapsed = t.elapsed();
+        writeln!(out, "{}", answer.to_table()?)?;
+        writeln!(out, "in {:.1} ms\n", elapsed.as_secs_f64() * 1000.0)?;
+    }
+    Ok(())
+}
+
+/// A vertically partitioned table: its plan (each member's fragment, the hub join) and
+/// answers.
+async fn show_vertical(client: &mut HubClient, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "── Vertically partitioned data (docs/vertical.md): {VERTICAL_TABLE} is the inner join \
+         of three stations' columns of the same patients; the stations share a secret for \
+         keyed pseudonyms of patient_id that the hub never sees"
+    )?;
+    for (i, (question, sql)) in VERTICAL.iter().enumerate() {
+        writeln!(out, "── {question}")?;
+        writeln!(out, "{sql}\n")?;
+        if i == 0 {
+            let plan = client.query(&format!("EXPLAIN FEDERATED {sql}")).await?;
+            write!(out, "{}", format_explain(&plan))?;
+        }
         let t = Instant::now();
         let answer = client.query(sql).await?;
         let elapsed = t.elapsed();
@@ -372,7 +446,8 @@ pub fn format_explain(answer: &Answer) -> String {
             if location.is_null(r) {
                 continue;
             }
-            if location.value(r) == "hub" {
+            // The hub's own steps: the merge plan, or a vertical table's join (a fragment).
+            if location.value(r) == "hub" && !step.value(r).starts_with("fragment") {
                 hub = plan.value(r).to_string();
                 continue;
             }
@@ -390,7 +465,11 @@ pub fn format_explain(answer: &Answer) -> String {
     for (step, stations, sql, releases) in fragments {
         text.push_str(&format!("  {step} at {}:\n", stations.join(", ")));
         text.push_str(&format!("    {sql}\n"));
-        text.push_str(&format!("    leaves each station: {releases}\n"));
+        if stations == ["hub"] {
+            text.push_str(&format!("    leaves the join: {releases}\n"));
+        } else {
+            text.push_str(&format!("    leaves each station: {releases}\n"));
+        }
     }
     text.push_str("  hub merge plan:\n");
     for line in hub.lines() {

@@ -19,9 +19,9 @@ def railyard_binary() -> pathlib.Path:
     return target / "debug" / "railyard"
 
 
-def start_local(tmp: pathlib.Path, policy: "pathlib.Path | None"):
-    """Starts `railyard local` over the lung and breast_cancer stations; returns the
-    process and the hub's URL."""
+def start_local(tmp: pathlib.Path, policy: "pathlib.Path | None", extra=()):
+    """Starts `railyard local` over the lung and breast_cancer stations (and whatever
+    `extra` arguments add); returns the process and the hub's URL."""
     binary = railyard_binary()
     if not binary.exists():
         pytest.fail(f"{binary} does not exist: build it with `cargo build` or set RAILYARD_BIN")
@@ -39,6 +39,7 @@ def start_local(tmp: pathlib.Path, policy: "pathlib.Path | None"):
     ]
     if policy is not None:
         args += ["--policy", str(policy)]
+    args += list(extra)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
     prefix = "hub listening on "

@@ -521,16 +521,26 @@ fn railyard_demo_runs_its_queries_and_exits_zero() {
     }
     assert_eq!(
         stdout.matches("hub merge plan:").count(),
-        railyard::demo::QUERIES.len()
+        railyard::demo::QUERIES.len() + 1,
+        "each SQL query and the first vertical one show their plan"
     );
     assert!(
         stdout.contains("| patients | mean_age | sd_age |"),
         "{stdout}"
     );
     assert!(stdout.contains("| 6000     |"), "{stdout}");
-    for (_, sql) in railyard::demo::MODELS {
+    for (_, sql) in railyard::demo::MODELS
+        .iter()
+        .chain(railyard::demo::VERTICAL)
+    {
         assert!(stdout.contains(sql), "the demo shows {sql}");
     }
+    // The vertical table's plan: a fragment per member and the join at the hub.
+    assert!(
+        stdout.contains("inner join of [station_a, station_b, station_c] on the pseudonyms"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("| concavity_error |"), "{stdout}");
     // The binomial GLM's coefficient rows, and the Kaplan–Meier plot's axis and legend.
     for shown in [
         "| mean_radius  |",
