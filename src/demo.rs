@@ -244,20 +244,8 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
     let mut client = HubClient::connect(&federation.hub_url).await?;
     let result = async {
         for (i, (question, sql)) in QUERIES.iter().enumerate() {
-            writeln!(out, "── {}. {question}", i + 1)?;
-            writeln!(out, "{sql}\n")?;
-            let plan = client.query(&format!("EXPLAIN FEDERATED {sql}")).await?;
-            write!(out, "{}", format_explain(&plan))?;
-            let t = Instant::now();
-            let answer = client.query(sql).await?;
-            let elapsed = t.elapsed();
-            writeln!(out, "{}", answer.to_table()?)?;
-            writeln!(
-                out,
-                "{} rows in {:.1} ms (3 stations, over Flight on loopback)\n",
-                answer.num_rows(),
-                elapsed.as_secs_f64() * 1000.0
-            )?;
+            let title = format!("{}. {question}", i + 1);
+            show_query(&mut client, out, &title, sql, true).await?;
         }
         show_models(&mut client, out).await?;
         show_vertical(&mut client, out).await?;
@@ -321,14 +309,36 @@ async fn show_models(client: &mut HubClient, out: &mut impl Write) -> Result<()>
         elapsed.as_secs_f64() * 1000.0
     )?;
     for (question, sql) in MODELS {
-        writeln!(out, "── {question}")?;
-        writeln!(out, "{sql}\n")?;
-        let t = Instant::now();
-        let answer = client.query(sql).await?;
-        let elapsed = t.elapsed();
-        writeln!(out, "{}", answer.to_table()?)?;
-        writeln!(out, "in {:.1} ms\n", elapsed.as_secs_f64() * 1000.0)?;
+        show_query(client, out, question, sql, false).await?;
     }
+    Ok(())
+}
+
+/// Shows one question: its SQL, optionally its federated plan, its answer and how long the
+/// answer took.
+async fn show_query(
+    client: &mut HubClient,
+    out: &mut impl Write,
+    question: &str,
+    sql: &str,
+    explain: bool,
+) -> Result<()> {
+    writeln!(out, "── {question}")?;
+    writeln!(out, "{sql}\n")?;
+    if explain {
+        let plan = client.query(&format!("EXPLAIN FEDERATED {sql}")).await?;
+        write!(out, "{}", format_explain(&plan))?;
+    }
+    let t = Instant::now();
+    let answer = client.query(sql).await?;
+    let elapsed = t.elapsed();
+    writeln!(out, "{}", answer.to_table()?)?;
+    writeln!(
+        out,
+        "{} rows in {:.1} ms (3 stations, over Flight on loopback)\n",
+        answer.num_rows(),
+        elapsed.as_secs_f64() * 1000.0
+    )?;
     Ok(())
 }
 
@@ -342,17 +352,7 @@ async fn show_vertical(client: &mut HubClient, out: &mut impl Write) -> Result<(
          keyed pseudonyms of patient_id that the hub never sees"
     )?;
     for (i, (question, sql)) in VERTICAL.iter().enumerate() {
-        writeln!(out, "── {question}")?;
-        writeln!(out, "{sql}\n")?;
-        if i == 0 {
-            let plan = client.query(&format!("EXPLAIN FEDERATED {sql}")).await?;
-            write!(out, "{}", format_explain(&plan))?;
-        }
-        let t = Instant::now();
-        let answer = client.query(sql).await?;
-        let elapsed = t.elapsed();
-        writeln!(out, "{}", answer.to_table()?)?;
-        writeln!(out, "in {:.1} ms\n", elapsed.as_secs_f64() * 1000.0)?;
+        show_query(client, out, question, sql, i == 0).await?;
     }
     Ok(())
 }
