@@ -1,7 +1,7 @@
 //! The cost of the federated statistics, in round trips.
 //!
 //! `cargo bench --bench statistics` starts three loopback stations over the lung and breast
-//! cancer data (the stations' default policy) and times, through the Flight SQL client, one
+//! cancer data, the latter also split vertically (the stations' default policy), and times, through the Flight SQL client, one
 //! small aggregate (one round trip per station: the baseline) and each statistics call. It
 //! prints each call's median time, its ratio to the baseline, and how many rounds it ran (the
 //! fragments the first station's audit log recorded for one call). A SQL query also sends
@@ -41,6 +41,23 @@ const CALLS: &[(&str, &str)] = &[
         "crosstab, lung",
         "SELECT * FROM crosstab('lung', 'sex', 'ph_ecog')",
     ),
+    (
+        "grouped aggregate, horizontal",
+        "SELECT diagnosis, count(*), avg(worst_area) FROM breast_cancer GROUP BY diagnosis",
+    ),
+    (
+        "the same, vertical (3 members)",
+        "SELECT diagnosis, count(*), avg(worst_area) FROM breast_vertical GROUP BY diagnosis",
+    ),
+    (
+        "binomial GLM, vertical",
+        "SELECT * FROM glm('breast_vertical', 'diagnosis ~ mean_radius + mean_texture', 'binomial')",
+    ),
+    (
+        "GLM, covariates at 3 stations",
+        "SELECT * FROM glm('breast_vertical', \
+         'diagnosis ~ mean_radius + radius_error + worst_texture', 'binomial')",
+    ),
 ];
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -79,6 +96,11 @@ async fn main() -> Result<()> {
                 name: "breast_cancer".into(),
                 dir: data.join("breast_cancer/horizontal/parquet"),
                 key: None,
+            },
+            TableSpec {
+                name: "breast_vertical".into(),
+                dir: data.join("breast_cancer/vertical/parquet"),
+                key: Some("patient_id".into()),
             },
         ],
         TcpListener::bind("127.0.0.1:0").await?,

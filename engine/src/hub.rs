@@ -127,13 +127,14 @@ async fn check_at_stations(plan: &Arc<dyn ExecutionPlan>, timeout: Duration) -> 
     Ok(())
 }
 
-/// Registers `railyard.policies`: per station, table and column, the column's visibility
-/// and the table's k, as the stations announced them.
+/// Registers `railyard.policies`: per station, table and column, the column's visibility,
+/// the table's k and whether the table is released for vertical joins, as the stations
+/// announced them.
 fn register_policies(
     ctx: &SessionContext,
     policies: &[(String, railyard_udfs::wire::TablePolicyInfo)],
 ) -> Result<()> {
-    use arrow::array::{Int64Array, StringArray};
+    use arrow::array::{BooleanArray, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
     let schema = Arc::new(Schema::new(vec![
         Field::new("station", DataType::Utf8, false),
@@ -141,9 +142,10 @@ fn register_policies(
         Field::new("column_name", DataType::Utf8, false),
         Field::new("visibility", DataType::Utf8, false),
         Field::new("min_group_size", DataType::Int64, false),
+        Field::new("allow_vertical", DataType::Boolean, false),
     ]));
-    let (mut station, mut table, mut column, mut visibility, mut k) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut station, mut table, mut column, mut visibility, mut k, mut vertical) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for (name, info) in policies {
         for (c, v) in &info.columns {
             station.push(name.clone());
@@ -151,6 +153,7 @@ fn register_policies(
             column.push(c.clone());
             visibility.push(v.clone());
             k.push(info.min_group_size as i64);
+            vertical.push(info.allow_vertical);
         }
     }
     let batch = RecordBatch::try_new(
@@ -161,6 +164,7 @@ fn register_policies(
             Arc::new(StringArray::from(column)),
             Arc::new(StringArray::from(visibility)),
             Arc::new(Int64Array::from(k)),
+            Arc::new(BooleanArray::from(vertical)),
         ],
     )
     .map_err(DataFusionError::from)?;
@@ -217,6 +221,11 @@ impl Hub {
             for (table, schema) in tables {
                 let policy = table_policies.iter().find(|p| p.table == table).cloned();
                 if options.vertical.iter().any(|v| v.name == table) {
+                    // Listed in railyard.policies (what each member allows), but planned
+                    // against the join station's policy.
+                    if let Some(p) = &policy {
+                        policies.push((client.name.to_string(), p.clone()));
+                    }
                     members.entry(table).or_default().push(vertical::Member {
                         client: client.clone(),
                         schema,

@@ -56,6 +56,17 @@ def test_the_table_is_the_inner_join_of_its_stations(open_hub, joined):
     columns = query(open_hub, "SELECT column_name FROM information_schema.columns WHERE table_name = 'breast'")
     assert sorted(columns.column_name) == sorted(joined.columns)
     assert "patient_id" not in set(columns.column_name)
+    policies = query(
+        open_hub,
+        "SELECT station, bool_and(allow_vertical) AS allow_vertical, "
+        "string_agg(DISTINCT visibility, ',' ORDER BY visibility) AS visibilities "
+        "FROM railyard.policies WHERE table_name = 'breast' GROUP BY station ORDER BY station",
+    )
+    # Each member opted in and marks the key join_key; the hub's join station releases
+    # nothing for joins itself and treats every column as at most 'aggregate'.
+    assert policies.station.tolist() == ["hub join of breast", "station_a", "station_b", "station_c"]
+    assert policies.allow_vertical.tolist() == [False, True, True, True]
+    assert policies.visibilities.tolist() == ["aggregate"] + ["join_key,public"] * 3
 
 
 def test_grouped_aggregates_over_three_stations_equal_pandas(open_hub, joined):

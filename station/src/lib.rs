@@ -91,6 +91,8 @@ pub struct Station {
     policy: Policy,
     /// Whether the station holds a collaboration secret (can compute pseudonyms).
     keyed: bool,
+    /// Whether some table reads other stations (and needs the ticket while it plans).
+    federated_tables: bool,
     audit: AuditLog,
     /// Approved plans of fragments seen before, by SQL text. Only plans without stable or
     /// volatile functions are kept (the optimizer folds `now()` into a constant).
@@ -128,6 +130,7 @@ impl Station {
         for table in tables {
             table.register(&name, &ctx).await?;
         }
+        let federated_tables = !providers.is_empty();
         for (table, provider) in providers {
             ctx.register_table(table.as_str(), provider)?;
         }
@@ -139,6 +142,7 @@ impl Station {
             state,
             policy: config.policy,
             keyed: config.collaboration_secret.is_some(),
+            federated_tables,
             audit,
             plans: Mutex::new(HashMap::new()),
         };
@@ -302,11 +306,19 @@ impl Station {
         plan: &LogicalPlan,
         ticket: &FragmentTicket,
     ) -> Result<Vec<RecordBatch>, DataFusionError> {
-        let mut state = self.state.clone();
-        state.config_mut().set_extension(Arc::new(ticket.clone()));
+        // Only a station with such tables pays for its own copy of the session.
+        let with_ticket;
+        let state = if self.federated_tables {
+            let mut state = self.state.clone();
+            state.config_mut().set_extension(Arc::new(ticket.clone()));
+            with_ticket = state;
+            &with_ticket
+        } else {
+            &self.state
+        };
         let physical = state
             .query_planner()
-            .create_physical_plan(plan, &state)
+            .create_physical_plan(plan, state)
             .await?;
         execute_stream(physical, state.task_ctx())?
             .try_collect()
