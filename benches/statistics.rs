@@ -1,11 +1,14 @@
 //! The cost of the federated statistics, in round trips.
 //!
 //! `cargo bench --bench statistics` starts three loopback stations over the lung and breast
-//! cancer data, the latter also split vertically (the stations' default policy), and times, through the Flight SQL client, one
-//! small aggregate (one round trip per station: the baseline) and each statistics call. It
-//! prints each call's median time, its ratio to the baseline, and how many rounds it ran (the
-//! fragments the first station's audit log recorded for one call). A SQL query also sends
-//! every station a `check` before running; the statistics' rounds are checked as they run.
+//! cancer data, the latter also split vertically (the stations' default policy), and times,
+//! through the Flight SQL client, one small aggregate (one round trip per station: the
+//! baseline) and each statistics call. It prints each call's median time, its ratio to the
+//! baseline, and how many rounds it ran (the fragments the first station's audit log
+//! recorded for one call). For the vertical table that count is how often station_a
+//! released its pseudonymized rows: the model's rounds run at the hub's join station, which
+//! keeps the joined rows for the rest of the call. A SQL query also sends every station a
+//! `check` before running; the statistics' rounds are checked as they run.
 //!
 //! Environment: `RAILYARD_BENCH_RUNS` (timed runs per call, default 50).
 

@@ -21,11 +21,11 @@
 //! query can release nothing a station's own rules would not, and every SQL function and
 //! statistical model works on vertical tables unchanged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray, RecordBatch, RecordBatchOptions, UInt32Array};
 use arrow::compute::{concat_batches, take};
@@ -144,6 +144,7 @@ pub(crate) async fn start(
         schema,
         members: members.iter().map(|m| m.client.clone()).collect(),
         timeout: fragment_timeout,
+        cache: Arc::default(),
     });
     let config = StationConfig {
         policy,
@@ -253,6 +254,44 @@ struct VerticalTable {
     /// In the order of `layout.members`.
     members: Vec<StationClient>,
     timeout: Duration,
+    cache: Arc<JoinCache>,
+}
+
+/// Joined rows kept for the rest of one query. A statistics call sends the join station the
+/// same member fragments round after round (only its coefficients change), so with this the
+/// members release their rows once per call instead of once per round. Entries are keyed by
+/// the query, the researcher, the members' SQL and the output columns, and dropped after the
+/// fragment timeout or when newer ones push them out.
+#[derive(Debug, Default)]
+struct JoinCache {
+    entries: Mutex<VecDeque<(JoinKey, Instant, RecordBatch)>>,
+}
+
+/// (query id, researcher, every member's SQL, the output columns in order).
+type JoinKey = (String, String, Vec<String>, Vec<String>);
+
+/// Joins a join station keeps at once.
+const JOIN_CACHE_ENTRIES: usize = 4;
+
+impl JoinCache {
+    fn get(&self, key: &JoinKey, ttl: Duration) -> Option<RecordBatch> {
+        // The lock guards queue operations only; after a panic the queue is still valid.
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|(_, at, _)| at.elapsed() < ttl);
+        entries
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, _, batch)| batch.clone())
+    }
+
+    fn put(&self, key: JoinKey, batch: RecordBatch) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|(k, _, _)| *k != key);
+        if entries.len() >= JOIN_CACHE_ENTRIES {
+            entries.pop_front();
+        }
+        entries.push_back((key, Instant::now(), batch));
+    }
 }
 
 #[async_trait]
@@ -342,6 +381,7 @@ impl TableProvider for VerticalTable {
             sources,
             output,
             self.timeout,
+            Arc::clone(&self.cache),
         )))
     }
 }
@@ -362,6 +402,7 @@ struct VerticalExec {
     sources: Vec<(usize, usize)>,
     schema: SchemaRef,
     timeout: Duration,
+    cache: Arc<JoinCache>,
     properties: Arc<PlanProperties>,
 }
 
@@ -372,6 +413,7 @@ impl VerticalExec {
         sources: Vec<(usize, usize)>,
         schema: SchemaRef,
         timeout: Duration,
+        cache: Arc<JoinCache>,
     ) -> Self {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(Arc::clone(&schema)),
@@ -385,11 +427,34 @@ impl VerticalExec {
             sources,
             schema,
             timeout,
+            cache,
             properties: Arc::new(properties),
         }
     }
 
     async fn run(self) -> DfResult<RecordBatch> {
+        let Some(first) = self.members.first() else {
+            return Err(DataFusionError::Internal("a join without members".into()));
+        };
+        let key: JoinKey = (
+            first.ticket.query_id.clone(),
+            first.ticket.researcher.clone(),
+            self.members.iter().map(|m| m.ticket.sql.clone()).collect(),
+            self.schema
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect(),
+        );
+        if let Some(joined) = self.cache.get(&key, self.timeout) {
+            return Ok(joined);
+        }
+        let joined = self.fetch_and_join().await?;
+        self.cache.put(key, joined.clone());
+        Ok(joined)
+    }
+
+    async fn fetch_and_join(&self) -> DfResult<RecordBatch> {
         // Every member checks its fragment first: one that refuses stops the query before
         // any member has released a row.
         let checks = futures::future::join_all(self.members.iter().map(|m| async move {
