@@ -65,9 +65,29 @@ pub async fn plan_stations(specs: &[TableSpec]) -> Result<BTreeMap<String, Vec<T
             bail!("table '{}' is given twice", spec.name);
         }
         let files = table_files(&spec.dir).with_context(|| format!("table '{}'", spec.name))?;
-        let schemas = match spec.key {
-            // Each part has its own columns: each file keeps its own schema.
-            Some(_) => vec![None; files.len()],
+        let schemas = match &spec.key {
+            // Each part has its own columns: each file keeps its own schema, and must hold
+            // the key.
+            Some(key) => {
+                for (station, path, format) in &files {
+                    let schema = file_schema(path, *format).await?;
+                    if schema.field_with_name(key).is_err() {
+                        bail!(
+                            "vertical table '{}': station '{station}' ({}) has no key column \
+                             '{key}'; its columns are {}",
+                            spec.name,
+                            path.display(),
+                            schema
+                                .fields()
+                                .iter()
+                                .map(|f| f.name().as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
+                }
+                vec![None; files.len()]
+            }
             None => unified_schemas(&files)
                 .await
                 .with_context(|| format!("table '{}' in {}", spec.name, spec.dir.display()))?,
@@ -82,6 +102,33 @@ pub async fn plan_stations(specs: &[TableSpec]) -> Result<BTreeMap<String, Vec<T
         }
     }
     Ok(stations)
+}
+
+/// The schema a station will read `path` with (CSV: inferred).
+async fn file_schema(path: &Path, format: Format) -> Result<SchemaRef> {
+    let ctx = SessionContext::new();
+    let name = path.to_string_lossy().into_owned();
+    let ext = format!(
+        ".{}",
+        path.extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+    );
+    let df = match format {
+        Format::Csv => {
+            ctx.read_csv(
+                name,
+                CsvReadOptions::new().has_header(true).file_extension(&ext),
+            )
+            .await
+        }
+        Format::Parquet => {
+            ctx.read_parquet(name, ParquetReadOptions::default().file_extension(&ext))
+                .await
+        }
+    }
+    .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Arc::new(df.schema().as_arrow().clone()))
 }
 
 /// The data files of one table directory: (station name, path, format), sorted by station.

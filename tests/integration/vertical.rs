@@ -557,3 +557,95 @@ async fn the_statistics_functions_run_on_vertical_tables() {
     );
     federation.shutdown().await.unwrap();
 }
+
+#[test]
+fn railyard_local_explains_bad_vertical_arguments() {
+    let vertical = format!(
+        "breast={}",
+        test_data("breast_cancer/vertical/csv").display()
+    );
+    let no_key = fixtures::railyard()
+        .args(["local", "--listen", "127.0.0.1:0", "--vertical", &vertical])
+        .output()
+        .unwrap();
+    assert!(!no_key.status.success());
+    let err = String::from_utf8_lossy(&no_key.stderr);
+    assert!(err.contains("--key"), "{err}");
+
+    let wrong_key = fixtures::railyard()
+        .args([
+            "local",
+            "--listen",
+            "127.0.0.1:0",
+            "--key",
+            "id",
+            "--vertical",
+            &vertical,
+        ])
+        .output()
+        .unwrap();
+    assert!(!wrong_key.status.success());
+    let err = String::from_utf8_lossy(&wrong_key.stderr);
+    assert!(
+        err.contains("vertical table 'breast': station 'station_a'")
+            && err.contains("has no key column 'id'; its columns are patient_id, diagnosis"),
+        "{err}"
+    );
+
+    // The horizontal lung split: every station holds the same columns, so each column
+    // would come from three stations.
+    let overlapping = fixtures::railyard()
+        .args([
+            "local",
+            "--listen",
+            "127.0.0.1:0",
+            "--key",
+            "patient_id",
+            "--vertical",
+        ])
+        .arg(format!(
+            "lung={}",
+            test_data("lung/horizontal/csv").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!overlapping.status.success());
+    let err = String::from_utf8_lossy(&overlapping.stderr);
+    assert!(
+        err.contains("vertical table 'lung': column 'inst' is held by both station 'station_a' and station 'station_b'"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_without_the_collaboration_secret_refuses_to_pseudonymize() {
+    let table = TableFile {
+        name: TABLE.into(),
+        path: test_data("breast_cancer/vertical/csv/station_b.csv"),
+        format: Format::Csv,
+        schema: None,
+    };
+    let dir = fixtures::audit_dir();
+    let policy = railyard::local::Governance::new(None, &dir)
+        .unwrap()
+        .station_policy(&[vertical_spec()]);
+    let config = StationConfig {
+        policy,
+        audit_log: dir.join("audit.jsonl"),
+        collaboration_secret: None,
+    };
+    let station = Station::open("station_b", &[table], config).await.unwrap();
+    let ticket = FragmentTicket {
+        query_id: "q".into(),
+        fragment: 1,
+        researcher: "r".into(),
+        sql: "SELECT pseudonym(patient_id) AS p, radius_error FROM breast".into(),
+    };
+    let err = station
+        .check_fragment(&ticket)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rule collaboration_secret"), "{err}");
+    assert!(station.run_fragment(&ticket).await.is_err());
+}
