@@ -54,6 +54,9 @@ use crate::error::{Error, Result, StationFailure};
 use crate::exec::fetch_all;
 use crate::station_client::{StationAddress, StationClient};
 
+/// The share of the fragment timeout the join station gives its members.
+const MEMBER_TIMEOUT_SHARE: f64 = 0.9;
+
 /// A vertically partitioned table the hub serves: every station announcing `name` holds
 /// some of its columns plus the linking column `key`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +146,9 @@ pub(crate) async fn start(
         layout: layout.clone(),
         schema,
         members: members.iter().map(|m| m.client.clone()).collect(),
-        timeout: fragment_timeout,
+        // Less than the hub gives the join station, so a member that hangs is named in the
+        // error instead of the join station timing out first.
+        timeout: fragment_timeout.mul_f64(MEMBER_TIMEOUT_SHARE),
         cache: Arc::default(),
     });
     let config = StationConfig {

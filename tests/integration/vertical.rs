@@ -400,8 +400,19 @@ impl FlightService for Recorder {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn raw_patient_ids_never_reach_the_hub() {
+/// The three members as separate Flight servers, each behind a [`Recorder`] and with its
+/// own stop switch, and a hub with the vertical table over them.
+struct Members {
+    hub: Hub,
+    logs: Vec<Log>,
+    servers: Vec<(
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+async fn recorded_members(fragment_timeout: std::time::Duration) -> Members {
     let secret: Arc<[u8]> = Arc::from(vec![42u8; 32]);
     let dir = fixtures::audit_dir();
     let mut policy = Policy::load(&fixtures::repo().join("tests/policies/open.toml")).unwrap();
@@ -413,6 +424,7 @@ async fn raw_patient_ids_never_reach_the_hub() {
     .station_policy(&[vertical_spec()]);
     let mut addresses = Vec::new();
     let mut logs = Vec::new();
+    let mut servers = Vec::new();
     for m in MEMBERS {
         let table = TableFile {
             name: TABLE.into(),
@@ -432,15 +444,22 @@ async fn raw_patient_ids_never_reach_the_hub() {
             log: Arc::clone(&log),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         addresses.push(StationAddress {
             name: m.to_string(),
-            url: format!("grpc://{}", listener.local_addr().unwrap()),
+            url: format!("grpc://{addr}"),
         });
-        tokio::spawn(
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        servers.push((addr, stop, task));
         logs.push(log);
     }
     let options = HubOptions {
@@ -449,9 +468,20 @@ async fn raw_patient_ids_never_reach_the_hub() {
             key: "patient_id".into(),
         }],
         data_dir: Some(dir.join("hub")),
+        fragment_timeout,
         ..HubOptions::default()
     };
     let hub = Hub::connect(&addresses, options).await.unwrap();
+    Members { hub, logs, servers }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raw_patient_ids_never_reach_the_hub() {
+    let Members {
+        hub,
+        logs,
+        servers: _servers,
+    } = recorded_members(std::time::Duration::from_secs(60)).await;
     for sql in [
         "SELECT count(*) FROM breast",
         "SELECT diagnosis, avg(worst_area), avg(area_error) FROM breast WHERE mean_radius > 12 \
@@ -648,4 +678,35 @@ async fn a_station_without_the_collaboration_secret_refuses_to_pseudonymize() {
         .to_string();
     assert!(err.contains("rule collaboration_secret"), "{err}");
     assert!(station.run_fragment(&ticket).await.is_err());
+}
+
+/// A member that stops answering is named in the error: the join station gives its members
+/// less time than the hub gives the join station.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_hangs_is_named_when_the_query_times_out() {
+    let Members {
+        hub, mut servers, ..
+    } = recorded_members(std::time::Duration::from_millis(800)).await;
+    let (addr, stop, task) = servers.pop().expect("station_c");
+    let _ = stop.send(());
+    task.await.unwrap();
+    // A peer on station_c's address that accepts connections and never answers.
+    let black_hole = TcpListener::bind(addr).await.unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            open.push(socket);
+        }
+    });
+    let err = hub
+        .collect(
+            "SELECT diagnosis, count(*) FROM breast GROUP BY diagnosis",
+            "r",
+        )
+        .await
+        .expect_err("a hung member fails the query")
+        .to_string();
+    assert!(err.contains("station 'hub join of breast'"), "{err}");
+    assert!(err.contains("station 'station_c' did not answer"), "{err}");
+    held.abort();
 }
