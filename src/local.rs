@@ -241,7 +241,7 @@ impl Governance {
 
     /// The policy of the local stations: the given one, with every vertical table opted in
     /// (`allow_vertical`) and its key column a `join_key`, unless the policy file says
-    /// otherwise for that table (then the stations refuse, naming the rule).
+    /// otherwise (then the stations refuse, naming the rule).
     pub fn station_policy(&self, specs: &[TableSpec]) -> Policy {
         let mut policy = self.policy.clone();
         for spec in specs {
@@ -255,10 +255,14 @@ impl Governance {
                     model_min_rows: None,
                     survival_time_resolution: None,
                     allow_vertical: None,
+                    joined: false,
                     columns: BTreeMap::new(),
                     line: 0,
                 });
-            table.allow_vertical.get_or_insert(true);
+            // An explicit `allow_vertical = false`, for the table or the whole file, wins.
+            if table.allow_vertical.is_none() && self.policy.allow_vertical.is_none() {
+                table.allow_vertical = Some(true);
+            }
             table
                 .columns
                 .entry(key.clone())

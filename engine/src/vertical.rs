@@ -43,6 +43,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
+use railyard_planner::sql::expr_sql;
 use railyard_planner::{VerticalLayout, VerticalMember};
 use railyard_station::{Policy, Station, StationConfig, Upstream, Visibility};
 use railyard_udfs::wire::{FragmentTicket, PSEUDONYM_COLUMN, TablePolicyInfo};
@@ -126,6 +127,12 @@ pub(crate) async fn start(
             if f.name() == &spec.key {
                 continue;
             }
+            if f.name() == PSEUDONYM_COLUMN {
+                return Err(invalid(format!(
+                    "station '{station}' has a column named {PSEUDONYM_COLUMN}, which the \
+                     join reserves"
+                )));
+            }
             if let Some(other) = owners.insert(f.name().clone(), station.clone()) {
                 return Err(invalid(format!(
                     "column '{}' is held by both station '{other}' and station '{station}'; \
@@ -194,9 +201,10 @@ pub(crate) async fn start(
 }
 
 /// The join station's policy: the strictest of the members' for this table. Every column
-/// is at most `aggregate` (joined rows never leave the hub), `dp` and `hidden` columns keep
-/// their visibility, and k, the model minimum and the survival time resolution are the
-/// largest any member asks for.
+/// is at most `aggregate` (joined rows never leave the hub), `dp` columns stay `dp`, and
+/// `hidden`, `join_key` and any visibility this hub does not know become `hidden`; k, the
+/// model minimum and the survival time resolution are the largest any member asks for, and
+/// the table is marked joined (k applies even to an aggregate that names no column).
 fn join_policy(table: &str, key: &str, members: &[Member]) -> Policy {
     let mut policy = Policy {
         min_group_size: 1,
@@ -224,14 +232,15 @@ fn join_policy(table: &str, key: &str, members: &[Member]) -> Policy {
             .survival_time_resolution
             .max(info.survival_time_resolution);
         for (column, visibility) in &info.columns {
-            let v = match visibility.as_str() {
-                "dp" => Visibility::Dp,
-                "hidden" => Visibility::Hidden,
-                _ => continue,
-            };
-            if column != key {
-                columns.insert(column.clone(), (v, 0));
+            if column == key {
+                continue;
             }
+            let v = match visibility.as_str() {
+                "public" | "aggregate" => continue,
+                "dp" => Visibility::Dp,
+                _ => Visibility::Hidden,
+            };
+            columns.insert(column.clone(), (v, 0));
         }
     }
     policy.tables.insert(
@@ -242,6 +251,7 @@ fn join_policy(table: &str, key: &str, members: &[Member]) -> Policy {
             model_min_rows: None,
             survival_time_resolution: None,
             allow_vertical: Some(false),
+            joined: true,
             columns,
             line: 0,
         },
@@ -258,6 +268,7 @@ struct VerticalTable {
     schema: SchemaRef,
     /// In the order of `layout.members`.
     members: Vec<StationClient>,
+    /// How long the members may take, checks and fetches together.
     timeout: Duration,
     cache: Arc<JoinCache>,
 }
@@ -265,11 +276,14 @@ struct VerticalTable {
 /// Joined rows kept for the rest of one query. A statistics call sends the join station the
 /// same member fragments round after round (only its coefficients change), so with this the
 /// members release their rows once per call instead of once per round. Entries are keyed by
-/// the query, the researcher, the members' SQL and the output columns, and dropped after the
-/// fragment timeout or when newer ones push them out.
+/// the query, the researcher, the members' SQL and the output columns, and dropped when
+/// newer ones push them out or, at the latest, one fragment timeout after they were made.
 #[derive(Debug, Default)]
 struct JoinCache {
     entries: Mutex<VecDeque<(JoinKey, Instant, RecordBatch)>>,
+    /// Member fragments the members accepted at the join station's `check` (the scan at
+    /// run time need not ask again: a member re-checks every fragment it runs anyway).
+    checked: Mutex<VecDeque<(JoinKey, Instant)>>,
 }
 
 /// (query id, researcher, every member's SQL, the output columns in order).
@@ -280,8 +294,7 @@ const JOIN_CACHE_ENTRIES: usize = 4;
 
 impl JoinCache {
     fn get(&self, key: &JoinKey, ttl: Duration) -> Option<RecordBatch> {
-        // The lock guards queue operations only; after a panic the queue is still valid.
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.lock();
         entries.retain(|(_, at, _)| at.elapsed() < ttl);
         entries
             .iter()
@@ -289,13 +302,50 @@ impl JoinCache {
             .map(|(_, _, batch)| batch.clone())
     }
 
-    fn put(&self, key: JoinKey, batch: RecordBatch) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.retain(|(k, _, _)| *k != key);
-        if entries.len() >= JOIN_CACHE_ENTRIES {
-            entries.pop_front();
+    fn contains(&self, key: &JoinKey, ttl: Duration) -> bool {
+        self.lock()
+            .iter()
+            .any(|(k, at, _)| k == key && at.elapsed() < ttl)
+    }
+
+    fn put(self: &Arc<Self>, key: JoinKey, batch: RecordBatch, ttl: Duration) {
+        {
+            let mut entries = self.lock();
+            entries.retain(|(k, at, _)| *k != key && at.elapsed() < ttl);
+            if entries.len() >= JOIN_CACHE_ENTRIES {
+                entries.pop_front();
+            }
+            entries.push_back((key, Instant::now(), batch));
         }
-        entries.push_back((key, Instant::now(), batch));
+        // Nothing keeps joined rows past their time, even if no query comes after them.
+        let cache = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            if let Some(cache) = cache.upgrade() {
+                cache.lock().retain(|(_, at, _)| at.elapsed() < ttl);
+            }
+        });
+    }
+
+    /// Whether the members accepted `key`'s fragments within `ttl`.
+    fn checked(&self, key: &JoinKey, ttl: Duration) -> bool {
+        // The lock guards queue operations only; after a panic the queue is still valid.
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        checked.retain(|(_, at)| at.elapsed() < ttl);
+        checked.iter().any(|(k, _)| k == key)
+    }
+
+    fn mark_checked(&self, key: JoinKey) {
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked.len() >= 4 * JOIN_CACHE_ENTRIES {
+            checked.pop_front();
+        }
+        checked.push_back((key, Instant::now()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(JoinKey, Instant, RecordBatch)>> {
+        // The lock guards queue operations only; after a panic the queue is still valid.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -317,13 +367,19 @@ impl TableProvider for VerticalTable {
     ) -> DfResult<Vec<TableProviderFilterPushDown>> {
         Ok(filters
             .iter()
-            .map(|f| match self.layout.filter_owner(f) {
-                Some(_) => TableProviderFilterPushDown::Inexact,
-                None => TableProviderFilterPushDown::Unsupported,
+            .map(|f| {
+                if self.layout.filter_owner(f).is_some() && expr_sql(f).is_ok() {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
             })
             .collect())
     }
 
+    /// Plans the members' fragments and, unless this query's join is already at hand, has
+    /// every member check its fragment: the join station's own `check` runs this scan, so a
+    /// member that refuses stops the query before any station anywhere runs a fragment.
     async fn scan(
         &self,
         state: &dyn Session,
@@ -337,6 +393,7 @@ impl TableProvider for VerticalTable {
                 self.name
             );
         };
+        let deadline = Instant::now() + self.timeout;
         let output = match projection {
             Some(p) => Arc::new(self.schema.project(p)?),
             None => Arc::clone(&self.schema),
@@ -380,15 +437,60 @@ impl TableProvider for VerticalTable {
                 .ok_or_else(|| DataFusionError::Internal(format!("column '{c}' not fetched")))?;
             sources.push((m, at + 1));
         }
+        let key: JoinKey = (
+            ticket.query_id.clone(),
+            ticket.researcher.clone(),
+            members.iter().map(|m| m.ticket.sql.clone()).collect(),
+            columns,
+        );
+        if !self.cache.contains(&key, self.timeout) && !self.cache.checked(&key, self.timeout) {
+            check_members(&members, deadline).await?;
+            self.cache.mark_checked(key.clone());
+        }
         Ok(Arc::new(VerticalExec::new(
             self.name.clone(),
             members,
             sources,
             output,
-            self.timeout,
-            Arc::clone(&self.cache),
+            JoinRun {
+                key,
+                deadline,
+                ttl: self.timeout,
+                cache: Arc::clone(&self.cache),
+            },
         )))
     }
+}
+
+/// Every member checks its fragment, concurrently, by `deadline`; each must accept it as a
+/// pseudonymized release.
+async fn check_members(members: &[MemberCall], deadline: Instant) -> DfResult<()> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let checks = futures::future::join_all(members.iter().map(|m| async move {
+        match tokio::time::timeout(remaining, m.client.check(&m.ticket)).await {
+            Ok(Ok(answer)) if answer.release == "pseudonymized" => Ok(()),
+            Ok(Ok(answer)) => Err(Error::Station(Box::new(StationFailure::Protocol {
+                station: m.client.name.to_string(),
+                fragment: m.ticket.fragment,
+                message: format!(
+                    "it would release '{}' where the join expects pseudonymized rows",
+                    answer.release
+                ),
+            }))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StationFailure::Timeout {
+                station: m.client.name.to_string(),
+                fragment: m.ticket.fragment,
+                timeout: remaining,
+            }
+            .into()),
+        }
+    }))
+    .await;
+    for check in checks {
+        check.map_err(upstream)?;
+    }
+    Ok(())
 }
 
 /// One member station's part of a scan.
@@ -399,6 +501,16 @@ struct MemberCall {
     schema: SchemaRef,
 }
 
+/// What one scan's run needs besides its members: where its join is kept and by when the
+/// members must have answered.
+#[derive(Debug, Clone)]
+struct JoinRun {
+    key: JoinKey,
+    deadline: Instant,
+    ttl: Duration,
+    cache: Arc<JoinCache>,
+}
+
 /// Fetches every member's pseudonymized columns and joins them; one partition, one batch.
 #[derive(Debug, Clone)]
 struct VerticalExec {
@@ -406,8 +518,7 @@ struct VerticalExec {
     members: Vec<MemberCall>,
     sources: Vec<(usize, usize)>,
     schema: SchemaRef,
-    timeout: Duration,
-    cache: Arc<JoinCache>,
+    run: JoinRun,
     properties: Arc<PlanProperties>,
 }
 
@@ -417,8 +528,7 @@ impl VerticalExec {
         members: Vec<MemberCall>,
         sources: Vec<(usize, usize)>,
         schema: SchemaRef,
-        timeout: Duration,
-        cache: Arc<JoinCache>,
+        run: JoinRun,
     ) -> Self {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(Arc::clone(&schema)),
@@ -431,58 +541,34 @@ impl VerticalExec {
             members,
             sources,
             schema,
-            timeout,
-            cache,
+            run,
             properties: Arc::new(properties),
         }
     }
 
     async fn run(self) -> DfResult<RecordBatch> {
-        let Some(first) = self.members.first() else {
-            return Err(DataFusionError::Internal("a join without members".into()));
-        };
-        let key: JoinKey = (
-            first.ticket.query_id.clone(),
-            first.ticket.researcher.clone(),
-            self.members.iter().map(|m| m.ticket.sql.clone()).collect(),
-            self.schema
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect(),
-        );
-        if let Some(joined) = self.cache.get(&key, self.timeout) {
+        let JoinRun {
+            key,
+            deadline,
+            ttl,
+            cache,
+        } = &self.run;
+        if let Some(joined) = cache.get(key, *ttl) {
             return Ok(joined);
         }
-        let joined = self.fetch_and_join().await?;
-        self.cache.put(key, joined.clone());
+        let joined = self.fetch_and_join(*deadline).await?;
+        cache.put(key.clone(), joined.clone(), *ttl);
         Ok(joined)
     }
 
-    async fn fetch_and_join(&self) -> DfResult<RecordBatch> {
-        // Every member checks its fragment first: one that refuses stops the query before
-        // any member has released a row.
-        let checks = futures::future::join_all(self.members.iter().map(|m| async move {
-            match tokio::time::timeout(self.timeout, m.client.check(&m.ticket)).await {
-                Ok(answer) => answer.map(|_| ()),
-                Err(_) => Err(StationFailure::Timeout {
-                    station: m.client.name.to_string(),
-                    fragment: m.ticket.fragment,
-                    timeout: self.timeout,
-                }
-                .into()),
-            }
-        }))
-        .await;
-        for check in checks {
-            check.map_err(upstream)?;
-        }
+    async fn fetch_and_join(&self, deadline: Instant) -> DfResult<RecordBatch> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let answers = futures::future::join_all(self.members.iter().map(|m| async move {
             let mut answer = fetch_all(
                 std::slice::from_ref(&m.client),
                 &m.ticket,
                 &m.schema,
-                self.timeout,
+                remaining,
             )
             .await?;
             Ok::<_, StationFailure>(answer.pop().unwrap_or_default())

@@ -18,6 +18,7 @@
 use std::collections::BTreeSet;
 
 use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::utils::split_conjunction;
 use railyard_udfs::pseudonym::PSEUDONYM;
 use railyard_udfs::wire::PSEUDONYM_COLUMN;
 
@@ -94,11 +95,14 @@ impl VerticalLayout {
                 PSEUDONYM_COLUMN.to_string(),
             )];
             items.extend(own.iter().map(|c| (quote_ident(c), c.clone())));
-            let pushed = filters
+            // Conjuncts one by one, as the join station's optimizer hands them to its scan; a
+            // conjunct that cannot be written as SQL stays at the join.
+            let pushed: Vec<String> = filters
                 .iter()
+                .flat_map(|f| split_conjunction(f))
                 .filter(|f| self.filter_owner(f) == Some(i))
-                .map(expr_sql)
-                .collect::<Result<Vec<_>>>()?;
+                .filter_map(|f| expr_sql(f).ok())
+                .collect();
             let sql = SelectSql {
                 table,
                 items,
@@ -143,7 +147,10 @@ mod tests {
             ],
         };
         let filters = vec![
-            col("mean_radius").gt(lit(15.0)),
+            // A conjunction over two members: each half goes to its own member.
+            col("mean_radius")
+                .gt(lit(15.0))
+                .and(col("radius_error").lt(lit(0.5))),
             // Mixes two members: stays at the hub.
             col("mean_radius").gt(col("worst_area")),
         ];
@@ -158,7 +165,8 @@ mod tests {
         );
         assert_eq!(
             f[1].sql,
-            "SELECT pseudonym(\"patient_id\") AS \"__pseudonym\" FROM \"breast\""
+            "SELECT pseudonym(\"patient_id\") AS \"__pseudonym\" FROM \"breast\" \
+             WHERE (radius_error < 0.5)"
         );
         assert_eq!(f[2].columns, vec!["worst_area".to_string()]);
         assert!(!f[2].sql.contains("WHERE"));

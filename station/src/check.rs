@@ -132,6 +132,8 @@ pub struct Checked {
 struct Lineage {
     bases: BTreeSet<String>,
     direct: bool,
+    /// The column is `pseudonym(join_key)`, possibly renamed.
+    pseudonym: bool,
 }
 
 /// The lineage of column `c` among a node's input columns.
@@ -354,7 +356,7 @@ impl Checker<'_> {
         }
         let value = Lineage {
             bases: args.iter().flat_map(|(_, b)| b.iter().cloned()).collect(),
-            direct: false,
+            ..Lineage::default()
         };
         if matches!(name.as_str(), GLM_TERMS | SURVIVAL_TERMS) {
             self.model_call(&name, call, input)?;
@@ -806,6 +808,7 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                             Lineage {
                                 bases,
                                 direct: true,
+                                pseudonym: false,
                             },
                         )
                     })
@@ -847,14 +850,20 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
                     if let Some(key) = pseudonym_argument(e) {
                         checker.pseudonym(key, &lineage)?;
                         // A pseudonym carries no column's values: it uses none.
-                        out.push((c, Lineage::default()));
+                        let l = Lineage {
+                            pseudonym: true,
+                            ..Lineage::default()
+                        };
+                        out.push((c, l));
                         continue;
                     }
                     let mut l = checker.lineage(e, &lineage, p.input.schema())?;
-                    l.direct = match e.clone().unalias() {
-                        Expr::Column(source) => find(&lineage, &source).is_some_and(|s| s.direct),
-                        _ => false,
+                    let source = match e.clone().unalias() {
+                        Expr::Column(source) => find(&lineage, &source),
+                        _ => None,
                     };
+                    l.direct = source.is_some_and(|s| s.direct);
+                    l.pseudonym = source.is_some_and(|s| s.pseudonym);
                     out.push((c, l));
                 }
                 out
@@ -929,9 +938,24 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
 
     let table = checker.table.clone();
     if checker.pseudonymized {
+        // The pseudonym must be released: without it the rows are plain row-level values.
+        if !lineage.iter().any(|(_, l)| l.pseudonym) {
+            return Err(checker.shape("a pseudonymized fragment must output the pseudonym"));
+        }
         return pseudonymized_release(&checker, plan, &chain, aggregate_at.is_some());
     }
+    let joined = policy.joined(&table);
     let Some(at) = aggregate_at else {
+        if joined {
+            return Err(Refusal {
+                rule: "row_level",
+                message: format!(
+                    "policy: table '{table}' at station '{station}' is a join of several \
+                     stations' rows; only aggregates over at least {} of them leave it",
+                    policy.min_group_size(&table)
+                ),
+            });
+        }
         if let Some(c) = checker.first_non_public(&checker.used) {
             return Err(checker.column_refusal(
                 "row_level",
@@ -948,7 +972,9 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
     let LogicalPlan::Aggregate(agg) = chain[at] else {
         unreachable!("aggregate_at points at an Aggregate");
     };
-    let k = if checker.first_non_public(&checker.used).is_some() {
+    // Over joined rows even the row count is a disclosure (how many patients the stations
+    // share): k applies to an aggregate that names no column.
+    let k = if joined || checker.first_non_public(&checker.used).is_some() {
         policy.min_group_size(&table)
     } else {
         1
@@ -1312,11 +1338,64 @@ mod tests {
         for (sql, rule) in refused {
             assert_eq!(run(sql, on()).await, Err(rule), "{sql}");
         }
+        // A pseudonym computed and then projected away leaves plain row-level values.
+        assert_eq!(
+            run(
+                "SELECT age FROM (SELECT pseudonym(patient_id) AS p, age FROM lung)",
+                on()
+            )
+            .await,
+            Err("fragment_shape")
+        );
+        assert_eq!(
+            run(
+                "SELECT q, age FROM (SELECT pseudonym(patient_id) AS p, age FROM lung) AS s(q, age)",
+                on()
+            )
+            .await,
+            Ok(Release::Pseudonymized { k: 5 })
+        );
         // Without a join_key column in the policy there is nothing to pseudonymize.
         assert_eq!(
             run("SELECT pseudonym(patient_id) AS p FROM lung", policy()).await,
             Err("join_key")
         );
+    }
+
+    #[tokio::test]
+    async fn a_joined_table_releases_only_aggregates_with_k_even_without_columns() {
+        let mut joined = policy();
+        joined.tables.get_mut("lung").unwrap().joined = true;
+        let run = |sql: &'static str, policy: Policy| async move {
+            check(&plan(sql).await, &policy, "s")
+                .map(|c| c.release)
+                .map_err(|r| r.rule)
+        };
+        assert_eq!(
+            run("SELECT count(*) FROM lung", policy()).await,
+            Ok(Release::Groups { k: 1, global: true })
+        );
+        assert_eq!(
+            run("SELECT count(*) FROM lung", joined.clone()).await,
+            Ok(Release::Groups { k: 5, global: true })
+        );
+        assert_eq!(
+            run(
+                "SELECT inst, count(*) FROM lung GROUP BY inst",
+                joined.clone()
+            )
+            .await,
+            Ok(Release::Groups {
+                k: 5,
+                global: false
+            })
+        );
+        assert_eq!(run("SELECT 1 FROM lung", policy()).await, Ok(Release::Rows));
+        assert_eq!(
+            run("SELECT 1 FROM lung", joined.clone()).await,
+            Err("row_level")
+        );
+        assert_eq!(run("SELECT inst FROM lung", joined).await, Err("row_level"));
     }
 
     #[test]

@@ -35,11 +35,11 @@ use arrow_flight::flight_service_server::FlightServiceServer;
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::DataFusionError;
-use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::{SQLOptions, SessionState};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
-use datafusion::physical_plan::execute_stream;
 use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use railyard_udfs::glm_terms::GlmLayout;
@@ -208,9 +208,16 @@ impl Station {
             .collect())
     }
 
-    /// Checks a fragment against the policy without running it. A refusal is audited.
+    /// Checks a fragment against the policy without running it. A refusal is audited. A
+    /// station whose tables read other stations (the hub's join station) also plans the
+    /// fragment physically, which has those stations check their parts.
     pub async fn check_fragment(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
         let approved = self.approve(ticket).await?;
+        if self.federated_tables
+            && let Err(e) = self.physical_plan(&approved.plan, ticket).await
+        {
+            return Err(self.upstream_failure(ticket, e)?);
+        }
         Ok(match approved.release {
             Release::Rows => CheckAnswer {
                 release: "rows".to_string(),
@@ -240,17 +247,10 @@ impl Station {
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment approved");
         let batches = match self.execute(&approved.plan, ticket).await {
             Ok(batches) => batches,
+            Err(e) if Upstream::of(&e).is_some() => {
+                return Err(self.upstream_failure(ticket, e)?);
+            }
             Err(e) => {
-                if let Some(upstream) = Upstream::of(&e) {
-                    let (decision, what) = if upstream.refused {
-                        (audit::Decision::Refused, "a station it reads refused")
-                    } else {
-                        (audit::Decision::Failed, "a station it reads failed")
-                    };
-                    warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %upstream.message, "{what}");
-                    self.record(ticket, decision, Some(what), 0, 0)?;
-                    return Err(Error::Upstream(upstream.clone()));
-                }
                 let category = failure_category(&e);
                 warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment failed");
                 self.record(ticket, audit::Decision::Failed, Some(category), 0, 0)?;
@@ -298,14 +298,24 @@ impl Station {
         Ok(())
     }
 
-    /// Runs an approved plan. The ticket travels in the session's configuration, so a
-    /// table that is itself federated (the hub's join station) sends its own fragments on
-    /// behalf of the same query and researcher.
+    /// Runs an approved plan.
     async fn execute(
         &self,
         plan: &LogicalPlan,
         ticket: &FragmentTicket,
     ) -> Result<Vec<RecordBatch>, DataFusionError> {
+        let (physical, task) = self.physical_plan(plan, ticket).await?;
+        execute_stream(physical, task)?.try_collect().await
+    }
+
+    /// The physical plan of an approved plan. The ticket travels in the session's
+    /// configuration, so a table that is itself federated (the hub's join station) sends its
+    /// own fragments on behalf of the same query and researcher.
+    async fn physical_plan(
+        &self,
+        plan: &LogicalPlan,
+        ticket: &FragmentTicket,
+    ) -> Result<(Arc<dyn ExecutionPlan>, Arc<TaskContext>), DataFusionError> {
         // Only a station with such tables pays for its own copy of the session.
         let with_ticket;
         let state = if self.federated_tables {
@@ -320,9 +330,23 @@ impl Station {
             .query_planner()
             .create_physical_plan(plan, state)
             .await?;
-        execute_stream(physical, state.task_ctx())?
-            .try_collect()
-            .await
+        Ok((physical, state.task_ctx()))
+    }
+
+    /// Audits and returns the failure or refusal of a station this one reads, or `e`
+    /// itself if it is not one.
+    fn upstream_failure(&self, ticket: &FragmentTicket, e: DataFusionError) -> Result<Error> {
+        let Some(upstream) = Upstream::of(&e) else {
+            return Ok(e.into());
+        };
+        let (decision, what) = if upstream.refused {
+            (audit::Decision::Refused, "a station it reads refused")
+        } else {
+            (audit::Decision::Failed, "a station it reads failed")
+        };
+        warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %upstream.message, "{what}");
+        self.record(ticket, decision, Some(what), 0, 0)?;
+        Ok(Error::Upstream(upstream.clone()))
     }
 
     /// The approved, optimized plan of a fragment, or its refusal (audited).

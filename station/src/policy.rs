@@ -94,6 +94,10 @@ pub struct TablePolicy {
     pub model_min_rows: Option<u64>,
     pub survival_time_resolution: Option<f64>,
     pub allow_vertical: Option<bool>,
+    /// The table is the hub's join of several stations' rows (never set by a policy file):
+    /// its row count is itself a disclosure, so only aggregates leave it and k applies even
+    /// to one that names no column.
+    pub joined: bool,
     /// Column name → (visibility, line in the policy file).
     pub columns: BTreeMap<String, (Visibility, usize)>,
     /// Line of the table's section in the policy file.
@@ -113,8 +117,8 @@ pub struct Policy {
     pub survival_time_resolution: f64,
     /// Whether `aggregate` columns may leave row by row, keyed by pseudonyms of the
     /// `join_key` column, for a hub that joins them with other stations' columns of the same
-    /// patients (vertical partitioning). Off unless the policy opts in.
-    pub allow_vertical: bool,
+    /// patients (vertical partitioning). `None`: not set in the file (off).
+    pub allow_vertical: Option<bool>,
     pub tables: BTreeMap<String, TablePolicy>,
     /// Where the policy came from (a path, or "default").
     pub source: String,
@@ -128,7 +132,7 @@ impl Default for Policy {
             max_string_literal: DEFAULT_MAX_STRING_LITERAL,
             model_min_rows: DEFAULT_MODEL_MIN_ROWS,
             survival_time_resolution: DEFAULT_SURVIVAL_TIME_RESOLUTION,
-            allow_vertical: false,
+            allow_vertical: None,
             tables: BTreeMap::new(),
             source: "default".to_string(),
         }
@@ -225,9 +229,7 @@ impl Policy {
         if let Some(v) = &file.survival_time_resolution {
             policy.survival_time_resolution = resolution(v)?;
         }
-        if let Some(v) = file.allow_vertical {
-            policy.allow_vertical = v;
-        }
+        policy.allow_vertical = file.allow_vertical;
         for (name, table) in file.tables {
             let min_group_size = match &table.min_group_size {
                 Some(v) => Some(k(v)?),
@@ -253,6 +255,7 @@ impl Policy {
                         .map(resolution)
                         .transpose()?,
                     allow_vertical: table.allow_vertical,
+                    joined: false,
                     columns,
                     line: line_of(text, name.span().start),
                 },
@@ -302,7 +305,13 @@ impl Policy {
         self.tables
             .get(table)
             .and_then(|t| t.allow_vertical)
-            .unwrap_or(self.allow_vertical)
+            .or(self.allow_vertical)
+            .unwrap_or(false)
+    }
+
+    /// Whether `table` is a join of other stations' rows (see [`TablePolicy::joined`]).
+    pub fn joined(&self, table: &str) -> bool {
+        self.tables.get(table).is_some_and(|t| t.joined)
     }
 
     /// The visibility of `column` of `table`.

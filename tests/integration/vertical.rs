@@ -34,6 +34,9 @@ use crate::slt::format_rows;
 
 const TABLE: &str = "breast";
 const MEMBERS: [&str; 3] = ["station_a", "station_b", "station_c"];
+/// A grouped query whose filter is a conjunction over two members' columns.
+const GROUPED: &str = "SELECT diagnosis, avg(worst_area), avg(area_error) FROM breast \
+                       WHERE mean_radius > 12 AND area_error < 100 GROUP BY diagnosis";
 
 fn vertical_spec() -> TableSpec {
     TableSpec {
@@ -227,6 +230,8 @@ async fn the_default_policy_thresholds_joined_groups_and_refuses_row_level_answe
     for (sql, rule) in [
         ("SELECT mean_radius, worst_area FROM breast", "row_level"),
         ("SELECT max(worst_area) FROM breast", "unsafe_aggregate"),
+        // Not even the joined row count leaves row by row.
+        ("SELECT 1 FROM breast", "row_level"),
         (
             "SELECT count(*) FROM breast WHERE patient_id = 7",
             "patient_id",
@@ -258,7 +263,7 @@ async fn the_default_policy_thresholds_joined_groups_and_refuses_row_level_answe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_station_that_does_not_opt_in_stops_the_query_before_any_member_releases() {
+async fn a_station_that_does_not_opt_in_stops_the_query_before_any_station_runs() {
     let dir = fixtures::audit_dir();
     let policy_file = dir.join("policy.toml");
     std::fs::write(
@@ -268,16 +273,29 @@ async fn a_station_that_does_not_opt_in_stops_the_query_before_any_member_releas
     .unwrap();
     let governance =
         railyard::local::Governance::new(Some(&policy_file), dir.join("logs")).unwrap();
-    let federation =
-        fixtures::federation_with(&[vertical_spec()], HubOptions::default(), &governance).await;
+    // The same stations also hold the horizontal split.
+    let specs = [
+        vertical_spec(),
+        fixtures::spec(
+            "breast_cancer",
+            test_data("breast_cancer/horizontal/parquet"),
+        ),
+    ];
+    let federation = fixtures::federation_with(&specs, HubOptions::default(), &governance).await;
     let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
     let err = client
-        .query("SELECT diagnosis, count(*) FROM breast GROUP BY diagnosis")
+        .query(
+            "SELECT v.diagnosis, v.n, h.n FROM \
+             (SELECT diagnosis, count(*) AS n FROM breast GROUP BY diagnosis) v JOIN \
+             (SELECT diagnosis, count(*) AS n FROM breast_cancer GROUP BY diagnosis) h \
+             ON v.diagnosis = h.diagnosis",
+        )
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("allow_vertical"), "{err}");
-    // Every member refused at the check: no member ran its fragment.
+    // Every member refused at the hub's check, before any fragment ran anywhere: the
+    // horizontal fragment of the same query, accepted at the check, never ran either.
     for m in MEMBERS {
         let log = std::fs::read_to_string(governance.audit_log(m)).unwrap();
         let records: Vec<serde_json::Value> = log
@@ -416,7 +434,7 @@ async fn recorded_members(fragment_timeout: std::time::Duration) -> Members {
     let secret: Arc<[u8]> = Arc::from(vec![42u8; 32]);
     let dir = fixtures::audit_dir();
     let mut policy = Policy::load(&fixtures::repo().join("tests/policies/open.toml")).unwrap();
-    policy.allow_vertical = true;
+    policy.allow_vertical = Some(true);
     let policy = railyard::local::Governance {
         policy,
         data_dir: dir.clone(),
@@ -482,15 +500,34 @@ async fn raw_patient_ids_never_reach_the_hub() {
         logs,
         servers: _servers,
     } = recorded_members(std::time::Duration::from_secs(60)).await;
-    for sql in [
-        "SELECT count(*) FROM breast",
-        "SELECT diagnosis, avg(worst_area), avg(area_error) FROM breast WHERE mean_radius > 12 \
-         GROUP BY diagnosis",
-    ] {
+    for sql in ["SELECT count(*) FROM breast", GROUPED] {
         let batches = hub.collect(sql, "researcher").await.unwrap();
         assert!(
             batches.iter().map(|b| b.num_rows()).sum::<usize>() > 0,
             "{sql}"
+        );
+    }
+    // EXPLAIN shows exactly the SQL the members received for the grouped query.
+    let explained = hub
+        .collect(&format!("EXPLAIN FEDERATED {GROUPED}"), "researcher")
+        .await
+        .unwrap();
+    for (m, log) in MEMBERS.iter().zip(&logs) {
+        let shown = explained
+            .iter()
+            .flat_map(|b| {
+                let location = b.column(0).as_string::<i32>();
+                let plan = b.column(2).as_string::<i32>();
+                (0..b.num_rows())
+                    .filter(|&r| location.value(r) == *m)
+                    .map(|r| plan.value(r).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(
+            shown,
+            vec![log.lock().unwrap()[1].ticket.sql.clone()],
+            "{m}"
         );
     }
     // A model runs many rounds at the join station, but each member releases its rows once
