@@ -179,6 +179,22 @@ fn register_policies(
     Ok(())
 }
 
+/// What the planner needs of a station's announced policy for one table (the station
+/// remains the authority: it checks every fragment itself).
+fn planner_policy(info: &railyard_udfs::wire::TablePolicyInfo) -> StationTablePolicy {
+    StationTablePolicy {
+        min_group_size: info.min_group_size,
+        public: info
+            .columns
+            .iter()
+            .filter(|(_, v)| v == "public")
+            .map(|(c, _)| c.clone())
+            .collect(),
+        model_min_rows: info.model_min_rows,
+        survival_time_resolution: info.survival_time_resolution,
+    }
+}
+
 /// The researcher-facing coordinator of a federation.
 pub struct Hub {
     stations: Arc<Vec<StationClient>>,
@@ -195,8 +211,10 @@ impl Hub {
     pub async fn connect(addresses: &[StationAddress], options: HubOptions) -> Result<Self> {
         let mut stations = Vec::new();
         let mut catalog = FederatedCatalog::new();
+        // Every station's announced policies, for railyard.policies.
         let mut policies = Vec::new();
-        let mut announced = Vec::new();
+        // Members of a vertical table are read through its join station, not by the planner.
+        let mut members: BTreeMap<String, Vec<vertical::Member>> = BTreeMap::new();
         for address in addresses {
             if stations
                 .iter()
@@ -208,24 +226,10 @@ impl Hub {
                 )));
             }
             let client = StationClient::connect(address, options.connect_patience).await?;
-            let tables = client.tables().await?;
             let table_policies = client.policy().await?;
-            announced.push((client.clone(), tables, table_policies));
-            stations.push(client);
-        }
-        // Members of a vertical table are read through its join station, not by the planner.
-        let mut members: BTreeMap<String, Vec<vertical::Member>> = BTreeMap::new();
-        let mut direct = Vec::new();
-        for (client, tables, table_policies) in announced {
-            let mut own_policies = Vec::new();
-            for (table, schema) in tables {
+            for (table, schema) in client.tables().await? {
                 let policy = table_policies.iter().find(|p| p.table == table).cloned();
                 if options.vertical.iter().any(|v| v.name == table) {
-                    // Listed in railyard.policies (what each member allows), but planned
-                    // against the join station's policy.
-                    if let Some(p) = &policy {
-                        policies.push((client.name.to_string(), p.clone()));
-                    }
                     members.entry(table).or_default().push(vertical::Member {
                         client: client.clone(),
                         schema,
@@ -233,10 +237,17 @@ impl Hub {
                     });
                 } else {
                     catalog.add(&client.name, &table, schema)?;
-                    own_policies.extend(policy);
+                    if let Some(p) = &policy {
+                        catalog.set_policy(&client.name, &table, planner_policy(p));
+                    }
                 }
             }
-            direct.push((client.name.to_string(), own_policies));
+            policies.extend(
+                table_policies
+                    .into_iter()
+                    .map(|p| (address.name.clone(), p)),
+            );
+            stations.push(client);
         }
         let mut joins = Vec::new();
         for spec in &options.vertical {
@@ -255,34 +266,17 @@ impl Hub {
                 options.connect_patience,
             )
             .await?;
+            let name = join.client.name.to_string();
             for (table, schema) in join.client.tables().await? {
-                catalog.add(&join.client.name, &table, schema)?;
+                catalog.add(&name, &table, schema)?;
+            }
+            for p in join.client.policy().await? {
+                catalog.set_policy(&name, &p.table, planner_policy(&p));
+                policies.push((name.clone(), p));
             }
             catalog.set_vertical(&spec.name, join.layout.clone());
-            direct.push((join.client.name.to_string(), join.client.policy().await?));
             stations.push(join.client.clone());
             joins.push(join);
-        }
-        for (name, table_policies) in direct {
-            for table in table_policies {
-                let public = table
-                    .columns
-                    .iter()
-                    .filter(|(_, v)| v == "public")
-                    .map(|(c, _)| c.clone())
-                    .collect();
-                catalog.set_policy(
-                    &name,
-                    &table.table,
-                    StationTablePolicy {
-                        min_group_size: table.min_group_size,
-                        public,
-                        model_min_rows: table.model_min_rows,
-                        survival_time_resolution: table.survival_time_resolution,
-                    },
-                );
-                policies.push((name.clone(), table));
-            }
         }
         let planner = Arc::new(FederationPlanner::new(&catalog)?);
         let config = SessionConfig::new()
@@ -299,26 +293,26 @@ impl Hub {
             }))
             .build();
         let ctx = SessionContext::new_with_state(state);
-        for table in catalog.tables() {
-            let name = table.name().to_string();
-            ctx.register_table(name.as_str(), table)?;
+        let tables: BTreeMap<String, _> = catalog
+            .tables()
+            .into_iter()
+            .map(|t| (t.name().to_string(), t))
+            .collect();
+        for (name, table) in &tables {
+            ctx.register_table(name.as_str(), Arc::clone(table) as _)?;
         }
         register_policies(&ctx, &policies)?;
+        info!(
+            stations = stations.len(),
+            tables = tables.len(),
+            "hub catalog ready"
+        );
         crate::stats::register(
             &ctx,
             Arc::new(crate::stats::StatsEnv {
                 stations: Arc::clone(&stations),
-                tables: catalog
-                    .tables()
-                    .into_iter()
-                    .map(|t| (t.name().to_string(), t))
-                    .collect(),
+                tables,
             }),
-        );
-        info!(
-            stations = stations.len(),
-            tables = catalog.tables().len(),
-            "hub catalog ready"
         );
         Ok(Self {
             stations,
