@@ -181,20 +181,7 @@ async fn unified_schemas(files: &[(String, PathBuf, Format)]) -> Result<Vec<Opti
     let first_parquet = files.iter().find(|f| f.2 == Format::Parquet);
     let csv_schema: Option<SchemaRef> = match (first_parquet, csv.is_empty()) {
         (_, true) => None,
-        (Some((_, path, _)), false) => {
-            let ext = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .unwrap_or("parquet");
-            let df = ctx
-                .read_parquet(
-                    path.to_string_lossy().into_owned(),
-                    ParquetReadOptions::default().file_extension(&format!(".{ext}")),
-                )
-                .await
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            Some(Arc::new(df.schema().as_arrow().clone()))
-        }
+        (Some((_, path, _)), false) => Some(file_schema(path, Format::Parquet).await?),
         (None, false) => {
             let df = ctx
                 .read_csv(csv.clone(), CsvReadOptions::new().has_header(true))

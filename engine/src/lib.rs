@@ -43,7 +43,7 @@ pub use error::{Error, Result, StationFailure};
 pub use flight_sql::{HubFlightSql, LOCAL_RESEARCHER};
 pub use hub::{Hub, HubOptions, Planned};
 pub use station_client::{MAX_MESSAGE_BYTES, StationAddress, StationClient};
-pub use vertical::{VerticalSpec, join_station_name};
+pub use vertical::VerticalSpec;
 
 /// Serves the hub's Flight SQL endpoint on `listener` until `shutdown` resolves.
 pub async fn serve(

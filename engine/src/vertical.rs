@@ -67,7 +67,7 @@ pub struct VerticalSpec {
 }
 
 /// The name of the join station of table `table` (in errors, the audit log, EXPLAIN).
-pub fn join_station_name(table: &str) -> String {
+fn join_station_name(table: &str) -> String {
     format!("hub join of {table}")
 }
 
@@ -273,79 +273,74 @@ struct VerticalTable {
     cache: Arc<JoinCache>,
 }
 
-/// Joined rows kept for the rest of one query. A statistics call sends the join station the
-/// same member fragments round after round (only its coefficients change), so with this the
-/// members release their rows once per call instead of once per round. Entries are keyed by
-/// the query, the researcher, the members' SQL and the output columns, and dropped when
-/// newer ones push them out or, at the latest, one fragment timeout after they were made.
+/// What a join station remembers of its recent scans, per (query, researcher, member SQL,
+/// output columns): that the members accepted the fragments at the join station's `check`
+/// (the scan at run time need not ask again: a member re-checks every fragment it runs
+/// anyway), and the joined rows once fetched. A statistics call sends the join station the
+/// same member fragments round after round (only its coefficients change), so the members
+/// release their rows once per call instead of once per round. Entries go when newer ones
+/// push them out or, at the latest, one (member) timeout after they were made.
 #[derive(Debug, Default)]
 struct JoinCache {
-    entries: Mutex<VecDeque<(JoinKey, Instant, RecordBatch)>>,
-    /// Member fragments the members accepted at the join station's `check` (the scan at
-    /// run time need not ask again: a member re-checks every fragment it runs anyway).
-    checked: Mutex<VecDeque<(JoinKey, Instant)>>,
+    entries: Mutex<VecDeque<(JoinKey, Instant, Option<RecordBatch>)>>,
 }
 
 /// (query id, researcher, every member's SQL, the output columns in order).
 type JoinKey = (String, String, Vec<String>, Vec<String>);
 
-/// Joins a join station keeps at once.
-const JOIN_CACHE_ENTRIES: usize = 4;
+/// Scans a join station remembers at once.
+const JOIN_CACHE_ENTRIES: usize = 8;
 
 impl JoinCache {
+    /// Whether the members accepted `key`'s fragments (or answered them) within `ttl`.
+    fn checked(&self, key: &JoinKey, ttl: Duration) -> bool {
+        self.fresh(ttl).iter().any(|(k, _, _)| k == key)
+    }
+
+    /// The joined rows of `key`, if fetched within `ttl`.
     fn get(&self, key: &JoinKey, ttl: Duration) -> Option<RecordBatch> {
-        let mut entries = self.lock();
-        entries.retain(|(_, at, _)| at.elapsed() < ttl);
-        entries
+        self.fresh(ttl)
             .iter()
             .find(|(k, _, _)| k == key)
-            .map(|(_, _, batch)| batch.clone())
+            .and_then(|(_, _, joined)| joined.clone())
     }
 
-    fn contains(&self, key: &JoinKey, ttl: Duration) -> bool {
-        self.lock()
-            .iter()
-            .any(|(k, at, _)| k == key && at.elapsed() < ttl)
-    }
-
-    fn put(self: &Arc<Self>, key: JoinKey, batch: RecordBatch, ttl: Duration) {
-        {
-            let mut entries = self.lock();
-            entries.retain(|(k, at, _)| *k != key && at.elapsed() < ttl);
-            if entries.len() >= JOIN_CACHE_ENTRIES {
-                entries.pop_front();
-            }
-            entries.push_back((key, Instant::now(), batch));
+    fn mark_checked(&self, key: JoinKey, ttl: Duration) {
+        if !self.checked(&key, ttl) {
+            self.insert(key, None, ttl);
         }
+    }
+
+    fn put(self: &Arc<Self>, key: JoinKey, joined: RecordBatch, ttl: Duration) {
+        self.insert(key, Some(joined), ttl);
         // Nothing keeps joined rows past their time, even if no query comes after them.
         let cache = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(ttl).await;
             if let Some(cache) = cache.upgrade() {
-                cache.lock().retain(|(_, at, _)| at.elapsed() < ttl);
+                drop(cache.fresh(ttl));
             }
         });
     }
 
-    /// Whether the members accepted `key`'s fragments within `ttl`.
-    fn checked(&self, key: &JoinKey, ttl: Duration) -> bool {
-        // The lock guards queue operations only; after a panic the queue is still valid.
-        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-        checked.retain(|(_, at)| at.elapsed() < ttl);
-        checked.iter().any(|(k, _)| k == key)
-    }
-
-    fn mark_checked(&self, key: JoinKey) {
-        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-        if checked.len() >= 4 * JOIN_CACHE_ENTRIES {
-            checked.pop_front();
+    fn insert(&self, key: JoinKey, joined: Option<RecordBatch>, ttl: Duration) {
+        let mut entries = self.fresh(ttl);
+        entries.retain(|(k, _, _)| *k != key);
+        if entries.len() >= JOIN_CACHE_ENTRIES {
+            entries.pop_front();
         }
-        checked.push_back((key, Instant::now()));
+        entries.push_back((key, Instant::now(), joined));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(JoinKey, Instant, RecordBatch)>> {
+    /// The entries, with those older than `ttl` dropped.
+    fn fresh(
+        &self,
+        ttl: Duration,
+    ) -> std::sync::MutexGuard<'_, VecDeque<(JoinKey, Instant, Option<RecordBatch>)>> {
         // The lock guards queue operations only; after a panic the queue is still valid.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|(_, at, _)| at.elapsed() < ttl);
+        entries
     }
 }
 
@@ -443,9 +438,9 @@ impl TableProvider for VerticalTable {
             members.iter().map(|m| m.ticket.sql.clone()).collect(),
             columns,
         );
-        if !self.cache.contains(&key, self.timeout) && !self.cache.checked(&key, self.timeout) {
+        if !self.cache.checked(&key, self.timeout) {
             check_members(&members, deadline).await?;
-            self.cache.mark_checked(key.clone());
+            self.cache.mark_checked(key.clone(), self.timeout);
         }
         Ok(Arc::new(VerticalExec::new(
             self.name.clone(),
