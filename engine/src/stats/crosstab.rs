@@ -13,7 +13,7 @@ use arrow::array::{BooleanArray, Float64Array, Int64Array, RecordBatch, StringAr
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{Result, ScalarValue};
 
-use super::{Rounds, Source, batch, chi2_p, ident, value_text, with_rows};
+use super::{Rounds, Source, batch, chi2_p, ident, sort_levels, value_text, with_rows};
 
 #[derive(Debug, Clone)]
 pub(crate) struct CrosstabJob {
@@ -32,11 +32,6 @@ pub(crate) fn schema() -> SchemaRef {
         Field::new("df", DataType::Int64, true),
         Field::new("p_value", DataType::Float64, true),
     ]))
-}
-
-fn sort_levels(levels: &mut Vec<ScalarValue>) {
-    levels.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    levels.dedup();
 }
 
 impl CrosstabJob {

@@ -662,8 +662,14 @@ pub(crate) async fn levels(
         .filter(|(v, c)| !v.is_null() && *c as u64 >= k)
         .map(|(v, _)| v)
         .collect();
-    levels.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    sort_levels(&mut levels);
     Ok(levels)
+}
+
+/// Sorts levels by value, once each.
+pub(crate) fn sort_levels(levels: &mut Vec<ScalarValue>) {
+    levels.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    levels.dedup();
 }
 
 /// Two-sided p-value of a standard normal statistic.
