@@ -4,7 +4,7 @@
 //! themselves are checked against statsmodels and lifelines in
 //! `python/tests/test_statistics.py` (open policy, exact times).
 
-use arrow::array::{Array, AsArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::Float64Type;
 
 use crate::fixtures;
@@ -36,26 +36,29 @@ fn entries(batches: &[RecordBatch], covariates: usize) -> Vec<(f64, f64, f64)> {
     out
 }
 
-fn f64s(batches: &[RecordBatch], column: &str) -> Vec<f64> {
+/// The values of a primitive column without NULLs, over all batches.
+fn values<T: arrow::datatypes::ArrowPrimitiveType>(
+    batches: &[RecordBatch],
+    column: &str,
+) -> Vec<T::Native> {
     batches
         .iter()
         .flat_map(|b| {
-            let a = b.column_by_name(column).unwrap();
-            let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
-            a.values().to_vec()
+            b.column_by_name(column)
+                .unwrap()
+                .as_primitive::<T>()
+                .values()
+                .to_vec()
         })
         .collect()
 }
 
+fn f64s(batches: &[RecordBatch], column: &str) -> Vec<f64> {
+    values::<Float64Type>(batches, column)
+}
+
 fn i64s(batches: &[RecordBatch], column: &str) -> Vec<i64> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            let a = b.column_by_name(column).unwrap();
-            let a = a.as_any().downcast_ref::<Int64Array>().unwrap();
-            a.values().to_vec()
-        })
-        .collect()
+    values::<arrow::datatypes::Int64Type>(batches, column)
 }
 
 fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
