@@ -97,6 +97,7 @@ impl FragmentExec {
             fragment: self.fragment.id,
             researcher: query.researcher.clone(),
             sql: self.fragment.sql.clone(),
+            train: None,
         }
     }
 
@@ -223,7 +224,7 @@ impl ExecutionPlan for FragmentExec {
         builder.spawn(async move {
             let deadline = Instant::now() + timeout;
             let fragment = ticket.fragment;
-            let result = fetch(&station, ticket, &schema, deadline, |batch| {
+            let result = fetch(&station, ticket, Some(&schema), deadline, |batch| {
                 let tx = tx.clone();
                 async move { tx.send(Ok(batch)).await.is_ok() }
             })
@@ -260,41 +261,66 @@ pub(crate) async fn fetch_all(
     schema: &SchemaRef,
     timeout: Duration,
 ) -> Result<Vec<Vec<RecordBatch>>, StationFailure> {
-    let deadline = Instant::now() + timeout;
-    let answers = futures::future::join_all(stations.iter().map(|station| async move {
-        let batches = std::sync::Mutex::new(Vec::new());
-        let result = fetch(station, ticket.clone(), schema, deadline, |batch| {
+    let answers = futures::future::join_all(
+        stations
+            .iter()
+            .map(|station| fetch_collect(station, ticket, Some(schema), timeout)),
+    )
+    .await;
+    answers
+        .into_iter()
+        .map(|answer| answer.map(|(_, batches)| batches))
+        .collect()
+}
+
+/// Runs one ticket at one station and collects its answer: the schema the station
+/// announced and its batches, checked against `schema` if one is given.
+pub(crate) async fn fetch_collect(
+    station: &StationClient,
+    ticket: &FragmentTicket,
+    schema: Option<&SchemaRef>,
+    timeout: Duration,
+) -> Result<(SchemaRef, Vec<RecordBatch>), StationFailure> {
+    let batches = std::sync::Mutex::new(Vec::new());
+    let result = fetch(
+        station,
+        ticket.clone(),
+        schema,
+        Instant::now() + timeout,
+        |batch| {
             // Only this future pushes; the lock cannot be poisoned by another holder.
             batches
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(batch);
             std::future::ready(true)
-        })
-        .await;
-        match result {
-            Ok(()) => Ok(batches.into_inner().unwrap_or_else(|p| p.into_inner())),
-            Err(Fetch::Timeout) => Err(StationFailure::Timeout {
-                station: station.name.to_string(),
-                fragment: ticket.fragment,
-                timeout,
-            }),
-            Err(Fetch::Failed(f)) => Err(f),
-        }
-    }))
+        },
+    )
     .await;
-    answers.into_iter().collect()
+    match result {
+        Ok(schema) => Ok((
+            schema,
+            batches.into_inner().unwrap_or_else(|p| p.into_inner()),
+        )),
+        Err(Fetch::Timeout) => Err(StationFailure::Timeout {
+            station: station.name.to_string(),
+            fragment: ticket.fragment,
+            timeout,
+        }),
+        Err(Fetch::Failed(f)) => Err(f),
+    }
 }
 
-/// Runs one fragment at one station, checking every batch against the expected schema and
-/// handing it to `sink` (which returns false once the consumer is gone).
+/// Runs one fragment at one station, checking every batch against the expected schema (if
+/// one is given) and handing it to `sink` (which returns false once the consumer is gone).
+/// Returns the schema the station announced.
 async fn fetch<F, Fut>(
     station: &StationClient,
     ticket: FragmentTicket,
-    schema: &SchemaRef,
+    schema: Option<&SchemaRef>,
     deadline: Instant,
     sink: F,
-) -> Result<(), Fetch>
+) -> Result<SchemaRef, Fetch>
 where
     F: Fn(RecordBatch) -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -341,22 +367,36 @@ where
             .await
             .map_err(|_| Fetch::Timeout)?;
         let batch = match next {
-            None => return Ok(()),
+            None => {
+                return Ok(stream
+                    .schema()
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty())));
+            }
             Some(Err(FlightError::Tonic(status))) => return Err(from_status(*status)),
             Some(Err(e)) => return Err(failed(Code::Internal, e.to_string())),
             Some(Ok(batch)) => batch,
         };
-        let batch = conform(batch, schema).map_err(|message| {
-            Fetch::Failed(StationFailure::Protocol {
-                station: name.clone(),
-                fragment,
-                message,
-            })
-        })?;
+        let batch = match schema {
+            Some(schema) => conform(batch, schema).map_err(|message| {
+                Fetch::Failed(StationFailure::Protocol {
+                    station: name.clone(),
+                    fragment,
+                    message,
+                })
+            })?,
+            None => batch,
+        };
         if !sink(batch).await {
-            return Ok(());
+            return Ok(batch_schema_or_empty(schema));
         }
     }
+}
+
+fn batch_schema_or_empty(schema: Option<&SchemaRef>) -> SchemaRef {
+    schema
+        .cloned()
+        .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()))
 }
 
 /// Gives a station's batch the fragment's expected schema (names are positional), refusing

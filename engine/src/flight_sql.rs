@@ -286,12 +286,11 @@ impl FlightSqlService for HubFlightSql {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let researcher = self.researcher(&request);
-        let planned = self
+        let schema = self
             .hub
-            .plan(&query.query, researcher)
+            .prepare(&query.query, researcher)
             .await
             .map_err(to_status)?;
-        let schema = planned.schema();
         let IpcMessage(dataset_schema) =
             SchemaAsIpc::new(schema.as_ref(), &IpcWriteOptions::default())
                 .try_into()

@@ -17,15 +17,19 @@ use datafusion::execution::context::{SQLOptions, SessionState};
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
 use railyard_planner::{
     FederatedCatalog, FederationPlanner, StationTablePolicy, explain_batch, strip_explain_federated,
 };
 use tracing::info;
 
+use railyard_udfs::wire::FragmentTicket;
+
 use crate::error::StationFailure;
 use crate::error::{Error, Result};
 use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query, query_tickets};
 use crate::station_client::{StationAddress, StationClient};
+use crate::train;
 use crate::vertical::{self, VerticalSpec};
 
 /// Hub settings.
@@ -44,6 +48,9 @@ pub struct HubOptions {
     /// Where the hub keeps its state: each join station's audit log is
     /// `DIR/<table>-join/audit.jsonl`. Required when `vertical` is not empty.
     pub data_dir: Option<PathBuf>,
+    /// How long the hub waits for one station's containerized train (`train(...)`); each
+    /// station also enforces its own time limit.
+    pub train_timeout: Duration,
 }
 
 impl Default for HubOptions {
@@ -54,6 +61,7 @@ impl Default for HubOptions {
             merge_partitions: 1,
             vertical: Vec::new(),
             data_dir: None,
+            train_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -91,7 +99,15 @@ impl Planned {
 /// one station refuses releases nothing from any station. The first refusal (in fragment,
 /// then station order) is the error.
 async fn check_at_stations(plan: &Arc<dyn ExecutionPlan>, timeout: Duration) -> Result<()> {
-    let tickets = query_tickets(plan);
+    check_tickets(&query_tickets(plan), timeout).await
+}
+
+/// Asks each station whether its policy accepts its ticket, concurrently; the first refusal
+/// (in the order given) is the error.
+pub(crate) async fn check_tickets(
+    tickets: &[(StationClient, FragmentTicket)],
+    timeout: Duration,
+) -> Result<()> {
     let answers = futures::future::join_all(tickets.iter().map(|(station, ticket)| async move {
         match tokio::time::timeout(timeout, station.check(ticket)).await {
             Ok(answer) => answer,
@@ -307,6 +323,12 @@ impl Hub {
             tables = tables.len(),
             "hub catalog ready"
         );
+        // Queries with train(...) calls get their own function holding the outputs; this
+        // one only explains itself if reached.
+        ctx.register_udtf(
+            crate::train::TRAIN_FUNCTION,
+            Arc::new(crate::train::TrainOutputs::default()),
+        );
         crate::stats::register(
             &ctx,
             Arc::new(crate::stats::StatsEnv {
@@ -336,30 +358,90 @@ impl Hub {
     /// policy (nothing runs yet). All queries share one session; who asks is attached to the
     /// plan's fragments afterwards.
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
-        let state = &self.base;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        if let Some(inner) = strip_explain_federated(sql) {
-            let logical = state.create_logical_plan(inner).await?;
-            options.verify_plan(&logical)?;
-            let optimized = state.optimize(&logical)?;
-            let federated = self.planner.federate(&optimized).await?;
-            let batch = explain_batch(&federated)?;
-            return Ok(Planned::Batches(batch.schema(), vec![batch]));
-        }
-        let logical = state.create_logical_plan(sql).await?;
-        options.verify_plan(&logical)?;
-        let physical = state.create_physical_plan(&logical).await?;
+        let (text, explain_federated) = match strip_explain_federated(sql) {
+            Some(inner) => (inner, true),
+            None => (sql, false),
+        };
+        let dialect = self.base.config().options().sql_parser.dialect;
+        let statement = self.base.sql_to_statement(text, &dialect)?;
+        let calls = train::calls(&statement)?;
         let query = QueryContext {
             query_id: uuid::Uuid::new_v4().to_string(),
             researcher: researcher.to_string(),
             fragment_timeout: self.options.fragment_timeout,
         };
+        let mut trains = Vec::new();
+        for call in &calls {
+            let input = train::plan_input(&self.base, call).await?;
+            trains.push(train::resolve(call, &input, &self.catalog, &self.stations)?);
+        }
+        if explain_federated {
+            if !trains.is_empty() {
+                // The query around the calls plans over their outputs, which exist only
+                // once the trains have run; the explanation stops at the calls.
+                let batch = train::explain_batch(&trains)?;
+                return Ok(Planned::Batches(batch.schema(), vec![batch]));
+            }
+            let logical = self.base.statement_to_plan(statement).await?;
+            options.verify_plan(&logical)?;
+            let optimized = self.base.optimize(&logical)?;
+            let federated = self.planner.federate(&optimized).await?;
+            let batch = explain_batch(&federated)?;
+            return Ok(Planned::Batches(batch.schema(), vec![batch]));
+        }
+        let with_trains;
+        let state = if trains.is_empty() {
+            &self.base
+        } else {
+            if matches!(statement, DfStatement::Explain(_)) {
+                return Err(Error::BadRequest(
+                    "EXPLAIN of a query with train(...): use EXPLAIN FEDERATED (a train's \
+                     output columns are known only once it has run)"
+                        .to_string(),
+                ));
+            }
+            // Every station of every call accepts before any train starts.
+            check_tickets(
+                &train::tickets(&trains, &query),
+                self.options.fragment_timeout,
+            )
+            .await?;
+            let started = std::time::Instant::now();
+            let outputs = train::run(&trains, &query, self.options.train_timeout).await?;
+            info!(query_id = %query.query_id, trains = trains.len(), elapsed_ms = started.elapsed().as_millis() as u64, "trains ran");
+            let mut state = self.base.clone();
+            state.register_udtf(
+                train::TRAIN_FUNCTION,
+                Arc::new(train::TrainOutputs {
+                    outputs: calls.into_iter().zip(outputs).collect(),
+                }),
+            );
+            with_trains = state;
+            &with_trains
+        };
+        let logical = state.statement_to_plan(statement).await?;
+        options.verify_plan(&logical)?;
+        let physical = state.create_physical_plan(&logical).await?;
         let physical = assign_query(physical, &query)?;
         check_at_stations(&physical, self.options.fragment_timeout).await?;
         Ok(Planned::Plan(physical, state.task_ctx()))
+    }
+
+    /// The schema a prepared statement announces. A query with `train(...)` calls announces
+    /// none (its columns exist only once its trains have run, which happens when it is
+    /// executed), so preparing it runs nothing.
+    pub async fn prepare(&self, sql: &str, researcher: &str) -> Result<SchemaRef> {
+        let text = strip_explain_federated(sql).unwrap_or(sql);
+        let dialect = self.base.config().options().sql_parser.dialect;
+        let statement = self.base.sql_to_statement(text, &dialect)?;
+        if !train::calls(&statement)?.is_empty() {
+            return Ok(Arc::new(arrow::datatypes::Schema::empty()));
+        }
+        Ok(self.plan(sql, researcher).await?.schema())
     }
 
     /// Plans and starts `sql`.

@@ -29,6 +29,7 @@ pub mod flight_sql;
 pub mod hub;
 pub mod station_client;
 pub mod stats;
+pub mod train;
 pub mod vertical;
 
 use std::future::Future;

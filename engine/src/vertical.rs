@@ -415,6 +415,7 @@ impl TableProvider for VerticalTable {
                     fragment: ticket.fragment,
                     researcher: ticket.researcher.clone(),
                     sql: fragment.sql.clone(),
+                    train: None,
                 },
                 schema: Arc::new(Schema::new(fields)),
             });

@@ -48,6 +48,9 @@ pub struct Record {
     pub query_id: String,
     pub fragment: u64,
     pub sql: String,
+    /// For a train: the image id it ran (its input is `sql`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub train: Option<String>,
     pub decision: Decision,
     /// The refusing rule, or the failure category.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -83,6 +86,7 @@ pub struct Entry<'a> {
     pub query_id: &'a str,
     pub fragment: u64,
     pub sql: &'a str,
+    pub train: Option<&'a str>,
     pub decision: Decision,
     pub rule: Option<&'a str>,
     pub rows: u64,
@@ -176,6 +180,7 @@ impl AuditLog {
             query_id: entry.query_id.to_string(),
             fragment: entry.fragment,
             sql: entry.sql.to_string(),
+            train: entry.train.map(str::to_string),
             decision: entry.decision,
             rule: entry.rule.map(str::to_string),
             rows: entry.rows,
@@ -311,6 +316,7 @@ mod tests {
             query_id: "q",
             fragment: 1,
             sql: "SELECT count(*) FROM lung",
+            train: None,
             decision,
             rule: None,
             rows: 1,

@@ -115,6 +115,10 @@ pub enum Release {
     /// for a hub that joins them with other stations' columns and releases only aggregates
     /// over groups of at least k joined rows. Refused below `k` rows.
     Pseudonymized { k: u64 },
+    /// Row-level values of `public` and `aggregate` columns handed to a containerized train
+    /// inside the station (they never leave it); refused below `k` rows. What leaves is the
+    /// train's output, bounded by the `[trains]` policy.
+    TrainInput { k: u64 },
 }
 
 /// A fragment that passed the policy: the plan to run (with the row count appended for an
@@ -740,6 +744,26 @@ fn affine(expr: &Expr) -> bool {
 
 /// Checks a fragment's (unoptimized) logical plan against `policy`.
 pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Checked, Refusal> {
+    check_for(plan, policy, station, false)
+}
+
+/// Checks the input of a containerized train: rows of one table, as a row-level fragment,
+/// but over `public` and `aggregate` columns (they stay at the station); `hidden`, `dp` and
+/// `join_key` columns are refused as anywhere else.
+pub fn check_train_input(
+    plan: &LogicalPlan,
+    policy: &Policy,
+    station: &str,
+) -> Result<Checked, Refusal> {
+    check_for(plan, policy, station, true)
+}
+
+fn check_for(
+    plan: &LogicalPlan,
+    policy: &Policy,
+    station: &str,
+    train_input: bool,
+) -> Result<Checked, Refusal> {
     // The fragment as a chain, top to bottom.
     let mut chain = vec![plan];
     loop {
@@ -937,6 +961,29 @@ pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Check
     }
 
     let table = checker.table.clone();
+    if train_input {
+        if aggregate_at.is_some() || checker.pseudonymized {
+            return Err(
+                checker.shape("a train's input is rows of one table (aggregate inside the train)")
+            );
+        }
+        if policy.joined(&table) {
+            return Err(Refusal {
+                rule: "row_level",
+                message: format!(
+                    "policy: table '{table}' at station '{station}' is a join of several \
+                     stations' rows; no train reads it"
+                ),
+            });
+        }
+        return Ok(Checked {
+            plan: plan.clone(),
+            release: Release::TrainInput {
+                k: policy.min_group_size(&table),
+            },
+            table,
+        });
+    }
     if checker.pseudonymized {
         // The pseudonym must be released: without it the rows are plain row-level values.
         if !lineage.iter().any(|(_, l)| l.pseudonym) {
@@ -1201,6 +1248,40 @@ mod tests {
                 assert!(r.message.starts_with("policy: "), "{}", r.message);
                 r.rule
             })
+    }
+
+    #[tokio::test]
+    async fn a_train_reads_aggregate_columns_row_by_row_but_never_hidden_ones() {
+        let train = |sql: &'static str| async move {
+            check_train_input(&plan(sql).await, &policy(), "s")
+                .map(|c| c.release)
+                .map_err(|r| r.rule)
+        };
+        // Row-level over an aggregate column: refused as a release, accepted as a train's
+        // input (it stays at the station), with the table's k.
+        assert_eq!(rule("SELECT age FROM lung").await, Err("row_level"));
+        for sql in [
+            "SELECT age, inst FROM lung",
+            "SELECT age FROM lung WHERE inst > 2 ORDER BY age LIMIT 10",
+            "SELECT age + 1 AS a FROM lung",
+        ] {
+            assert_eq!(train(sql).await, Ok(Release::TrainInput { k: 5 }), "{sql}");
+        }
+        for (sql, expected) in [
+            ("SELECT * FROM lung", "hidden_column"),
+            ("SELECT age FROM lung WHERE note = 'x'", "hidden_column"),
+            ("SELECT count(*) FROM lung", "fragment_shape"),
+            (
+                "SELECT a.age FROM lung a JOIN lung b ON a.inst = b.inst",
+                "fragment_shape",
+            ),
+            (
+                "SELECT CAST(age AS TINYINT) FROM lung",
+                "fallible_expression",
+            ),
+        ] {
+            assert_eq!(train(sql).await, Err(expected), "{sql}");
+        }
     }
 
     #[tokio::test]

@@ -30,6 +30,10 @@ pub enum Error {
         station: String,
         category: &'static str,
     },
+    /// A containerized train could not run or did not finish; the message names no data
+    /// value (the train's own output stays in the station's log).
+    #[error("station '{station}': {message}")]
+    Train { station: String, message: String },
     /// A station this one reads failed or refused (only the hub's join station reads other
     /// stations).
     #[error(transparent)]
@@ -86,7 +90,7 @@ pub fn to_status(station: &str, e: Error) -> Status {
             _ => Status::internal(format!("station '{station}': {}", e.strip_backtrace())),
         },
         Error::Refused(_) => Status::permission_denied(e.to_string()),
-        Error::Failed { .. } => Status::aborted(e.to_string()),
+        Error::Failed { .. } | Error::Train { .. } => Status::aborted(e.to_string()),
         Error::Upstream(u) if u.refused => Status::permission_denied(u.message.clone()),
         Error::Upstream(u) => Status::aborted(u.message.clone()),
         other => Status::internal(other.to_string()),

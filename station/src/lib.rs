@@ -22,6 +22,7 @@ pub mod error;
 pub mod policy;
 pub mod service;
 pub mod source;
+pub mod train;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -44,7 +45,7 @@ use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use railyard_udfs::glm_terms::GlmLayout;
 use railyard_udfs::pseudonym::Pseudonym;
-use railyard_udfs::wire::{CheckAnswer, FragmentTicket, TablePolicyInfo};
+use railyard_udfs::wire::{CheckAnswer, FragmentTicket, TablePolicyInfo, TrainCall};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
@@ -97,6 +98,8 @@ pub struct Station {
     /// Approved plans of fragments seen before, by SQL text. Only plans without stable or
     /// volatile functions are kept (the optimizer folds `now()` into a constant).
     plans: Mutex<HashMap<String, Approved>>,
+    /// Runs containerized trains (Docker is reached on the first train only).
+    trains: train::Trains,
 }
 
 impl Station {
@@ -135,6 +138,14 @@ impl Station {
             ctx.register_table(table.as_str(), provider)?;
         }
         let audit = AuditLog::open(&config.audit_log, &name)?;
+        // Trains work beside the audit log, in the station's data directory.
+        let work = config
+            .audit_log
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("trains"), |d| d.join("trains"));
+        let work = std::path::absolute(&work).unwrap_or(work);
+        let trains = train::Trains::new(&name, work);
         let state = ctx.state();
         let station = Self {
             name,
@@ -145,6 +156,7 @@ impl Station {
             federated_tables,
             audit,
             plans: Mutex::new(HashMap::new()),
+            trains,
         };
         for (table, schema) in station.tables().await? {
             station.policy.validate_table(&table, &schema)?;
@@ -212,6 +224,16 @@ impl Station {
     /// station whose tables read other stations (the hub's join station) also plans the
     /// fragment physically, which has those stations check their parts.
     pub async fn check_fragment(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
+        if let Some(call) = &ticket.train {
+            let (approved, _) = self.approve_train(ticket, call).await?;
+            let Release::TrainInput { k } = approved.release else {
+                unreachable!("a train's input is approved as one");
+            };
+            return Ok(CheckAnswer {
+                release: "train".to_string(),
+                min_group_size: k,
+            });
+        }
         let approved = self.approve(ticket).await?;
         if self.federated_tables
             && let Err(e) = self.physical_plan(&approved.plan, ticket).await
@@ -235,6 +257,10 @@ impl Station {
                 release: "pseudonymized".to_string(),
                 min_group_size: k,
             },
+            Release::TrainInput { k } => CheckAnswer {
+                release: "train".to_string(),
+                min_group_size: k,
+            },
         })
     }
 
@@ -243,6 +269,9 @@ impl Station {
     /// then returns the batches to release. Only queries are accepted: no DDL, no DML, no
     /// `SET`.
     pub async fn run_fragment(&self, ticket: &FragmentTicket) -> Result<SendableRecordBatchStream> {
+        if let Some(call) = &ticket.train {
+            return self.run_train(ticket, call).await;
+        }
         let approved = self.approve(ticket).await?;
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment approved");
         let batches = match self.execute(&approved.plan, ticket).await {
@@ -280,6 +309,20 @@ impl Station {
         rows: u64,
         suppressed: u64,
     ) -> Result<()> {
+        let train = ticket.train.as_ref().map(|t| t.image.as_str());
+        self.record_train(ticket, train, decision, rule, rows, suppressed)
+    }
+
+    /// Writes an audit record naming the train image (its id once resolved).
+    fn record_train(
+        &self,
+        ticket: &FragmentTicket,
+        train: Option<&str>,
+        decision: audit::Decision,
+        rule: Option<&str>,
+        rows: u64,
+        suppressed: u64,
+    ) -> Result<()> {
         let researcher = if ticket.researcher.is_empty() {
             "local"
         } else {
@@ -290,12 +333,203 @@ impl Station {
             query_id: &ticket.query_id,
             fragment: ticket.fragment as u64,
             sql: &ticket.sql,
+            train,
             decision,
             rule,
             rows,
             suppressed,
         })?;
         Ok(())
+    }
+
+    /// Checks a train request: the station runs trains at all, its arguments are JSON, its
+    /// input passes the policy (rows over `public` and `aggregate` columns), and its image
+    /// is on the allowlist. Returns the approved input plan and the image id. Nothing is
+    /// started. A refusal is audited.
+    async fn approve_train(
+        &self,
+        ticket: &FragmentTicket,
+        call: &TrainCall,
+    ) -> Result<(Approved, String)> {
+        let refuse = |rule: &'static str, message: String, image: Option<&str>| {
+            let refusal = Refusal { rule, message };
+            info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, rule, "train refused");
+            let image = image.or(Some(call.image.as_str()));
+            self.record_train(ticket, image, audit::Decision::Refused, Some(rule), 0, 0)?;
+            Err(Error::Refused(refusal))
+        };
+        if self.policy.trains.allowed.is_empty() {
+            return refuse(
+                "trains",
+                format!(
+                    "policy: station '{}' runs no trains (its policy allows no train image)",
+                    self.name
+                ),
+                None,
+            );
+        }
+        if call.args.len() > train::MAX_ARGS_BYTES {
+            return Err(Error::BadRequest(format!(
+                "station '{}': a train's arguments may be at most {} bytes",
+                self.name,
+                train::MAX_ARGS_BYTES
+            )));
+        }
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&call.args) {
+            return Err(Error::BadRequest(format!(
+                "station '{}': the train's arguments are not JSON ({e})",
+                self.name
+            )));
+        }
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let logical = self.state.create_logical_plan(&ticket.sql).await?;
+        options.verify_plan(&logical)?;
+        let checked = match check::check_train_input(&logical, &self.policy, &self.name) {
+            Ok(checked) => checked,
+            Err(refusal) => return refuse(refusal.rule, refusal.message, None),
+        };
+        let id = match self.trains.resolve(&call.image).await {
+            Ok(id) => id,
+            Err(train::TrainError::NoImage(image)) => {
+                return Err(Error::BadRequest(format!(
+                    "station '{}' has no train image '{image}'",
+                    self.name
+                )));
+            }
+            Err(e) => return Err(self.train_error(e)),
+        };
+        if !self.policy.allows_train(&id) {
+            return refuse(
+                "train_image",
+                format!(
+                    "policy: station '{}' runs only the train images its policy allows; \
+                     '{}' ({id}) is not one of them",
+                    self.name, call.image
+                ),
+                Some(&id),
+            );
+        }
+        let approved = Approved {
+            plan: self.state.optimize(&checked.plan)?,
+            table: checked.table,
+            release: checked.release,
+        };
+        Ok((approved, id))
+    }
+
+    /// Runs a train: its approved input is read, handed to the container, and the checked
+    /// output is audited with the image id and released.
+    async fn run_train(
+        &self,
+        ticket: &FragmentTicket,
+        call: &TrainCall,
+    ) -> Result<SendableRecordBatchStream> {
+        let (approved, id) = self.approve_train(ticket, call).await?;
+        let Release::TrainInput { k } = approved.release else {
+            unreachable!("a train's input is approved as one");
+        };
+        let input = match self.execute(&approved.plan, ticket).await {
+            Ok(batches) => batches,
+            Err(e) => {
+                let category = failure_category(&e);
+                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "train input failed");
+                self.record_train(
+                    ticket,
+                    Some(&id),
+                    audit::Decision::Failed,
+                    Some(category),
+                    0,
+                    0,
+                )?;
+                return Err(Error::Failed {
+                    station: self.name.clone(),
+                    category,
+                });
+            }
+        };
+        let rows: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
+        if rows < k {
+            let refusal = Refusal {
+                rule: "min_group_size",
+                message: format!(
+                    "policy: station '{}' requires a train's input from table '{}' to cover \
+                     at least {k} rows; this one covers fewer",
+                    self.name, approved.table
+                ),
+            };
+            self.record_train(
+                ticket,
+                Some(&id),
+                audit::Decision::Refused,
+                Some(refusal.rule),
+                0,
+                0,
+            )?;
+            return Err(Error::Refused(refusal));
+        }
+        let schema = input
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| approved.plan.schema().inner().clone());
+        info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, image = %id, rows, "train approved");
+        match self
+            .trains
+            .run(&id, &call.args, schema, input, &self.policy.trains)
+            .await
+        {
+            Ok((schema, batches)) => {
+                let released = batches.iter().map(|b| b.num_rows() as u64).sum();
+                self.record_train(
+                    ticket,
+                    Some(&id),
+                    audit::Decision::Allowed,
+                    None,
+                    released,
+                    0,
+                )?;
+                Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
+            }
+            Err(train::TrainError::Output { rule, why }) => {
+                self.record_train(
+                    ticket,
+                    Some(&id),
+                    audit::Decision::Refused,
+                    Some(rule),
+                    0,
+                    0,
+                )?;
+                Err(Error::Refused(Refusal {
+                    rule,
+                    message: format!("policy: station '{}' {why}", self.name),
+                }))
+            }
+            Err(e) => {
+                self.record_train(
+                    ticket,
+                    Some(&id),
+                    audit::Decision::Failed,
+                    Some("train failed"),
+                    0,
+                    0,
+                )?;
+                Err(self.train_error(e))
+            }
+        }
+    }
+
+    fn train_error(&self, e: train::TrainError) -> Error {
+        let message = match e {
+            train::TrainError::Run(m) => m,
+            train::TrainError::NoImage(image) => format!("has no train image '{image}'"),
+            train::TrainError::Output { why, .. } => why,
+        };
+        Error::Train {
+            station: self.name.clone(),
+            message,
+        }
     }
 
     /// Runs an approved plan.
@@ -469,6 +703,9 @@ fn release(
             }
             Ok(Ok((kept, released, suppressed)))
         }
+        Release::TrainInput { .. } => Err(Error::BadRequest(
+            "internal: a train's input is never released".to_string(),
+        )),
         Release::Model {
             k,
             min_rows,

@@ -70,8 +70,22 @@ struct PolicyFile {
     model_min_rows: Option<Spanned<u64>>,
     survival_time_resolution: Option<Spanned<f64>>,
     allow_vertical: Option<bool>,
+    trains: Option<TrainsFile>,
     #[serde(default)]
     tables: BTreeMap<Spanned<String>, TableFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainsFile {
+    #[serde(default)]
+    allowed: Vec<Spanned<String>>,
+    max_output_rows: Option<Spanned<u64>>,
+    max_output_bytes: Option<Spanned<u64>>,
+    timeout_seconds: Option<Spanned<u64>>,
+    memory_mb: Option<Spanned<u64>>,
+    cpus: Option<Spanned<f64>>,
+    pids: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +98,56 @@ struct TableFile {
     allow_vertical: Option<bool>,
     #[serde(default)]
     columns: BTreeMap<Spanned<String>, Visibility>,
+}
+
+/// Default cap on the rows of a train's output.
+pub const DEFAULT_TRAIN_MAX_OUTPUT_ROWS: u64 = 100;
+/// Default cap on the size of a train's output file.
+pub const DEFAULT_TRAIN_MAX_OUTPUT_BYTES: u64 = 1024 * 1024;
+/// Default wall-clock limit of one train run.
+pub const DEFAULT_TRAIN_TIMEOUT_SECONDS: u64 = 120;
+/// Default memory limit of a train's container (no swap beyond it).
+pub const DEFAULT_TRAIN_MEMORY_MB: u64 = 512;
+/// Default CPU limit of a train's container, in cores.
+pub const DEFAULT_TRAIN_CPUS: f64 = 1.0;
+/// Default limit on the processes and threads in a train's container.
+pub const DEFAULT_TRAIN_PIDS: u64 = 64;
+
+/// Which containerized trains a station runs, and inside which limits (`[trains]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainPolicy {
+    /// Image ids (`sha256:` and 64 hex digits) the station runs; empty: no trains at all.
+    pub allowed: Vec<String>,
+    pub max_output_rows: u64,
+    pub max_output_bytes: u64,
+    pub timeout_seconds: u64,
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub pids: u64,
+}
+
+impl Default for TrainPolicy {
+    fn default() -> Self {
+        Self {
+            allowed: Vec::new(),
+            max_output_rows: DEFAULT_TRAIN_MAX_OUTPUT_ROWS,
+            max_output_bytes: DEFAULT_TRAIN_MAX_OUTPUT_BYTES,
+            timeout_seconds: DEFAULT_TRAIN_TIMEOUT_SECONDS,
+            memory_mb: DEFAULT_TRAIN_MEMORY_MB,
+            cpus: DEFAULT_TRAIN_CPUS,
+            pids: DEFAULT_TRAIN_PIDS,
+        }
+    }
+}
+
+/// Whether `id` is an image id as Docker reports it: `sha256:` and 64 lowercase hex digits.
+pub fn is_image_id(id: &str) -> bool {
+    id.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// The policy of one table.
@@ -119,6 +183,8 @@ pub struct Policy {
     /// `join_key` column, for a hub that joins them with other stations' columns of the same
     /// patients (vertical partitioning). `None`: not set in the file (off).
     pub allow_vertical: Option<bool>,
+    /// Containerized trains (none allowed by default).
+    pub trains: TrainPolicy,
     pub tables: BTreeMap<String, TablePolicy>,
     /// Where the policy came from (a path, or "default").
     pub source: String,
@@ -133,6 +199,7 @@ impl Default for Policy {
             model_min_rows: DEFAULT_MODEL_MIN_ROWS,
             survival_time_resolution: DEFAULT_SURVIVAL_TIME_RESOLUTION,
             allow_vertical: None,
+            trains: TrainPolicy::default(),
             tables: BTreeMap::new(),
             source: "default".to_string(),
         }
@@ -230,6 +297,9 @@ impl Policy {
             policy.survival_time_resolution = resolution(v)?;
         }
         policy.allow_vertical = file.allow_vertical;
+        if let Some(trains) = &file.trains {
+            policy.trains = parse_trains(trains, text, source)?;
+        }
         for (name, table) in file.tables {
             let min_group_size = match &table.min_group_size {
                 Some(v) => Some(k(v)?),
@@ -262,6 +332,11 @@ impl Policy {
             );
         }
         Ok(policy)
+    }
+
+    /// Whether the station runs the train image `id`.
+    pub fn allows_train(&self, id: &str) -> bool {
+        self.trains.allowed.iter().any(|a| a == id)
     }
 
     /// Refuses a policy that names a column `table` does not have: a misspelt `hidden`
@@ -352,6 +427,65 @@ impl Policy {
     }
 }
 
+fn parse_trains(file: &TrainsFile, text: &str, source: &str) -> Result<TrainPolicy, PolicyError> {
+    let error = |span: std::ops::Range<usize>, message: String| PolicyError {
+        origin: source.to_string(),
+        message: format!("line {}: {message}", line_of(text, span.start)),
+    };
+    let mut trains = TrainPolicy::default();
+    for id in &file.allowed {
+        if !is_image_id(id.get_ref()) {
+            return Err(error(
+                id.span(),
+                "trains.allowed lists image ids: 'sha256:' and 64 hex digits, as \
+                 `docker image inspect --format '{{.Id}}' IMAGE` prints them"
+                    .to_string(),
+            ));
+        }
+        trains.allowed.push(id.get_ref().clone());
+    }
+    let at_least = |v: &Option<Spanned<u64>>, name: &str, min: u64, default: u64| match v {
+        Some(v) if *v.get_ref() < min => Err(error(
+            v.span(),
+            format!("trains.{name} must be at least {min}"),
+        )),
+        Some(v) => Ok(*v.get_ref()),
+        None => Ok(default),
+    };
+    trains.max_output_rows = at_least(
+        &file.max_output_rows,
+        "max_output_rows",
+        1,
+        trains.max_output_rows,
+    )?;
+    trains.max_output_bytes = at_least(
+        &file.max_output_bytes,
+        "max_output_bytes",
+        1,
+        trains.max_output_bytes,
+    )?;
+    trains.timeout_seconds = at_least(
+        &file.timeout_seconds,
+        "timeout_seconds",
+        1,
+        trains.timeout_seconds,
+    )?;
+    // Docker refuses memory limits below 6 MB.
+    trains.memory_mb = at_least(&file.memory_mb, "memory_mb", 6, trains.memory_mb)?;
+    trains.pids = at_least(&file.pids, "pids", 1, trains.pids)?;
+    if let Some(cpus) = &file.cpus {
+        let c = *cpus.get_ref();
+        if !(c.is_finite() && c >= 0.01) {
+            return Err(error(
+                cpus.span(),
+                "trains.cpus must be a number of cores ≥ 0.01".to_string(),
+            ));
+        }
+        trains.cpus = c;
+    }
+    Ok(trains)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +571,41 @@ mod tests {
         ] {
             let err = Policy::parse(text, "p.toml").unwrap_err().to_string();
             assert!(err.contains(&format!("line {line}")), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn trains_are_off_by_default_and_their_limits_validate() {
+        let p = Policy::default();
+        assert!(p.trains.allowed.is_empty());
+        assert_eq!(p.trains.max_output_rows, 100);
+        let id = format!("sha256:{}", "ab".repeat(32));
+        let p = Policy::parse(
+            &format!("[trains]\nallowed = [\"{id}\"]\nmax_output_rows = 7\ncpus = 0.5\n"),
+            "p.toml",
+        )
+        .unwrap();
+        assert!(p.allows_train(&id));
+        assert!(!p.allows_train(&format!("sha256:{}", "cd".repeat(32))));
+        assert_eq!(p.trains.max_output_rows, 7);
+        assert_eq!(p.trains.cpus, 0.5);
+        assert_eq!(p.trains.timeout_seconds, DEFAULT_TRAIN_TIMEOUT_SECONDS);
+        for (text, line, what) in [
+            (
+                "[trains]\nallowed = [\"railyard/histogram:dev\"]",
+                2,
+                "sha256:",
+            ),
+            ("[trains]\n\nmax_output_rows = 0", 3, "max_output_rows"),
+            ("[trains]\nmemory_mb = 1", 2, "memory_mb"),
+            ("[trains]\ncpus = 0.0", 2, "cpus"),
+            ("[trains]\nnetwork = true", 2, "network"),
+        ] {
+            let err = Policy::parse(text, "p.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("line {line}")) && err.contains(what),
+                "{text}: {err}"
+            );
         }
     }
 

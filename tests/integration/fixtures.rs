@@ -221,6 +221,7 @@ pub async fn run_at_station(
         fragment: 1,
         researcher: "test".into(),
         sql: sql.to_string(),
+        train: None,
     };
     let response = client
         .do_get(arrow_flight::Ticket::new(ticket.to_bytes()))

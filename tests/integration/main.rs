@@ -6,4 +6,5 @@ mod fixtures;
 mod policy;
 mod slt;
 mod statistics;
+mod trains;
 mod vertical;

@@ -707,6 +707,7 @@ async fn a_station_without_the_collaboration_secret_refuses_to_pseudonymize() {
         fragment: 1,
         researcher: "r".into(),
         sql: "SELECT pseudonym(patient_id) AS p, radius_error FROM breast".into(),
+        train: None,
     };
     let err = station
         .check_fragment(&ticket)

@@ -56,9 +56,25 @@ pub struct FragmentTicket {
     pub fragment: usize,
     /// Who asked: a researcher name, or `local` in `railyard local` mode.
     pub researcher: String,
-    /// The fragment's SQL; the station plans it itself.
+    /// The fragment's SQL; the station plans it itself. For a train, the SQL of its input.
     pub sql: String,
+    /// Run a containerized train over the fragment's rows instead of releasing them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainCall>,
 }
+
+/// A train a fragment asks a station to run: the image (a name the station resolves, or
+/// an image id `sha256:…`) and its arguments as JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainCall {
+    pub image: String,
+    pub args: String,
+}
+
+/// The column the hub prepends to the union of a train's outputs: which station produced
+/// each row. A train's output may not have a column of this name.
+pub const TRAIN_STATION_COLUMN: &str = "station";
 
 impl FragmentTicket {
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -586,6 +586,7 @@ impl Rounds {
             fragment,
             researcher: self.query.researcher.clone(),
             sql,
+            train: None,
         };
         fetch_all(
             &self.stations,
