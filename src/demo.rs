@@ -181,6 +181,13 @@ pub const REFUSED: &[(&str, &str)] = &[
 ];
 
 /// Runs the demo, writing everything it shows to `out`.
+/// The example train the demo runs when its image exists (`scripts/build-trains`).
+pub const TRAIN_IMAGE: &str = "railyard/histogram:dev";
+pub const TRAIN_QUERY: &str = "SELECT bin_lower, bin_upper, sum(n) AS patients \
+     FROM train('railyard/histogram:dev', 'SELECT age FROM lung', \
+     '{\"column\": \"age\", \"edges\": [30, 40, 50, 60, 70, 80, 90]}') \
+     GROUP BY bin_lower, bin_upper ORDER BY bin_lower";
+
 pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
@@ -222,14 +229,18 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
         dir: vertical,
         key: Some("patient_id".into()),
     });
+    // The example train runs if this machine has its image (scripts/build-trains).
+    let mut governance = Governance::new(None, data_dir)?;
+    let train_image = railyard_station::train::Trains::new("demo", dir.path().join("trains"))
+        .resolve(TRAIN_IMAGE)
+        .await
+        .ok();
+    if let Some(id) = &train_image {
+        governance.policy.trains.allowed = vec![id.clone()];
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let federation = LocalFederation::start(
-        &tables,
-        listener,
-        HubOptions::default(),
-        &Governance::new(None, data_dir)?,
-    )
-    .await?;
+    let federation =
+        LocalFederation::start(&tables, listener, HubOptions::default(), &governance).await?;
     writeln!(
         out,
         "Hub listening on {}; stations: {}\n",
@@ -249,6 +260,7 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
         }
         show_models(&mut client, out).await?;
         show_vertical(&mut client, out).await?;
+        show_train(&mut client, out, train_image.as_deref()).await?;
         writeln!(
             out,
             "── The stations' default policy: every column 'aggregate', groups of at least 5"
@@ -355,6 +367,32 @@ async fn show_vertical(client: &mut HubClient, out: &mut impl Write) -> Result<(
         show_query(client, out, question, sql, i == 0).await?;
     }
     Ok(())
+}
+
+/// The example train, if its image exists here.
+async fn show_train(client: &mut HubClient, out: &mut impl Write, id: Option<&str>) -> Result<()> {
+    let Some(id) = id else {
+        writeln!(
+            out,
+            "── Containerized trains (docs/trains.md): skipped, this machine has no image \
+             {TRAIN_IMAGE} (`scripts/build-trains` builds it; it needs a Docker daemon)\n"
+        )?;
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "── Containerized trains (docs/trains.md): each station runs the image {TRAIN_IMAGE} \
+         ({id}, on its allowlist) over its own rows, with no network, a read-only root and \
+         an unprivileged user, and releases only its checked output"
+    )?;
+    show_query(
+        client,
+        out,
+        "Age histogram of the lung patients, computed by a train at each station",
+        TRAIN_QUERY,
+        true,
+    )
+    .await
 }
 
 /// Step curves of `(group, time, survival)` rows on a `width` × `height` character grid,

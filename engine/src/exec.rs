@@ -47,6 +47,9 @@ pub struct QueryContext {
     pub query_id: String,
     pub researcher: String,
     pub fragment_timeout: Duration,
+    /// The number the query's first planned fragment carries: 1, or the number after the
+    /// query's `train(...)` calls, which are its first fragments.
+    pub first_fragment: usize,
 }
 
 /// Physical operator that runs one fragment at every station of its table; partition `i`
@@ -94,7 +97,7 @@ impl FragmentExec {
     fn ticket(&self, query: &QueryContext) -> FragmentTicket {
         FragmentTicket {
             query_id: query.query_id.clone(),
-            fragment: self.fragment.id,
+            fragment: self.fragment.id + query.first_fragment - 1,
             researcher: query.researcher.clone(),
             sql: self.fragment.sql.clone(),
             train: None,

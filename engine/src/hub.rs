@@ -369,16 +369,18 @@ impl Hub {
         let dialect = self.base.config().options().sql_parser.dialect;
         let statement = self.base.sql_to_statement(text, &dialect)?;
         let calls = train::calls(&statement)?;
-        let query = QueryContext {
-            query_id: uuid::Uuid::new_v4().to_string(),
-            researcher: researcher.to_string(),
-            fragment_timeout: self.options.fragment_timeout,
-        };
         let mut trains = Vec::new();
         for call in &calls {
             let input = train::plan_input(&self.base, call).await?;
             trains.push(train::resolve(call, &input, &self.catalog, &self.stations)?);
         }
+        let query = QueryContext {
+            query_id: uuid::Uuid::new_v4().to_string(),
+            researcher: researcher.to_string(),
+            fragment_timeout: self.options.fragment_timeout,
+            // Train calls are the query's fragments 1..=n; the planned ones follow.
+            first_fragment: trains.len() + 1,
+        };
         if explain_federated {
             if !trains.is_empty() {
                 // The query around the calls plans over their outputs, which exist only

@@ -521,8 +521,20 @@ fn railyard_demo_runs_its_queries_and_exits_zero() {
     }
     assert_eq!(
         stdout.matches("hub merge plan:").count(),
-        railyard::demo::QUERIES.len() + 1,
-        "each SQL query and the first vertical one show their plan"
+        railyard::demo::QUERIES.len() + 2,
+        "each SQL query, the first vertical one and the train show their plan"
+    );
+    // The example train (its image is built by scripts/build-trains, which the suite runs).
+    assert!(stdout.contains(railyard::demo::TRAIN_QUERY), "{stdout}");
+    assert!(
+        stdout.contains(
+            "train #1 (railyard/histogram:dev over lung) at station_a, station_b, station_c"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| bin_lower | bin_upper | patients |"),
+        "{stdout}"
     );
     assert!(
         stdout.contains("| patients | mean_age | sd_age |"),

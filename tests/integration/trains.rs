@@ -210,6 +210,29 @@ async fn the_histogram_train_over_three_stations_equals_the_pooled_histogram() {
         .sum();
     assert_eq!(per_station, 228, "every patient once");
 
+    // A train's output next to an ordinary federated aggregate in one query: the train call
+    // is the query's fragment 1 at every station, the aggregate fragment 2.
+    let mixed = query(
+        &fed,
+        &format!(
+            "SELECT sum(t.n) AS binned, max(l.c) AS counted FROM train('{HISTOGRAM}',              'SELECT age FROM lung', '{{\"column\": \"age\", \"edges\": [0, 200]}}') t              CROSS JOIN (SELECT count(*) AS c FROM lung) l"
+        ),
+    )
+    .await
+    .unwrap();
+    let row = crate::slt::format_rows(&mixed);
+    assert_eq!(row, [["228", "228"]]);
+    for s in STATIONS {
+        let log = records(&governance.audit_log(s));
+        let last_query = log.last().unwrap()["query_id"].clone();
+        let fragments: Vec<(u64, bool)> = log
+            .iter()
+            .filter(|r| r["query_id"] == last_query)
+            .map(|r| (r["fragment"].as_u64().unwrap(), r.get("train").is_some()))
+            .collect();
+        assert_eq!(fragments, [(1, true), (2, false)], "{s}");
+    }
+
     // Each station audited the run with the image id and what it released.
     let id = image_id(HISTOGRAM);
     for s in STATIONS {
@@ -217,8 +240,9 @@ async fn the_histogram_train_over_three_stations_equals_the_pooled_histogram() {
             .into_iter()
             .filter(|r| r["decision"] == "allowed")
             .collect();
-        assert_eq!(runs.len(), 3, "{s}");
-        for r in &runs {
+        let trains: Vec<_> = runs.iter().filter(|r| r.get("train").is_some()).collect();
+        assert_eq!((runs.len(), trains.len()), (5, 4), "{s}");
+        for r in trains {
             assert_eq!(r["train"], id.as_str(), "{s}: {r}");
             assert!(
                 r["sql"]

@@ -543,8 +543,8 @@ impl ExecutionPlan for StatsExec {
         let run = async move {
             let rounds = Rounds {
                 stations,
+                next_fragment: AtomicUsize::new(query.first_fragment),
                 query,
-                next_fragment: AtomicUsize::new(1),
                 table: job.source().table.name().to_string(),
             };
             let batch = job.run(&rounds).await?;
