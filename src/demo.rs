@@ -180,14 +180,15 @@ pub const REFUSED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Runs the demo, writing everything it shows to `out`.
 /// The example train the demo runs when its image exists (`scripts/build-trains`).
 pub const TRAIN_IMAGE: &str = "railyard/histogram:dev";
+/// The demo's train query.
 pub const TRAIN_QUERY: &str = "SELECT bin_lower, bin_upper, sum(n) AS patients \
      FROM train('railyard/histogram:dev', 'SELECT age FROM lung', \
      '{\"column\": \"age\", \"edges\": [30, 40, 50, 60, 70, 80, 90]}') \
      GROUP BY bin_lower, bin_upper ORDER BY bin_lower";
 
+/// Runs the demo, writing everything it shows to `out`.
 pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
@@ -231,7 +232,7 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
     });
     // The example train runs if this machine has its image (scripts/build-trains).
     let mut governance = Governance::new(None, data_dir)?;
-    let train_image = railyard_station::train::Trains::new("demo", dir.path().join("trains"))
+    let train_image = railyard_station::train::Trains::new("demo", dir.path().join("trains"), 1)
         .resolve(TRAIN_IMAGE)
         .await
         .ok();

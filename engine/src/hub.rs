@@ -406,6 +406,14 @@ impl Hub {
                         .to_string(),
                 ));
             }
+            // Nothing runs for a statement that would be refused once planned.
+            if !matches!(&statement, DfStatement::Statement(s)
+                if matches!(s.as_ref(), datafusion::sql::sqlparser::ast::Statement::Query(_)))
+            {
+                return Err(Error::BadRequest(
+                    "only a query (SELECT …) may call train(...)".to_string(),
+                ));
+            }
             // Every station of every call accepts before any train starts.
             check_tickets(
                 &train::tickets(&trains, &query),

@@ -272,6 +272,8 @@ pub async fn run(
 ) -> Result<Vec<Arc<MemTable>>> {
     let runs = trains.iter().enumerate().map(|(i, t)| async move {
         let ticket = t.ticket(query, i + 1);
+        // Every station finishes (and audits) its run, also when another fails: a dropped
+        // request would stop a train without a record of it.
         let answers = futures::future::join_all(t.stations.iter().map(|s| async {
             (
                 s.name.to_string(),

@@ -48,9 +48,13 @@ pub struct Record {
     pub query_id: String,
     pub fragment: u64,
     pub sql: String,
-    /// For a train: the image id it ran (its input is `sql`).
+    /// For a train: the image id it ran (its input is `sql`), or, if refused before the
+    /// image was resolved, the image name asked for.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub train: Option<String>,
+    /// For a train: its arguments (JSON text), which decide what the image computes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub args: Option<String>,
     pub decision: Decision,
     /// The refusing rule, or the failure category.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -87,6 +91,7 @@ pub struct Entry<'a> {
     pub fragment: u64,
     pub sql: &'a str,
     pub train: Option<&'a str>,
+    pub args: Option<&'a str>,
     pub decision: Decision,
     pub rule: Option<&'a str>,
     pub rows: u64,
@@ -181,6 +186,7 @@ impl AuditLog {
             fragment: entry.fragment,
             sql: entry.sql.to_string(),
             train: entry.train.map(str::to_string),
+            args: entry.args.map(str::to_string),
             decision: entry.decision,
             rule: entry.rule.map(str::to_string),
             rows: entry.rows,
@@ -317,6 +323,7 @@ mod tests {
             fragment: 1,
             sql: "SELECT count(*) FROM lung",
             train: None,
+            args: None,
             decision,
             rule: None,
             rows: 1,

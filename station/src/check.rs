@@ -976,6 +976,32 @@ fn check_for(
                 ),
             });
         }
+        // As in an aggregate, ordering would pick rows by their values (the k oldest), and
+        // an expression over a non-public column could single out one row among all of
+        // them (CASE WHEN … THEN 1000 ELSE age END); a train reads such columns as they are.
+        if chain
+            .iter()
+            .any(|n| matches!(n, LogicalPlan::Sort(_) | LogicalPlan::Limit(_)))
+        {
+            return Err(Refusal {
+                rule: "ordering",
+                message: format!(
+                    "policy: station '{station}' refuses ORDER BY and LIMIT in a train's \
+                     input: they would select rows by their values"
+                ),
+            });
+        }
+        for (_, l) in &lineage {
+            if !l.direct
+                && let Some(c) = checker.first_non_public(&l.bases)
+            {
+                return Err(checker.column_refusal(
+                    "train_input",
+                    &c,
+                    "a train reads it only as it is, not inside an expression",
+                ));
+            }
+        }
         return Ok(Checked {
             plan: plan.clone(),
             release: Release::TrainInput {
@@ -1262,12 +1288,19 @@ mod tests {
         assert_eq!(rule("SELECT age FROM lung").await, Err("row_level"));
         for sql in [
             "SELECT age, inst FROM lung",
-            "SELECT age FROM lung WHERE inst > 2 ORDER BY age LIMIT 10",
-            "SELECT age + 1 AS a FROM lung",
+            "SELECT age AS years FROM lung WHERE inst > 2 AND age < 80",
+            "SELECT age, inst * 2 AS i FROM lung",
         ] {
             assert_eq!(train(sql).await, Ok(Release::TrainInput { k: 5 }), "{sql}");
         }
         for (sql, expected) in [
+            ("SELECT age FROM lung ORDER BY age LIMIT 10", "ordering"),
+            ("SELECT age FROM lung LIMIT 10", "ordering"),
+            ("SELECT age + 1 AS a FROM lung", "train_input"),
+            (
+                "SELECT CASE WHEN inst = 3 AND age = 61 THEN 1000 ELSE age END AS age FROM lung",
+                "train_input",
+            ),
             ("SELECT * FROM lung", "hidden_column"),
             ("SELECT age FROM lung WHERE note = 'x'", "hidden_column"),
             ("SELECT count(*) FROM lung", "fragment_shape"),

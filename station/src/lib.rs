@@ -145,7 +145,11 @@ impl Station {
             .filter(|d| !d.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("trains"), |d| d.join("trains"));
         let work = std::path::absolute(&work).unwrap_or(work);
-        let trains = train::Trains::new(&name, work);
+        let trains = train::Trains::new(
+            &name,
+            work,
+            usize::try_from(config.policy.trains.max_concurrent).unwrap_or(usize::MAX),
+        );
         let state = ctx.state();
         let station = Self {
             name,
@@ -225,10 +229,10 @@ impl Station {
     /// fragment physically, which has those stations check their parts.
     pub async fn check_fragment(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
         if let Some(call) = &ticket.train {
-            let (approved, _) = self.approve_train(ticket, call).await?;
-            let Release::TrainInput { k } = approved.release else {
-                unreachable!("a train's input is approved as one");
-            };
+            // The input is counted now, so that a station with too few rows stops the query
+            // before any station starts a container.
+            let (approved, id) = self.approve_train(ticket, call).await?;
+            let k = self.train_input(ticket, &approved, &id).await?.1;
             return Ok(CheckAnswer {
                 release: "train".to_string(),
                 min_group_size: k,
@@ -334,6 +338,7 @@ impl Station {
             fragment: ticket.fragment as u64,
             sql: &ticket.sql,
             train,
+            args: ticket.train.as_ref().map(|t| t.args.as_str()),
             decision,
             rule,
             rows,
@@ -391,26 +396,24 @@ impl Station {
             Ok(checked) => checked,
             Err(refusal) => return refuse(refusal.rule, refusal.message, None),
         };
+        // An image the station does not have and one it does not allow are refused alike:
+        // the answer tells nobody which images a station holds.
+        let not_allowed = || {
+            format!(
+                "policy: station '{}' runs only the train images its policy allows; '{}' is \
+                 not one of them",
+                self.name, call.image
+            )
+        };
         let id = match self.trains.resolve(&call.image).await {
             Ok(id) => id,
-            Err(train::TrainError::NoImage(image)) => {
-                return Err(Error::BadRequest(format!(
-                    "station '{}' has no train image '{image}'",
-                    self.name
-                )));
+            Err(train::TrainError::NoImage) => {
+                return refuse("train_image", not_allowed(), None);
             }
-            Err(e) => return Err(self.train_error(e)),
+            Err(e) => return Err(self.train_failure(ticket, Some(&call.image), e)?),
         };
         if !self.policy.allows_train(&id) {
-            return refuse(
-                "train_image",
-                format!(
-                    "policy: station '{}' runs only the train images its policy allows; \
-                     '{}' ({id}) is not one of them",
-                    self.name, call.image
-                ),
-                Some(&id),
-            );
+            return refuse("train_image", not_allowed(), Some(&id));
         }
         let approved = Approved {
             plan: self.state.optimize(&checked.plan)?,
@@ -420,14 +423,14 @@ impl Station {
         Ok((approved, id))
     }
 
-    /// Runs a train: its approved input is read, handed to the container, and the checked
-    /// output is audited with the image id and released.
-    async fn run_train(
+    /// Reads a train's approved input, refusing it (audited) below the table's k rows.
+    /// Returns the input and k.
+    async fn train_input(
         &self,
         ticket: &FragmentTicket,
-        call: &TrainCall,
-    ) -> Result<SendableRecordBatchStream> {
-        let (approved, id) = self.approve_train(ticket, call).await?;
+        approved: &Approved,
+        id: &str,
+    ) -> Result<(Vec<RecordBatch>, u64)> {
         let Release::TrainInput { k } = approved.release else {
             unreachable!("a train's input is approved as one");
         };
@@ -438,7 +441,7 @@ impl Station {
                 warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "train input failed");
                 self.record_train(
                     ticket,
-                    Some(&id),
+                    Some(id),
                     audit::Decision::Failed,
                     Some(category),
                     0,
@@ -462,7 +465,7 @@ impl Station {
             };
             self.record_train(
                 ticket,
-                Some(&id),
+                Some(id),
                 audit::Decision::Refused,
                 Some(refusal.rule),
                 0,
@@ -470,6 +473,19 @@ impl Station {
             )?;
             return Err(Error::Refused(refusal));
         }
+        Ok((input, k))
+    }
+
+    /// Runs a train: its approved input is read, handed to the container, and the checked
+    /// output is audited with the image id and arguments, and released.
+    async fn run_train(
+        &self,
+        ticket: &FragmentTicket,
+        call: &TrainCall,
+    ) -> Result<SendableRecordBatchStream> {
+        let (approved, id) = self.approve_train(ticket, call).await?;
+        let (input, _) = self.train_input(ticket, &approved, &id).await?;
+        let rows: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
         let schema = input
             .first()
             .map(|b| b.schema())
@@ -506,30 +522,38 @@ impl Station {
                     message: format!("policy: station '{}' {why}", self.name),
                 }))
             }
-            Err(e) => {
-                self.record_train(
-                    ticket,
-                    Some(&id),
-                    audit::Decision::Failed,
-                    Some("train failed"),
-                    0,
-                    0,
-                )?;
-                Err(self.train_error(e))
-            }
+            Err(e) => Err(self.train_failure(ticket, Some(&id), e)?),
         }
     }
 
-    fn train_error(&self, e: train::TrainError) -> Error {
-        let message = match e {
-            train::TrainError::Run(m) => m,
-            train::TrainError::NoImage(image) => format!("has no train image '{image}'"),
-            train::TrainError::Output { why, .. } => why,
+    /// Audits a train that could not run or did not finish, and returns its error (fixed
+    /// text for the researcher; the audit record has the category, e.g. the exit code).
+    fn train_failure(
+        &self,
+        ticket: &FragmentTicket,
+        image: Option<&str>,
+        e: train::TrainError,
+    ) -> Result<Error> {
+        let (message, category) = match e {
+            train::TrainError::Failed { message, category } => (message, category),
+            train::TrainError::NoImage => (
+                "has no such train image".to_string(),
+                "no such image".to_string(),
+            ),
+            train::TrainError::Output { why, rule } => (why, rule.to_string()),
         };
-        Error::Train {
+        self.record_train(
+            ticket,
+            image,
+            audit::Decision::Failed,
+            Some(&category),
+            0,
+            0,
+        )?;
+        Ok(Error::Train {
             station: self.name.clone(),
             message,
-        }
+        })
     }
 
     /// Runs an approved plan.

@@ -86,6 +86,7 @@ struct TrainsFile {
     memory_mb: Option<Spanned<u64>>,
     cpus: Option<Spanned<f64>>,
     pids: Option<Spanned<u64>>,
+    max_concurrent: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +113,8 @@ pub const DEFAULT_TRAIN_MEMORY_MB: u64 = 512;
 pub const DEFAULT_TRAIN_CPUS: f64 = 1.0;
 /// Default limit on the processes and threads in a train's container.
 pub const DEFAULT_TRAIN_PIDS: u64 = 64;
+/// Default number of trains a station runs at once (more wait their turn).
+pub const DEFAULT_TRAIN_MAX_CONCURRENT: u64 = 2;
 
 /// Which containerized trains a station runs, and inside which limits (`[trains]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +127,7 @@ pub struct TrainPolicy {
     pub memory_mb: u64,
     pub cpus: f64,
     pub pids: u64,
+    pub max_concurrent: u64,
 }
 
 impl Default for TrainPolicy {
@@ -136,6 +140,7 @@ impl Default for TrainPolicy {
             memory_mb: DEFAULT_TRAIN_MEMORY_MB,
             cpus: DEFAULT_TRAIN_CPUS,
             pids: DEFAULT_TRAIN_PIDS,
+            max_concurrent: DEFAULT_TRAIN_MAX_CONCURRENT,
         }
     }
 }
@@ -449,6 +454,10 @@ fn parse_trains(file: &TrainsFile, text: &str, source: &str) -> Result<TrainPoli
             v.span(),
             format!("trains.{name} must be at least {min}"),
         )),
+        // Large enough for any machine, small enough for every conversion downstream.
+        Some(v) if *v.get_ref() > 1 << 40 => {
+            Err(error(v.span(), format!("trains.{name} is too large")))
+        }
         Some(v) => Ok(*v.get_ref()),
         None => Ok(default),
     };
@@ -473,9 +482,15 @@ fn parse_trains(file: &TrainsFile, text: &str, source: &str) -> Result<TrainPoli
     // Docker refuses memory limits below 6 MB.
     trains.memory_mb = at_least(&file.memory_mb, "memory_mb", 6, trains.memory_mb)?;
     trains.pids = at_least(&file.pids, "pids", 1, trains.pids)?;
+    trains.max_concurrent = at_least(
+        &file.max_concurrent,
+        "max_concurrent",
+        1,
+        trains.max_concurrent,
+    )?;
     if let Some(cpus) = &file.cpus {
         let c = *cpus.get_ref();
-        if !(c.is_finite() && c >= 0.01) {
+        if !(c.is_finite() && (0.01..=4096.0).contains(&c)) {
             return Err(error(
                 cpus.span(),
                 "trains.cpus must be a number of cores ≥ 0.01".to_string(),
@@ -598,6 +613,8 @@ mod tests {
             ),
             ("[trains]\n\nmax_output_rows = 0", 3, "max_output_rows"),
             ("[trains]\nmemory_mb = 1", 2, "memory_mb"),
+            ("[trains]\nmemory_mb = 9223372036854775807", 2, "memory_mb"),
+            ("[trains]\nmax_concurrent = 0", 2, "max_concurrent"),
             ("[trains]\ncpus = 0.0", 2, "cpus"),
             ("[trains]\nnetwork = true", 2, "network"),
         ] {

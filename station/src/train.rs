@@ -7,23 +7,30 @@
 //!     ▼
 //!   WORK/run-XXXX/input/input.arrow   (Arrow IPC file, mounted read-only at /railyard/input)
 //!   WORK/run-XXXX/output/             (mounted read-write at /railyard/output)
-//!     │ docker: no network, read-only root, uid 65534, all capabilities dropped,
-//!     │ no-new-privileges, memory / CPU / pids limits, killed after the time limit
+//!     │ docker: no network, read-only root, an unprivileged user (65534, or the station's
+//!     │ own uid if it is not root), all capabilities dropped, no-new-privileges,
+//!     │ memory / CPU / pids limits, at most `max_concurrent` at once, killed after the
+//!     │ time limit
 //!     ▼
-//!   output.arrow: regular file, ≤ max_output_bytes, Arrow IPC, ≤ max_output_rows
-//!     → audited with the image id, then released
+//!   output.arrow: regular file, ≤ max_output_bytes, uncompressed Arrow IPC, ≤ max_output_rows
+//!     → audited with the image id and arguments, then released
 //! ```
 //!
 //! The container and the run directory are removed whatever happens: the run is a task of
 //! its own that outlives an abandoned request (it kills the container as soon as nobody
 //! waits for it), and a station that was killed mid-run removes its leftover containers and
-//! directories the next time it talks to Docker (they carry a label naming its work
-//! directory).
+//! directories the first time it talks to Docker after it restarts (they carry a label
+//! naming its work directory).
+//!
+//! What a failed train says to the researcher is fixed text (the time limit, or "failed"):
+//! its exit code, memory use and printed lines are choices of the train, so they go to the
+//! station's audit log and log only.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
@@ -38,7 +45,7 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 use railyard_udfs::wire::TRAIN_STATION_COLUMN;
-use tokio::sync::{OnceCell, oneshot};
+use tokio::sync::{OnceCell, Semaphore, oneshot};
 use tracing::{info, warn};
 
 use crate::policy::{TrainPolicy, is_image_id};
@@ -51,38 +58,84 @@ pub const OUTPUT_DIR: &str = "/railyard/output";
 pub const INPUT_FILE: &str = "input.arrow";
 /// The output file's name in [`OUTPUT_DIR`].
 pub const OUTPUT_FILE: &str = "output.arrow";
-/// The unprivileged user every train runs as (`nobody`), whatever its image says.
-pub const TRAIN_USER: &str = "65534:65534";
+/// The unprivileged user a train runs as when the station runs as root (`nobody`).
+pub const NOBODY: u32 = 65534;
 /// The label on every train container; its value is the station's train work directory.
 pub const TRAIN_LABEL: &str = "railyard.train";
 /// Longest argument text a station accepts (it travels in an environment variable).
 pub const MAX_ARGS_BYTES: usize = 64 * 1024;
+/// How long the station waits for one Docker call that tidies up (kill, remove, logs).
+const TIDY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why a train produced nothing to release.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrainError {
     /// Its output breaks a rule of the `[trains]` policy (the text names what, never a value).
     Output { rule: &'static str, why: String },
-    /// It could not be run or did not finish (exit code, time limit, memory, the daemon).
-    Run(String),
-    /// The station has no image of that name.
-    NoImage(String),
+    /// It could not be run or did not finish: `message` is for the researcher (fixed text),
+    /// `category` for the station's audit log (may name the exit code).
+    Failed { message: String, category: String },
+    /// The station cannot resolve the name to an image it has.
+    NoImage,
 }
 
-/// A station's train runner: its Docker connection (opened on first use) and its work
-/// directory.
+impl TrainError {
+    fn failed(message: impl Into<String>, category: impl Into<String>) -> Self {
+        TrainError::Failed {
+            message: message.into(),
+            category: category.into(),
+        }
+    }
+}
+
+/// Whether `image` is an image id (`sha256:…`) or a plain image reference (`name[:tag]`,
+/// lowercase path components): nothing else reaches the Docker API, whose addresses embed
+/// the name unescaped.
+pub fn is_image_reference(image: &str) -> bool {
+    if is_image_id(image) {
+        return true;
+    }
+    let (name, tag) = match image.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, Some(t)),
+        _ => (image, None),
+    };
+    let component = |c: &str| {
+        !c.is_empty()
+            && c.len() <= 128
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && c.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+            && !c.contains("..")
+    };
+    let tag_ok = tag.is_none_or(|t| {
+        !t.is_empty()
+            && t.len() <= 128
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && t.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+    });
+    image.len() <= 255 && tag_ok && name.split('/').all(component)
+}
+
+/// A station's train runner: its Docker connection (opened on first use), its work
+/// directory and how many trains may run at once.
 pub struct Trains {
     station: String,
     work: PathBuf,
     docker: OnceCell<Docker>,
+    running: Arc<Semaphore>,
 }
 
 impl Trains {
-    pub fn new(station: &str, work: PathBuf) -> Self {
+    pub fn new(station: &str, work: PathBuf, max_concurrent: usize) -> Self {
         Self {
             station: station.to_string(),
             work,
             docker: OnceCell::new(),
+            running: Arc::new(Semaphore::new(max_concurrent.max(1))),
         }
     }
 
@@ -95,7 +148,11 @@ impl Trains {
         self.docker
             .get_or_try_init(|| async {
                 let unreachable = |e: bollard::errors::Error| {
-                    TrainError::Run(format!("cannot reach the Docker daemon ({e})"))
+                    warn!(station = %self.station, error = %e, "cannot reach the Docker daemon");
+                    TrainError::failed(
+                        "cannot run trains now (the station's log has why)",
+                        "docker unavailable",
+                    )
                 };
                 let docker = Docker::connect_with_local_defaults()
                     .map_err(unreachable)?
@@ -129,7 +186,7 @@ impl Trains {
         if let Ok(entries) = std::fs::read_dir(&self.work) {
             for entry in entries.flatten() {
                 if entry.file_name().to_string_lossy().starts_with("run-") {
-                    let _ = std::fs::remove_dir_all(entry.path());
+                    remove_run_dir(&entry.path());
                 }
             }
         }
@@ -141,18 +198,25 @@ impl Trains {
 
     /// The id (`sha256:…`) of the station's image `image` (a name or an id).
     pub async fn resolve(&self, image: &str) -> Result<String, TrainError> {
+        if !is_image_reference(image) {
+            return Err(TrainError::NoImage);
+        }
         let docker = self.docker().await?;
         match docker.inspect_image(image).await {
             Ok(inspect) => inspect
                 .id
                 .filter(|id| is_image_id(id))
-                .ok_or_else(|| TrainError::Run(format!("Docker reports no id for '{image}'"))),
+                .ok_or(TrainError::NoImage),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
-            }) => Err(TrainError::NoImage(image.to_string())),
-            Err(e) => Err(TrainError::Run(format!(
-                "cannot inspect image '{image}' ({e})"
-            ))),
+            }) => Err(TrainError::NoImage),
+            Err(e) => {
+                warn!(station = %self.station, image, error = %e, "cannot inspect a train image");
+                Err(TrainError::failed(
+                    "cannot run trains now (the station's log has why)",
+                    "docker unavailable",
+                ))
+            }
         }
     }
 
@@ -167,34 +231,52 @@ impl Trains {
     ) -> Result<(SchemaRef, Vec<RecordBatch>), TrainError> {
         let docker = self.docker().await?.clone();
         let io = |what: &str, e: std::io::Error| {
-            TrainError::Run(format!("cannot prepare the train's {what} ({e})"))
+            warn!(error = %e, "cannot prepare the train's {what}");
+            TrainError::failed(
+                "cannot run trains now (the station's log has why)",
+                format!("cannot prepare the train's {what}"),
+            )
         };
+        let permit = Arc::clone(&self.running)
+            .acquire_owned()
+            .await
+            .map_err(|_| TrainError::failed("the station is stopping", "station stopping"))?;
         std::fs::create_dir_all(&self.work).map_err(|e| io("work directory", e))?;
         let dir = tempfile::Builder::new()
             .prefix("run-")
             .tempdir_in(&self.work)
-            .map_err(|e| io("run directory", e))?;
-        let input_dir = dir.path().join("input");
-        let output_dir = dir.path().join("output");
-        write_input(&input_dir, schema, &input).map_err(|e| io("input", e))?;
-        std::fs::create_dir(&output_dir).map_err(|e| io("output directory", e))?;
-        // The train's user owns nothing here; the run directory itself stays private.
-        std::fs::set_permissions(&output_dir, std::fs::Permissions::from_mode(0o777))
-            .map_err(|e| io("output directory", e))?;
-
+            .map_err(|e| io("run directory", e))?
+            // Removed by remove_run_dir below, which also copes with what the train made.
+            .keep();
+        let user = train_user();
+        let input_dir = dir.join("input");
+        let output_dir = dir.join("output");
+        let prepared = {
+            let (input_dir, output_dir) = (input_dir.clone(), output_dir.clone());
+            tokio::task::spawn_blocking(move || {
+                prepare(&input_dir, &output_dir, schema, &input, user)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+        };
+        if let Err(e) = prepared {
+            remove_run_dir(&dir);
+            return Err(io("input", e));
+        }
         let config = container_config(
             id,
             args,
             &input_dir,
             &output_dir,
             limits,
+            user,
             self.work.display().to_string(),
         );
         let run = Run {
             station: self.station.clone(),
             image: id.to_string(),
             timeout: Duration::from_secs(limits.timeout_seconds),
-            memory_mb: limits.memory_mb,
         };
         let limits = limits.clone();
         let (mut tx, rx) = oneshot::channel();
@@ -202,25 +284,60 @@ impl Trains {
         // removed, and the run directory deleted.
         tokio::spawn(async move {
             let result = match run.contained(&docker, config, &mut tx).await {
-                Ok(()) => read_output(&output_dir, &limits),
-                Err(e) => Err(e),
+                Ok(()) => tokio::task::spawn_blocking(move || {
+                    let read = read_output(&output_dir, &limits);
+                    remove_run_dir(&dir);
+                    read
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TrainError::failed(
+                        "the station could not read the train's output",
+                        "output reader panicked",
+                    ))
+                }),
+                Err(e) => {
+                    let _ = tokio::task::spawn_blocking(move || remove_run_dir(&dir)).await;
+                    Err(e)
+                }
             };
-            drop(dir);
+            drop(permit);
             let _ = tx.send(result);
         });
         rx.await.unwrap_or_else(|_| {
-            Err(TrainError::Run(
-                "the train's task ended unexpectedly".into(),
+            Err(TrainError::failed(
+                "the train's task ended unexpectedly",
+                "train task ended",
             ))
         })
     }
 }
 
-/// Writes `input` as `dir/input.arrow`, readable by the train's user.
-fn write_input(dir: &Path, schema: SchemaRef, input: &[RecordBatch]) -> std::io::Result<()> {
-    std::fs::create_dir(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    let path = dir.join(INPUT_FILE);
+/// The user a train runs as: `nobody` for a station running as root, otherwise the
+/// station's own (unprivileged) user, so that the station can always delete what the train
+/// wrote.
+fn train_user() -> (u32, u32) {
+    // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if uid == 0 {
+        (NOBODY, NOBODY)
+    } else {
+        (uid, gid)
+    }
+}
+
+/// Writes `input` as `input_dir/input.arrow` (readable by the train) and makes the output
+/// directory, owned by the train's user and private to it.
+fn prepare(
+    input_dir: &Path,
+    output_dir: &Path,
+    schema: SchemaRef,
+    input: &[RecordBatch],
+    (uid, gid): (u32, u32),
+) -> std::io::Result<()> {
+    std::fs::create_dir(input_dir)?;
+    std::fs::set_permissions(input_dir, std::fs::Permissions::from_mode(0o755))?;
+    let path = input_dir.join(INPUT_FILE);
     let file = std::fs::File::create(&path)?;
     let mut writer = FileWriter::try_new(std::io::BufWriter::new(file), &schema)
         .map_err(std::io::Error::other)?;
@@ -230,7 +347,31 @@ fn write_input(dir: &Path, schema: SchemaRef, input: &[RecordBatch]) -> std::io:
     writer.finish().map_err(std::io::Error::other)?;
     let mut inner = writer.into_inner().map_err(std::io::Error::other)?;
     inner.flush()?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::create_dir(output_dir)?;
+    std::os::unix::fs::chown(output_dir, Some(uid), Some(gid))?;
+    std::fs::set_permissions(output_dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Deletes a run directory, first making every directory in it writable (a train may
+/// leave directories without permissions; the station owns them or runs as root).
+fn remove_run_dir(dir: &Path) {
+    fn open_up(dir: &Path) {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    open_up(&entry.path());
+                }
+            }
+        }
+    }
+    open_up(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(dir = %dir.display(), error = %e, "cannot remove a train's run directory");
+    }
 }
 
 /// The container: the image by id, the contract's environment, and the sandbox.
@@ -240,12 +381,13 @@ fn container_config(
     input_dir: &Path,
     output_dir: &Path,
     limits: &TrainPolicy,
+    (uid, gid): (u32, u32),
     label: String,
 ) -> ContainerCreateBody {
     let memory = (limits.memory_mb * 1024 * 1024) as i64;
     ContainerCreateBody {
         image: Some(id.to_string()),
-        user: Some(TRAIN_USER.to_string()),
+        user: Some(format!("{uid}:{gid}")),
         env: Some(vec![
             format!("RAILYARD_INPUT={INPUT_DIR}/{INPUT_FILE}"),
             format!("RAILYARD_OUTPUT={OUTPUT_DIR}/{OUTPUT_FILE}"),
@@ -279,7 +421,6 @@ struct Run {
     station: String,
     image: String,
     timeout: Duration,
-    memory_mb: u64,
 }
 
 enum Ended {
@@ -288,35 +429,50 @@ enum Ended {
     Abandoned,
 }
 
+type Waiting = oneshot::Sender<Result<(SchemaRef, Vec<RecordBatch>), TrainError>>;
+
 impl Run {
     /// Creates, starts and waits for the container, then removes it, whatever happened.
     async fn contained(
         &self,
         docker: &Docker,
         config: ContainerCreateBody,
-        waiting: &mut oneshot::Sender<Result<(SchemaRef, Vec<RecordBatch>), TrainError>>,
+        waiting: &mut Waiting,
     ) -> Result<(), TrainError> {
-        let created = docker
-            .create_container(None, config)
-            .await
-            .map_err(|e| TrainError::Run(format!("cannot create the container ({e})")))?;
+        let created = docker.create_container(None, config).await.map_err(|e| {
+            warn!(station = %self.station, error = %e, "cannot create a train container");
+            TrainError::failed(
+                "cannot run trains now (the station's log has why)",
+                "cannot create the container",
+            )
+        })?;
         let id = created.id;
         let result = self.started(docker, &id, waiting).await;
         remove(docker, &id).await;
         result
     }
 
+    fn failed(&self, category: String) -> TrainError {
+        TrainError::failed(
+            format!(
+                "train {} failed; nothing was released (the station's audit log says how)",
+                self.image
+            ),
+            category,
+        )
+    }
+
     async fn started(
         &self,
         docker: &Docker,
         id: &str,
-        waiting: &mut oneshot::Sender<Result<(SchemaRef, Vec<RecordBatch>), TrainError>>,
+        waiting: &mut Waiting,
     ) -> Result<(), TrainError> {
         let started = std::time::Instant::now();
-        docker
-            .start_container(id, None)
-            .await
-            .map_err(|e| TrainError::Run(format!("cannot start the container ({e})")))?;
+        if let Err(e) = docker.start_container(id, None).await {
+            warn!(station = %self.station, error = %e, "cannot start a train container");
+            return Err(self.failed("cannot start the container".to_string()));
+        }
         let mut wait = docker.wait_container(id, None::<WaitContainerOptions>);
         let ended = tokio::select! {
             r = wait.next() => Ended::Exited(r.map(|r| r.map(|w| w.status_code))),
@@ -329,29 +485,27 @@ impl Run {
                 code,
                 ..
             }))) => code,
-            Ended::Exited(Some(Err(e))) => {
-                return Err(TrainError::Run(format!(
-                    "lost the container while waiting for it ({e})"
-                )));
-            }
-            Ended::Exited(None) => {
-                return Err(TrainError::Run(
-                    "lost the container while waiting for it".to_string(),
-                ));
+            Ended::Exited(other) => {
+                warn!(station = %self.station, error = ?other.and_then(|r| r.err()), "lost a train container while waiting for it");
+                return Err(self.failed("lost the container".to_string()));
             }
             Ended::TimedOut => {
                 kill(docker, id).await;
                 self.log_tail(docker, id, "ran past its time limit").await;
-                return Err(TrainError::Run(format!(
-                    "train {} ran past the station's time limit of {} s and was killed",
-                    self.image,
-                    self.timeout.as_secs()
-                )));
+                return Err(TrainError::failed(
+                    format!(
+                        "train {} ran past the station's time limit of {} s and was killed",
+                        self.image,
+                        self.timeout.as_secs()
+                    ),
+                    "train timed out",
+                ));
             }
             Ended::Abandoned => {
                 kill(docker, id).await;
-                return Err(TrainError::Run(
-                    "nobody waits for the train any more".into(),
+                return Err(TrainError::failed(
+                    "nobody waits for the train any more",
+                    "train abandoned by the hub",
                 ));
             }
         };
@@ -359,25 +513,18 @@ impl Run {
         if code == 0 {
             return Ok(());
         }
-        let oom = docker
-            .inspect_container(id, None)
+        let oom = tokio::time::timeout(TIDY_TIMEOUT, docker.inspect_container(id, None))
             .await
             .ok()
+            .and_then(|r| r.ok())
             .and_then(|c| c.state)
             .and_then(|s| s.oom_killed)
             .unwrap_or(false);
         self.log_tail(docker, id, "failed").await;
-        Err(TrainError::Run(if oom {
-            format!(
-                "train {} ran out of memory (the station's limit is {} MB)",
-                self.image, self.memory_mb
-            )
+        Err(self.failed(if oom {
+            "train ran out of memory".to_string()
         } else {
-            format!(
-                "train {} exited with code {code}; nothing was released (the station's log \
-                 has the train's last lines)",
-                self.image
-            )
+            format!("train exited with code {code}")
         }))
     }
 
@@ -391,22 +538,31 @@ impl Run {
             .build();
         let mut lines = String::new();
         let mut logs = docker.logs(id, Some(options));
-        while let Some(Ok(chunk)) = logs.next().await {
-            lines.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
-            if lines.len() > 8192 {
-                break;
+        let read = async {
+            while let Some(Ok(chunk)) = logs.next().await {
+                lines.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                if lines.len() > 8192 {
+                    break;
+                }
             }
-        }
+        };
+        let _ = tokio::time::timeout(TIDY_TIMEOUT, read).await;
         warn!(station = %self.station, image = %self.image, output = %lines.trim_end(), "train {what}");
     }
 }
 
 async fn kill(docker: &Docker, id: &str) {
-    if let Err(e) = docker
-        .kill_container(id, None::<KillContainerOptions>)
-        .await
+    match tokio::time::timeout(
+        TIDY_TIMEOUT,
+        docker.kill_container(id, None::<KillContainerOptions>),
+    )
+    .await
     {
-        warn!(container = %id, error = %e, "cannot kill a train container (removing it anyway)");
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(container = %id, error = %e, "cannot kill a train container (removing it anyway)")
+        }
+        Err(_) => warn!(container = %id, "killing a train container timed out"),
     }
 }
 
@@ -417,17 +573,76 @@ async fn remove(docker: &Docker, id: &str) {
             .force(true)
             .v(true)
             .build();
-        match docker.remove_container(id, Some(options)).await {
-            Ok(()) => return,
-            Err(bollard::errors::Error::DockerResponseServerError {
+        match tokio::time::timeout(TIDY_TIMEOUT, docker.remove_container(id, Some(options))).await {
+            Ok(Ok(())) => return,
+            Ok(Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
-            }) => return,
-            Err(e) if attempt == 1 => {
-                warn!(container = %id, error = %e, "cannot remove a train container; the station removes it when it next starts a train");
+            })) => return,
+            _ if attempt == 0 => tokio::time::sleep(Duration::from_millis(200)).await,
+            Ok(Err(e)) => {
+                warn!(container = %id, error = %e, "cannot remove a train container; the station removes it when it is next restarted and runs a train");
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(_) => {
+                warn!(container = %id, "removing a train container timed out; the station removes it when it is next restarted and runs a train");
+            }
         }
     }
+}
+
+/// Whether an Arrow IPC file holds any compressed record batch. Compressed buffers announce
+/// their own decompressed length, which the reader would allocate: a small file could claim
+/// any size. Returns `None` if the file is not a readable IPC file.
+fn has_compressed_batches(file: &mut std::fs::File) -> Option<bool> {
+    use arrow::ipc::{root_as_footer, root_as_message};
+    let len = file.seek(SeekFrom::End(0)).ok()?;
+    // The file ends with the footer, its length (4 bytes) and the magic "ARROW1".
+    if len < 16 {
+        return None;
+    }
+    let mut tail = [0u8; 10];
+    file.seek(SeekFrom::End(-10)).ok()?;
+    file.read_exact(&mut tail).ok()?;
+    if &tail[4..] != b"ARROW1" {
+        return None;
+    }
+    let footer_len = i32::from_le_bytes(tail[..4].try_into().ok()?);
+    let footer_len = u64::try_from(footer_len).ok().filter(|l| *l + 10 <= len)?;
+    let mut footer = vec![0u8; footer_len as usize];
+    file.seek(SeekFrom::End(-10 - footer_len as i64)).ok()?;
+    file.read_exact(&mut footer).ok()?;
+    let footer = root_as_footer(&footer).ok()?;
+    let blocks = footer
+        .recordBatches()
+        .into_iter()
+        .flatten()
+        .chain(footer.dictionaries().into_iter().flatten());
+    for block in blocks {
+        let meta_len = u64::try_from(block.metaDataLength()).ok()?;
+        let offset = u64::try_from(block.offset()).ok()?;
+        if meta_len < 8 || offset + meta_len > len {
+            return None;
+        }
+        let mut meta = vec![0u8; meta_len as usize];
+        file.seek(SeekFrom::Start(offset)).ok()?;
+        file.read_exact(&mut meta).ok()?;
+        // A continuation marker and the metadata length come before the message.
+        let message = root_as_message(&meta[8..]).ok()?;
+        let compressed = message
+            .header_as_record_batch()
+            .map(|b| b.compression().is_some())
+            .or_else(|| {
+                message
+                    .header_as_dictionary_batch()
+                    .and_then(|d| d.data())
+                    .map(|b| b.compression().is_some())
+            })
+            .unwrap_or(false);
+        if compressed {
+            return Some(true);
+        }
+    }
+    file.seek(SeekFrom::Start(0)).ok()?;
+    Some(false)
 }
 
 /// Reads and checks the train's output file.
@@ -436,6 +651,13 @@ fn read_output(
     limits: &TrainPolicy,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), TrainError> {
     let output = |rule: &'static str, why: String| TrainError::Output { rule, why };
+    let unreadable = |e: std::io::Error| {
+        warn!(error = %e, "cannot read a train's output");
+        TrainError::failed(
+            "the station could not read the train's output",
+            "cannot read the output",
+        )
+    };
     let path = dir.join(OUTPUT_FILE);
     let meta = match std::fs::symlink_metadata(&path) {
         Ok(meta) => meta,
@@ -447,11 +669,7 @@ fn read_output(
                 ),
             ));
         }
-        Err(e) => {
-            return Err(TrainError::Run(format!(
-                "cannot read the train's output ({e})"
-            )));
-        }
+        Err(e) => return Err(unreadable(e)),
     };
     if !meta.file_type().is_file() {
         return Err(output(
@@ -463,23 +681,28 @@ fn read_output(
         return Err(output(
             "max_output_bytes",
             format!(
-                "releases at most {} bytes of train output; this train wrote {}",
-                limits.max_output_bytes,
-                meta.len()
+                "releases at most {} bytes of train output; this train wrote more",
+                limits.max_output_bytes
             ),
         ));
     }
     let not_arrow = || {
         output(
             "train_output",
-            format!("accepts a train's output only as an Arrow IPC file; {OUTPUT_FILE} is not one"),
+            format!(
+                "accepts a train's output only as an uncompressed Arrow IPC file; \
+                 {OUTPUT_FILE} is not one"
+            ),
         )
     };
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(|e| TrainError::Run(format!("cannot read the train's output ({e})")))?;
+        .map_err(unreadable)?;
+    if has_compressed_batches(&mut file) != Some(false) {
+        return Err(not_arrow());
+    }
     let reader =
         FileReader::try_new(std::io::BufReader::new(file), None).map_err(|_| not_arrow())?;
     let schema = reader.schema();
@@ -543,6 +766,32 @@ mod tests {
     }
 
     #[test]
+    fn only_plain_image_references_reach_the_docker_api() {
+        for ok in [
+            "railyard/histogram:dev",
+            "histogram",
+            "my-lab/k_means.v2:1.0",
+            &format!("sha256:{}", "ab".repeat(32)),
+        ] {
+            assert!(is_image_reference(ok), "{ok}");
+        }
+        for bad in [
+            "../info?",
+            "../containers/json?",
+            "railyard/summary-python:dev/get?",
+            "railyard/histogram:dev/../../info",
+            "Railyard/histogram",
+            "histogram#x",
+            "histo%2fgram",
+            "a//b",
+            "",
+            "histogram:",
+        ] {
+            assert!(!is_image_reference(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn outputs_are_checked_before_release() {
         let dir = tempfile::tempdir().unwrap();
         let limits = TrainPolicy {
@@ -574,6 +823,21 @@ mod tests {
         assert_eq!(rule(read_output(dir.path(), &limits)), "train_output");
 
         std::fs::write(dir.path().join(OUTPUT_FILE), b"age,sex\n61,1\n").unwrap();
+        assert_eq!(rule(read_output(dir.path(), &limits)), "train_output");
+
+        // Compressed batches announce their decompressed size: refused before decoding.
+        let options = arrow::ipc::writer::IpcWriteOptions::default()
+            .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))
+            .unwrap();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from_iter_values(0..5))],
+        )
+        .unwrap();
+        let file = std::fs::File::create(dir.path().join(OUTPUT_FILE)).unwrap();
+        let mut w = FileWriter::try_new_with_options(file, &schema, options).unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
         assert_eq!(rule(read_output(dir.path(), &limits)), "train_output");
 
         // A link to a file the station can read is not followed.

@@ -354,7 +354,25 @@ async fn a_train_sees_only_its_input_read_only_as_nobody_without_network() {
         )
         .await
         .unwrap_err();
-        assert!(err.contains("exited with code 3"), "{target}: {err}");
+        // The researcher learns that it failed, not the exit code the train chose; the
+        // station's audit log has it: 3, the probe's code for "could not connect".
+        assert!(
+            err.contains(&format!(
+                "train {} failed; nothing was released",
+                image_id(PROBE)
+            )),
+            "{target}: {err}"
+        );
+        assert!(!err.contains("code"), "{err}");
+        let failed: Vec<_> = records(&governance.audit_log("station_a"))
+            .into_iter()
+            .filter(|r| r["decision"] == "failed")
+            .collect();
+        assert_eq!(
+            failed.last().unwrap()["rule"],
+            "train exited with code 3",
+            "{target}"
+        );
     }
     assert_clean(&governance);
     fed.shutdown().await.unwrap();
@@ -470,7 +488,7 @@ async fn what_the_policy_refuses_never_starts_a_container() {
         ),
         (
             "SELECT * FROM train('railyard/none:dev', 'SELECT age FROM lung')".to_string(),
-            "has no train image 'railyard/none:dev'",
+            "'railyard/none:dev' is not one of them (rule train_image)",
         ),
         (
             format!("SELECT * FROM train('{HISTOGRAM}', 1, '{args}')"),
