@@ -742,6 +742,24 @@ fn affine(expr: &Expr) -> bool {
     }
 }
 
+/// Refuses `ORDER BY` and `LIMIT` in row-level fragments whose rows are not released as
+/// they are (`what`): they would select rows by their values.
+fn no_ordering(chain: &[&LogicalPlan], station: &str, what: &str) -> Result<(), Refusal> {
+    if chain
+        .iter()
+        .any(|n| matches!(n, LogicalPlan::Sort(_) | LogicalPlan::Limit(_)))
+    {
+        return Err(Refusal {
+            rule: "ordering",
+            message: format!(
+                "policy: station '{station}' refuses ORDER BY and LIMIT in {what}: they would \
+                 select rows by their values"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a fragment's (unoptimized) logical plan against `policy`.
 pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Checked, Refusal> {
     check_for(plan, policy, station, false)
@@ -979,18 +997,7 @@ fn check_for(
         // As in an aggregate, ordering would pick rows by their values (the k oldest), and
         // an expression over a non-public column could single out one row among all of
         // them (CASE WHEN … THEN 1000 ELSE age END); a train reads such columns as they are.
-        if chain
-            .iter()
-            .any(|n| matches!(n, LogicalPlan::Sort(_) | LogicalPlan::Limit(_)))
-        {
-            return Err(Refusal {
-                rule: "ordering",
-                message: format!(
-                    "policy: station '{station}' refuses ORDER BY and LIMIT in a train's \
-                     input: they would select rows by their values"
-                ),
-            });
-        }
+        no_ordering(&chain, station, "a train's input")?;
         for (_, l) in &lineage {
             if !l.direct
                 && let Some(c) = checker.first_non_public(&l.bases)
@@ -1095,19 +1102,7 @@ fn pseudonymized_release(
             "pseudonyms are released row by row for a hub join, never inside an aggregate",
         ));
     }
-    if chain
-        .iter()
-        .any(|n| matches!(n, LogicalPlan::Sort(_) | LogicalPlan::Limit(_)))
-    {
-        return Err(Refusal {
-            rule: "ordering",
-            message: format!(
-                "policy: station '{}' refuses ORDER BY and LIMIT in a pseudonymized fragment: \
-                 they would select rows by their values",
-                checker.station
-            ),
-        });
-    }
+    no_ordering(chain, checker.station, "a pseudonymized fragment")?;
     if !checker.policy.allow_vertical(table) {
         return Err(Refusal {
             rule: "allow_vertical",
