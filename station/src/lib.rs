@@ -232,7 +232,7 @@ impl Station {
             // The input is counted now, so that a station with too few rows stops the query
             // before any station starts a container.
             let (approved, id) = self.approve_train(ticket, call).await?;
-            let k = self.train_input(ticket, &approved, &id).await?.1;
+            let k = self.train_input(ticket, &approved, &id, false).await?.1;
             return Ok(CheckAnswer {
                 release: "train".to_string(),
                 min_group_size: k,
@@ -424,18 +424,32 @@ impl Station {
     }
 
     /// Reads a train's approved input, refusing it (audited) below the table's k rows.
-    /// Returns the input and k.
+    /// Returns the input (if `keep`; otherwise its rows are only counted) and k.
     async fn train_input(
         &self,
         ticket: &FragmentTicket,
         approved: &Approved,
         id: &str,
+        keep: bool,
     ) -> Result<(Vec<RecordBatch>, u64)> {
         let Release::TrainInput { k } = approved.release else {
             unreachable!("a train's input is approved as one");
         };
-        let input = match self.execute(&approved.plan, ticket).await {
-            Ok(batches) => batches,
+        let read = async {
+            let (physical, task) = self.physical_plan(&approved.plan, ticket).await?;
+            let mut stream = execute_stream(physical, task)?;
+            let (mut kept, mut rows) = (Vec::new(), 0u64);
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                rows += batch.num_rows() as u64;
+                if keep {
+                    kept.push(batch);
+                }
+            }
+            Ok::<_, DataFusionError>((kept, rows))
+        };
+        let (input, rows) = match read.await {
+            Ok(read) => read,
             Err(e) => {
                 let category = failure_category(&e);
                 warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "train input failed");
@@ -453,7 +467,6 @@ impl Station {
                 });
             }
         };
-        let rows: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
         if rows < k {
             let refusal = Refusal {
                 rule: "min_group_size",
@@ -484,7 +497,7 @@ impl Station {
         call: &TrainCall,
     ) -> Result<SendableRecordBatchStream> {
         let (approved, id) = self.approve_train(ticket, call).await?;
-        let (input, _) = self.train_input(ticket, &approved, &id).await?;
+        let (input, _) = self.train_input(ticket, &approved, &id, true).await?;
         let rows: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
         let schema = input
             .first()
