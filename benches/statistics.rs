@@ -12,14 +12,17 @@
 //!
 //! Environment: `RAILYARD_BENCH_RUNS` (timed runs per call, default 50).
 
+mod support;
+
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use railyard::client::HubClient;
 use railyard::local::{Governance, LocalFederation, TableSpec};
 use railyard_engine::HubOptions;
 use tokio::net::TcpListener;
+
+use support::{ms, time_query};
 
 const BASELINE: &str = "SELECT sex, count(*), avg(age) FROM lung GROUP BY sex";
 
@@ -63,15 +66,6 @@ const CALLS: &[(&str, &str)] = &[
     ),
 ];
 
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// Lines in station_a's audit log.
 fn audited(data_dir: &std::path::Path) -> usize {
     std::fs::read_to_string(data_dir.join("station_a").join("audit.jsonl"))
@@ -112,18 +106,7 @@ async fn main() -> Result<()> {
     )
     .await?;
     let mut client = HubClient::connect(&federation.hub_url).await?;
-    let mut time = async |sql: &str| -> Result<Duration> {
-        for _ in 0..5 {
-            client.query(sql).await?;
-        }
-        let mut samples = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let t = Instant::now();
-            client.query(sql).await?;
-            samples.push(t.elapsed());
-        }
-        Ok(median(samples))
-    };
+    let mut time = async |sql: &str| time_query(&mut client, sql, 5, runs).await;
     let baseline = time(BASELINE).await?;
     println!("three loopback stations, default policy, median of {runs} runs through Flight SQL\n");
     println!(

@@ -11,6 +11,8 @@
 //!
 //! Environment: `RAILYARD_BENCH_RUNS` (timed runs per query, default 20).
 
+mod support;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -24,18 +26,11 @@ use railyard::local::{Governance, LocalFederation, TableSpec};
 use railyard_engine::HubOptions;
 use tokio::net::TcpListener;
 
+use support::{median, ms, time_query};
+
 const BASELINE: &str = "SELECT sex, count(*), avg(age) FROM lung GROUP BY sex";
 const HISTOGRAM: &str = "railyard/histogram:dev";
 const SUMMARY: &str = "railyard/summary-python:dev";
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// One container of `image` through its whole life, as a station runs it (minus the data).
 async fn bare_container(docker: &Docker, image: &str) -> Result<()> {
@@ -105,18 +100,7 @@ async fn main() -> Result<()> {
     )
     .await?;
     let mut client = HubClient::connect(&federation.hub_url).await?;
-    let mut time = async |sql: &str| -> Result<Duration> {
-        for _ in 0..2 {
-            client.query(sql).await?;
-        }
-        let mut samples = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let t = Instant::now();
-            client.query(sql).await?;
-            samples.push(t.elapsed());
-        }
-        Ok(median(samples))
-    };
+    let mut time = async |sql: &str| time_query(&mut client, sql, 2, runs).await;
     let baseline = time(BASELINE).await?;
     let histogram = time(&format!(
         "SELECT bin_lower, sum(n) FROM train('{HISTOGRAM}', 'SELECT age FROM lung', \
