@@ -365,17 +365,18 @@ where
     let mut stream = FlightRecordBatchStream::new_from_flight_data(
         response.into_inner().map(|r| r.map_err(FlightError::from)),
     );
+    let announced = |stream: &FlightRecordBatchStream| {
+        stream
+            .schema()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()))
+    };
     loop {
         let next = timeout_at(deadline, stream.next())
             .await
             .map_err(|_| Fetch::Timeout)?;
         let batch = match next {
-            None => {
-                return Ok(stream
-                    .schema()
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty())));
-            }
+            None => return Ok(announced(&stream)),
             Some(Err(FlightError::Tonic(status))) => return Err(from_status(*status)),
             Some(Err(e)) => return Err(failed(Code::Internal, e.to_string())),
             Some(Ok(batch)) => batch,
@@ -391,15 +392,9 @@ where
             None => batch,
         };
         if !sink(batch).await {
-            return Ok(batch_schema_or_empty(schema));
+            return Ok(announced(&stream));
         }
     }
-}
-
-fn batch_schema_or_empty(schema: Option<&SchemaRef>) -> SchemaRef {
-    schema
-        .cloned()
-        .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()))
 }
 
 /// Gives a station's batch the fragment's expected schema (names are positional), refusing

@@ -358,17 +358,36 @@ impl Hub {
     /// policy (nothing runs yet). All queries share one session; who asks is attached to the
     /// plan's fragments afterwards.
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
+        let (statement, explain_federated) = self.parse(sql)?;
+        let calls = train::calls(&statement)?;
+        self.plan_parsed(statement, calls, explain_federated, researcher)
+            .await
+    }
+
+    /// `sql` parsed, and whether it was `EXPLAIN FEDERATED` (which is stripped).
+    fn parse(&self, sql: &str) -> Result<(DfStatement, bool)> {
         let (text, explain_federated) = match strip_explain_federated(sql) {
             Some(inner) => (inner, true),
             None => (sql, false),
         };
         let dialect = self.base.config().options().sql_parser.dialect;
-        let statement = self.base.sql_to_statement(text, &dialect)?;
-        let calls = train::calls(&statement)?;
+        Ok((
+            self.base.sql_to_statement(text, &dialect)?,
+            explain_federated,
+        ))
+    }
+
+    async fn plan_parsed(
+        &self,
+        statement: DfStatement,
+        calls: Vec<train::TrainArgs>,
+        explain_federated: bool,
+        researcher: &str,
+    ) -> Result<Planned> {
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
         let mut trains = Vec::new();
         for call in &calls {
             let input = train::plan_input(&self.base, call).await?;
@@ -445,13 +464,15 @@ impl Hub {
     /// none (its columns exist only once its trains have run, which happens when it is
     /// executed), so preparing it runs nothing.
     pub async fn prepare(&self, sql: &str, researcher: &str) -> Result<SchemaRef> {
-        let text = strip_explain_federated(sql).unwrap_or(sql);
-        let dialect = self.base.config().options().sql_parser.dialect;
-        let statement = self.base.sql_to_statement(text, &dialect)?;
-        if !train::calls(&statement)?.is_empty() {
+        let (statement, explain_federated) = self.parse(sql)?;
+        let calls = train::calls(&statement)?;
+        if !calls.is_empty() {
             return Ok(Arc::new(arrow::datatypes::Schema::empty()));
         }
-        Ok(self.plan(sql, researcher).await?.schema())
+        let planned = self
+            .plan_parsed(statement, calls, explain_federated, researcher)
+            .await?;
+        Ok(planned.schema())
     }
 
     /// Plans and starts `sql`.

@@ -419,16 +419,9 @@ pub fn explain_batch(trains: &[ResolvedTrain]) -> Result<RecordBatch> {
          rest of the query is planned over them once the trains have run"
     ));
     releases.push("the query result, to the researcher".to_string());
-    Ok(RecordBatch::try_new(
-        railyard_planner::explain_schema(),
-        vec![
-            Arc::new(StringArray::from(location)),
-            Arc::new(StringArray::from(step)),
-            Arc::new(StringArray::from(plan)),
-            Arc::new(StringArray::from(releases)),
-        ],
-    )
-    .map_err(datafusion::error::DataFusionError::from)?)
+    Ok(railyard_planner::explain_rows(
+        location, step, plan, releases,
+    )?)
 }
 
 #[cfg(test)]

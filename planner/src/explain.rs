@@ -100,12 +100,22 @@ pub fn explain_batch(plan: &FederatedPlan) -> Result<RecordBatch> {
     });
     text.push(plan.plan.display_indent().to_string());
     releases.push("the query result, to the researcher".to_string());
+    explain_rows(location, step, text, releases)
+}
+
+/// An `EXPLAIN FEDERATED` answer from its four columns (one entry per row in each).
+pub fn explain_rows(
+    location: Vec<String>,
+    step: Vec<String>,
+    plan: Vec<String>,
+    releases: Vec<String>,
+) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(
         explain_schema(),
         vec![
             Arc::new(StringArray::from(location)),
             Arc::new(StringArray::from(step)),
-            Arc::new(StringArray::from(text)),
+            Arc::new(StringArray::from(plan)),
             Arc::new(StringArray::from(releases)),
         ],
     )
