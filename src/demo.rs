@@ -180,6 +180,11 @@ pub const REFUSED: &[(&str, &str)] = &[
     ),
 ];
 
+/// The demo's differentially private query (the issue's example), run with the stations'
+/// default ε.
+pub const DP_QUERY: &str = "SELECT sex, dp_count(*) AS patients, dp_avg(age) AS mean_age \
+     FROM lung GROUP BY sex ORDER BY sex";
+
 /// The example train the demo runs when its image exists (`scripts/build-trains`).
 pub const TRAIN_IMAGE: &str = "railyard/histogram:dev";
 /// The demo's train query.
@@ -239,9 +244,15 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
     if let Some(id) = &train_image {
         governance.policy.trains.allowed = vec![id.clone()];
     }
+    enable_dp(&mut governance.policy);
+    // Each run is its own collaboration, so its DP budget starts full (the ledgers under
+    // the data directory keep every run's spend).
+    let options = HubOptions {
+        collaboration: format!("demo-{}", uuid_like()),
+        ..HubOptions::default()
+    };
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let federation =
-        LocalFederation::start(&tables, listener, HubOptions::default(), &governance).await?;
+    let federation = LocalFederation::start(&tables, listener, options, &governance).await?;
     writeln!(
         out,
         "Hub listening on {}; stations: {}\n",
@@ -262,6 +273,7 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
         show_models(&mut client, out).await?;
         show_vertical(&mut client, out).await?;
         show_train(&mut client, out, train_image.as_deref()).await?;
+        show_dp(&mut client, out).await?;
         writeln!(
             out,
             "── The stations' default policy: every column 'aggregate', groups of at least 5"
@@ -367,6 +379,68 @@ async fn show_vertical(client: &mut HubClient, out: &mut impl Write) -> Result<(
     for (i, (question, sql)) in VERTICAL.iter().enumerate() {
         show_query(client, out, question, sql, i == 0).await?;
     }
+    Ok(())
+}
+
+/// The demo stations' DP settings: a budget per researcher, bounds for lung's ages and the
+/// public keys of its sex column (the rest of the default policy is unchanged).
+fn enable_dp(policy: &mut railyard_station::Policy) {
+    use railyard_station::policy::{DpColumn, DpKey, DpPolicy};
+    policy.dp = Some(DpPolicy {
+        budget: 10.0,
+        max_epsilon: 1.0,
+        epsilon: 0.5,
+    });
+    let table = policy.tables.entry("lung".to_string()).or_default();
+    table.dp.insert(
+        "age".to_string(),
+        DpColumn {
+            bounds: Some((30.0, 90.0)),
+            keys: None,
+            line: 0,
+        },
+    );
+    table.dp.insert(
+        "sex".to_string(),
+        DpColumn {
+            bounds: None,
+            keys: Some(vec![DpKey::Int(1), DpKey::Int(2)]),
+            line: 0,
+        },
+    );
+}
+
+/// A random hex word (the demo's collaboration name).
+fn uuid_like() -> String {
+    use rand::Rng;
+    format!("{:08x}", rand::rng().random::<u32>())
+}
+
+/// A differentially private query: its plan (with the ε each station charges), a noisy
+/// answer, and the budget left.
+async fn show_dp(client: &mut HubClient, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "── Differential privacy (docs/privacy.md): each station adds Laplace noise (OpenDP) \
+         to its own counts and sums, after charging ε to the researcher's budget in its \
+         ledger; the hub adds up noisy states only"
+    )?;
+    show_query(
+        client,
+        out,
+        "Patients and mean age by sex, ε = 0.5 per station (the true counts are 138 and 90)",
+        DP_QUERY,
+        true,
+    )
+    .await?;
+    let budget = client
+        .query(
+            "SELECT station, table_name, budget, spent, remaining FROM railyard.budget \
+             WHERE table_name = 'lung' ORDER BY station",
+        )
+        .await?;
+    writeln!(out, "── The budget left (SELECT * FROM railyard.budget)")?;
+    writeln!(out, "{}\n", budget.to_table()?)?;
     Ok(())
 }
 

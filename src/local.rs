@@ -16,7 +16,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use arrow::datatypes::SchemaRef;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
 use railyard_engine::{Hub, HubOptions, StationAddress, VerticalSpec};
-use railyard_station::policy::TablePolicy;
 use railyard_station::{Format, Policy, Station, StationConfig, TableFile, Visibility};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -233,19 +232,7 @@ impl Governance {
         let mut policy = self.policy.clone();
         for spec in specs {
             let Some(key) = &spec.key else { continue };
-            let table = policy
-                .tables
-                .entry(spec.name.clone())
-                .or_insert_with(|| TablePolicy {
-                    min_group_size: None,
-                    default_visibility: None,
-                    model_min_rows: None,
-                    survival_time_resolution: None,
-                    allow_vertical: None,
-                    joined: false,
-                    columns: BTreeMap::new(),
-                    line: 0,
-                });
+            let table = policy.tables.entry(spec.name.clone()).or_default();
             // An explicit `allow_vertical = false`, for the table or the whole file, wins.
             if table.allow_vertical.is_none() && self.policy.allow_vertical.is_none() {
                 table.allow_vertical = Some(true);

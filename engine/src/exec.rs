@@ -50,6 +50,11 @@ pub struct QueryContext {
     /// The number the query's first planned fragment carries: 1, or the number after the
     /// query's `train(...)` calls, which are its first fragments.
     pub first_fragment: usize,
+    /// The collaboration the researcher asks in.
+    pub collaboration: String,
+    /// The ε the researcher chose (`SET railyard.epsilon`), for DP fragments; without one
+    /// each station uses its policy's default.
+    pub epsilon: Option<f64>,
 }
 
 /// Physical operator that runs one fragment at every station of its table; partition `i`
@@ -99,6 +104,8 @@ impl FragmentExec {
             query_id: query.query_id.clone(),
             fragment: self.fragment.id + query.first_fragment - 1,
             researcher: query.researcher.clone(),
+            collaboration: query.collaboration.clone(),
+            epsilon: query.epsilon,
             sql: self.fragment.sql.clone(),
             train: None,
         }
@@ -120,6 +127,11 @@ pub fn assign_query(
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
     Ok(plan
         .transform_up(|node| {
+            if let Some(exec) = node.downcast_ref::<crate::budget::BudgetExec>() {
+                return Ok(Transformed::yes(
+                    Arc::new(exec.with_query(query.clone())) as _
+                ));
+            }
             if let Some(exec) = node.downcast_ref::<crate::stats::StatsExec>() {
                 return Ok(Transformed::yes(
                     Arc::new(exec.with_query(query.clone())) as _

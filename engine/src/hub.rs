@@ -1,8 +1,8 @@
 //! The hub: the federated catalog, per-query sessions, and query execution.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
@@ -23,7 +23,7 @@ use railyard_planner::{
 };
 use tracing::info;
 
-use railyard_udfs::wire::FragmentTicket;
+use railyard_udfs::wire::{CheckAnswer, FragmentTicket};
 
 use crate::error::StationFailure;
 use crate::error::{Error, Result};
@@ -51,6 +51,9 @@ pub struct HubOptions {
     /// How long the hub waits for one station's containerized train (`train(...)`); each
     /// station also enforces its own time limit.
     pub train_timeout: Duration,
+    /// The collaboration this hub's researchers ask in (stations keep DP budgets per
+    /// researcher, collaboration and table).
+    pub collaboration: String,
 }
 
 impl Default for HubOptions {
@@ -62,6 +65,7 @@ impl Default for HubOptions {
             vertical: Vec::new(),
             data_dir: None,
             train_timeout: Duration::from_secs(600),
+            collaboration: railyard_udfs::wire::DEFAULT_COLLABORATION.to_string(),
         }
     }
 }
@@ -69,25 +73,53 @@ impl Default for HubOptions {
 /// A planned query: either a physical plan to run or an answer already computed at the hub
 /// (`EXPLAIN FEDERATED`).
 pub enum Planned {
+    /// A plan to run, and the metadata its answer's schema carries (the ε a DP query
+    /// spends, under [`EPSILON_METADATA`]).
     Plan(
         Arc<dyn ExecutionPlan>,
         Arc<datafusion::execution::TaskContext>,
+        HashMap<String, String>,
     ),
     Batches(SchemaRef, Vec<RecordBatch>),
 }
 
+/// The schema metadata key of a DP query's answer: a JSON object of the ε each station
+/// charges, e.g. `{"station_a": 0.5, "station_b": 0.5}`.
+pub const EPSILON_METADATA: &str = "railyard.epsilon";
+
 impl Planned {
     pub fn schema(&self) -> SchemaRef {
         match self {
-            Planned::Plan(plan, _) => plan.schema(),
+            Planned::Plan(plan, _, metadata) if !metadata.is_empty() => Arc::new(
+                plan.schema()
+                    .as_ref()
+                    .clone()
+                    .with_metadata(metadata.clone()),
+            ),
+            Planned::Plan(plan, _, _) => plan.schema(),
             Planned::Batches(schema, _) => Arc::clone(schema),
         }
     }
 
     /// Starts execution (station fragments are sent now).
     pub fn execute(self) -> Result<SendableRecordBatchStream> {
+        let schema = self.schema();
         match self {
-            Planned::Plan(plan, task) => Ok(execute_stream(plan, task)?),
+            Planned::Plan(plan, task, metadata) => {
+                let stream = execute_stream(plan, task)?;
+                if metadata.is_empty() {
+                    return Ok(stream);
+                }
+                use futures::StreamExt;
+                let with = Arc::clone(&schema);
+                let stream = stream
+                    .map(move |batch| batch.and_then(|b| Ok(b.with_schema(Arc::clone(&with))?)));
+                Ok(Box::pin(
+                    datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                        schema, stream,
+                    ),
+                ))
+            }
             Planned::Batches(schema, batches) => {
                 Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
             }
@@ -98,16 +130,28 @@ impl Planned {
 /// Asks every station whether its policy accepts its fragments, before any is run: a query
 /// one station refuses releases nothing from any station. The first refusal (in fragment,
 /// then station order) is the error.
-async fn check_at_stations(plan: &Arc<dyn ExecutionPlan>, timeout: Duration) -> Result<()> {
-    check_tickets(&query_tickets(plan), timeout).await
+/// Returns each station's ε for the query's DP fragments (empty if it has none).
+async fn check_at_stations(
+    plan: &Arc<dyn ExecutionPlan>,
+    timeout: Duration,
+) -> Result<BTreeMap<String, f64>> {
+    let tickets = query_tickets(plan);
+    let answers = check_tickets(&tickets, timeout).await?;
+    let mut epsilon: BTreeMap<String, f64> = BTreeMap::new();
+    for ((station, _), answer) in tickets.iter().zip(answers) {
+        if let Some(e) = answer.epsilon {
+            *epsilon.entry(station.name.to_string()).or_default() += e;
+        }
+    }
+    Ok(epsilon)
 }
 
 /// Asks each station whether its policy accepts its ticket, concurrently; the first refusal
-/// (in the order given) is the error.
+/// (in the order given) is the error. Returns the answers in the order given.
 pub(crate) async fn check_tickets(
     tickets: &[(StationClient, FragmentTicket)],
     timeout: Duration,
-) -> Result<()> {
+) -> Result<Vec<CheckAnswer>> {
     let answers = futures::future::join_all(tickets.iter().map(|(station, ticket)| async move {
         match tokio::time::timeout(timeout, station.check(ticket)).await {
             Ok(answer) => answer,
@@ -123,9 +167,10 @@ pub(crate) async fn check_tickets(
     // An accepted check's answer (release kind, the station's k) is informational: the hub's
     // own threshold was planned from the policies the stations announced at connect, and
     // every station applies its own k to what it releases regardless.
+    let mut accepted = Vec::with_capacity(answers.len());
     for answer in answers {
         match answer {
-            Ok(_) => {}
+            Ok(answer) => accepted.push(answer),
             Err(Error::Station(failure)) => {
                 if let StationFailure::Failed {
                     code: tonic::Code::PermissionDenied,
@@ -140,7 +185,7 @@ pub(crate) async fn check_tickets(
             Err(other) => return Err(other),
         }
     }
-    Ok(())
+    Ok(accepted)
 }
 
 /// Registers `railyard.policies`: per station, table and column, the column's visibility,
@@ -195,6 +240,68 @@ fn register_policies(
     Ok(())
 }
 
+/// The setting name researchers use for the ε of their queries.
+pub const EPSILON_SETTING: &str = "railyard.epsilon";
+
+/// `SET railyard.epsilon = x` (`Some(Some(x))`) or `SET railyard.epsilon TO DEFAULT`
+/// (`Some(None)`); `None` for any other statement.
+fn epsilon_setting(statement: &DfStatement) -> Result<Option<Option<f64>>> {
+    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Set, Statement, Value};
+    let DfStatement::Statement(s) = statement else {
+        return Ok(None);
+    };
+    let Statement::Set(Set::SingleAssignment {
+        variable, values, ..
+    }) = s.as_ref()
+    else {
+        return Ok(None);
+    };
+    if !variable.to_string().eq_ignore_ascii_case(EPSILON_SETTING) {
+        return Ok(None);
+    }
+    let bad = || {
+        Error::BadRequest(format!(
+            "{EPSILON_SETTING} is a number above 0 (the ε of each following query, at each \
+             station), or DEFAULT for each station's own default"
+        ))
+    };
+    let value = match values.as_slice() {
+        [SqlExpr::Identifier(i)] if i.value.eq_ignore_ascii_case("default") => {
+            return Ok(Some(None));
+        }
+        [SqlExpr::Value(v)] => match &v.value {
+            Value::Number(n, _) => n.parse::<f64>().map_err(|_| bad())?,
+            Value::SingleQuotedString(n) => n.trim().parse::<f64>().map_err(|_| bad())?,
+            _ => return Err(bad()),
+        },
+        _ => return Err(bad()),
+    };
+    if !(value.is_finite() && value > 0.0) {
+        return Err(bad());
+    }
+    Ok(Some(Some(value)))
+}
+
+/// The answer to `SET railyard.epsilon`: the setting and its value (NULL: station defaults).
+fn epsilon_answer(setting: Option<f64>) -> Planned {
+    use arrow::array::{Float64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("setting", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, true),
+    ]));
+    // Two columns of one row each always make a batch.
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(StringArray::from(vec![EPSILON_SETTING])),
+            Arc::new(Float64Array::from(vec![setting])),
+        ],
+    )
+    .expect("the SET answer is well-formed");
+    Planned::Batches(schema, vec![batch])
+}
+
 /// What the planner needs of a station's announced policy for one table (the station
 /// remains the authority: it checks every fragment itself).
 fn planner_policy(info: &railyard_udfs::wire::TablePolicyInfo) -> StationTablePolicy {
@@ -218,6 +325,8 @@ pub struct Hub {
     planner: Arc<FederationPlanner>,
     base: SessionState,
     options: HubOptions,
+    /// Each researcher's `SET railyard.epsilon`.
+    epsilon: Mutex<HashMap<String, f64>>,
     /// The join stations of vertical tables; they stop with the hub.
     _joins: Vec<vertical::JoinStation>,
 }
@@ -308,7 +417,8 @@ impl Hub {
                 stations: Arc::clone(&stations),
             }))
             .build();
-        let ctx = SessionContext::new_with_state(state);
+        let mut ctx = SessionContext::new_with_state(state);
+        railyard_udfs::dp::register(&mut ctx)?;
         let tables: BTreeMap<String, _> = catalog
             .tables()
             .into_iter()
@@ -318,6 +428,10 @@ impl Hub {
             ctx.register_table(name.as_str(), Arc::clone(table) as _)?;
         }
         register_policies(&ctx, &policies)?;
+        ctx.register_table(
+            format!("railyard.{}", crate::budget::BUDGET_TABLE).as_str(),
+            Arc::new(crate::budget::BudgetTable::new(Arc::clone(&stations))),
+        )?;
         info!(
             stations = stations.len(),
             tables = tables.len(),
@@ -342,6 +456,7 @@ impl Hub {
             planner,
             base: ctx.state(),
             options,
+            epsilon: Mutex::new(HashMap::new()),
             _joins: joins,
         })
     }
@@ -384,6 +499,9 @@ impl Hub {
         explain_federated: bool,
         researcher: &str,
     ) -> Result<Planned> {
+        if let Some(setting) = epsilon_setting(&statement)? {
+            return Ok(self.set_epsilon(researcher, setting));
+        }
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -399,6 +517,8 @@ impl Hub {
             fragment_timeout: self.options.fragment_timeout,
             // Train calls are the query's fragments 1..=n; the planned ones follow.
             first_fragment: trains.len() + 1,
+            collaboration: self.options.collaboration.clone(),
+            epsilon: self.researcher_epsilon(researcher),
         };
         if explain_federated {
             if !trains.is_empty() {
@@ -411,7 +531,8 @@ impl Hub {
             options.verify_plan(&logical)?;
             let optimized = self.base.optimize(&logical)?;
             let federated = self.planner.federate(&optimized).await?;
-            let batch = explain_batch(&federated)?;
+            let epsilon = self.explain_epsilon(&federated, &query).await?;
+            let batch = explain_batch(&federated, &epsilon)?;
             return Ok(Planned::Batches(batch.schema(), vec![batch]));
         }
         let with_trains;
@@ -456,8 +577,75 @@ impl Hub {
         options.verify_plan(&logical)?;
         let physical = state.create_physical_plan(&logical).await?;
         let physical = assign_query(physical, &query)?;
-        check_at_stations(&physical, self.options.fragment_timeout).await?;
-        Ok(Planned::Plan(physical, state.task_ctx()))
+        let epsilon = check_at_stations(&physical, self.options.fragment_timeout).await?;
+        let mut metadata = HashMap::new();
+        if !epsilon.is_empty() {
+            // A map of numbers always serializes.
+            let text = serde_json::to_string(&epsilon).expect("a map of ε serializes");
+            metadata.insert(EPSILON_METADATA.to_string(), text);
+        }
+        Ok(Planned::Plan(physical, state.task_ctx(), metadata))
+    }
+
+    /// The ε `researcher` chose, if any.
+    fn researcher_epsilon(&self, researcher: &str) -> Option<f64> {
+        // The lock guards a map operation only; after a panic the map is still valid.
+        let settings = self.epsilon.lock().unwrap_or_else(|p| p.into_inner());
+        settings.get(researcher).copied()
+    }
+
+    /// Applies `SET railyard.epsilon` for `researcher` and answers with the setting.
+    fn set_epsilon(&self, researcher: &str, setting: Option<f64>) -> Planned {
+        let mut settings = self.epsilon.lock().unwrap_or_else(|p| p.into_inner());
+        match setting {
+            Some(e) => settings.insert(researcher.to_string(), e),
+            None => settings.remove(researcher),
+        };
+        epsilon_answer(setting)
+    }
+
+    /// For `EXPLAIN FEDERATED`: the ε each station would charge for each DP fragment, as the
+    /// stations answer a check (which spends nothing; a query the budget cannot cover is
+    /// refused here already).
+    async fn explain_epsilon(
+        &self,
+        federated: &railyard_planner::FederatedPlan,
+        query: &QueryContext,
+    ) -> Result<HashMap<(usize, String), f64>> {
+        let mut tickets = Vec::new();
+        let mut keys = Vec::new();
+        for f in &federated.fragments {
+            if !matches!(f.kind, railyard_planner::FragmentKind::DpAggregate { .. }) {
+                continue;
+            }
+            for name in &f.stations {
+                let Some(station) = self.stations.iter().find(|s| s.name.as_ref() == name) else {
+                    continue;
+                };
+                tickets.push((
+                    station.clone(),
+                    FragmentTicket {
+                        query_id: query.query_id.clone(),
+                        fragment: f.id + query.first_fragment - 1,
+                        researcher: query.researcher.clone(),
+                        collaboration: query.collaboration.clone(),
+                        epsilon: query.epsilon,
+                        sql: f.sql.clone(),
+                        train: None,
+                    },
+                ));
+                keys.push((f.id, name.clone()));
+            }
+        }
+        if tickets.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let answers = check_tickets(&tickets, self.options.fragment_timeout).await?;
+        Ok(keys
+            .into_iter()
+            .zip(answers)
+            .filter_map(|(k, a)| a.epsilon.map(|e| (k, e)))
+            .collect())
     }
 
     /// The schema a prepared statement announces. A query with `train(...)` calls announces
@@ -465,6 +653,10 @@ impl Hub {
     /// executed), so preparing it runs nothing.
     pub async fn prepare(&self, sql: &str, researcher: &str) -> Result<SchemaRef> {
         let (statement, explain_federated) = self.parse(sql)?;
+        if let Some(setting) = epsilon_setting(&statement)? {
+            // Preparing a SET applies nothing.
+            return Ok(epsilon_answer(setting).schema());
+        }
         let calls = train::calls(&statement)?;
         if !calls.is_empty() {
             return Ok(Arc::new(arrow::datatypes::Schema::empty()));

@@ -23,6 +23,7 @@
 //! station that serves vertically partitioned tables), [`error`] (errors and their one
 //! mapping to gRPC statuses).
 
+pub mod budget;
 pub mod error;
 pub mod exec;
 pub mod flight_sql;

@@ -176,4 +176,19 @@ impl StationClient {
         self.json_action("check", ticket.to_bytes(), ticket.fragment)
             .await
     }
+
+    /// The researcher's differential privacy budget at the station, per table.
+    pub async fn budget(
+        &self,
+        researcher: &str,
+        collaboration: &str,
+    ) -> Result<Vec<railyard_udfs::wire::BudgetInfo>> {
+        let request = railyard_udfs::wire::BudgetRequest {
+            researcher: researcher.to_string(),
+            collaboration: collaboration.to_string(),
+        };
+        // A struct of two strings always serializes.
+        let body = serde_json::to_vec(&request).expect("a budget request serializes");
+        self.json_action("budget", body, 0).await
+    }
 }

@@ -157,6 +157,8 @@ impl ResolvedTrain {
             query_id: query.query_id.clone(),
             fragment,
             researcher: query.researcher.clone(),
+            collaboration: query.collaboration.clone(),
+            epsilon: None,
             sql: self.call.input.clone(),
             train: Some(TrainCall {
                 image: self.call.image.clone(),

@@ -253,6 +253,7 @@ fn join_policy(table: &str, key: &str, members: &[Member]) -> Policy {
             allow_vertical: Some(false),
             joined: true,
             columns,
+            dp: std::collections::BTreeMap::new(),
             line: 0,
         },
     );
@@ -414,6 +415,8 @@ impl TableProvider for VerticalTable {
                     query_id: ticket.query_id.clone(),
                     fragment: ticket.fragment,
                     researcher: ticket.researcher.clone(),
+                    collaboration: ticket.collaboration.clone(),
+                    epsilon: None,
                     sql: fragment.sql.clone(),
                     train: None,
                 },

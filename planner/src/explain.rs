@@ -7,7 +7,6 @@ use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::Result;
-use crate::fragment::FragmentKind;
 use crate::split::FederatedPlan;
 
 /// The prefix that selects a federated explanation (case-insensitive).
@@ -38,17 +37,19 @@ pub fn explain_schema() -> SchemaRef {
     ]))
 }
 
-/// Renders a federated plan as rows of (location, step, plan, releases).
-pub fn explain_batch(plan: &FederatedPlan) -> Result<RecordBatch> {
+/// Renders a federated plan as rows of (location, step, plan, releases). `epsilon` gives,
+/// per (fragment id, station), the ε a DP fragment would charge there, as the station
+/// answered a check.
+pub fn explain_batch(
+    plan: &FederatedPlan,
+    epsilon: &std::collections::HashMap<(usize, String), f64>,
+) -> Result<RecordBatch> {
     let mut location = Vec::new();
     let mut step = Vec::new();
     let mut text = Vec::new();
     let mut releases = Vec::new();
     for f in &plan.fragments {
-        let kind = match f.kind {
-            FragmentKind::PartialAggregate { .. } => "partial aggregate",
-            FragmentKind::Rows { .. } => "rows",
-        };
+        let kind = f.kind.name();
         if !f.members.is_empty() {
             // A vertical table: each member sends pseudonymized columns, the hub joins them
             // and runs the fragment over the joined rows.
@@ -89,7 +90,10 @@ pub fn explain_batch(plan: &FederatedPlan) -> Result<RecordBatch> {
             location.push(s.clone());
             step.push(format!("fragment #{} ({kind} of {})", f.id, f.table));
             text.push(f.sql.clone());
-            releases.push(f.releases());
+            releases.push(match epsilon.get(&(f.id, s.clone())) {
+                Some(e) => format!("{}; ε = {e} charged at this station", f.releases()),
+                None => f.releases(),
+            });
         }
     }
     location.push("hub".to_string());

@@ -22,8 +22,25 @@ pub enum FragmentKind {
         /// Which aggregate each state column belongs to (SQL text of the original call).
         aggregates: Vec<String>,
     },
+    /// Differentially private aggregate states: one row per public key combination, every
+    /// state noised at the station, which charges ε to the researcher's budget.
+    DpAggregate {
+        groups: Vec<String>,
+        aggregates: Vec<String>,
+    },
     /// Rows of the table after the pushed-down filters and projections.
     Rows { columns: Vec<String> },
+}
+
+impl FragmentKind {
+    /// A short name for plans and explanations.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FragmentKind::PartialAggregate { .. } => "partial aggregate",
+            FragmentKind::DpAggregate { .. } => "DP aggregate",
+            FragmentKind::Rows { .. } => "rows",
+        }
+    }
 }
 
 /// One query part that runs, unchanged, at every station holding `table`.
@@ -82,6 +99,21 @@ impl Fragment {
                     ));
                 }
                 text
+            }
+            FragmentKind::DpAggregate { groups, aggregates } => {
+                let rows = if groups.is_empty() {
+                    "one row".to_string()
+                } else {
+                    format!(
+                        "one row per public key combination of ({}) declared in its policy",
+                        groups.join(", ")
+                    )
+                };
+                format!(
+                    "{rows} with the noisy state of {} (Laplace noise added at the station, \
+                     which charges ε to the researcher's budget first); no row count",
+                    aggregates.join(", ")
+                )
             }
             FragmentKind::Rows { columns } => {
                 format!("row-level values of ({})", columns.join(", "))
@@ -150,10 +182,7 @@ impl UserDefinedLogicalNodeCore for FragmentNode {
     }
 
     fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let kind = match self.fragment.kind {
-            FragmentKind::PartialAggregate { .. } => "partial aggregate",
-            FragmentKind::Rows { .. } => "rows",
-        };
+        let kind = self.fragment.kind.name();
         write!(
             f,
             "Fragment #{}: {} of {} at [{}]",

@@ -106,10 +106,19 @@ impl FederationPlanner {
         fragments: &'a mut Vec<Arc<Fragment>>,
     ) -> BoxFuture<'a, Result<LogicalPlan>> {
         Box::pin(async move {
-            if let LogicalPlan::Aggregate(agg) = &plan
-                && let Some(split) = AggregateSplit::analyze(agg)?
-            {
-                return self.aggregate_fragment(agg, split, fragments).await;
+            if let LogicalPlan::Aggregate(agg) = &plan {
+                let dp = dp_aggregate(agg)?;
+                if let Some(split) = AggregateSplit::analyze(agg)? {
+                    return self.aggregate_fragment(agg, split, fragments, dp).await;
+                }
+                if dp {
+                    return Err(Error::NotSupported(
+                        "differentially private aggregates run at the stations: over one \
+                         federated table, grouped by its columns, with filters a station can \
+                         evaluate on its own rows"
+                            .to_string(),
+                    ));
+                }
             }
             if let Some(chain) = RowChain::analyze(&plan)? {
                 return self.rows_fragment(&plan, chain, fragments).await;
@@ -204,6 +213,7 @@ impl FederationPlanner {
         agg: &Aggregate,
         split: AggregateSplit,
         fragments: &mut Vec<Arc<Fragment>>,
+        dp: bool,
     ) -> Result<LogicalPlan> {
         let rows = &split.rows;
         let mut items = Vec::new();
@@ -232,8 +242,11 @@ impl FederationPlanner {
         }
         .render();
         let schema = self.fragment_schema(&sql).await?;
-        // Every station appends its groups' row counts (see `railyard_udfs::wire`).
-        let schema = {
+        // Every station appends its groups' row counts (see `railyard_udfs::wire`), except to
+        // a DP release, whose counts are noisy states like any other.
+        let schema = if dp {
+            schema
+        } else {
             let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
             fields.push(Arc::new(arrow::datatypes::Field::new(
                 ROWS_COLUMN,
@@ -251,8 +264,19 @@ impl FederationPlanner {
         {
             used.extend(e.column_refs().into_iter().map(|c| c.name.clone()));
         }
-        let min_group_size = rows.table.min_group_size(&used);
+        let min_group_size = if dp {
+            1
+        } else {
+            rows.table.min_group_size(&used)
+        };
         let members = vertical_members(&rows.table, &used, &rows.filters)?;
+        if dp && !members.is_empty() {
+            return Err(Error::NotSupported(format!(
+                "differentially private aggregates over the vertically partitioned table \
+                 '{}' are not supported (its join has no privacy budget)",
+                rows.table.name()
+            )));
+        }
 
         // The merge functions were derived from the hub's own argument types; the station's
         // states must have exactly the struct type they expect.
@@ -273,9 +297,16 @@ impl FederationPlanner {
             stations: rows.table.stations().to_vec(),
             sql,
             schema,
-            kind: FragmentKind::PartialAggregate {
-                groups: group_sql,
-                aggregates: aggregate_sql,
+            kind: if dp {
+                FragmentKind::DpAggregate {
+                    groups: group_sql,
+                    aggregates: aggregate_sql,
+                }
+            } else {
+                FragmentKind::PartialAggregate {
+                    groups: group_sql,
+                    aggregates: aggregate_sql,
+                }
             },
             fetch: None,
             min_group_size,
@@ -303,7 +334,10 @@ impl FederationPlanner {
                 ))
             })
             .collect();
-        hub_aggs.push(sum(Expr::Column(Column::new_unqualified(ROWS_COLUMN))).alias(ROWS_COLUMN));
+        if !dp {
+            hub_aggs
+                .push(sum(Expr::Column(Column::new_unqualified(ROWS_COLUMN))).alias(ROWS_COLUMN));
+        }
         let grouped = !hub_groups.is_empty();
         let mut merged = LogicalPlan::Aggregate(Aggregate::try_new(node, hub_groups, hub_aggs)?);
         // A global aggregate needs no second threshold: each station refused it below its
@@ -372,6 +406,31 @@ impl FederationPlanner {
         }
         restore_schema(node, plan.schema().as_ref())
     }
+}
+
+/// Whether `agg` computes differentially private aggregates; refuses a mix of DP and exact
+/// aggregates over the same rows (the exact ones would bypass the noise).
+fn dp_aggregate(agg: &Aggregate) -> Result<bool> {
+    let mut dp = 0;
+    for e in &agg.aggr_expr {
+        let inner = match e {
+            Expr::Alias(a) => a.expr.as_ref(),
+            other => other,
+        };
+        if let Expr::AggregateFunction(f) = inner
+            && railyard_udfs::dp::dp_kind(&f.func).is_some()
+        {
+            dp += 1;
+        }
+    }
+    if dp > 0 && dp < agg.aggr_expr.len() {
+        return Err(Error::NotSupported(
+            "differentially private aggregates (dp_*) cannot be mixed with exact aggregates \
+             over the same rows: run them as separate queries"
+                .to_string(),
+        ));
+    }
+    Ok(dp > 0)
 }
 
 /// What each member of a vertically partitioned table sends to the hub's join for a

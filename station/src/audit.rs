@@ -63,6 +63,9 @@ pub struct Record {
     pub rows: u64,
     /// Groups withheld because they counted fewer than k rows.
     pub suppressed: u64,
+    /// For a differentially private release: the ε charged to the researcher's budget.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub epsilon: Option<f64>,
     /// Hash of the previous record.
     pub prev: String,
 }
@@ -96,6 +99,7 @@ pub struct Entry<'a> {
     pub rule: Option<&'a str>,
     pub rows: u64,
     pub suppressed: u64,
+    pub epsilon: Option<f64>,
 }
 
 struct Tail {
@@ -191,6 +195,7 @@ impl AuditLog {
             rule: entry.rule.map(str::to_string),
             rows: entry.rows,
             suppressed: entry.suppressed,
+            epsilon: entry.epsilon,
             prev: tail.hash.clone(),
         };
         let hash = hash_of(&record);
@@ -328,6 +333,7 @@ mod tests {
             rule: None,
             rows: 1,
             suppressed: 0,
+            epsilon: None,
         }
     }
 

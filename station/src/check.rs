@@ -29,6 +29,11 @@
 //! `column = literal`), with literal settings; what they release is bounded by the model
 //! rules of [`Release::Model`] and [`Release::Survival`], applied after running.
 //!
+//! Differentially private fragments (`partial_dp_count/sum/avg`, see [`crate::dp`]) are the
+//! other exception: an aggregate whose every call is a DP one, over columns used unchanged
+//! (`public`, `aggregate` or `dp`; sums need bounds in the policy), grouped only by columns
+//! whose public keys the policy declares. What they release is decided by ε, not by k.
+//!
 //! Every refusal names the rule and the column, and never contains a data value: messages
 //! are built from the policy, the schema and the query text only.
 
@@ -43,7 +48,9 @@ use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator, Projection, SubqueryAlias,
 };
+use datafusion::logical_expr::{cast, lit, when};
 use railyard_udfs::PartialAggregate;
+use railyard_udfs::dp::{DpKind, dp_kind};
 use railyard_udfs::glm_terms::{Family, GLM_TERMS, glm_covariates};
 use railyard_udfs::pseudonym::PSEUDONYM;
 use railyard_udfs::survival_terms::{SURVIVAL_TERMS, survival_covariates};
@@ -91,7 +98,7 @@ pub struct Refusal {
 }
 
 /// What a checked fragment may release.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Release {
     /// Row-level values of public columns.
     Rows,
@@ -119,6 +126,9 @@ pub enum Release {
     /// inside the station (they never leave it); refused below `k` rows. What leaves is the
     /// train's output, bounded by the `[trains]` policy.
     TrainInput { k: u64 },
+    /// Differentially private aggregate states: one row per declared key combination,
+    /// every state field noised (the plan is the aggregate alone, its sums clamped).
+    Dp(Arc<crate::dp::DpRelease>),
 }
 
 /// A fragment that passed the policy: the plan to run (with the row count appended for an
@@ -180,6 +190,8 @@ struct Checker<'a> {
     model: Option<ModelCall>,
     /// Whether the fragment outputs `pseudonym(join_key)`.
     pseudonymized: bool,
+    /// Whether the fragment is a DP aggregate (`dp` columns may be read).
+    dp: bool,
 }
 
 impl Checker<'_> {
@@ -315,6 +327,7 @@ impl Checker<'_> {
     fn forbidden(&self, column: &str) -> Result<(), Refusal> {
         let (rule, why) = match self.visibility(column) {
             Visibility::Public | Visibility::Aggregate => return Ok(()),
+            Visibility::Dp if self.dp => return Ok(()),
             Visibility::Hidden => ("hidden_column", "it cannot be used in any query"),
             Visibility::JoinKey => (
                 "join_key_column",
@@ -813,6 +826,7 @@ fn check_for(
         used: BTreeSet::new(),
         model: None,
         pseudonymized: false,
+        dp: false,
     };
     let aggregate_at = chain
         .iter()
@@ -825,6 +839,22 @@ fn check_for(
     {
         return Err(checker.shape("it may aggregate only once"));
     }
+
+    checker.dp = aggregate_at.is_some_and(|at| match chain[at] {
+        LogicalPlan::Aggregate(agg) => agg.aggr_expr.iter().any(|e| dp_call(e).is_some()),
+        _ => false,
+    });
+    if checker.dp && policy.dp.is_none() {
+        return Err(Refusal {
+            rule: "dp",
+            message: format!(
+                "policy: station '{station}' answers no differentially private aggregates \
+                 (its policy has no [dp] budget)"
+            ),
+        });
+    }
+    let mut dp_calls = Vec::new();
+    let mut dp_input = Vec::new();
 
     // Lineage, bottom-up.
     let mut lineage: Vec<(Column, Lineage)> = Vec::new();
@@ -926,6 +956,16 @@ fn check_for(
                     return Err(checker
                         .shape("GROUPING SETS are merged at the hub; send the finest grouping"));
                 }
+                if checker.dp {
+                    dp_input.clone_from(&lineage);
+                    for e in &agg.aggr_expr {
+                        let call = checker.dp_call(e, &lineage)?;
+                        out.push((columns[out.len()].clone(), call.lineage()));
+                        dp_calls.push(call);
+                    }
+                    lineage = out;
+                    continue;
+                }
                 for e in &agg.aggr_expr {
                     let call = match e {
                         Expr::Alias(a) => a.expr.as_ref(),
@@ -979,6 +1019,10 @@ fn check_for(
     }
 
     let table = checker.table.clone();
+    if checker.dp {
+        let at = aggregate_at.expect("a DP fragment has an aggregate");
+        return dp_release(&checker, plan, &chain, at, &dp_input, dp_calls);
+    }
     if train_input {
         if aggregate_at.is_some() || checker.pseudonymized {
             return Err(
@@ -1086,6 +1130,267 @@ fn check_for(
         plan,
         table,
         release,
+    })
+}
+
+/// A DP aggregate call of a fragment, as checked.
+struct DpCall {
+    kind: DpKind,
+    /// The table column it reads (none for `dp_count(*)`).
+    column: Option<String>,
+    /// The argument expression (clamped before a sum).
+    arg: Expr,
+    /// The output name of the call.
+    name: String,
+}
+
+impl DpCall {
+    fn lineage(&self) -> Lineage {
+        Lineage {
+            bases: self.column.iter().cloned().collect(),
+            ..Lineage::default()
+        }
+    }
+}
+
+/// The DP kind of an aggregate output, and whether it is the station half
+/// (`partial_dp_*`).
+fn dp_call(e: &Expr) -> Option<(DpKind, bool, &AggregateFunction)> {
+    let call = match e {
+        Expr::Alias(a) => a.expr.as_ref(),
+        other => other,
+    };
+    let Expr::AggregateFunction(f) = call else {
+        return None;
+    };
+    match f.func.inner().downcast_ref::<PartialAggregate>() {
+        Some(partial) => dp_kind(partial.inner()).map(|k| (k, true, f)),
+        None => dp_kind(&f.func).map(|k| (k, false, f)),
+    }
+}
+
+/// A column of the table used unchanged (possibly cast), as a DP argument or group key.
+fn plain_column<'a>(e: &Expr, input: &'a [(Column, Lineage)]) -> Option<&'a String> {
+    let e = match e {
+        Expr::Cast(c) => c.expr.as_ref(),
+        Expr::TryCast(c) => c.expr.as_ref(),
+        other => other,
+    };
+    let Expr::Column(c) = e else { return None };
+    find(input, c)
+        .filter(|l| l.direct && l.bases.len() == 1 && !l.pseudonym)
+        .and_then(|l| l.bases.iter().next())
+}
+
+impl Checker<'_> {
+    /// Checks one aggregate call of a DP fragment: a station half of a DP aggregate, over a
+    /// column used unchanged (or a literal, for a count), with bounds for a sum.
+    fn dp_call(&mut self, e: &Expr, input: &[(Column, Lineage)]) -> Result<DpCall, Refusal> {
+        let Some((kind, partial, f)) = dp_call(e) else {
+            return Err(Refusal {
+                rule: "dp_mixed",
+                message: format!(
+                    "policy: station '{}' answers differentially private aggregates only on \
+                     their own: an exact aggregate in the same fragment would bypass the noise",
+                    self.station
+                ),
+            });
+        };
+        if !partial {
+            return Err(self.shape(&format!(
+                "{}() is computed by stations as {}{}() states",
+                kind.name(),
+                railyard_udfs::PARTIAL_PREFIX,
+                kind.name()
+            )));
+        }
+        let distinct_state = f
+            .func
+            .inner()
+            .downcast_ref::<PartialAggregate>()
+            .is_some_and(|p| p.is_distinct());
+        if distinct_state
+            || f.params.distinct
+            || f.params.filter.is_some()
+            || !f.params.order_by.is_empty()
+        {
+            return Err(self.shape(&format!(
+                "{}() takes no DISTINCT, FILTER or ORDER BY",
+                kind.name()
+            )));
+        }
+        let [arg] = f.params.args.as_slice() else {
+            return Err(self.shape(&format!("{}() takes one argument", kind.name())));
+        };
+        self.literals(arg)?;
+        let column = match plain_column(arg, input) {
+            Some(c) => {
+                self.forbidden(c)?;
+                self.used.insert(c.clone());
+                Some(c.clone())
+            }
+            None if !kind.sums() && arg.column_refs().is_empty() && literal(arg).is_some() => None,
+            None => {
+                return Err(self.shape(&format!(
+                    "the argument of {}() must be a column of the table, unchanged{}",
+                    kind.name(),
+                    if kind.sums() { "" } else { ", or *" }
+                )));
+            }
+        };
+        if kind.sums() {
+            let c = column.as_deref().unwrap_or_default();
+            if self
+                .policy
+                .dp_column(&self.table, c)
+                .and_then(|d| d.bounds)
+                .is_none()
+            {
+                return Err(self.column_refusal(
+                    "dp_bounds",
+                    c,
+                    &format!(
+                        "{}() needs its bounds (lower, upper) in the policy's [tables.{}.dp]",
+                        kind.name(),
+                        self.table
+                    ),
+                ));
+            }
+        }
+        Ok(DpCall {
+            kind,
+            column,
+            arg: arg.clone(),
+            name: e.schema_name().to_string(),
+        })
+    }
+}
+
+/// The release of a DP fragment: the aggregate alone, with every summed argument clamped to
+/// its bounds, the public key set of every group column, and where each output column of
+/// the fragment comes from in the aggregate's output.
+fn dp_release(
+    checker: &Checker,
+    plan: &LogicalPlan,
+    chain: &[&LogicalPlan],
+    at: usize,
+    input_lineage: &[(Column, Lineage)],
+    calls: Vec<DpCall>,
+) -> Result<Checked, Refusal> {
+    let LogicalPlan::Aggregate(agg) = chain[at] else {
+        unreachable!("the DP aggregate is at its position");
+    };
+    let table = &checker.table;
+    let input_schema = agg.input.schema();
+    let mut groups = Vec::new();
+    let mut cells: usize = 1;
+    for g in &agg.group_expr {
+        let column = plain_column(g, input_lineage).cloned();
+        let keys = column.as_ref().and_then(|c| {
+            let t = g.get_type(input_schema).ok()?;
+            let keys = checker.policy.dp_column(table, c)?.keys.as_ref()?;
+            keys.iter()
+                .map(|k| k.to_scalar(&t))
+                .collect::<Option<Vec<_>>>()
+        });
+        let (Some(column), Some(keys)) = (column, keys) else {
+            let name = g.schema_name().to_string();
+            return Err(Refusal {
+                rule: "dp_keys",
+                message: format!(
+                    "policy: station '{}' groups differentially private aggregates of table \
+                     '{table}' only by columns, unchanged, whose public keys its policy \
+                     declares ([tables.{table}.dp] column = {{ keys = [...] }}); '{name}' is \
+                     not one",
+                    checker.station
+                ),
+            });
+        };
+        cells = cells.saturating_mul(keys.len());
+        groups.push(crate::dp::DpGroup { column, keys });
+    }
+    if cells > crate::policy::MAX_DP_GROUPS {
+        return Err(checker.shape(&format!(
+            "a differentially private release has at most {} groups (key combinations)",
+            crate::policy::MAX_DP_GROUPS
+        )));
+    }
+    let mut aggregates = Vec::new();
+    let mut exprs = Vec::new();
+    for call in calls {
+        let bound = match (&call.column, call.kind.sums()) {
+            (Some(c), true) => {
+                let (lower, upper) = checker
+                    .policy
+                    .dp_column(table, c)
+                    .and_then(|d| d.bounds)
+                    .expect("checked in dp_call");
+                let x = cast(call.arg.clone(), DataType::Float64);
+                let clamped = when(x.clone().lt(lit(lower)), lit(lower))
+                    .when(x.clone().lt_eq(lit(upper)), x.clone())
+                    .when(x.gt(lit(upper)), lit(upper))
+                    .otherwise(lit(ScalarValue::Float64(None)))
+                    .map_err(|e| checker.shape(&format!("the bounds cannot be applied ({e})")))?;
+                exprs.push((call.name.clone(), Some(clamped)));
+                lower.abs().max(upper.abs())
+            }
+            _ => {
+                exprs.push((call.name.clone(), None));
+                1.0
+            }
+        };
+        aggregates.push(crate::dp::DpAggregateSpec {
+            kind: call.kind,
+            column: call.column,
+            bound,
+        });
+    }
+    let aggr_expr = agg
+        .aggr_expr
+        .iter()
+        .zip(exprs)
+        .map(|(e, (name, clamped))| {
+            let Some((_, _, f)) = dp_call(e) else {
+                unreachable!("every call of a DP fragment is a DP call");
+            };
+            let mut f = f.clone();
+            if let Some(clamped) = clamped {
+                f.params.args = vec![clamped];
+            }
+            Expr::AggregateFunction(f).alias(name)
+        })
+        .collect::<Vec<_>>();
+    let aggregate = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr_expr)
+        .map_err(|e| checker.shape(&format!("the bounds cannot be applied ({e})")))?;
+    // Above the aggregate there are only renaming projections: trace each output column.
+    let mut positions: Vec<usize> = (0..agg.schema.fields().len()).collect();
+    for node in chain[..at].iter().rev() {
+        if let LogicalPlan::Projection(p) = node {
+            let mut next = Vec::with_capacity(p.expr.len());
+            for e in &p.expr {
+                let Expr::Column(c) = e.clone().unalias_nested().data else {
+                    return Err(checker.shape("a DP fragment may only name its aggregates"));
+                };
+                let i =
+                    p.input.schema().index_of_column(&c).map_err(|_| {
+                        checker.shape(&format!("column '{}' cannot be traced", c.name))
+                    })?;
+                next.push(positions[i]);
+            }
+            positions = next;
+        }
+    }
+    let release = crate::dp::DpRelease {
+        table: table.clone(),
+        groups,
+        aggregates,
+        output: positions,
+        schema: Arc::new(plan.schema().as_arrow().clone()),
+    };
+    Ok(Checked {
+        plan: LogicalPlan::Aggregate(aggregate),
+        table: table.clone(),
+        release: Release::Dp(Arc::new(release)),
     })
 }
 

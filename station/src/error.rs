@@ -42,6 +42,8 @@ pub enum Error {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// A failure of another station that a station's table reads (the hub's join station reads

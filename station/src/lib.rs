@@ -18,7 +18,9 @@
 
 pub mod audit;
 pub mod check;
+pub mod dp;
 pub mod error;
+pub mod ledger;
 pub mod policy;
 pub mod service;
 pub mod source;
@@ -45,7 +47,7 @@ use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use railyard_udfs::glm_terms::GlmLayout;
 use railyard_udfs::pseudonym::Pseudonym;
-use railyard_udfs::wire::{CheckAnswer, FragmentTicket, TablePolicyInfo, TrainCall};
+use railyard_udfs::wire::{BudgetInfo, CheckAnswer, FragmentTicket, TablePolicyInfo, TrainCall};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
@@ -100,6 +102,8 @@ pub struct Station {
     plans: Mutex<HashMap<String, Approved>>,
     /// Runs containerized trains (Docker is reached on the first train only).
     trains: train::Trains,
+    /// The privacy ledger (ε spent), if the policy has a `[dp]` budget.
+    ledger: Option<ledger::Ledger>,
 }
 
 impl Station {
@@ -145,6 +149,17 @@ impl Station {
             .filter(|d| !d.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("trains"), |d| d.join("trains"));
         let work = std::path::absolute(&work).unwrap_or(work);
+        // The privacy ledger lives beside the audit log.
+        let ledger = match &config.policy.dp {
+            Some(_) => Some(ledger::Ledger::open(
+                &config
+                    .audit_log
+                    .parent()
+                    .unwrap_or(std::path::Path::new(""))
+                    .join("ledger.sqlite"),
+            )?),
+            None => None,
+        };
         let trains = train::Trains::new(
             &name,
             work,
@@ -161,6 +176,7 @@ impl Station {
             audit,
             plans: Mutex::new(HashMap::new()),
             trains,
+            ledger,
         };
         for (table, schema) in station.tables().await? {
             station.policy.validate_table(&table, &schema)?;
@@ -236,6 +252,7 @@ impl Station {
             return Ok(CheckAnswer {
                 release: "train".to_string(),
                 min_group_size: k,
+                epsilon: None,
             });
         }
         let approved = self.approve(ticket).await?;
@@ -248,24 +265,202 @@ impl Station {
             Release::Rows => CheckAnswer {
                 release: "rows".to_string(),
                 min_group_size: 1,
+                epsilon: None,
             },
             Release::Groups { k, .. } | Release::Survival { k, .. } => CheckAnswer {
                 release: "groups".to_string(),
                 min_group_size: k,
+                epsilon: None,
             },
             Release::Model { k, .. } => CheckAnswer {
                 release: "model".to_string(),
                 min_group_size: k,
+                epsilon: None,
             },
             Release::Pseudonymized { k } => CheckAnswer {
                 release: "pseudonymized".to_string(),
                 min_group_size: k,
+                epsilon: None,
             },
             Release::TrainInput { k } => CheckAnswer {
                 release: "train".to_string(),
                 min_group_size: k,
+                epsilon: None,
             },
+            Release::Dp(release) => {
+                // Nothing is charged by a check; a query the budget cannot cover stops here.
+                let (noise, _) = self.dp_terms(ticket, &release, false)?;
+                CheckAnswer {
+                    release: "dp".to_string(),
+                    min_group_size: 1,
+                    epsilon: Some(noise.epsilon()),
+                }
+            }
         })
+    }
+
+    /// The ε of a DP fragment and its noise, refused (audited) if the ε is not allowed or
+    /// the researcher's budget cannot cover it. With `charge`, the ε is charged to the
+    /// ledger (durably) and the spend afterwards is returned too.
+    fn dp_terms(
+        &self,
+        ticket: &FragmentTicket,
+        release: &dp::DpRelease,
+        charge: bool,
+    ) -> Result<(dp::NoisePlan, f64)> {
+        let refuse = |rule: &'static str, message: String| {
+            info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, rule, "DP fragment refused");
+            self.record(ticket, audit::Decision::Refused, Some(rule), 0, 0)?;
+            Err(Error::Refused(Refusal { rule, message }))
+        };
+        let (Some(policy), Some(ledger)) = (&self.policy.dp, &self.ledger) else {
+            return refuse(
+                "dp",
+                format!(
+                    "policy: station '{}' answers no differentially private aggregates (its \
+                     policy has no [dp] budget)",
+                    self.name
+                ),
+            );
+        };
+        let epsilon = ticket.epsilon.unwrap_or(policy.epsilon);
+        if !(epsilon.is_finite() && epsilon > 0.0 && epsilon <= policy.max_epsilon) {
+            return refuse(
+                "dp_epsilon",
+                format!(
+                    "policy: station '{}' accepts a query ε above 0 and at most {} (dp.max_epsilon)",
+                    self.name, policy.max_epsilon
+                ),
+            );
+        }
+        let noise = dp::plan_noise(release, epsilon)
+            .map_err(|e| Error::BadRequest(format!("station '{}': {e}", self.name)))?;
+        let over = |spent: f64| {
+            format!(
+                "policy: station '{}' cannot spend ε = {} on table '{}' for researcher '{}' \
+                 in collaboration '{}': {spent} of the budget {} is spent (dp.budget)",
+                self.name,
+                noise.epsilon(),
+                release.table,
+                researcher_of(ticket),
+                ticket.collaboration(),
+                policy.budget
+            )
+        };
+        if !charge {
+            let spent = ledger.spent(
+                researcher_of(ticket),
+                ticket.collaboration(),
+                &release.table,
+            )?;
+            if spent + noise.epsilon() > policy.budget + 1e-9 {
+                return refuse("dp_budget", over(spent));
+            }
+            return Ok((noise, spent));
+        }
+        let charged = ledger.charge(
+            ledger::Charge {
+                researcher: researcher_of(ticket),
+                collaboration: ticket.collaboration(),
+                table: &release.table,
+                query_id: &ticket.query_id,
+                fragment: ticket.fragment as u64,
+                epsilon: noise.epsilon(),
+            },
+            policy.budget,
+        )?;
+        match charged {
+            ledger::Charged::Committed { spent } => Ok((noise, spent)),
+            ledger::Charged::OverBudget { spent } => refuse("dp_budget", over(spent)),
+        }
+    }
+
+    /// Runs a DP fragment: the ε is charged (durably) first, then the aggregate runs, the
+    /// states are completed to the public keys and noised, the release is audited with its
+    /// ε, and only then returned.
+    async fn run_dp(
+        &self,
+        ticket: &FragmentTicket,
+        approved: &Approved,
+        release: &dp::DpRelease,
+    ) -> Result<SendableRecordBatchStream> {
+        let (noise, spent) = self.dp_terms(ticket, release, true)?;
+        let epsilon = noise.epsilon();
+        info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, epsilon, spent, "DP fragment charged");
+        let failed = |category: &'static str| {
+            self.append(
+                ticket,
+                None,
+                audit::Decision::Failed,
+                Some(category),
+                0,
+                0,
+                Some(epsilon),
+            )?;
+            Err(Error::Failed {
+                station: self.name.clone(),
+                category,
+            })
+        };
+        let batches = match self.execute(&approved.plan, ticket).await {
+            Ok(batches) => batches,
+            Err(e) => {
+                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "DP fragment failed");
+                return failed(failure_category(&e));
+            }
+        };
+        // No await from here to the release: OpenDP's measurements are not Send.
+        let noised = match dp::add_noise(release, &noise, &batches) {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "DP noise failed");
+                return failed("a computation failed");
+            }
+        };
+        let rows = noised.num_rows() as u64;
+        self.append(
+            ticket,
+            None,
+            audit::Decision::Allowed,
+            None,
+            rows,
+            0,
+            Some(epsilon),
+        )?;
+        let schema = noised.schema();
+        Ok(Box::pin(MemoryStream::try_new(vec![noised], schema, None)?))
+    }
+
+    /// The DP budget of `researcher` in `collaboration` on every table of the station
+    /// (empty if the station answers no DP aggregates).
+    pub async fn budget(&self, researcher: &str, collaboration: &str) -> Result<Vec<BudgetInfo>> {
+        let (Some(policy), Some(ledger)) = (&self.policy.dp, &self.ledger) else {
+            return Ok(Vec::new());
+        };
+        let researcher = if researcher.is_empty() {
+            "local"
+        } else {
+            researcher
+        };
+        let collaboration = if collaboration.is_empty() {
+            railyard_udfs::wire::DEFAULT_COLLABORATION
+        } else {
+            collaboration
+        };
+        let mut out = Vec::new();
+        for (table, _) in self.tables().await? {
+            if self.policy.joined(&table) {
+                continue;
+            }
+            out.push(BudgetInfo {
+                spent: ledger.spent(researcher, collaboration, &table)?,
+                table,
+                budget: policy.budget,
+                max_query_epsilon: policy.max_epsilon,
+                default_epsilon: policy.epsilon,
+            });
+        }
+        Ok(out)
     }
 
     /// Plans a fragment in the station's own session, checks it against the policy, runs
@@ -277,6 +472,9 @@ impl Station {
             return self.run_train(ticket, call).await;
         }
         let approved = self.approve(ticket).await?;
+        if let Release::Dp(release) = &approved.release {
+            return self.run_dp(ticket, &approved, release).await;
+        }
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment approved");
         let batches = match self.execute(&approved.plan, ticket).await {
             Ok(batches) => batches,
@@ -327,13 +525,23 @@ impl Station {
         rows: u64,
         suppressed: u64,
     ) -> Result<()> {
-        let researcher = if ticket.researcher.is_empty() {
-            "local"
-        } else {
-            ticket.researcher.as_str()
-        };
+        self.append(ticket, train, decision, rule, rows, suppressed, None)
+    }
+
+    /// Writes an audit record (durably).
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &self,
+        ticket: &FragmentTicket,
+        train: Option<&str>,
+        decision: audit::Decision,
+        rule: Option<&str>,
+        rows: u64,
+        suppressed: u64,
+        epsilon: Option<f64>,
+    ) -> Result<()> {
         self.audit.append(audit::Entry {
-            researcher,
+            researcher: researcher_of(ticket),
             query_id: &ticket.query_id,
             fragment: ticket.fragment as u64,
             sql: &ticket.sql,
@@ -343,6 +551,7 @@ impl Station {
             rule,
             rows,
             suppressed,
+            epsilon,
         })?;
         Ok(())
     }
@@ -681,6 +890,15 @@ impl Station {
     }
 }
 
+/// The researcher a ticket names (`local` if none).
+fn researcher_of(ticket: &FragmentTicket) -> &str {
+    if ticket.researcher.is_empty() {
+        "local"
+    } else {
+        ticket.researcher.as_str()
+    }
+}
+
 type Kept = (Vec<RecordBatch>, u64, u64);
 
 /// Applies the fragment's release rule to its result: the batches to release with the
@@ -742,6 +960,9 @@ fn release(
         }
         Release::TrainInput { .. } => Err(Error::BadRequest(
             "internal: a train's input is never released".to_string(),
+        )),
+        Release::Dp(_) => Err(Error::BadRequest(
+            "internal: a DP release is noised, not thresholded".to_string(),
         )),
         Release::Model {
             k,

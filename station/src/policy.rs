@@ -9,6 +9,11 @@
 //! [tables.lung.columns]
 //! time = "public"               # public | aggregate | dp | join_key | hidden
 //! patient_id = "hidden"
+//! [dp]                          # differential privacy (off without this section)
+//! budget = 10.0                 # total ε per (researcher, collaboration, table)
+//! [tables.lung.dp]
+//! age = { lower = 0, upper = 120 }   # clamping bounds of dp_sum / dp_avg
+//! sex = { keys = [1, 2] }            # the public groups of a DP GROUP BY
 //! ```
 //!
 //! With no file at all a station uses [`Policy::default`]: every column `aggregate`, k = 5,
@@ -71,8 +76,25 @@ struct PolicyFile {
     survival_time_resolution: Option<Spanned<f64>>,
     allow_vertical: Option<bool>,
     trains: Option<TrainsFile>,
+    dp: Option<DpFile>,
     #[serde(default)]
     tables: BTreeMap<Spanned<String>, TableFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DpFile {
+    budget: Option<Spanned<f64>>,
+    max_epsilon: Option<Spanned<f64>>,
+    epsilon: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DpColumnFile {
+    lower: Option<f64>,
+    upper: Option<f64>,
+    keys: Option<Vec<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +121,49 @@ struct TableFile {
     allow_vertical: Option<bool>,
     #[serde(default)]
     columns: BTreeMap<Spanned<String>, Visibility>,
+    #[serde(default)]
+    dp: BTreeMap<Spanned<String>, DpColumnFile>,
+}
+
+/// Default total ε per (researcher, collaboration, table).
+pub const DEFAULT_DP_BUDGET: f64 = 10.0;
+/// Default cap on the ε of one query.
+pub const DEFAULT_DP_MAX_EPSILON: f64 = 1.0;
+/// Default ε of a query that does not choose one.
+pub const DEFAULT_DP_EPSILON: f64 = 0.5;
+/// Most public keys one column may declare, and most groups (key combinations) one DP
+/// release may have.
+pub const MAX_DP_GROUPS: usize = 10_000;
+
+/// The station's differential privacy settings (`[dp]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpPolicy {
+    /// Total ε per (researcher, collaboration, table), over all time.
+    pub budget: f64,
+    /// The largest ε one query may spend on one table.
+    pub max_epsilon: f64,
+    /// The ε of a query that does not choose one.
+    pub epsilon: f64,
+}
+
+/// A public key value of a DP group column, as written in the policy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DpKey {
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Bool(bool),
+}
+
+/// What the policy declares about one column for DP aggregates.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DpColumn {
+    /// Clamping bounds for `dp_sum` / `dp_avg`.
+    pub bounds: Option<(f64, f64)>,
+    /// The column's public values: a DP `GROUP BY` over it releases exactly these groups.
+    pub keys: Option<Vec<DpKey>>,
+    /// Line in the policy file.
+    pub line: usize,
 }
 
 /// Default cap on the rows of a train's output.
@@ -156,7 +221,7 @@ pub fn is_image_id(id: &str) -> bool {
 }
 
 /// The policy of one table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TablePolicy {
     pub min_group_size: Option<u64>,
     pub default_visibility: Option<Visibility>,
@@ -169,6 +234,8 @@ pub struct TablePolicy {
     pub joined: bool,
     /// Column name → (visibility, line in the policy file).
     pub columns: BTreeMap<String, (Visibility, usize)>,
+    /// Column name → its DP bounds and public keys (`[tables.T.dp]`).
+    pub dp: BTreeMap<String, DpColumn>,
     /// Line of the table's section in the policy file.
     pub line: usize,
 }
@@ -190,6 +257,8 @@ pub struct Policy {
     pub allow_vertical: Option<bool>,
     /// Containerized trains (none allowed by default).
     pub trains: TrainPolicy,
+    /// Differential privacy (off by default: no budget, no DP aggregates).
+    pub dp: Option<DpPolicy>,
     pub tables: BTreeMap<String, TablePolicy>,
     /// Where the policy came from (a path, or "default").
     pub source: String,
@@ -205,6 +274,7 @@ impl Default for Policy {
             survival_time_resolution: DEFAULT_SURVIVAL_TIME_RESOLUTION,
             allow_vertical: None,
             trains: TrainPolicy::default(),
+            dp: None,
             tables: BTreeMap::new(),
             source: "default".to_string(),
         }
@@ -305,6 +375,9 @@ impl Policy {
         if let Some(trains) = &file.trains {
             policy.trains = parse_trains(trains, text, source)?;
         }
+        if let Some(dp) = &file.dp {
+            policy.dp = Some(parse_dp(dp, text, source)?);
+        }
         for (name, table) in file.tables {
             let min_group_size = match &table.min_group_size {
                 Some(v) => Some(k(v)?),
@@ -318,6 +391,11 @@ impl Policy {
                     (c.into_inner(), (v, line))
                 })
                 .collect();
+            let mut dp = BTreeMap::new();
+            for (c, f) in table.dp {
+                let line = line_of(text, c.span().start);
+                dp.insert(c.into_inner(), parse_dp_column(f, line).map_err(error)?);
+            }
             policy.tables.insert(
                 name.get_ref().clone(),
                 TablePolicy {
@@ -332,6 +410,7 @@ impl Policy {
                     allow_vertical: table.allow_vertical,
                     joined: false,
                     columns,
+                    dp,
                     line: line_of(text, name.span().start),
                 },
             );
@@ -357,6 +436,32 @@ impl Policy {
                     origin: self.source.clone(),
                     message: format!("line {line}: table '{table}' has no column '{column}'"),
                 });
+            }
+        }
+        for (column, dp) in &t.dp {
+            let line = dp.line;
+            let refuse = |why: String| PolicyError {
+                origin: self.source.clone(),
+                message: format!("line {line}: {why}"),
+            };
+            let Ok(field) = schema.field_with_name(column) else {
+                return Err(refuse(format!("table '{table}' has no column '{column}'")));
+            };
+            if dp.bounds.is_some() && !field.data_type().is_numeric() {
+                return Err(refuse(format!(
+                    "column '{column}' of table '{table}' is not numeric ({}); only numeric \
+                     columns have sum bounds",
+                    field.data_type()
+                )));
+            }
+            for key in dp.keys.iter().flatten() {
+                if key.to_scalar(field.data_type()).is_none() {
+                    return Err(refuse(format!(
+                        "a public key of column '{column}' of table '{table}' is not a value \
+                         of its type {}",
+                        field.data_type()
+                    )));
+                }
             }
         }
         let keys: Vec<_> = schema
@@ -430,6 +535,122 @@ impl Policy {
             .and_then(|t| t.survival_time_resolution)
             .unwrap_or(self.survival_time_resolution)
     }
+}
+
+impl Policy {
+    /// What the policy declares about `column` of `table` for DP aggregates.
+    pub fn dp_column(&self, table: &str, column: &str) -> Option<&DpColumn> {
+        self.tables.get(table).and_then(|t| t.dp.get(column))
+    }
+}
+
+impl DpKey {
+    /// The key as a value of a column of type `to`, if it is one.
+    pub fn to_scalar(
+        &self,
+        to: &arrow::datatypes::DataType,
+    ) -> Option<datafusion::common::ScalarValue> {
+        use datafusion::common::ScalarValue;
+        let v = match self {
+            DpKey::Int(i) => ScalarValue::Int64(Some(*i)),
+            DpKey::Float(f) => ScalarValue::Float64(Some(*f)),
+            DpKey::Text(s) => ScalarValue::Utf8(Some(s.clone())),
+            DpKey::Bool(b) => ScalarValue::Boolean(Some(*b)),
+        };
+        let cast = v.cast_to(to).ok()?;
+        // A key that does not survive the round trip (1.5 as an integer, 300 as Int8, 'x'
+        // as a number) names no value of the column.
+        let back = cast.cast_to(&v.data_type()).ok()?;
+        (back == v && !cast.is_null()).then_some(cast)
+    }
+}
+
+fn parse_dp(file: &DpFile, text: &str, source: &str) -> Result<DpPolicy, PolicyError> {
+    let positive = |v: &Option<Spanned<f64>>, name: &str, default: f64| match v {
+        Some(v) if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) => Err(PolicyError {
+            origin: source.to_string(),
+            message: format!(
+                "line {}: dp.{name} must be a number > 0",
+                line_of(text, v.span().start)
+            ),
+        }),
+        Some(v) => Ok(*v.get_ref()),
+        None => Ok(default),
+    };
+    let dp = DpPolicy {
+        budget: positive(&file.budget, "budget", DEFAULT_DP_BUDGET)?,
+        max_epsilon: positive(&file.max_epsilon, "max_epsilon", DEFAULT_DP_MAX_EPSILON)?,
+        epsilon: positive(&file.epsilon, "epsilon", DEFAULT_DP_EPSILON)?,
+    };
+    let at = |v: &Option<Spanned<f64>>| v.as_ref().map_or(1, |v| line_of(text, v.span().start));
+    if dp.epsilon > dp.max_epsilon {
+        return Err(PolicyError {
+            origin: source.to_string(),
+            message: format!(
+                "line {}: dp.epsilon (the default ε of a query) is above dp.max_epsilon",
+                at(&file.epsilon).max(at(&file.max_epsilon))
+            ),
+        });
+    }
+    if dp.max_epsilon > dp.budget {
+        return Err(PolicyError {
+            origin: source.to_string(),
+            message: format!(
+                "line {}: dp.max_epsilon is above dp.budget",
+                at(&file.max_epsilon).max(at(&file.budget))
+            ),
+        });
+    }
+    Ok(dp)
+}
+
+fn parse_dp_column(file: DpColumnFile, line: usize) -> Result<DpColumn, String> {
+    let bounds = match (file.lower, file.upper) {
+        (None, None) => None,
+        (Some(l), Some(u)) if l.is_finite() && u.is_finite() && l < u => Some((l, u)),
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "line {line}: DP bounds need finite numbers with lower < upper"
+            ));
+        }
+        _ => return Err(format!("line {line}: DP bounds need both lower and upper")),
+    };
+    let keys = match file.keys {
+        None => None,
+        Some(values) => {
+            if values.is_empty() || values.len() > MAX_DP_GROUPS {
+                return Err(format!(
+                    "line {line}: a column's DP keys are 1 to {MAX_DP_GROUPS} values"
+                ));
+            }
+            let mut keys = Vec::with_capacity(values.len());
+            for v in values {
+                let key = match v {
+                    toml::Value::Integer(i) => DpKey::Int(i),
+                    toml::Value::Float(f) if f.is_finite() => DpKey::Float(f),
+                    toml::Value::String(s) => DpKey::Text(s),
+                    toml::Value::Boolean(b) => DpKey::Bool(b),
+                    _ => {
+                        return Err(format!(
+                            "line {line}: DP keys are integers, finite numbers, strings or \
+                             booleans"
+                        ));
+                    }
+                };
+                if keys.contains(&key) {
+                    return Err(format!("line {line}: a DP key is listed twice"));
+                }
+                keys.push(key);
+            }
+            Some(keys)
+        }
+    };
+    if bounds.is_none() && keys.is_none() {
+        return Err(format!(
+            "line {line}: a DP column entry needs bounds (lower, upper) or keys"
+        ));
+    }
+    Ok(DpColumn { bounds, keys, line })
 }
 
 fn parse_trains(file: &TrainsFile, text: &str, source: &str) -> Result<TrainPolicy, PolicyError> {
@@ -624,6 +845,85 @@ mod tests {
                 "{text}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn dp_is_off_by_default_and_its_settings_validate() {
+        assert!(Policy::default().dp.is_none());
+        let p = Policy::parse(
+            "[dp]\nbudget = 3.0\n[tables.lung.dp]\nage = { lower = 0, upper = 120 }\n\
+             sex = { keys = [1, 2] }\nsite = { keys = [\"a\", \"b\"] }\n",
+            "p.toml",
+        )
+        .unwrap();
+        let dp = p.dp.clone().unwrap();
+        assert_eq!(
+            (dp.budget, dp.max_epsilon, dp.epsilon),
+            (3.0, DEFAULT_DP_MAX_EPSILON, DEFAULT_DP_EPSILON)
+        );
+        assert_eq!(
+            p.dp_column("lung", "age").unwrap().bounds,
+            Some((0.0, 120.0))
+        );
+        assert_eq!(
+            p.dp_column("lung", "sex").unwrap().keys,
+            Some(vec![DpKey::Int(1), DpKey::Int(2)])
+        );
+        use arrow::datatypes::{DataType, Field};
+        let schema = Schema::new(vec![
+            Field::new("age", DataType::Int64, true),
+            Field::new("sex", DataType::Int32, true),
+            Field::new("site", DataType::Utf8, true),
+        ]);
+        assert!(p.validate_table("lung", &schema).is_ok());
+        let wrong_type = Schema::new(vec![
+            Field::new("age", DataType::Int64, true),
+            Field::new("sex", DataType::Utf8, true),
+            Field::new("site", DataType::Int64, true),
+        ]);
+        let err = p
+            .validate_table("lung", &wrong_type)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 6") && err.contains("site"), "{err}");
+        for (text, line, what) in [
+            ("[dp]\nbudget = 0", 2, "dp.budget"),
+            ("[dp]\nepsilon = 2.0", 2, "dp.epsilon"),
+            ("[dp]\nbudget = 0.5", 2, "dp.max_epsilon"),
+            ("[dp]\ndelta = 1e-6", 2, "delta"),
+            (
+                "[tables.t.dp]\nx = { lower = 5, upper = 1 }",
+                2,
+                "lower < upper",
+            ),
+            ("[tables.t.dp]\nx = { lower = 5 }", 2, "both"),
+            ("[tables.t.dp]\n\nx = { keys = [] }", 3, "keys"),
+            ("[tables.t.dp]\nx = { keys = [1, 1] }", 2, "twice"),
+            ("[tables.t.dp]\nx = {}", 2, "needs bounds"),
+        ] {
+            let err = Policy::parse(text, "p.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("line {line}")) && err.contains(what),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn dp_keys_convert_only_to_values_of_the_column_type() {
+        use arrow::datatypes::DataType;
+        use datafusion::common::ScalarValue;
+        assert_eq!(
+            DpKey::Int(2).to_scalar(&DataType::Int32),
+            Some(ScalarValue::Int32(Some(2)))
+        );
+        assert_eq!(DpKey::Int(300).to_scalar(&DataType::Int8), None);
+        assert_eq!(DpKey::Float(1.5).to_scalar(&DataType::Int64), None);
+        assert_eq!(DpKey::Text("x".into()).to_scalar(&DataType::Int64), None);
+        assert_eq!(
+            DpKey::Int(2).to_scalar(&DataType::Float64),
+            Some(ScalarValue::Float64(Some(2.0)))
+        );
     }
 
     #[test]

@@ -165,6 +165,18 @@ impl FlightService for StationService {
                     .map_err(|e| self.status(e))?;
                 reply(serde_json::to_vec(&answer).expect("a check answer serializes"))
             }
+            "budget" => {
+                let request: railyard_udfs::wire::BudgetRequest =
+                    serde_json::from_slice(&action.body).map_err(|e| {
+                        self.status(Error::BadRequest(format!("not a budget request: {e}")))
+                    })?;
+                let info = self
+                    .station
+                    .budget(&request.researcher, &request.collaboration)
+                    .await
+                    .map_err(|e| self.status(e))?;
+                reply(serde_json::to_vec(&info).expect("a budget serializes"))
+            }
             "policy" => {
                 let info = self
                     .station
@@ -194,6 +206,11 @@ impl FlightService for StationService {
             (
                 "policy",
                 "returns the station's policy per table: k and each column's visibility",
+            ),
+            (
+                "budget",
+                "takes {researcher, collaboration}; returns per table the differential \
+                 privacy budget, the ε spent and the per-query limits",
             ),
         ]
         .into_iter()

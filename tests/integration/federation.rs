@@ -521,8 +521,22 @@ fn railyard_demo_runs_its_queries_and_exits_zero() {
     }
     assert_eq!(
         stdout.matches("hub merge plan:").count(),
-        railyard::demo::QUERIES.len() + 2,
-        "each SQL query, the first vertical one and the train show their plan"
+        railyard::demo::QUERIES.len() + 3,
+        "each SQL query, the first vertical one, the train and the DP query show their plan"
+    );
+    // The DP query: its plan names the ε each station charges, and the budget left.
+    assert!(stdout.contains(railyard::demo::DP_QUERY), "{stdout}");
+    assert!(
+        stdout.contains("ε = 0.5 charged at this station"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| station   | table_name | budget | spent | remaining |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| 10.0   | 0.5   | 9.5       |"),
+        "{stdout}"
     );
     // The example train (its image is built by scripts/build-trains, which the suite runs).
     assert!(stdout.contains(railyard::demo::TRAIN_QUERY), "{stdout}");

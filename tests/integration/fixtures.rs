@@ -220,6 +220,8 @@ pub async fn run_at_station(
         query_id: "test".into(),
         fragment: 1,
         researcher: "test".into(),
+        collaboration: String::new(),
+        epsilon: None,
         sql: sql.to_string(),
         train: None,
     };

@@ -1,6 +1,7 @@
 //! Integration tests: real stations and a real hub on loopback sockets, queried through
 //! Flight SQL, compared with one centralized DataFusion session over the pooled data.
 
+mod dp;
 mod federation;
 mod fixtures;
 mod policy;

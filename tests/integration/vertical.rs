@@ -706,6 +706,8 @@ async fn a_station_without_the_collaboration_secret_refuses_to_pseudonymize() {
         query_id: "q".into(),
         fragment: 1,
         researcher: "r".into(),
+        collaboration: String::new(),
+        epsilon: None,
         sql: "SELECT pseudonym(patient_id) AS p, radius_error FROM breast".into(),
         train: None,
     };

@@ -23,6 +23,7 @@
 //! which a fragment's SQL is planned, identical at the hub (to predict the fragment's schema)
 //! and at every station.
 
+pub mod dp;
 pub mod glm_terms;
 pub mod merge;
 pub mod partial;
@@ -96,8 +97,9 @@ pub fn fragment_context() -> Result<SessionContext> {
 /// A session for fragments under `config` (derived from [`fragment_session_config`], e.g.
 /// with another number of partitions).
 pub fn fragment_context_with(config: SessionConfig) -> Result<SessionContext> {
-    let ctx = SessionContext::new_with_config(config);
+    let mut ctx = SessionContext::new_with_config(config);
     register_models(&ctx);
+    dp::register(&mut ctx)?;
     // Unkeyed: fragments that pseudonymize plan everywhere; a station replaces it with its
     // keyed version.
     ctx.register_udf(pseudonym::Pseudonym::unkeyed().udf());

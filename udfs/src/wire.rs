@@ -17,7 +17,7 @@ pub const PSEUDONYM_COLUMN: &str = "__pseudonym";
 
 /// A station's answer to the `check` action: the fragment passed its policy, and what it
 /// will release.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckAnswer {
     /// `rows` (row-level values of public columns), `groups` (one row per group, with
     /// [`ROWS_COLUMN`] appended), `model`, or `pseudonymized` (rows keyed by
@@ -25,6 +25,10 @@ pub struct CheckAnswer {
     pub release: String,
     /// The group-size threshold the station applies (1 for row-level releases).
     pub min_group_size: u64,
+    /// For a differentially private release (`dp`): the ε the station will charge to the
+    /// researcher's budget when the fragment runs (nothing is charged by the check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// One table's policy as a station announces it through the `policy` action.
@@ -47,7 +51,7 @@ pub struct TablePolicyInfo {
 }
 
 /// The contents of a fragment ticket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FragmentTicket {
     /// The hub's id of the researcher's query (one query may send several fragments).
@@ -56,6 +60,14 @@ pub struct FragmentTicket {
     pub fragment: usize,
     /// Who asked: a researcher name, or `local` in `railyard local` mode.
     pub researcher: String,
+    /// The collaboration the researcher asks in (a station keeps a DP budget per
+    /// researcher, collaboration and table); empty means [`DEFAULT_COLLABORATION`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub collaboration: String,
+    /// The ε the researcher chose for this query (`SET railyard.epsilon`); without one a
+    /// station uses its policy's default. Only DP fragments use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
     /// The fragment's SQL; the station plans it itself. For a train, the SQL of its input.
     pub sql: String,
     /// Run a containerized train over the fragment's rows instead of releasing them.
@@ -76,7 +88,43 @@ pub struct TrainCall {
 /// each row. A train's output may not have a column of this name.
 pub const TRAIN_STATION_COLUMN: &str = "station";
 
+/// The collaboration of a ticket that names none.
+pub const DEFAULT_COLLABORATION: &str = "default";
+
+/// The body of a station's `budget` action: whose DP budget to report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRequest {
+    pub researcher: String,
+    #[serde(default)]
+    pub collaboration: String,
+}
+
+/// One table's DP budget at a station, for one researcher and collaboration (the answer to
+/// the `budget` action is a JSON list of these, one per table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetInfo {
+    pub table: String,
+    /// The total ε the station allows per (researcher, collaboration, table).
+    pub budget: f64,
+    /// ε already charged (committed before each release).
+    pub spent: f64,
+    /// The largest ε one query may spend.
+    pub max_query_epsilon: f64,
+    /// The ε of a query that does not choose one.
+    pub default_epsilon: f64,
+}
+
 impl FragmentTicket {
+    /// The collaboration, with the default for a ticket that names none.
+    pub fn collaboration(&self) -> &str {
+        if self.collaboration.is_empty() {
+            DEFAULT_COLLABORATION
+        } else {
+            &self.collaboration
+        }
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serializing a struct of strings and integers cannot fail.
         serde_json::to_vec(self).expect("a fragment ticket serializes")

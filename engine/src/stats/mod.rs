@@ -585,6 +585,8 @@ impl Rounds {
             query_id: self.query.query_id.clone(),
             fragment,
             researcher: self.query.researcher.clone(),
+            collaboration: self.query.collaboration.clone(),
+            epsilon: None,
             sql,
             train: None,
         };
