@@ -88,6 +88,7 @@ fn release() -> (DpRelease, RecordBatch) {
                 bound: 90.0,
             },
         ],
+        aggregate_schema: Arc::clone(&schema),
         output: vec![0, 1, 2],
         schema,
     };

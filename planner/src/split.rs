@@ -97,6 +97,18 @@ impl FederationPlanner {
         let mut fragments = Vec::new();
         let plan = self.rewrite(plan.clone(), &mut fragments).await?;
         check_no_federated_scan(&plan)?;
+        // Stations check and charge each fragment on its own: two DP fragments over one
+        // table could each pass the check and together overrun the budget.
+        let mut dp_tables = BTreeSet::new();
+        for f in &fragments {
+            if matches!(f.kind, FragmentKind::DpAggregate { .. }) && !dp_tables.insert(&f.table) {
+                return Err(Error::NotSupported(format!(
+                    "a query may compute differentially private aggregates over table '{}' \
+                     once (one GROUP BY); run the other part as its own query",
+                    f.table
+                )));
+            }
+        }
         Ok(FederatedPlan { plan, fragments })
     }
 

@@ -44,6 +44,7 @@ use arrow::datatypes::DataType;
 use datafusion::common::Column;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::functions::math::expr_fn::isnan;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator, Projection, SubqueryAlias,
@@ -840,10 +841,12 @@ fn check_for(
         return Err(checker.shape("it may aggregate only once"));
     }
 
-    checker.dp = aggregate_at.is_some_and(|at| match chain[at] {
-        LogicalPlan::Aggregate(agg) => agg.aggr_expr.iter().any(|e| dp_call(e).is_some()),
-        _ => false,
-    });
+    // A train's input is rows (refused below if it aggregates): never a DP release.
+    checker.dp = !train_input
+        && aggregate_at.is_some_and(|at| match chain[at] {
+            LogicalPlan::Aggregate(agg) => agg.aggr_expr.iter().any(|e| dp_call(e).is_some()),
+            _ => false,
+        });
     if checker.dp && policy.dp.is_none() {
         return Err(Refusal {
             rule: "dp",
@@ -959,7 +962,7 @@ fn check_for(
                 if checker.dp {
                     dp_input.clone_from(&lineage);
                     for e in &agg.aggr_expr {
-                        let call = checker.dp_call(e, &lineage)?;
+                        let call = checker.dp_call(e, &lineage, agg.input.schema())?;
                         out.push((columns[out.len()].clone(), call.lineage()));
                         dp_calls.push(call);
                     }
@@ -1185,7 +1188,12 @@ fn plain_column<'a>(e: &Expr, input: &'a [(Column, Lineage)]) -> Option<&'a Stri
 impl Checker<'_> {
     /// Checks one aggregate call of a DP fragment: a station half of a DP aggregate, over a
     /// column used unchanged (or a literal, for a count), with bounds for a sum.
-    fn dp_call(&mut self, e: &Expr, input: &[(Column, Lineage)]) -> Result<DpCall, Refusal> {
+    fn dp_call(
+        &mut self,
+        e: &Expr,
+        input: &[(Column, Lineage)],
+        schema: &DFSchema,
+    ) -> Result<DpCall, Refusal> {
         let Some((kind, partial, f)) = dp_call(e) else {
             return Err(Refusal {
                 rule: "dp_mixed",
@@ -1222,7 +1230,9 @@ impl Checker<'_> {
         let [arg] = f.params.args.as_slice() else {
             return Err(self.shape(&format!("{}() takes one argument", kind.name())));
         };
-        self.literals(arg)?;
+        // The usual checks first: literals, forbidden columns, and no expression (a cast
+        // included) that could fail on particular values.
+        self.lineage(arg, input, schema)?;
         let column = match plain_column(arg, input) {
             Some(c) => {
                 self.forbidden(c)?;
@@ -1326,11 +1336,15 @@ fn dp_release(
                     .and_then(|d| d.bounds)
                     .expect("checked in dp_call");
                 let x = cast(call.arg.clone(), DataType::Float64);
-                let clamped = when(x.clone().lt(lit(lower)), lit(lower))
-                    .when(x.clone().lt_eq(lit(upper)), x.clone())
-                    .when(x.gt(lit(upper)), lit(upper))
-                    .otherwise(lit(ScalarValue::Float64(None)))
-                    .map_err(|e| checker.shape(&format!("the bounds cannot be applied ({e})")))?;
+                // NULL and NaN are left out (like NULL in any sum); the rest is clamped.
+                let clamped = when(
+                    x.clone().is_null().or(isnan(x.clone())),
+                    lit(ScalarValue::Float64(None)),
+                )
+                .when(x.clone().lt(lit(lower)), lit(lower))
+                .when(x.clone().gt(lit(upper)), lit(upper))
+                .otherwise(x)
+                .map_err(|e| checker.shape(&format!("the bounds cannot be applied ({e})")))?;
                 exprs.push((call.name.clone(), Some(clamped)));
                 lower.abs().max(upper.abs())
             }
@@ -1384,6 +1398,7 @@ fn dp_release(
         table: table.clone(),
         groups,
         aggregates,
+        aggregate_schema: Arc::new(aggregate.schema.as_arrow().clone()),
         output: positions,
         schema: Arc::new(plan.schema().as_arrow().clone()),
     };
@@ -1574,6 +1589,96 @@ mod tests {
                 assert!(r.message.starts_with("policy: "), "{}", r.message);
                 r.rule
             })
+    }
+
+    #[tokio::test]
+    async fn dp_fragments_need_plain_columns_bounds_keys_and_no_fallible_casts() {
+        let policy = Policy::parse(
+            "[dp]\n[tables.lung.columns]\nage = \"dp\"\nnote = \"hidden\"\n\
+             [tables.lung.dp]\nage = { lower = 30, upper = 90 }\ninst = { keys = [1, 2] }\n",
+            "test",
+        )
+        .unwrap();
+        let dp = |sql: &'static str| {
+            let policy = policy.clone();
+            async move {
+                check(&plan(sql).await, &policy, "s")
+                    .map(|c| c.release)
+                    .map_err(|r| r.rule)
+            }
+        };
+        for sql in [
+            "SELECT inst AS g0, partial_dp_count(1) AS a0, partial_dp_avg(CAST(age AS DOUBLE)) AS a1 \
+             FROM lung WHERE age > 60 GROUP BY inst",
+            "SELECT a0 FROM (SELECT partial_dp_sum(age) AS a0 FROM lung)",
+        ] {
+            assert!(matches!(dp(sql).await, Ok(Release::Dp(_))), "{sql}");
+        }
+        for (sql, expected) in [
+            // A cast that can fail on a value (a one-digit decimal of an age) is a side
+            // channel, in an argument as anywhere else.
+            (
+                "SELECT partial_dp_count(CAST(age AS DECIMAL(1,0))) AS a FROM lung",
+                "fallible_expression",
+            ),
+            (
+                "SELECT partial_dp_sum(patient_id) AS a FROM lung",
+                "dp_bounds",
+            ),
+            (
+                "SELECT partial_dp_sum(age + 1) AS a FROM lung",
+                "fragment_shape",
+            ),
+            (
+                "SELECT patient_id, partial_dp_count(1) AS a FROM lung GROUP BY patient_id",
+                "dp_keys",
+            ),
+            (
+                "SELECT partial_dp_count(note) AS a FROM lung",
+                "hidden_column",
+            ),
+            (
+                "SELECT partial_dp_count(1) AS a, partial_count(age) AS b FROM lung",
+                "dp_mixed",
+            ),
+            (
+                "SELECT partial_distinct_dp_count(age) AS a FROM lung",
+                "fragment_shape",
+            ),
+            ("SELECT dp_count(age) AS a FROM lung", "fragment_shape"),
+            (
+                "SELECT inst, partial_dp_count(1) AS a FROM lung GROUP BY inst HAVING inst > 1",
+                "fragment_shape",
+            ),
+            (
+                "SELECT partial_dp_count(1) AS a FROM lung ORDER BY 1",
+                "ordering",
+            ),
+            ("SELECT count(age) FROM lung", "dp_column"),
+        ] {
+            assert_eq!(dp(sql).await.err(), Some(expected), "{sql}");
+        }
+        // No [dp] section: refused as such.
+        assert_eq!(
+            rule("SELECT partial_dp_count(1) AS a FROM lung")
+                .await
+                .err(),
+            Some("dp")
+        );
+        // As a train's input a DP call is an aggregate like any other: refused, no panic,
+        // and `dp` columns stay unreadable.
+        let input = check_train_input(
+            &plan("SELECT partial_dp_count(age) AS a FROM lung").await,
+            &policy,
+            "s",
+        );
+        assert_eq!(input.err().map(|r| r.rule), Some("dp_column"));
+        let input = check_train_input(
+            &plan("SELECT partial_dp_count(1) AS a FROM lung").await,
+            &policy,
+            "s",
+        );
+        assert_eq!(input.err().map(|r| r.rule), Some("fragment_shape"));
     }
 
     #[tokio::test]

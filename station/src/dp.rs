@@ -63,6 +63,8 @@ pub struct DpRelease {
     pub groups: Vec<DpGroup>,
     /// The aggregate's DP calls, in its output order (after the groups).
     pub aggregates: Vec<DpAggregateSpec>,
+    /// The aggregate's output schema (what an input without rows would have produced).
+    pub aggregate_schema: SchemaRef,
     /// For each output column of the fragment, its column in the aggregate's output.
     pub output: Vec<usize>,
     /// The fragment's output schema.
@@ -204,10 +206,10 @@ pub fn add_noise(
     batches: &[RecordBatch],
 ) -> Result<RecordBatch, NoiseError> {
     let internal = |what: &str| NoiseError(format!("internal: {what}"));
-    let Some(first) = batches.first() else {
-        return Err(internal("the aggregate returned no batch"));
-    };
-    let batch = concat_batches(&first.schema(), batches).map_err(|e| internal(&e.to_string()))?;
+    // A grouped aggregate over no rows produces no batch at all: that is zero rows, and
+    // every declared key is released (noised zeros) exactly as when rows exist.
+    let batch =
+        concat_batches(&release.aggregate_schema, batches).map_err(|e| internal(&e.to_string()))?;
     let g = release.groups.len();
     if batch.num_columns() != g + release.aggregates.len() {
         return Err(internal("the aggregate's columns do not match the release"));
@@ -401,6 +403,7 @@ mod tests {
                     bound,
                 })
                 .collect(),
+            aggregate_schema: Arc::new(arrow::datatypes::Schema::empty()),
             output: vec![],
             schema: Arc::new(arrow::datatypes::Schema::empty()),
         }

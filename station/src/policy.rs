@@ -454,14 +454,23 @@ impl Policy {
                     field.data_type()
                 )));
             }
+            let mut seen = Vec::new();
             for key in dp.keys.iter().flatten() {
-                if key.to_scalar(field.data_type()).is_none() {
+                let Some(value) = key.to_scalar(field.data_type()) else {
                     return Err(refuse(format!(
                         "a public key of column '{column}' of table '{table}' is not a value \
                          of its type {}",
                         field.data_type()
                     )));
+                };
+                if seen.contains(&value) {
+                    return Err(refuse(format!(
+                        "two public keys of column '{column}' of table '{table}' are the same \
+                         value of its type {}",
+                        field.data_type()
+                    )));
                 }
+                seen.push(value);
             }
         }
         let keys: Vec<_> = schema
@@ -886,6 +895,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 6") && err.contains("site"), "{err}");
+        // 1 and 1.0 are one value of an integer column.
+        let p = Policy::parse("[dp]\n[tables.t.dp]\nx = { keys = [1, 1.0] }\n", "p.toml").unwrap();
+        let int = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
+        let err = p.validate_table("t", &int).unwrap_err().to_string();
+        assert!(
+            err.contains("line 3") && err.contains("same value"),
+            "{err}"
+        );
         for (text, line, what) in [
             ("[dp]\nbudget = 0", 2, "dp.budget"),
             ("[dp]\nepsilon = 2.0", 2, "dp.epsilon"),
