@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   SELECT * FROM railyard.budget
-//!        │ BudgetTable::scan ──▶ BudgetExec (query identity assigned like a FragmentExec)
+//!        │ BudgetTable::scan ──▶ QueryJobExec(BudgetJob) (query identity assigned like a FragmentExec)
 //!        ▼ execute: the `budget` action at every station, concurrently
 //!   station | table_name | budget | spent | remaining | max_query_epsilon | default_epsilon
 //! ```
@@ -11,26 +11,20 @@
 //! The stations keep the ledgers (the hub keeps none): the table is read fresh each time and
 //! is exactly what each station will enforce.
 
-use std::fmt;
 use std::sync::Arc;
 
 use arrow::array::{Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::{Result as DfResult, plan_err};
+use datafusion::common::Result as DfResult;
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
-use datafusion::physical_expr::EquivalenceProperties;
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-};
+use datafusion::physical_plan::ExecutionPlan;
+use futures::future::BoxFuture;
 
-use crate::exec::QueryContext;
+use crate::exec::{QueryContext, QueryJob, QueryJobExec};
 use crate::station_client::StationClient;
 
 /// The table's name in the `railyard` schema.
@@ -77,77 +71,31 @@ impl TableProvider for BudgetTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(BudgetExec::new(
-            Arc::clone(&self.stations),
+        let job = BudgetJob {
+            stations: Arc::clone(&self.stations),
+        };
+        Ok(Arc::new(QueryJobExec::new(
+            Arc::new(job),
+            &budget_schema(),
             projection.cloned(),
         )?))
     }
 }
 
-/// Asks every station for the researcher's budget when executed; one partition, one batch.
-#[derive(Debug, Clone)]
-pub struct BudgetExec {
+/// Asks every station for the researcher's budget, as a [`QueryJob`].
+#[derive(Debug)]
+struct BudgetJob {
     stations: Arc<Vec<StationClient>>,
-    projection: Option<Vec<usize>>,
-    query: Option<QueryContext>,
-    properties: Arc<PlanProperties>,
 }
 
-impl BudgetExec {
-    fn new(stations: Arc<Vec<StationClient>>, projection: Option<Vec<usize>>) -> DfResult<Self> {
-        let schema = match &projection {
-            Some(p) => Arc::new(budget_schema().project(p)?),
-            None => budget_schema(),
-        };
-        let properties = PlanProperties::new(
-            EquivalenceProperties::new(schema),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        );
-        Ok(Self {
-            stations,
-            projection,
-            query: None,
-            properties: Arc::new(properties),
-        })
+impl QueryJob for BudgetJob {
+    fn describe(&self) -> String {
+        format!("BudgetExec: {} stations", self.stations.len())
     }
 
-    /// The same operator, asking on behalf of `query`'s researcher.
-    pub fn with_query(&self, query: QueryContext) -> Self {
-        Self {
-            query: Some(query),
-            ..self.clone()
-        }
-    }
-}
-
-impl DisplayAs for BudgetExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "BudgetExec: {} stations", self.stations.len())
-    }
-}
-
-impl ExecutionPlan for BudgetExec {
-    crate::exec::leaf_exec!("BudgetExec");
-
-    fn execute(
-        &self,
-        partition: usize,
-        _context: Arc<TaskContext>,
-    ) -> DfResult<SendableRecordBatchStream> {
-        if partition != 0 {
-            return plan_err!("BudgetExec has one partition, not {partition}");
-        }
-        let Some(query) = self.query.clone() else {
-            return Err(DataFusionError::Internal(
-                "railyard.budget was read without a query identity".into(),
-            ));
-        };
+    fn run(&self, query: QueryContext) -> BoxFuture<'static, DfResult<RecordBatch>> {
         let stations = Arc::clone(&self.stations);
-        let projection = self.projection.clone();
-        let schema = self.properties.eq_properties.schema().clone();
-        let run = async move {
+        Box::pin(async move {
             let answers = futures::future::join_all(stations.iter().map(|s| async {
                 tokio::time::timeout(
                     query.fragment_timeout,
@@ -180,7 +128,7 @@ impl ExecutionPlan for BudgetExec {
                     default.push(info.default_epsilon);
                 }
             }
-            let batch = RecordBatch::try_new(
+            Ok(RecordBatch::try_new(
                 budget_schema(),
                 vec![
                     Arc::new(StringArray::from(station)),
@@ -191,15 +139,7 @@ impl ExecutionPlan for BudgetExec {
                     Arc::new(Float64Array::from(max_query)),
                     Arc::new(Float64Array::from(default)),
                 ],
-            )?;
-            match projection {
-                Some(p) => Ok(batch.project(&p)?),
-                None => Ok(batch),
-            }
-        };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            futures::stream::once(run),
-        )))
+            )?)
+        })
     }
 }

@@ -27,7 +27,7 @@ use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::limit::GlobalLimitExec;
-use datafusion::physical_plan::stream::RecordBatchReceiverStream;
+use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
@@ -127,12 +127,7 @@ pub fn assign_query(
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
     Ok(plan
         .transform_up(|node| {
-            if let Some(exec) = node.downcast_ref::<crate::budget::BudgetExec>() {
-                return Ok(Transformed::yes(
-                    Arc::new(exec.with_query(query.clone())) as _
-                ));
-            }
-            if let Some(exec) = node.downcast_ref::<crate::stats::StatsExec>() {
+            if let Some(exec) = node.downcast_ref::<QueryJobExec>() {
                 return Ok(Transformed::yes(
                     Arc::new(exec.with_query(query.clone())) as _
                 ));
@@ -214,6 +209,105 @@ macro_rules! leaf_exec {
     };
 }
 pub(crate) use leaf_exec;
+
+/// What a [`QueryJobExec`] runs: one batch over its full schema, computed on behalf of a
+/// query (the statistics functions' rounds, `railyard.budget`'s questions to the stations).
+pub trait QueryJob: fmt::Debug + Send + Sync {
+    /// How the operator shows in a physical plan.
+    fn describe(&self) -> String;
+    /// Computes the batch (its columns are the full schema the operator was made with).
+    fn run(
+        &self,
+        query: QueryContext,
+    ) -> futures::future::BoxFuture<'static, DfResult<RecordBatch>>;
+}
+
+/// A leaf that runs a [`QueryJob`] when executed: one partition, one batch, projected. Like
+/// a [`FragmentExec`] it is planned without knowing who asks, and [`assign_query`] gives it
+/// the query's identity.
+#[derive(Debug, Clone)]
+pub struct QueryJobExec {
+    job: Arc<dyn QueryJob>,
+    projection: Option<Vec<usize>>,
+    query: Option<QueryContext>,
+    properties: Arc<PlanProperties>,
+}
+
+impl QueryJobExec {
+    pub fn new(
+        job: Arc<dyn QueryJob>,
+        full: &SchemaRef,
+        projection: Option<Vec<usize>>,
+    ) -> DfResult<Self> {
+        let schema = match &projection {
+            Some(p) => Arc::new(full.project(p)?),
+            None => Arc::clone(full),
+        };
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        );
+        Ok(Self {
+            job,
+            projection,
+            query: None,
+            properties: Arc::new(properties),
+        })
+    }
+
+    /// The same operator, run on behalf of `query`.
+    pub fn with_query(&self, query: QueryContext) -> Self {
+        Self {
+            query: Some(query),
+            ..self.clone()
+        }
+    }
+}
+
+impl DisplayAs for QueryJobExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.job.describe())
+    }
+}
+
+impl ExecutionPlan for QueryJobExec {
+    leaf_exec!("QueryJobExec");
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "{} has one partition, not {partition}",
+                self.job.describe()
+            )));
+        }
+        let Some(query) = self.query.clone() else {
+            return Err(DataFusionError::Internal(format!(
+                "{} was executed without a query identity",
+                self.job.describe()
+            )));
+        };
+        let run = self.job.run(query);
+        let projection = self.projection.clone();
+        let schema = self.properties.eq_properties.schema().clone();
+        let run = async move {
+            let batch = run.await?;
+            match projection {
+                Some(p) => Ok(batch.project(&p)?),
+                None => Ok(batch),
+            }
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::once(run),
+        )))
+    }
+}
 
 impl ExecutionPlan for FragmentExec {
     leaf_exec!("FragmentExec");

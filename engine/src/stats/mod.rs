@@ -5,7 +5,7 @@
 //!   SELECT * FROM glm('lung', 'status ~ age', 'binomial')
 //!        │ call_with_args: parse and check the arguments against the catalog (no I/O)
 //!        ▼
-//!   StatsTable ──scan──▶ StatsExec (query identity assigned like a FragmentExec)
+//!   StatsTable ──scan──▶ QueryJobExec(StatsJob) (query identity assigned like a FragmentExec)
 //!        │ execute: rounds, each one fragment per station, concurrently:
 //!        │   SELECT glm_terms('binomial', true, "status", "age", b0, b1) FROM "lung" WHERE …
 //!        ▼   stations check it (model rules), run it, release sums; the hub adds them up,
@@ -26,7 +26,6 @@ mod glm;
 mod survival;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -39,19 +38,14 @@ use datafusion::common::{DFSchema, Result as DfResult, ScalarValue, plan_err};
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionState;
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_expr::EquivalenceProperties;
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
+use futures::future::BoxFuture;
 use railyard_planner::FederatedTable;
 use railyard_udfs::wire::FragmentTicket;
 
-use crate::exec::{QueryContext, fetch_all};
+use crate::exec::{QueryContext, QueryJob, QueryJobExec, fetch_all};
 use crate::station_client::StationClient;
 
 pub use formula::{Formula, Term};
@@ -440,11 +434,23 @@ impl TableProvider for StatsTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(StatsExec::new(
-            self.job.clone(),
-            Arc::clone(&self.schema),
+        // Only the stations that hold the table take part in its rounds.
+        let holding = self.job.source().table.stations();
+        let stations = self
+            .stations
+            .iter()
+            .filter(|s| holding.iter().any(|h| h.as_str() == s.name.as_ref()))
+            .cloned()
+            .collect();
+        let job = StatsJob {
+            job: self.job.clone(),
+            full: Arc::clone(&self.schema),
+            stations,
+        };
+        Ok(Arc::new(QueryJobExec::new(
+            Arc::new(job),
+            &self.schema,
             projection.cloned(),
-            Arc::clone(&self.stations),
         )?))
     }
 
@@ -459,105 +465,33 @@ impl TableProvider for StatsTable {
     }
 }
 
-/// Runs a statistics job when executed; one partition, one batch.
-#[derive(Debug, Clone)]
-pub struct StatsExec {
+/// A statistics call as a [`QueryJob`]: its rounds with the stations of its table.
+#[derive(Debug)]
+struct StatsJob {
     job: Job,
     full: SchemaRef,
-    projection: Option<Vec<usize>>,
-    stations: Arc<Vec<StationClient>>,
-    query: Option<QueryContext>,
-    properties: Arc<PlanProperties>,
+    stations: Vec<StationClient>,
 }
 
-impl StatsExec {
-    fn new(
-        job: Job,
-        full: SchemaRef,
-        projection: Option<Vec<usize>>,
-        stations: Arc<Vec<StationClient>>,
-    ) -> DfResult<Self> {
-        let schema = match &projection {
-            Some(p) => Arc::new(full.project(p)?),
-            None => Arc::clone(&full),
-        };
-        let properties = PlanProperties::new(
-            EquivalenceProperties::new(schema),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        );
-        Ok(Self {
-            job,
-            full,
-            projection,
-            stations,
-            query: None,
-            properties: Arc::new(properties),
-        })
+impl QueryJob for StatsJob {
+    fn describe(&self) -> String {
+        format!("StatsExec: table={}", self.job.source().table.name())
     }
 
-    /// The same operator, run on behalf of `query`.
-    pub fn with_query(&self, query: QueryContext) -> Self {
-        Self {
-            query: Some(query),
-            ..self.clone()
-        }
-    }
-}
-
-impl DisplayAs for StatsExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "StatsExec: table={}", self.job.source().table.name())
-    }
-}
-
-impl ExecutionPlan for StatsExec {
-    crate::exec::leaf_exec!("StatsExec");
-
-    fn execute(
-        &self,
-        partition: usize,
-        _context: Arc<TaskContext>,
-    ) -> DfResult<SendableRecordBatchStream> {
-        if partition != 0 {
-            return plan_err!("StatsExec has one partition, not {partition}");
-        }
-        let Some(query) = self.query.clone() else {
-            return Err(DataFusionError::Internal(
-                "statistics were executed without a query identity".into(),
-            ));
-        };
-        let schema = self.properties.eq_properties.schema().clone();
+    fn run(&self, query: QueryContext) -> BoxFuture<'static, DfResult<RecordBatch>> {
         let job = self.job.clone();
-        let projection = self.projection.clone();
         let full = Arc::clone(&self.full);
-        let stations: Vec<StationClient> = {
-            let holding = job.source().table.stations();
-            self.stations
-                .iter()
-                .filter(|s| holding.iter().any(|h| h.as_str() == s.name.as_ref()))
-                .cloned()
-                .collect()
+        let rounds = Rounds {
+            stations: self.stations.clone(),
+            next_fragment: AtomicUsize::new(query.first_fragment),
+            table: job.source().table.name().to_string(),
+            query,
         };
-        let run = async move {
-            let rounds = Rounds {
-                stations,
-                next_fragment: AtomicUsize::new(query.first_fragment),
-                query,
-                table: job.source().table.name().to_string(),
-            };
+        Box::pin(async move {
             let batch = job.run(&rounds).await?;
             debug_assert_eq!(batch.schema(), full);
-            match projection {
-                Some(p) => Ok(batch.project(&p)?),
-                None => Ok(batch),
-            }
-        };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            futures::stream::once(run),
-        )))
+            Ok(batch)
+        })
     }
 }
 
