@@ -460,17 +460,7 @@ impl Checker<'_> {
             return Err(self.shape(&format!("{name}() takes no DISTINCT, FILTER or ORDER BY")));
         }
         let args = &call.params.args;
-        let column = |e: &Expr| -> Option<()> {
-            let e = match e {
-                Expr::Cast(c) => c.expr.as_ref(),
-                Expr::TryCast(c) => c.expr.as_ref(),
-                other => other,
-            };
-            let Expr::Column(c) = e else { return None };
-            find(input, c)
-                .filter(|l| l.direct && l.bases.len() == 1)
-                .map(|_| ())
-        };
+        let column = |e: &Expr| plain_column(e, input).map(|_| ());
         let not_column = |i: usize| {
             self.shape(&format!(
                 "argument {} of {name}() must be a column of the table, unchanged",
@@ -844,7 +834,7 @@ fn check_for(
     // A train's input is rows (refused below if it aggregates): never a DP release.
     checker.dp = !train_input
         && aggregate_at.is_some_and(|at| match chain[at] {
-            LogicalPlan::Aggregate(agg) => agg.aggr_expr.iter().any(|e| dp_call(e).is_some()),
+            LogicalPlan::Aggregate(agg) => agg.aggr_expr.iter().any(|e| dp_call_of(e).is_some()),
             _ => false,
         });
     if checker.dp && policy.dp.is_none() {
@@ -1158,7 +1148,7 @@ impl DpCall {
 
 /// The DP kind of an aggregate output, and whether it is the station half
 /// (`partial_dp_*`).
-fn dp_call(e: &Expr) -> Option<(DpKind, bool, &AggregateFunction)> {
+fn dp_call_of(e: &Expr) -> Option<(DpKind, bool, &AggregateFunction)> {
     let call = match e {
         Expr::Alias(a) => a.expr.as_ref(),
         other => other,
@@ -1172,7 +1162,8 @@ fn dp_call(e: &Expr) -> Option<(DpKind, bool, &AggregateFunction)> {
     }
 }
 
-/// A column of the table used unchanged (possibly cast), as a DP argument or group key.
+/// A column of the table used unchanged (possibly cast): a DP argument or group key, or a
+/// column argument of a model aggregate.
 fn plain_column<'a>(e: &Expr, input: &'a [(Column, Lineage)]) -> Option<&'a String> {
     let e = match e {
         Expr::Cast(c) => c.expr.as_ref(),
@@ -1194,7 +1185,7 @@ impl Checker<'_> {
         input: &[(Column, Lineage)],
         schema: &DFSchema,
     ) -> Result<DpCall, Refusal> {
-        let Some((kind, partial, f)) = dp_call(e) else {
+        let Some((kind, partial, f)) = dp_call_of(e) else {
             return Err(Refusal {
                 rule: "dp_mixed",
                 message: format!(
@@ -1364,7 +1355,7 @@ fn dp_release(
         .iter()
         .zip(exprs)
         .map(|(e, (name, clamped))| {
-            let Some((_, _, f)) = dp_call(e) else {
+            let Some((_, _, f)) = dp_call_of(e) else {
                 unreachable!("every call of a DP fragment is a DP call");
             };
             let mut f = f.clone();

@@ -437,16 +437,8 @@ impl Station {
         let (Some(policy), Some(ledger)) = (&self.policy.dp, &self.ledger) else {
             return Ok(Vec::new());
         };
-        let researcher = if researcher.is_empty() {
-            "local"
-        } else {
-            researcher
-        };
-        let collaboration = if collaboration.is_empty() {
-            railyard_udfs::wire::DEFAULT_COLLABORATION
-        } else {
-            collaboration
-        };
+        let researcher = researcher_or_local(researcher);
+        let collaboration = railyard_udfs::wire::collaboration_or_default(collaboration);
         let mut out = Vec::new();
         for (table, _) in self.tables().await? {
             if self.policy.joined(&table) {
@@ -512,23 +504,11 @@ impl Station {
         suppressed: u64,
     ) -> Result<()> {
         let train = ticket.train.as_ref().map(|t| t.image.as_str());
-        self.record_train(ticket, train, decision, rule, rows, suppressed)
-    }
-
-    /// Writes an audit record naming the train image (its id once resolved).
-    fn record_train(
-        &self,
-        ticket: &FragmentTicket,
-        train: Option<&str>,
-        decision: audit::Decision,
-        rule: Option<&str>,
-        rows: u64,
-        suppressed: u64,
-    ) -> Result<()> {
         self.append(ticket, train, decision, rule, rows, suppressed, None)
     }
 
-    /// Writes an audit record (durably).
+    /// Writes an audit record (durably): for a train, the image (its id once resolved);
+    /// for a DP release, the ε charged.
     #[allow(clippy::too_many_arguments)]
     fn append(
         &self,
@@ -569,7 +549,15 @@ impl Station {
             let refusal = Refusal { rule, message };
             info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, rule, "train refused");
             let image = image.or(Some(call.image.as_str()));
-            self.record_train(ticket, image, audit::Decision::Refused, Some(rule), 0, 0)?;
+            self.append(
+                ticket,
+                image,
+                audit::Decision::Refused,
+                Some(rule),
+                0,
+                0,
+                None,
+            )?;
             Err(Error::Refused(refusal))
         };
         if self.policy.trains.allowed.is_empty() {
@@ -662,13 +650,14 @@ impl Station {
             Err(e) => {
                 let category = failure_category(&e);
                 warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "train input failed");
-                self.record_train(
+                self.append(
                     ticket,
                     Some(id),
                     audit::Decision::Failed,
                     Some(category),
                     0,
                     0,
+                    None,
                 )?;
                 return Err(Error::Failed {
                     station: self.name.clone(),
@@ -685,13 +674,14 @@ impl Station {
                     self.name, approved.table
                 ),
             };
-            self.record_train(
+            self.append(
                 ticket,
                 Some(id),
                 audit::Decision::Refused,
                 Some(refusal.rule),
                 0,
                 0,
+                None,
             )?;
             return Err(Error::Refused(refusal));
         }
@@ -720,24 +710,26 @@ impl Station {
         {
             Ok((schema, batches)) => {
                 let released = batches.iter().map(|b| b.num_rows() as u64).sum();
-                self.record_train(
+                self.append(
                     ticket,
                     Some(&id),
                     audit::Decision::Allowed,
                     None,
                     released,
                     0,
+                    None,
                 )?;
                 Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
             }
             Err(train::TrainError::Output { rule, why }) => {
-                self.record_train(
+                self.append(
                     ticket,
                     Some(&id),
                     audit::Decision::Refused,
                     Some(rule),
                     0,
                     0,
+                    None,
                 )?;
                 Err(Error::Refused(Refusal {
                     rule,
@@ -764,13 +756,14 @@ impl Station {
             ),
             train::TrainError::Output { why, rule } => (why, rule.to_string()),
         };
-        self.record_train(
+        self.append(
             ticket,
             image,
             audit::Decision::Failed,
             Some(&category),
             0,
             0,
+            None,
         )?;
         Ok(Error::Train {
             station: self.name.clone(),
@@ -892,10 +885,15 @@ impl Station {
 
 /// The researcher a ticket names (`local` if none).
 fn researcher_of(ticket: &FragmentTicket) -> &str {
-    if ticket.researcher.is_empty() {
+    researcher_or_local(&ticket.researcher)
+}
+
+/// `researcher`, or `local` if it is empty.
+fn researcher_or_local(researcher: &str) -> &str {
+    if researcher.is_empty() {
         "local"
     } else {
-        ticket.researcher.as_str()
+        researcher
     }
 }
 

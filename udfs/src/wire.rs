@@ -91,6 +91,15 @@ pub const TRAIN_STATION_COLUMN: &str = "station";
 /// The collaboration of a ticket that names none.
 pub const DEFAULT_COLLABORATION: &str = "default";
 
+/// `collaboration`, or [`DEFAULT_COLLABORATION`] if it is empty.
+pub fn collaboration_or_default(collaboration: &str) -> &str {
+    if collaboration.is_empty() {
+        DEFAULT_COLLABORATION
+    } else {
+        collaboration
+    }
+}
+
 /// The body of a station's `budget` action: whose DP budget to report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,11 +127,7 @@ pub struct BudgetInfo {
 impl FragmentTicket {
     /// The collaboration, with the default for a ticket that names none.
     pub fn collaboration(&self) -> &str {
-        if self.collaboration.is_empty() {
-            DEFAULT_COLLABORATION
-        } else {
-            &self.collaboration
-        }
+        collaboration_or_default(&self.collaboration)
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
