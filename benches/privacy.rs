@@ -14,23 +14,20 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use arrow::array::{Float64Array, Int64Array, RecordBatch, StructArray};
 use arrow::datatypes::{DataType, Field, Fields, Schema};
 use datafusion::common::ScalarValue;
 use railyard::client::HubClient;
-use railyard::local::{Governance, LocalFederation, TableSpec};
-use railyard_engine::HubOptions;
+use railyard::local::Governance;
 use railyard_station::dp::{DpAggregateSpec, DpGroup, DpRelease, add_noise, plan_noise};
 use railyard_station::ledger::{Charge, Ledger};
 use railyard_udfs::dp::DpKind;
-use tokio::net::TcpListener;
 
-use support::{median, ms, time_query};
+use support::{median, print_ratios, time_query};
 
 const BASELINE: &str = "SELECT sex, count(*), avg(age) FROM lung GROUP BY sex";
 const DP: &str = "SELECT sex, dp_count(*), dp_avg(age) FROM lung GROUP BY sex";
@@ -97,26 +94,12 @@ fn release() -> (DpRelease, RecordBatch) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let runs: usize = std::env::var("RAILYARD_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let runs = support::runs(50);
     let dir = tempfile::tempdir()?;
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, POLICY)?;
     let governance = Governance::new(Some(&policy), dir.path().join("data"))?;
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let federation = LocalFederation::start(
-        &[TableSpec {
-            name: "lung".into(),
-            dir: data.join("lung/horizontal/csv"),
-            key: None,
-        }],
-        TcpListener::bind("127.0.0.1:0").await?,
-        HubOptions::default(),
-        &governance,
-    )
-    .await?;
+    let federation = support::lung_federation(&governance).await?;
     let mut client = HubClient::connect(&federation.hub_url).await?;
     let baseline = time_query(&mut client, BASELINE, 5, runs).await?;
     let dp = time_query(&mut client, DP, 5, runs).await?;
@@ -153,17 +136,14 @@ async fn main() -> Result<()> {
     let noise = median(samples);
 
     println!("three loopback lung stations, median of {runs} runs through Flight SQL\n");
-    println!("{:<52} {:>10} {:>12}", "", "ms", "x baseline");
-    let row = |label: &str, d: Duration| {
-        println!(
-            "{label:<52} {:>10.3} {:>12.3}",
-            ms(d),
-            d.as_secs_f64() / baseline.as_secs_f64()
-        )
-    };
-    row("baseline: exact grouped count and mean", baseline);
-    row("the same with dp_count(*), dp_avg(age)", dp);
-    row("one station's ledger charge (SQLite, fsync)", charge);
-    row("one station's noise (plan + 3 OpenDP measurements)", noise);
+    print_ratios(
+        baseline,
+        &[
+            ("baseline: exact grouped count and mean", baseline),
+            ("the same with dp_count(*), dp_avg(age)", dp),
+            ("one station's ledger charge (SQLite, fsync)", charge),
+            ("one station's noise (plan + 3 OpenDP measurements)", noise),
+        ],
+    );
     Ok(())
 }

@@ -75,10 +75,7 @@ fn audited(data_dir: &std::path::Path) -> usize {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let runs: usize = std::env::var("RAILYARD_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let runs = support::runs(50);
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let dir = tempfile::tempdir()?;
     let governance = Governance::new(None, dir.path())?;

@@ -13,8 +13,7 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bollard::Docker;
@@ -22,11 +21,9 @@ use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{RemoveContainerOptionsBuilder, WaitContainerOptions};
 use futures::StreamExt;
 use railyard::client::HubClient;
-use railyard::local::{Governance, LocalFederation, TableSpec};
-use railyard_engine::HubOptions;
-use tokio::net::TcpListener;
+use railyard::local::Governance;
 
-use support::{median, ms, time_query};
+use support::{median, print_ratios, time_query};
 
 const BASELINE: &str = "SELECT sex, count(*), avg(age) FROM lung GROUP BY sex";
 const HISTOGRAM: &str = "railyard/histogram:dev";
@@ -64,10 +61,7 @@ async fn bare_container(docker: &Docker, image: &str) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let runs: usize = std::env::var("RAILYARD_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let runs = support::runs(20);
     let docker = Docker::connect_with_local_defaults()?
         .negotiate_version()
         .await
@@ -87,18 +81,7 @@ async fn main() -> Result<()> {
         format!("[trains]\nallowed = [{}]\n", ids.join(", ")),
     )?;
     let governance = Governance::new(Some(&policy), dir.path())?;
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let federation = LocalFederation::start(
-        &[TableSpec {
-            name: "lung".into(),
-            dir: data.join("lung/horizontal/csv"),
-            key: None,
-        }],
-        TcpListener::bind("127.0.0.1:0").await?,
-        HubOptions::default(),
-        &governance,
-    )
-    .await?;
+    let federation = support::lung_federation(&governance).await?;
     let mut client = HubClient::connect(&federation.hub_url).await?;
     let mut time = async |sql: &str| time_query(&mut client, sql, 2, runs).await;
     let baseline = time(BASELINE).await?;
@@ -130,19 +113,16 @@ async fn main() -> Result<()> {
     let containers = median(samples);
 
     println!("three loopback lung stations, median of {runs} runs through Flight SQL\n");
-    println!("{:<44} {:>10} {:>12}", "query", "ms", "x baseline");
-    let row = |label: &str, d: Duration| {
-        println!(
-            "{label:<44} {:>10.1} {:>12.1}",
-            ms(d),
-            d.as_secs_f64() / baseline.as_secs_f64()
-        )
-    };
-    row("baseline: one grouped aggregate", baseline);
-    row("histogram train (Rust, FROM scratch)", histogram);
-    row("summary train (Python + pyarrow)", summary);
-    row("one bare container: create, start, wait, rm", container);
-    row("three bare containers at once", containers);
+    print_ratios(
+        baseline,
+        &[
+            ("baseline: one grouped aggregate", baseline),
+            ("histogram train (Rust, FROM scratch)", histogram),
+            ("summary train (Python + pyarrow)", summary),
+            ("one bare container: create, start, wait, rm", container),
+            ("three bare containers at once", containers),
+        ],
+    );
     println!(
         "\ncontainer start and stop (three at once): {:.0} % of the histogram train's time",
         100.0 * containers.as_secs_f64() / histogram.as_secs_f64()
