@@ -40,13 +40,17 @@ fn dp_governance(policy: &str) -> (Governance, PathBuf) {
     )
 }
 
-async fn lung(governance: &Governance) -> LocalFederation {
-    fixtures::federation_with(
+/// The lung stations (Parquet) and a hub under `policy`, and a client of the hub.
+async fn lung(policy: &str) -> (Governance, LocalFederation, HubClient) {
+    let (governance, _) = dp_governance(policy);
+    let federation = fixtures::federation_with(
         &[spec("lung", test_data("lung/horizontal/parquet"))],
         HubOptions::default(),
-        governance,
+        &governance,
     )
-    .await
+    .await;
+    let client = HubClient::connect(&federation.hub_url).await.unwrap();
+    (governance, federation, client)
 }
 
 /// Plain DataFusion over the three station files as one table.
@@ -155,9 +159,7 @@ fn assert_spent(rows: &[(String, f64, f64)], spent: f64, budget: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_issue_query_is_noisy_around_the_pooled_answer_and_spends_the_budget() {
-    let (governance, _) = dp_governance(&dp_policy(10.0, 1.0, (30.0, 90.0)));
-    let federation = lung(&governance).await;
-    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let (governance, federation, mut client) = lung(&dp_policy(10.0, 1.0, (30.0, 90.0))).await;
     let sql = "SELECT sex, dp_count(*) AS n, dp_avg(age) AS mean_age FROM lung \
                GROUP BY sex ORDER BY sex";
     let answer = client.query(sql).await.unwrap();
@@ -234,9 +236,7 @@ async fn noise_has_the_planned_spread_across_many_releases() {
     // ≈ 2), so the pooled count varies with variance ≈ 6 around the exact count. Over 200
     // releases the sample variance has standard deviation ≈ 0.6 (the Laplace sum's excess
     // kurtosis is 1); the band below is 5 of them wide on each side.
-    let (governance, _) = dp_governance(&dp_policy(1000.0, 1.0, (30.0, 90.0)));
-    let federation = lung(&governance).await;
-    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let (_, federation, mut client) = lung(&dp_policy(1000.0, 1.0, (30.0, 90.0))).await;
     client.query("SET railyard.epsilon = 1").await.unwrap();
     let exact = reference_f64(
         &pooled().await,
@@ -269,9 +269,7 @@ async fn noise_has_the_planned_spread_across_many_releases() {
 async fn sums_are_clamped_to_the_policy_bounds_and_groups_are_the_declared_keys() {
     // A huge ε makes the noise negligible (scale 20/1e6 for the sum), so the answer shows
     // the clamped exact sum; ages outside [50, 70] are counted at the bounds.
-    let (governance, _) = dp_governance(&dp_policy(1e7, 1e6, (50.0, 70.0)));
-    let federation = lung(&governance).await;
-    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let (_, federation, mut client) = lung(&dp_policy(1e7, 1e6, (50.0, 70.0))).await;
     client
         .query("SET railyard.epsilon = 1000000")
         .await
@@ -348,9 +346,7 @@ async fn sums_are_clamped_to_the_policy_bounds_and_groups_are_the_declared_keys(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_budget_refuses_the_query_that_would_overrun_and_charges_nothing() {
-    let (governance, _) = dp_governance(&dp_policy(2.0, 1.0, (30.0, 90.0)));
-    let federation = lung(&governance).await;
-    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let (_, federation, mut client) = lung(&dp_policy(2.0, 1.0, (30.0, 90.0))).await;
     let sql = "SELECT sex, dp_count(*) FROM lung GROUP BY sex";
     // EXPLAIN FEDERATED shows the ε each station would charge, and spends nothing.
     let explained = client
@@ -387,9 +383,7 @@ async fn the_budget_refuses_the_query_that_would_overrun_and_charges_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dp_queries_outside_the_rules_are_refused_naming_the_rule() {
-    let (governance, _) = dp_governance(&dp_policy(10.0, 1.0, (30.0, 90.0)));
-    let federation = lung(&governance).await;
-    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let (_, federation, mut client) = lung(&dp_policy(10.0, 1.0, (30.0, 90.0))).await;
     for (sql, rule) in [
         ("SELECT dp_sum(time) FROM lung", "(rule dp_bounds)"),
         (
@@ -462,9 +456,7 @@ async fn dp_queries_outside_the_rules_are_refused_naming_the_rule() {
     federation.shutdown().await.unwrap();
 
     // A station without a [dp] section answers no DP aggregate.
-    let (governance, _) = dp_governance("min_group_size = 5\n");
-    let federation = lung(&governance).await;
-    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let (_, federation, mut client) = lung("min_group_size = 5\n").await;
     let err = client
         .query("SELECT dp_count(*) FROM lung")
         .await
@@ -474,9 +466,8 @@ async fn dp_queries_outside_the_rules_are_refused_naming_the_rule() {
     federation.shutdown().await.unwrap();
 }
 
-/// The spend each station's ledger records for `local` on lung, read through a fresh
-/// `railyard local` over the same data directory (the restart).
-fn recorded_spend(policy: &std::path::Path, data: &std::path::Path) -> Vec<f64> {
+/// `railyard local` over the lung stations (Parquet) under `policy`, state in `data`.
+fn spawn_lung(policy: &std::path::Path, data: &std::path::Path) -> (std::process::Child, String) {
     let mut args = vec![
         "--policy".to_string(),
         fixtures::path(policy),
@@ -484,7 +475,13 @@ fn recorded_spend(policy: &std::path::Path, data: &std::path::Path) -> Vec<f64> 
         fixtures::path(data),
     ];
     args.extend(fixtures::table_arg("lung", "lung/horizontal/parquet"));
-    let (mut child, url) = fixtures::spawn_local(args);
+    fixtures::spawn_local(args)
+}
+
+/// The spend each station's ledger records for `local` on lung, read through a fresh
+/// `railyard local` over the same data directory (the restart).
+fn recorded_spend(policy: &std::path::Path, data: &std::path::Path) -> Vec<f64> {
+    let (mut child, url) = spawn_lung(policy, data);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -502,14 +499,7 @@ fn recorded_spend(policy: &std::path::Path, data: &std::path::Path) -> Vec<f64> 
 fn the_ledger_never_records_less_than_was_released_across_a_sigkill() {
     let (_, policy) = dp_governance(&dp_policy(1000.0, 1.0, (30.0, 90.0)));
     let data = fixtures::audit_dir().join("data");
-    let mut args = vec![
-        "--policy".to_string(),
-        fixtures::path(&policy),
-        "--data-dir".to_string(),
-        fixtures::path(&data),
-    ];
-    args.extend(fixtures::table_arg("lung", "lung/horizontal/parquet"));
-    let (mut child, url) = fixtures::spawn_local(args);
+    let (mut child, url) = spawn_lung(&policy, &data);
     let pid = child.id();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
