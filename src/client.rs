@@ -1,6 +1,7 @@
 //! A small Flight SQL client: what `railyard sql`, the demo and the tests use to talk to a
 //! hub exactly as any researcher's client would.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -42,25 +43,61 @@ impl Answer {
 }
 
 impl HubClient {
-    /// Connects to `grpc://host:port` (or `http://host:port`).
+    /// Connects to `grpc://host:port` (or `http://host:port`), without authentication.
     pub async fn connect(url: &str) -> Result<Self> {
-        let http = match url.strip_prefix("grpc://") {
-            Some(rest) => format!("http://{rest}"),
-            None if url.starts_with("http://") => url.to_string(),
-            None => bail!("hub address must look like grpc://HOST:PORT, got '{url}'"),
+        Self::connect_with(url, None, None).await
+    }
+
+    /// Connects to `grpc://host:port`, or to `grpc+tls://host:port` trusting only the CA
+    /// certificate in `ca` (the hub's certificate must name `host`), sending `token` as a
+    /// bearer token with every call.
+    pub async fn connect_with(url: &str, ca: Option<&Path>, token: Option<&str>) -> Result<Self> {
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("grpc+tls://") {
+            let ca = ca.with_context(|| {
+                format!("{url} is a TLS address: give the collaboration's CA certificate (--ca)")
+            })?;
+            (rest, Some(railyard_net::tls::trusting(ca)?))
+        } else if let Some(rest) = url
+            .strip_prefix("grpc://")
+            .or_else(|| url.strip_prefix("http://"))
+        {
+            (rest, None)
+        } else {
+            bail!(
+                "hub address must look like grpc://HOST:PORT or grpc+tls://HOST:PORT, got '{url}'"
+            )
         };
-        let channel = Endpoint::from_shared(http)
+        let endpoint = Endpoint::from_shared(format!("http://{rest}"))
             .with_context(|| format!("invalid hub address '{url}'"))?
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to the hub at {url}"))?;
+            .connect_timeout(Duration::from_secs(5));
+        let channel = match tls {
+            Some(config) => {
+                // The certificate must name the host the researcher typed.
+                let host = rest
+                    .rsplit_once(':')
+                    .map_or(rest, |(host, _)| host)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                endpoint
+                    .connect_with_connector(railyard_net::conn::connector(
+                        rest.to_string(),
+                        host.to_string(),
+                        config,
+                    ))
+                    .await
+            }
+            None => endpoint.connect().await,
+        }
+        .map_err(|e| anyhow::anyhow!(chain(&e)))
+        .with_context(|| format!("cannot connect to the hub at {url}"))?;
         let flight = arrow_flight::flight_service_client::FlightServiceClient::new(channel)
             .max_decoding_message_size(railyard_engine::MAX_MESSAGE_BYTES);
-        Ok(Self {
-            inner: FlightSqlServiceClient::new_from_inner(flight),
-        })
+        let mut inner = FlightSqlServiceClient::new_from_inner(flight);
+        if let Some(token) = token {
+            inner.set_header("authorization", format!("Bearer {token}"));
+        }
+        Ok(Self { inner })
     }
 
     /// Runs one SQL statement and collects its answer.
@@ -87,6 +124,17 @@ impl HubClient {
         }
         Ok(Answer { schema, batches })
     }
+}
+
+/// An error and its causes (a TLS refusal sits below tonic's "transport error").
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 /// Turns a Flight error into one line a person can act on: the server's message, without

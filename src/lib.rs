@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod demo;
+pub mod deploy;
 pub mod local;
 pub mod synth;
 pub mod tpch;

@@ -101,14 +101,55 @@ enum Command {
         #[arg(long, value_name = "SF")]
         tpch_scale: Option<f64>,
     },
+    /// Run a deployed hub from its configuration file (see docs/deployment.md).
+    ///
+    /// Serves Flight SQL over TLS to researchers with bearer tokens (`railyard token`),
+    /// reaches its stations over mutual TLS (or accepts outbound stations on
+    /// `tunnel_listen`), and gives each collaboration's researchers only that
+    /// collaboration's stations and tables. Waits for every station at start-up. Stops on
+    /// Ctrl-C or SIGTERM.
+    Hub {
+        /// The hub's configuration (hub.toml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run a deployed station from its configuration file (see docs/deployment.md).
+    ///
+    /// Serves its tables (CSV, Parquet, PostgreSQL) under its policy to the one hub whose
+    /// certificate it trusts: either listening (`listen`) or, where the firewall allows no
+    /// inbound connection, dialing the hub (`hub`) and serving over that connection. Stops
+    /// on Ctrl-C or SIGTERM.
+    Station {
+        /// The station's configuration (station.toml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Create a collaboration's certificate authority and its parties' certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Issue, list and revoke researchers' bearer tokens (kept hashed in the hub's data
+    /// directory).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Run one SQL statement on a hub and print the answer.
     ///
     /// Prefix a query with EXPLAIN FEDERATED to see what each station would run and what
     /// would leave it, without running anything.
     Sql {
-        /// The hub's Flight SQL address.
+        /// The hub's Flight SQL address: grpc://HOST:PORT (railyard local) or
+        /// grpc+tls://HOST:PORT (a deployed hub; needs --ca and a token).
         #[arg(long, default_value = "grpc://127.0.0.1:50051")]
         hub: String,
+        /// The collaboration's CA certificate, to verify a grpc+tls:// hub.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// A bearer token from `railyard token create`.
+        #[arg(long, env = "RAILYARD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// How to print the answer.
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
@@ -124,6 +165,65 @@ enum AuditCommand {
     Verify {
         /// The audit log (e.g. .railyard/station_a/audit.jsonl).
         path: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create DIR/ca.pem and DIR/ca.key: the collaboration's certificate authority. Keep
+    /// ca.key offline or with the coordinator; every party gets ca.pem.
+    Init {
+        /// Where the CA's files go (created if missing; existing files are never replaced).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The collaboration's name (shown in the CA's subject).
+        #[arg(long)]
+        collaboration: String,
+    },
+    /// Issue DIR/NAME.pem and DIR/NAME.key for the hub or a station, signed by DIR's CA.
+    Issue {
+        /// The directory holding the CA (from `certs init`).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The party's name: `hub` (or the hub's `name`), or the station's name as hub.toml
+        /// lists it. Peers check it.
+        #[arg(long)]
+        name: String,
+        /// A host name or IP address the party is reached at (repeatable), e.g. the hub's
+        /// public DNS name for researchers.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue a token for a researcher in a collaboration and print it (once: only its hash
+    /// is kept).
+    Create {
+        /// The hub's configuration (hub.toml): where the token database is, and who belongs
+        /// to which collaboration.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        researcher: String,
+        #[arg(long)]
+        collaboration: String,
+        /// How long the token is valid: 90d, 12h, 30m, 45s.
+        #[arg(long, default_value = "90d", value_parser = railyard::deploy::parse_duration)]
+        expires_in: Duration,
+    },
+    /// List every token: id, researcher, collaboration, expiry, revocation.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Revoke a token by its id (the hub refuses it from its next call on).
+    Revoke {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The token's id (`token list`; the part after `ryt_`).
+        id: String,
     },
 }
 
@@ -256,8 +356,47 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sql { hub, format, sql } => {
-            let mut client = HubClient::connect(&hub).await?;
+        Command::Hub { config } => {
+            let config = railyard::deploy::HubConfig::load(&config)?;
+            railyard::deploy::run_hub(config, async {
+                let _ = wait_for_stop_signal().await;
+            })
+            .await
+        }
+        Command::Station { config } => {
+            let setup = railyard::deploy::StationFileConfig::load(&config)?;
+            railyard::deploy::run_station(setup, async {
+                let _ = wait_for_stop_signal().await;
+            })
+            .await
+        }
+        Command::Certs {
+            command: CertsCommand::Init { dir, collaboration },
+        } => {
+            let ca = railyard_net::certs::init(&dir, &collaboration)?;
+            println!("created the CA for '{collaboration}': {}", ca.display());
+            Ok(())
+        }
+        Command::Certs {
+            command: CertsCommand::Issue { dir, name, hosts },
+        } => {
+            let issued = railyard_net::certs::issue(&dir, &name, &hosts)?;
+            println!(
+                "issued '{name}': {} and {}",
+                issued.cert.display(),
+                issued.key.display()
+            );
+            Ok(())
+        }
+        Command::Token { command } => token(command),
+        Command::Sql {
+            hub,
+            ca,
+            token,
+            format,
+            sql,
+        } => {
+            let mut client = HubClient::connect_with(&hub, ca.as_deref(), token.as_deref()).await?;
             let answer = client.query(&sql).await?;
             match format {
                 OutputFormat::Table => println!("{}", answer.to_table()?),
@@ -277,6 +416,57 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn token(command: TokenCommand) -> Result<()> {
+    use railyard::deploy::HubConfig;
+    let when = |secs: i64| {
+        chrono::DateTime::from_timestamp(secs, 0).map_or_else(
+            || secs.to_string(),
+            |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+        )
+    };
+    match command {
+        TokenCommand::Create {
+            config,
+            researcher,
+            collaboration,
+            expires_in,
+        } => {
+            let config = HubConfig::load(&config)?;
+            config.membership(&researcher, &collaboration)?;
+            let token = config
+                .token_store()?
+                .create(&researcher, &collaboration, expires_in)?;
+            eprintln!(
+                "token {} for '{researcher}' in '{collaboration}', valid until {}",
+                token.id,
+                when(token.expires)
+            );
+            println!("{}", token.token);
+        }
+        TokenCommand::List { config } => {
+            let config = HubConfig::load(&config)?;
+            println!("id\tresearcher\tcollaboration\tcreated\texpires\trevoked");
+            for t in config.token_store()?.list()? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    t.id,
+                    t.researcher,
+                    t.collaboration,
+                    when(t.created),
+                    when(t.expires),
+                    t.revoked.map_or_else(|| "-".to_string(), when)
+                );
+            }
+        }
+        TokenCommand::Revoke { config, id } => {
+            let config = HubConfig::load(&config)?;
+            config.token_store()?.revoke(&id)?;
+            println!("revoked token {id}");
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_stop_signal() -> Result<()> {

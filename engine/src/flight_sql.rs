@@ -43,6 +43,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{Error, to_status};
 use crate::hub::Hub;
+use crate::tokens::TokenStore;
 
 /// Researcher identity in `railyard local` mode, where there is no authentication.
 pub const LOCAL_RESEARCHER: &str = "local";
@@ -77,32 +78,137 @@ struct StatementTicket {
 /// A query started by `GetFlightInfo`, waiting for its `DoGet`.
 struct Started {
     at: Instant,
+    /// Who started it: only they may claim it.
+    owner: Caller,
     stream: SendableRecordBatchStream,
 }
 
-/// Flight SQL service over a [`Hub`].
+/// A collaboration as the Flight SQL front sees it: its hub (whose catalog holds only the
+/// collaboration's stations and tables) and its members.
+#[derive(Clone)]
+pub struct Collaboration {
+    pub hub: Arc<Hub>,
+    pub researchers: Vec<String>,
+}
+
+/// Who may ask what.
+#[derive(Clone)]
+enum Access {
+    /// `railyard local`: no authentication, one hub, researcher [`LOCAL_RESEARCHER`].
+    Open(Arc<Hub>),
+    /// Bearer tokens, each speaking for one researcher in one collaboration.
+    Tokens {
+        store: Arc<TokenStore>,
+        collaborations: Arc<HashMap<String, Collaboration>>,
+    },
+}
+
+/// An authenticated caller: the hub of their collaboration and their name.
+#[derive(Clone, PartialEq, Eq)]
+struct Caller {
+    collaboration: String,
+    researcher: String,
+}
+
+/// Flight SQL service over a [`Hub`] (one per collaboration when tokens are required).
 #[derive(Clone)]
 pub struct HubFlightSql {
-    hub: Arc<Hub>,
+    access: Access,
     started: Arc<Mutex<HashMap<String, Started>>>,
 }
 
 impl HubFlightSql {
+    /// No authentication: every caller is [`LOCAL_RESEARCHER`] (for `railyard local`).
     pub fn new(hub: Arc<Hub>) -> Self {
         Self {
-            hub,
+            access: Access::Open(hub),
             started: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Every call must carry `authorization: Bearer <token>`; a token's researcher sees and
+    /// queries only their collaboration's hub, and only while the hub's configuration still
+    /// lists them as a member.
+    pub fn with_tokens(
+        store: Arc<TokenStore>,
+        collaborations: HashMap<String, Collaboration>,
+    ) -> Self {
+        Self {
+            access: Access::Tokens {
+                store,
+                collaborations: Arc::new(collaborations),
+            },
+            started: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The hub this call may use, and who is calling. Refusals are `UNAUTHENTICATED` and
+    /// never echo the token.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(Arc<Hub>, Caller), Status> {
+        let (store, collaborations) = match &self.access {
+            Access::Open(hub) => {
+                return Ok((
+                    Arc::clone(hub),
+                    Caller {
+                        collaboration: String::new(),
+                        researcher: LOCAL_RESEARCHER.to_string(),
+                    },
+                ));
+            }
+            Access::Tokens {
+                store,
+                collaborations,
+            } => (store, collaborations),
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let Some(header) = header else {
+            return Err(Status::unauthenticated(
+                crate::tokens::Refused::Missing.to_string(),
+            ));
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .unwrap_or(header)
+            .trim();
+        let bearer = store
+            .verify(token)
+            .map_err(|e| {
+                tracing::error!("{e}");
+                Status::internal("the hub cannot read its token database")
+            })?
+            .map_err(|refused| Status::unauthenticated(refused.to_string()))?;
+        let member = collaborations
+            .get(&bearer.collaboration)
+            .filter(|c| c.researchers.contains(&bearer.researcher));
+        let Some(collaboration) = member else {
+            return Err(Status::unauthenticated(format!(
+                "researcher '{}' is not a member of collaboration '{}' in this hub's \
+                 configuration",
+                bearer.researcher, bearer.collaboration
+            )));
+        };
+        Ok((
+            Arc::clone(&collaboration.hub),
+            Caller {
+                collaboration: bearer.collaboration,
+                researcher: bearer.researcher,
+            },
+        ))
     }
 
     /// Plans and starts `sql`, driving it into a small buffer so that the stations work
     /// before `DoGet` arrives. Returns the id under which it waits, and its schema.
     async fn start(
         &self,
+        hub: &Hub,
         sql: &str,
-        researcher: &str,
+        caller: Caller,
     ) -> Result<(String, arrow::datatypes::SchemaRef), Status> {
-        let planned = self.hub.plan(sql, researcher).await.map_err(to_status)?;
+        let planned = hub.plan(sql, &caller.researcher).await.map_err(to_status)?;
         let schema = planned.schema();
         let mut batches = planned.execute().map_err(to_status)?;
         let (tx, rx) = mpsc::channel(2);
@@ -127,31 +233,33 @@ impl HubFlightSql {
             id.clone(),
             Started {
                 at: Instant::now(),
+                owner: caller,
                 stream,
             },
         );
         Ok((id, schema))
     }
 
-    fn claim(&self, id: &str) -> Option<SendableRecordBatchStream> {
+    fn claim(&self, id: &str, caller: &Caller) -> Option<SendableRecordBatchStream> {
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        if started.get(id).is_some_and(|s| &s.owner != caller) {
+            // Someone else's query: they run the statement afresh under their own name.
+            return None;
+        }
         started
             .remove(id)
             .filter(|s| s.at.elapsed() < UNCLAIMED_AFTER)
             .map(|s| s.stream)
     }
 
-    fn researcher<T>(&self, _request: &Request<T>) -> &'static str {
-        LOCAL_RESEARCHER
-    }
-
-    async fn statement_info(
+    async fn statement_info<T>(
         &self,
         sql: &str,
-        researcher: &str,
+        request: Request<T>,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
-        let (id, schema) = self.start(sql, researcher).await?;
+        let (hub, caller) = self.authorize(&request)?;
+        let (id, schema) = self.start(&hub, sql, caller).await?;
         let ticket = StatementTicket {
             started: Some(id),
             sql: sql.to_string(),
@@ -213,9 +321,9 @@ impl FlightSqlService for HubFlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let researcher = self.researcher(&request);
+        let descriptor = request.get_ref().clone();
         let info = self
-            .statement_info(&query.query, researcher, request.into_inner())
+            .statement_info(&query.query, request, descriptor)
             .await?;
         Ok(Response::new(info))
     }
@@ -225,11 +333,9 @@ impl FlightSqlService for HubFlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let researcher = self.researcher(&request);
         let sql = handle_sql(&query.prepared_statement_handle)?.to_string();
-        let info = self
-            .statement_info(&sql, researcher, request.into_inner())
-            .await?;
+        let descriptor = request.get_ref().clone();
+        let info = self.statement_info(&sql, request, descriptor).await?;
         Ok(Response::new(info))
     }
 
@@ -238,14 +344,17 @@ impl FlightSqlService for HubFlightSql {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let researcher = self.researcher(&request);
+        let (hub, caller) = self.authorize(&request)?;
         let ticket: StatementTicket = serde_json::from_slice(&ticket.statement_handle)
             .map_err(|_| Status::invalid_argument("not a statement ticket of this hub"))?;
-        let batches = match ticket.started.as_deref().and_then(|id| self.claim(id)) {
+        let batches = match ticket
+            .started
+            .as_deref()
+            .and_then(|id| self.claim(id, &caller))
+        {
             Some(batches) => batches,
-            None => self
-                .hub
-                .execute(&ticket.sql, researcher)
+            None => hub
+                .execute(&ticket.sql, &caller.researcher)
                 .await
                 .map_err(to_status)?,
         };
@@ -285,10 +394,9 @@ impl FlightSqlService for HubFlightSql {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let researcher = self.researcher(&request);
-        let schema = self
-            .hub
-            .prepare(&query.query, researcher)
+        let (hub, caller) = self.authorize(&request)?;
+        let schema = hub
+            .prepare(&query.query, &caller.researcher)
             .await
             .map_err(to_status)?;
         let IpcMessage(dataset_schema) =
@@ -326,6 +434,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.authorize(&request)?;
         let schema = query.into_builder().schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -333,9 +442,10 @@ impl FlightSqlService for HubFlightSql {
     async fn do_get_catalogs(
         &self,
         query: CommandGetCatalogs,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tables = self.hub.list_tables().await.map_err(to_status)?;
+        let (hub, _) = self.authorize(&request)?;
+        let tables = hub.list_tables().await.map_err(to_status)?;
         let mut builder = query.into_builder();
         let mut seen = std::collections::BTreeSet::new();
         for (catalog, ..) in tables {
@@ -355,6 +465,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.authorize(&request)?;
         let schema = query.clone().into_builder().schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -362,9 +473,10 @@ impl FlightSqlService for HubFlightSql {
     async fn do_get_schemas(
         &self,
         query: CommandGetDbSchemas,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tables = self.hub.list_tables().await.map_err(to_status)?;
+        let (hub, _) = self.authorize(&request)?;
+        let tables = hub.list_tables().await.map_err(to_status)?;
         let mut builder = query.into_builder();
         let mut seen = std::collections::BTreeSet::new();
         for (catalog, schema, ..) in tables {
@@ -384,6 +496,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.authorize(&request)?;
         let schema = query.clone().into_builder().schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -391,9 +504,10 @@ impl FlightSqlService for HubFlightSql {
     async fn do_get_tables(
         &self,
         query: CommandGetTables,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tables = self.hub.list_tables().await.map_err(to_status)?;
+        let (hub, _) = self.authorize(&request)?;
+        let tables = hub.list_tables().await.map_err(to_status)?;
         let mut builder = query.into_builder();
         for (catalog, schema, table, kind, arrow_schema) in tables {
             builder
@@ -412,6 +526,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.authorize(&request)?;
         let schema = query.into_builder().schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -419,8 +534,9 @@ impl FlightSqlService for HubFlightSql {
     async fn do_get_table_types(
         &self,
         query: CommandGetTableTypes,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.authorize(&request)?;
         let mut builder = query.into_builder();
         for kind in ["LOCAL TEMPORARY", "TABLE", "VIEW"] {
             builder.append(kind);
@@ -437,6 +553,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.authorize(&request)?;
         let schema = query.clone().into_builder(&SQL_INFO).schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -444,8 +561,9 @@ impl FlightSqlService for HubFlightSql {
     async fn do_get_sql_info(
         &self,
         query: CommandGetSqlInfo,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.authorize(&request)?;
         let batch = query
             .into_builder(&SQL_INFO)
             .build()

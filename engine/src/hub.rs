@@ -54,6 +54,11 @@ pub struct HubOptions {
     /// The collaboration this hub's researchers ask in (stations keep DP budgets per
     /// researcher, collaboration and table).
     pub collaboration: String,
+    /// The federated tables this hub serves (`None`: every table its stations announce);
+    /// a station's other tables stay invisible to its researchers.
+    pub tables: Option<Vec<String>>,
+    /// How the hub reaches stations that are not at plaintext `grpc://` addresses.
+    pub transport: crate::station_client::Transport,
 }
 
 impl Default for HubOptions {
@@ -66,6 +71,8 @@ impl Default for HubOptions {
             data_dir: None,
             train_timeout: Duration::from_secs(600),
             collaboration: railyard_udfs::wire::DEFAULT_COLLABORATION.to_string(),
+            tables: None,
+            transport: crate::station_client::Transport::default(),
         }
     }
 }
@@ -350,9 +357,25 @@ impl Hub {
                     address.name
                 )));
             }
-            let client = StationClient::connect(address, options.connect_patience).await?;
-            let table_policies = client.policy().await?;
+            let client =
+                StationClient::connect(address, options.connect_patience, &options.transport)
+                    .await?;
+            let served = |table: &str| {
+                options
+                    .tables
+                    .as_ref()
+                    .is_none_or(|t| t.iter().any(|t| t == table))
+            };
+            let table_policies: Vec<_> = client
+                .policy()
+                .await?
+                .into_iter()
+                .filter(|p| served(&p.table))
+                .collect();
             for (table, schema) in client.tables().await? {
+                if !served(&table) {
+                    continue;
+                }
                 let policy = table_policies.iter().find(|p| p.table == table).cloned();
                 if options.vertical.iter().any(|v| v.name == table) {
                     members.entry(table).or_default().push(vertical::Member {

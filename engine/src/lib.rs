@@ -30,6 +30,7 @@ pub mod flight_sql;
 pub mod hub;
 pub mod station_client;
 pub mod stats;
+pub mod tokens;
 pub mod train;
 pub mod vertical;
 
@@ -44,7 +45,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use error::{Error, Result, StationFailure};
 pub use flight_sql::{HubFlightSql, LOCAL_RESEARCHER};
 pub use hub::{Hub, HubOptions, Planned};
-pub use station_client::{MAX_MESSAGE_BYTES, StationAddress, StationClient};
+pub use station_client::{MAX_MESSAGE_BYTES, StationAddress, StationClient, Transport};
 pub use vertical::VerticalSpec;
 
 /// Serves the hub's Flight SQL endpoint on `listener` until `shutdown` resolves.
@@ -59,7 +60,27 @@ pub async fn serve(
             Ok(stream)
         })
     });
-    let service = FlightServiceServer::new(HubFlightSql::new(hub))
+    serve_incoming(HubFlightSql::new(hub), incoming, shutdown).await
+}
+
+/// Serves `flight` on already accepted connections (TLS ones, in a deployed hub) until
+/// `shutdown` resolves.
+pub async fn serve_incoming<I, IO, IE>(
+    flight: HubFlightSql,
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()>
+where
+    I: futures::Stream<Item = std::result::Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let service = FlightServiceServer::new(flight)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()

@@ -21,8 +21,19 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StationAddress {
     pub name: String,
-    /// `grpc://host:port` or `http://host:port`.
+    /// `grpc://host:port` (plaintext), `grpc+tls://host:port` (mutual TLS; the station's
+    /// certificate must carry `name`), or `tunnel://name` (an outbound station that dials
+    /// the hub).
     pub url: String,
+}
+
+/// What the hub needs beyond plaintext sockets to reach its stations.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    /// The hub's mutual-TLS client configuration (for `grpc+tls://` stations).
+    pub tls: Option<Arc<railyard_net::rustls::ClientConfig>>,
+    /// The outbound stations' connections (for `tunnel://` stations).
+    pub tunnels: Option<railyard_net::Tunnels>,
 }
 
 /// A connected station. Cloning shares the underlying HTTP/2 connection.
@@ -36,40 +47,84 @@ pub struct StationClient {
 impl StationClient {
     /// Connects to a station, retrying until `patience` has passed (a station may still be
     /// opening its files).
-    pub async fn connect(address: &StationAddress, patience: Duration) -> Result<Self> {
-        let http_url = address
-            .url
-            .strip_prefix("grpc://")
-            .map(|rest| format!("http://{rest}"))
-            .unwrap_or_else(|| address.url.clone());
+    pub async fn connect(
+        address: &StationAddress,
+        patience: Duration,
+        transport: &Transport,
+    ) -> Result<Self> {
         let unreachable = |message: String| StationFailure::Unreachable {
             station: address.name.clone(),
             url: address.url.clone(),
             message,
         };
-        let endpoint = Endpoint::from_shared(http_url)
+        if let Some(name) = address.url.strip_prefix("tunnel://") {
+            let channel = transport
+                .tunnels
+                .as_ref()
+                .and_then(|t| t.channel(name))
+                .ok_or_else(|| {
+                    unreachable("the hub does not expect this outbound station".to_string())
+                })?;
+            // Connects when first used: the station may dial in a little later.
+            return Ok(Self::over(address, channel));
+        }
+        let (rest, tls) = if let Some(rest) = address.url.strip_prefix("grpc+tls://") {
+            let tls = transport.tls.clone().ok_or_else(|| {
+                unreachable("a grpc+tls:// station needs the hub's TLS configuration".into())
+            })?;
+            (rest, Some(tls))
+        } else {
+            let rest = address
+                .url
+                .strip_prefix("grpc://")
+                .or_else(|| address.url.strip_prefix("http://"))
+                .ok_or_else(|| {
+                    unreachable(
+                        "expected grpc://HOST:PORT, grpc+tls://HOST:PORT or tunnel://NAME"
+                            .to_string(),
+                    )
+                })?;
+            (rest, None)
+        };
+        let endpoint = Endpoint::from_shared(format!("http://{rest}"))
             .map_err(|e| unreachable(format!("invalid address: {e}")))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30));
         let deadline = tokio::time::Instant::now() + patience;
         let channel = loop {
-            match endpoint.connect().await {
+            let connected = match &tls {
+                Some(config) => {
+                    endpoint
+                        .connect_with_connector(railyard_net::conn::connector(
+                            rest.to_string(),
+                            address.name.clone(),
+                            Arc::clone(config),
+                        ))
+                        .await
+                }
+                None => endpoint.connect().await,
+            };
+            match connected {
                 Ok(channel) => break channel,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(unreachable(e.to_string()).into());
+                    return Err(unreachable(error_chain(&e)).into());
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
+        Ok(Self::over(address, channel))
+    }
+
+    fn over(address: &StationAddress, channel: Channel) -> Self {
         let client = FlightServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self {
+        Self {
             name: address.name.as_str().into(),
             url: address.url.as_str().into(),
             client,
-        })
+        }
     }
 
     pub fn flight(&self) -> FlightServiceClient<Channel> {
@@ -90,7 +145,7 @@ impl StationClient {
             .map_err(|s| StationFailure::Unreachable {
                 station: self.name.to_string(),
                 url: self.url.to_string(),
-                message: s.message().to_string(),
+                message: error_chain(&s),
             })?
             .into_inner()
             .try_collect()
@@ -132,10 +187,12 @@ impl StationClient {
     /// A failed action as a [`StationFailure`] naming this station.
     fn action_failure(&self, fragment: usize, s: tonic::Status) -> StationFailure {
         match s.code() {
-            Code::Unavailable => StationFailure::Unreachable {
+            // A connection that failed (also a TLS refusal the server sends after the
+            // client's handshake finished) reaches us as a status with the cause beneath it.
+            _ if s.code() == Code::Unavailable || is_transport(&s) => StationFailure::Unreachable {
                 station: self.name.to_string(),
                 url: self.url.to_string(),
-                message: s.message().to_string(),
+                message: error_chain(&s),
             },
             code => StationFailure::Failed {
                 station: self.name.to_string(),
@@ -191,4 +248,28 @@ impl StationClient {
         let body = serde_json::to_vec(&request).expect("a budget request serializes");
         self.json_action("budget", body, 0).await
     }
+}
+
+/// Whether a status stands for a broken connection rather than a station's answer.
+fn is_transport(s: &tonic::Status) -> bool {
+    std::error::Error::source(s).is_some() && s.message().starts_with("transport error")
+}
+
+/// An error and its causes on one line: a TLS refusal hides two levels below tonic's
+/// "transport error".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    // A status shows its whole debug form as Display; its message is what it says.
+    let mut text = match e.downcast_ref::<tonic::Status>() {
+        Some(status) => status.message().to_string(),
+        None => e.to_string(),
+    };
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }

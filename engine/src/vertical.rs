@@ -192,7 +192,13 @@ pub(crate) async fn start(
             tracing::error!(station = %name, error = %e, "join station stopped");
         }
     });
-    let client = StationClient::connect(&address, connect_patience).await?;
+    // The join station runs inside the hub, on loopback: plaintext.
+    let client = StationClient::connect(
+        &address,
+        connect_patience,
+        &crate::station_client::Transport::default(),
+    )
+    .await?;
     Ok(JoinStation {
         client,
         layout,

@@ -22,6 +22,7 @@ pub mod dp;
 pub mod error;
 pub mod ledger;
 pub mod policy;
+pub mod postgres;
 pub mod service;
 pub mod source;
 pub mod train;
@@ -117,15 +118,42 @@ impl Station {
         Self::open_with(name, tables, Vec::new(), config).await
     }
 
-    /// Opens a station over `tables` and over tables that are not files (`providers`, by
-    /// name): the hub's join station serves a vertical table this way.
+    /// Opens a station over files and PostgreSQL relations. Fails naming the table if one
+    /// cannot be read.
+    pub async fn open_sources(
+        name: impl Into<String>,
+        tables: &[TableFile],
+        postgres: &[postgres::PostgresSource],
+        config: StationConfig,
+    ) -> Result<Self> {
+        let name = name.into();
+        let mut providers: Vec<(String, Arc<dyn TableProvider>)> = Vec::new();
+        for source in postgres {
+            let table = postgres::PostgresTable::open(&name, source).await?;
+            providers.push((source.name.clone(), Arc::new(table)));
+        }
+        Self::open_inner(name, tables, providers, false, config).await
+    }
+
+    /// Opens a station over `tables` and over tables that read other stations (`providers`,
+    /// by name): the hub's join station serves a vertical table this way.
     pub async fn open_with(
         name: impl Into<String>,
         tables: &[TableFile],
         providers: Vec<(String, Arc<dyn TableProvider>)>,
         config: StationConfig,
     ) -> Result<Self> {
-        let name = name.into();
+        let federated = !providers.is_empty();
+        Self::open_inner(name.into(), tables, providers, federated, config).await
+    }
+
+    async fn open_inner(
+        name: String,
+        tables: &[TableFile],
+        providers: Vec<(String, Arc<dyn TableProvider>)>,
+        federated_tables: bool,
+        config: StationConfig,
+    ) -> Result<Self> {
         let session =
             railyard_udfs::fragment_session_config().with_target_partitions(partitions_for(tables));
         let ctx = railyard_udfs::fragment_context_with(session)?;
@@ -137,7 +165,6 @@ impl Station {
         for table in tables {
             table.register(&name, &ctx).await?;
         }
-        let federated_tables = !providers.is_empty();
         for (table, provider) in providers {
             ctx.register_table(table.as_str(), provider)?;
         }
@@ -1116,10 +1143,35 @@ pub async fn serve(
             Ok(stream)
         })
     });
+    serve_incoming(station, incoming, shutdown).await
+}
+
+/// Serves the station's Flight service on already established connections until `shutdown`:
+/// mutual-TLS connections accepted from the hub, or (outbound mode) the connection the
+/// station dialed to the hub.
+pub async fn serve_incoming<I, IO, IE>(
+    station: Arc<Station>,
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()>
+where
+    I: futures::Stream<Item = std::result::Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let service = FlightServiceServer::new(StationService::new(station))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
+        // A hub that vanished (power loss, a cut cable) is noticed, and an outbound
+        // station dials again.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

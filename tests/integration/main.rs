@@ -5,6 +5,7 @@ mod dp;
 mod federation;
 mod fixtures;
 mod policy;
+mod postgres;
 mod slt;
 mod statistics;
 mod trains;

@@ -1,0 +1,236 @@
+//! A station whose tables live in PostgreSQL answers exactly like the same stations over
+//! Parquet files: the same queries through a real hub, over real sockets, against a real
+//! PostgreSQL server (`scripts/postgres`, started by `scripts/test` and `.ci/run`).
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use railyard::client::HubClient;
+use railyard_engine::{Hub, HubOptions, StationAddress};
+use railyard_station::postgres::{PostgresSource, Relation};
+use railyard_station::{Policy, Station, StationConfig};
+use tokio::net::TcpListener;
+
+use crate::fixtures::{self, STATIONS, spec, test_data};
+
+fn connection() -> String {
+    std::env::var("RAILYARD_TEST_POSTGRES").expect(
+        "RAILYARD_TEST_POSTGRES must hold the test PostgreSQL server's connection string: \
+         `export RAILYARD_TEST_POSTGRES=\"$(scripts/postgres)\"` (scripts/test does this)",
+    )
+}
+
+async fn client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&connection(), tokio_postgres::NoTls)
+        .await
+        .expect("the test PostgreSQL server accepts connections");
+    tokio::spawn(conn);
+    client
+}
+
+/// Copies each lung station's CSV into its own PostgreSQL table in a fresh schema; returns
+/// the schema's name.
+async fn load_lung() -> String {
+    let schema = format!("lung_{}", uuid_like());
+    let pg = client().await;
+    pg.batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .expect("create schema");
+    for station in STATIONS {
+        let text =
+            std::fs::read_to_string(test_data(&format!("lung/horizontal/csv/{station}.csv")))
+                .expect("lung CSV");
+        let mut lines = text.lines();
+        let header = lines.next().expect("header");
+        let columns: Vec<String> = header.split(',').map(|c| format!("{c} bigint")).collect();
+        let rows: Vec<String> = lines
+            .map(|line| {
+                // Every lung value is an integer or missing: no quoting is needed.
+                let values: Vec<&str> = line
+                    .split(',')
+                    .map(|v| if v.is_empty() { "NULL" } else { v })
+                    .collect();
+                format!("({})", values.join(","))
+            })
+            .collect();
+        pg.batch_execute(&format!(
+            "CREATE TABLE {schema}.{station} ({}); INSERT INTO {schema}.{station} VALUES {};",
+            columns.join(", "),
+            rows.join(",")
+        ))
+        .await
+        .expect("load a lung station");
+    }
+    schema
+}
+
+fn uuid_like() -> String {
+    use rand::RngCore;
+    format!("{:016x}", rand::rng().next_u64())
+}
+
+fn open_policy() -> Policy {
+    Policy::load(&fixtures::repo().join("tests/policies/open.toml")).expect("open policy")
+}
+
+/// Three stations over PostgreSQL tables and a hub; returns the hub's URL.
+async fn postgres_federation(schema: &str) -> String {
+    let mut addresses = Vec::new();
+    let dir = fixtures::audit_dir();
+    for station in STATIONS {
+        let source = PostgresSource {
+            name: "lung".to_string(),
+            connection: connection(),
+            relation: Relation::Table(format!("{schema}.{station}")),
+        };
+        let config = StationConfig {
+            policy: open_policy(),
+            audit_log: dir.join(station).join("audit.jsonl"),
+            collaboration_secret: None,
+        };
+        let opened = Station::open_sources(station, &[], &[source], config)
+            .await
+            .expect("a PostgreSQL station opens");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("grpc://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(railyard_station::serve(
+            Arc::new(opened),
+            listener,
+            std::future::pending(),
+        ));
+        addresses.push(StationAddress {
+            name: station.to_string(),
+            url,
+        });
+    }
+    let hub = Arc::new(
+        Hub::connect(&addresses, HubOptions::default())
+            .await
+            .expect("hub"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
+    let url = format!("grpc://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(railyard_engine::serve(
+        hub,
+        listener,
+        std::future::pending(),
+    ));
+    url
+}
+
+async fn answer(url: &str, sql: &str) -> Vec<RecordBatch> {
+    let mut client = HubClient::connect(url).await.expect("connect");
+    client
+        .query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .batches
+}
+
+fn text(batches: &[RecordBatch]) -> String {
+    arrow::util::pretty::pretty_format_batches(batches)
+        .expect("format")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_station_answers_like_the_parquet_one() {
+    let schema = load_lung().await;
+    let pg = postgres_federation(&schema).await;
+    let parquet = fixtures::federation(
+        &[spec("lung", test_data("lung/horizontal/parquet"))],
+        HubOptions::default(),
+    )
+    .await;
+    // Aggregates, every kind of pushed filter (and some that stay in DataFusion), row-level
+    // answers (the open test policy makes every column public), NULLs.
+    let queries = [
+        "SELECT count(*) AS n, sum(time) AS t, min(age) AS lo, max(age) AS hi FROM lung",
+        "SELECT sex, count(*) AS n, avg(age) AS age, count(wt_loss) AS w FROM lung \
+         GROUP BY sex ORDER BY sex",
+        "SELECT ph_ecog, count(*) AS n FROM lung WHERE age > 60 AND sex = 2 \
+         GROUP BY ph_ecog ORDER BY ph_ecog NULLS FIRST",
+        "SELECT count(*) AS n FROM lung WHERE meal_cal IS NULL OR wt_loss IS NULL",
+        "SELECT count(*) AS n FROM lung WHERE inst IN (1, 3, 11) AND age BETWEEN 50 AND 70",
+        "SELECT count(*) AS n FROM lung WHERE NOT (status = 1) AND abs(age - 60) < 5",
+        "SELECT patient_id, age, meal_cal FROM lung WHERE age >= 75 ORDER BY patient_id",
+        "SELECT status, avg(time) AS t FROM lung WHERE ph_karno <> 100 GROUP BY status \
+         ORDER BY status",
+    ];
+    for sql in queries {
+        let from_postgres = text(&answer(&pg, sql).await);
+        let from_parquet = text(&answer(&parquet.hub_url, sql).await);
+        assert_eq!(from_postgres, from_parquet, "{sql}");
+        // And neither is vacuous.
+        assert!(from_postgres.lines().count() > 4, "{sql}: {from_postgres}");
+    }
+    parquet.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_table_that_cannot_be_read_is_named_and_the_password_is_not_echoed() {
+    let pg = client().await;
+    let schema = format!("odd_{}", uuid_like());
+    pg.batch_execute(&format!(
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (id bigint, doc jsonb);"
+    ))
+    .await
+    .expect("create");
+    let config = || StationConfig {
+        policy: Policy::default(),
+        audit_log: fixtures::audit_dir().join("audit.jsonl"),
+        collaboration_secret: None,
+    };
+    let source = |connection: String, relation: Relation| PostgresSource {
+        name: "odd".to_string(),
+        connection,
+        relation,
+    };
+    let e = Station::open_sources(
+        "s",
+        &[],
+        &[source(connection(), Relation::Table(format!("{schema}.t")))],
+        config(),
+    )
+    .await
+    .err()
+    .expect("a jsonb column is refused");
+    let message = e.to_string();
+    assert!(
+        message.contains("'odd'") && message.contains("'doc'") && message.contains("jsonb"),
+        "{message}"
+    );
+    // A query relation can cast it away.
+    let station = Station::open_sources(
+        "s",
+        &[],
+        &[source(
+            connection(),
+            Relation::Query(format!("SELECT id, doc::text AS doc FROM {schema}.t")),
+        )],
+        config(),
+    )
+    .await
+    .expect("a query relation opens");
+    assert_eq!(station.tables().await.expect("tables").len(), 1);
+
+    // Nobody listens on port 1: the error names the table, never the connection string.
+    let e = Station::open_sources(
+        "s",
+        &[],
+        &[source(
+            "host=127.0.0.1 port=1 user=u password=hunter2-secret dbname=d".to_string(),
+            Relation::Table("t".to_string()),
+        )],
+        config(),
+    )
+    .await
+    .err()
+    .expect("unreachable server");
+    let message = e.to_string();
+    assert!(
+        message.contains("'odd'") && message.contains("connect"),
+        "{message}"
+    );
+    assert!(!message.contains("hunter2"), "{message}");
+}
