@@ -61,6 +61,15 @@ impl HubClient {
             .strip_prefix("grpc://")
             .or_else(|| url.strip_prefix("http://"))
         {
+            let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host);
+            let loopback = host == "localhost"
+                || host
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if token.is_some() && !loopback {
+                bail!("refusing to send a bearer token in plaintext to {url}: use grpc+tls://");
+            }
             (rest, None)
         } else {
             bail!(
@@ -84,6 +93,7 @@ impl HubClient {
                         rest.to_string(),
                         host.to_string(),
                         config,
+                        railyard_net::Expect::Host,
                     ))
                     .await
             }

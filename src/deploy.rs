@@ -150,8 +150,17 @@ impl HubConfig {
         check_name("the hub's", &self.name)?;
         ensure!(!self.stations.is_empty(), "no [[stations]]");
         let mut names = BTreeSet::new();
+        ensure!(
+            self.station_wait_seconds >= 1,
+            "station_wait_seconds must be at least 1"
+        );
         for s in &self.stations {
             check_name("station", &s.name)?;
+            ensure!(
+                s.name != self.name,
+                "station '{}' has the hub's name: every party needs its own",
+                s.name
+            );
             ensure!(
                 names.insert(&s.name),
                 "station '{}' is listed twice",
@@ -413,6 +422,12 @@ impl StationFileConfig {
         let context = || format!("{}", path.display());
         check_name("station", &config.name).with_context(context)?;
         check_name("the hub's", &config.hub_name).with_context(context)?;
+        ensure!(
+            config.name != config.hub_name,
+            "{}: the station's name is the hub's ('{}')",
+            path.display(),
+            config.name
+        );
         match (&config.listen, &config.hub) {
             (Some(_), None) | (None, Some(_)) => {}
             _ => bail!(

@@ -100,6 +100,7 @@ impl StationClient {
                             rest.to_string(),
                             address.name.clone(),
                             Arc::clone(config),
+                            railyard_net::Expect::Party,
                         ))
                         .await
                 }

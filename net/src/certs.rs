@@ -111,6 +111,11 @@ pub fn issue(dir: &Path, name: &str, hosts: &[String]) -> Result<Issued> {
     params.distinguished_name = dn;
     let mut sans = vec![SanType::DnsName(name.try_into().map_err(cert_error)?)];
     for host in hosts {
+        if host.contains('*') {
+            return Err(Error::Invalid(format!(
+                "'{host}': wildcard host names are not issued (a certificate names one party)"
+            )));
+        }
         let san = match host.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => SanType::DnsName(host.as_str().try_into().map_err(|e| {
@@ -165,4 +170,38 @@ fn time_now() -> time::OffsetDateTime {
 
 fn rcgen_days(days: i64) -> time::Duration {
     time::Duration::days(days)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{names, read_certificates, valid_name};
+
+    #[test]
+    fn a_certificate_names_its_party_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), "lung").unwrap();
+        // A host alias (even one spelled like the hub) does not make a party the hub.
+        let station = issue(dir.path(), "amsterdam", &["hub".into(), "127.0.0.1".into()]).unwrap();
+        let cert = &read_certificates(&station.cert).unwrap()[0];
+        assert!(names(cert, "amsterdam"));
+        assert!(!names(cert, "hub"));
+        assert!(!names(cert, "leiden"));
+
+        // Nothing is overwritten, wildcards and IP-like names are not issued.
+        assert!(init(dir.path(), "lung").is_err());
+        assert!(issue(dir.path(), "amsterdam", &[]).is_err());
+        assert!(issue(dir.path(), "leiden", &["*.example.org".into()]).is_err());
+        assert!(issue(dir.path(), "10.0.0.5", &[]).is_err());
+        assert!(!valid_name("a_b") && !valid_name("-a") && valid_name("utrecht-umc"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&station.key)
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "the key is readable by others");
+        }
+    }
 }

@@ -25,6 +25,18 @@ use crate::tls::names;
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An outbound connection may sit unused for hours; TCP keepalive notices when a firewall
+/// or a dead peer silently dropped it (then the station dials again).
+fn keep_alive(tcp: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+        warn!("cannot turn on TCP keepalive: {e}");
+    }
+}
+
 /// Who is on the other end of a [`Conn`]: seen by services as a request extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -118,17 +130,50 @@ fn server_name(name: &str) -> io::Result<ServerName<'static>> {
     })
 }
 
+/// Whom a dialed server must prove to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A Railyard party (the hub, a station) by its name: CA, alternative names and common
+    /// name (see [`crate::tls::names`]).
+    Party,
+    /// A host as a researcher typed it: CA and alternative names (ordinary TLS).
+    Host,
+}
+
 /// Dials `addr` (`host:port`) and completes a TLS handshake in which the server must prove
-/// it is `name`.
+/// it is the party `name`.
 pub async fn dial(addr: &str, name: &str, config: Arc<ClientConfig>) -> io::Result<Conn> {
+    dial_expecting(addr, name, config, Expect::Party).await
+}
+
+async fn dial_expecting(
+    addr: &str,
+    name: &str,
+    config: Arc<ClientConfig>,
+    expect: Expect,
+) -> io::Result<Conn> {
     let tcp = TcpStream::connect(addr).await?;
     // Small fragments answer in well under a millisecond; Nagle's delay would dominate.
     tcp.set_nodelay(true)?;
+    keep_alive(&tcp);
     let remote = tcp.peer_addr().ok();
     let handshake = TlsConnector::from(config).connect(server_name(name)?, tcp);
     let io = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    // rustls checked the CA and the alternative names; the identity is the common name.
+    let named = expect == Expect::Host
+        || io
+            .get_ref()
+            .1
+            .peer_certificates()
+            .is_some_and(|chain| names(&chain[0], name));
+    if !named {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the server's certificate is not the certificate of '{name}'"),
+        ));
+    }
     Ok(Conn {
         io: TlsStream::Client(io),
         early: Vec::new(),
@@ -145,9 +190,14 @@ pub async fn dial(addr: &str, name: &str, config: Arc<ClientConfig>) -> io::Resu
 /// that refuses us would otherwise surface later as a vague failure of the first request;
 /// here its alert ("unknown CA", "bad certificate") becomes the error. Only for servers
 /// that speak first: an HTTP/2 server sends its SETTINGS frame at once.
-pub async fn dial_confirmed(addr: &str, name: &str, config: Arc<ClientConfig>) -> io::Result<Conn> {
+pub async fn dial_confirmed(
+    addr: &str,
+    name: &str,
+    config: Arc<ClientConfig>,
+    expect: Expect,
+) -> io::Result<Conn> {
     use tokio::io::AsyncReadExt;
-    let mut conn = dial(addr, name, config).await?;
+    let mut conn = dial_expecting(addr, name, config, expect).await?;
     let mut early = vec![0u8; 4096];
     let n = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.io.read(&mut early)).await {
         Ok(Ok(0)) => {
@@ -175,20 +225,24 @@ pub async fn dial_confirmed(addr: &str, name: &str, config: Arc<ClientConfig>) -
 pub type Connecting = Pin<Box<dyn std::future::Future<Output = io::Result<TokioIo<Conn>>> + Send>>;
 
 /// A connector for tonic's `Endpoint::connect_with_connector`: every (re)connection dials
-/// `addr`, expects the server to be `name`, and waits until the server has accepted this
-/// party ([`dial_confirmed`]).
+/// `addr`, expects the server to be `name` (as `expect` says), and waits until the server
+/// has accepted this client ([`dial_confirmed`]).
 pub fn connector(
     addr: String,
     name: String,
     config: Arc<ClientConfig>,
+    expect: Expect,
 ) -> impl tower::Service<http::Uri, Response = TokioIo<Conn>, Error = io::Error, Future = Connecting>
 + Clone
 + Send
 + 'static {
     tower::service_fn(move |_: http::Uri| {
         let (addr, name, config) = (addr.clone(), name.clone(), Arc::clone(&config));
-        Box::pin(async move { dial_confirmed(&addr, &name, config).await.map(TokioIo::new) })
-            as Connecting
+        Box::pin(async move {
+            dial_confirmed(&addr, &name, config, expect)
+                .await
+                .map(TokioIo::new)
+        }) as Connecting
     })
 }
 
@@ -219,6 +273,7 @@ pub fn accept(
                 _ = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);
+            keep_alive(&tcp);
             let (acceptor, tx, expect) = (acceptor.clone(), tx.clone(), Arc::clone(&expect));
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -260,30 +315,40 @@ pub fn dial_out(
 ) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(1);
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
+        const FIRST: Duration = Duration::from_millis(100);
+        // A connection that lasted this long was a working one: dial the next at once.
+        const LASTED: Duration = Duration::from_secs(10);
+        let mut backoff = FIRST;
         loop {
             match dial(&addr, &name, Arc::clone(&config)).await {
                 Ok(mut conn) => {
-                    backoff = Duration::from_millis(100);
                     let (closed_tx, closed_rx) = oneshot::channel();
                     conn._closed = Some(closed_tx);
                     info!("connected to the hub at {addr}");
+                    let since = tokio::time::Instant::now();
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
                     // Resolves (with an error) when the server drops the connection.
                     let _ = closed_rx.await;
-                    info!("connection to the hub at {addr} ended; dialing again");
-                }
-                Err(e) => {
-                    warn!("cannot reach the hub at {addr}: {e}; retrying in {backoff:?}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = tx.closed() => return,
+                    if since.elapsed() >= LASTED {
+                        info!("connection to the hub at {addr} ended; dialing again");
+                        backoff = FIRST;
+                        continue;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    // Closed at once: in TLS 1.3 that is how a hub refuses our certificate.
+                    warn!(
+                        "the hub at {addr} closed the connection at once (does it list this \
+                         station, with this certificate?); retrying in {backoff:?}"
+                    );
                 }
+                Err(e) => warn!("cannot reach the hub at {addr}: {e}; retrying in {backoff:?}"),
             }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = tx.closed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     });
     ReceiverStream::new(rx)

@@ -28,7 +28,7 @@ pub mod error;
 pub mod tls;
 pub mod tunnel;
 
-pub use conn::{Conn, Peer};
+pub use conn::{Conn, Expect, Peer};
 pub use error::{Error, Result};
 pub use rustls;
 pub use tls::{Tls, TlsFiles};

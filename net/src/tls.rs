@@ -111,26 +111,40 @@ pub fn trusting(ca: &Path) -> Result<Arc<ClientConfig>> {
     Ok(Arc::new(config))
 }
 
-/// Whether `cert` is valid for the DNS name `name` (its subject alternative names).
+/// Whether `cert` is the certificate of the Railyard party `name`: its subject's common
+/// name is exactly `name` (`certs issue --name`), and its subject alternative names cover
+/// `name` too. The common name is the identity because only `--name` sets it: a host name
+/// given with `--host` (or a wildcard) can never make a station's certificate pass for the
+/// hub's.
 pub fn names(cert: &CertificateDer<'_>, name: &str) -> bool {
     let Ok(server_name) = ServerName::try_from(name) else {
         return false;
     };
-    webpki::EndEntityCert::try_from(cert)
+    let alt_names = webpki::EndEntityCert::try_from(cert)
         .and_then(|ee| ee.verify_is_valid_for_subject_name(&server_name))
-        .is_ok()
+        .is_ok();
+    alt_names && common_name(cert).is_some_and(|cn| cn == name)
 }
 
-/// Whether `name` can be a peer name in a certificate (a DNS name: letters, digits, `-`, `.`).
+/// The subject's common name of a certificate.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// Whether `name` can name a Railyard party in a certificate: a DNS name of letters,
+/// digits, `-` and `.`, with at least one letter (so it never reads as an IP address).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && name.chars().any(|c| c.is_ascii_alphabetic())
         && !name.starts_with(['-', '.'])
         && !name.ends_with(['-', '.'])
-        && ServerName::try_from(name).is_ok()
+        && matches!(ServerName::try_from(name), Ok(ServerName::DnsName(_)))
 }
 
 impl Tls {

@@ -2,9 +2,10 @@
 //!
 //! An outbound station dials the hub's tunnel listener; after the mutual TLS handshake the
 //! hub knows which station it is (its certificate names it) and parks the connection in that
-//! station's slot. The hub's Flight client for the station is an ordinary tonic channel whose
-//! connector takes the next parked connection instead of dialing: the roles of the TLS
-//! handshake (station = client) and of HTTP/2 (hub = client) are independent.
+//! station's slot (the newest connection replaces an unused older one: after a network
+//! blip the old one is likely dead). The hub's Flight client for the station is an ordinary
+//! tonic channel whose connector takes the parked connection instead of dialing: the roles
+//! of the TLS handshake (station = client) and of HTTP/2 (hub = client) are independent.
 
 use std::collections::HashMap;
 use std::io;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
@@ -22,11 +23,47 @@ use crate::conn::{Conn, accept};
 use crate::error::{Error, Result};
 use crate::tls::Tls;
 
-/// Connections not yet taken by the hub's channel, per station.
-const PARKED: usize = 4;
+/// A station's newest connection not yet taken by the hub's channel.
+#[derive(Default)]
+struct Parked {
+    conn: std::sync::Mutex<Option<Conn>>,
+    arrived: Notify,
+}
+
+impl Parked {
+    fn put(&self, conn: Conn) {
+        // Held for a swap only.
+        let old = self
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(conn);
+        drop(old);
+        self.arrived.notify_waiters();
+    }
+
+    fn take(&self) -> Option<Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The next connection, waiting up to `wait` for one.
+    async fn next(&self, wait: Duration) -> Option<Conn> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before looking, so an arrival in between is not missed.
+            let arrived = self.arrived.notified();
+            if let Some(conn) = self.take() {
+                return Some(conn);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
 
 struct Slot {
-    tx: mpsc::Sender<Conn>,
+    parked: Arc<Parked>,
     channel: Channel,
 }
 
@@ -50,20 +87,15 @@ impl Tunnels {
     pub fn new(names: &[String], wait: Duration) -> Result<Self> {
         let mut slots = HashMap::new();
         for name in names {
-            let (tx, rx) = mpsc::channel(PARKED);
-            let taken = Arc::new(Mutex::new(rx));
+            let parked = Arc::new(Parked::default());
+            let waiting = Arc::clone(&parked);
             let station = name.clone();
             let connector = tower::service_fn(move |_: http::Uri| {
-                let (taken, station) = (Arc::clone(&taken), station.clone());
+                let (waiting, station) = (Arc::clone(&waiting), station.clone());
                 async move {
-                    let mut parked = taken.lock().await;
-                    match tokio::time::timeout(wait, parked.recv()).await {
-                        Ok(Some(conn)) => Ok(TokioIo::new(conn)),
-                        Ok(None) => Err(io::Error::new(
-                            io::ErrorKind::NotConnected,
-                            "the hub's tunnel listener stopped",
-                        )),
-                        Err(_) => Err(io::Error::new(
+                    match waiting.next(wait).await {
+                        Some(conn) => Ok(TokioIo::new(conn)),
+                        None => Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!(
                                 "outbound station '{station}' has not dialed in within {wait:?}"
@@ -77,7 +109,7 @@ impl Tunnels {
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_while_idle(true)
                 .connect_with_connector_lazy(connector);
-            slots.insert(name.clone(), Slot { tx, channel });
+            slots.insert(name.clone(), Slot { parked, channel });
         }
         Ok(Self {
             slots: Arc::new(slots),
@@ -118,16 +150,11 @@ impl Tunnels {
             let Some(name) = conn.peer().name.clone() else {
                 continue;
             };
-            let slot = &self.slots[&name];
             info!(
                 "outbound station '{name}' dialed in from {:?}",
                 conn.peer().addr
             );
-            if slot.tx.try_send(conn).is_err() {
-                warn!(
-                    "outbound station '{name}' dialed in {PARKED} times without being used; dropping"
-                );
-            }
+            self.slots[&name].parked.put(conn);
         }
     }
 }

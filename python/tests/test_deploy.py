@@ -418,8 +418,93 @@ tables = ["lung"]
     assert done.returncode != 0
     assert "amsterdam" in done.stderr and "unreachable" in done.stderr, done.stderr
 
+    # The right CA, and a certificate that lists "hub" as a host name, but names another
+    # party: a station's certificate cannot pass for the hub's.
+    railyard("certs", "issue", "--dir", tmp / "certs", "--name", "rogue", "--host", "hub")
+    done = run_hub("rogue", tmp / "certs" / "ca.pem", tmp / "certs" / "rogue", "amsterdam", deployment["stations"]["amsterdam"])
+    assert done.returncode != 0
+    assert "amsterdam" in done.stderr and "unreachable" in done.stderr, done.stderr
+
     # The right CA, but the station at that address is leiden, not amsterdam.
     certs = tmp / "certs"
     done = run_hub("confused", certs / "ca.pem", certs / "hub", "amsterdam", deployment["stations"]["leiden"])
     assert done.returncode != 0
     assert "amsterdam" in done.stderr and "certificate" in done.stderr.lower(), done.stderr
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_outbound_station_dials_again_when_the_hub_restarts(deployment):
+    """Kill the hub outright; a new hub process on the same tunnel port gets the station
+    back without anyone touching the hospital's side."""
+    tmp = deployment["tmp"] / "restart"
+    tmp.mkdir()
+    (tmp / "certs").symlink_to(deployment["tmp"] / "certs")
+    tunnel = f"127.0.0.1:{free_port()}"
+    hub_config = write(
+        tmp / "hub.toml",
+        f"""
+listen = "127.0.0.1:0"
+tunnel_listen = "{tunnel}"
+data_dir = "state/hub"
+station_wait_seconds = 30
+
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/hub.pem"
+key = "certs/hub.key"
+
+[[stations]]
+name = "utrecht"
+outbound = true
+
+[collaborations.lung]
+stations = ["utrecht"]
+tables = ["lung"]
+researchers = ["carol"]
+""",
+    )
+    station = Process(
+        "utrecht-restart",
+        [
+            "station",
+            "--config",
+            station_config(
+                tmp,
+                "utrecht",
+                f'hub = "{tunnel}"',
+                f"""
+[[tables]]
+name = "lung"
+path = "{LUNG / 'parquet' / 'station_c.parquet'}"
+""",
+            ),
+        ],
+        tmp,
+    )
+    hubs = []
+    try:
+        # The station starts first and keeps dialing until the hub is there.
+        station.expect("station utrecht dialing the hub at ")
+        token = railyard(
+            "token", "create", "--config", hub_config, "--researcher", "carol", "--collaboration", "lung"
+        ).stdout.strip()
+        want = len(pd.read_parquet(LUNG / "parquet" / "station_c.parquet"))
+        for _ in range(2):
+            hub = Process(f"hub-restart-{len(hubs)}", ["hub", "--config", hub_config], tmp)
+            hubs.append(hub)
+            hub.expect("hub tunnel listening on ")
+            url = hub.expect("hub listening on ")
+            got = query({**deployment, "url": url}, token, "SELECT count(*) AS n FROM lung")
+            assert got["n"][0] == want
+            hub.proc.kill()  # no goodbye: the station must notice on its own
+            hub.proc.wait()
+    finally:
+        for p in hubs + [station]:
+            p.stop()

@@ -5,8 +5,9 @@
 //! Each scan sends one `SELECT` naming just the columns the fragment needs and carrying the
 //! filters PostgreSQL evaluates the same way DataFusion does. Filters are pushed *inexactly*:
 //! DataFusion applies them again above the scan, so the answer never depends on PostgreSQL's
-//! semantics — only the amount read does. Filters whose meaning could differ (ordering of
-//! text, which follows PostgreSQL's collation; functions) stay in DataFusion alone.
+//! semantics — only the amount read does. Only filters PostgreSQL evaluates exactly as
+//! DataFusion does are sent (integers, booleans, dates, text equality); floating point,
+//! text ordering (PostgreSQL's collation) and functions stay in DataFusion alone.
 //!
 //! ```text
 //!   fragment ─▶ station DataFusion ─▶ PostgresScanExec ── SELECT "a","b" FROM t WHERE … ─▶ PostgreSQL
@@ -14,7 +15,7 @@
 //! ```
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder, Int16Builder,
@@ -79,6 +80,8 @@ enum Kind {
     /// `numeric` is read as `float8` (PostgreSQL converts it in the `SELECT`).
     Numeric,
     Text,
+    /// `char(n)` is read as `text` (PostgreSQL drops the padding in the `SELECT`).
+    Char,
     Date,
     Timestamp,
     TimestampTz,
@@ -94,12 +97,23 @@ impl Kind {
             Type::FLOAT4 => Kind::Float32,
             Type::FLOAT8 => Kind::Float64,
             Type::NUMERIC => Kind::Numeric,
-            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => Kind::Text,
+            Type::TEXT | Type::VARCHAR | Type::NAME => Kind::Text,
+            Type::BPCHAR => Kind::Char,
             Type::DATE => Kind::Date,
             Type::TIMESTAMP => Kind::Timestamp,
             Type::TIMESTAMPTZ => Kind::TimestampTz,
             _ => return None,
         })
+    }
+
+    /// The type PostgreSQL converts the column to before anyone (the `SELECT` list, a
+    /// pushed filter) uses it, so that both compare the values DataFusion receives.
+    fn read_as(self) -> Option<DataType> {
+        match self {
+            Kind::Numeric => Some(DataType::Float64),
+            Kind::Char => Some(DataType::Utf8),
+            _ => None,
+        }
     }
 
     fn arrow(self) -> DataType {
@@ -110,7 +124,7 @@ impl Kind {
             Kind::Int64 => DataType::Int64,
             Kind::Float32 => DataType::Float32,
             Kind::Float64 | Kind::Numeric => DataType::Float64,
-            Kind::Text => DataType::Utf8,
+            Kind::Text | Kind::Char => DataType::Utf8,
             Kind::Date => DataType::Date32,
             Kind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
             Kind::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
@@ -123,29 +137,21 @@ fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
-/// The connection, shared by the scans of one table and re-made when it breaks.
+/// How to reach PostgreSQL. Every scan opens its own connection: PostgreSQL answers one
+/// query at a time per connection, so a shared one would make every scan of a table wait
+/// behind the slowest reader (a row-level fragment nobody has fetched yet, say).
 struct Connection {
     config: String,
-    client: Mutex<Option<Arc<Client>>>,
 }
 
 impl Connection {
-    async fn get(&self) -> std::result::Result<Arc<Client>, tokio_postgres::Error> {
-        {
-            // Held for a clone only.
-            let client = self.client.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = client.as_ref().filter(|c| !c.is_closed()) {
-                return Ok(Arc::clone(c));
-            }
-        }
+    async fn open(&self) -> std::result::Result<Client, tokio_postgres::Error> {
         let (client, connection) = tokio_postgres::connect(&self.config, NoTls).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                warn!("PostgreSQL connection ended: {e}");
+                warn!("PostgreSQL connection ended: {}", pg_message(&e));
             }
         });
-        let client = Arc::new(client);
-        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&client));
         Ok(client)
     }
 }
@@ -185,10 +191,9 @@ impl PostgresTable {
         };
         let connection = Arc::new(Connection {
             config: source.connection.clone(),
-            client: Mutex::new(None),
         });
         let client = connection
-            .get()
+            .open()
             .await
             .map_err(|e| failed(format!("cannot connect to PostgreSQL: {}", pg_message(&e))))?;
         let statement = client
@@ -227,6 +232,7 @@ impl PostgresTable {
                 let name = quote(self.schema.field(i).name());
                 match self.kinds[i] {
                     Kind::Numeric => format!("{name}::float8 AS {name}"),
+                    Kind::Char => format!("{name}::text AS {name}"),
                     _ => name,
                 }
             })
@@ -239,13 +245,45 @@ impl PostgresTable {
         let conditions: Vec<String> = filters
             .iter()
             .filter(|f| pushable(f, &self.schema))
-            .filter_map(|f| filter_sql(f).ok())
+            .filter_map(|f| self.filter_sql(f).ok())
             .collect();
         if !conditions.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conditions.join(" AND "));
         }
         sql
+    }
+}
+
+impl PostgresTable {
+    /// `expr` as PostgreSQL SQL over the scan's unqualified columns, each converted the way
+    /// the `SELECT` list converts it (a `numeric` compares as the `float8` DataFusion
+    /// sees, a `char(n)` without its padding).
+    fn filter_sql(&self, expr: &Expr) -> DfResult<String> {
+        let converted = expr
+            .clone()
+            .transform_up(|e| {
+                Ok(match e {
+                    Expr::Column(c) => {
+                        let kind = self
+                            .schema
+                            .index_of(&c.name)
+                            .ok()
+                            .and_then(|i| self.kinds[i].read_as());
+                        let column = Expr::Column(Column::new_unqualified(c.name));
+                        Transformed::yes(match kind {
+                            Some(t) => {
+                                Expr::Cast(datafusion::logical_expr::Cast::new(Box::new(column), t))
+                            }
+                            None => column,
+                        })
+                    }
+                    other => Transformed::no(other),
+                })
+            })?
+            .data;
+        let ast = Unparser::new(&PostgreSqlDialect {}).expr_to_sql(&converted)?;
+        Ok(format!("({ast})"))
     }
 }
 
@@ -263,24 +301,37 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
                 format!("SQLSTATE {}", db.code().code())
             }
         }
-        None => e.to_string(),
+        // Connection trouble: the causes ("connection refused") name no stored value.
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text = format!("{text}: {cause}");
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
-/// Whether PostgreSQL evaluates `expr` as DataFusion does (so that pushing it can only drop
-/// rows DataFusion would drop too).
+/// Whether PostgreSQL evaluates `expr` exactly as DataFusion does. Pushed filters are
+/// inexact (DataFusion applies them again), so PostgreSQL may only narrow what is read; and
+/// as `NOT` turns "keeps more" into "keeps less", only exact equivalence is safe. Hence:
+/// integers, booleans, dates and text equality; no floating point (−0.0 and NaN order
+/// differently), no text ordering (PostgreSQL's collation), no functions or arithmetic.
 fn pushable(expr: &Expr, schema: &Schema) -> bool {
+    let column_type = |name: &str| schema.field_with_name(name).ok().map(|f| f.data_type());
     let is_text = |e: &Expr| match e {
-        Expr::Column(c) => schema
-            .field_with_name(&c.name)
-            .is_ok_and(|f| f.data_type() == &DataType::Utf8),
-        Expr::Literal(v, _) => matches!(v, ScalarValue::Utf8(_) | ScalarValue::LargeUtf8(_)),
+        Expr::Column(c) => column_type(&c.name) == Some(&DataType::Utf8),
+        Expr::Literal(v, _) => matches!(v, ScalarValue::Utf8(_)),
         _ => false,
     };
     let mut ok = true;
     let _ = expr.apply(|e| {
         ok &= match e {
-            Expr::Column(c) => schema.field_with_name(&c.name).is_ok(),
+            Expr::Column(c) => column_type(&c.name).is_some_and(|t| {
+                t.is_integer() || matches!(t, DataType::Boolean | DataType::Utf8 | DataType::Date32)
+            }),
             Expr::Literal(v, _) => matches!(
                 v,
                 ScalarValue::Boolean(Some(_))
@@ -288,24 +339,24 @@ fn pushable(expr: &Expr, schema: &Schema) -> bool {
                     | ScalarValue::Int16(Some(_))
                     | ScalarValue::Int32(Some(_))
                     | ScalarValue::Int64(Some(_))
-                    | ScalarValue::Float32(Some(_))
-                    | ScalarValue::Float64(Some(_))
                     | ScalarValue::Utf8(Some(_))
                     | ScalarValue::Date32(Some(_))
             ),
             Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
                 Operator::Eq | Operator::NotEq | Operator::And | Operator::Or => true,
-                // Text order is PostgreSQL's collation, not byte order.
                 Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq => {
                     !is_text(left) && !is_text(right)
                 }
                 _ => false,
             },
-            Expr::Not(_) | Expr::IsNull(_) | Expr::IsNotNull(_) => true,
+            Expr::Not(_) | Expr::IsNull(_) | Expr::IsNotNull(_) | Expr::InList(_) => true,
             Expr::Between(b) => !is_text(&b.expr),
-            Expr::InList(_) => true,
-            // Widening numeric casts only (DataFusion's coercion of a comparison).
-            Expr::Cast(c) => matches!(c.field.data_type(), DataType::Int64 | DataType::Float64),
+            // DataFusion widens an integer column to compare it with a wider literal.
+            Expr::Cast(c) => {
+                c.field.data_type() == &DataType::Int64
+                    && matches!(c.expr.as_ref(), Expr::Column(col)
+                        if column_type(&col.name).is_some_and(|t| t.is_integer()))
+            }
             _ => false,
         };
         Ok(if ok {
@@ -315,21 +366,6 @@ fn pushable(expr: &Expr, schema: &Schema) -> bool {
         })
     });
     ok
-}
-
-/// `expr` as PostgreSQL SQL over the scan's unqualified columns.
-fn filter_sql(expr: &Expr) -> DfResult<String> {
-    let unqualified = expr
-        .clone()
-        .transform_up(|e| {
-            Ok(match e {
-                Expr::Column(c) => Transformed::yes(Expr::Column(Column::new_unqualified(c.name))),
-                other => Transformed::no(other),
-            })
-        })?
-        .data;
-    let ast = Unparser::new(&PostgreSqlDialect {}).expr_to_sql(&unqualified)?;
-    Ok(format!("({ast})"))
 }
 
 #[async_trait]
@@ -349,7 +385,7 @@ impl TableProvider for PostgresTable {
         Ok(filters
             .iter()
             .map(|f| {
-                if pushable(f, &self.schema) && filter_sql(f).is_ok() {
+                if pushable(f, &self.schema) && self.filter_sql(f).is_ok() {
                     TableProviderFilterPushDown::Inexact
                 } else {
                     TableProviderFilterPushDown::Unsupported
@@ -467,7 +503,12 @@ impl ExecutionPlan for PostgresScanExec {
         );
         tokio::spawn(async move {
             let failed = |e: tokio_postgres::Error| {
-                warn!("PostgreSQL scan of table '{table}' failed: {e}");
+                // The station's own log may hold the server's whole message.
+                let detail = e.as_db_error().map_or_else(
+                    || pg_message(&e),
+                    |db| format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+                );
+                warn!("PostgreSQL scan of table '{table}' failed: {detail}");
                 DataFusionError::External(
                     format!(
                         "PostgreSQL failed reading table '{table}': {}",
@@ -476,17 +517,20 @@ impl ExecutionPlan for PostgresScanExec {
                     .into(),
                 )
             };
-            let rows = match connection.get().await {
-                Ok(client) => client
-                    .query_raw(sql.as_str(), std::iter::empty::<&(dyn ToSql + Sync)>())
-                    .await
-                    .map_err(failed),
-                Err(e) => Err(failed(e)),
+            let client = match connection.open().await {
+                Ok(client) => client,
+                Err(e) => {
+                    let _ = tx.send(Err(failed(e))).await;
+                    return;
+                }
             };
-            let rows = match rows {
+            let rows = match client
+                .query_raw(sql.as_str(), std::iter::empty::<&(dyn ToSql + Sync)>())
+                .await
+            {
                 Ok(rows) => rows,
                 Err(e) => {
-                    let _ = tx.send(Err(e)).await;
+                    let _ = tx.send(Err(failed(e))).await;
                     return;
                 }
             };
@@ -498,8 +542,13 @@ impl ExecutionPlan for PostgresScanExec {
                     .map_err(failed)
                     .and_then(|rows| to_batch(&schema, &kinds, &rows));
                 let stop = batch.is_err();
-                if tx.send(batch).await.is_err() || stop {
-                    // The consumer stopped (a LIMIT, a cancelled query) or the read failed.
+                if tx.send(batch).await.is_err() {
+                    // The consumer stopped (a LIMIT, a cancelled query): stop PostgreSQL too,
+                    // rather than reading the rest of the table into the void.
+                    let _ = client.cancel_token().cancel_query(NoTls).await;
+                    return;
+                }
+                if stop {
                     return;
                 }
             }
@@ -536,7 +585,7 @@ fn to_batch(schema: &SchemaRef, kinds: &[Kind], rows: &[Row]) -> DfResult<Record
             Kind::Int64 => column!(Int64Builder, i64, |v| v),
             Kind::Float32 => column!(Float32Builder, f32, |v| v),
             Kind::Float64 | Kind::Numeric => column!(Float64Builder, f64, |v| v),
-            Kind::Text => {
+            Kind::Text | Kind::Char => {
                 let mut b = StringBuilder::with_capacity(rows.len(), rows.len() * 8);
                 for row in rows {
                     let v: Option<&str> = row.try_get(i).map_err(get_err)?;
@@ -590,7 +639,6 @@ mod tests {
             kinds: vec![Kind::Int32, Kind::Text, Kind::Numeric],
             connection: Arc::new(Connection {
                 config: String::new(),
-                client: Mutex::new(None),
             }),
         }
     }
@@ -605,11 +653,18 @@ mod tests {
             col("site").lt(lit("m")),
             // A function PostgreSQL may not share: not sent.
             datafusion::functions::expr_fn::abs(col("age")).gt(lit(3)),
+            // NaN has no PostgreSQL literal that means the same: not sent.
+            col("dose").gt(lit(f64::NAN)),
+            // Floating point (here a numeric read as float8) is never sent.
+            col("dose").gt_eq(lit(0.1)),
+            // Integers and dates are, also under NOT.
+            !col("age").in_list(vec![lit(1), lit(2)], false),
         ];
         assert_eq!(
             t.scan_sql(&[0, 2], &filters),
             "SELECT \"age\", \"dose\"::float8 AS \"dose\" FROM \"registry\".\"lung\" AS \
-             railyard_source WHERE ((\"age\" > 60)) AND ((\"site\" = 'lung'))"
+             railyard_source WHERE ((\"age\" > 60)) AND ((\"site\" = 'lung')) AND \
+             (\"age\" NOT IN (1, 2))"
         );
         assert_eq!(
             t.scan_sql(&[], &[]),
@@ -625,6 +680,9 @@ mod tests {
                 TableProviderFilterPushDown::Inexact,
                 TableProviderFilterPushDown::Unsupported,
                 TableProviderFilterPushDown::Unsupported,
+                TableProviderFilterPushDown::Unsupported,
+                TableProviderFilterPushDown::Unsupported,
+                TableProviderFilterPushDown::Inexact,
             ]
         );
     }

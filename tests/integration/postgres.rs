@@ -75,13 +75,27 @@ fn open_policy() -> Policy {
 
 /// Three stations over PostgreSQL tables and a hub; returns the hub's URL.
 async fn postgres_federation(schema: &str) -> String {
+    federation_over(
+        STATIONS
+            .iter()
+            .map(|station| (station.to_string(), format!("{schema}.{station}")))
+            .collect(),
+        "lung",
+    )
+    .await
+}
+
+/// One station per (name, PostgreSQL relation), each serving it as `table`, and a hub;
+/// returns the hub's URL.
+async fn federation_over(stations: Vec<(String, String)>, table: &str) -> String {
     let mut addresses = Vec::new();
     let dir = fixtures::audit_dir();
-    for station in STATIONS {
+    for (station, relation) in &stations {
+        let station = station.as_str();
         let source = PostgresSource {
-            name: "lung".to_string(),
+            name: table.to_string(),
             connection: connection(),
-            relation: Relation::Table(format!("{schema}.{station}")),
+            relation: Relation::Table(relation.clone()),
         };
         let config = StationConfig {
             policy: open_policy(),
@@ -233,4 +247,57 @@ async fn a_postgres_table_that_cannot_be_read_is_named_and_the_password_is_not_e
         "{message}"
     );
     assert!(!message.contains("hunter2"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_and_char_columns_filter_as_datafusion_reads_them() {
+    // numeric is read as float8 and char(n) without its padding: a filter PostgreSQL runs
+    // (text equality is pushed, floating point is not) must never drop a row DataFusion
+    // keeps over the values it reads.
+    let pg = client().await;
+    let schema = format!("edge_{}", uuid_like());
+    pg.batch_execute(&format!(
+        "CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.t (id bigint, dose numeric, code char(6));
+         INSERT INTO {schema}.t VALUES
+           (1, 0.09999999999999999999, 'ab'), (2, 0.1, 'ab'), (3, 0.2, 'cd'), (4, NULL, NULL);"
+    ))
+    .await
+    .expect("create");
+    let hub = federation_over(vec![("s".to_string(), format!("{schema}.t"))], "t").await;
+    // What DataFusion's own semantics give over the values it reads (as f64, unpadded).
+    // PostgreSQL's numeric → float8 rounds correctly, as Rust's parse does.
+    let first: f64 = "0.09999999999999999999".parse().expect("a decimal");
+    let doses: [Option<f64>; 4] = [Some(first), Some(0.1), Some(0.2), None];
+    let codes = [Some("ab"), Some("ab"), Some("cd"), None];
+    let count = |pred: &dyn Fn(usize) -> bool| (0..4).filter(|&i| pred(i)).count() as i64;
+    let cases: Vec<(&str, i64)> = vec![
+        (
+            "SELECT count(*) AS n FROM t WHERE dose >= 0.1",
+            count(&|i| doses[i].is_some_and(|d| d >= 0.1)),
+        ),
+        (
+            "SELECT count(*) AS n FROM t WHERE dose < 0.1",
+            count(&|i| doses[i].is_some_and(|d| d < 0.1)),
+        ),
+        (
+            "SELECT count(*) AS n FROM t WHERE code = 'ab'",
+            count(&|i| codes[i] == Some("ab")),
+        ),
+        (
+            "SELECT count(*) AS n FROM t WHERE code <> 'ab'",
+            count(&|i| codes[i].is_some_and(|c| c != "ab")),
+        ),
+    ];
+    for (sql, want) in cases {
+        let batches = answer(&hub, sql).await;
+        let got = batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .expect("a count")
+            .value(0);
+        assert_eq!(got, want, "{sql}");
+    }
+    assert_eq!(count(&|i| doses[i].is_some_and(|d| d >= 0.1)), 3);
 }
