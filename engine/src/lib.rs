@@ -19,9 +19,10 @@
 //!
 //! Layout: [`hub`] (catalog discovery, per-query sessions), [`exec`] (the fragment operator and
 //! the query planner), [`station_client`] (connections to stations), [`flight_sql`] (the
-//! Flight SQL service), [`stats`] (statistics table functions), [`vertical`] (the join
-//! station that serves vertically partitioned tables), [`error`] (errors and their one
-//! mapping to gRPC statuses).
+//! Flight SQL service: open in `railyard local`, bearer tokens from [`tokens`] in a
+//! deployed hub, one [`Hub`] per collaboration), [`stats`] (statistics table functions),
+//! [`vertical`] (the join station that serves vertically partitioned tables), [`error`]
+//! (errors and their one mapping to gRPC statuses).
 
 pub mod budget;
 pub mod error;
