@@ -21,7 +21,17 @@ from adbc_driver_manager import AdbcStatusCode  # noqa: E402
 
 LUNG = DATA / "lung" / "horizontal"
 BREAST = DATA / "breast_cancer" / "horizontal" / "parquet"
-OPEN_POLICY = REPO / "tests" / "policies" / "open.toml"
+# The open test policy (every column public, k = 1, so answers equal pandas exactly), plus
+# differential privacy with a small budget, to see whose budget a query spends.
+POLICY = (REPO / "tests" / "policies" / "open.toml").read_text() + """
+[dp]
+budget = 1.0
+max_epsilon = 1.0
+epsilon = 0.5
+
+[tables.lung.dp]
+sex = { keys = [1, 2] }
+"""
 
 
 def railyard(*args, cwd=None, check=True):
@@ -80,7 +90,7 @@ def station_config(tmp, name, mode, tables):
         f"""
 name = "{name}"
 data_dir = "state/{name}"
-policy = "{OPEN_POLICY}"
+policy = "policy.toml"
 {mode}
 
 [tls]
@@ -114,6 +124,7 @@ def deployment(tmp_path_factory):
     if not connection:
         pytest.fail("RAILYARD_TEST_POSTGRES is not set: run `export RAILYARD_TEST_POSTGRES=\"$(scripts/postgres)\"`")
     tmp = tmp_path_factory.mktemp("deploy")
+    write(tmp / "policy.toml", POLICY)
     certs = tmp / "certs"
     railyard("certs", "init", "--dir", certs, "--collaboration", "lung-study")
     railyard("certs", "issue", "--dir", certs, "--name", "hub", "--host", "127.0.0.1", "--host", "localhost")
@@ -200,7 +211,7 @@ outbound = true
 [collaborations.lung]
 stations = ["amsterdam", "leiden", "utrecht"]
 tables = ["lung"]
-researchers = ["alice"]
+researchers = ["alice", "dave"]
 
 [collaborations.breast]
 stations = ["amsterdam"]
@@ -295,6 +306,30 @@ def test_a_researcher_queries_all_three_stations_over_tls_with_a_token(deploymen
         log = deployment["tmp"] / "state" / station / "audit.jsonl"
         records = [json.loads(line) for line in log.read_text().splitlines()]
         assert any(r["researcher"] == "alice" and r["decision"] == "allowed" for r in records), records
+
+
+def test_each_researcher_spends_their_own_privacy_budget_at_every_station(deployment):
+    """The stations learn who asks from the authenticated hub, so a researcher cannot spend
+    (or start afresh) a budget under another name."""
+    alice = deployment["token"]("alice", "lung")
+    dave = deployment["token"]("dave", "lung")
+    dp = "SELECT sex, dp_count(*) AS n FROM lung GROUP BY sex ORDER BY sex"
+
+    def spent(token):
+        budget = query(deployment, token, "SELECT station, spent FROM railyard.budget ORDER BY station")
+        return dict(zip(budget["station"], budget["spent"]))
+
+    for _ in range(2):  # 2 x 0.5 of a budget of 1.0 at each station
+        got = query(deployment, alice, dp)
+        assert got["sex"].tolist() == [1, 2]
+    assert spent(alice) == {"amsterdam": 1.0, "leiden": 1.0, "utrecht": 1.0}
+    with pytest.raises(Exception) as failure:
+        query(deployment, alice, dp)
+    assert "dp_budget" in str(failure.value)
+    # Dave's budget is his own, untouched by alice's queries.
+    assert spent(dave) == {"amsterdam": 0.0, "leiden": 0.0, "utrecht": 0.0}
+    assert query(deployment, dave, dp)["sex"].tolist() == [1, 2]
+    assert spent(dave) == {"amsterdam": 0.5, "leiden": 0.5, "utrecht": 0.5}
 
 
 def test_railyard_sql_speaks_tls_with_a_token(deployment):
@@ -446,6 +481,7 @@ def test_an_outbound_station_dials_again_when_the_hub_restarts(deployment):
     tmp = deployment["tmp"] / "restart"
     tmp.mkdir()
     (tmp / "certs").symlink_to(deployment["tmp"] / "certs")
+    write(tmp / "policy.toml", POLICY)
     tunnel = f"127.0.0.1:{free_port()}"
     hub_config = write(
         tmp / "hub.toml",
