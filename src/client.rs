@@ -99,7 +99,7 @@ impl HubClient {
             }
             None => endpoint.connect().await,
         }
-        .map_err(|e| anyhow::anyhow!(chain(&e)))
+        .map_err(|e| anyhow::anyhow!(railyard_net::error::chain(&e)))
         .with_context(|| format!("cannot connect to the hub at {url}"))?;
         let flight = arrow_flight::flight_service_client::FlightServiceClient::new(channel)
             .max_decoding_message_size(railyard_engine::MAX_MESSAGE_BYTES);
@@ -134,21 +134,6 @@ impl HubClient {
         }
         Ok(Answer { schema, batches })
     }
-}
-
-/// An error and its causes (a TLS refusal sits below tonic's "transport error").
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // hyper and the OS often say the same thing twice.
-        if !text.ends_with(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Turns a Flight error into one line a person can act on: the server's message, without

@@ -39,9 +39,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
-use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use error::{Error, Result, StationFailure};
 pub use flight_sql::{HubFlightSql, LOCAL_RESEARCHER};
@@ -55,12 +53,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.and_then(|stream| {
-            stream.set_nodelay(true)?;
-            Ok(stream)
-        })
-    });
+    let incoming = railyard_net::serve::plaintext(listener);
     serve_incoming(HubFlightSql::new(hub), incoming, shutdown).await
 }
 
@@ -84,9 +77,6 @@ where
     let service = FlightServiceServer::new(flight)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+    railyard_net::serve::serve(tonic::service::Routes::new(service), incoming, shutdown).await?;
     Ok(())
 }

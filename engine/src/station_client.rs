@@ -109,7 +109,7 @@ impl StationClient {
             match connected {
                 Ok(channel) => break channel,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(unreachable(error_chain(&e)).into());
+                    return Err(unreachable(railyard_net::error::chain(&e)).into());
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -146,7 +146,7 @@ impl StationClient {
             .map_err(|s| StationFailure::Unreachable {
                 station: self.name.to_string(),
                 url: self.url.to_string(),
-                message: error_chain(&s),
+                message: railyard_net::error::chain(&s),
             })?
             .into_inner()
             .try_collect()
@@ -193,7 +193,7 @@ impl StationClient {
             _ if s.code() == Code::Unavailable || is_transport(&s) => StationFailure::Unreachable {
                 station: self.name.to_string(),
                 url: self.url.to_string(),
-                message: error_chain(&s),
+                message: railyard_net::error::chain(&s),
             },
             code => StationFailure::Failed {
                 station: self.name.to_string(),
@@ -254,23 +254,4 @@ impl StationClient {
 /// Whether a status stands for a broken connection rather than a station's answer.
 fn is_transport(s: &tonic::Status) -> bool {
     std::error::Error::source(s).is_some() && s.message().starts_with("transport error")
-}
-
-/// An error and its causes on one line: a TLS refusal hides two levels below tonic's
-/// "transport error".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    // A status shows its whole debug form as Display; its message is what it says.
-    let mut text = match e.downcast_ref::<tonic::Status>() {
-        Some(status) => status.message().to_string(),
-        None => e.to_string(),
-    };
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }

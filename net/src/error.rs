@@ -25,3 +25,22 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its causes on one line. A TLS refusal sits two levels below tonic's
+/// "transport error", and a gRPC status shows its whole debug form as `Display`: its message
+/// is what it says. Causes that only repeat what is already said are left out.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = match e.downcast_ref::<tonic::Status>() {
+        Some(status) => status.message().to_string(),
+        None => e.to_string(),
+    };
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}

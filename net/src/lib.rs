@@ -20,11 +20,13 @@
 //!
 //! Layout: [`tls`] (PEM files → rustls configurations, peer-name checks), [`certs`] (the CA
 //! and its certificates), [`conn`] (accepting and dialing authenticated connections),
-//! [`tunnel`] (the hub's side of outbound stations), [`error`].
+//! [`tunnel`] (the hub's side of outbound stations), [`serve`] (one gRPC service on any of
+//! those connections), [`error`].
 
 pub mod certs;
 pub mod conn;
 pub mod error;
+pub mod serve;
 pub mod tls;
 pub mod tunnel;
 

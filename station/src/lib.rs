@@ -50,7 +50,6 @@ use railyard_udfs::glm_terms::GlmLayout;
 use railyard_udfs::pseudonym::Pseudonym;
 use railyard_udfs::wire::{BudgetInfo, CheckAnswer, FragmentTicket, TablePolicyInfo, TrainCall};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 pub use audit::AuditLog;
@@ -1136,14 +1135,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    // Small fragments answer in well under a millisecond; Nagle's delay would dominate.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.and_then(|stream| {
-            stream.set_nodelay(true)?;
-            Ok(stream)
-        })
-    });
-    serve_incoming(station, incoming, shutdown).await
+    serve_incoming(station, railyard_net::serve::plaintext(listener), shutdown).await
 }
 
 /// Serves the station's Flight service on already established connections until `shutdown`:
@@ -1167,13 +1159,6 @@ where
     let service = FlightServiceServer::new(StationService::new(station))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        // A hub that vanished (power loss, a cut cable) is noticed, and an outbound
-        // station dials again.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+    railyard_net::serve::serve(tonic::service::Routes::new(service), incoming, shutdown).await?;
     Ok(())
 }

@@ -302,15 +302,7 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
             }
         }
         // Connection trouble: the causes ("connection refused") name no stored value.
-        None => {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(cause) = source {
-                text = format!("{text}: {cause}");
-                source = cause.source();
-            }
-            text
-        }
+        None => railyard_net::error::chain(e),
     }
 }
 
