@@ -95,35 +95,29 @@ async fn deployed(dir: &Path, outbound: bool) -> Result<(String, String)> {
             collaboration_secret: None,
         };
         let station = Arc::new(Station::open(name, &[table], config).await?);
-        if outbound {
+        type Incoming =
+            std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<conn::Conn>> + Send>>;
+        let (incoming, url): (Incoming, String) = if outbound {
             let incoming = conn::dial_out(tunnel_addr.clone(), "hub".into(), tls.client_config()?);
-            tokio::spawn(railyard_station::serve_incoming(
-                station,
-                incoming,
-                std::future::pending(),
-            ));
-            addresses.push(StationAddress {
-                name: name.to_string(),
-                url: format!("tunnel://{name}"),
-            });
+            (Box::pin(incoming), format!("tunnel://{name}"))
         } else {
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("grpc+tls://{}", listener.local_addr()?);
-            let incoming = conn::accept(
-                listener,
-                tls.mutual_server_config(hub_name.clone())?,
-                hub_name.clone(),
-            );
-            tokio::spawn(railyard_station::serve_incoming(
-                station,
-                incoming,
-                std::future::pending(),
-            ));
-            addresses.push(StationAddress {
-                name: name.to_string(),
+            let config = tls.mutual_server_config(hub_name.clone())?;
+            (
+                Box::pin(conn::accept(listener, config, hub_name.clone())),
                 url,
-            });
-        }
+            )
+        };
+        tokio::spawn(railyard_station::serve_incoming(
+            station,
+            incoming,
+            std::future::pending(),
+        ));
+        addresses.push(StationAddress {
+            name: name.to_string(),
+            url,
+        });
     }
     let options = HubOptions {
         collaboration: "bench".to_string(),

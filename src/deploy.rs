@@ -52,11 +52,20 @@ pub struct TlsSection {
 }
 
 impl TlsSection {
-    fn files(&self, base: &Path) -> TlsFiles {
+    /// The same files, relative to `base` (the configuration file's directory).
+    fn rebased(self, base: &Path) -> Self {
+        Self {
+            ca: base.join(self.ca),
+            cert: base.join(self.cert),
+            key: base.join(self.key),
+        }
+    }
+
+    fn files(&self) -> TlsFiles {
         TlsFiles {
-            ca: base.join(&self.ca),
-            cert: base.join(&self.cert),
-            key: base.join(&self.key),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
         }
     }
 }
@@ -135,11 +144,7 @@ impl HubConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let (mut config, base): (HubConfig, _) = read_toml(path)?;
         config.data_dir = base.join(&config.data_dir);
-        config.tls = TlsSection {
-            ca: base.join(&config.tls.ca),
-            cert: base.join(&config.tls.cert),
-            key: base.join(&config.tls.key),
-        };
+        config.tls = config.tls.rebased(&base);
         config
             .validate()
             .with_context(|| format!("{}", path.display()))?;
@@ -235,12 +240,7 @@ impl HubConfig {
 
 /// Runs the hub until `stop` resolves.
 pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -> Result<()> {
-    let files = TlsFiles {
-        ca: config.tls.ca.clone(),
-        cert: config.tls.cert.clone(),
-        key: config.tls.key.clone(),
-    };
-    let tls = Tls::load(&files)?;
+    let tls = Tls::load(&config.tls.files())?;
     let (shutdown, stopped) = tokio::sync::watch::channel(false);
     let wait = Duration::from_secs(config.station_wait_seconds);
 
@@ -406,9 +406,19 @@ pub struct TableEntry {
     pub query: Option<String>,
 }
 
+/// How a station meets its hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StationMode {
+    /// Inbound: listen here for the hub.
+    Listen(SocketAddr),
+    /// Outbound: dial the hub's tunnel listener at `host:port`.
+    Dial(String),
+}
+
 /// A loaded station.toml, ready to open.
 pub struct StationSetup {
     pub config: StationFileConfig,
+    pub mode: StationMode,
     pub tls: TlsFiles,
     pub files: Vec<TableFile>,
     pub postgres: Vec<PostgresSource>,
@@ -428,14 +438,15 @@ impl StationFileConfig {
             path.display(),
             config.name
         );
-        match (&config.listen, &config.hub) {
-            (Some(_), None) | (None, Some(_)) => {}
+        let mode = match (&config.listen, &config.hub) {
+            (Some(addr), None) => StationMode::Listen(*addr),
+            (None, Some(hub)) => StationMode::Dial(hub.clone()),
             _ => bail!(
                 "{}: give `listen = \"host:port\"` (the hub dials the station) or `hub = \
                  \"host:port\"` (the station dials the hub's tunnel_listen), exactly one",
                 path.display()
             ),
-        }
+        };
         ensure!(
             !config.tables.is_empty(),
             "{}: no [[tables]]",
@@ -504,13 +515,15 @@ impl StationFileConfig {
             Some(p) => Policy::load(&base.join(p))?,
             None => Policy::default(),
         };
-        let tls = config.tls.files(&base);
         let config = StationFileConfig {
             data_dir: base.join(&config.data_dir),
+            tls: config.tls.rebased(&base),
             ..config
         };
+        let tls = config.tls.files();
         Ok(StationSetup {
             config,
+            mode,
             tls,
             files,
             postgres,
@@ -538,8 +551,10 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
         .await?,
     );
     let hub_name = vec![config.hub_name.clone()];
-    match (&config.listen, &config.hub) {
-        (Some(listen), _) => {
+    type Incoming =
+        std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<railyard_net::Conn>> + Send>>;
+    let incoming: Incoming = match &setup.mode {
+        StationMode::Listen(listen) => {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -548,26 +563,23 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
                 config.name,
                 listener.local_addr()?
             );
-            std::io::stdout().flush()?;
-            let incoming = railyard_net::conn::accept(
+            Box::pin(railyard_net::conn::accept(
                 listener,
                 tls.mutual_server_config(hub_name.clone())?,
                 hub_name,
-            );
-            railyard_station::serve_incoming(station, incoming, stop).await?;
+            ))
         }
-        (None, Some(hub)) => {
+        StationMode::Dial(hub) => {
             println!("station {} dialing the hub at {hub}", config.name);
-            std::io::stdout().flush()?;
-            let incoming = railyard_net::conn::dial_out(
+            Box::pin(railyard_net::conn::dial_out(
                 hub.clone(),
                 config.hub_name.clone(),
                 tls.client_config()?,
-            );
-            railyard_station::serve_incoming(station, incoming, stop).await?;
+            ))
         }
-        (None, None) => unreachable!("validated: listen or hub"),
-    }
+    };
+    std::io::stdout().flush()?;
+    railyard_station::serve_incoming(station, incoming, stop).await?;
     Ok(())
 }
 

@@ -177,14 +177,21 @@ impl TokenStore {
 
     /// Revokes the token `id` (at once: the next call with it is refused).
     pub fn revoke(&self, id: &str) -> Result<(), TokenError> {
-        let changed = self
-            .lock()
-            .execute(
-                "UPDATE tokens SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL",
-                params![id, now()],
+        let conn = self.lock();
+        // Revoking twice keeps the first revocation time; an unknown id is an error.
+        conn.execute(
+            "UPDATE tokens SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL",
+            params![id, now()],
+        )
+        .map_err(|e| self.db(e))?;
+        let known: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE id = ?1)",
+                params![id],
+                |r| r.get(0),
             )
             .map_err(|e| self.db(e))?;
-        if changed == 0 && self.list()?.iter().all(|t| t.id != id) {
+        if !known {
             return Err(TokenError::Unknown(id.to_string()));
         }
         Ok(())

@@ -52,7 +52,7 @@ pub struct Conn {
     early: Vec<u8>,
     peer: Peer,
     /// Dropped with the connection: tells an outbound dialer to dial again.
-    _closed: Option<oneshot::Sender<()>>,
+    on_close: Option<oneshot::Sender<()>>,
 }
 
 impl Conn {
@@ -181,7 +181,7 @@ async fn dial_expecting(
             addr: remote,
             name: Some(name.to_string()),
         },
-        _closed: None,
+        on_close: None,
     })
 }
 
@@ -290,7 +290,7 @@ pub fn accept(
                                 addr: Some(remote),
                                 name,
                             },
-                            _closed: None,
+                            on_close: None,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -323,7 +323,7 @@ pub fn dial_out(
             match dial(&addr, &name, Arc::clone(&config)).await {
                 Ok(mut conn) => {
                     let (closed_tx, closed_rx) = oneshot::channel();
-                    conn._closed = Some(closed_tx);
+                    conn.on_close = Some(closed_tx);
                     info!("connected to the hub at {addr}");
                     let since = tokio::time::Instant::now();
                     if tx.send(Ok(conn)).await.is_err() {

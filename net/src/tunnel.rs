@@ -121,10 +121,6 @@ impl Tunnels {
         self.slots.get(name).map(|s| s.channel.clone())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
     /// Accepts the stations' connections on `listener` until `shutdown`: mutual TLS, client
     /// certificates from the CA naming one of the expected stations.
     pub async fn serve(

@@ -103,6 +103,26 @@ key = "certs/{name}.key"
     )
 
 
+def hub_config(path, body, *, tunnel=None, wait=30, ca="certs/ca.pem", cert="certs/hub"):
+    """Writes a hub.toml: the listeners, state and TLS files every test hub has, then `body`
+    (its stations and collaborations)."""
+    tunnel_line = f'tunnel_listen = "{tunnel}"' if tunnel else ""
+    return write(
+        path,
+        f"""
+listen = "127.0.0.1:0"
+{tunnel_line}
+data_dir = "state/{path.stem}"
+station_wait_seconds = {wait}
+
+[tls]
+ca = "{ca}"
+cert = "{cert}.pem"
+key = "{cert}.key"
+{body}""",
+    )
+
+
 def load_postgres(connection, csv):
     """The lung station's CSV as a PostgreSQL table in a fresh schema; returns its name."""
     psql = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
@@ -183,19 +203,9 @@ relation = "{relation}"
         "amsterdam": amsterdam.expect("station amsterdam listening on "),
         "leiden": leiden.expect("station leiden listening on "),
     }
-    hub_config = write(
+    config = hub_config(
         tmp / "hub.toml",
         f"""
-listen = "127.0.0.1:0"
-tunnel_listen = "127.0.0.1:0"
-data_dir = "state/hub"
-station_wait_seconds = 30
-
-[tls]
-ca = "certs/ca.pem"
-cert = "certs/hub.pem"
-key = "certs/hub.key"
-
 [[stations]]
 name = "amsterdam"
 address = "{addresses['amsterdam']}"
@@ -218,8 +228,9 @@ stations = ["amsterdam"]
 tables = ["breast_cancer"]
 researchers = ["bob"]
 """,
+        tunnel="127.0.0.1:0",
     )
-    hub = start("hub", ["hub", "--config", hub_config])
+    hub = start("hub", ["hub", "--config", config])
     tunnel = hub.expect("hub tunnel listening on ")
     # utrecht: Parquet, outbound only (it opens no port).
     start(
@@ -243,7 +254,7 @@ path = "{LUNG / 'parquet' / 'station_c.parquet'}"
 
     def token(researcher, collaboration, expires="1d"):
         done = railyard(
-            "token", "create", "--config", hub_config, "--researcher", researcher,
+            "token", "create", "--config", config, "--researcher", researcher,
             "--collaboration", collaboration, "--expires-in", expires,
         )
         return done.stdout.strip()
@@ -253,7 +264,7 @@ path = "{LUNG / 'parquet' / 'station_c.parquet'}"
         "url": url,
         "tunnel": tunnel,
         "ca": (certs / "ca.pem").read_text(),
-        "hub_config": hub_config,
+        "hub_config": config,
         "stations": addresses,
         "token": token,
     }
@@ -425,18 +436,9 @@ def test_a_station_refuses_a_hub_from_another_ca_and_the_hub_a_station_it_does_n
     shutil.copy(tmp / "certs" / "ca.pem", other / "their-ca.pem")
 
     def run_hub(name, ca, cert, station, address):
-        config = write(
+        config = hub_config(
             tmp / f"{name}.toml",
             f"""
-listen = "127.0.0.1:0"
-data_dir = "state/{name}"
-station_wait_seconds = 2
-
-[tls]
-ca = "{ca}"
-cert = "{cert}.pem"
-key = "{cert}.key"
-
 [[stations]]
 name = "{station}"
 address = "{address}"
@@ -445,6 +447,9 @@ address = "{address}"
 stations = ["{station}"]
 tables = ["lung"]
 """,
+            wait=2,
+            ca=ca,
+            cert=cert,
         )
         return railyard("hub", "--config", config, check=False)
 
@@ -483,19 +488,9 @@ def test_an_outbound_station_dials_again_when_the_hub_restarts(deployment):
     (tmp / "certs").symlink_to(deployment["tmp"] / "certs")
     write(tmp / "policy.toml", POLICY)
     tunnel = f"127.0.0.1:{free_port()}"
-    hub_config = write(
+    config = hub_config(
         tmp / "hub.toml",
-        f"""
-listen = "127.0.0.1:0"
-tunnel_listen = "{tunnel}"
-data_dir = "state/hub"
-station_wait_seconds = 30
-
-[tls]
-ca = "certs/ca.pem"
-cert = "certs/hub.pem"
-key = "certs/hub.key"
-
+        """
 [[stations]]
 name = "utrecht"
 outbound = true
@@ -505,6 +500,7 @@ stations = ["utrecht"]
 tables = ["lung"]
 researchers = ["carol"]
 """,
+        tunnel=tunnel,
     )
     station = Process(
         "utrecht-restart",
@@ -529,11 +525,11 @@ path = "{LUNG / 'parquet' / 'station_c.parquet'}"
         # The station starts first and keeps dialing until the hub is there.
         station.expect("station utrecht dialing the hub at ")
         token = railyard(
-            "token", "create", "--config", hub_config, "--researcher", "carol", "--collaboration", "lung"
+            "token", "create", "--config", config, "--researcher", "carol", "--collaboration", "lung"
         ).stdout.strip()
         want = len(pd.read_parquet(LUNG / "parquet" / "station_c.parquet"))
         for _ in range(2):
-            hub = Process(f"hub-restart-{len(hubs)}", ["hub", "--config", hub_config], tmp)
+            hub = Process(f"hub-restart-{len(hubs)}", ["hub", "--config", config], tmp)
             hubs.append(hub)
             hub.expect("hub tunnel listening on ")
             url = hub.expect("hub listening on ")

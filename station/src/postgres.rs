@@ -108,10 +108,10 @@ impl Kind {
 
     /// The type PostgreSQL converts the column to before anyone (the `SELECT` list, a
     /// pushed filter) uses it, so that both compare the values DataFusion receives.
-    fn read_as(self) -> Option<DataType> {
+    fn read_as(self) -> Option<(DataType, &'static str)> {
         match self {
-            Kind::Numeric => Some(DataType::Float64),
-            Kind::Char => Some(DataType::Utf8),
+            Kind::Numeric => Some((DataType::Float64, "float8")),
+            Kind::Char => Some((DataType::Utf8, "text")),
             _ => None,
         }
     }
@@ -230,10 +230,9 @@ impl PostgresTable {
             .iter()
             .map(|&i| {
                 let name = quote(self.schema.field(i).name());
-                match self.kinds[i] {
-                    Kind::Numeric => format!("{name}::float8 AS {name}"),
-                    Kind::Char => format!("{name}::text AS {name}"),
-                    _ => name,
+                match self.kinds[i].read_as() {
+                    Some((_, pg_type)) => format!("{name}::{pg_type} AS {name}"),
+                    None => name,
                 }
             })
             .collect();
@@ -269,7 +268,8 @@ impl PostgresTable {
                             .schema
                             .index_of(&c.name)
                             .ok()
-                            .and_then(|i| self.kinds[i].read_as());
+                            .and_then(|i| self.kinds[i].read_as())
+                            .map(|(arrow_type, _)| arrow_type);
                         let column = Expr::Column(Column::new_unqualified(c.name));
                         Transformed::yes(match kind {
                             Some(t) => {
