@@ -253,5 +253,5 @@ impl StationClient {
 
 /// Whether a status stands for a broken connection rather than a station's answer.
 fn is_transport(s: &tonic::Status) -> bool {
-    std::error::Error::source(s).is_some() && s.message().starts_with("transport error")
+    std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
