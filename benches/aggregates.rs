@@ -5,6 +5,8 @@
 //! half (`merge_avg`/`merge_var` over the states). The wrappers delegate to DataFusion's own
 //! group accumulators, so the first two should cost the same.
 
+#![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
+
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch};

@@ -11,6 +11,8 @@
 //! `RAILYARD_BENCH_SF` (TPC-H scale, default 1), `RAILYARD_BENCH_RUNS` (timed runs per query,
 //! default 7), `RAILYARD_BENCH_DIR` (reuse generated data from this directory).
 
+#![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

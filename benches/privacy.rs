@@ -12,6 +12,8 @@
 //!
 //! Environment: `RAILYARD_BENCH_RUNS` (timed runs per query, default 50).
 
+#![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
+
 mod support;
 
 use std::sync::Arc;
@@ -23,7 +25,8 @@ use arrow::datatypes::{DataType, Field, Fields, Schema};
 use datafusion::common::ScalarValue;
 use railyard::client::HubClient;
 use railyard::local::Governance;
-use railyard_station::dp::{DpAggregateSpec, DpGroup, DpRelease, add_noise, plan_noise};
+use railyard_policy::dp::{DpAggregateSpec, DpGroup, DpRelease};
+use railyard_station::dp::{add_noise, plan_noise};
 use railyard_station::ledger::{Charge, Ledger};
 use railyard_udfs::dp::DpKind;
 

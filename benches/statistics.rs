@@ -12,6 +12,8 @@
 //!
 //! Environment: `RAILYARD_BENCH_RUNS` (timed runs per call, default 50).
 
+#![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
+
 mod support;
 
 use std::path::PathBuf;

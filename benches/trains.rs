@@ -11,6 +11,8 @@
 //!
 //! Environment: `RAILYARD_BENCH_RUNS` (timed runs per query, default 20).
 
+#![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
+
 mod support;
 
 use std::time::Instant;

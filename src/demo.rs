@@ -385,7 +385,7 @@ async fn show_vertical(client: &mut HubClient, out: &mut impl Write) -> Result<(
 /// The demo stations' DP settings: a budget per researcher, bounds for lung's ages and the
 /// public keys of its sex column (the rest of the default policy is unchanged).
 fn enable_dp(policy: &mut railyard_station::Policy) {
-    use railyard_station::policy::{DpColumn, DpKey, DpPolicy};
+    use railyard_policy::file::{DpColumn, DpKey, DpPolicy};
     policy.dp = Some(DpPolicy {
         budget: 10.0,
         max_epsilon: 1.0,

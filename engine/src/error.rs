@@ -18,6 +18,15 @@ pub enum StationFailure {
         fragment: usize,
         timeout: Duration,
     },
+    /// The station's policy refused the fragment; the message is the station's, naming the
+    /// rule and the column (never a value), and `rule` is the rule it sent as detail.
+    #[error("{message}")]
+    Refused {
+        station: String,
+        fragment: usize,
+        rule: String,
+        message: String,
+    },
     #[error("station '{station}' failed fragment #{fragment}: {message}")]
     Failed {
         station: String,
@@ -34,8 +43,58 @@ pub enum StationFailure {
 }
 
 impl StationFailure {
+    /// The failure a station's status stands for: its refusal (PERMISSION_DENIED, with the
+    /// rule as the status' details), an unreachable station, or another failure. The one
+    /// conversion from a station's statuses; `strip` drops the station's own name from the
+    /// front of its message (the failure names it already).
+    pub(crate) fn from_status(
+        station: &str,
+        url: &str,
+        fragment: usize,
+        s: &Status,
+        strip: bool,
+    ) -> Self {
+        let message = s.message();
+        let prefix = format!("station '{station}': ");
+        let message = match strip {
+            true => message.strip_prefix(&prefix).unwrap_or(message),
+            false => message,
+        }
+        .to_string();
+        // A connection that failed (also a TLS refusal the server sends after the client's
+        // handshake finished) reaches us as a status with the cause beneath it.
+        if s.code() == Code::Unavailable || is_transport(s) {
+            return StationFailure::Unreachable {
+                station: station.to_string(),
+                url: url.to_string(),
+                message: if strip {
+                    message
+                } else {
+                    railyard_net::error::chain(s)
+                },
+            };
+        }
+        if s.code() == Code::PermissionDenied {
+            let rule = railyard_contract::Refusal::from_bytes(s.details())
+                .map_or_else(|| "policy".to_string(), |r| r.rule);
+            return StationFailure::Refused {
+                station: station.to_string(),
+                fragment,
+                rule,
+                message,
+            };
+        }
+        StationFailure::Failed {
+            station: station.to_string(),
+            fragment,
+            code: s.code(),
+            message,
+        }
+    }
+
     fn code(&self) -> Code {
         match self {
+            StationFailure::Refused { .. } => Code::PermissionDenied,
             StationFailure::Unreachable { .. } => Code::Unavailable,
             StationFailure::Timeout { .. } => Code::DeadlineExceeded,
             StationFailure::Failed { code, .. } => *code,
@@ -55,10 +114,9 @@ pub enum Error {
     Station(#[from] Box<StationFailure>),
     #[error("invalid request: {0}")]
     BadRequest(String),
-    /// A station's policy refused a fragment of the query; nothing was run anywhere. The
-    /// message is the station's, naming the rule and the column.
-    #[error("{0}")]
-    Refused(String),
+    /// A broken invariant of the hub's own code: a bug, never the user's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("hub server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -112,17 +170,29 @@ pub fn to_status(e: Error) -> Status {
                 _ => Status::internal(message),
             }
         }
+        Error::Planner(e @ railyard_planner::Error::Internal(_)) => Status::internal(e.to_string()),
         Error::Planner(e) => Status::invalid_argument(e.to_string()),
         Error::Station(f) => match f.as_ref() {
-            StationFailure::Failed {
-                code: Code::PermissionDenied,
-                message,
-                ..
-            } => Status::permission_denied(message.clone()),
+            // The researcher's client gets the refusal's rule as detail too.
+            StationFailure::Refused { rule, message, .. } => Status::with_details(
+                Code::PermissionDenied,
+                message.clone(),
+                railyard_contract::Refusal {
+                    rule: rule.clone(),
+                    message: message.clone(),
+                }
+                .to_bytes()
+                .into(),
+            ),
             other => Status::new(other.code(), other.to_string()),
         },
         Error::BadRequest(m) => Status::invalid_argument(m),
-        Error::Refused(m) => Status::permission_denied(m),
+        Error::Internal(m) => Status::internal(format!("internal error: {m}")),
         Error::Transport(e) => Status::internal(e.to_string()),
     }
+}
+
+/// Whether a status stands for a broken connection rather than a station's answer.
+fn is_transport(s: &Status) -> bool {
+    std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }

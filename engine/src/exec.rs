@@ -33,8 +33,8 @@ use datafusion::physical_plan::{
 };
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use futures::StreamExt;
+use railyard_contract::FragmentTicket;
 use railyard_planner::{FederationPlanner, Fragment, FragmentNode};
-use railyard_udfs::wire::FragmentTicket;
 use tokio::time::{Instant, timeout_at};
 use tonic::Code;
 
@@ -432,7 +432,7 @@ async fn fetch<F, Fut>(
 ) -> Result<SchemaRef, Fetch>
 where
     F: Fn(RecordBatch) -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = bool>,
 {
     let name = station.name.to_string();
     let fragment = ticket.fragment;
@@ -444,26 +444,45 @@ where
             message,
         })
     };
+    // The station names itself in its errors; the failure does not say it twice.
     let from_status = |s: tonic::Status| {
-        let message = s.message().to_string();
-        // The station names itself in its errors; do not say it twice.
-        let prefix = format!("station '{name}': ");
-        let message = message
-            .strip_prefix(&prefix)
-            .unwrap_or(&message)
-            .to_string();
-        match s.code() {
-            Code::Unavailable => Fetch::Failed(StationFailure::Unreachable {
+        Fetch::Failed(StationFailure::from_status(
+            &name,
+            &station.url,
+            fragment,
+            &s,
+            true,
+        ))
+    };
+    let conformed = |batch: RecordBatch| match schema {
+        Some(schema) => conform(batch, schema).map_err(|message| {
+            Fetch::Failed(StationFailure::Protocol {
                 station: name.clone(),
-                url: station.url.to_string(),
+                fragment,
                 message,
-            }),
-            code => failed(code, message),
+            })
+        }),
+        None => Ok(batch),
+    };
+    let flight = match station.link() {
+        Ok(flight) => flight,
+        Err(join) => {
+            // The hub's own join station answers in-process, whole.
+            let (announced, batches) = timeout_at(deadline, join.run(&ticket))
+                .await
+                .map_err(|_| Fetch::Timeout)?
+                .map_err(Fetch::Failed)?;
+            for batch in batches {
+                if !sink(conformed(batch)?).await {
+                    break;
+                }
+            }
+            return Ok(announced);
         }
     };
     let response = timeout_at(
         deadline,
-        station.flight().do_get(Ticket::new(ticket.to_bytes())),
+        flight.clone().do_get(Ticket::new(ticket.to_bytes())),
     )
     .await
     .map_err(|_| Fetch::Timeout)?
@@ -487,17 +506,7 @@ where
             Some(Err(e)) => return Err(failed(Code::Internal, e.to_string())),
             Some(Ok(batch)) => batch,
         };
-        let batch = match schema {
-            Some(schema) => conform(batch, schema).map_err(|message| {
-                Fetch::Failed(StationFailure::Protocol {
-                    station: name.clone(),
-                    fragment,
-                    message,
-                })
-            })?,
-            None => batch,
-        };
-        if !sink(batch).await {
+        if !sink(conformed(batch)?).await {
             return Ok(announced(&stream));
         }
     }

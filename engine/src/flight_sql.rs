@@ -103,6 +103,15 @@ enum Access {
     },
 }
 
+/// The `authorization` header of a request, if it has one.
+fn authorization<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 /// An authenticated caller: the hub of their collaboration and their name.
 #[derive(Clone, PartialEq, Eq)]
 struct Caller {
@@ -144,7 +153,7 @@ impl HubFlightSql {
 
     /// The hub this call may use, and who is calling. Refusals are `UNAUTHENTICATED` and
     /// never echo the token.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(Arc<Hub>, Caller), Status> {
+    async fn authorize(&self, header: Option<String>) -> Result<(Arc<Hub>, Caller), Status> {
         let (store, collaborations) = match &self.access {
             Access::Open(hub) => {
                 return Ok((
@@ -160,10 +169,6 @@ impl HubFlightSql {
                 collaborations,
             } => (store, collaborations),
         };
-        let header = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
         let Some(header) = header else {
             return Err(Status::unauthenticated(
                 crate::tokens::Refused::Missing.to_string(),
@@ -172,10 +177,18 @@ impl HubFlightSql {
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .unwrap_or(header)
+            .unwrap_or(&header)
             .trim();
-        let bearer = store
-            .verify(token)
+        // The lookup reads SQLite: on the blocking pool, never on an async worker. Every
+        // call looks the token up, so a revocation refuses the token's very next call.
+        let (store, token) = (Arc::clone(store), token.to_string());
+        let bearer = tokio::task::spawn_blocking(move || store.verify(&token))
+            .await
+            .map_err(|e| {
+                Status::internal(format!(
+                    "internal error: the token lookup did not finish: {e}"
+                ))
+            })?
             .map_err(|e| {
                 tracing::error!("{e}");
                 Status::internal("the hub cannot read its token database")
@@ -258,7 +271,7 @@ impl HubFlightSql {
         request: Request<T>,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
-        let (hub, caller) = self.authorize(&request)?;
+        let (hub, caller) = self.authorize(authorization(&request)).await?;
         let (id, schema) = self.start(&hub, sql, caller).await?;
         let ticket = StatementTicket {
             started: Some(id),
@@ -344,7 +357,7 @@ impl FlightSqlService for HubFlightSql {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let (hub, caller) = self.authorize(&request)?;
+        let (hub, caller) = self.authorize(authorization(&request)).await?;
         let ticket: StatementTicket = serde_json::from_slice(&ticket.statement_handle)
             .map_err(|_| Status::invalid_argument("not a statement ticket of this hub"))?;
         let batches = match ticket
@@ -394,7 +407,7 @@ impl FlightSqlService for HubFlightSql {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let (hub, caller) = self.authorize(&request)?;
+        let (hub, caller) = self.authorize(authorization(&request)).await?;
         let schema = hub
             .prepare(&query.query, &caller.researcher)
             .await
@@ -434,7 +447,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.authorize(&request)?;
+        self.authorize(authorization(&request)).await?;
         let schema = query.into_builder().schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -444,7 +457,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetCatalogs,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let (hub, _) = self.authorize(&request)?;
+        let (hub, _) = self.authorize(authorization(&request)).await?;
         let tables = hub.list_tables().await.map_err(to_status)?;
         let mut builder = query.into_builder();
         let mut seen = std::collections::BTreeSet::new();
@@ -465,7 +478,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.authorize(&request)?;
+        self.authorize(authorization(&request)).await?;
         let schema = query.clone().into_builder().schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -475,7 +488,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let (hub, _) = self.authorize(&request)?;
+        let (hub, _) = self.authorize(authorization(&request)).await?;
         let tables = hub.list_tables().await.map_err(to_status)?;
         let mut builder = query.into_builder();
         let mut seen = std::collections::BTreeSet::new();
@@ -496,7 +509,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.authorize(&request)?;
+        self.authorize(authorization(&request)).await?;
         let schema = query.clone().into_builder().schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -506,7 +519,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let (hub, _) = self.authorize(&request)?;
+        let (hub, _) = self.authorize(authorization(&request)).await?;
         let tables = hub.list_tables().await.map_err(to_status)?;
         let mut builder = query.into_builder();
         for (catalog, schema, table, kind, arrow_schema) in tables {
@@ -526,7 +539,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.authorize(&request)?;
+        self.authorize(authorization(&request)).await?;
         let schema = query.into_builder().schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -536,7 +549,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetTableTypes,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.authorize(&request)?;
+        self.authorize(authorization(&request)).await?;
         let mut builder = query.into_builder();
         for kind in ["LOCAL TEMPORARY", "TABLE", "VIEW"] {
             builder.append(kind);
@@ -553,7 +566,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.authorize(&request)?;
+        self.authorize(authorization(&request)).await?;
         let schema = query.clone().into_builder(&SQL_INFO).schema();
         Self::info_for(&query, &schema, request.into_inner())
     }
@@ -563,7 +576,7 @@ impl FlightSqlService for HubFlightSql {
         query: CommandGetSqlInfo,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.authorize(&request)?;
+        self.authorize(authorization(&request)).await?;
         let batch = query
             .into_builder(&SQL_INFO)
             .build()

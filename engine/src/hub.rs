@@ -23,7 +23,7 @@ use railyard_planner::{
 };
 use tracing::info;
 
-use railyard_udfs::wire::{CheckAnswer, FragmentTicket};
+use railyard_contract::{CheckAnswer, FragmentTicket};
 
 use crate::error::StationFailure;
 use crate::error::{Error, Result};
@@ -70,7 +70,7 @@ impl Default for HubOptions {
             vertical: Vec::new(),
             data_dir: None,
             train_timeout: Duration::from_secs(600),
-            collaboration: railyard_udfs::wire::DEFAULT_COLLABORATION.to_string(),
+            collaboration: railyard_contract::DEFAULT_COLLABORATION.to_string(),
             tables: None,
             transport: crate::station_client::Transport::default(),
         }
@@ -173,24 +173,11 @@ pub(crate) async fn check_tickets(
     .await;
     // An accepted check's answer (release kind, the station's k) is informational: the hub's
     // own threshold was planned from the policies the stations announced at connect, and
-    // every station applies its own k to what it releases regardless.
+    // every station applies its own k to what it releases regardless. The first failure, a
+    // refusal included, is the error.
     let mut accepted = Vec::with_capacity(answers.len());
     for answer in answers {
-        match answer {
-            Ok(answer) => accepted.push(answer),
-            Err(Error::Station(failure)) => {
-                if let StationFailure::Failed {
-                    code: tonic::Code::PermissionDenied,
-                    message,
-                    ..
-                } = failure.as_ref()
-                {
-                    return Err(Error::Refused(message.clone()));
-                }
-                return Err(Error::Station(failure));
-            }
-            Err(other) => return Err(other),
-        }
+        accepted.push(answer?);
     }
     Ok(accepted)
 }
@@ -200,7 +187,7 @@ pub(crate) async fn check_tickets(
 /// announced them.
 fn register_policies(
     ctx: &SessionContext,
-    policies: &[(String, railyard_udfs::wire::TablePolicyInfo)],
+    policies: &[(String, railyard_contract::TablePolicyInfo)],
 ) -> Result<()> {
     use arrow::array::{BooleanArray, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
@@ -219,7 +206,7 @@ fn register_policies(
             station.push(name.clone());
             table.push(info.table.clone());
             column.push(c.clone());
-            visibility.push(v.clone());
+            visibility.push(v.as_str());
             k.push(info.min_group_size as i64);
             vertical.push(info.allow_vertical);
         }
@@ -311,13 +298,13 @@ fn epsilon_answer(setting: Option<f64>) -> Planned {
 
 /// What the planner needs of a station's announced policy for one table (the station
 /// remains the authority: it checks every fragment itself).
-fn planner_policy(info: &railyard_udfs::wire::TablePolicyInfo) -> StationTablePolicy {
+fn planner_policy(info: &railyard_contract::TablePolicyInfo) -> StationTablePolicy {
     StationTablePolicy {
         min_group_size: info.min_group_size,
         public: info
             .columns
             .iter()
-            .filter(|(_, v)| v == "public")
+            .filter(|(_, v)| *v == railyard_contract::Visibility::Public)
             .map(|(c, _)| c.clone())
             .collect(),
         model_min_rows: info.model_min_rows,
@@ -334,8 +321,6 @@ pub struct Hub {
     options: HubOptions,
     /// Each researcher's `SET railyard.epsilon`.
     epsilon: Mutex<HashMap<String, f64>>,
-    /// The join stations of vertical tables; they stop with the hub.
-    _joins: Vec<vertical::JoinStation>,
 }
 
 impl Hub {
@@ -397,7 +382,6 @@ impl Hub {
             );
             stations.push(client);
         }
-        let mut joins = Vec::new();
         for spec in &options.vertical {
             let Some(dir) = &options.data_dir else {
                 return Err(Error::BadRequest(format!(
@@ -409,11 +393,9 @@ impl Hub {
             let join = vertical::start(
                 spec,
                 members.remove(&spec.name).unwrap_or_default(),
-                dir.join(format!("{}-join", spec.name)).join("audit.jsonl"),
+                &dir.join(format!("{}-join", spec.name)).join("audit.jsonl"),
                 options.fragment_timeout,
-                options.connect_patience,
-            )
-            .await?;
+            )?;
             let name = join.client.name.to_string();
             for (table, schema) in join.client.tables().await? {
                 catalog.add(&name, &table, schema)?;
@@ -423,8 +405,7 @@ impl Hub {
                 policies.push((name.clone(), p));
             }
             catalog.set_vertical(&spec.name, join.layout.clone());
-            stations.push(join.client.clone());
-            joins.push(join);
+            stations.push(join.client);
         }
         let planner = Arc::new(FederationPlanner::new(&catalog)?);
         let config = SessionConfig::new()
@@ -463,8 +444,8 @@ impl Hub {
         // Queries with train(...) calls get their own function holding the outputs; this
         // one only explains itself if reached.
         ctx.register_udtf(
-            crate::train::TRAIN_FUNCTION,
-            Arc::new(crate::train::TrainOutputs::default()),
+            train::TRAIN_FUNCTION,
+            Arc::new(train::TrainOutputs::default()),
         );
         crate::stats::register(
             &ctx,
@@ -480,7 +461,6 @@ impl Hub {
             base: ctx.state(),
             options,
             epsilon: Mutex::new(HashMap::new()),
-            _joins: joins,
         })
     }
 

@@ -29,6 +29,7 @@ pub mod error;
 pub mod exec;
 pub mod flight_sql;
 pub mod hub;
+mod join_station;
 pub mod station_client;
 pub mod stats;
 pub mod tokens;

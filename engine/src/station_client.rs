@@ -9,10 +9,10 @@ use arrow_flight::{Action, Criteria};
 use futures::TryStreamExt;
 use tonic::transport::{Channel, Endpoint};
 
-use railyard_udfs::wire::{CheckAnswer, FragmentTicket, TablePolicyInfo};
-use tonic::Code;
+use railyard_contract::{CheckAnswer, FragmentTicket, TablePolicyInfo, actions};
 
 use crate::error::{Result, StationFailure};
+use crate::join_station::JoinStation;
 
 /// Largest gRPC message the hub accepts from a station or sends to a client.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -41,7 +41,16 @@ pub struct Transport {
 pub struct StationClient {
     pub name: Arc<str>,
     pub url: Arc<str>,
-    client: FlightServiceClient<Channel>,
+    link: Link,
+}
+
+/// How the hub reaches a station.
+#[derive(Debug, Clone)]
+enum Link {
+    /// Arrow Flight over a connection (plaintext, mutual TLS, or an outbound tunnel).
+    Flight(FlightServiceClient<Channel>),
+    /// The hub's own join station of a vertical table, called in-process.
+    Local(Arc<JoinStation>),
 }
 
 impl StationClient {
@@ -124,16 +133,37 @@ impl StationClient {
         Self {
             name: address.name.as_str().into(),
             url: address.url.as_str().into(),
-            client,
+            link: Link::Flight(client),
         }
     }
 
-    pub fn flight(&self) -> FlightServiceClient<Channel> {
-        self.client.clone()
+    /// A client of the hub's own join station.
+    pub(crate) fn local(join: Arc<JoinStation>) -> Self {
+        Self {
+            name: join.name().into(),
+            url: format!("local://{}", join.name()).into(),
+            link: Link::Local(join),
+        }
+    }
+
+    /// The Flight client, or the in-process join station.
+    pub(crate) fn link(&self) -> std::result::Result<FlightServiceClient<Channel>, &JoinStation> {
+        match &self.link {
+            Link::Flight(client) => Ok(client.clone()),
+            Link::Local(join) => Err(join),
+        }
+    }
+
+    fn flight(&self) -> std::result::Result<FlightServiceClient<Channel>, tonic::Status> {
+        self.link()
+            .map_err(|_| tonic::Status::internal("the join station is not reached over Flight"))
     }
 
     /// The tables this station announces, with their schemas.
     pub async fn tables(&self) -> Result<Vec<(String, SchemaRef)>> {
+        if let Link::Local(join) = &self.link {
+            return Ok(join.tables());
+        }
         let failed = |message: String| StationFailure::Protocol {
             station: self.name.to_string(),
             fragment: 0,
@@ -141,6 +171,7 @@ impl StationClient {
         };
         let infos: Vec<_> = self
             .flight()
+            .map_err(|s| failed(s.message().to_string()))?
             .list_flights(Criteria::default())
             .await
             .map_err(|s| StationFailure::Unreachable {
@@ -174,7 +205,7 @@ impl StationClient {
         body: Vec<u8>,
     ) -> std::result::Result<Vec<u8>, tonic::Status> {
         let mut results = self
-            .flight()
+            .flight()?
             .do_action(Action::new(kind, body))
             .await?
             .into_inner();
@@ -187,21 +218,7 @@ impl StationClient {
 
     /// A failed action as a [`StationFailure`] naming this station.
     fn action_failure(&self, fragment: usize, s: tonic::Status) -> StationFailure {
-        match s.code() {
-            // A connection that failed (also a TLS refusal the server sends after the
-            // client's handshake finished) reaches us as a status with the cause beneath it.
-            _ if s.code() == Code::Unavailable || is_transport(&s) => StationFailure::Unreachable {
-                station: self.name.to_string(),
-                url: self.url.to_string(),
-                message: railyard_net::error::chain(&s),
-            },
-            code => StationFailure::Failed {
-                station: self.name.to_string(),
-                fragment,
-                code,
-                message: s.message().to_string(),
-            },
-        }
+        StationFailure::from_status(&self.name, &self.url, fragment, &s, false)
     }
 
     /// Runs an action whose single result is a JSON document.
@@ -226,12 +243,18 @@ impl StationClient {
 
     /// The station's policy per table.
     pub async fn policy(&self) -> Result<Vec<TablePolicyInfo>> {
-        self.json_action("policy", Vec::new(), 0).await
+        if let Link::Local(join) = &self.link {
+            return Ok(join.policy_info());
+        }
+        self.json_action(actions::POLICY, Vec::new(), 0).await
     }
 
     /// Asks the station whether its policy accepts `ticket`, without running it.
     pub async fn check(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
-        self.json_action("check", ticket.to_bytes(), ticket.fragment)
+        if let Link::Local(join) = &self.link {
+            return Ok(join.check(ticket).await?);
+        }
+        self.json_action(actions::CHECK, ticket.to_bytes(), ticket.fragment)
             .await
     }
 
@@ -240,18 +263,17 @@ impl StationClient {
         &self,
         researcher: &str,
         collaboration: &str,
-    ) -> Result<Vec<railyard_udfs::wire::BudgetInfo>> {
-        let request = railyard_udfs::wire::BudgetRequest {
+    ) -> Result<Vec<railyard_contract::BudgetInfo>> {
+        // The join station answers no DP aggregates: it has no budget.
+        if let Link::Local(_) = &self.link {
+            return Ok(Vec::new());
+        }
+        let request = railyard_contract::BudgetRequest {
             researcher: researcher.to_string(),
             collaboration: collaboration.to_string(),
         };
         // A struct of two strings always serializes.
-        let body = serde_json::to_vec(&request).expect("a budget request serializes");
-        self.json_action("budget", body, 0).await
+        let body = serde_json::to_vec(&request).unwrap_or_default();
+        self.json_action(actions::BUDGET, body, 0).await
     }
-}
-
-/// Whether a status stands for a broken connection rather than a station's answer.
-fn is_transport(s: &tonic::Status) -> bool {
-    std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }

@@ -35,8 +35,8 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
     Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor, Visit, Visitor,
 };
+use railyard_contract::{FragmentTicket, TRAIN_STATION_COLUMN, TrainCall};
 use railyard_planner::FederatedCatalog;
-use railyard_udfs::wire::{FragmentTicket, TRAIN_STATION_COLUMN, TrainCall};
 
 use crate::error::{Error, Result};
 use crate::exec::{QueryContext, fetch_collect};
@@ -451,7 +451,7 @@ mod tests {
         };
         assert_eq!(
             parse("SELECT * FROM train('img', 'SELECT age FROM lung')").unwrap(),
-            [a.clone()]
+            std::slice::from_ref(&a)
         );
         // Twice the same call runs once; calls in joins, subqueries and EXPLAIN are found.
         let sql = r#"SELECT * FROM train('img', 'SELECT age FROM lung', '') x

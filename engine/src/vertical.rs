@@ -1,13 +1,14 @@
 //! Vertically partitioned tables at the hub: the join station.
 //!
 //! A vertical table (the same patients' columns spread over stations, linked by a key) is
-//! served to the planner by one extra station that the hub runs itself, on loopback: the
-//! *join station*. Its only table is the vertical table, backed by [`VerticalTable`], whose
-//! scan asks every member station for the pseudonymized columns it holds and joins them.
+//! served to the planner by one extra station that the hub runs itself, in-process: the
+//! *join station* ([`crate::join_station`]). Its only table is the vertical table, backed by
+//! [`VerticalTable`], whose scan asks every member station for the pseudonymized columns it
+//! holds and joins them.
 //!
 //! ```text
-//!   hub planner ── fragment SQL ──▶ join station (railyard-station: plan, policy check,
-//!        ▲                          │              threshold, audit — as any station)
+//!   hub planner ── fragment SQL ──▶ join station (railyard-policy: plan, policy check,
+//!        ▲                          │              threshold; railyard-audit — as any station)
 //!        │ partial states           │ scan of the vertical table:
 //!        └──────────────────────────┤   check at every member, then DoGet at every member
 //!                                   │   SELECT pseudonym(key) AS __pseudonym, cols FROM t …
@@ -23,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,17 +44,17 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
+use railyard_contract::{FragmentTicket, PSEUDONYM_COLUMN, ReleaseKind, TablePolicyInfo};
 use railyard_planner::sql::expr_sql;
 use railyard_planner::{VerticalLayout, VerticalMember};
-use railyard_station::{Policy, Station, StationConfig, Upstream, Visibility};
-use railyard_udfs::wire::{FragmentTicket, PSEUDONYM_COLUMN, TablePolicyInfo};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tonic::Code;
+use railyard_policy::Policy;
+use railyard_policy::file::JoinLimits;
+use railyard_policy::{Visibility, file::DEFAULT_MIN_GROUP_SIZE};
 
 use crate::error::{Error, Result, StationFailure};
 use crate::exec::fetch_all;
-use crate::station_client::{StationAddress, StationClient};
+use crate::join_station::{JoinStation, Upstream};
+use crate::station_client::StationClient;
 
 /// The share of the fragment timeout the join station gives its members.
 const MEMBER_TIMEOUT_SHARE: f64 = 0.9;
@@ -78,30 +79,20 @@ pub(crate) struct Member {
     pub policy: Option<TablePolicyInfo>,
 }
 
-/// A running join station; it stops when dropped.
-pub(crate) struct JoinStation {
+/// A join station, ready to be called.
+pub(crate) struct StartedJoin {
     pub client: StationClient,
     pub layout: VerticalLayout,
-    stop: Option<oneshot::Sender<()>>,
 }
 
-impl Drop for JoinStation {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// Starts the join station of `spec` over `members` (in station-name order), serving
-/// Flight on a loopback port, with its audit log at `audit_log`.
-pub(crate) async fn start(
+/// Starts the join station of `spec` over `members` (in station-name order), with its audit
+/// log at `audit_log`.
+pub(crate) fn start(
     spec: &VerticalSpec,
     members: Vec<Member>,
-    audit_log: PathBuf,
+    audit_log: &Path,
     fragment_timeout: Duration,
-    connect_patience: Duration,
-) -> Result<JoinStation> {
+) -> Result<StartedJoin> {
     let table = &spec.name;
     let invalid =
         |message: String| Error::BadRequest(format!("vertical table '{table}': {message}"));
@@ -158,51 +149,13 @@ pub(crate) async fn start(
         timeout: fragment_timeout.mul_f64(MEMBER_TIMEOUT_SHARE),
         cache: Arc::default(),
     });
-    let config = StationConfig {
-        policy,
-        audit_log,
-        collaboration_secret: None,
-    };
-    let station = Station::open_with(
-        name.clone(),
-        &[],
-        vec![(table.clone(), provider as _)],
-        config,
-    )
-    .await
-    .map_err(|e| invalid(format!("its join station does not open: {e}")))?;
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| invalid(format!("its join station cannot listen: {e}")))?;
-    let address = StationAddress {
-        name: name.clone(),
-        url: format!(
-            "grpc://{}",
-            listener
-                .local_addr()
-                .map_err(|e| invalid(format!("its join station has no address: {e}")))?
-        ),
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let serving = railyard_station::serve(Arc::new(station), listener, async move {
-            let _ = stopped.await;
-        });
-        if let Err(e) = serving.await {
-            tracing::error!(station = %name, error = %e, "join station stopped");
-        }
-    });
-    // The join station runs inside the hub, on loopback: plaintext.
-    let client = StationClient::connect(
-        &address,
-        connect_patience,
-        &crate::station_client::Transport::default(),
-    )
-    .await?;
-    Ok(JoinStation {
-        client,
+    let audit = railyard_audit::AuditLog::open(audit_log, &name)
+        .map_err(|e| invalid(format!("its join station does not open: {e}")))?;
+    let station = JoinStation::open(name, table.clone(), provider as _, policy, audit)
+        .map_err(|e| invalid(format!("its join station does not open: {e}")))?;
+    Ok(StartedJoin {
+        client: StationClient::local(Arc::new(station)),
         layout,
-        stop: Some(stop),
     })
 }
 
@@ -212,58 +165,44 @@ pub(crate) async fn start(
 /// model minimum and the survival time resolution are the largest any member asks for, and
 /// the table is marked joined (k applies even to an aggregate that names no column).
 fn join_policy(table: &str, key: &str, members: &[Member]) -> Policy {
-    let mut policy = Policy {
+    let mut limits = JoinLimits {
         min_group_size: 1,
         model_min_rows: 1,
         survival_time_resolution: 0.0,
-        source: format!("the hub's join of '{table}' (the strictest policy of its stations)"),
-        ..Policy::default()
     };
     let defaults = Policy::default();
     let mut columns = BTreeMap::new();
     for m in members {
-        let Some(info) = &m.policy else {
+        let (k, min_rows, resolution) = match &m.policy {
+            Some(info) => (
+                info.min_group_size,
+                info.model_min_rows,
+                info.survival_time_resolution,
+            ),
             // A station that announced no policy still checks every fragment itself; the
             // join applies the default rules.
-            policy.min_group_size = policy.min_group_size.max(defaults.min_group_size);
-            policy.model_min_rows = policy.model_min_rows.max(defaults.model_min_rows);
-            policy.survival_time_resolution = policy
-                .survival_time_resolution
-                .max(defaults.survival_time_resolution);
-            continue;
+            None => (
+                DEFAULT_MIN_GROUP_SIZE,
+                defaults.model_min_rows,
+                defaults.survival_time_resolution,
+            ),
         };
-        policy.min_group_size = policy.min_group_size.max(info.min_group_size);
-        policy.model_min_rows = policy.model_min_rows.max(info.model_min_rows);
-        policy.survival_time_resolution = policy
-            .survival_time_resolution
-            .max(info.survival_time_resolution);
-        for (column, visibility) in &info.columns {
+        limits.min_group_size = limits.min_group_size.max(k);
+        limits.model_min_rows = limits.model_min_rows.max(min_rows);
+        limits.survival_time_resolution = limits.survival_time_resolution.max(resolution);
+        for (column, visibility) in m.policy.iter().flat_map(|info| &info.columns) {
             if column == key {
                 continue;
             }
-            let v = match visibility.as_str() {
-                "public" | "aggregate" => continue,
-                "dp" => Visibility::Dp,
-                _ => Visibility::Hidden,
+            let v = match visibility {
+                Visibility::Public | Visibility::Aggregate => continue,
+                Visibility::Dp => Visibility::Dp,
+                Visibility::JoinKey | Visibility::Hidden => Visibility::Hidden,
             };
-            columns.insert(column.clone(), (v, 0));
+            columns.insert(column.clone(), v);
         }
     }
-    policy.tables.insert(
-        table.to_string(),
-        railyard_station::policy::TablePolicy {
-            min_group_size: None,
-            default_visibility: Some(Visibility::Aggregate),
-            model_min_rows: None,
-            survival_time_resolution: None,
-            allow_vertical: Some(false),
-            joined: true,
-            columns,
-            dp: std::collections::BTreeMap::new(),
-            line: 0,
-        },
-    );
-    policy
+    Policy::for_join(table, limits, columns)
 }
 
 /// The vertical table inside the join station: its scan fetches pseudonymized columns from
@@ -473,7 +412,7 @@ async fn check_members(members: &[MemberCall], deadline: Instant) -> DfResult<()
     let remaining = deadline.saturating_duration_since(Instant::now());
     let checks = futures::future::join_all(members.iter().map(|m| async move {
         match tokio::time::timeout(remaining, m.client.check(&m.ticket)).await {
-            Ok(Ok(answer)) if answer.release == "pseudonymized" => Ok(()),
+            Ok(Ok(answer)) if answer.release == ReleaseKind::Pseudonymized => Ok(()),
             Ok(Ok(answer)) => Err(Error::Station(Box::new(StationFailure::Protocol {
                 station: m.client.name.to_string(),
                 fragment: m.ticket.fragment,
@@ -594,18 +533,14 @@ impl VerticalExec {
 }
 
 /// A member's failure as the join station reports it: the member's own message (which
-/// names no data value), a refusal staying a refusal.
+/// names no data value), a refusal staying a refusal with its rule.
 fn upstream(e: Error) -> DataFusionError {
     let (refused, message) = match &e {
         Error::Station(f) => match f.as_ref() {
-            StationFailure::Failed {
-                code: Code::PermissionDenied,
-                message,
-                ..
-            } => (true, message.clone()),
-            other => (false, other.to_string()),
+            StationFailure::Refused { rule, message, .. } => (Some(rule.clone()), message.clone()),
+            other => (None, other.to_string()),
         },
-        other => (false, other.to_string()),
+        other => (None, other.to_string()),
     };
     DataFusionError::External(Box::new(Upstream { refused, message }))
 }
@@ -630,7 +565,7 @@ fn join(
             }
             if index.insert(pseudonyms.value(row), row as u32).is_some() {
                 return Err(DataFusionError::External(Box::new(Upstream {
-                    refused: false,
+                    refused: None,
                     message: format!(
                         "vertical table '{table}': its key is not unique at station \
                          '{station}' (each patient must have one row per station)"

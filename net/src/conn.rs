@@ -222,7 +222,7 @@ pub async fn dial_confirmed(
 }
 
 /// What one connection attempt of a [`connector`] resolves to.
-pub type Connecting = Pin<Box<dyn std::future::Future<Output = io::Result<TokioIo<Conn>>> + Send>>;
+pub type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<Conn>>> + Send>>;
 
 /// A connector for tonic's `Endpoint::connect_with_connector`: every (re)connection dials
 /// `addr`, expects the server to be `name` (as `expect` says), and waits until the server

@@ -127,7 +127,7 @@ impl Tunnels {
         &self,
         listener: TcpListener,
         tls: &Tls,
-        shutdown: impl std::future::Future<Output = ()>,
+        shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
         let names: Vec<String> = self.slots.keys().cloned().collect();
         let config = tls.mutual_server_config(names.clone())?;

@@ -9,6 +9,9 @@ pub enum Error {
     /// The stations' catalogs do not fit together into one federated table.
     #[error("federated catalog: {0}")]
     Catalog(String),
+    /// A broken invariant of the planner itself: a bug, never the user's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A planning step of DataFusion itself failed.
     #[error(transparent)]
     DataFusion(#[from] Box<DataFusionError>),
@@ -24,6 +27,7 @@ impl From<Error> for DataFusionError {
     fn from(e: Error) -> Self {
         match e {
             Error::DataFusion(e) => *e,
+            Error::Internal(m) => DataFusionError::Internal(m),
             other => DataFusionError::Plan(other.to_string()),
         }
     }

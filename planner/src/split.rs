@@ -38,7 +38,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 use futures::future::BoxFuture;
-use railyard_udfs::wire::ROWS_COLUMN;
+use railyard_contract::ROWS_COLUMN;
 use railyard_udfs::{MergeAggregate, MergeArg, partial_of};
 
 use crate::catalog::{FederatedCatalog, FederatedTable};
@@ -254,7 +254,7 @@ impl FederationPlanner {
         }
         .render();
         let schema = self.fragment_schema(&sql).await?;
-        // Every station appends its groups' row counts (see `railyard_udfs::wire`), except to
+        // Every station appends its groups' row counts (see `railyard_contract`), except to
         // a DP release, whose counts are noisy states like any other.
         let schema = if dp {
             schema
@@ -262,7 +262,7 @@ impl FederationPlanner {
             let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
             fields.push(Arc::new(arrow::datatypes::Field::new(
                 ROWS_COLUMN,
-                arrow::datatypes::DataType::Int64,
+                DataType::Int64,
                 false,
             )));
             Arc::new(Schema::new(fields))
@@ -472,8 +472,8 @@ fn restore_schema(plan: LogicalPlan, original: &DFSchema) -> Result<LogicalPlan>
     let trailing_count = produced.fields().len() == original.fields().len() + 1
         && produced.field(produced.fields().len() - 1).name() == ROWS_COLUMN;
     if produced.fields().len() != original.fields().len() && !trailing_count {
-        return Err(Error::NotSupported(format!(
-            "internal: the merge plan has {} columns where the query expects {}",
+        return Err(Error::Internal(format!(
+            "the merge plan has {} columns where the query expects {}",
             produced.fields().len(),
             original.fields().len()
         )));
@@ -503,7 +503,7 @@ fn hub_group_exprs(original: &[Expr], keys: &[Expr], cols: &[Expr]) -> Result<Ve
         keys.iter()
             .position(|k| k == e)
             .map(|i| cols[i].clone())
-            .ok_or_else(|| Error::NotSupported(format!("internal: unknown group key {e}")))
+            .ok_or_else(|| Error::Internal(format!("unknown group key {e}")))
     };
     let map_list = |list: &[Expr]| list.iter().map(lookup).collect::<Result<Vec<_>>>();
     if let [Expr::GroupingSet(set)] = original {

@@ -84,10 +84,41 @@ fn needs_cast(value: &ScalarValue) -> bool {
     )
 }
 
-/// Quotes an identifier for the fragment SQL dialect (PostgreSQL-style double quotes).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+/// A float as SQL text that parses back to exactly the same value.
+pub fn float_sql(v: f64) -> String {
+    let text = format!("{v:?}");
+    // `{:?}` writes `1e-10`; SQL reads that as a float too, but `1.0e-10` keeps it a float
+    // literal for every dialect.
+    if text.contains('e') && !text.contains('.') {
+        text.replacen('e', ".0e", 1)
+    } else {
+        text
+    }
 }
+
+/// A level value as a bare SQL literal (for `column = literal` level indicators, which the
+/// station reads as a literal, not as a cast).
+pub fn value_sql(v: &ScalarValue) -> Result<String> {
+    Ok(match v {
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::LargeUtf8(Some(s))
+        | ScalarValue::Utf8View(Some(s)) => {
+            format!("'{}'", s.replace('\'', "''"))
+        }
+        ScalarValue::Boolean(Some(b)) => b.to_string(),
+        ScalarValue::Float32(Some(f)) => float_sql(f64::from(*f)),
+        ScalarValue::Float64(Some(f)) => float_sql(*f),
+        v if v.data_type().is_integer() && !v.is_null() => v.to_string(),
+        other => {
+            return Err(Error::NotSupported(format!(
+                "levels of type {} (use an integer, text or boolean column)",
+                other.data_type()
+            )));
+        }
+    })
+}
+
+pub use railyard_contract::quote_ident;
 
 /// The parts of one fragment's `SELECT`.
 pub struct SelectSql<'a> {

@@ -19,8 +19,8 @@ use std::collections::BTreeSet;
 
 use datafusion::logical_expr::Expr;
 use datafusion::logical_expr::utils::split_conjunction;
+use railyard_contract::PSEUDONYM_COLUMN;
 use railyard_udfs::pseudonym::PSEUDONYM;
-use railyard_udfs::wire::PSEUDONYM_COLUMN;
 
 use crate::error::Result;
 use crate::sql::{SelectSql, expr_sql, quote_ident};

@@ -30,46 +30,14 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StructArray};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::common::ScalarValue;
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::make_laplace;
 use opendp::measures::MaxDivergence;
 use opendp::metrics::L1Distance;
-use railyard_udfs::dp::{DpField, DpKind};
-
-/// A group column of a DP release and its public keys (as values of the column's type).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DpGroup {
-    pub column: String,
-    pub keys: Vec<ScalarValue>,
-}
-
-/// One DP aggregate of a release.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DpAggregateSpec {
-    pub kind: DpKind,
-    /// The column it reads (none for `dp_count(*)`).
-    pub column: Option<String>,
-    /// How much one row can change its sum: max(|lower|, |upper|) (1 for counts).
-    pub bound: f64,
-}
-
-/// What a checked DP fragment releases.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DpRelease {
-    pub table: String,
-    /// The aggregate's group columns, in its output order.
-    pub groups: Vec<DpGroup>,
-    /// The aggregate's DP calls, in its output order (after the groups).
-    pub aggregates: Vec<DpAggregateSpec>,
-    /// The aggregate's output schema (what an input without rows would have produced).
-    pub aggregate_schema: SchemaRef,
-    /// For each output column of the fragment, its column in the aggregate's output.
-    pub output: Vec<usize>,
-    /// The fragment's output schema.
-    pub schema: SchemaRef,
-}
+use railyard_policy::dp::DpRelease;
+use railyard_udfs::dp::DpField;
 
 /// The noise of one state field.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -317,6 +285,9 @@ pub fn add_noise(
 
 #[cfg(test)]
 mod tests {
+    use railyard_policy::dp::DpAggregateSpec;
+    use railyard_udfs::dp::DpKind;
+
     use super::*;
 
     /// The probability that a Laplace(0, b) variable's absolute value exceeds t.

@@ -1,5 +1,6 @@
 use datafusion::error::DataFusionError;
-use tonic::Status;
+use railyard_policy::{Refusal, ReleaseError};
+use tonic::{Code, Status};
 
 /// Errors of a station.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +22,10 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     /// The station's policy refused the fragment (the message names rule and column).
     #[error("{} (rule {})", .0.message, .0.rule)]
-    Refused(crate::check::Refusal),
+    Refused(Refusal),
+    /// A broken invariant of the station's own code: a bug, never the user's fault.
+    #[error("station '{station}': internal error: {message}")]
+    Internal { station: String, message: String },
     /// An approved fragment failed while running; the category names no data value.
     #[error(
         "station '{station}': {category} while running the fragment (the station's log has the detail)"
@@ -34,37 +38,12 @@ pub enum Error {
     /// value (the train's own output stays in the station's log).
     #[error("station '{station}': {message}")]
     Train { station: String, message: String },
-    /// A station this one reads failed or refused (only the hub's join station reads other
-    /// stations).
     #[error(transparent)]
-    Upstream(Upstream),
+    Policy(#[from] railyard_policy::PolicyError),
     #[error(transparent)]
-    Policy(#[from] crate::policy::PolicyError),
-    #[error(transparent)]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] railyard_audit::AuditError),
     #[error(transparent)]
     Ledger(#[from] crate::ledger::LedgerError),
-}
-
-/// A failure of another station that a station's table reads (the hub's join station reads
-/// the members of a vertical table), carried through DataFusion as an external error. Its
-/// message is that station's own, which names no data value.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct Upstream {
-    /// The other station's policy refused its part.
-    pub refused: bool,
-    pub message: String,
-}
-
-impl Upstream {
-    /// The upstream failure at the root of `e`, if that is what `e` is.
-    pub fn of(e: &DataFusionError) -> Option<&Upstream> {
-        match e.find_root() {
-            DataFusionError::External(inner) => inner.downcast_ref::<Upstream>(),
-            _ => None,
-        }
-    }
 }
 
 impl From<DataFusionError> for Error {
@@ -73,7 +52,30 @@ impl From<DataFusionError> for Error {
     }
 }
 
+impl Error {
+    /// A release rule's verdict on a result, at `station`.
+    pub(crate) fn from_release(station: &str, e: ReleaseError) -> Self {
+        match e {
+            ReleaseError::Refused(r) => Error::Refused(r),
+            ReleaseError::Internal(message) => Error::Internal {
+                station: station.to_string(),
+                message,
+            },
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A refusal as a status: PERMISSION_DENIED with the message, and the rule as structured
+/// detail ([`railyard_contract::Refusal`]) so the hub never parses the text.
+pub fn refusal_status(refusal: &railyard_contract::Refusal) -> Status {
+    Status::with_details(
+        Code::PermissionDenied,
+        format!("{} (rule {})", refusal.message, refusal.rule),
+        refusal.to_bytes().into(),
+    )
+}
 
 /// The one conversion from station errors to gRPC statuses.
 pub fn to_status(station: &str, e: Error) -> Status {
@@ -91,10 +93,9 @@ pub fn to_status(station: &str, e: Error) -> Status {
             }
             _ => Status::internal(format!("station '{station}': {}", e.strip_backtrace())),
         },
-        Error::Refused(_) => Status::permission_denied(e.to_string()),
+        Error::Refused(r) => refusal_status(&r.to_wire()),
         Error::Failed { .. } | Error::Train { .. } => Status::aborted(e.to_string()),
-        Error::Upstream(u) if u.refused => Status::permission_denied(u.message.clone()),
-        Error::Upstream(u) => Status::aborted(u.message.clone()),
+        Error::Internal { .. } => Status::internal(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }

@@ -14,6 +14,7 @@
 //!                                          ◀── rows → Arrow batches (8192 rows) ──────────┘
 //! ```
 
+use railyard_contract::quote_ident as quote;
 use std::fmt;
 use std::sync::Arc;
 
@@ -130,11 +131,6 @@ impl Kind {
             Kind::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
         }
     }
-}
-
-/// `"name"`, with embedded quotes doubled.
-fn quote(identifier: &str) -> String {
-    format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
 /// How to reach PostgreSQL. Every scan opens its own connection: PostgreSQL answers one

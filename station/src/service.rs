@@ -17,7 +17,7 @@ use arrow_flight::{
 };
 use futures::stream::{self, BoxStream};
 use futures::{Stream, StreamExt, TryStreamExt};
-use railyard_udfs::wire::FragmentTicket;
+use railyard_contract::{FragmentTicket, actions};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Station;
@@ -154,8 +154,8 @@ impl FlightService for StationService {
             Ok(Response::new(s))
         };
         match action.r#type.as_str() {
-            "health" => reply(self.station.name().as_bytes().to_vec()),
-            "check" => {
+            actions::HEALTH => reply(self.station.name().as_bytes().to_vec()),
+            actions::CHECK => {
                 let ticket = FragmentTicket::from_bytes(&action.body)
                     .map_err(|m| self.status(Error::BadRequest(m)))?;
                 let answer = self
@@ -163,10 +163,10 @@ impl FlightService for StationService {
                     .check_fragment(&ticket)
                     .await
                     .map_err(|e| self.status(e))?;
-                reply(serde_json::to_vec(&answer).expect("a check answer serializes"))
+                reply(json(&answer)?)
             }
-            "budget" => {
-                let request: railyard_udfs::wire::BudgetRequest =
+            actions::BUDGET => {
+                let request: railyard_contract::BudgetRequest =
                     serde_json::from_slice(&action.body).map_err(|e| {
                         self.status(Error::BadRequest(format!("not a budget request: {e}")))
                     })?;
@@ -175,15 +175,15 @@ impl FlightService for StationService {
                     .budget(&request.researcher, &request.collaboration)
                     .await
                     .map_err(|e| self.status(e))?;
-                reply(serde_json::to_vec(&info).expect("a budget serializes"))
+                reply(json(&info)?)
             }
-            "policy" => {
+            actions::POLICY => {
                 let info = self
                     .station
                     .policy_info()
                     .await
                     .map_err(|e| self.status(e))?;
-                reply(serde_json::to_vec(&info).expect("a policy serializes"))
+                reply(json(&info)?)
             }
             other => Err(Status::unimplemented(format!(
                 "station '{}' has no action '{other}'",
@@ -197,18 +197,19 @@ impl FlightService for StationService {
         _request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         let actions = [
-            ("health", "returns the station's name"),
+            (actions::HEALTH, "returns the station's name"),
             (
-                "check",
+                actions::CHECK,
                 "checks a fragment ticket against the station's policy without running it; \
-                 returns {release, min_group_size} or PERMISSION_DENIED naming the rule",
+                 returns {release, min_group_size} or PERMISSION_DENIED naming the rule \
+                 (its details: {rule, message})",
             ),
             (
-                "policy",
+                actions::POLICY,
                 "returns the station's policy per table: k and each column's visibility",
             ),
             (
-                "budget",
+                actions::BUDGET,
                 "takes {researcher, collaboration}; returns per table the differential \
                  privacy budget, the ε spent and the per-query limits",
             ),
@@ -223,4 +224,10 @@ impl FlightService for StationService {
         .collect::<Vec<_>>();
         Ok(Response::new(Box::pin(stream::iter(actions))))
     }
+}
+
+/// An action's answer as JSON.
+fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(value)
+        .map_err(|e| Status::internal(format!("an answer does not serialize: {e}")))
 }

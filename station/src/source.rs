@@ -80,3 +80,19 @@ impl TableFile {
         }
     }
 }
+
+/// Bytes of data per partition a station aims for.
+const BYTES_PER_PARTITION: u64 = 16 * 1024 * 1024;
+
+/// How many partitions a station's queries use: one per [`BYTES_PER_PARTITION`] of its
+/// files, at most one per core. Small stations answer fastest from one partition (no
+/// repartitioning between the two aggregation phases); large ones use every core.
+pub(crate) fn partitions_for(tables: &[TableFile]) -> usize {
+    let bytes: u64 = tables
+        .iter()
+        .filter_map(|t| std::fs::metadata(&t.path).ok())
+        .map(|m| m.len())
+        .sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (bytes.div_ceil(BYTES_PER_PARTITION) as usize).clamp(1, cores)
+}

@@ -44,11 +44,12 @@ use bollard::query_parameters::{
     RemoveContainerOptionsBuilder, WaitContainerOptions,
 };
 use futures::StreamExt;
-use railyard_udfs::wire::TRAIN_STATION_COLUMN;
+use railyard_contract::TRAIN_STATION_COLUMN;
 use tokio::sync::{OnceCell, Semaphore, oneshot};
 use tracing::{info, warn};
 
-use crate::policy::{TrainPolicy, is_image_id};
+use railyard_policy::Rule;
+use railyard_policy::file::{TrainPolicy, is_image_id};
 
 /// Where the train finds its input directory, read-only.
 pub const INPUT_DIR: &str = "/railyard/input";
@@ -71,7 +72,7 @@ const TIDY_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrainError {
     /// Its output breaks a rule of the `[trains]` policy (the text names what, never a value).
-    Output { rule: &'static str, why: String },
+    Output { rule: Rule, why: String },
     /// It could not be run or did not finish: `message` is for the researcher (fixed text),
     /// `category` for the station's audit log (may name the exit code).
     Failed { message: String, category: String },
@@ -650,7 +651,7 @@ fn read_output(
     dir: &Path,
     limits: &TrainPolicy,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), TrainError> {
-    let output = |rule: &'static str, why: String| TrainError::Output { rule, why };
+    let output = |rule: Rule, why: String| TrainError::Output { rule, why };
     let unreadable = |e: std::io::Error| {
         warn!(error = %e, "cannot read a train's output");
         TrainError::failed(
@@ -663,7 +664,7 @@ fn read_output(
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(output(
-                "train_output",
+                Rule::TrainOutput,
                 format!(
                     "received no output from the train: it must write {OUTPUT_DIR}/{OUTPUT_FILE}"
                 ),
@@ -673,13 +674,13 @@ fn read_output(
     };
     if !meta.file_type().is_file() {
         return Err(output(
-            "train_output",
+            Rule::TrainOutput,
             format!("accepts a train's output only as a regular file {OUTPUT_FILE}"),
         ));
     }
     if meta.len() > limits.max_output_bytes {
         return Err(output(
-            "max_output_bytes",
+            Rule::MaxOutputBytes,
             format!(
                 "releases at most {} bytes of train output; this train wrote more",
                 limits.max_output_bytes
@@ -688,7 +689,7 @@ fn read_output(
     }
     let not_arrow = || {
         output(
-            "train_output",
+            Rule::TrainOutput,
             format!(
                 "accepts a train's output only as an uncompressed Arrow IPC file; \
                  {OUTPUT_FILE} is not one"
@@ -713,7 +714,7 @@ fn read_output(
         rows += batch.num_rows() as u64;
         if rows > limits.max_output_rows {
             return Err(output(
-                "max_output_rows",
+                Rule::MaxOutputRows,
                 format!(
                     "releases at most {} rows of train output; this train wrote more",
                     limits.max_output_rows
@@ -724,13 +725,13 @@ fn read_output(
     }
     if schema.fields().is_empty() {
         return Err(output(
-            "train_output",
+            Rule::TrainOutput,
             "received a train output without columns".to_string(),
         ));
     }
     if schema.field_with_name(TRAIN_STATION_COLUMN).is_ok() {
         return Err(output(
-            "train_output",
+            Rule::TrainOutput,
             format!("reserves the output column name '{TRAIN_STATION_COLUMN}' for the hub"),
         ));
     }
@@ -760,7 +761,7 @@ mod tests {
 
     fn rule(r: Result<(SchemaRef, Vec<RecordBatch>), TrainError>) -> &'static str {
         match r {
-            Err(TrainError::Output { rule, .. }) => rule,
+            Err(TrainError::Output { rule, .. }) => rule.as_str(),
             other => panic!("expected an output refusal, got {other:?}"),
         }
     }

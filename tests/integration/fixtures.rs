@@ -216,7 +216,7 @@ pub async fn run_at_station(
         .await
         .map_err(|e| e.to_string())?;
     let mut client = arrow_flight::flight_service_client::FlightServiceClient::new(channel);
-    let ticket = railyard_udfs::wire::FragmentTicket {
+    let ticket = railyard_contract::FragmentTicket {
         query_id: "test".into(),
         fragment: 1,
         researcher: "test".into(),

@@ -1,6 +1,8 @@
 //! Integration tests: real stations and a real hub on loopback sockets, queried through
 //! Flight SQL, compared with one centralized DataFusion session over the pooled data.
 
+#![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
+
 mod dp;
 mod federation;
 mod fixtures;

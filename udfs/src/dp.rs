@@ -254,7 +254,7 @@ impl Accumulator for DpAccumulator {
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of_val(self)
+        size_of_val(self)
     }
 }
 

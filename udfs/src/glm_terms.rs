@@ -413,7 +413,7 @@ impl Accumulator for GlmAccumulator {
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of_val(self) + 8 * (self.sums.len() + self.beta.len() + self.row.len())
+        size_of_val(self) + 8 * (self.sums.len() + self.beta.len() + self.row.len())
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {

@@ -15,7 +15,7 @@
 //! construction, with the same types.
 //!
 //! Layout: one function (family) per file. [`partial`] is the station half, [`merge`] the hub
-//! half, [`wire`] the ticket a fragment travels in; [`glm_terms`] and [`survival_terms`] are
+//! half; [`glm_terms`] and [`survival_terms`] are
 //! the per-station sums of the statistical models (their value is their state: the hub adds
 //! them up and solves); [`pseudonym`] is the keyed HMAC that links vertically partitioned
 //! tables (keyed only at stations); [`register_partials`] installs the
@@ -29,7 +29,6 @@ pub mod merge;
 pub mod partial;
 pub mod pseudonym;
 pub mod survival_terms;
-pub mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -197,7 +197,7 @@ impl Accumulator for MergeAccumulator {
     }
 
     fn size(&self) -> usize {
-        self.inner.size() + std::mem::size_of_val(self)
+        self.inner.size() + size_of_val(self)
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {

@@ -247,7 +247,7 @@ impl Accumulator for PartialAccumulator {
     }
 
     fn size(&self) -> usize {
-        self.inner.size() + std::mem::size_of_val(self)
+        self.inner.size() + size_of_val(self)
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {

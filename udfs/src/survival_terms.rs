@@ -359,7 +359,7 @@ impl Accumulator for SurvivalAccumulator {
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of_val(self) + self.times.len() * 8 * (2 + self.layout.len())
+        size_of_val(self) + self.times.len() * 8 * (2 + self.layout.len())
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {

@@ -2,6 +2,8 @@
 //! chunks (stations), added up, equal the same aggregate over all rows; and their sums equal
 //! plain SQL sums over the same rows.
 
+#![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
+
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, Float64Array, RecordBatch};

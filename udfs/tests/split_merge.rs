@@ -2,6 +2,8 @@
 //! into chunks (the stations), run `partial_<agg>` on each, merge the states with
 //! `merge_<agg>` (the hub), and compare with the aggregate over all rows at once.
 
+#![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
+
 use std::sync::Arc;
 
 use arrow::array::{
@@ -44,8 +46,8 @@ fn chunks() -> Vec<RecordBatch> {
         let r = next();
         g.push(["a", "b", "c"][(r % 3) as usize].to_string());
         x.push((r % 11 != 0).then(|| ((r >> 8) % 100_000) as f64 / 37.0 - 1000.0));
-        i.push((r % 13 != 0).then(|| ((r >> 20) % 50) as i64));
-        d.push((r % 7 != 0).then(|| ((r >> 32) % 1_000_000) as i128));
+        i.push((r % 13 != 0).then_some(((r >> 20) % 50) as i64));
+        d.push((r % 7 != 0).then_some(((r >> 32) % 1_000_000) as i128));
     }
     let bounds = [0, 100, 420, 421, ROWS];
     (0..CHUNKS)

@@ -164,7 +164,7 @@ impl GlmJob {
                     let listed = levels
                         .iter()
                         .map(value_sql)
-                        .collect::<Result<Vec<_>>>()?
+                        .collect::<railyard_planner::Result<Vec<_>>>()?
                         .join(", ");
                     rows.push_str(&format!(" AND {} IN ({listed})", ident(c)));
                 }

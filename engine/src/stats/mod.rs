@@ -33,7 +33,6 @@ use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableFunctionImpl, TableProvider};
-use datafusion::common::tree_node::TreeNode;
 use datafusion::common::{DFSchema, Result as DfResult, ScalarValue, plan_err};
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
@@ -42,8 +41,8 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use futures::future::BoxFuture;
+use railyard_contract::FragmentTicket;
 use railyard_planner::FederatedTable;
-use railyard_udfs::wire::FragmentTicket;
 
 use crate::exec::{QueryContext, QueryJob, QueryJobExec, fetch_all};
 use crate::station_client::StationClient;
@@ -137,7 +136,8 @@ pub(crate) enum Job {
 #[derive(Debug, Clone)]
 pub(crate) struct Source {
     pub table: Arc<FederatedTable>,
-    /// The researcher's filter as SQL (re-rendered from its parsed form), if any.
+    /// The researcher's filter as fragment SQL (parsed against the table, then rendered by
+    /// the planner's writer), if any.
     pub filter: Option<String>,
     /// Columns the filter reads.
     pub filter_columns: BTreeSet<String>,
@@ -195,43 +195,7 @@ impl Source {
     }
 }
 
-/// A SQL identifier, quoted.
-pub(crate) fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// A float as SQL text that parses back to exactly the same value.
-pub(crate) fn float_sql(v: f64) -> String {
-    let text = format!("{v:?}");
-    // `{:?}` writes `1e-10`; SQL reads that as a float too, but `1.0e-10` keeps it a float
-    // literal for every dialect.
-    if text.contains('e') && !text.contains('.') {
-        text.replacen('e', ".0e", 1)
-    } else {
-        text
-    }
-}
-
-/// A level value as a SQL literal (for `column = literal` indicators).
-pub(crate) fn value_sql(v: &ScalarValue) -> DfResult<String> {
-    Ok(match v {
-        ScalarValue::Utf8(Some(s))
-        | ScalarValue::LargeUtf8(Some(s))
-        | ScalarValue::Utf8View(Some(s)) => {
-            format!("'{}'", s.replace('\'', "''"))
-        }
-        ScalarValue::Boolean(Some(b)) => b.to_string(),
-        ScalarValue::Float32(Some(f)) => float_sql(f64::from(*f)),
-        ScalarValue::Float64(Some(f)) => float_sql(*f),
-        v if v.data_type().is_integer() && !v.is_null() => v.to_string(),
-        other => {
-            return plan_err!(
-                "levels of type {} are not supported (use an integer, text or boolean column)",
-                other.data_type()
-            );
-        }
-    })
-}
+pub(crate) use railyard_planner::sql::{float_sql, quote_ident as ident, value_sql};
 
 /// A level value as the text shown in results (`1`, `female`).
 pub(crate) fn value_text(v: &ScalarValue) -> String {
@@ -309,17 +273,9 @@ impl StatsFunction {
                 ))
             })?;
             source.filter_columns = expr.column_refs().iter().map(|c| c.name.clone()).collect();
-            let unqualified = expr
-                .transform(|e| {
-                    Ok(match e {
-                        Expr::Column(c) => datafusion::common::tree_node::Transformed::yes(
-                            Expr::Column(datafusion::common::Column::new_unqualified(c.name)),
-                        ),
-                        other => datafusion::common::tree_node::Transformed::no(other),
-                    })
-                })?
-                .data;
-            source.filter = Some(datafusion::sql::unparser::expr_to_sql(&unqualified)?.to_string());
+            // The planner's writer: the same type-preserving rendering as every fragment.
+            source.filter =
+                Some(railyard_planner::sql::expr_sql(&expr).map_err(DataFusionError::from)?);
         }
         Ok(source)
     }
@@ -539,7 +495,7 @@ impl Rounds {
 pub(crate) fn with_rows(fields: Vec<Field>) -> SchemaRef {
     let mut fields = fields;
     fields.push(Field::new(
-        railyard_udfs::wire::ROWS_COLUMN,
+        railyard_contract::ROWS_COLUMN,
         DataType::Int64,
         false,
     ));

@@ -20,11 +20,10 @@
 //! so nothing row-level leaves and every small group is suppressed.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
 
 use arrow::datatypes::Schema;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::Spanned;
 
 /// Default minimum group size (vantage6 uses 5, DataSHIELD 3, SCQL 4).
@@ -38,33 +37,7 @@ pub const DEFAULT_MODEL_MIN_ROWS: u64 = 10;
 /// times are days).
 pub const DEFAULT_SURVIVAL_TIME_RESOLUTION: f64 = 7.0;
 
-/// How openly a column may be used, from most to least open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Visibility {
-    /// Row-level values may leave the station.
-    Public,
-    /// Only inside disclosure-safe aggregates over groups of at least k rows.
-    Aggregate,
-    /// Only through differentially private aggregates.
-    Dp,
-    /// Only as a keyed pseudonym, for linking vertically partitioned tables.
-    JoinKey,
-    /// Never referenced by any query.
-    Hidden,
-}
-
-impl fmt::Display for Visibility {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Visibility::Public => "public",
-            Visibility::Aggregate => "aggregate",
-            Visibility::Dp => "dp",
-            Visibility::JoinKey => "join_key",
-            Visibility::Hidden => "hidden",
-        })
-    }
-}
+pub use railyard_contract::Visibility;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -240,6 +213,14 @@ pub struct TablePolicy {
     pub line: usize,
 }
 
+/// The thresholds of a join's policy (see [`Policy::for_join`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JoinLimits {
+    pub min_group_size: u64,
+    pub model_min_rows: u64,
+    pub survival_time_resolution: f64,
+}
+
 /// A station's policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -295,6 +276,54 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 impl Policy {
+    /// Table `table`'s policy, resolved per column of `schema`, as a station announces it
+    /// to the hub.
+    pub fn announce(&self, table: &str, schema: &Schema) -> railyard_contract::TablePolicyInfo {
+        railyard_contract::TablePolicyInfo {
+            table: table.to_string(),
+            min_group_size: self.min_group_size(table),
+            model_min_rows: self.model_min_rows(table),
+            survival_time_resolution: self.survival_time_resolution(table),
+            allow_vertical: self.allow_vertical(table),
+            columns: schema
+                .fields()
+                .iter()
+                .map(|f| (f.name().clone(), self.visibility(table, f.name())))
+                .collect(),
+        }
+    }
+
+    /// The policy of the hub's join of a vertical table's stations: the strictest of the
+    /// members' announced policies. Every column not listed in `columns` is at most
+    /// `aggregate` (joined rows never leave the hub); k, the model minimum and the survival
+    /// time resolution are the largest asked for; and the table is marked joined (k applies
+    /// even to an aggregate that names no column).
+    pub fn for_join(
+        table: &str,
+        limits: JoinLimits,
+        columns: BTreeMap<String, Visibility>,
+    ) -> Self {
+        let mut policy = Policy {
+            min_group_size: limits.min_group_size,
+            model_min_rows: limits.model_min_rows,
+            survival_time_resolution: limits.survival_time_resolution,
+            source: format!("the hub's join of '{table}' (the strictest policy of its stations)"),
+            ..Policy::default()
+        };
+        policy.tables.insert(
+            table.to_string(),
+            TablePolicy {
+                default_visibility: Some(Visibility::Aggregate),
+                allow_vertical: Some(false),
+                joined: true,
+                // Not from a file: no line to point at.
+                columns: columns.into_iter().map(|(c, v)| (c, (v, 0))).collect(),
+                ..TablePolicy::default()
+            },
+        );
+        policy
+    }
+
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         let source = path.display().to_string();

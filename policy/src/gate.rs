@@ -1,0 +1,122 @@
+//! The rules that gate a fragment on the station's own state rather than on its plan: a
+//! DP budget and its ε limits, the trains the station runs, the collaboration secret it holds.
+//! The station's I/O shell asks these; each refusal is built here, once.
+
+use crate::file::DpPolicy;
+use crate::rule::{Refusal, Rule};
+
+/// A DP fragment at a station whose policy has no `[dp]` budget.
+pub fn no_dp(station: &str) -> Refusal {
+    Refusal {
+        rule: Rule::Dp,
+        message: format!(
+            "policy: station '{station}' answers no differentially private aggregates (its \
+             policy has no [dp] budget)"
+        ),
+    }
+}
+
+/// The ε a DP fragment costs: the researcher's choice (`SET railyard.epsilon`) or the
+/// policy's default, refused unless it is above 0 and at most `dp.max_epsilon`.
+pub fn query_epsilon(dp: &DpPolicy, station: &str, requested: Option<f64>) -> Result<f64, Refusal> {
+    let epsilon = requested.unwrap_or(dp.epsilon);
+    if epsilon.is_finite() && epsilon > 0.0 && epsilon <= dp.max_epsilon {
+        return Ok(epsilon);
+    }
+    Err(Refusal {
+        rule: Rule::DpEpsilon,
+        message: format!(
+            "policy: station '{station}' accepts a query ε above 0 and at most {} \
+             (dp.max_epsilon)",
+            dp.max_epsilon
+        ),
+    })
+}
+
+/// Whether spending `epsilon` on top of `spent` stays within `budget` (with room for the
+/// rounding of summed floats).
+pub fn within_budget(spent: f64, epsilon: f64, budget: f64) -> bool {
+    spent + epsilon <= budget + 1e-9
+}
+
+/// Who spends a DP budget, and on what.
+#[derive(Debug, Clone, Copy)]
+pub struct Spender<'a> {
+    pub station: &'a str,
+    pub table: &'a str,
+    pub researcher: &'a str,
+    pub collaboration: &'a str,
+}
+
+/// A DP fragment the researcher's remaining budget cannot cover.
+pub fn over_budget(who: Spender<'_>, epsilon: f64, spent: f64, budget: f64) -> Refusal {
+    let Spender {
+        station,
+        table,
+        researcher,
+        collaboration,
+    } = who;
+    Refusal {
+        rule: Rule::DpBudget,
+        message: format!(
+            "policy: station '{station}' cannot spend ε = {epsilon} on table '{table}' for \
+             researcher '{researcher}' in collaboration '{collaboration}': {spent} of the \
+             budget {budget} is spent (dp.budget)"
+        ),
+    }
+}
+
+/// A train at a station whose policy allows no image.
+pub fn no_trains(station: &str) -> Refusal {
+    Refusal {
+        rule: Rule::Trains,
+        message: format!(
+            "policy: station '{station}' runs no trains (its policy allows no train image)"
+        ),
+    }
+}
+
+/// A train image the station does not allow, or does not have: both are refused alike, so
+/// the answer tells nobody which images a station holds.
+pub fn train_image(station: &str, image: &str) -> Refusal {
+    Refusal {
+        rule: Rule::TrainImage,
+        message: format!(
+            "policy: station '{station}' runs only the train images its policy allows; \
+             '{image}' is not one of them"
+        ),
+    }
+}
+
+/// A pseudonymized release at a station that holds no collaboration secret.
+pub fn no_collaboration_secret(station: &str) -> Refusal {
+    Refusal {
+        rule: Rule::CollaborationSecret,
+        message: format!(
+            "policy: station '{station}' holds no collaboration secret, so it cannot \
+             pseudonymize join keys"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_query_epsilon_is_bounded_by_the_policy() {
+        let dp = DpPolicy {
+            budget: 10.0,
+            max_epsilon: 1.0,
+            epsilon: 0.5,
+        };
+        assert_eq!(query_epsilon(&dp, "s", None), Ok(0.5));
+        assert_eq!(query_epsilon(&dp, "s", Some(1.0)), Ok(1.0));
+        for bad in [0.0, -1.0, 1.01, f64::NAN, f64::INFINITY] {
+            let r = query_epsilon(&dp, "s", Some(bad)).unwrap_err();
+            assert_eq!(r.rule, Rule::DpEpsilon);
+        }
+        assert!(within_budget(9.5, 0.5, 10.0));
+        assert!(!within_budget(9.6, 0.5, 10.0));
+    }
+}

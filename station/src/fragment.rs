@@ -1,0 +1,346 @@
+//! Approving and running one fragment: plan it in the station's own session, check it
+//! against the policy, run it, hold the result to the release rules, audit, release.
+//!
+//! ```text
+//!   ticket.sql ─▶ plan (cached by text) ─▶ railyard_policy::check ─▶ optimize ─▶ Approved
+//!   Approved ─▶ execute ─▶ railyard_policy::release ─▶ audit record (durable) ─▶ batches
+//!                 │ DP release:    private::run_dp   (ε charged before it runs)
+//!                 └ train ticket:  train_run::run_train
+//! ```
+//!
+//! Every refusal and failure is audited before its error is returned; the error names the
+//! rule, or a failure category that never quotes a data value.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
+use futures::TryStreamExt;
+use railyard_audit::{Decision, Entry};
+use railyard_contract::{CheckAnswer, FragmentTicket};
+use railyard_policy::release::failure_category;
+use railyard_policy::{Refusal, Release, gate};
+use tracing::{info, warn};
+
+use crate::{Error, Result, Station};
+
+/// Distinct fragment texts whose plans a station keeps (the hub sends the same fragment for
+/// every run of a query).
+const PLAN_CACHE_ENTRIES: usize = 1024;
+
+/// A fragment plan that passed the policy, optimized, with what it may release.
+#[derive(Debug, Clone)]
+pub(crate) struct Approved {
+    pub plan: LogicalPlan,
+    pub table: String,
+    pub release: Release,
+}
+
+/// What an audit record says beyond the ticket.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outcome<'a> {
+    pub decision: Decision,
+    /// The refusing rule or the failure category.
+    pub rule: Option<&'a str>,
+    pub rows: u64,
+    pub suppressed: u64,
+    /// For a train: the image (its id once resolved).
+    pub train: Option<&'a str>,
+    /// For a DP release: the ε charged.
+    pub epsilon: Option<f64>,
+}
+
+impl<'a> Outcome<'a> {
+    pub fn allowed(rows: u64, suppressed: u64) -> Self {
+        Self {
+            decision: Decision::Allowed,
+            rule: None,
+            rows,
+            suppressed,
+            train: None,
+            epsilon: None,
+        }
+    }
+
+    pub fn refused(rule: &'a str) -> Self {
+        Self {
+            decision: Decision::Refused,
+            rule: Some(rule),
+            ..Self::allowed(0, 0)
+        }
+    }
+
+    pub fn failed(category: &'a str) -> Self {
+        Self {
+            decision: Decision::Failed,
+            rule: Some(category),
+            ..Self::allowed(0, 0)
+        }
+    }
+
+    pub fn train(self, image: Option<&'a str>) -> Self {
+        Self {
+            train: image,
+            ..self
+        }
+    }
+
+    pub fn epsilon(self, epsilon: f64) -> Self {
+        Self {
+            epsilon: Some(epsilon),
+            ..self
+        }
+    }
+}
+
+impl Station {
+    /// Checks a fragment against the policy without running it. A refusal is audited.
+    pub async fn check_fragment(&self, ticket: &FragmentTicket) -> Result<CheckAnswer> {
+        if let Some(call) = &ticket.train {
+            // The input is counted now, so that a station with too few rows stops the query
+            // before any station starts a container.
+            let (approved, id) = self.approve_train(ticket, call).await?;
+            let k = self.train_input(ticket, &approved, &id, false).await?.1;
+            return Ok(CheckAnswer {
+                release: railyard_contract::ReleaseKind::Train,
+                min_group_size: k,
+                epsilon: None,
+            });
+        }
+        let approved = self.approve(ticket).await?;
+        let epsilon = match &approved.release {
+            // Nothing is charged by a check; a query the budget cannot cover stops here.
+            Release::Dp(release) => Some(self.dp_terms(ticket, release, false).await?.0.epsilon()),
+            _ => None,
+        };
+        Ok(CheckAnswer {
+            release: approved.release.kind(),
+            min_group_size: approved.release.min_group_size(),
+            epsilon,
+        })
+    }
+
+    /// Plans a fragment in the station's own session, checks it against the policy, runs
+    /// it, applies the release rules, writes the audit record (durably), and only then
+    /// returns the batches to release. Only queries are accepted: no DDL, no DML, no `SET`.
+    pub async fn run_fragment(&self, ticket: &FragmentTicket) -> Result<SendableRecordBatchStream> {
+        if let Some(call) = &ticket.train {
+            return self.run_train(ticket, call).await;
+        }
+        let approved = self.approve(ticket).await?;
+        if let Release::Dp(release) = &approved.release {
+            return self.run_dp(ticket, &approved, release).await;
+        }
+        info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment approved");
+        let batches = match self.execute(&approved.plan).await {
+            Ok(batches) => batches,
+            Err(e) => return Err(self.failure(ticket, None, &e).await),
+        };
+        let schema = approved.plan.schema().inner().clone();
+        let released = match railyard_policy::release::release(
+            &self.name,
+            &approved.table,
+            &approved.release,
+            batches,
+        ) {
+            Ok(released) => released,
+            Err(e) => {
+                let e = Error::from_release(&self.name, e);
+                if let Error::Refused(refusal) = &e {
+                    self.audit(ticket, Outcome::refused(refusal.rule.as_str()))
+                        .await?;
+                }
+                return Err(e);
+            }
+        };
+        self.audit(
+            ticket,
+            Outcome::allowed(released.released, released.suppressed),
+        )
+        .await?;
+        Ok(Box::pin(MemoryStream::try_new(
+            released.batches,
+            schema,
+            None,
+        )?))
+    }
+
+    /// Writes an audit record (durably) for `ticket`.
+    pub(crate) async fn audit(&self, ticket: &FragmentTicket, outcome: Outcome<'_>) -> Result<()> {
+        self.audit
+            .append(Entry {
+                researcher: researcher_of(ticket),
+                query_id: &ticket.query_id,
+                fragment: ticket.fragment as u64,
+                sql: &ticket.sql,
+                train: outcome
+                    .train
+                    .or(ticket.train.as_ref().map(|t| t.image.as_str())),
+                args: ticket.train.as_ref().map(|t| t.args.as_str()),
+                decision: outcome.decision,
+                rule: outcome.rule,
+                rows: outcome.rows,
+                suppressed: outcome.suppressed,
+                epsilon: outcome.epsilon,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Audits a refusal and returns its error.
+    pub(crate) async fn refuse(
+        &self,
+        ticket: &FragmentTicket,
+        refusal: Refusal,
+        image: Option<&str>,
+    ) -> Error {
+        info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, rule = %refusal.rule, "fragment refused");
+        match self
+            .audit(ticket, Outcome::refused(refusal.rule.as_str()).train(image))
+            .await
+        {
+            Ok(()) => Error::Refused(refusal),
+            Err(e) => e,
+        }
+    }
+
+    /// Audits a fragment that failed while running and returns its error, which names a
+    /// category but never the value that failed.
+    pub(crate) async fn failure(
+        &self,
+        ticket: &FragmentTicket,
+        image: Option<&str>,
+        e: &DataFusionError,
+    ) -> Error {
+        let category = failure_category(e);
+        warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment failed");
+        match self
+            .audit(ticket, Outcome::failed(category).train(image))
+            .await
+        {
+            Ok(()) => Error::Failed {
+                station: self.name.clone(),
+                category,
+            },
+            Err(e) => e,
+        }
+    }
+
+    /// Runs an approved plan.
+    pub(crate) async fn execute(
+        &self,
+        plan: &LogicalPlan,
+    ) -> Result<Vec<RecordBatch>, DataFusionError> {
+        let (physical, task) = self.physical_plan(plan).await?;
+        execute_stream(physical, task)?.try_collect().await
+    }
+
+    /// The physical plan of an approved plan.
+    pub(crate) async fn physical_plan(
+        &self,
+        plan: &LogicalPlan,
+    ) -> Result<(Arc<dyn ExecutionPlan>, Arc<TaskContext>), DataFusionError> {
+        let physical = self
+            .state
+            .query_planner()
+            .create_physical_plan(plan, &self.state)
+            .await?;
+        Ok((physical, self.state.task_ctx()))
+    }
+
+    /// The logical plan of a fragment's SQL: a query, never DDL, DML or `SET`.
+    pub(crate) async fn plan_sql(&self, ticket: &FragmentTicket) -> Result<LogicalPlan> {
+        let logical = match self.state.create_logical_plan(&ticket.sql).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment does not plan");
+                return Err(e.into());
+            }
+        };
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&logical)?;
+        Ok(logical)
+    }
+
+    /// The approved, optimized plan of a fragment, or its refusal (audited).
+    pub(crate) async fn approve(&self, ticket: &FragmentTicket) -> Result<Approved> {
+        if let Some(approved) = self.cached(&ticket.sql) {
+            return Ok(approved);
+        }
+        let logical = self.plan_sql(ticket).await?;
+        let checked = match railyard_policy::check(&logical, &self.policy, &self.name) {
+            Ok(checked)
+                if matches!(checked.release, Release::Pseudonymized { .. }) && !self.keyed =>
+            {
+                return Err(self
+                    .refuse(ticket, gate::no_collaboration_secret(&self.name), None)
+                    .await);
+            }
+            Ok(checked) => checked,
+            Err(refusal) => return Err(self.refuse(ticket, refusal, None).await),
+        };
+        let approved = Approved {
+            plan: self.state.optimize(&checked.plan)?,
+            table: checked.table,
+            release: checked.release,
+        };
+        if only_immutable_functions(&logical) {
+            // The lock guards map operations only; after a panic the map is still valid.
+            let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+            if plans.len() >= PLAN_CACHE_ENTRIES {
+                plans.clear();
+            }
+            plans.insert(ticket.sql.clone(), approved.clone());
+        }
+        Ok(approved)
+    }
+
+    fn cached(&self, sql: &str) -> Option<Approved> {
+        // The lock guards map operations only; after a panic the map is still valid.
+        let plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        plans.get(sql).cloned()
+    }
+}
+
+/// The researcher a ticket names (`local` if none).
+pub(crate) fn researcher_of(ticket: &FragmentTicket) -> &str {
+    researcher_or_local(&ticket.researcher)
+}
+
+/// `researcher`, or `local` if it is empty.
+pub(crate) fn researcher_or_local(researcher: &str) -> &str {
+    if researcher.is_empty() {
+        "local"
+    } else {
+        researcher
+    }
+}
+
+/// Whether every function in `plan` gives the same result whenever it runs (so its
+/// optimized plan, with constants folded, may be reused).
+fn only_immutable_functions(plan: &LogicalPlan) -> bool {
+    let mut immutable = true;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && f.func.signature().volatility != Volatility::Immutable
+                {
+                    immutable = false;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    immutable
+}

@@ -1,0 +1,174 @@
+//! Train fragments at the station: the policy gates (trains allowed, arguments, image on the
+//! allowlist), the checked input (`railyard_policy::check_train_input`, at least k rows),
+//! the container ([`crate::train`]) and its checked output, each step audited.
+
+use arrow::array::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::execute_stream;
+use datafusion::physical_plan::memory::MemoryStream;
+use futures::StreamExt;
+use railyard_contract::{FragmentTicket, TrainCall};
+use railyard_policy::{Refusal, Release, gate};
+use tracing::info;
+
+use crate::fragment::{Approved, Outcome};
+use crate::{Error, Result, Station, train};
+
+impl Station {
+    /// Checks a train request: the station runs trains at all, its arguments are JSON, its
+    /// input passes the policy (rows over `public` and `aggregate` columns), and its image
+    /// is on the allowlist. Returns the approved input plan and the image id. Nothing is
+    /// started. A refusal is audited.
+    pub(crate) async fn approve_train(
+        &self,
+        ticket: &FragmentTicket,
+        call: &TrainCall,
+    ) -> Result<(Approved, String)> {
+        if self.policy.trains.allowed.is_empty() {
+            return Err(self
+                .refuse(ticket, gate::no_trains(&self.name), Some(&call.image))
+                .await);
+        }
+        if call.args.len() > train::MAX_ARGS_BYTES {
+            return Err(Error::BadRequest(format!(
+                "station '{}': a train's arguments may be at most {} bytes",
+                self.name,
+                train::MAX_ARGS_BYTES
+            )));
+        }
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&call.args) {
+            return Err(Error::BadRequest(format!(
+                "station '{}': the train's arguments are not JSON ({e})",
+                self.name
+            )));
+        }
+        let logical = self.plan_sql(ticket).await?;
+        let checked = match railyard_policy::check_train_input(&logical, &self.policy, &self.name) {
+            Ok(checked) => checked,
+            Err(refusal) => return Err(self.refuse(ticket, refusal, Some(&call.image)).await),
+        };
+        let not_allowed = || gate::train_image(&self.name, &call.image);
+        let id = match self.trains.resolve(&call.image).await {
+            Ok(id) => id,
+            Err(train::TrainError::NoImage) => {
+                return Err(self.refuse(ticket, not_allowed(), Some(&call.image)).await);
+            }
+            Err(e) => return Err(self.train_failure(ticket, Some(&call.image), e).await),
+        };
+        if !self.policy.allows_train(&id) {
+            return Err(self.refuse(ticket, not_allowed(), Some(&id)).await);
+        }
+        let approved = Approved {
+            plan: self.state.optimize(&checked.plan)?,
+            table: checked.table,
+            release: checked.release,
+        };
+        Ok((approved, id))
+    }
+
+    /// Reads a train's approved input, refusing it (audited) below the table's k rows.
+    /// Returns the input (if `keep`; otherwise its rows are only counted) and k.
+    pub(crate) async fn train_input(
+        &self,
+        ticket: &FragmentTicket,
+        approved: &Approved,
+        id: &str,
+        keep: bool,
+    ) -> Result<(Vec<RecordBatch>, u64)> {
+        let Release::TrainInput { k } = approved.release else {
+            return Err(Error::Internal {
+                station: self.name.clone(),
+                message: "a train's input was approved as another release".to_string(),
+            });
+        };
+        let read = async {
+            let (physical, task) = self.physical_plan(&approved.plan).await?;
+            let mut stream = execute_stream(physical, task)?;
+            let (mut kept, mut rows) = (Vec::new(), 0u64);
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                rows += batch.num_rows() as u64;
+                if keep {
+                    kept.push(batch);
+                }
+            }
+            Ok::<_, DataFusionError>((kept, rows))
+        };
+        let (input, rows) = match read.await {
+            Ok(read) => read,
+            Err(e) => return Err(self.failure(ticket, Some(id), &e).await),
+        };
+        if let Err(refusal) =
+            railyard_policy::release::train_input(&self.name, &approved.table, k, rows)
+        {
+            return Err(self.refuse(ticket, refusal, Some(id)).await);
+        }
+        Ok((input, k))
+    }
+
+    /// Runs a train: its approved input is read, handed to the container, and the checked
+    /// output is audited with the image id and arguments, and released.
+    pub(crate) async fn run_train(
+        &self,
+        ticket: &FragmentTicket,
+        call: &TrainCall,
+    ) -> Result<SendableRecordBatchStream> {
+        let (approved, id) = self.approve_train(ticket, call).await?;
+        let (input, _) = self.train_input(ticket, &approved, &id, true).await?;
+        let rows: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
+        let schema = input
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| approved.plan.schema().inner().clone());
+        info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, image = %id, rows, "train approved");
+        match self
+            .trains
+            .run(&id, &call.args, schema, input, &self.policy.trains)
+            .await
+        {
+            Ok((schema, batches)) => {
+                let released = batches.iter().map(|b| b.num_rows() as u64).sum();
+                self.audit(ticket, Outcome::allowed(released, 0).train(Some(&id)))
+                    .await?;
+                Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
+            }
+            Err(train::TrainError::Output { rule, why }) => {
+                let refusal = Refusal {
+                    rule,
+                    message: format!("policy: station '{}' {why}", self.name),
+                };
+                Err(self.refuse(ticket, refusal, Some(&id)).await)
+            }
+            Err(e) => Err(self.train_failure(ticket, Some(&id), e).await),
+        }
+    }
+
+    /// Audits a train that could not run or did not finish, and returns its error (fixed
+    /// text for the researcher; the audit record has the category, e.g. the exit code).
+    async fn train_failure(
+        &self,
+        ticket: &FragmentTicket,
+        image: Option<&str>,
+        e: train::TrainError,
+    ) -> Error {
+        let (message, category) = match e {
+            train::TrainError::Failed { message, category } => (message, category),
+            train::TrainError::NoImage => (
+                "has no such train image".to_string(),
+                "no such image".to_string(),
+            ),
+            train::TrainError::Output { why, rule } => (why, rule.as_str().to_string()),
+        };
+        match self
+            .audit(ticket, Outcome::failed(&category).train(image))
+            .await
+        {
+            Ok(()) => Error::Train {
+                station: self.name.clone(),
+                message,
+            },
+            Err(e) => e,
+        }
+    }
+}
