@@ -196,3 +196,73 @@ pub fn to_status(e: Error) -> Status {
 fn is_transport(s: &Status) -> bool {
     std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_station_status_is_read_once_refusals_by_their_detail() {
+        let refusal = railyard_contract::Refusal {
+            rule: "min_group_size".into(),
+            message: "policy: …".into(),
+        };
+        let status = Status::with_details(
+            Code::PermissionDenied,
+            "station 'a': policy: … (rule min_group_size)",
+            refusal.to_bytes().into(),
+        );
+        match StationFailure::from_status("a", "grpc://a", 3, &status, true) {
+            StationFailure::Refused {
+                station,
+                fragment,
+                rule,
+                message,
+            } => {
+                assert_eq!((station.as_str(), fragment), ("a", 3));
+                assert_eq!(rule, "min_group_size");
+                assert_eq!(message, "policy: … (rule min_group_size)");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A refusal from a station that sends no detail is still a refusal.
+        let bare = Status::permission_denied("policy: no");
+        assert!(matches!(
+            StationFailure::from_status("a", "u", 1, &bare, false),
+            StationFailure::Refused { ref rule, .. } if rule == "policy"
+        ));
+        // Other codes stay failures with the station's code; the message keeps its prefix
+        // unless asked to drop it.
+        let failed = Status::aborted("station 'a': division by zero while running");
+        match StationFailure::from_status("a", "u", 1, &failed, false) {
+            StationFailure::Failed { code, message, .. } => {
+                assert_eq!(code, Code::Aborted);
+                assert!(message.starts_with("station 'a': "));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            StationFailure::from_status("a", "u", 1, &Status::unavailable("gone"), true),
+            StationFailure::Unreachable { .. }
+        ));
+        // The researcher's client gets the rule as detail too.
+        let to_client = to_status(Error::Station(Box::new(StationFailure::from_status(
+            "a", "u", 1, &status, true,
+        ))));
+        assert_eq!(to_client.code(), Code::PermissionDenied);
+        assert_eq!(
+            railyard_contract::Refusal::from_bytes(to_client.details()).map(|r| r.rule),
+            Some("min_group_size".to_string())
+        );
+    }
+
+    #[test]
+    fn a_planner_bug_is_internal_not_the_users_fault() {
+        let status = to_status(Error::Planner(railyard_planner::Error::Internal(
+            "unknown group key".into(),
+        )));
+        assert_eq!(status.code(), Code::Internal);
+        let status = to_status(Error::Internal("broken".into()));
+        assert_eq!(status.code(), Code::Internal);
+    }
+}

@@ -10,7 +10,8 @@
 //!                                              ▲
 //!                         FragmentExec: one partition per station, concurrent DoGet
 //!                                              ▲
-//!                              stations (Arrow Flight, railyard-station)
+//!                              stations (Arrow Flight, railyard-contract), or the
+//!                              in-process join station of a vertical table
 //! ```
 //!
 //! The key decision: the hub is DataFusion with one extra operator. Everything above the
@@ -21,8 +22,14 @@
 //! the query planner), [`station_client`] (connections to stations), [`flight_sql`] (the
 //! Flight SQL service: open in `railyard local`, bearer tokens from [`tokens`] in a
 //! deployed hub, one [`Hub`] per collaboration), [`stats`] (statistics table functions),
-//! [`vertical`] (the join station that serves vertically partitioned tables), [`error`]
-//! (errors and their one mapping to gRPC statuses).
+//! [`vertical`] (vertically partitioned tables: the members' pseudonymized rows and their
+//! join), `join_station` (the station that serves a vertical table, from `railyard-policy`
+//! and `railyard-audit`, called in-process), [`budget`] (`railyard.budget`), [`train`]
+//! (`train(...)` calls), [`error`] (errors and their one mapping to gRPC statuses; a
+//! station's status is read once, in `StationFailure::from_status`).
+//!
+//! The hub depends on no station code: it shares with stations only the contract, the pure
+//! policy rules and the audit log.
 
 pub mod budget;
 pub mod error;

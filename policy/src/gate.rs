@@ -33,8 +33,9 @@ pub fn query_epsilon(dp: &DpPolicy, station: &str, requested: Option<f64>) -> Re
     })
 }
 
-/// Whether spending `epsilon` on top of `spent` stays within `budget` (with room for the
-/// rounding of summed floats).
+/// Whether spending `epsilon` on top of `spent` stays within `budget`, with slack for the
+/// rounding of summed floats: twenty charges of 0.5 must fit a budget of 10 whatever the
+/// rounding of their sum.
 pub fn within_budget(spent: f64, epsilon: f64, budget: f64) -> bool {
     spent + epsilon <= budget + 1e-9
 }

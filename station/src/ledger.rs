@@ -26,10 +26,6 @@ pub struct LedgerError {
     pub message: String,
 }
 
-/// Floating-point slack when comparing a spend with the budget: twenty charges of 0.5 must
-/// fit a budget of 10 whatever the rounding of their sum.
-const SLACK: f64 = 1e-9;
-
 /// Who is charged, for what.
 #[derive(Debug, Clone, Copy)]
 pub struct Charge<'a> {
@@ -135,7 +131,8 @@ impl Ledger {
         let mut run = || -> rusqlite::Result<Charged> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let before = spent(&tx, charge.researcher, charge.collaboration, charge.table)?;
-            if before + charge.epsilon > budget + SLACK {
+            // The rule is the policy crate's; the ledger applies it inside its transaction.
+            if !railyard_policy::gate::within_budget(before, charge.epsilon, budget) {
                 return Ok(Charged::OverBudget { spent: before });
             }
             tx.execute(

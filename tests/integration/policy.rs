@@ -428,3 +428,88 @@ fn a_policy_file_with_a_mistake_is_refused_at_start_naming_the_line() {
         }
     }
 }
+
+/// A plain Flight client of a hub or station at `url`.
+async fn flight(
+    url: &str,
+) -> arrow_flight::flight_service_client::FlightServiceClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    arrow_flight::flight_service_client::FlightServiceClient::new(channel)
+}
+
+/// The status of a query the hub answers with an error, asked through the plain Flight
+/// service (`GetFlightInfo` of a Flight SQL statement), so the status arrives whole.
+async fn hub_status(url: &str, sql: &str) -> tonic::Status {
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use prost::Message;
+    let mut client = flight(url).await;
+    let command = CommandStatementQuery {
+        query: sql.to_string(),
+        transaction_id: None,
+    };
+    let descriptor = arrow_flight::FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+    client
+        .get_flight_info(descriptor)
+        .await
+        .expect_err("the query is refused")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_carries_its_rule_as_structured_detail_on_both_hops() {
+    let (federation, _governance) = lung_under_default_policy().await;
+    // Hub → researcher: PERMISSION_DENIED, the station's message, and the rule as details.
+    let status = hub_status(
+        &federation.hub_url,
+        "SELECT sex, min(age) FROM lung GROUP BY sex",
+    )
+    .await;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let refusal = railyard_contract::Refusal::from_bytes(status.details())
+        .expect("the status details hold the refusal");
+    assert_eq!(refusal.rule, "unsafe_aggregate");
+    assert!(
+        status.message().contains("(rule unsafe_aggregate)"),
+        "{status:?}"
+    );
+    assert!(refusal.message.contains("min()"), "{refusal:?}");
+
+    // Station → hub (or anyone at the station's port): the same detail on the check action
+    // and on DoGet, and the rule is one the policy crate knows.
+    let url = &federation.stations[0].url;
+    let mut client = flight(url).await;
+    let ticket = railyard_contract::FragmentTicket {
+        query_id: "detail".into(),
+        fragment: 1,
+        researcher: "test".into(),
+        collaboration: String::new(),
+        epsilon: None,
+        sql: "SELECT age FROM lung".into(),
+        train: None,
+    };
+    let check = client
+        .do_action(arrow_flight::Action::new(
+            railyard_contract::actions::CHECK,
+            ticket.to_bytes(),
+        ))
+        .await
+        .expect_err("row-level ages are refused");
+    let run = client
+        .do_get(arrow_flight::Ticket::new(ticket.to_bytes()))
+        .await
+        .expect_err("row-level ages are refused");
+    for status in [check, run] {
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        let refusal = railyard_contract::Refusal::from_bytes(status.details()).unwrap();
+        assert_eq!(
+            railyard_policy::Rule::from_name(&refusal.rule),
+            Some(railyard_policy::Rule::RowLevel)
+        );
+        // The detail names the rule and the column, never a value.
+        assert!(refusal.message.contains("column 'age'"), "{refusal:?}");
+    }
+    federation.shutdown().await.unwrap();
+}

@@ -62,7 +62,7 @@ impl CrosstabJob {
         );
         let rest = format!(
             "{} GROUP BY {}, {}",
-            self.source.where_clause(columns.iter()),
+            self.source.where_clause(columns.iter())?,
             ident(&self.row),
             ident(&self.column)
         );

@@ -139,7 +139,7 @@ impl GlmJob {
     /// withheld level would otherwise count as the reference level).
     async fn design(&self, rounds: &Rounds) -> Result<(Vec<DesignColumn>, String)> {
         let complete = self.formula.columns();
-        let mut rows = self.source.where_clause(complete.iter());
+        let mut rows = self.source.where_clause(complete.iter())?;
         let mut design = Vec::new();
         for term in &self.formula.terms {
             match term {

@@ -145,19 +145,26 @@ pub(crate) struct Source {
 
 impl Source {
     /// The WHERE clause of a fragment over `columns`: the filter, and complete cases.
-    pub fn where_clause<'a>(&self, columns: impl IntoIterator<Item = &'a String>) -> String {
+    pub fn where_clause<'a>(
+        &self,
+        columns: impl IntoIterator<Item = &'a String>,
+    ) -> DfResult<String> {
         let mut parts: Vec<String> = self.filter.iter().map(|f| format!("({f})")).collect();
         let mut seen = BTreeSet::new();
         for c in columns {
             if seen.insert(c.clone()) {
-                parts.push(format!("{} IS NOT NULL", ident(c)));
+                // Rendered by the planner's writer, as the filter is.
+                let complete =
+                    datafusion::prelude::col(datafusion::common::Column::new_unqualified(c))
+                        .is_not_null();
+                parts.push(railyard_planner::sql::expr_sql(&complete)?);
             }
         }
-        if parts.is_empty() {
+        Ok(if parts.is_empty() {
             String::new()
         } else {
             format!(" WHERE {}", parts.join(" AND "))
-        }
+        })
     }
 
     /// Every column a computation over `columns` touches (for thresholds).
@@ -522,7 +529,7 @@ pub(crate) async fn levels(
     ]);
     let rest = format!(
         "{} GROUP BY {}",
-        source.where_clause(complete.iter()),
+        source.where_clause(complete.iter())?,
         ident(column)
     );
     let answers = rounds

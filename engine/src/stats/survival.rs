@@ -97,12 +97,12 @@ async fn event_tables(
                 format!("{} AS grp, {terms}", ident(g)),
                 format!(
                     "{} GROUP BY {}",
-                    source.where_clause(columns.iter()),
+                    source.where_clause(columns.iter())?,
                     ident(g)
                 ),
             )
         }
-        None => (terms, source.where_clause(columns.iter())),
+        None => (terms, source.where_clause(columns.iter())?),
     };
     fields.push(Field::new("terms", f64_list_type(), true));
     let answers = rounds.run(&select, &rest, with_rows(fields)).await?;
