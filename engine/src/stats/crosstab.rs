@@ -13,7 +13,7 @@ use arrow::array::{BooleanArray, Float64Array, Int64Array, RecordBatch, StringAr
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{Result, ScalarValue};
 
-use super::{Rounds, Source, batch, chi2_p, ident, sort_levels, value_text, with_rows};
+use super::{Rounds, Select, Source, batch, chi2_p, ident, sort_levels, value_text, with_rows};
 
 #[derive(Debug, Clone)]
 pub(crate) struct CrosstabJob {
@@ -55,18 +55,16 @@ impl CrosstabJob {
             Field::new("c", self.source.column_type(&self.column)?, true),
             Field::new("n", DataType::Int64, false),
         ];
-        let select = format!(
-            "{} AS r, {} AS c, count(*) AS n",
-            ident(&self.row),
-            ident(&self.column)
-        );
-        let rest = format!(
-            "{} GROUP BY {}, {}",
-            self.source.where_clause(columns.iter())?,
-            ident(&self.row),
-            ident(&self.column)
-        );
-        let answers = rounds.run(&select, &rest, with_rows(fields)).await?;
+        let select = Select {
+            items: vec![
+                (ident(&self.row), "r".to_string()),
+                (ident(&self.column), "c".to_string()),
+                ("count(*)".to_string(), "n".to_string()),
+            ],
+            filters: self.source.filters(columns.iter())?,
+            group_by: vec![ident(&self.row), ident(&self.column)],
+        };
+        let answers = rounds.run(select, with_rows(fields)).await?;
         let mut cells: Vec<((ScalarValue, ScalarValue), i64)> = Vec::new();
         for b in answers.iter().flatten() {
             let n = b.column(2).as_any().downcast_ref::<Int64Array>();

@@ -24,7 +24,7 @@ use railyard_udfs::glm_terms::{
 
 use super::formula::{Formula, Term};
 use super::{
-    Rounds, Source, batch, float_sql, ident, levels, normal_p, spd_inverse, spd_solve, t_p,
+    Rounds, Select, Source, batch, float_sql, ident, levels, normal_p, spd_inverse, spd_solve, t_p,
     value_sql, value_text, with_rows,
 };
 
@@ -94,7 +94,7 @@ impl GlmJob {
     async fn terms(
         &self,
         rounds: &Rounds,
-        rows: &str,
+        rows: &[String],
         design: &[DesignColumn],
         intercept: bool,
         beta: &[f64],
@@ -108,9 +108,16 @@ impl GlmJob {
         ];
         args.extend(design.iter().map(|d| d.sql.clone()));
         args.extend(beta.iter().map(|b| float_sql(*b)));
-        let select = format!("{GLM_TERMS}({}) AS terms", args.join(", "));
+        let select = Select {
+            items: vec![(
+                format!("{GLM_TERMS}({})", args.join(", ")),
+                "terms".to_string(),
+            )],
+            filters: rows.to_vec(),
+            group_by: Vec::new(),
+        };
         let schema = with_rows(vec![Field::new("terms", f64_list_type(), true)]);
-        let answers = rounds.run(&select, rows, schema).await?;
+        let answers = rounds.run(select, schema).await?;
         let mut sums = vec![0.0; layout.len()];
         for batch in answers.iter().flatten() {
             let list = batch.column(0).as_list::<i32>();
@@ -137,9 +144,9 @@ impl GlmJob {
     /// The design columns, and the WHERE clause of the rows the model uses: the filter,
     /// complete cases, and for each `C(x)` only the levels the stations release (a row of a
     /// withheld level would otherwise count as the reference level).
-    async fn design(&self, rounds: &Rounds) -> Result<(Vec<DesignColumn>, String)> {
+    async fn design(&self, rounds: &Rounds) -> Result<(Vec<DesignColumn>, Vec<String>)> {
         let complete = self.formula.columns();
-        let mut rows = self.source.where_clause(complete.iter())?;
+        let mut rows = self.source.filters(complete.iter())?;
         let mut design = Vec::new();
         for term in &self.formula.terms {
             match term {
@@ -166,7 +173,7 @@ impl GlmJob {
                         .map(value_sql)
                         .collect::<railyard_planner::Result<Vec<_>>>()?
                         .join(", ");
-                    rows.push_str(&format!(" AND {} IN ({listed})", ident(c)));
+                    rows.push(format!("{} IN ({listed})", ident(c)));
                 }
             }
         }

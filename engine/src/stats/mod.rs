@@ -43,6 +43,7 @@ use datafusion::prelude::SessionContext;
 use futures::future::BoxFuture;
 use railyard_contract::FragmentTicket;
 use railyard_planner::FederatedTable;
+use railyard_planner::sql::SelectSql;
 
 use crate::exec::{QueryContext, QueryJob, QueryJobExec, fetch_all};
 use crate::station_client::StationClient;
@@ -144,27 +145,22 @@ pub(crate) struct Source {
 }
 
 impl Source {
-    /// The WHERE clause of a fragment over `columns`: the filter, and complete cases.
-    pub fn where_clause<'a>(
+    /// The conditions of a fragment over `columns`: the filter, and complete cases.
+    pub fn filters<'a>(
         &self,
         columns: impl IntoIterator<Item = &'a String>,
-    ) -> DfResult<String> {
-        let mut parts: Vec<String> = self.filter.iter().map(|f| format!("({f})")).collect();
+    ) -> DfResult<Vec<String>> {
+        let mut parts: Vec<String> = self.filter.iter().cloned().collect();
         let mut seen = BTreeSet::new();
         for c in columns {
             if seen.insert(c.clone()) {
-                // Rendered by the planner's writer, as the filter is.
                 let complete =
                     datafusion::prelude::col(datafusion::common::Column::new_unqualified(c))
                         .is_not_null();
                 parts.push(railyard_planner::sql::expr_sql(&complete)?);
             }
         }
-        Ok(if parts.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", parts.join(" AND "))
-        })
+        Ok(parts)
     }
 
     /// Every column a computation over `columns` touches (for thresholds).
@@ -458,6 +454,15 @@ impl QueryJob for StatsJob {
     }
 }
 
+/// One fragment of a statistics call, in the parts the planner's writer
+/// ([`SelectSql`]) puts together: SQL the planner's functions wrote, never spliced text.
+pub(crate) struct Select {
+    /// (expression, output name).
+    pub items: Vec<(String, String)>,
+    pub filters: Vec<String>,
+    pub group_by: Vec<String>,
+}
+
 /// One statistics call's conversation with the stations of its table.
 pub(crate) struct Rounds {
     stations: Vec<StationClient>,
@@ -467,17 +472,19 @@ pub(crate) struct Rounds {
 }
 
 impl Rounds {
-    /// Sends `SELECT {select} FROM table{rest}` to every station of the table at once and
-    /// returns each station's batches, in station order. `schema` is what every station
-    /// must answer (the station appends its row count, `__rows`, which is included).
-    pub async fn run(
-        &self,
-        select: &str,
-        rest: &str,
-        schema: SchemaRef,
-    ) -> DfResult<Vec<Vec<RecordBatch>>> {
+    /// Sends `select` over the table to every station of the table at once and returns
+    /// each station's batches, in station order. `schema` is what every station must answer
+    /// (the station appends its row count, `__rows`, which is included).
+    pub async fn run(&self, select: Select, schema: SchemaRef) -> DfResult<Vec<Vec<RecordBatch>>> {
         let fragment = self.next_fragment.fetch_add(1, Ordering::Relaxed);
-        let sql = format!("SELECT {select} FROM {}{rest}", ident(&self.table));
+        let sql = SelectSql {
+            table: &self.table,
+            items: select.items,
+            filters: select.filters,
+            group_by: select.group_by,
+            limit: None,
+        }
+        .render();
         let ticket = FragmentTicket {
             query_id: self.query.query_id.clone(),
             fragment,
@@ -527,18 +534,15 @@ pub(crate) async fn levels(
         Field::new("level", data_type, true),
         Field::new("n", DataType::Int64, false),
     ]);
-    let rest = format!(
-        "{} GROUP BY {}",
-        source.where_clause(complete.iter())?,
-        ident(column)
-    );
-    let answers = rounds
-        .run(
-            &format!("{} AS level, count(*) AS n", ident(column)),
-            &rest,
-            schema,
-        )
-        .await?;
+    let select = Select {
+        items: vec![
+            (ident(column), "level".to_string()),
+            ("count(*)".to_string(), "n".to_string()),
+        ],
+        filters: source.filters(complete.iter())?,
+        group_by: vec![ident(column)],
+    };
+    let answers = rounds.run(select, schema).await?;
     let k = source
         .table
         .min_group_size(&source.touched(complete.iter()));

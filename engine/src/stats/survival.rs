@@ -20,8 +20,8 @@ use railyard_udfs::survival_terms::{
 use super::formula::{Formula, Term};
 use super::glm::coefficients;
 use super::{
-    Rounds, Source, batch, chi2_p, float_sql, ident, normal_p, spd_inverse, spd_solve, value_text,
-    with_rows,
+    Rounds, Select, Source, batch, chi2_p, float_sql, ident, normal_p, spd_inverse, spd_solve,
+    value_text, with_rows,
 };
 
 const MAX_ITERATIONS: usize = 50;
@@ -88,24 +88,24 @@ async fn event_tables(
     ];
     args.extend(covariates.iter().map(|c| ident(c)));
     args.extend(beta.iter().map(|b| float_sql(*b)));
-    let terms = format!("{SURVIVAL_TERMS}({}) AS terms", args.join(", "));
+    let terms = (
+        format!("{SURVIVAL_TERMS}({})", args.join(", ")),
+        "terms".to_string(),
+    );
     let mut fields = Vec::new();
-    let (select, rest) = match group {
-        Some(g) => {
-            fields.push(Field::new("grp", source.column_type(g)?, true));
-            (
-                format!("{} AS grp, {terms}", ident(g)),
-                format!(
-                    "{} GROUP BY {}",
-                    source.where_clause(columns.iter())?,
-                    ident(g)
-                ),
-            )
-        }
-        None => (terms, source.where_clause(columns.iter())?),
+    let mut select = Select {
+        items: Vec::new(),
+        filters: source.filters(columns.iter())?,
+        group_by: Vec::new(),
     };
+    if let Some(g) = group {
+        fields.push(Field::new("grp", source.column_type(g)?, true));
+        select.items.push((ident(g), "grp".to_string()));
+        select.group_by.push(ident(g));
+    }
+    select.items.push(terms);
     fields.push(Field::new("terms", f64_list_type(), true));
-    let answers = rounds.run(&select, &rest, with_rows(fields)).await?;
+    let answers = rounds.run(select, with_rows(fields)).await?;
     let mut tables: Vec<(Option<ScalarValue>, EventTable)> = Vec::new();
     for batch in answers.iter().flatten() {
         let list_column = batch.num_columns() - 2;
