@@ -145,7 +145,7 @@ struct Job {
     done: oneshot::Sender<Result<(), AuditError>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct OwnedEntry {
     researcher: String,
     query_id: String,
@@ -342,23 +342,24 @@ impl Writer {
             if self.commit == Commit::Group {
                 batch.extend(jobs.try_iter());
             }
-            let outcome = self.commit(&batch);
-            for job in batch {
+            let (entries, waiting): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|job| (job.entry, job.done)).unzip();
+            let outcome = self.commit(entries);
+            for done in waiting {
                 // An append whose caller went away needs no answer.
-                let _ = job.done.send(outcome.clone());
+                let _ = done.send(outcome.clone());
             }
         }
     }
 
     /// Chains, writes and syncs `batch`; the chain head moves only once all of it is durable.
-    fn commit(&mut self, batch: &[Job]) -> Result<(), AuditError> {
+    fn commit(&mut self, batch: Vec<OwnedEntry>) -> Result<(), AuditError> {
         if let Some(failed) = &self.failed {
             return Err(failed.clone());
         }
         let (mut seq, mut hash) = (self.tail.seq, self.tail.hash.clone());
-        let mut bytes = Vec::new();
-        for job in batch {
-            let e = job.entry.clone();
+        let (mut bytes, count) = (Vec::new(), batch.len() as u64);
+        for e in batch {
             let record = Record {
                 seq: seq + 1,
                 time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
@@ -406,9 +407,7 @@ impl Writer {
             return Err(failed);
         }
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .records
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.counters.records.fetch_add(count, Ordering::Relaxed);
         self.tail.seq = seq;
         self.tail.hash = hash;
         Ok(())
@@ -670,5 +669,56 @@ mod group_commit {
             out.push(h.await);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod failed_writes {
+    use super::*;
+
+    fn entry() -> OwnedEntry {
+        OwnedEntry {
+            researcher: "r".into(),
+            query_id: "q".into(),
+            fragment: 1,
+            sql: "SELECT 1".into(),
+            train: None,
+            args: None,
+            decision: Decision::Allowed,
+            rule: None,
+            rows: 1,
+            suppressed: 0,
+            epsilon: None,
+        }
+    }
+
+    #[test]
+    fn after_a_failed_write_nothing_more_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "").unwrap();
+        // A file opened read-only: every write fails, as on a full or broken disk.
+        let file = File::open(&path).unwrap();
+        let mut writer = Writer {
+            path: path.display().to_string(),
+            station: "s".into(),
+            tail: Tail {
+                file,
+                seq: 0,
+                hash: GENESIS.to_string(),
+            },
+            commit: Commit::Group,
+            counters: Arc::default(),
+            failed: None,
+        };
+        assert!(writer.commit(vec![entry(), entry()]).is_err());
+        // The chain head did not move and nothing counts as written.
+        assert_eq!((writer.tail.seq, writer.tail.hash.as_str()), (0, GENESIS));
+        assert_eq!(writer.counters.records.load(Ordering::Relaxed), 0);
+        // Even once the disk would take writes again, the log refuses: a station that
+        // lost a record releases nothing more until it is reopened (and re-verified).
+        writer.tail.file = OpenOptions::new().append(true).open(&path).unwrap();
+        assert!(writer.commit(vec![entry()]).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 }
