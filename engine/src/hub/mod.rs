@@ -1,4 +1,9 @@
-//! The hub: the federated catalog, per-query sessions, and query execution.
+//! The hub: the federated catalog, per-query sessions, and query execution. `SET
+//! railyard.epsilon` is in `epsilon`, what the hub keeps of the announced policies in
+//! `policies`.
+
+mod epsilon;
+mod policies;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -7,10 +12,7 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use datafusion::catalog::MemorySchemaProvider;
-use datafusion::datasource::MemTable;
 use datafusion::datasource::TableType;
-use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::{SQLOptions, SessionState};
@@ -19,7 +21,7 @@ use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
 use railyard_planner::{
-    FederatedCatalog, FederationPlanner, StationTablePolicy, explain_batch, strip_explain_federated,
+    FederatedCatalog, FederationPlanner, explain_batch, strip_explain_federated,
 };
 use tracing::info;
 
@@ -31,6 +33,9 @@ use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query, query_ticke
 use crate::station_client::{StationAddress, StationClient};
 use crate::train;
 use crate::vertical::{self, VerticalSpec};
+pub use epsilon::EPSILON_SETTING;
+use epsilon::{epsilon_answer, epsilon_setting};
+use policies::{planner_policy, register_policies};
 
 /// Hub settings.
 #[derive(Debug, Clone)]
@@ -180,136 +185,6 @@ pub(crate) async fn check_tickets(
         accepted.push(answer?);
     }
     Ok(accepted)
-}
-
-/// Registers `railyard.policies`: per station, table and column, the column's visibility,
-/// the table's k and whether the table is released for vertical joins, as the stations
-/// announced them.
-fn register_policies(
-    ctx: &SessionContext,
-    policies: &[(String, railyard_contract::TablePolicyInfo)],
-) -> Result<()> {
-    use arrow::array::{BooleanArray, Int64Array, StringArray};
-    use arrow::datatypes::{DataType, Field, Schema};
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("station", DataType::Utf8, false),
-        Field::new("table_name", DataType::Utf8, false),
-        Field::new("column_name", DataType::Utf8, false),
-        Field::new("visibility", DataType::Utf8, false),
-        Field::new("min_group_size", DataType::Int64, false),
-        Field::new("allow_vertical", DataType::Boolean, false),
-    ]));
-    let (mut station, mut table, mut column, mut visibility, mut k, mut vertical) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for (name, info) in policies {
-        for (c, v) in &info.columns {
-            station.push(name.clone());
-            table.push(info.table.clone());
-            column.push(c.clone());
-            visibility.push(v.as_str());
-            k.push(info.min_group_size as i64);
-            vertical.push(info.allow_vertical);
-        }
-    }
-    let batch = RecordBatch::try_new(
-        Arc::clone(&schema),
-        vec![
-            Arc::new(StringArray::from(station)),
-            Arc::new(StringArray::from(table)),
-            Arc::new(StringArray::from(column)),
-            Arc::new(StringArray::from(visibility)),
-            Arc::new(Int64Array::from(k)),
-            Arc::new(BooleanArray::from(vertical)),
-        ],
-    )
-    .map_err(DataFusionError::from)?;
-    let catalog = ctx
-        .catalog("datafusion")
-        .ok_or_else(|| Error::BadRequest("the hub's default catalog is missing".to_string()))?;
-    catalog.register_schema("railyard", Arc::new(MemorySchemaProvider::new()))?;
-    ctx.register_table(
-        "railyard.policies",
-        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
-    )?;
-    Ok(())
-}
-
-/// The setting name researchers use for the ε of their queries.
-pub const EPSILON_SETTING: &str = "railyard.epsilon";
-
-/// `SET railyard.epsilon = x` (`Some(Some(x))`) or `SET railyard.epsilon TO DEFAULT`
-/// (`Some(None)`); `None` for any other statement.
-fn epsilon_setting(statement: &DfStatement) -> Result<Option<Option<f64>>> {
-    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Set, Statement, Value};
-    let DfStatement::Statement(s) = statement else {
-        return Ok(None);
-    };
-    let Statement::Set(Set::SingleAssignment {
-        variable, values, ..
-    }) = s.as_ref()
-    else {
-        return Ok(None);
-    };
-    if !variable.to_string().eq_ignore_ascii_case(EPSILON_SETTING) {
-        return Ok(None);
-    }
-    let bad = || {
-        Error::BadRequest(format!(
-            "{EPSILON_SETTING} is a number above 0 (the ε of each following query, at each \
-             station), or DEFAULT for each station's own default"
-        ))
-    };
-    let value = match values.as_slice() {
-        [SqlExpr::Identifier(i)] if i.value.eq_ignore_ascii_case("default") => {
-            return Ok(Some(None));
-        }
-        [SqlExpr::Value(v)] => match &v.value {
-            Value::Number(n, _) => n.parse::<f64>().map_err(|_| bad())?,
-            Value::SingleQuotedString(n) => n.trim().parse::<f64>().map_err(|_| bad())?,
-            _ => return Err(bad()),
-        },
-        _ => return Err(bad()),
-    };
-    if !(value.is_finite() && value > 0.0) {
-        return Err(bad());
-    }
-    Ok(Some(Some(value)))
-}
-
-/// The answer to `SET railyard.epsilon`: the setting and its value (NULL: station defaults).
-fn epsilon_answer(setting: Option<f64>) -> Planned {
-    use arrow::array::{Float64Array, StringArray};
-    use arrow::datatypes::{DataType, Field, Schema};
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("setting", DataType::Utf8, false),
-        Field::new("value", DataType::Float64, true),
-    ]));
-    // Two columns of one row each always make a batch.
-    let batch = RecordBatch::try_new(
-        Arc::clone(&schema),
-        vec![
-            Arc::new(StringArray::from(vec![EPSILON_SETTING])),
-            Arc::new(Float64Array::from(vec![setting])),
-        ],
-    )
-    .expect("the SET answer is well-formed");
-    Planned::Batches(schema, vec![batch])
-}
-
-/// What the planner needs of a station's announced policy for one table (the station
-/// remains the authority: it checks every fragment itself).
-fn planner_policy(info: &railyard_contract::TablePolicyInfo) -> StationTablePolicy {
-    StationTablePolicy {
-        min_group_size: info.min_group_size,
-        public: info
-            .columns
-            .iter()
-            .filter(|(_, v)| *v == railyard_contract::Visibility::Public)
-            .map(|(c, _)| c.clone())
-            .collect(),
-        model_min_rows: info.model_min_rows,
-        survival_time_resolution: info.survival_time_resolution,
-    }
 }
 
 /// The researcher-facing coordinator of a federation.
