@@ -1,0 +1,172 @@
+//! A rows fragment: the chain of filters, projections and aliases over one federated
+//! table that a station runs on its own rows, collected into one fragment's SQL.
+
+use super::*;
+
+/// A chain of row-wise operators over one federated table, as station-side expressions.
+pub(super) struct RowChain {
+    pub(super) table: Arc<FederatedTable>,
+    /// Predicates over the table's columns.
+    pub(super) filters: Vec<Expr>,
+    /// One expression over the table's columns per output column of the chain's top node.
+    pub(super) outputs: Vec<Expr>,
+    /// The chain top's output columns, for substituting parent expressions.
+    pub(super) columns: Vec<Column>,
+    /// A row limit pushed into the scan; nothing row-changing may sit above it in the chain.
+    pub(super) fetch: Option<usize>,
+}
+
+impl RowChain {
+    pub(super) fn analyze(plan: &LogicalPlan) -> Result<Option<RowChain>> {
+        Ok(match plan {
+            LogicalPlan::TableScan(scan) => {
+                let Ok(provider) = source_as_provider(&scan.source) else {
+                    return Ok(None);
+                };
+                let Some(table) = provider.downcast_ref::<FederatedTable>() else {
+                    return Ok(None);
+                };
+                let table = Arc::new(table.clone());
+                let full = DFSchema::try_from_qualified_schema(
+                    scan.table_name.clone(),
+                    scan.source.schema().as_ref(),
+                )?;
+                let base = RowChain {
+                    table,
+                    filters: vec![],
+                    outputs: full
+                        .fields()
+                        .iter()
+                        .map(|f| Expr::Column(Column::new_unqualified(f.name())))
+                        .collect(),
+                    columns: full.columns(),
+                    fetch: None,
+                };
+                let filters = scan
+                    .filters
+                    .iter()
+                    .map(|f| base.substitute(f))
+                    .collect::<Option<Vec<_>>>();
+                let Some(filters) = filters else {
+                    return Ok(None);
+                };
+                let outputs = scan
+                    .projected_schema
+                    .columns()
+                    .iter()
+                    .map(|c| base.substitute(&Expr::Column(c.clone())))
+                    .collect::<Option<Vec<_>>>();
+                let Some(outputs) = outputs else {
+                    return Ok(None);
+                };
+                Some(RowChain {
+                    table: base.table,
+                    filters,
+                    outputs,
+                    columns: scan.projected_schema.columns(),
+                    fetch: scan.fetch,
+                })
+            }
+            LogicalPlan::Filter(filter) => {
+                let Some(mut chain) = RowChain::analyze(&filter.input)? else {
+                    return Ok(None);
+                };
+                if chain.fetch.is_some() {
+                    return Ok(None);
+                }
+                let Some(pred) = chain.substitute(&filter.predicate) else {
+                    return Ok(None);
+                };
+                chain.filters.push(pred);
+                Some(chain)
+            }
+            LogicalPlan::Projection(proj) => {
+                let Some(chain) = RowChain::analyze(&proj.input)? else {
+                    return Ok(None);
+                };
+                let outputs = proj
+                    .expr
+                    .iter()
+                    .map(|e| chain.substitute(&e.clone().unalias()))
+                    .collect::<Option<Vec<_>>>();
+                let Some(outputs) = outputs else {
+                    return Ok(None);
+                };
+                Some(RowChain {
+                    outputs,
+                    columns: proj.schema.columns(),
+                    ..chain
+                })
+            }
+            LogicalPlan::SubqueryAlias(alias) => {
+                let Some(chain) = RowChain::analyze(&alias.input)? else {
+                    return Ok(None);
+                };
+                Some(RowChain {
+                    columns: alias.schema.columns(),
+                    ..chain
+                })
+            }
+            _ => None,
+        })
+    }
+
+    /// Rewrites an expression over the chain top's columns into one over the table's
+    /// columns, or `None` if it needs anything a station cannot evaluate on its own rows.
+    pub(super) fn substitute(&self, expr: &Expr) -> Option<Expr> {
+        let mut supported = true;
+        let out = expr
+            .clone()
+            .transform_up(|e| {
+                Ok(match e {
+                    Expr::Column(c) => match self.lookup(&c) {
+                        Some(sub) => Transformed::yes(sub.clone()),
+                        None => {
+                            supported = false;
+                            Transformed::new(Expr::Column(c), false, TreeNodeRecursion::Stop)
+                        }
+                    },
+                    Expr::ScalarSubquery(_)
+                    | Expr::InSubquery(_)
+                    | Expr::Exists(_)
+                    | Expr::SetComparison(_)
+                    | Expr::OuterReferenceColumn(..)
+                    | Expr::Placeholder(_)
+                    | Expr::ScalarVariable(..)
+                    | Expr::GroupingSet(_)
+                    | Expr::AggregateFunction(_)
+                    | Expr::WindowFunction(_)
+                    | Expr::Unnest(_) => {
+                        supported = false;
+                        Transformed::new(e, false, TreeNodeRecursion::Stop)
+                    }
+                    #[expect(deprecated)]
+                    Expr::Wildcard { .. } => {
+                        supported = false;
+                        Transformed::new(e, false, TreeNodeRecursion::Stop)
+                    }
+                    other => Transformed::no(other),
+                })
+            })
+            .ok()?
+            .data;
+        supported.then_some(out)
+    }
+
+    pub(super) fn lookup(&self, c: &Column) -> Option<&Expr> {
+        if let Some(i) = self.columns.iter().position(|x| x == c) {
+            return self.outputs.get(i);
+        }
+        if c.relation.is_none() {
+            let mut hits = self
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.name == c.name);
+            if let (Some((i, _)), None) = (hits.next(), hits.next()) {
+                return self.outputs.get(i);
+            }
+        }
+        None
+    }
+}
