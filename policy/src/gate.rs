@@ -120,4 +120,39 @@ mod tests {
         assert!(within_budget(9.5, 0.5, 10.0));
         assert!(!within_budget(9.6, 0.5, 10.0));
     }
+
+    #[test]
+    fn refusals_on_station_state_name_their_rule_and_no_value() {
+        let who = Spender {
+            station: "s",
+            table: "lung",
+            researcher: "alice",
+            collaboration: "c",
+        };
+        let over = over_budget(who, 0.5, 9.75, 10.0);
+        assert_eq!(over.rule, Rule::DpBudget);
+        assert!(
+            over.message.contains("researcher 'alice'"),
+            "{}",
+            over.message
+        );
+        assert_eq!(no_dp("s").rule, Rule::Dp);
+        assert_eq!(no_trains("s").rule, Rule::Trains);
+        let image = train_image("s", "img:latest");
+        assert_eq!(image.rule, Rule::TrainImage);
+        assert!(image.message.contains("'img:latest' is not one of them"));
+        assert_eq!(no_collaboration_secret("s").rule, Rule::CollaborationSecret);
+        for r in [
+            over,
+            no_dp("s"),
+            no_trains("s"),
+            no_collaboration_secret("s"),
+        ] {
+            assert!(
+                r.message.starts_with("policy: station 's'"),
+                "{}",
+                r.message
+            );
+        }
+    }
 }

@@ -362,4 +362,112 @@ mod tests {
             Err(ReleaseError::Internal(_))
         ));
     }
+
+    /// A model fragment's answer: one `glm_terms` list (q design columns) and the row count.
+    fn terms(q: usize, n: f64, nonzero: &[f64]) -> RecordBatch {
+        use arrow::array::{Float64Builder, ListBuilder};
+        let layout = GlmLayout { q };
+        let mut values = vec![0.0; layout.len()];
+        values[GlmLayout::N] = n;
+        values[layout.nonzero()].copy_from_slice(nonzero);
+        let mut list = ListBuilder::new(Float64Builder::new());
+        list.values().append_slice(&values);
+        list.append(true);
+        let list = list.finish();
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("terms", list.data_type().clone(), true),
+                Field::new(ROWS_COLUMN, DataType::Int64, false),
+            ])),
+            vec![Arc::new(list), Arc::new(Int64Array::from(vec![n as i64]))],
+        )
+        .unwrap()
+    }
+
+    fn model_rule(k: u64, min_rows: u64, q: usize, n: f64, nonzero: &[f64]) -> Option<Rule> {
+        let model = Release::Model {
+            k,
+            min_rows,
+            parameters: q,
+        };
+        match release("s", "t", &model, vec![terms(q, n, nonzero)]) {
+            Ok(_) => None,
+            Err(ReleaseError::Refused(r)) => Some(r.rule),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn models_need_rows_parameters_and_levels_of_k() {
+        // Enough rows, every design column non-zero on n rows (an intercept) or on between
+        // k and n − k rows: released.
+        assert_eq!(model_rule(5, 10, 2, 40.0, &[40.0, 20.0]), None);
+        // Fewer complete rows than model_min_rows, or than k.
+        assert_eq!(
+            model_rule(5, 10, 2, 9.0, &[9.0, 5.0]),
+            Some(Rule::ModelMinRows)
+        );
+        assert_eq!(
+            model_rule(20, 10, 2, 15.0, &[15.0, 8.0]),
+            Some(Rule::ModelMinRows)
+        );
+        // More than one parameter per three rows.
+        assert_eq!(
+            model_rule(1, 1, 4, 11.0, &[11.0, 5.0, 5.0, 5.0]),
+            Some(Rule::ModelParameters)
+        );
+        // A level non-zero on fewer than k rows isolates them; so does a column zero on
+        // between 1 and k − 1 rows.
+        assert_eq!(
+            model_rule(5, 10, 2, 40.0, &[40.0, 4.0]),
+            Some(Rule::ModelLevel)
+        );
+        assert_eq!(
+            model_rule(5, 10, 2, 40.0, &[40.0, 37.0]),
+            Some(Rule::ModelLevel)
+        );
+        assert_eq!(model_rule(5, 10, 2, 40.0, &[40.0, 35.0]), None);
+        // Terms of the wrong length are a bug, not the user's fault.
+        let model = Release::Model {
+            k: 5,
+            min_rows: 10,
+            parameters: 3,
+        };
+        assert!(matches!(
+            release("s", "t", &model, vec![terms(2, 40.0, &[40.0, 20.0])]),
+            Err(ReleaseError::Internal(_))
+        ));
+    }
+
+    #[test]
+    fn survival_times_that_cannot_pool_refuse_the_release() {
+        use arrow::array::{Float64Builder, ListBuilder};
+        let batch = |pooled: bool| {
+            let mut list = ListBuilder::new(Float64Builder::new());
+            if pooled {
+                list.values().append_slice(&[1.0, 2.0]);
+                list.append(true);
+            } else {
+                list.append(false);
+            }
+            let list = list.finish();
+            RecordBatch::try_new(
+                Arc::new(Schema::new(vec![
+                    Field::new("terms", list.data_type().clone(), true),
+                    Field::new(ROWS_COLUMN, DataType::Int64, false),
+                ])),
+                vec![Arc::new(list), Arc::new(Int64Array::from(vec![30]))],
+            )
+            .unwrap()
+        };
+        let survival = Release::Survival { k: 5, global: true };
+        assert!(release("s", "t", &survival, vec![batch(true)]).is_ok());
+        assert!(matches!(
+            release("s", "t", &survival, vec![batch(false)]),
+            Err(ReleaseError::Refused(Refusal {
+                rule: Rule::SurvivalEvents,
+                ..
+            }))
+        ));
+    }
 }

@@ -380,3 +380,25 @@ fn casts_that_cannot_fail() {
         &DataType::Decimal128(4, 1)
     ));
 }
+
+#[tokio::test]
+async fn long_string_literals_and_fine_survival_times_are_refused() {
+    let long = "a".repeat(300);
+    assert_eq!(
+        rule(&format!(
+            "SELECT count(*) FROM lung WHERE CAST(inst AS VARCHAR) = '{long}'"
+        ))
+        .await,
+        Err("string_literal")
+    );
+    // The policy's default resolution is 7: a week when times are days.
+    assert_eq!(
+        rule("SELECT survival_terms(age, inst, 1.0, 10, 5) FROM lung").await,
+        Err("survival_time_resolution")
+    );
+    assert!(
+        rule("SELECT survival_terms(age, inst, 7.0, 10, 5) FROM lung")
+            .await
+            .is_ok()
+    );
+}
