@@ -592,39 +592,20 @@ mod tests {
             "{v:?}"
         );
     }
-}
-
-#[cfg(test)]
-mod group_commit {
-    use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_share_fsyncs_and_keep_one_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = Arc::new(AuditLog::open(&path, "s").unwrap());
-        let appends = (0..64).map(|i| {
-            let log = Arc::clone(&log);
-            tokio::spawn(async move {
-                let query = format!("q{i}");
-                log.append(Entry {
-                    researcher: "r",
-                    query_id: &query,
-                    fragment: 1,
-                    sql: "SELECT 1",
-                    train: None,
-                    args: None,
-                    decision: Decision::Allowed,
-                    rule: None,
-                    rows: 1,
-                    suppressed: 0,
-                    epsilon: None,
-                })
-                .await
+        let appends: Vec<_> = (0..64)
+            .map(|_| {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move { log.append(entry(Decision::Allowed)).await })
             })
-        });
-        for append in futures_join(appends).await {
-            append.unwrap().unwrap();
+            .collect();
+        for append in appends {
+            append.await.unwrap().unwrap();
         }
         // Every append was acknowledged after a sync that covered it, and the records form
         // one chain whatever order the appends arrived in.
@@ -642,54 +623,9 @@ mod group_commit {
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open_with(&path, "s", Commit::PerRecord).unwrap();
         for _ in 0..3 {
-            log.append(Entry {
-                researcher: "r",
-                query_id: "q",
-                fragment: 1,
-                sql: "SELECT 1",
-                train: None,
-                args: None,
-                decision: Decision::Refused,
-                rule: Some("min_group_size"),
-                rows: 0,
-                suppressed: 0,
-                epsilon: None,
-            })
-            .await
-            .unwrap();
+            log.append(entry(Decision::Refused)).await.unwrap();
         }
         assert_eq!((log.records(), log.syncs()), (3, 3));
-    }
-
-    async fn futures_join<T>(
-        handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
-    ) -> Vec<Result<T, tokio::task::JoinError>> {
-        let mut out = Vec::new();
-        for h in handles.collect::<Vec<_>>() {
-            out.push(h.await);
-        }
-        out
-    }
-}
-
-#[cfg(test)]
-mod failed_writes {
-    use super::*;
-
-    fn entry() -> OwnedEntry {
-        OwnedEntry {
-            researcher: "r".into(),
-            query_id: "q".into(),
-            fragment: 1,
-            sql: "SELECT 1".into(),
-            train: None,
-            args: None,
-            decision: Decision::Allowed,
-            rule: None,
-            rows: 1,
-            suppressed: 0,
-            epsilon: None,
-        }
     }
 
     #[test]
@@ -711,14 +647,25 @@ mod failed_writes {
             counters: Arc::default(),
             failed: None,
         };
-        assert!(writer.commit(vec![entry(), entry()]).is_err());
+        assert!(
+            writer
+                .commit(vec![
+                    entry(Decision::Allowed).into(),
+                    entry(Decision::Allowed).into()
+                ])
+                .is_err()
+        );
         // The chain head did not move and nothing counts as written.
         assert_eq!((writer.tail.seq, writer.tail.hash.as_str()), (0, GENESIS));
         assert_eq!(writer.counters.records.load(Ordering::Relaxed), 0);
         // Even once the disk would take writes again, the log refuses: a station that
         // lost a record releases nothing more until it is reopened (and re-verified).
         writer.tail.file = OpenOptions::new().append(true).open(&path).unwrap();
-        assert!(writer.commit(vec![entry()]).is_err());
+        assert!(
+            writer
+                .commit(vec![entry(Decision::Allowed).into()])
+                .is_err()
+        );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 }
