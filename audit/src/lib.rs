@@ -107,7 +107,7 @@ fn hash_of(record: &Record) -> String {
 }
 
 /// The fields of a record the station fills in; sequence, time and chain are added on append.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
     pub researcher: &'a str,
     pub query_id: &'a str,
@@ -120,6 +120,27 @@ pub struct Entry<'a> {
     pub rows: u64,
     pub suppressed: u64,
     pub epsilon: Option<f64>,
+}
+
+impl<'a> Entry<'a> {
+    /// The record of `decision` on `ticket`: who asked, which fragment, its SQL and, for a
+    /// train, the image asked for and its arguments; nothing released. Set the rest with
+    /// struct update syntax.
+    pub fn for_ticket(ticket: &'a railyard_contract::FragmentTicket, decision: Decision) -> Self {
+        Self {
+            researcher: ticket.researcher(),
+            query_id: &ticket.query_id,
+            fragment: ticket.fragment as u64,
+            sql: &ticket.sql,
+            train: ticket.train.as_ref().map(|t| t.image.as_str()),
+            args: ticket.train.as_ref().map(|t| t.args.as_str()),
+            decision,
+            rule: None,
+            rows: 0,
+            suppressed: 0,
+            epsilon: None,
+        }
+    }
 }
 
 /// The chain head and the file, owned by the writer thread.

@@ -215,6 +215,18 @@ pub struct TrainCall {
 /// each row. A train's output may not have a column of this name.
 pub const TRAIN_STATION_COLUMN: &str = "station";
 
+/// The researcher of a ticket that names none (`railyard local`).
+pub const LOCAL_RESEARCHER: &str = "local";
+
+/// `researcher`, or [`LOCAL_RESEARCHER`] if it is empty.
+pub fn researcher_or_local(researcher: &str) -> &str {
+    if researcher.is_empty() {
+        LOCAL_RESEARCHER
+    } else {
+        researcher
+    }
+}
+
 /// The collaboration of a ticket that names none.
 pub const DEFAULT_COLLABORATION: &str = "default";
 
@@ -252,6 +264,11 @@ pub struct BudgetInfo {
 }
 
 impl FragmentTicket {
+    /// The researcher, `local` for a ticket that names none.
+    pub fn researcher(&self) -> &str {
+        researcher_or_local(&self.researcher)
+    }
+
     /// The collaboration, with the default for a ticket that names none.
     pub fn collaboration(&self) -> &str {
         collaboration_or_default(&self.collaboration)

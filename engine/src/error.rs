@@ -45,33 +45,19 @@ pub enum StationFailure {
 impl StationFailure {
     /// The failure a station's status stands for: its refusal (PERMISSION_DENIED, with the
     /// rule as the status' details), an unreachable station, or another failure. The one
-    /// conversion from a station's statuses; `strip` drops the station's own name from the
+    /// conversion from a station's statuses; the station's own name is dropped from the
     /// front of its message (the failure names it already).
-    pub(crate) fn from_status(
-        station: &str,
-        url: &str,
-        fragment: usize,
-        s: &Status,
-        strip: bool,
-    ) -> Self {
-        let message = s.message();
+    pub(crate) fn from_status(station: &str, url: &str, fragment: usize, s: &Status) -> Self {
         let prefix = format!("station '{station}': ");
-        let message = match strip {
-            true => message.strip_prefix(&prefix).unwrap_or(message),
-            false => message,
-        }
-        .to_string();
+        let message = s.message();
+        let message = message.strip_prefix(&prefix).unwrap_or(message).to_string();
         // A connection that failed (also a TLS refusal the server sends after the client's
         // handshake finished) reaches us as a status with the cause beneath it.
         if s.code() == Code::Unavailable || is_transport(s) {
             return StationFailure::Unreachable {
                 station: station.to_string(),
                 url: url.to_string(),
-                message: if strip {
-                    message
-                } else {
-                    railyard_net::error::chain(s)
-                },
+                message: railyard_net::error::chain(s),
             };
         }
         if s.code() == Code::PermissionDenied {
@@ -212,7 +198,7 @@ mod tests {
             "station 'a': policy: … (rule min_group_size)",
             refusal.to_bytes().into(),
         );
-        match StationFailure::from_status("a", "grpc://a", 3, &status, true) {
+        match StationFailure::from_status("a", "grpc://a", 3, &status) {
             StationFailure::Refused {
                 station,
                 fragment,
@@ -228,26 +214,26 @@ mod tests {
         // A refusal from a station that sends no detail is still a refusal.
         let bare = Status::permission_denied("policy: no");
         assert!(matches!(
-            StationFailure::from_status("a", "u", 1, &bare, false),
+            StationFailure::from_status("a", "u", 1, &bare),
             StationFailure::Refused { ref rule, .. } if rule == "policy"
         ));
-        // Other codes stay failures with the station's code; the message keeps its prefix
-        // unless asked to drop it.
+        // Other codes stay failures with the station's code; the failure names the station
+        // once.
         let failed = Status::aborted("station 'a': division by zero while running");
-        match StationFailure::from_status("a", "u", 1, &failed, false) {
+        match StationFailure::from_status("a", "u", 1, &failed) {
             StationFailure::Failed { code, message, .. } => {
                 assert_eq!(code, Code::Aborted);
-                assert!(message.starts_with("station 'a': "));
+                assert_eq!(message, "division by zero while running");
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            StationFailure::from_status("a", "u", 1, &Status::unavailable("gone"), true),
+            StationFailure::from_status("a", "u", 1, &Status::unavailable("gone")),
             StationFailure::Unreachable { .. }
         ));
         // The researcher's client gets the rule as detail too.
         let to_client = to_status(Error::Station(Box::new(StationFailure::from_status(
-            "a", "u", 1, &status, true,
+            "a", "u", 1, &status,
         ))));
         assert_eq!(to_client.code(), Code::PermissionDenied);
         assert_eq!(

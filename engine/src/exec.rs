@@ -444,14 +444,12 @@ where
             message,
         })
     };
-    // The station names itself in its errors; the failure does not say it twice.
     let from_status = |s: tonic::Status| {
         Fetch::Failed(StationFailure::from_status(
             &name,
             &station.url,
             fragment,
             &s,
-            true,
         ))
     };
     let conformed = |batch: RecordBatch| match schema {

@@ -45,8 +45,9 @@ use crate::error::{Error, to_status};
 use crate::hub::Hub;
 use crate::tokens::TokenStore;
 
-/// Researcher identity in `railyard local` mode, where there is no authentication.
-pub const LOCAL_RESEARCHER: &str = "local";
+/// Researcher identity in `railyard local` mode, where there is no authentication (the
+/// name a station records for a ticket that names no researcher, too).
+pub use railyard_contract::LOCAL_RESEARCHER;
 
 static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
     let mut builder = SqlInfoDataBuilder::new();

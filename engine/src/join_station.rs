@@ -23,7 +23,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::{SQLOptions, SessionState};
+use datafusion::execution::context::SessionState;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
@@ -212,12 +212,7 @@ impl JoinStation {
             .create_logical_plan(&ticket.sql)
             .await
             .map_err(invalid)?;
-        SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false)
-            .verify_plan(&logical)
-            .map_err(invalid)?;
+        railyard_policy::check::verify_query(&logical).map_err(invalid)?;
         let checked = match railyard_policy::check(&logical, &self.policy, &self.name) {
             Ok(c) if matches!(c.release, Release::Pseudonymized { .. }) => {
                 return Err(self
@@ -245,7 +240,7 @@ impl JoinStation {
             station: self.name.clone(),
             fragment: ticket.fragment,
             rule: refusal.rule.as_str().to_string(),
-            message: format!("{} (rule {})", refusal.message, refusal.rule),
+            message: refusal.to_string(),
         }
     }
 
@@ -322,24 +317,14 @@ impl JoinStation {
         rows: u64,
         suppressed: u64,
     ) -> Result<(), StationFailure> {
-        let researcher = match ticket.researcher.as_str() {
-            "" => "local",
-            r => r,
+        let entry = Entry {
+            rule,
+            rows,
+            suppressed,
+            ..Entry::for_ticket(ticket, decision)
         };
         self.audit
-            .append(Entry {
-                researcher,
-                query_id: &ticket.query_id,
-                fragment: ticket.fragment as u64,
-                sql: &ticket.sql,
-                train: None,
-                args: None,
-                decision,
-                rule,
-                rows,
-                suppressed,
-                epsilon: None,
-            })
+            .append(entry)
             .await
             .map_err(|e| StationFailure::Failed {
                 station: self.name.clone(),

@@ -218,7 +218,7 @@ impl StationClient {
 
     /// A failed action as a [`StationFailure`] naming this station.
     fn action_failure(&self, fragment: usize, s: tonic::Status) -> StationFailure {
-        StationFailure::from_status(&self.name, &self.url, fragment, &s, false)
+        StationFailure::from_status(&self.name, &self.url, fragment, &s)
     }
 
     /// Runs an action whose single result is a JSON document.

@@ -29,7 +29,7 @@ use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Result as DfResult, ScalarValue, plan_err};
 use datafusion::datasource::MemTable;
-use datafusion::execution::context::{SQLOptions, SessionState};
+use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
@@ -242,11 +242,7 @@ pub async fn plan_input(state: &SessionState, call: &TrainArgs) -> Result<Logica
             e.strip_backtrace()
         ))
     })?;
-    SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false)
-        .verify_plan(&plan)?;
+    railyard_policy::check::verify_query(&plan)?;
     Ok(plan)
 }
 

@@ -26,7 +26,7 @@ pub struct Released {
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
     /// A rule refuses the whole release.
-    #[error("{} (rule {})", .0.message, .0.rule)]
+    #[error("{0}")]
     Refused(Refusal),
     /// The result does not have the shape its release promised: a bug, not the user's fault.
     #[error("internal: {0}")]

@@ -116,6 +116,13 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// The refusal as researchers read it: the message, then the rule.
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (rule {})", self.message, self.rule)
+    }
+}
+
 impl Refusal {
     /// The refusal as it crosses the wire.
     pub fn to_wire(&self) -> railyard_contract::Refusal {

@@ -21,7 +21,7 @@ pub enum Error {
     #[error("station server: {0}")]
     Transport(#[from] tonic::transport::Error),
     /// The station's policy refused the fragment (the message names rule and column).
-    #[error("{} (rule {})", .0.message, .0.rule)]
+    #[error("{0}")]
     Refused(Refusal),
     /// A broken invariant of the station's own code: a bug, never the user's fault.
     #[error("station '{station}': internal error: {message}")]
@@ -69,11 +69,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A refusal as a status: PERMISSION_DENIED with the message, and the rule as structured
 /// detail ([`railyard_contract::Refusal`]) so the hub never parses the text.
-pub fn refusal_status(refusal: &railyard_contract::Refusal) -> Status {
+fn refusal_status(refusal: &Refusal) -> Status {
     Status::with_details(
         Code::PermissionDenied,
-        format!("{} (rule {})", refusal.message, refusal.rule),
-        refusal.to_bytes().into(),
+        refusal.to_string(),
+        refusal.to_wire().to_bytes().into(),
     )
 }
 
@@ -93,7 +93,7 @@ pub fn to_status(station: &str, e: Error) -> Status {
             }
             _ => Status::internal(format!("station '{station}': {}", e.strip_backtrace())),
         },
-        Error::Refused(r) => refusal_status(&r.to_wire()),
+        Error::Refused(r) => refusal_status(r),
         Error::Failed { .. } | Error::Train { .. } => Status::aborted(e.to_string()),
         Error::Internal { .. } => Status::internal(e.to_string()),
         other => Status::internal(other.to_string()),

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::SQLOptions;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
 use datafusion::physical_plan::memory::MemoryStream;
@@ -40,63 +39,6 @@ pub(crate) struct Approved {
     pub plan: LogicalPlan,
     pub table: String,
     pub release: Release,
-}
-
-/// What an audit record says beyond the ticket.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Outcome<'a> {
-    pub decision: Decision,
-    /// The refusing rule or the failure category.
-    pub rule: Option<&'a str>,
-    pub rows: u64,
-    pub suppressed: u64,
-    /// For a train: the image (its id once resolved).
-    pub train: Option<&'a str>,
-    /// For a DP release: the ε charged.
-    pub epsilon: Option<f64>,
-}
-
-impl<'a> Outcome<'a> {
-    pub fn allowed(rows: u64, suppressed: u64) -> Self {
-        Self {
-            decision: Decision::Allowed,
-            rule: None,
-            rows,
-            suppressed,
-            train: None,
-            epsilon: None,
-        }
-    }
-
-    pub fn refused(rule: &'a str) -> Self {
-        Self {
-            decision: Decision::Refused,
-            rule: Some(rule),
-            ..Self::allowed(0, 0)
-        }
-    }
-
-    pub fn failed(category: &'a str) -> Self {
-        Self {
-            decision: Decision::Failed,
-            rule: Some(category),
-            ..Self::allowed(0, 0)
-        }
-    }
-
-    pub fn train(self, image: Option<&'a str>) -> Self {
-        Self {
-            train: image,
-            ..self
-        }
-    }
-
-    pub fn epsilon(self, epsilon: f64) -> Self {
-        Self {
-            epsilon: Some(epsilon),
-            ..self
-        }
-    }
 }
 
 impl Station {
@@ -151,18 +93,17 @@ impl Station {
         ) {
             Ok(released) => released,
             Err(e) => {
-                let e = Error::from_release(&self.name, e);
-                if let Error::Refused(refusal) = &e {
-                    self.audit(ticket, Outcome::refused(refusal.rule.as_str()))
-                        .await?;
-                }
-                return Err(e);
+                return Err(match Error::from_release(&self.name, e) {
+                    Error::Refused(refusal) => self.refuse(ticket, refusal, None).await,
+                    other => other,
+                });
             }
         };
-        self.audit(
-            ticket,
-            Outcome::allowed(released.released, released.suppressed),
-        )
+        self.audit(Entry {
+            rows: released.released,
+            suppressed: released.suppressed,
+            ..Entry::for_ticket(ticket, Decision::Allowed)
+        })
         .await?;
         Ok(Box::pin(MemoryStream::try_new(
             released.batches,
@@ -171,25 +112,9 @@ impl Station {
         )?))
     }
 
-    /// Writes an audit record (durably) for `ticket`.
-    pub(crate) async fn audit(&self, ticket: &FragmentTicket, outcome: Outcome<'_>) -> Result<()> {
-        self.audit
-            .append(Entry {
-                researcher: researcher_of(ticket),
-                query_id: &ticket.query_id,
-                fragment: ticket.fragment as u64,
-                sql: &ticket.sql,
-                train: outcome
-                    .train
-                    .or(ticket.train.as_ref().map(|t| t.image.as_str())),
-                args: ticket.train.as_ref().map(|t| t.args.as_str()),
-                decision: outcome.decision,
-                rule: outcome.rule,
-                rows: outcome.rows,
-                suppressed: outcome.suppressed,
-                epsilon: outcome.epsilon,
-            })
-            .await?;
+    /// Writes an audit record (durably).
+    pub(crate) async fn audit(&self, entry: Entry<'_>) -> Result<()> {
+        self.audit.append(entry).await?;
         Ok(())
     }
 
@@ -201,10 +126,11 @@ impl Station {
         image: Option<&str>,
     ) -> Error {
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, rule = %refusal.rule, "fragment refused");
-        match self
-            .audit(ticket, Outcome::refused(refusal.rule.as_str()).train(image))
-            .await
-        {
+        let entry = Entry {
+            rule: Some(refusal.rule.as_str()),
+            ..record_of(ticket, Decision::Refused, image)
+        };
+        match self.audit(entry).await {
             Ok(()) => Error::Refused(refusal),
             Err(e) => e,
         }
@@ -220,10 +146,11 @@ impl Station {
     ) -> Error {
         let category = failure_category(e);
         warn!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, error = %e, "fragment failed");
-        match self
-            .audit(ticket, Outcome::failed(category).train(image))
-            .await
-        {
+        let entry = Entry {
+            rule: Some(category),
+            ..record_of(ticket, Decision::Failed, image)
+        };
+        match self.audit(entry).await {
             Ok(()) => Error::Failed {
                 station: self.name.clone(),
                 category,
@@ -263,11 +190,7 @@ impl Station {
                 return Err(e.into());
             }
         };
-        SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false)
-            .verify_plan(&logical)?;
+        railyard_policy::check::verify_query(&logical)?;
         Ok(logical)
     }
 
@@ -311,17 +234,17 @@ impl Station {
     }
 }
 
-/// The researcher a ticket names (`local` if none).
-pub(crate) fn researcher_of(ticket: &FragmentTicket) -> &str {
-    researcher_or_local(&ticket.researcher)
-}
-
-/// `researcher`, or `local` if it is empty.
-pub(crate) fn researcher_or_local(researcher: &str) -> &str {
-    if researcher.is_empty() {
-        "local"
-    } else {
-        researcher
+/// The audit record of `decision` on `ticket`; for a train, `image` (its id once resolved)
+/// in place of the name the ticket asked for.
+pub(crate) fn record_of<'a>(
+    ticket: &'a FragmentTicket,
+    decision: Decision,
+    image: Option<&'a str>,
+) -> Entry<'a> {
+    let entry = Entry::for_ticket(ticket, decision);
+    Entry {
+        train: image.or(entry.train),
+        ..entry
     }
 }
 

@@ -234,7 +234,7 @@ impl Station {
         let (Some(policy), Some(ledger)) = (&self.policy.dp, &self.ledger) else {
             return Ok(Vec::new());
         };
-        let researcher = fragment::researcher_or_local(researcher).to_string();
+        let researcher = railyard_contract::researcher_or_local(researcher).to_string();
         let collaboration = railyard_contract::collaboration_or_default(collaboration).to_string();
         let tables: Vec<String> = self
             .tables()

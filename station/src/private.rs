@@ -15,7 +15,9 @@ use railyard_policy::dp::DpRelease;
 use railyard_policy::gate;
 use tracing::{info, warn};
 
-use crate::fragment::{Approved, Outcome, researcher_of};
+use railyard_audit::{Decision, Entry};
+
+use crate::fragment::Approved;
 use crate::{Error, Result, Station, blocking, dp, ledger};
 
 impl Station {
@@ -42,7 +44,7 @@ impl Station {
         let spender = gate::Spender {
             station: &self.name,
             table: &release.table,
-            researcher: researcher_of(ticket),
+            researcher: ticket.researcher(),
             collaboration: ticket.collaboration(),
         };
         let account = (
@@ -100,8 +102,12 @@ impl Station {
         let epsilon = noise.epsilon();
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, epsilon, spent, "DP fragment charged");
         let failed = |category: &'static str| async move {
-            self.audit(ticket, Outcome::failed(category).epsilon(epsilon))
-                .await?;
+            self.audit(Entry {
+                rule: Some(category),
+                epsilon: Some(epsilon),
+                ..Entry::for_ticket(ticket, Decision::Failed)
+            })
+            .await?;
             Err(Error::Failed {
                 station: self.name.clone(),
                 category,
@@ -123,8 +129,12 @@ impl Station {
             }
         };
         let rows = noised.num_rows() as u64;
-        self.audit(ticket, Outcome::allowed(rows, 0).epsilon(epsilon))
-            .await?;
+        self.audit(Entry {
+            rows,
+            epsilon: Some(epsilon),
+            ..Entry::for_ticket(ticket, Decision::Allowed)
+        })
+        .await?;
         let schema = noised.schema();
         Ok(Box::pin(MemoryStream::try_new(vec![noised], schema, None)?))
     }

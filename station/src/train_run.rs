@@ -12,7 +12,9 @@ use railyard_contract::{FragmentTicket, TrainCall};
 use railyard_policy::{Refusal, Release, gate};
 use tracing::info;
 
-use crate::fragment::{Approved, Outcome};
+use railyard_audit::{Decision, Entry};
+
+use crate::fragment::{Approved, record_of};
 use crate::{Error, Result, Station, train};
 
 impl Station {
@@ -129,8 +131,11 @@ impl Station {
         {
             Ok((schema, batches)) => {
                 let released = batches.iter().map(|b| b.num_rows() as u64).sum();
-                self.audit(ticket, Outcome::allowed(released, 0).train(Some(&id)))
-                    .await?;
+                self.audit(Entry {
+                    rows: released,
+                    ..record_of(ticket, Decision::Allowed, Some(&id))
+                })
+                .await?;
                 Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
             }
             Err(train::TrainError::Output { rule, why }) => {
@@ -160,10 +165,11 @@ impl Station {
             ),
             train::TrainError::Output { why, rule } => (why, rule.as_str().to_string()),
         };
-        match self
-            .audit(ticket, Outcome::failed(&category).train(image))
-            .await
-        {
+        let entry = Entry {
+            rule: Some(&category),
+            ..record_of(ticket, Decision::Failed, image)
+        };
+        match self.audit(entry).await {
             Ok(()) => Error::Train {
                 station: self.name.clone(),
                 message,

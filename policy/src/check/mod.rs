@@ -145,6 +145,16 @@ pub struct Checked {
     pub release: Release,
 }
 
+/// Refuses what is not a query: DDL, DML and statements such as `SET` never run at a
+/// station, whatever its policy.
+pub fn verify_query(plan: &LogicalPlan) -> datafusion::error::Result<()> {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(plan)
+}
+
 /// Checks a fragment's (unoptimized) logical plan against `policy`.
 pub fn check(plan: &LogicalPlan, policy: &Policy, station: &str) -> Result<Checked, Refusal> {
     check_for(plan, policy, station, false)
