@@ -27,7 +27,9 @@ pub enum StationFailure {
         rule: String,
         message: String,
     },
-    #[error("station '{station}' failed fragment #{fragment}: {message}")]
+    /// A failure while running (ABORTED) does not name the station: which station failed
+    /// could depend on one patient's values there.
+    #[error("{}", failed_text(.station, *.fragment, *.code, .message))]
     Failed {
         station: String,
         fragment: usize,
@@ -40,6 +42,17 @@ pub enum StationFailure {
         fragment: usize,
         message: String,
     },
+}
+
+fn failed_text(station: &str, fragment: usize, code: Code, message: &str) -> String {
+    if code == Code::Aborted {
+        format!(
+            "a station failed fragment #{fragment} while running: {message} (which station is \
+             not said: a failure while running could depend on its data)"
+        )
+    } else {
+        format!("station '{station}' failed fragment #{fragment}: {message}")
+    }
 }
 
 impl StationFailure {
@@ -100,6 +113,9 @@ pub enum Error {
     Station(#[from] Box<StationFailure>),
     #[error("invalid request: {0}")]
     BadRequest(String),
+    /// The statement is over a limit the hub checks before parsing it.
+    #[error("{0}")]
+    Limit(railyard_policy::Refusal),
     /// A broken invariant of the hub's own code: a bug, never the user's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -173,6 +189,11 @@ pub fn to_status(e: Error) -> Status {
             other => Status::new(other.code(), other.to_string()),
         },
         Error::BadRequest(m) => Status::invalid_argument(m),
+        Error::Limit(refusal) => Status::with_details(
+            Code::InvalidArgument,
+            refusal.to_string(),
+            refusal.to_wire().to_bytes().into(),
+        ),
         Error::Internal(m) => Status::internal(format!("internal error: {m}")),
         Error::Transport(e) => Status::internal(e.to_string()),
     }
@@ -221,12 +242,27 @@ mod tests {
         // once.
         let failed = Status::aborted("station 'a': division by zero while running");
         match StationFailure::from_status("a", "u", 1, &failed) {
-            StationFailure::Failed { code, message, .. } => {
-                assert_eq!(code, Code::Aborted);
+            failure @ StationFailure::Failed { .. } => {
+                let StationFailure::Failed { code, message, .. } = &failure else {
+                    unreachable!()
+                };
+                assert_eq!(*code, Code::Aborted);
                 assert_eq!(message, "division by zero while running");
+                // A failure while running could depend on one patient's values at that
+                // station: the researcher is not told which station it was.
+                let shown = failure.to_string();
+                assert!(!shown.contains("'a'"), "{shown}");
+                assert!(shown.contains("a station failed fragment #1"), "{shown}");
             }
             other => panic!("{other:?}"),
         }
+        // A failure before anything ran names its station.
+        let bad = Status::invalid_argument("station 'a': no such table");
+        assert!(
+            StationFailure::from_status("a", "u", 1, &bad)
+                .to_string()
+                .contains("station 'a'")
+        );
         assert!(matches!(
             StationFailure::from_status("a", "u", 1, &Status::unavailable("gone")),
             StationFailure::Unreachable { .. }

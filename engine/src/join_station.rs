@@ -29,7 +29,7 @@ use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use railyard_audit::{AuditLog, Decision, Entry};
 use railyard_contract::{CheckAnswer, FragmentTicket, TablePolicyInfo};
-use railyard_policy::release::failure_category;
+use railyard_policy::release::{ThresholdKey, failure_category, released_schema};
 use railyard_policy::{Checked, Policy, Refusal, Release, gate};
 use tonic::Code;
 use tracing::{info, warn};
@@ -65,6 +65,9 @@ pub(crate) struct JoinStation {
     state: SessionState,
     policy: Policy,
     audit: AuditLog,
+    /// Keys the noisy margin of its thresholds; drawn per hub process (the join station
+    /// keeps no state of its own beyond its audit log).
+    threshold_key: ThresholdKey,
 }
 
 impl fmt::Debug for JoinStation {
@@ -89,6 +92,7 @@ impl JoinStation {
         let ctx: SessionContext = railyard_udfs::fragment_context()?;
         let schema = provider.schema();
         ctx.register_table(table.as_str(), provider)?;
+        let threshold_key = ThresholdKey::new(rand::random(), policy.threshold_noise);
         Ok(Self {
             name,
             table,
@@ -96,6 +100,7 @@ impl JoinStation {
             state: ctx.state(),
             policy,
             audit,
+            threshold_key,
         })
     }
 
@@ -146,12 +151,13 @@ impl JoinStation {
             },
             Err(e) => return Err(self.run_failure(ticket, e).await),
         };
-        let schema = checked.plan.schema().inner().clone();
+        let schema = released_schema(checked.plan.schema().inner());
         match railyard_policy::release::release(
             &self.name,
             &checked.table,
             &checked.release,
             batches,
+            &self.threshold_key,
         ) {
             Ok(released) => {
                 self.audit(
@@ -206,6 +212,10 @@ impl JoinStation {
         };
         if ticket.train.is_some() {
             return Err(self.refuse(ticket, gate::no_trains(&self.name)).await);
+        }
+        let who = format!("station '{}'", self.name);
+        if let Err(refusal) = railyard_policy::limits::check_statement(&ticket.sql, &who) {
+            return Err(self.refuse(ticket, refusal).await);
         }
         let logical = self
             .state

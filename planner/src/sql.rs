@@ -16,6 +16,15 @@ use crate::error::{Error, Result};
 
 /// Renders one expression over the fragment's table.
 pub fn expr_sql(expr: &Expr) -> Result<String> {
+    // DataFusion's unparser writes `a SIMILAR TO p` as `a LIKE p`, which matches other rows:
+    // a federated answer would silently differ from the pooled one.
+    if expr.exists(|e| Ok(matches!(e, Expr::SimilarTo(_))))? {
+        return Err(Error::NotSupported(
+            "SIMILAR TO in a federated query (write the pattern with LIKE, or as a regular \
+             expression with ~)"
+                .to_string(),
+        ));
+    }
     let prepared = expr
         .clone()
         .transform_up(|e| {

@@ -14,7 +14,8 @@
 //! (the pre-run check of a fragment's plan: its shape, lineage, aggregates, models and DP
 //! calls, and the plan it approves), [`release`] (the post-run rules: thresholds, model and
 //! survival rules), [`gate`] (rules on the station's own state), [`dp`] (what a DP release
-//! is), [`rule`] (the [`Rule`] every refusal names).
+//! is), [`limits`] (the size of a statement, measured before it is parsed), [`rule`] (the
+//! [`Rule`] every refusal names).
 //!
 //! The key design decision: the crate does no I/O and holds no async code, so both roles
 //! run the very same rules — a station over its tables, and the hub's join station over the
@@ -25,6 +26,7 @@ pub mod check;
 pub mod dp;
 pub mod file;
 pub mod gate;
+pub mod limits;
 pub mod release;
 pub mod rule;
 

@@ -6,13 +6,85 @@
 //! and a train's input must cover k rows. Nothing here reads or writes anything: the station
 //! audits what these functions decide.
 
-use arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch, UInt64Array};
 use arrow::compute::filter_record_batch;
+use arrow::datatypes::{Schema, SchemaRef};
 use datafusion::error::DataFusionError;
 use railyard_udfs::glm_terms::GlmLayout;
 
+use crate::check::contributors::{CONTRIBUTORS_PREFIX, DIGEST_PREFIX, ROWS_DIGEST, is_internal};
 use crate::check::{ROWS_COLUMN, Release};
 use crate::rule::{Refusal, Rule};
+
+/// The station's secret key of its noisy thresholds: without it the margin a set of rows
+/// meets cannot be computed, so it cannot be subtracted out.
+#[derive(Clone)]
+pub struct ThresholdKey {
+    key: [u8; 32],
+    /// The largest margin (the policy's `threshold_noise`).
+    noise: u64,
+}
+
+impl std::fmt::Debug for ThresholdKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.write_str("ThresholdKey(…)")
+    }
+}
+
+impl ThresholdKey {
+    /// The key `bytes`, drawing margins of 0 to `noise` rows.
+    pub fn new(bytes: [u8; 32], noise: u64) -> Self {
+        Self { key: bytes, noise }
+    }
+
+    /// The margin over `k` that the rows of `digest` must clear, uniform on 0..=noise: a
+    /// keyed hash of which rows they are, so the same rows always meet the same threshold.
+    pub fn margin(&self, digest: u64, k: u64) -> u64 {
+        if self.noise == 0 {
+            return 0;
+        }
+        let mut text = [0u8; 16];
+        text[..8].copy_from_slice(&digest.to_le_bytes());
+        text[8..].copy_from_slice(&k.to_le_bytes());
+        let mac = railyard_udfs::pseudonym::pseudonym_of(&self.key, &text);
+        let draw = u64::from_le_bytes([
+            mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], mac[6], mac[7],
+        ]);
+        draw % (self.noise + 1)
+    }
+}
+
+/// The schema of what leaves, given the schema of the approved plan: without the station's
+/// own contributor counts and digests.
+pub fn released_schema(schema: &SchemaRef) -> SchemaRef {
+    if !schema.fields().iter().any(|f| is_internal(f.name())) {
+        return Arc::clone(schema);
+    }
+    Arc::new(Schema::new_with_metadata(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| !is_internal(f.name()))
+            .cloned()
+            .collect::<Vec<_>>(),
+        schema.metadata().clone(),
+    ))
+}
+
+fn strip(batch: &RecordBatch) -> Result<RecordBatch, ReleaseError> {
+    let keep: Vec<usize> = (0..batch.num_columns())
+        .filter(|i| !is_internal(batch.schema().field(*i).name()))
+        .collect();
+    if keep.len() == batch.num_columns() {
+        return Ok(batch.clone());
+    }
+    batch
+        .project(&keep)
+        .map_err(|e| ReleaseError::Internal(e.to_string()))
+}
 
 /// What leaves: the batches, and how many groups (or rows) were released and suppressed.
 #[derive(Debug)]
@@ -33,10 +105,12 @@ pub enum ReleaseError {
     Internal(String),
 }
 
-fn refuse(station: &str, rule: Rule, why: String) -> ReleaseError {
+/// A refusal decided on the result. It does not name the station: through the hub, which
+/// station refused after running could tell where a patient is.
+fn refuse(_station: &str, rule: Rule, why: String) -> ReleaseError {
     ReleaseError::Refused(Refusal {
         rule,
-        message: format!("policy: station '{station}' {why}"),
+        message: format!("policy: a station {why}"),
     })
 }
 
@@ -44,12 +118,26 @@ fn rows_of(batches: &[RecordBatch]) -> u64 {
     batches.iter().map(|b| b.num_rows() as u64).sum()
 }
 
-/// Applies `release` to the result of the fragment over `table`.
+/// Applies `release` to the result of the fragment over `table`, with the station's noisy
+/// threshold `key`. What it returns has the [`released_schema`].
 pub fn release(
     station: &str,
     table: &str,
     release: &Release,
     batches: Vec<RecordBatch>,
+    key: &ThresholdKey,
+) -> Result<Released, ReleaseError> {
+    let mut out = release_unstripped(station, table, release, batches, key)?;
+    out.batches = out.batches.iter().map(strip).collect::<Result<_, _>>()?;
+    Ok(out)
+}
+
+fn release_unstripped(
+    station: &str,
+    table: &str,
+    release: &Release,
+    batches: Vec<RecordBatch>,
+    key: &ThresholdKey,
 ) -> Result<Released, ReleaseError> {
     match release {
         // Row-level public values, or groups over public columns only (k = 1): nothing
@@ -80,13 +168,13 @@ pub fn release(
             })
         }
         Release::Groups { k, global } | Release::Survival { k, global } => {
-            let kept = apply_threshold(batches, *k)?;
+            let kept = apply_threshold(batches, *k, key)?;
             if *global && kept.released == 0 {
                 return Err(refuse(
                     station,
                     Rule::MinGroupSize,
                     format!(
-                        "requires every released aggregate of table '{table}' to cover at least {k} rows; this one covers fewer"
+                        "requires every released aggregate of table '{table}' to cover at least {k} rows, and each of its values at least {k} contributing rows (plus a noisy margin); this one covers fewer"
                     ),
                 ));
             }
@@ -202,8 +290,33 @@ pub fn train_input(station: &str, table: &str, k: u64, rows: u64) -> Result<(), 
     Ok(())
 }
 
-/// Keeps the groups whose row count (the last column) is at least `k`.
-fn apply_threshold(batches: Vec<RecordBatch>, k: u64) -> Result<Released, ReleaseError> {
+/// A count column of a result and the digest of the rows it counts (if the plan has one).
+struct Counted<'a> {
+    counts: &'a Int64Array,
+    digests: Option<&'a UInt64Array>,
+}
+
+fn int64<'a>(batch: &'a RecordBatch, name: &str) -> Option<&'a Int64Array> {
+    batch
+        .column_by_name(name)?
+        .as_any()
+        .downcast_ref::<Int64Array>()
+}
+
+fn uint64<'a>(batch: &'a RecordBatch, name: &str) -> Option<&'a UInt64Array> {
+    batch
+        .column_by_name(name)?
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+}
+
+/// Keeps the groups whose row count (the last column) and every contributor count reach
+/// `k` plus the noisy margin of the rows they count.
+fn apply_threshold(
+    batches: Vec<RecordBatch>,
+    k: u64,
+    key: &ThresholdKey,
+) -> Result<Released, ReleaseError> {
     let mut kept = Vec::with_capacity(batches.len());
     let (mut released, mut suppressed) = (0u64, 0u64);
     for batch in batches {
@@ -216,9 +329,36 @@ fn apply_threshold(batches: Vec<RecordBatch>, k: u64) -> Result<Released, Releas
                     "the aggregate has no {ROWS_COLUMN} column of type Int64"
                 ))
             })?;
-        let keep: BooleanArray = rows
-            .iter()
-            .map(|n| Some(n.is_some_and(|n| n >= 0 && n as u64 >= k)))
+        let mut counted = vec![Counted {
+            counts: rows,
+            digests: uint64(&batch, ROWS_DIGEST),
+        }];
+        for field in batch.schema().fields() {
+            if let Some(i) = field.name().strip_prefix(CONTRIBUTORS_PREFIX) {
+                let counts = int64(&batch, field.name()).ok_or_else(|| {
+                    ReleaseError::Internal(format!("{} is not an Int64 count", field.name()))
+                })?;
+                counted.push(Counted {
+                    counts,
+                    digests: uint64(&batch, &format!("{DIGEST_PREFIX}{i}")),
+                });
+            }
+        }
+        let keep: BooleanArray = (0..batch.num_rows())
+            .map(|r| {
+                Some(counted.iter().all(|c| {
+                    let n = if c.counts.is_valid(r) {
+                        c.counts.value(r)
+                    } else {
+                        0
+                    };
+                    let margin = c
+                        .digests
+                        .filter(|d| d.is_valid(r))
+                        .map_or(0, |d| key.margin(d.value(r), k));
+                    n >= 0 && n as u64 >= k + margin
+                }))
+            })
             .collect();
         let n = keep.true_count() as u64;
         released += n;
@@ -270,6 +410,116 @@ mod tests {
 
     use super::*;
 
+    fn release(
+        station: &str,
+        table: &str,
+        release: &Release,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Released, ReleaseError> {
+        super::release(
+            station,
+            table,
+            release,
+            batches,
+            &ThresholdKey::new([7; 32], 3),
+        )
+    }
+
+    /// Groups with their row counts, the contributors of one value, and digests.
+    fn counted(rows: &[i64], contributors: &[i64], digests: &[u64]) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("g", DataType::Int32, true),
+                Field::new("__contributors_0", DataType::Int64, false),
+                Field::new("__digest_0", DataType::UInt64, true),
+                Field::new("__digest_rows", DataType::UInt64, true),
+                Field::new(ROWS_COLUMN, DataType::Int64, false),
+            ])),
+            vec![
+                Arc::new(Int32Array::from_iter_values(0..rows.len() as i32)),
+                Arc::new(Int64Array::from(contributors.to_vec())),
+                Arc::new(UInt64Array::from(digests.to_vec())),
+                Arc::new(UInt64Array::from(digests.to_vec())),
+                Arc::new(Int64Array::from(rows.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_value_needs_k_contributors_and_internal_columns_never_leave() {
+        let grouped = Release::Groups {
+            k: 5,
+            global: false,
+        };
+        // 200 rows, but one contributor: withheld. Digest 0 meets no margin here only if
+        // its margin is 0, so use counts past k + threshold_noise to test the count alone.
+        let big = (5 + 4) as i64;
+        let out = release(
+            "s",
+            "t",
+            &grouped,
+            vec![counted(&[200, 200, 200], &[1, big, 4], &[1, 2, 3])],
+        )
+        .unwrap();
+        assert_eq!((out.released, out.suppressed), (1, 2));
+        let fields: Vec<String> = out.batches[0]
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(fields, ["g", ROWS_COLUMN]);
+        let schema = counted(&[1], &[1], &[1]).schema();
+        assert_eq!(released_schema(&schema).fields().len(), 2);
+        // A global aggregate whose value has too few contributors is refused.
+        let global = Release::Groups { k: 5, global: true };
+        assert!(matches!(
+            release("s", "t", &global, vec![counted(&[200], &[3], &[9])]),
+            Err(ReleaseError::Refused(Refusal {
+                rule: Rule::MinGroupSize,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn the_noisy_margin_is_a_function_of_the_rows_and_never_lowers_k() {
+        let key = ThresholdKey::new([7; 32], 3);
+        let margins: Vec<u64> = (0..4000u64).map(|d| key.margin(d, 5)).collect();
+        // The same rows meet the same threshold.
+        assert!((0..4000u64).all(|d| key.margin(d, 5) == margins[d as usize]));
+        // Every margin is taken, roughly equally often, and none is negative.
+        for m in 0..4 {
+            let n = margins.iter().filter(|x| **x == m).count();
+            assert!((800..1200).contains(&n), "margin {m} drawn {n} times");
+        }
+        assert!(margins.iter().all(|m| *m <= 3));
+        // Without noise the threshold is k exactly.
+        assert!((0..100u64).all(|d| ThresholdKey::new([7; 32], 0).margin(d, 5) == 0));
+        // Another key draws other margins.
+        let other = ThresholdKey::new([8; 32], 3);
+        assert!((0..100u64).any(|d| other.margin(d, 5) != key.margin(d, 5)));
+        // Below k nothing is released, whatever the digest; at k + 3 always.
+        let grouped = Release::Groups {
+            k: 5,
+            global: false,
+        };
+        for d in 0..50u64 {
+            let below = counted(&[4], &[4], &[d]);
+            assert_eq!(
+                release("s", "t", &grouped, vec![below]).unwrap().released,
+                0
+            );
+            let sure = (5 + 3) as i64;
+            let above = counted(&[sure], &[sure], &[d]);
+            assert_eq!(
+                release("s", "t", &grouped, vec![above]).unwrap().released,
+                1
+            );
+        }
+    }
+
     fn groups(counts: &[i64]) -> RecordBatch {
         RecordBatch::try_new(
             Arc::new(Schema::new(vec![
@@ -298,11 +548,7 @@ mod tests {
         match release("s", "t", &global, vec![groups(&[4])]) {
             Err(ReleaseError::Refused(r)) => {
                 assert_eq!(r.rule, Rule::MinGroupSize);
-                assert!(
-                    r.message.starts_with("policy: station 's'"),
-                    "{}",
-                    r.message
-                );
+                assert!(r.message.starts_with("policy: a station "), "{}", r.message);
             }
             other => panic!("{other:?}"),
         }

@@ -38,6 +38,9 @@ rules! {
     FragmentShape = "fragment_shape",
     /// A string literal is longer than `max_string_literal`.
     StringLiteral = "string_literal",
+    /// A statement over the limits on its length, operators or nesting
+    /// ([`crate::limits`]), checked before it is parsed into a plan.
+    QueryTooComplex = "query_too_complex",
     /// `pseudonym()` is applied to something other than a `join_key` column.
     JoinKey = "join_key",
     /// An aggregate whose state is not a sum of bounded per-row contributions.

@@ -84,12 +84,13 @@ impl Station {
             Ok(batches) => batches,
             Err(e) => return Err(self.failure(ticket, None, &e).await),
         };
-        let schema = approved.plan.schema().inner().clone();
+        let schema = railyard_policy::release::released_schema(approved.plan.schema().inner());
         let released = match railyard_policy::release::release(
             &self.name,
             &approved.table,
             &approved.release,
             batches,
+            self.threshold_key(),
         ) {
             Ok(released) => released,
             Err(e) => {
@@ -183,6 +184,10 @@ impl Station {
 
     /// The logical plan of a fragment's SQL: a query, never DDL, DML or `SET`.
     pub(crate) async fn plan_sql(&self, ticket: &FragmentTicket) -> Result<LogicalPlan> {
+        let who = format!("station '{}'", self.name);
+        if let Err(refusal) = railyard_policy::limits::check_statement(&ticket.sql, &who) {
+            return Err(self.refuse(ticket, refusal, None).await);
+        }
         let logical = match self.state.create_logical_plan(&ticket.sql).await {
             Ok(plan) => plan,
             Err(e) => {

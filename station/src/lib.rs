@@ -88,6 +88,9 @@ pub struct Station {
     trains: train::Trains,
     /// The privacy ledger (ε spent), if the policy has a `[dp]` budget.
     ledger: Option<Arc<ledger::Ledger>>,
+    /// Keys the noisy margin of the group-size thresholds (kept beside the audit log, so
+    /// the same rows meet the same threshold after a restart).
+    threshold_key: railyard_policy::release::ThresholdKey,
 }
 
 impl Station {
@@ -159,6 +162,7 @@ impl Station {
             )?)),
             None => None,
         };
+        let threshold_key = threshold_key(&config.audit_log, config.policy.threshold_noise)?;
         let trains = train::Trains::new(
             &name,
             work,
@@ -175,6 +179,7 @@ impl Station {
             plans: Mutex::new(HashMap::new()),
             trains,
             ledger,
+            threshold_key,
         };
         for (table, schema) in station.tables().await? {
             station.policy.validate_table(&table, &schema)?;
@@ -184,6 +189,10 @@ impl Station {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub(crate) fn threshold_key(&self) -> &railyard_policy::release::ThresholdKey {
+        &self.threshold_key
     }
 
     pub fn policy(&self) -> &Policy {
@@ -309,4 +318,42 @@ where
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     railyard_net::serve::serve(tonic::service::Routes::new(service), incoming, shutdown).await?;
     Ok(())
+}
+
+/// The station's threshold key, beside its audit log (`<log>.threshold-key`): read if it
+/// exists, else drawn from the OS's random source and written (readable by the station's
+/// user only) before the station serves anything.
+fn threshold_key(
+    audit_log: &std::path::Path,
+    noise: u64,
+) -> Result<railyard_policy::release::ThresholdKey> {
+    use std::io::{Read, Write};
+    let path = audit_log.with_extension("threshold-key");
+    let failed = |what: &str, e: std::io::Error| {
+        Error::BadRequest(format!(
+            "the threshold key {} cannot be {what}: {e}",
+            path.display()
+        ))
+    };
+    let mut bytes = [0u8; 32];
+    match std::fs::File::open(&path) {
+        Ok(mut f) => {
+            f.read_exact(&mut bytes).map_err(|e| failed("read", e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut r| r.read_exact(&mut bytes))
+                .map_err(|e| failed("drawn", e))?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut f = options.open(&path).map_err(|e| failed("written", e))?;
+            f.write_all(&bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| failed("written", e))?;
+        }
+        Err(e) => return Err(failed("read", e)),
+    }
+    Ok(railyard_policy::release::ThresholdKey::new(bytes, noise))
 }

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
 
+mod attacks;
 mod dp;
 mod federation;
 mod fixtures;

@@ -2,6 +2,7 @@
 //! grouped answers against an independent per-station reference, and the audit log through
 //! a crash and a tampering.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,8 +52,23 @@ pub(crate) async fn lung_under_default_policy() -> (LocalFederation, Governance)
     (federation, governance)
 }
 
+/// The lung stations under the default policy with an exact threshold
+/// (`tests/policies/exact-k.toml`: no noisy margin).
+async fn lung_under_exact_k() -> (LocalFederation, Governance) {
+    let policy = fixtures::repo().join("tests/policies/exact-k.toml");
+    let governance = Governance::new(Some(&policy), fixtures::audit_dir()).unwrap();
+    let federation = fixtures::federation_with(
+        &[spec("lung", test_data("lung/horizontal/parquet"))],
+        HubOptions::default(),
+        &governance,
+    )
+    .await;
+    (federation, governance)
+}
+
 /// (federated query, reference query): the reference keeps, per station, the groups of at
-/// least 5 rows, merges them, and keeps merged groups of at least 5 rows.
+/// least 5 rows (and at least 5 contributors of every value), merges them, and keeps merged
+/// groups of at least 5 rows.
 const CASES: &[(&str, &str)] = &[
     (
         "SELECT inst, count(*) AS n FROM lung GROUP BY inst ORDER BY inst",
@@ -72,7 +88,7 @@ const CASES: &[(&str, &str)] = &[
          GROUP BY sex, ph_ecog ORDER BY sex, ph_ecog",
         "WITH per AS (SELECT station, sex, ph_ecog, count(*) AS n, sum(wt_loss) AS s, \
          count(wt_loss) AS c FROM lung_s WHERE age > 60 GROUP BY station, sex, ph_ecog \
-         HAVING count(*) >= 5) \
+         HAVING count(*) >= 5 AND count(wt_loss) >= 5) \
          SELECT sex, ph_ecog, sum(n), CAST(sum(s) AS DOUBLE) / nullif(sum(c), 0) FROM per \
          GROUP BY sex, ph_ecog HAVING sum(n) >= 5 ORDER BY sex, ph_ecog",
     ),
@@ -109,7 +125,7 @@ const CASES: &[(&str, &str)] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grouped_answers_equal_the_per_station_thresholded_reference() {
-    let (federation, _) = lung_under_default_policy().await;
+    let (federation, _) = lung_under_exact_k().await;
     let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
     let reference = per_station_reference().await;
     for (federated, expected) in CASES {
@@ -139,6 +155,52 @@ async fn grouped_answers_equal_the_per_station_thresholded_reference() {
         .unwrap();
     let released = client.query(CASES[0].0).await.unwrap();
     assert_ne!(format_rows(&pooled), format_rows(&released.batches));
+    federation.shutdown().await.unwrap();
+
+    // Under the default policy a station's group needs k rows plus a margin of 0 to 3
+    // (drawn per set of rows): one of k + 3 rows or more is always released, one below k
+    // never, and the merged count lies between the two references.
+    let (federation, _) = lung_under_default_policy().await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let with_floor = |floor: u64| {
+        format!(
+            "WITH per AS (SELECT station, inst, count(*) AS n FROM lung_s GROUP BY station, \
+             inst HAVING count(*) >= {floor}) SELECT inst, sum(n) FROM per GROUP BY inst \
+             HAVING sum(n) >= 5 ORDER BY inst"
+        )
+    };
+    let counts = |rows: Vec<Vec<String>>| -> BTreeMap<String, u64> {
+        rows.into_iter()
+            .map(|r| (r[0].clone(), r[1].parse().unwrap()))
+            .collect()
+    };
+    let mut bounds = Vec::new();
+    for floor in [5, 8] {
+        let rows = reference
+            .sql(&with_floor(floor))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        bounds.push(counts(format_rows(&rows)));
+    }
+    let (most, sure) = (&bounds[0], &bounds[1]);
+    let got = counts(format_rows(
+        &client.query(CASES[0].0).await.unwrap().batches,
+    ));
+    for (inst, n) in sure {
+        assert!(
+            got.get(inst).is_some_and(|g| g >= n),
+            "inst {inst}: {got:?} vs {sure:?}"
+        );
+    }
+    for (inst, n) in &got {
+        assert!(
+            most.get(inst).is_some_and(|m| n <= m),
+            "inst {inst}: {got:?} vs {most:?}"
+        );
+    }
     federation.shutdown().await.unwrap();
 }
 

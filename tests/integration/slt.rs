@@ -266,6 +266,11 @@ async fn slt_policy_adversarial_under_the_default_policy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_policy_attacks_under_the_default_policy() {
+    run_policy_file("attacks.slt", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slt_policy_hospital() {
     run_policy_file("hospital.slt", Some("hospital.toml")).await;
 }
@@ -284,9 +289,10 @@ fn every_policy_corpus_file_is_run() {
             on_disk.insert(name);
         }
     }
-    let listed: std::collections::BTreeSet<String> = ["adversarial.slt", "hospital.slt"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let listed: std::collections::BTreeSet<String> =
+        ["adversarial.slt", "attacks.slt", "hospital.slt"]
+            .into_iter()
+            .map(String::from)
+            .collect();
     assert_eq!(listed, on_disk);
 }

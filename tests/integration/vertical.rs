@@ -216,12 +216,24 @@ async fn the_default_policy_thresholds_joined_groups_and_refuses_row_level_answe
     let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
     let reference = reference().await;
 
-    // Small joined groups are withheld (k = 5 applies to the joined rows).
+    // Small joined groups are withheld (k = 5 applies to the joined rows, plus a noisy
+    // margin of 0 to 3): every group of 8 or more is released as it is, every released
+    // group has at least 5 rows, and none is changed.
     let grouped = "SELECT round(worst_radius) AS r, diagnosis, count(*) AS n FROM breast \
                    GROUP BY 1, 2 ORDER BY 1, 2";
-    let thresholded = format!("SELECT * FROM ({grouped}) WHERE n >= 5 ORDER BY r, diagnosis");
+    let at_least =
+        |n: u64| format!("SELECT * FROM ({grouped}) WHERE n >= {n} ORDER BY r, diagnosis");
     let got = answer(&mut client, grouped).await;
-    assert_eq!(got, expected(&reference, &thresholded).await);
+    let sure = expected(&reference, &at_least(8)).await;
+    let possible = expected(&reference, &at_least(5)).await;
+    assert!(
+        sure.iter().all(|row| got.contains(row)),
+        "{got:?}\n{sure:?}"
+    );
+    assert!(
+        got.iter().all(|row| possible.contains(row)),
+        "{got:?}\n{possible:?}"
+    );
     assert!(
         got.len() < expected(&reference, grouped).await.len(),
         "some group is small"
@@ -746,7 +758,8 @@ async fn a_member_that_hangs_is_named_when_the_query_times_out() {
         .await
         .expect_err("a hung member fails the query")
         .to_string();
-    assert!(err.contains("station 'hub join of breast'"), "{err}");
+    // The join station's failure while running names no station of its own; the member
+    // that did not answer is named (a timeout is not a value of the data).
     assert!(err.contains("station 'station_c' did not answer"), "{err}");
     held.abort();
 }

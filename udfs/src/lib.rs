@@ -23,11 +23,13 @@
 //! which a fragment's SQL is planned, identical at the hub (to predict the fragment's schema)
 //! and at every station.
 
+pub mod capped;
 pub mod dp;
 pub mod glm_terms;
 pub mod merge;
 pub mod partial;
 pub mod pseudonym;
+pub mod row_hash;
 pub mod survival_terms;
 
 use std::collections::BTreeMap;
@@ -102,6 +104,8 @@ pub fn fragment_context_with(config: SessionConfig) -> Result<SessionContext> {
     // Unkeyed: fragments that pseudonymize plan everywhere; a station replaces it with its
     // keyed version.
     ctx.register_udf(pseudonym::Pseudonym::unkeyed().udf());
+    ctx.register_udf(row_hash::RowHash::udf());
+    capped::register(&ctx);
     register_partials(&ctx)?;
     Ok(ctx)
 }

@@ -298,6 +298,7 @@ impl Hub {
             .build();
         let mut ctx = SessionContext::new_with_state(state);
         railyard_udfs::dp::register(&mut ctx)?;
+        railyard_udfs::capped::register(&ctx);
         let tables: BTreeMap<String, _> = catalog
             .tables()
             .into_iter()
@@ -351,6 +352,7 @@ impl Hub {
     /// policy (nothing runs yet). All queries share one session; who asks is attached to the
     /// plan's fragments afterwards.
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
+        railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
         let (statement, explain_federated) = self.parse(sql)?;
         let calls = train::calls(&statement)?;
         self.plan_parsed(statement, calls, explain_federated, researcher)

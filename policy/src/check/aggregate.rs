@@ -124,16 +124,20 @@ impl Checker<'_> {
             };
             return Err(self.column_refusal(Rule::UnsafeAggregate, &column, &why));
         }
+        // A count releases how many rows its argument does not make NULL: whatever the
+        // argument, that is the count of its contributors, which k counts.
+        if name == "count" {
+            return Ok(value);
+        }
         for (arg, bases) in &args {
             if let Some(c) = self.first_non_public(bases)
-                && (bases.len() > 1 || !affine(arg))
+                && !form_of(arg, input, schema).accepted()
             {
                 return Err(self.column_refusal(
                     Rule::AggregateArgument,
                     &c,
                     &format!(
-                        "inside {name}() it may only be scaled or shifted (a*x + b): other \
-                         expressions can make a single patient's value dominate the result"
+                        "inside {name}() it may only enter a sum of products of at most two                          columns, scaled or shifted (a*x + b, x - y, x*y, x / y, date_part of                          a column): a threshold, CASE, TRY_CAST or integer division could make                          a single patient's value dominate the result"
                     ),
                 ));
             }
@@ -356,28 +360,35 @@ pub(super) fn model_release(
 }
 
 /// Rebuilds the fragment with `count(*) AS __rows` added to its aggregate and carried
-/// through every node above it as the last output column.
+/// through every node above it as the last output column; with `contributors` (the nodes
+/// below the aggregate and the columns the fragment uses), also the contributor counts and
+/// digests of [`super::contributors`], before it.
 pub(super) fn with_row_count(
     above: &[&LogicalPlan],
     agg: &Aggregate,
+    contributors: Option<(&[&LogicalPlan], &BTreeSet<String>)>,
 ) -> datafusion::common::Result<LogicalPlan> {
-    let mut aggr = agg.aggr_expr.clone();
+    let base = match contributors {
+        Some((below, used)) => with_contributors(agg, below, used)?,
+        None => agg.clone(),
+    };
+    let original = agg.schema.fields().len();
+    let mut aggr = base.aggr_expr;
     aggr.push(datafusion::functions_aggregate::count::count_all().alias(ROWS_COLUMN));
-    let mut plan = LogicalPlan::Aggregate(Aggregate::try_new(
-        Arc::clone(&agg.input),
-        agg.group_expr.clone(),
-        aggr,
-    )?);
+    let mut plan = LogicalPlan::Aggregate(Aggregate::try_new(base.input, base.group_expr, aggr)?);
+    let extra = plan.schema().fields().len() - original;
     for node in above.iter().rev() {
-        let rows = {
+        let carried: Vec<Expr> = {
             let schema = plan.schema();
-            let i = schema.fields().len() - 1;
-            Expr::Column(Column::from(schema.qualified_field(i)))
+            let n = schema.fields().len();
+            (n - extra..n)
+                .map(|i| Expr::Column(Column::from(schema.qualified_field(i))))
+                .collect()
         };
         plan = match node {
             LogicalPlan::Projection(p) => {
                 let mut exprs = p.expr.clone();
-                exprs.push(rows);
+                exprs.extend(carried);
                 LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(plan))?)
             }
             LogicalPlan::SubqueryAlias(a) => {

@@ -1,7 +1,10 @@
 //! Expressions over non-public columns: which are total (cannot fail on any value), which
-//! casts are lossless, which arguments are affine (`a·x + b`), and the ordering rule.
+//! casts are lossless, and the ordering rule. What may enter an aggregate is the grammar
+//! of [`super::form`].
 
 use super::*;
+use datafusion::logical_expr::simplify::SimplifyContext;
+use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 
 /// The value of a literal argument (also a negated or cast literal).
 pub(super) fn literal(e: &Expr) -> Option<ScalarValue> {
@@ -63,15 +66,47 @@ pub(super) const TOTAL_FUNCTIONS: &[&str] = &[
     "strpos",
 ];
 
-/// Names the first part of `expr` over data whose evaluation can fail for particular
-/// values (a division by a column that may be zero, a cast that may not parse, a function
-/// outside [`TOTAL_FUNCTIONS`]). Whether a fragment fails is itself a release: a query could
-/// make the station fail exactly when one patient has some value.
+/// The value of a column-free expression, folded now: a literal, or what the station's own
+/// functions compute from literals (`CAST('2020-01-01' AS DATE)`, `2 * 3`). `None` if it
+/// does not fold, or fails.
+pub(super) fn constant(e: &Expr) -> Option<ScalarValue> {
+    if let Some(v) = literal(e) {
+        return Some(v);
+    }
+    if !e.column_refs().is_empty() {
+        return None;
+    }
+    let simplifier = ExprSimplifier::new(SimplifyContext::default());
+    match simplifier.simplify(e.clone()) {
+        Ok(Expr::Literal(v, _)) => Some(v),
+        _ => None,
+    }
+}
+
+/// For a function of [`TOTAL_FUNCTIONS`], the arguments that must be constants (a part
+/// name, a position, a length), and whether they must be positive (a length may be 0).
+fn parameters(name: &str) -> (&'static [usize], bool) {
+    match name {
+        "date_part" | "datepart" | "extract" | "date_trunc" | "datetrunc" | "concat_ws" => {
+            (&[0], false)
+        }
+        "substr" | "substring" => (&[1, 2], true),
+        "left" | "right" | "round" | "trunc" => (&[1], false),
+        _ => (&[], false),
+    }
+}
+
+/// Names the first part of `expr` whose evaluation can fail for particular values (a
+/// division by a column that may be zero, a cast that may not parse, a function outside
+/// [`TOTAL_FUNCTIONS`], a length computed from the data). Whether a fragment fails is
+/// itself a release: a query could make the station fail exactly when one patient has some
+/// value. That holds for a part without columns too (`1/0`): under a `CASE` arm or an `AND`
+/// it runs only for the rows that reach it, so it is accepted only if it folds to a value
+/// now.
 pub(super) fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
     let mut found = None;
     let _ = expr.apply(|e| {
-        if e.column_refs().is_empty() {
-            // Column-free: fails the same way whatever the data.
+        if e.column_refs().is_empty() && constant(e).is_some() {
             return Ok(TreeNodeRecursion::Jump);
         }
         let bad = match e {
@@ -92,18 +127,29 @@ pub(super) fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
             | Expr::TryCast(_)
             | Expr::InList(_)
             | Expr::Like(_)
-            | Expr::SimilarTo(_)
             | Expr::AggregateFunction(_) => None,
+            // The pattern is compiled to a regular expression, which can fail to compile.
+            Expr::SimilarTo(like) => constant(&like.pattern)
+                .is_none()
+                .then(|| "SIMILAR TO a pattern computed from the data".to_string()),
             Expr::BinaryExpr(BinaryExpr { op, right, .. }) => match op {
+                // A float quotient is infinite or NaN where an integer or decimal one fails.
+                Operator::Divide | Operator::Modulo
+                    if e.get_type(schema).is_ok_and(|t| t.is_floating()) =>
+                {
+                    None
+                }
                 Operator::Divide | Operator::Modulo => {
-                    let nonzero = match right.as_ref() {
-                        Expr::Literal(v, _) => {
-                            !v.is_null()
-                                && ScalarValue::new_zero(&v.data_type()).is_ok_and(|z| &z != v)
-                        }
-                        _ => false,
-                    };
-                    (!nonzero).then(|| format!("'{op}' by anything but a non-zero constant"))
+                    // Zero fails, and so does -1 for the smallest signed integer.
+                    let safe = constant(right).is_some_and(|v| {
+                        !v.is_null()
+                            && ScalarValue::new_zero(&v.data_type()).is_ok_and(|z| z != v)
+                            && !(v.data_type().is_signed_integer()
+                                && ScalarValue::new_negative_one(&v.data_type())
+                                    .is_ok_and(|m| m == v))
+                    });
+                    (!safe)
+                        .then(|| format!("'{op}' by anything but a constant other than 0 and -1"))
                 }
                 Operator::Eq
                 | Operator::NotEq
@@ -131,7 +177,35 @@ pub(super) fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
             },
             Expr::ScalarFunction(f) => {
                 let name = f.func.name();
-                (!TOTAL_FUNCTIONS.contains(&name)).then(|| format!("{name}()"))
+                if !TOTAL_FUNCTIONS.contains(&name) {
+                    Some(format!("{name}()"))
+                } else {
+                    let (constants, sign) = parameters(name);
+                    constants
+                        .iter()
+                        .filter_map(|i| Some((*i, f.args.get(*i)?)))
+                        .find_map(|(i, a)| {
+                            let ok = constant(a).is_some_and(|v| {
+                                !sign
+                                    || v.is_null()
+                                    || ScalarValue::new_zero(&v.data_type())
+                                        .ok()
+                                        .and_then(|z| v.partial_cmp(&z))
+                                        .is_some_and(|o| o.is_gt() || (i > 1 && o.is_eq()))
+                            });
+                            (!ok).then(|| {
+                                format!(
+                                    "{name}() with argument {} not a constant{}",
+                                    i + 1,
+                                    if sign {
+                                        " of at least 1 (0 for a length)"
+                                    } else {
+                                        ""
+                                    }
+                                )
+                            })
+                        })
+                }
             }
             other => Some(other.variant_name().to_string()),
         };
@@ -172,28 +246,6 @@ pub(super) fn lossless_cast(from: &DataType, to: &DataType) -> bool {
             (Some((fs, fw)), Some((ts, tw))) => (fs == ts && tw >= fw) || (!fs && ts && tw > fw),
             _ => false,
         },
-    }
-}
-
-/// Whether `expr` is an affine function of (at most) one column: the column, literals,
-/// casts, negation, `+` and `-`, and `*` or `/` by a column-free factor.
-pub(super) fn affine(expr: &Expr) -> bool {
-    let constant = |e: &Expr| e.column_refs().is_empty();
-    match expr {
-        Expr::Column(_) | Expr::Literal(..) => true,
-        Expr::Alias(a) => affine(&a.expr),
-        Expr::Cast(c) => affine(&c.expr),
-        Expr::TryCast(c) => affine(&c.expr),
-        Expr::Negative(e) => affine(e),
-        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
-            Operator::Plus | Operator::Minus => affine(left) && affine(right),
-            Operator::Multiply => {
-                (constant(left) && affine(right)) || (constant(right) && affine(left))
-            }
-            Operator::Divide => constant(right) && affine(left),
-            _ => false,
-        },
-        _ => false,
     }
 }
 

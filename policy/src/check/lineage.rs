@@ -12,6 +12,9 @@ pub(super) struct Lineage {
     pub(super) direct: bool,
     /// The column is `pseudonym(join_key)`, possibly renamed.
     pub(super) pseudonym: bool,
+    /// What the column computes from the table's columns, in the grammar of
+    /// [`super::form`].
+    pub(super) form: Form,
 }
 
 /// The lineage of column `c` among a node's input columns.

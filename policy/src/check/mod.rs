@@ -64,15 +64,19 @@ use crate::rule::{Refusal, Rule};
 pub use railyard_contract::ROWS_COLUMN;
 
 mod aggregate;
+pub mod contributors;
 mod dp;
 mod expr;
+mod form;
 mod lineage;
 #[cfg(test)]
 mod tests;
 
 use aggregate::*;
+use contributors::*;
 use dp::*;
 use expr::*;
+use form::*;
 use lineage::*;
 
 /// What a checked fragment may release.
@@ -286,6 +290,7 @@ fn trace(
                                 bases,
                                 direct: true,
                                 pseudonym: false,
+                                form: Form::COLUMN,
                             },
                         )
                     })
@@ -341,6 +346,7 @@ fn trace(
                     };
                     l.direct = source.is_some_and(|s| s.direct);
                     l.pseudonym = source.is_some_and(|s| s.pseudonym);
+                    l.form = form_of(e, &lineage, p.input.schema());
                     out.push((c, l));
                 }
                 out
@@ -494,6 +500,21 @@ fn decide(
         if !lineage.iter().any(|(_, l)| l.pseudonym) {
             return Err(checker.shape("a pseudonymized fragment must output the pseudonym"));
         }
+        // The join station checks the hub's aggregate over these rows against the grammar
+        // of released computation; a column computed here (CASE WHEN age >= 80 THEN 1 END)
+        // would reach it as a plain column.
+        for (_, l) in &lineage {
+            if !l.direct
+                && !l.pseudonym
+                && let Some(c) = checker.first_non_public(&l.bases)
+            {
+                return Err(checker.column_refusal(
+                    Rule::AggregateArgument,
+                    &c,
+                    "a pseudonymized row carries it only as it is, not inside an expression",
+                ));
+            }
+        }
         return pseudonymized_release(&checker, plan, chain, aggregate_at.is_some());
     }
     let joined = policy.joined(&table);
@@ -535,11 +556,14 @@ fn decide(
         .schema()
         .fields()
         .iter()
-        .any(|f| f.name() == ROWS_COLUMN)
+        .any(|f| f.name() == ROWS_COLUMN || is_internal(f.name()))
     {
-        return Err(checker.shape(&format!("the column name {ROWS_COLUMN} is reserved")));
+        return Err(checker.shape(&format!(
+            "the column names {ROWS_COLUMN} and __digest_*, __contributors_* are reserved"
+        )));
     }
-    let plan = with_row_count(&chain[..at], agg)
+    let contributors = (k > 1).then(|| (&chain[at + 1..], &checker.used));
+    let plan = with_row_count(&chain[..at], agg, contributors)
         .map_err(|e| checker.shape(&format!("the row count cannot be added ({e})")))?;
     let global = agg.group_expr.is_empty();
     let restricted = k > 1 || checker.first_non_public(&checker.used).is_some();

@@ -12,6 +12,10 @@ async fn plan(sql: &str) -> LogicalPlan {
         Field::new("age", DataType::Int32, true),
         Field::new("inst", DataType::Int64, true),
         Field::new("note", DataType::Utf8, true),
+        Field::new("weight", DataType::Float64, true),
+        Field::new("height", DataType::Float64, true),
+        Field::new("born", DataType::Int64, true),
+        Field::new("diagnosed", DataType::Date32, true),
     ]));
     ctx.register_table(
         "lung",
@@ -181,8 +185,11 @@ async fn each_rule_refuses_its_shape() {
         ),
         ("SELECT min(age) FROM lung", "unsafe_aggregate"),
         ("SELECT partial_max(age) FROM lung", "unsafe_aggregate"),
-        ("SELECT sum(age * age) FROM lung", "aggregate_argument"),
-        ("SELECT sum(age * inst) FROM lung", "aggregate_argument"),
+        (
+            "SELECT sum(age * age * age) FROM lung",
+            "aggregate_argument",
+        ),
+        ("SELECT bool_or(age > 3) FROM lung", "aggregate_argument"),
         ("SELECT count(DISTINCT age) FROM lung", "distinct_aggregate"),
         (
             "SELECT count(*) FILTER (WHERE age > 3) FROM lung",
@@ -242,9 +249,89 @@ async fn safe_fragments_pass_with_the_right_threshold() {
         "s",
     )
     .unwrap();
-    let fields = checked.plan.schema().fields().clone();
-    assert_eq!(fields.len(), 3);
-    assert_eq!(fields[2].name(), ROWS_COLUMN);
+    let names = |schema: &Schema| -> Vec<String> {
+        schema.fields().iter().map(|f| f.name().clone()).collect()
+    };
+    let schema = Arc::new(checked.plan.schema().as_arrow().clone());
+    assert_eq!(
+        names(&schema),
+        [
+            "g0",
+            "a0",
+            "__contributors_0",
+            "__digest_0",
+            "__digest_rows",
+            ROWS_COLUMN
+        ]
+    );
+    assert_eq!(
+        names(&crate::release::released_schema(&schema)),
+        ["g0", "a0", ROWS_COLUMN]
+    );
+}
+
+/// The approved plan counts, per group, the rows each value is computed from: both
+/// arguments non-NULL for a two-argument aggregate, the FILTER for a filtered one.
+#[tokio::test]
+async fn contributors_are_counted_per_value() {
+    use arrow::array::{Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+    let ctx = railyard_udfs::fragment_context().unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("age", DataType::Int32, true),
+        Field::new("inst", DataType::Int64, true),
+        Field::new("note", DataType::Utf8, true),
+        Field::new("weight", DataType::Float64, true),
+    ]));
+    let n = 12;
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(Int64Array::from_iter_values(1..=n)),
+            Arc::new(Int32Array::from_iter(
+                (1..=n).map(|i| (i % 4 != 0).then_some(60 + i as i32)),
+            )),
+            Arc::new(Int64Array::from_iter((1..=n).map(|i| Some(i % 2)))),
+            Arc::new(StringArray::from_iter((1..=n).map(|_| Some("x")))),
+            Arc::new(Float64Array::from_iter(
+                (1..=n).map(|i| (i == 1).then_some(70.0)),
+            )),
+        ],
+    )
+    .unwrap();
+    ctx.register_table(
+        "lung",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let sql = "SELECT inst AS g0, partial_regr_avgx(weight, age) AS a0, \
+               partial_count(age) AS a1 FROM (SELECT patient_id, age, inst, weight FROM lung WHERE patient_id > 0) t \
+               GROUP BY inst ORDER BY inst";
+    let sql = sql.replace(" ORDER BY inst", "");
+    let logical = ctx.state().create_logical_plan(&sql).await.unwrap();
+    let checked = check(&logical, &policy(), "s").unwrap();
+    let out = ctx
+        .execute_logical_plan(checked.plan)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let batch = arrow::compute::concat_batches(&out[0].schema(), &out).unwrap();
+    let col = |name: &str| -> Vec<i64> {
+        let c = batch.column_by_name(name).unwrap();
+        let c = c.as_any().downcast_ref::<Int64Array>().unwrap();
+        let g = batch.column_by_name("g0").unwrap();
+        let g = g.as_any().downcast_ref::<Int64Array>().unwrap();
+        let mut v: Vec<(i64, i64)> = (0..c.len()).map(|i| (g.value(i), c.value(i))).collect();
+        v.sort();
+        v.into_iter().map(|(_, x)| x).collect()
+    };
+    // Groups inst = 0 and 1 have 6 rows each; weight is known for patient 1 only (inst 1),
+    // age for 9 of 12 (not ids 4, 8, 12, all inst 0).
+    assert_eq!(col(ROWS_COLUMN), [6, 6]);
+    assert_eq!(col("__contributors_0"), [0, 1]);
+    assert_eq!(col("__contributors_1"), [3, 6]);
 }
 
 #[tokio::test]
@@ -282,6 +369,10 @@ async fn pseudonymized_rows_need_the_join_key_and_an_opt_in() {
             "hidden_column",
         ),
         ("SELECT pseudonym(age) AS p FROM lung", "join_key"),
+        (
+            "SELECT pseudonym(patient_id) AS p, CASE WHEN age >= 80 THEN 1 END AS x FROM lung",
+            "aggregate_argument",
+        ),
         (
             "SELECT pseudonym(patient_id + 1) AS p FROM lung",
             "join_key",
@@ -401,4 +492,103 @@ async fn long_string_literals_and_fine_survival_times_are_refused() {
             .await
             .is_ok()
     );
+}
+
+/// Derived measures a study needs are answered; forms that can act as an indicator of one
+/// row are refused, wherever in the fragment they are computed.
+#[tokio::test]
+async fn the_grammar_accepts_derived_measures_and_refuses_indicators() {
+    let global = Ok(Release::Groups { k: 5, global: true });
+    for sql in [
+        "SELECT sum(age * age) FROM lung",
+        "SELECT sum((age - 60) * (age - 60)) FROM lung",
+        "SELECT avg(weight / (height * height)) FROM lung",
+        "SELECT avg(weight / ((height / 100) * (height / 100))) FROM lung",
+        "SELECT avg(date_part('year', diagnosed) - born) FROM lung",
+        "SELECT avg(CAST(age AS DOUBLE) / 10 + 1) FROM lung",
+        "SELECT avg(floor(weight)), avg(signum(weight)) FROM lung",
+        "SELECT regr_slope(weight, height), covar_samp(age, weight) FROM lung",
+        "SELECT count(CASE WHEN age >= 80 THEN 1 END) FROM lung",
+        "SELECT count(age, weight) FROM lung",
+        "SELECT avg(a) FROM (SELECT age + 1 AS a FROM lung)",
+        "SELECT avg(bmi) FROM (SELECT weight / (height * height) AS bmi FROM lung) t",
+        "SELECT count(*) FROM lung WHERE CAST(age AS BIGINT) / 10 = 6",
+        "SELECT count(*) FROM lung WHERE diagnosed >= CAST('2020-01-01' AS DATE)",
+        "SELECT count(*) FROM lung WHERE date_part('year', diagnosed) = 2020",
+        "SELECT count(*) FROM lung WHERE age / 10 = 6 AND 2 * 3 = 6",
+    ] {
+        assert_eq!(rule(sql).await, global, "{sql}");
+    }
+    for (sql, expected) in [
+        // TRY_CAST turns every row but one into NULL.
+        (
+            "SELECT regr_avgx(TRY_CAST((patient_id - 1) * 200 AS TINYINT), age) FROM lung",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT sum(TRY_CAST((age - 74) * 200 AS TINYINT)) FROM lung",
+            "aggregate_argument",
+        ),
+        // Integer division, rounding and casts place a step where the researcher wants it.
+        (
+            "SELECT sum((age - 74 + 10000) / 10000) FROM lung",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT sum(floor((weight - 73.5) / 100)) FROM lung",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT sum(round(weight, -1)) FROM lung",
+            "aggregate_argument",
+        ),
+        // A denominator shifted to zero at one row; a polynomial through known ids.
+        (
+            "SELECT sum(weight / (height - 1.5)) FROM lung",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT sum(age * (patient_id - 2) * (patient_id - 3)) FROM lung",
+            "aggregate_argument",
+        ),
+        // The indicator computed in a subquery, out of sight of the aggregate.
+        (
+            "SELECT sum(x) FROM (SELECT CASE WHEN age >= 80 THEN 1 END AS x FROM lung)",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT partial_sum(x) FROM (SELECT CASE WHEN age >= 80 THEN 1 END AS x FROM lung)",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT avg(y) FROM (SELECT x + 1 AS y FROM (SELECT coalesce(age, 0) AS x FROM lung) a) b",
+            "aggregate_argument",
+        ),
+        // Failures that depend on one row: a negative length, a division by zero that only
+        // the rows reaching a CASE arm (or passing an AND) evaluate, -1 at the smallest integer.
+        (
+            "SELECT count(*) FROM lung WHERE length(substr('abcdefghij', 1, CASE WHEN \
+             patient_id = 1 THEN age - 70 ELSE 1 END)) >= 0",
+            "fallible_expression",
+        ),
+        (
+            "SELECT count(*) FROM lung WHERE CASE WHEN patient_id = 1 AND age >= 70 THEN 1/0 \
+             ELSE 1 END = 1",
+            "fallible_expression",
+        ),
+        (
+            "SELECT count(*) FROM lung WHERE age > 70 AND 1/0 = 1",
+            "fallible_expression",
+        ),
+        (
+            "SELECT count(*) FROM lung WHERE patient_id / -1 > 0",
+            "fallible_expression",
+        ),
+        (
+            "SELECT count(*) FROM lung WHERE date_part(CASE WHEN age > 70 THEN 'year' ELSE 'x' END, diagnosed) > 0",
+            "fallible_expression",
+        ),
+    ] {
+        assert_eq!(rule(sql).await, Err(expected), "{sql}");
+    }
 }

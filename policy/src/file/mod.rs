@@ -4,6 +4,7 @@
 //!
 //! ```toml
 //! min_group_size = 5            # k: any released group must count >= k rows here
+//! threshold_noise = 3           # plus a margin of 0..=3 rows, drawn per set of rows
 //! [tables.lung]
 //! min_group_size = 10           # per-table override
 //! [tables.lung.columns]
@@ -25,6 +26,11 @@ use arrow::datatypes::Schema;
 
 /// Default minimum group size (vantage6 uses 5, DataSHIELD 3, SCQL 4).
 pub const DEFAULT_MIN_GROUP_SIZE: u64 = 5;
+/// Default largest noisy margin over k (extra rows a released value may need, drawn per
+/// set of contributing rows; see `docs/policy.md`).
+pub const DEFAULT_THRESHOLD_NOISE: u64 = 3;
+/// Largest `threshold_noise` a policy may set.
+pub const MAX_THRESHOLD_NOISE: u64 = 20;
 /// Default cap on the length of a string literal in a fragment.
 pub const DEFAULT_MAX_STRING_LITERAL: usize = 256;
 /// Default minimum rows a station contributes to a statistical model (DataSHIELD's
@@ -167,6 +173,10 @@ pub struct JoinLimits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub min_group_size: u64,
+    /// The largest margin over k a released value's contributors must clear (0 to
+    /// `threshold_noise`, drawn from a keyed hash of which rows contribute); 0 makes the
+    /// threshold exact, and a below-k refusal an exact oracle.
+    pub threshold_noise: u64,
     pub default_visibility: Visibility,
     pub max_string_literal: usize,
     /// Fewest complete rows a station contributes to a model (GLM, Cox, Kaplan–Meier).
@@ -191,6 +201,7 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             min_group_size: DEFAULT_MIN_GROUP_SIZE,
+            threshold_noise: DEFAULT_THRESHOLD_NOISE,
             default_visibility: Visibility::Aggregate,
             max_string_literal: DEFAULT_MAX_STRING_LITERAL,
             model_min_rows: DEFAULT_MODEL_MIN_ROWS,

@@ -13,6 +13,7 @@ use super::*;
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     min_group_size: Option<Spanned<u64>>,
+    threshold_noise: Option<Spanned<u64>>,
     default_visibility: Option<Visibility>,
     max_string_literal: Option<Spanned<usize>>,
     model_min_rows: Option<Spanned<u64>>,
@@ -130,6 +131,15 @@ impl Policy {
         };
         if let Some(v) = &file.min_group_size {
             policy.min_group_size = k(v)?;
+        }
+        if let Some(v) = &file.threshold_noise {
+            if *v.get_ref() > MAX_THRESHOLD_NOISE {
+                return Err(error(format!(
+                    "line {}: threshold_noise must be at most {MAX_THRESHOLD_NOISE}",
+                    line_of(text, v.span().start)
+                )));
+            }
+            policy.threshold_noise = *v.get_ref();
         }
         if let Some(v) = file.default_visibility {
             policy.default_visibility = v;

@@ -1,0 +1,115 @@
+//! The attacker's corpus straight at a station's port (issue 18): the hub is bypassed, so
+//! only the station's own check and release stand between a fragment and its data. The
+//! same attacks through the hub are in `sql/policy/attacks.slt`. Each case asserts the
+//! refusal's rule; none asserts a value.
+
+use railyard::client::HubClient;
+
+use crate::fixtures;
+use crate::policy::lung_under_default_policy;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attacks_straight_at_a_station_are_refused_by_their_rule() {
+    let (federation, _governance) = lung_under_default_policy().await;
+    let url = &federation.stations[0].url;
+    let sum = format!(
+        "SELECT partial_sum({}) AS a0 FROM lung",
+        vec!["age"; 2000].join(" + ")
+    );
+    let chain = format!(
+        "SELECT partial_count(1) AS a0 FROM lung WHERE {}",
+        vec!["age > 1"; 2000].join(" AND ")
+    );
+    let cases = [
+        // One patient's exact value: TRY_CAST nulls every other row.
+        (
+            "SELECT partial_regr_avgx(TRY_CAST((patient_id - 1) * 200 AS TINYINT), age) AS a0 \
+             FROM lung"
+                .to_string(),
+            "(rule aggregate_argument)",
+        ),
+        // k counts the contributors of each value, not the group's rows.
+        (
+            "SELECT partial_count(TRY_CAST((time - 306) * 200 AS TINYINT)) AS a0 FROM lung"
+                .to_string(),
+            "(rule min_group_size)",
+        ),
+        (
+            "SELECT partial_count(x) AS a0 FROM (SELECT CASE WHEN patient_id = 1 THEN 1 END \
+             AS x FROM lung)"
+                .to_string(),
+            "(rule min_group_size)",
+        ),
+        // The argument's lineage, not only the aggregate's direct argument.
+        (
+            "SELECT partial_sum(x) AS a0 FROM (SELECT CASE WHEN age >= 80 THEN 1 END AS x \
+             FROM lung)"
+                .to_string(),
+            "(rule aggregate_argument)",
+        ),
+        (
+            "SELECT partial_sum((time - 306 + 10000) / 10000) AS a0 FROM lung".to_string(),
+            "(rule aggregate_argument)",
+        ),
+        // Failures as oracles.
+        (
+            "SELECT partial_count(1) AS a0 FROM lung WHERE length(substr('abcdefghij', 1, \
+             CASE WHEN patient_id = 1 THEN age - 70 ELSE 1 END)) >= 0"
+                .to_string(),
+            "(rule fallible_expression)",
+        ),
+        (
+            "SELECT partial_count(1) AS a0 FROM lung WHERE CASE WHEN patient_id = 1 AND \
+             age >= 70 THEN 1/0 ELSE 1 END = 1"
+                .to_string(),
+            "(rule fallible_expression)",
+        ),
+        // Statements that used to overflow the stack and abort the process.
+        (sum, "(rule query_too_complex)"),
+        (chain, "(rule query_too_complex)"),
+    ];
+    for (sql, rule) in &cases {
+        let err = fixtures::run_at_station(url, sql)
+            .await
+            .expect_err("refused by the station itself");
+        assert!(err.contains(rule), "{sql}: {err}");
+        // A refusal never quotes a value of the data (patient 1 is 74 years old).
+        assert!(!err.contains("74"), "{err}");
+    }
+    // The station is still up and answers research.
+    let released = fixtures::run_at_station(url, "SELECT partial_avg(age) AS a0 FROM lung")
+        .await
+        .unwrap();
+    assert_eq!(released.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    federation.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_statements_are_refused_by_the_hub_which_keeps_answering() {
+    let (federation, _governance) = lung_under_default_policy().await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    for sql in [
+        format!("SELECT {} FROM lung", vec!["age"; 2000].join(" + ")),
+        format!(
+            "SELECT count(*) FROM lung WHERE {}",
+            vec!["age > 1"; 2000].join(" OR ")
+        ),
+    ] {
+        let err = client
+            .query(&sql)
+            .await
+            .expect_err("too complex")
+            .to_string();
+        assert!(err.contains("(rule query_too_complex)"), "{err}");
+        assert!(err.contains("max_depth"), "{err}");
+    }
+    // A long sum is still planned and answered (its fragment SQL, one pair of parentheses
+    // per `+`, must stay within the SQL parser's nesting limit of 50).
+    let sum = format!("SELECT sum({}) FROM lung", vec!["age"; 40].join(" + "));
+    let answer = client.query(&sum).await.unwrap();
+    assert_eq!(
+        answer.batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+        1
+    );
+    federation.shutdown().await.unwrap();
+}

@@ -1,0 +1,120 @@
+//! Caps on the functions that grow a string from a count: `repeat`, `lpad`, `rpad`. Without
+//! them `repeat('x', 2000000000)` allocates gigabytes wherever it is evaluated, even while
+//! the hub folds a constant. The capped versions replace the built-in ones under the same
+//! names, at the hub and at every station, and refuse a result over [`MAX_STRING_BYTES`]
+//! before allocating it.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, FieldRef, Int64Type};
+use datafusion::common::{Result, ScalarValue, exec_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+};
+use datafusion::prelude::SessionContext;
+
+/// Longest string (in bytes) a capped function may build.
+pub const MAX_STRING_BYTES: usize = 1 << 20;
+
+/// One of the capped functions, wrapping DataFusion's own.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Capped {
+    inner: Arc<ScalarUDF>,
+}
+
+/// Registers the capped `repeat`, `lpad` and `rpad` in place of the built-in ones.
+pub fn register(ctx: &SessionContext) {
+    for inner in [
+        datafusion::functions::string::repeat(),
+        datafusion::functions::unicode::lpad(),
+        datafusion::functions::unicode::rpad(),
+    ] {
+        ctx.register_udf(ScalarUDF::from(Capped { inner }));
+    }
+}
+
+/// The largest integer a count argument holds, if it is one.
+fn largest(count: &ColumnarValue) -> Option<i64> {
+    match count {
+        ColumnarValue::Scalar(s) => match s.cast_to(&DataType::Int64).ok()? {
+            ScalarValue::Int64(v) => v,
+            _ => None,
+        },
+        ColumnarValue::Array(a) => {
+            let a = arrow::compute::cast(a, &DataType::Int64).ok()?;
+            arrow::compute::max(a.as_primitive::<Int64Type>())
+        }
+    }
+}
+
+/// The longest string (in bytes) an argument holds.
+fn longest(value: &ColumnarValue) -> usize {
+    let len = |a: &dyn Array| match a.data_type() {
+        DataType::Utf8 => (0..a.len())
+            .map(|i| a.as_string::<i32>().value(i).len())
+            .max(),
+        DataType::LargeUtf8 => (0..a.len())
+            .map(|i| a.as_string::<i64>().value(i).len())
+            .max(),
+        DataType::Utf8View => (0..a.len())
+            .map(|i| a.as_string_view().value(i).len())
+            .max(),
+        _ => Some(0),
+    };
+    match value {
+        ColumnarValue::Scalar(s) => s.to_array().ok().and_then(|a| len(&a)).unwrap_or(0),
+        ColumnarValue::Array(a) => len(a).unwrap_or(0),
+    }
+}
+
+impl ScalarUDFImpl for Capped {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let name = self.inner.name();
+        let bytes = match (name, args.args.as_slice()) {
+            ("repeat", [s, n, ..]) => largest(n)
+                .unwrap_or(0)
+                .max(0)
+                .unsigned_abs()
+                .saturating_mul(longest(s) as u64),
+            // A padded string has `n` characters of up to 4 bytes.
+            (_, [_, n, ..]) => largest(n)
+                .unwrap_or(0)
+                .max(0)
+                .unsigned_abs()
+                .saturating_mul(4),
+            _ => 0,
+        };
+        if bytes > MAX_STRING_BYTES as u64 {
+            return exec_err!(
+                "{name}() would build a string of more than {MAX_STRING_BYTES} bytes \
+                 (limit max_string_bytes)"
+            );
+        }
+        self.inner.invoke_with_args(args)
+    }
+}
