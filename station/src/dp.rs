@@ -151,11 +151,20 @@ fn sum_measurement(scale: f64) -> Result<SumMeasurement, NoiseError> {
     .map_err(opendp_error)
 }
 
+/// Largest magnitude of a released noisy count. OpenDP saturates at the ends of `i64`, and
+/// the hub adds stations' counts: clamped here (post-processing, which DP allows), the
+/// counts of 65,536 stations add up without wrapping.
+pub const MAX_NOISY_COUNT: i64 = i64::MAX >> 16;
+
 /// Noises a vector of counts with scale `scale` (OpenDP's discrete Laplace).
 pub fn noisy_counts(counts: Vec<i64>, scale: f64) -> Result<Vec<i64>, NoiseError> {
-    count_measurement(scale)?
+    let noisy = count_measurement(scale)?
         .invoke(&counts)
-        .map_err(opendp_error)
+        .map_err(opendp_error)?;
+    Ok(noisy
+        .into_iter()
+        .map(|c| c.clamp(-MAX_NOISY_COUNT, MAX_NOISY_COUNT))
+        .collect())
 }
 
 /// Noises a vector of sums with scale `scale` (OpenDP's Laplace).
@@ -293,6 +302,18 @@ mod tests {
     /// The probability that a Laplace(0, b) variable's absolute value exceeds t.
     fn tail(t: f64, b: f64) -> f64 {
         (-t / b).exp()
+    }
+
+    #[test]
+    fn saturated_noisy_counts_are_clamped_so_the_hub_can_add_them() {
+        let noisy = noisy_counts(vec![i64::MAX, i64::MIN, 7], 1.0).unwrap();
+        assert!(
+            noisy.iter().all(|c| c.abs() <= MAX_NOISY_COUNT),
+            "{noisy:?}"
+        );
+        // What 65,536 stations could send adds up without wrapping.
+        assert!(noisy[0].checked_mul(1 << 16).is_some());
+        assert!(noisy[1].checked_mul(1 << 16).is_some());
     }
 
     #[test]
