@@ -55,6 +55,7 @@ async fn federation(dir: &Path, commit: Commit) -> Result<(String, Vec<Arc<Stati
             policy: Policy::default(),
             audit_log: dir.join(name).join("audit.jsonl"),
             collaboration_secret: None,
+            hub_secret: None,
         };
         let station =
             Arc::new(Station::open_with_commit(name, &[table], &[], config, commit).await?);

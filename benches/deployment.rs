@@ -95,6 +95,7 @@ async fn deployed(dir: &Path, outbound: bool) -> Result<(String, String)> {
             policy: Policy::default(),
             audit_log: dir.join(name).join("audit.jsonl"),
             collaboration_secret: None,
+            hub_secret: None,
         };
         let station = Arc::new(Station::open(name, &[table], config).await?);
         type Incoming =
@@ -126,6 +127,7 @@ async fn deployed(dir: &Path, outbound: bool) -> Result<(String, String)> {
         transport: Transport {
             tls: Some(hub_tls.client_config()?),
             tunnels,
+            secret: None,
         },
         ..HubOptions::default()
     };

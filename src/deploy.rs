@@ -275,6 +275,8 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
     let transport = Transport {
         tls: Some(tls.client_config()?),
         tunnels,
+        // Deployed stations know their hub by its certificate.
+        secret: None,
     };
 
     let mut collaborations = HashMap::new();
@@ -540,6 +542,7 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
         policy: setup.policy,
         audit_log: config.data_dir.join("audit.jsonl"),
         collaboration_secret: None,
+        hub_secret: None,
     };
     let station = Arc::new(
         Station::open_sources(

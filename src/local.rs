@@ -254,9 +254,19 @@ fn collaboration_secret() -> Arc<[u8]> {
     Arc::from(secret)
 }
 
+/// A fresh hub secret: 32 random bytes as hex (a header value must be text).
+fn hub_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A running local federation.
 pub struct LocalFederation {
     pub hub: Arc<Hub>,
+    /// The secret the stations require of their hub (for tests that play the hub).
+    pub hub_secret: Arc<str>,
     /// `grpc://127.0.0.1:PORT` of the hub's Flight SQL endpoint.
     pub hub_url: String,
     pub stations: Vec<StationAddress>,
@@ -291,11 +301,17 @@ impl LocalFederation {
         }
         // Shared by the stations only: the hub never learns it.
         let secret = (!options.vertical.is_empty()).then(collaboration_secret);
+        // Shared by the hub and its stations only: on this machine nobody else can send
+        // the stations tickets (under another researcher's name, for a fresh DP budget, or
+        // for the pseudonymized rows of a vertical member).
+        let hub_secret: Arc<str> = hub_secret().into();
+        options.transport.secret = Some(Arc::clone(&hub_secret));
         for (name, tables) in plan {
             let config = StationConfig {
                 policy: policy.clone(),
                 audit_log: governance.audit_log(&name),
                 collaboration_secret: secret.clone(),
+                hub_secret: Some(Arc::clone(&hub_secret)),
             };
             let station = Arc::new(Station::open(name.clone(), &tables, config).await?);
             let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -326,6 +342,7 @@ impl LocalFederation {
         });
         Ok(Self {
             hub,
+            hub_secret,
             hub_url: format!("grpc://{hub_addr}"),
             stations: addresses,
             shutdown,

@@ -215,6 +215,15 @@ pub struct TrainCall {
 /// each row. A train's output may not have a column of this name.
 pub const TRAIN_STATION_COLUMN: &str = "station";
 
+/// The request header that carries a hub's secret to stations that require one
+/// (`railyard local` draws one per run).
+pub const HUB_SECRET_HEADER: &str = "x-railyard-hub-secret";
+
+/// Whether `sent` equals `secret`, in time that does not depend on where they differ.
+pub fn same_secret(sent: &[u8], secret: &[u8]) -> bool {
+    sent.len() == secret.len() && sent.iter().zip(secret).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
 /// The researcher of a ticket that names none (`railyard local`).
 pub const LOCAL_RESEARCHER: &str = "local";
 

@@ -144,7 +144,11 @@ impl JoinStation {
             Ok(physical) => physical,
             Err(e) => return Err(self.plan_failure(ticket, e).await),
         };
-        let batches: Vec<RecordBatch> = match execute_stream(physical, state.task_ctx()) {
+        let task = match railyard_udfs::with_query_memory(state.task_ctx()) {
+            Ok(task) => task,
+            Err(e) => return Err(self.run_failure(ticket, e).await),
+        };
+        let batches: Vec<RecordBatch> = match execute_stream(physical, task) {
             Ok(stream) => match stream.try_collect().await {
                 Ok(batches) => batches,
                 Err(e) => return Err(self.run_failure(ticket, e).await),

@@ -34,7 +34,32 @@ pub struct Transport {
     pub tls: Option<Arc<railyard_net::rustls::ClientConfig>>,
     /// The outbound stations' connections (for `tunnel://` stations).
     pub tunnels: Option<railyard_net::Tunnels>,
+    /// A secret the stations require of their hub (`railyard local` draws one per run),
+    /// sent as the `x-railyard-hub-secret` header of every request.
+    pub secret: Option<Arc<str>>,
 }
+
+/// Adds the hub's secret to every request to a station (nothing without one).
+#[derive(Debug, Clone, Default)]
+pub struct HubSecret(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for HubSecret {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(secret) = &self.0 {
+            request
+                .metadata_mut()
+                .insert(railyard_contract::HUB_SECRET_HEADER, secret.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A Flight client of a station, with the hub's secret on every request.
+pub(crate) type StationFlight =
+    FlightServiceClient<tonic::service::interceptor::InterceptedService<Channel, HubSecret>>;
 
 /// A connected station. Cloning shares the underlying HTTP/2 connection.
 #[derive(Debug, Clone)]
@@ -48,7 +73,7 @@ pub struct StationClient {
 #[derive(Debug, Clone)]
 enum Link {
     /// Arrow Flight over a connection (plaintext, mutual TLS, or an outbound tunnel).
-    Flight(FlightServiceClient<Channel>),
+    Flight(StationFlight),
     /// The hub's own join station of a vertical table, called in-process.
     Local(Arc<JoinStation>),
 }
@@ -75,7 +100,7 @@ impl StationClient {
                     unreachable("the hub does not expect this outbound station".to_string())
                 })?;
             // Connects when first used: the station may dial in a little later.
-            return Ok(Self::over(address, channel));
+            return Self::over(address, channel, transport);
         }
         let (rest, tls) = if let Some(rest) = address.url.strip_prefix("grpc+tls://") {
             let tls = transport.tls.clone().ok_or_else(|| {
@@ -123,18 +148,24 @@ impl StationClient {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
-        Ok(Self::over(address, channel))
+        Self::over(address, channel, transport)
     }
 
-    fn over(address: &StationAddress, channel: Channel) -> Self {
-        let client = FlightServiceClient::new(channel)
+    fn over(address: &StationAddress, channel: Channel, transport: &Transport) -> Result<Self> {
+        let secret = match &transport.secret {
+            Some(s) => Some(s.parse().map_err(|_| {
+                crate::error::Error::BadRequest("the hub secret is not ASCII text".into())
+            })?),
+            None => None,
+        };
+        let client = FlightServiceClient::with_interceptor(channel, HubSecret(secret))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Self {
+        Ok(Self {
             name: address.name.as_str().into(),
             url: address.url.as_str().into(),
             link: Link::Flight(client),
-        }
+        })
     }
 
     /// A client of the hub's own join station.
@@ -147,14 +178,14 @@ impl StationClient {
     }
 
     /// The Flight client, or the in-process join station.
-    pub(crate) fn link(&self) -> std::result::Result<FlightServiceClient<Channel>, &JoinStation> {
+    pub(crate) fn link(&self) -> std::result::Result<StationFlight, &JoinStation> {
         match &self.link {
             Link::Flight(client) => Ok(client.clone()),
             Link::Local(join) => Err(join),
         }
     }
 
-    fn flight(&self) -> std::result::Result<FlightServiceClient<Channel>, tonic::Status> {
+    fn flight(&self) -> std::result::Result<StationFlight, tonic::Status> {
         self.link()
             .map_err(|_| tonic::Status::internal("the join station is not reached over Flight"))
     }

@@ -68,6 +68,19 @@ pub fn over_budget(who: Spender<'_>, epsilon: f64, spent: f64, budget: f64) -> R
 }
 
 /// A train at a station whose policy allows no image.
+/// A request that does not carry the secret of the station's hub (`railyard local`): its
+/// stations answer their own hub only, so nobody else on the machine can send them tickets
+/// (a fresh DP budget per researcher name, pseudonymized rows for anyone).
+pub fn not_the_hub(station: &str) -> Refusal {
+    Refusal {
+        rule: Rule::HubOnly,
+        message: format!(
+            "policy: station '{station}' answers only its hub (the request does not carry the \
+             hub's secret)"
+        ),
+    }
+}
+
 pub fn no_trains(station: &str) -> Refusal {
     Refusal {
         rule: Rule::Trains,

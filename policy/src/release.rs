@@ -178,11 +178,41 @@ fn release_unstripped(
                     ),
                 ));
             }
+            // The survival_terms value: the last column before the row count that is not
+            // one of the station's own (contributors, digests).
+            let terms = |b: &RecordBatch| {
+                let schema = b.schema();
+                (0..b.num_columns())
+                    .rev()
+                    .find(|i| {
+                        let name = schema.field(*i).name();
+                        name != ROWS_COLUMN && !is_internal(name)
+                    })
+                    .map(|i| b.column(i).clone())
+            };
+            if matches!(release, Release::Survival { .. })
+                && kept.batches.iter().any(|b| {
+                    terms(b).is_some_and(|t| {
+                        t.as_list_opt::<i32>().is_some_and(|l| {
+                            (0..l.len()).any(|r| l.is_valid(r) && l.value_length(r) == 0)
+                        })
+                    })
+                })
+            {
+                // survival_terms answers an empty list when one row dominates a sum.
+                return Err(refuse(
+                    station,
+                    Rule::ModelDominance,
+                    format!(
+                        "releases no survival sums of table '{table}' that one row dominates: with these coefficients one row holds too large a share of a risk or death sum"
+                    ),
+                ));
+            }
             if matches!(release, Release::Survival { .. })
                 && kept
                     .batches
                     .iter()
-                    .any(|b| b.num_columns() >= 2 && b.column(b.num_columns() - 2).null_count() > 0)
+                    .any(|b| terms(b).is_some_and(|t| t.null_count() > 0))
             {
                 return Err(refuse(
                     station,
@@ -227,11 +257,11 @@ fn model(
     parameters: usize,
     batches: &[RecordBatch],
 ) -> Result<(), ReleaseError> {
-    let terms = batches
+    let list = batches
         .iter()
         .find(|b| b.num_rows() > 0)
-        .and_then(|b| b.column(0).as_list_opt::<i32>())
-        .and_then(|l| railyard_udfs::glm_terms::list_values(l, 0));
+        .and_then(|b| b.column(0).as_list_opt::<i32>());
+    let terms = list.and_then(|l| railyard_udfs::glm_terms::list_values(l, 0));
     let layout = GlmLayout { q: parameters };
     let Some(terms) = terms.filter(|t| t.len() == layout.len()) else {
         return Err(ReleaseError::Internal(
@@ -271,6 +301,16 @@ fn model(
                 ),
             ));
         }
+    }
+    // The station's glm_terms answers NaN sums when one row dominates one of them.
+    if terms.iter().any(|v| v.is_nan()) {
+        return Err(refuse(
+            station,
+            Rule::ModelDominance,
+            format!(
+                "releases no model term of table '{table}' that one row dominates: with these coefficients one row holds too large a share of a sum"
+            ),
+        ));
     }
     Ok(())
 }
@@ -393,7 +433,7 @@ pub fn failure_category(e: &DataFusionError) -> &'static str {
             | arrow::error::ArrowError::ArithmeticOverflow(_) => "a computation failed",
             _ => "reading or computing failed",
         },
-        DataFusionError::ResourcesExhausted(_) => "resources exhausted",
+        DataFusionError::ResourcesExhausted(_) => "resources exhausted (limit query_memory_bytes)",
         DataFusionError::IoError(_) | DataFusionError::ObjectStore(_) => {
             "the station could not read its data"
         }
@@ -673,6 +713,33 @@ mod tests {
             Some(Rule::ModelLevel)
         );
         assert_eq!(model_rule(5, 10, 2, 40.0, &[40.0, 35.0]), None);
+        // Sums marked NaN by the station's glm_terms: one row dominates them.
+        let mut dominated = terms(2, 40.0, &[40.0, 20.0]);
+        {
+            use arrow::array::{Float64Builder, ListBuilder};
+            let layout = GlmLayout { q: 2 };
+            let mut values = vec![f64::NAN; layout.len()];
+            values[GlmLayout::N] = 40.0;
+            values[layout.nonzero()].copy_from_slice(&[40.0, 20.0]);
+            let mut list = ListBuilder::new(Float64Builder::new());
+            list.values().append_slice(&values);
+            list.append(true);
+            let mut columns = dominated.columns().to_vec();
+            columns[0] = Arc::new(list.finish());
+            dominated = RecordBatch::try_new(dominated.schema(), columns).unwrap();
+        }
+        let model = Release::Model {
+            k: 5,
+            min_rows: 10,
+            parameters: 2,
+        };
+        assert!(matches!(
+            release("s", "t", &model, vec![dominated]),
+            Err(ReleaseError::Refused(Refusal {
+                rule: Rule::ModelDominance,
+                ..
+            }))
+        ));
         // Terms of the wrong length are a bug, not the user's fault.
         let model = Release::Model {
             k: 5,

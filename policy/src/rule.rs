@@ -38,6 +38,8 @@ rules! {
     FragmentShape = "fragment_shape",
     /// A string literal is longer than `max_string_literal`.
     StringLiteral = "string_literal",
+    /// A request to a station that is not from its hub (`railyard local`'s per-run secret).
+    HubOnly = "hub_only",
     /// A statement over the limits on its length, operators or nesting
     /// ([`crate::limits`]), checked before it is parsed into a plan.
     QueryTooComplex = "query_too_complex",
@@ -76,6 +78,9 @@ rules! {
     /// A model with more than one parameter per three complete rows.
     ModelParameters = "model_parameters",
     /// A model design column non-zero (or zero) on fewer than k rows.
+    /// One row dominates a released model sum (X'WX, X'Wz, the deviance), whatever
+    /// coefficients the round was sent with.
+    ModelDominance = "model_dominance",
     ModelLevel = "model_level",
     /// Pseudonymized rows of a table whose policy does not set `allow_vertical`.
     AllowVertical = "allow_vertical",

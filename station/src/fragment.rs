@@ -179,7 +179,10 @@ impl Station {
             .query_planner()
             .create_physical_plan(plan, &self.state)
             .await?;
-        Ok((physical, self.state.task_ctx()))
+        Ok((
+            physical,
+            railyard_udfs::with_query_memory(self.state.task_ctx())?,
+        ))
     }
 
     /// The logical plan of a fragment's SQL: a query, never DDL, DML or `SET`.

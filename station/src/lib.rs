@@ -69,6 +69,11 @@ pub struct StationConfig {
     /// The secret shared by a collaboration's stations (never by its hub) that keys the
     /// pseudonyms of `join_key` columns; without one the station links no vertical table.
     pub collaboration_secret: Option<Arc<[u8]>>,
+    /// A secret only its hub holds (`railyard local` draws one per run): with one, the
+    /// station answers only requests that carry it in the `x-railyard-hub-secret` header.
+    /// Without one, who may connect is the transport's business (mutual TLS in a
+    /// deployment).
+    pub hub_secret: Option<Arc<str>>,
 }
 
 /// A station: its name, its own DataFusion session over its tables, its policy and its
@@ -91,6 +96,8 @@ pub struct Station {
     /// Keys the noisy margin of the group-size thresholds (kept beside the audit log, so
     /// the same rows meet the same threshold after a restart).
     threshold_key: railyard_policy::release::ThresholdKey,
+    /// See [`StationConfig::hub_secret`].
+    hub_secret: Option<Arc<str>>,
 }
 
 impl Station {
@@ -180,6 +187,7 @@ impl Station {
             trains,
             ledger,
             threshold_key,
+            hub_secret: config.hub_secret.clone(),
         };
         for (table, schema) in station.tables().await? {
             station.policy.validate_table(&table, &schema)?;
@@ -313,9 +321,30 @@ where
         + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let service = FlightServiceServer::new(StationService::new(station))
+    let secret = station.hub_secret.clone();
+    let name = station.name.clone();
+    let only_the_hub = move |request: tonic::Request<()>| match &secret {
+        None => Ok(request),
+        Some(secret) => {
+            let sent = request
+                .metadata()
+                .get(railyard_contract::HUB_SECRET_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if railyard_contract::same_secret(sent, secret.as_bytes()) {
+                Ok(request)
+            } else {
+                Err(error::to_status(
+                    &name,
+                    Error::Refused(railyard_policy::gate::not_the_hub(&name)),
+                ))
+            }
+        }
+    };
+    let server = FlightServiceServer::new(StationService::new(station))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service = tonic::service::interceptor::InterceptedService::new(server, only_the_hub);
     railyard_net::serve::serve(tonic::service::Routes::new(service), incoming, shutdown).await?;
     Ok(())
 }

@@ -103,6 +103,21 @@ async fn deep_statements_are_refused_by_the_hub_which_keeps_answering() {
         assert!(err.contains("(rule query_too_complex)"), "{err}");
         assert!(err.contains("max_depth"), "{err}");
     }
+    // A query that grows past its memory budget fails alone, naming the limit; the hub
+    // keeps answering.
+    let err = client
+        .query("SELECT length(string_agg(repeat('x', 30000), '')) FROM generate_series(1, 50000)")
+        .await
+        .expect_err("over the query's memory budget")
+        .to_string();
+    assert!(err.to_lowercase().contains("resources exhausted"), "{err}");
+    // A batch of rows that would build more strings than an Arrow array holds is refused.
+    let err = client
+        .query("SELECT length(string_agg(repeat('x', 1000000), '')) FROM generate_series(1, 3000)")
+        .await
+        .expect_err("over the batch's string budget")
+        .to_string();
+    assert!(err.contains("max_string_bytes"), "{err}");
     // A long sum is still planned and answered (its fragment SQL, one pair of parentheses
     // per `+`, must stay within the SQL parser's nesting limit of 50).
     let sum = format!("SELECT sum({}) FROM lung", vec!["age"; 40].join(" + "));
@@ -111,5 +126,84 @@ async fn deep_statements_are_refused_by_the_hub_which_keeps_answering() {
         answer.batches.iter().map(|b| b.num_rows()).sum::<usize>(),
         1
     );
+    federation.shutdown().await.unwrap();
+}
+
+/// A model round sent straight to the stations with coefficients chosen so that every row
+/// but patient 1's weighs nothing: X'WX / ΣW would be that patient's exact values. The
+/// station holding patient 1 refuses it by the dominance rule, whatever the coefficients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_round_with_chosen_coefficients_cannot_single_out_a_patient() {
+    let (federation, _governance) = lung_under_default_policy().await;
+    let attack = "SELECT glm_terms('binomial', true, status, patient_id, age, time, meal_cal, \
+                  -40.0, 40.0, 0, 0, 0) AS a0 FROM lung";
+    let mut refused = 0;
+    for station in &federation.stations {
+        // Elsewhere every row weighs the same (|η| is capped): nothing stands out, and the
+        // round is answered.
+        if let Err(err) = fixtures::run_at_station(&station.url, attack).await {
+            assert!(err.contains("(rule model_dominance)"), "{err}");
+            assert!(!err.contains("74"), "{err}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1, "the station holding patient 1 refuses");
+    // An honest first round (all coefficients 0) is answered everywhere.
+    for station in &federation.stations {
+        fixtures::run_at_station(
+            &station.url,
+            "SELECT glm_terms('gaussian', true, age, time, meal_cal, 0, 0, 0) AS a0 FROM lung",
+        )
+        .await
+        .unwrap();
+    }
+    federation.shutdown().await.unwrap();
+}
+
+/// `railyard local`'s stations answer their own hub only: a ticket sent to a station's
+/// loopback port without the hub's per-run secret (under any researcher name, for a fresh
+/// DP budget, or for pseudonymized rows) is refused before it is planned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_stations_answer_only_their_hub() {
+    let (federation, _governance) = lung_under_default_policy().await;
+    let url = &federation.stations[0].url;
+    let channel = tonic::transport::Endpoint::from_shared(url.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = arrow_flight::flight_service_client::FlightServiceClient::new(channel);
+    for researcher in ["alice", "mallory-1", "mallory-2"] {
+        let ticket = railyard_contract::FragmentTicket {
+            query_id: "q".into(),
+            fragment: 1,
+            researcher: researcher.into(),
+            collaboration: String::new(),
+            epsilon: None,
+            sql: "SELECT partial_count(1) AS a0 FROM lung".into(),
+            train: None,
+        };
+        let mut wrong = tonic::Request::new(arrow_flight::Ticket::new(ticket.to_bytes()));
+        wrong.metadata_mut().insert(
+            railyard_contract::HUB_SECRET_HEADER,
+            "guess".parse().unwrap(),
+        );
+        for request in [
+            tonic::Request::new(arrow_flight::Ticket::new(ticket.to_bytes())),
+            wrong,
+        ] {
+            let status = client.do_get(request).await.expect_err("not the hub");
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+            assert!(status.message().contains("(rule hub_only)"), "{status:?}");
+        }
+    }
+    let listing = client
+        .list_flights(arrow_flight::Criteria::default())
+        .await
+        .expect_err("not even the tables are listed");
+    assert_eq!(listing.code(), tonic::Code::PermissionDenied);
+    // The hub itself still answers.
+    let mut hub = HubClient::connect(&federation.hub_url).await.unwrap();
+    hub.query("SELECT count(*) FROM lung").await.unwrap();
     federation.shutdown().await.unwrap();
 }

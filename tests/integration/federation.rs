@@ -174,6 +174,7 @@ async fn manual_federation(options: HubOptions) -> Manual {
             policy: Policy::load(&fixtures::repo().join("tests/policies/open.toml")).unwrap(),
             audit_log: fixtures::audit_dir().join(name).join("audit.jsonl"),
             collaboration_secret: None,
+            hub_secret: None,
         };
         let station = Arc::new(Station::open(name, &[table], config).await.unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

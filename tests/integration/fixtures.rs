@@ -149,9 +149,31 @@ pub async fn federation_with(
     governance: &Governance,
 ) -> LocalFederation {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
-    LocalFederation::start(specs, listener, options, governance)
+    let federation = LocalFederation::start(specs, listener, options, governance)
         .await
-        .expect("start the federation")
+        .expect("start the federation");
+    let mut secrets = HUB_SECRETS.lock().unwrap_or_else(|p| p.into_inner());
+    for station in &federation.stations {
+        secrets.insert(station.url.clone(), federation.hub_secret.to_string());
+    }
+    federation
+}
+
+/// The hub secret of each local station started by a test, by URL: tests that send
+/// tickets straight to a station play its hub (a compromised one), so they carry it.
+static HUB_SECRETS: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// `request` with the hub secret of the local station at `url` (if a test started one).
+pub fn as_hub<T>(url: &str, mut request: tonic::Request<T>) -> tonic::Request<T> {
+    let secrets = HUB_SECRETS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(secret) = secrets.get(url) {
+        request.metadata_mut().insert(
+            railyard_contract::HUB_SECRET_HEADER,
+            secret.parse().expect("a hex secret"),
+        );
+    }
+    request
 }
 
 pub fn path(p: &Path) -> String {
@@ -201,8 +223,8 @@ pub fn table_arg(name: &str, rel: &str) -> [String; 2] {
     ]
 }
 
-/// Sends `sql` straight to a station as a fragment ticket (as a hub would, or as someone
-/// bypassing the hub could), and collects what it releases.
+/// Sends `sql` straight to a station as a fragment ticket (as a hub would, or as a
+/// compromised hub could: with the hub's secret), and collects what it releases.
 pub async fn run_at_station(
     url: &str,
     sql: &str,
@@ -226,7 +248,10 @@ pub async fn run_at_station(
         train: None,
     };
     let response = client
-        .do_get(arrow_flight::Ticket::new(ticket.to_bytes()))
+        .do_get(as_hub(
+            url,
+            tonic::Request::new(arrow_flight::Ticket::new(ticket.to_bytes())),
+        ))
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();

@@ -553,14 +553,20 @@ async fn a_refusal_carries_its_rule_as_structured_detail_on_both_hops() {
         train: None,
     };
     let check = client
-        .do_action(arrow_flight::Action::new(
-            railyard_contract::actions::CHECK,
-            ticket.to_bytes(),
+        .do_action(fixtures::as_hub(
+            url,
+            tonic::Request::new(arrow_flight::Action::new(
+                railyard_contract::actions::CHECK,
+                ticket.to_bytes(),
+            )),
         ))
         .await
         .expect_err("row-level ages are refused");
     let run = client
-        .do_get(arrow_flight::Ticket::new(ticket.to_bytes()))
+        .do_get(fixtures::as_hub(
+            url,
+            tonic::Request::new(arrow_flight::Ticket::new(ticket.to_bytes())),
+        ))
         .await
         .expect_err("row-level ages are refused");
     for status in [check, run] {

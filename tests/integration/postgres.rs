@@ -101,6 +101,7 @@ async fn federation_over(stations: Vec<(String, String)>, table: &str) -> String
             policy: open_policy(),
             audit_log: dir.join(station).join("audit.jsonl"),
             collaboration_secret: None,
+            hub_secret: None,
         };
         let opened = Station::open_sources(station, &[], &[source], config)
             .await
@@ -194,6 +195,7 @@ async fn a_postgres_table_that_cannot_be_read_is_named_and_the_password_is_not_e
         policy: Policy::default(),
         audit_log: fixtures::audit_dir().join("audit.jsonl"),
         collaboration_secret: None,
+        hub_secret: None,
     };
     let source = |connection: String, relation: Relation| PostgresSource {
         name: "odd".to_string(),

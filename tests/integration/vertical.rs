@@ -466,6 +466,7 @@ async fn recorded_members(fragment_timeout: std::time::Duration) -> Members {
             policy: policy.clone(),
             audit_log: dir.join(m).join("audit.jsonl"),
             collaboration_secret: Some(Arc::clone(&secret)),
+            hub_secret: None,
         };
         let station = Arc::new(Station::open(m, &[table], config).await.unwrap());
         let log: Log = Arc::default();
@@ -712,6 +713,7 @@ async fn a_station_without_the_collaboration_secret_refuses_to_pseudonymize() {
         policy,
         audit_log: dir.join("audit.jsonl"),
         collaboration_secret: None,
+        hub_secret: None,
     };
     let station = Station::open("station_b", &[table], config).await.unwrap();
     let ticket = FragmentTicket {

@@ -14,8 +14,12 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 
-/// Longest string (in bytes) a capped function may build.
-pub const MAX_STRING_BYTES: usize = 1 << 20;
+/// Longest string (in bytes) a capped function may build: a constant one is broadcast to
+/// every row of a batch (8,192), which must stay within an Arrow string array (2 GiB).
+pub const MAX_STRING_BYTES: usize = 64 << 10;
+/// Most bytes a capped function may build for one batch of rows (an Arrow string array
+/// holds at most 2 GiB; past it the kernel panics).
+pub const MAX_BATCH_STRING_BYTES: usize = 256 << 20;
 
 /// One of the capped functions, wrapping DataFusion's own.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -113,6 +117,12 @@ impl ScalarUDFImpl for Capped {
             return exec_err!(
                 "{name}() would build a string of more than {MAX_STRING_BYTES} bytes \
                  (limit max_string_bytes)"
+            );
+        }
+        if bytes.saturating_mul(args.number_rows as u64) > MAX_BATCH_STRING_BYTES as u64 {
+            return exec_err!(
+                "{name}() would build more than {MAX_BATCH_STRING_BYTES} bytes of strings for \
+                 one batch of rows (limit max_string_bytes)"
             );
         }
         self.inner.invoke_with_args(args)

@@ -218,18 +218,66 @@ pub fn f64_list_type() -> DataType {
     DataType::new_list(DataType::Float64, true)
 }
 
-/// The `glm_terms` aggregate.
+/// Largest |η| a row's linear predictor is taken at: beyond it a binomial weight is below
+/// 10⁻¹³ and a Poisson mean above 10¹³, so a coefficient chosen to make every row but one
+/// vanish (or explode) is bounded, and the dominance rule sees what remains.
+pub const MAX_ETA: f64 = 30.0;
+
+/// The `glm_terms` aggregate. At a station it carries the policy's dominance rule: no
+/// released sum may be dominated by one row, whatever coefficients the round was sent
+/// with (see [`GlmTerms::with_dominance`]).
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct GlmTerms {
     signature: Signature,
+    /// The largest share (in thousandths) one row may hold of a released sum, measured
+    /// against the sum of absolute contributions; None at the hub (it only plans).
+    max_share_permille: Option<u32>,
 }
 
 impl Default for GlmTerms {
     fn default() -> Self {
         Self {
             signature: Signature::user_defined(Volatility::Immutable),
+            max_share_permille: None,
         }
     }
+}
+
+impl GlmTerms {
+    /// The aggregate enforcing that no row holds more than `max_share` (0 < share ≤ 1) of any
+    /// dominance-checked sum: its value is NULL otherwise, which the station refuses.
+    pub fn with_dominance(max_share: f64) -> Self {
+        Self {
+            max_share_permille: Some((max_share.clamp(0.0, 1.0) * 1000.0).round() as u32),
+            ..Self::default()
+        }
+    }
+}
+
+/// Whether a sum whose rows' contributions have absolute sum `abs` and largest absolute
+/// value `max` is dominated by one row at `share` (`max > share · abs`).
+pub fn dominated(abs: f64, max: f64, share: f64) -> bool {
+    abs > 0.0 && max > share * abs
+}
+
+/// Merges the tracked sums of `other` into `sums`, both `[values | Σ|c| | max|c|]` of
+/// `len` values each: the first two parts add, the last takes the larger.
+pub fn merge_tracked(sums: &mut [f64], other: &[f64], len: usize) -> Result<()> {
+    if sums.len() != 3 * len || other.len() != 3 * len {
+        return exec_err!(
+            "model terms of lengths {} and {} are not three parts of {len}",
+            sums.len(),
+            other.len()
+        );
+    }
+    for (i, (a, b)) in sums.iter_mut().zip(other).enumerate() {
+        if i < 2 * len {
+            *a += b;
+        } else {
+            *a = a.max(*b);
+        }
+    }
+    Ok(())
 }
 
 impl AggregateUDFImpl for GlmTerms {
@@ -298,8 +346,9 @@ impl AggregateUDFImpl for GlmTerms {
             p,
             beta,
             layout,
-            sums: vec![0.0; layout.len()],
+            sums: vec![0.0; 3 * layout.len()],
             row: vec![0.0; q],
+            max_share: self.max_share_permille.map(|m| f64::from(m) / 1000.0),
         }))
     }
 }
@@ -311,12 +360,23 @@ struct GlmAccumulator {
     p: usize,
     beta: Vec<f64>,
     layout: GlmLayout,
+    /// The released sums, then for each the sum of its rows' absolute contributions, then
+    /// the largest of them (the state; only the first part is released).
     sums: Vec<f64>,
     /// The design row being added (reused).
     row: Vec<f64>,
+    max_share: Option<f64>,
 }
 
 impl GlmAccumulator {
+    /// Adds one row's contribution `c` to released sum `i`, and to its dominance sums.
+    fn add(&mut self, i: usize, c: f64) {
+        let len = self.layout.len();
+        self.sums[i] += c;
+        self.sums[len + i] += c.abs();
+        self.sums[2 * len + i] = self.sums[2 * len + i].max(c.abs());
+    }
+
     fn add_row(&mut self, y: f64) {
         let layout = self.layout;
         let q = layout.q;
@@ -325,6 +385,11 @@ impl GlmAccumulator {
             self.sums[GlmLayout::INVALID] += 1.0;
             return;
         }
+        // The identity link needs no cap: its weights do not depend on η.
+        let eta = match self.family {
+            Family::Gaussian => eta,
+            Family::Binomial | Family::Poisson => eta.clamp(-MAX_ETA, MAX_ETA),
+        };
         let mu = self.family.mean(eta);
         let (w, deviance, loglik) = match self.family {
             Family::Gaussian => (1.0, (y - mu) * (y - mu), 0.0),
@@ -339,23 +404,35 @@ impl GlmAccumulator {
                 (mu, 2.0 * (saturated - ll), ll)
             }
         };
-        let s = &mut self.sums;
-        s[GlmLayout::N] += 1.0;
-        s[GlmLayout::SUM_Y] += y;
-        s[GlmLayout::DEVIANCE] += deviance;
-        s[GlmLayout::LOGLIK] += loglik;
+        self.sums[GlmLayout::N] += 1.0;
+        self.sums[GlmLayout::SUM_Y] += y;
+        self.add(GlmLayout::DEVIANCE, deviance);
+        self.add(GlmLayout::LOGLIK, loglik);
         let r = w * eta + (y - mu);
         let (xtwz, xtwx, nonzero) = (layout.xtwz(), layout.xtwx(), layout.nonzero());
         for j in 0..q {
             let xj = self.row[j];
-            s[xtwz.start + j] += xj * r;
+            self.add(xtwz.start + j, xj * r);
             if xj != 0.0 {
-                s[nonzero.start + j] += 1.0;
+                self.sums[nonzero.start + j] += 1.0;
             }
             for k in 0..q {
-                s[xtwx.start + j * q + k] += w * xj * self.row[k];
+                let c = w * xj * self.row[k];
+                self.add(xtwx.start + j * q + k, c);
             }
         }
+    }
+
+    /// Whether one row dominates a sum the coefficients shape: the deviance, the
+    /// log-likelihood, X'Wz and X'WX (ΣW among them, with an intercept).
+    fn dominated(&self, share: f64) -> bool {
+        let layout = self.layout;
+        let len = layout.len();
+        [GlmLayout::DEVIANCE, GlmLayout::LOGLIK]
+            .into_iter()
+            .chain(layout.xtwz())
+            .chain(layout.xtwx())
+            .any(|i| dominated(self.sums[len + i], self.sums[2 * len + i], share))
     }
 }
 
@@ -409,7 +486,16 @@ impl Accumulator for GlmAccumulator {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        Ok(f64_list(&self.sums))
+        if self.max_share.is_some_and(|share| self.dominated(share)) {
+            // The counts stay (the station's row and level rules come first); every sum is
+            // NaN, which the station refuses as dominated.
+            let mut marked = vec![f64::NAN; self.layout.len()];
+            marked[GlmLayout::N] = self.sums[GlmLayout::N];
+            let nonzero = self.layout.nonzero();
+            marked[nonzero.clone()].copy_from_slice(&self.sums[nonzero]);
+            return Ok(f64_list(&marked));
+        }
+        Ok(f64_list(&self.sums[..self.layout.len()]))
     }
 
     fn size(&self) -> usize {
@@ -426,7 +512,7 @@ impl Accumulator for GlmAccumulator {
         };
         for row in 0..list.len() {
             if let Some(values) = list_values(list, row) {
-                add_terms(&mut self.sums, &values)?;
+                merge_tracked(&mut self.sums, &values, self.layout.len())?;
             }
         }
         Ok(())

@@ -82,6 +82,34 @@ pub fn partial_of(inner: Arc<AggregateUDF>, distinct: bool) -> Arc<AggregateUDF>
     Arc::new(AggregateUDF::from(PartialAggregate::new(inner, distinct)))
 }
 
+/// The memory one query may use, at the hub or at a station (limit `query_memory_bytes`).
+pub const QUERY_MEMORY_BYTES: usize = 1 << 30;
+
+/// `task` with a memory pool of its own, of [`QUERY_MEMORY_BYTES`]: one query that grows
+/// without bound (a huge grouping, a string function over many rows) fails alone, with
+/// "resources exhausted", instead of taking the process down with it.
+pub fn with_query_memory(
+    task: Arc<datafusion::execution::TaskContext>,
+) -> Result<Arc<datafusion::execution::TaskContext>> {
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+        &task.runtime_env(),
+    )
+    .with_memory_pool(Arc::new(
+        datafusion::execution::memory_pool::GreedyMemoryPool::new(QUERY_MEMORY_BYTES),
+    ))
+    .build_arc()?;
+    Ok(Arc::new(datafusion::execution::TaskContext::new(
+        task.task_id(),
+        task.session_id(),
+        task.session_config().clone(),
+        task.scalar_functions().clone(),
+        task.higher_order_functions().clone(),
+        task.aggregate_functions().clone(),
+        task.window_functions().clone(),
+        runtime,
+    )))
+}
+
 /// Session configuration for planning fragment SQL. The hub plans every fragment once under
 /// this configuration to know its output schema; a station must plan it the same way.
 pub fn fragment_session_config() -> SessionConfig {

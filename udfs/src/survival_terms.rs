@@ -29,7 +29,8 @@ use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{Accumulator, AggregateUDFImpl, Signature, Volatility};
 
 use crate::glm_terms::{
-    add_terms, coerce_numeric, f64_list, f64_list_type, list_values, literal_f64,
+    MAX_ETA, add_terms, coerce_numeric, dominated, f64_list, f64_list_type, list_values,
+    literal_f64, merge_tracked,
 };
 
 /// The function's SQL name.
@@ -88,7 +89,11 @@ pub fn survival_covariates(args: usize) -> Option<usize> {
 
 /// Splits a released value `[t, v…, t, v…]` into (time, vector) pairs.
 pub fn survival_entries(values: &[f64], layout: SurvivalLayout) -> Result<Vec<(f64, Vec<f64>)>> {
-    let stride = 1 + layout.len();
+    entries(values, 1 + layout.len())
+}
+
+/// Splits `[t, v…, t, v…]` with vectors of `stride - 1` values.
+fn entries(values: &[f64], stride: usize) -> Result<Vec<(f64, Vec<f64>)>> {
     if !values.len().is_multiple_of(stride) {
         return exec_err!(
             "{SURVIVAL_TERMS}: {} values do not divide into times of {stride}",
@@ -121,16 +126,33 @@ pub fn add_entries(table: &mut EventTable, values: &[f64], layout: SurvivalLayou
     Ok(())
 }
 
-/// The `survival_terms` aggregate.
+/// The `survival_terms` aggregate. At a station it carries the policy's dominance rule (see
+/// [`SurvivalTerms::with_dominance`]).
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct SurvivalTerms {
     signature: Signature,
+    /// As for [`crate::glm_terms::GlmTerms`]: the largest share (in thousandths) one row
+    /// may hold of a released risk or death sum.
+    max_share_permille: Option<u32>,
 }
 
 impl Default for SurvivalTerms {
     fn default() -> Self {
         Self {
             signature: Signature::user_defined(Volatility::Immutable),
+            max_share_permille: None,
+        }
+    }
+}
+
+impl SurvivalTerms {
+    /// The aggregate enforcing that no row holds more than `max_share` of any released
+    /// S0, S1, S2, D0, D1 or D2 sum: its value is an empty list otherwise, which the station
+    /// refuses (`model_dominance`).
+    pub fn with_dominance(max_share: f64) -> Self {
+        Self {
+            max_share_permille: Some((max_share.clamp(0.0, 1.0) * 1000.0).round() as u32),
+            ..Self::default()
         }
     }
 }
@@ -189,6 +211,7 @@ impl AggregateUDFImpl for SurvivalTerms {
             beta,
             times: BTreeMap::new(),
             x: vec![0.0; p],
+            max_share: self.max_share_permille.map(|m| f64::from(m) / 1000.0),
         }))
     }
 }
@@ -218,15 +241,18 @@ struct SurvivalAccumulator {
     min_rows: f64,
     min_events: f64,
     beta: Vec<f64>,
-    /// Per (floored) time, the sums of its rows.
+    /// Per (floored) time, the sums of its rows, then for each the sum of the rows'
+    /// absolute contributions and the largest of them (for the dominance rule, never
+    /// released).
     times: EventTable,
     x: Vec<f64>,
+    max_share: Option<f64>,
 }
 
 impl SurvivalAccumulator {
     fn add_row(&mut self, time: f64, death: bool) {
         let layout = self.layout;
-        let p = layout.p;
+        let (p, len) = (layout.p, layout.len());
         let key = if self.resolution > 0.0 {
             (time / self.resolution).floor() * self.resolution
         } else {
@@ -235,37 +261,62 @@ impl SurvivalAccumulator {
         let v = self
             .times
             .entry(Time(key))
-            .or_insert_with(|| vec![0.0; layout.len()]);
-        v[SurvivalLayout::ROWS] += 1.0;
+            .or_insert_with(|| vec![0.0; 3 * len]);
+        let mut add = |i: usize, c: f64| {
+            v[i] += c;
+            v[len + i] += c.abs();
+            v[2 * len + i] = v[2 * len + i].max(c.abs());
+        };
+        add(SurvivalLayout::ROWS, 1.0);
         if death {
-            v[SurvivalLayout::EVENTS] += 1.0;
+            add(SurvivalLayout::EVENTS, 1.0);
         }
         if p == 0 {
             return;
         }
-        let e = self
+        let eta = self
             .x
             .iter()
             .zip(&self.beta)
             .map(|(x, b)| x * b)
-            .sum::<f64>()
-            .exp();
+            .sum::<f64>();
+        let e = eta.clamp(-MAX_ETA, MAX_ETA).exp();
+        let x = &self.x;
         let mut add_block = |start: usize| {
-            v[start] += e;
+            add(start, e);
             for j in 0..p {
-                v[start + 1 + j] += self.x[j] * e;
+                add(start + 1 + j, x[j] * e);
                 for k in 0..p {
-                    v[start + 1 + p + j * p + k] += self.x[j] * self.x[k] * e;
+                    add(start + 1 + p + j * p + k, x[j] * x[k] * e);
                 }
             }
         };
         add_block(layout.rows_block());
         if death {
             add_block(layout.deaths_block());
-            for j in 0..p {
-                v[layout.death_x() + j] += self.x[j];
+            for (j, xj) in x.iter().enumerate() {
+                add(layout.death_x() + j, *xj);
             }
         }
+    }
+
+    /// Whether one row dominates a released risk or death sum of a pooled time.
+    fn dominated(&self, entries: &[Entry], share: f64) -> bool {
+        let layout = self.layout;
+        if layout.p == 0 {
+            // Without coefficients there are only counts, pooled to their own rules.
+            return false;
+        }
+        let len = layout.len();
+        let block = layout.death_x() - layout.deaths_block();
+        let checked: Vec<usize> = (layout.rows_block()..layout.rows_block() + block)
+            .chain(layout.deaths_block()..layout.deaths_block() + block)
+            .collect();
+        entries.iter().any(|(_, v)| {
+            checked
+                .iter()
+                .any(|i| dominated(v[len + i], v[2 * len + i], share))
+        })
     }
 
     fn releasable(&self, v: &[f64]) -> bool {
@@ -276,12 +327,13 @@ impl SurvivalAccumulator {
     /// The released times: pooled so that every one is releasable; None if that is
     /// impossible.
     fn pooled(&self) -> Result<Option<Vec<Entry>>> {
+        let len = self.layout.len();
         let mut out: Vec<Entry> = Vec::new();
         let mut open: Option<Entry> = None;
         for (time, v) in &self.times {
             match &mut open {
                 None => open = Some((time.0, v.clone())),
-                Some((_, sums)) => add_terms(sums, v)?,
+                Some((_, sums)) => merge_tracked(sums, v, len)?,
             }
             if let Some((_, sums)) = &open
                 && self.releasable(sums)
@@ -293,7 +345,7 @@ impl SurvivalAccumulator {
             let Some((_, last)) = out.last_mut() else {
                 return Ok(None);
             };
-            add_terms(last, &rest)?;
+            merge_tracked(last, &rest, len)?;
             // The tail may have broken the last time's rule: pool backwards until it holds.
             while let Some((_, last)) = out.last()
                 && !self.releasable(last)
@@ -302,17 +354,18 @@ impl SurvivalAccumulator {
                 let Some((_, previous)) = out.last_mut() else {
                     return Ok(None);
                 };
-                add_terms(previous, &last)?;
+                merge_tracked(previous, &last, len)?;
             }
         }
         Ok(Some(out))
     }
 
-    fn flat(entries: impl IntoIterator<Item = (f64, Vec<f64>)>) -> Vec<f64> {
+    /// `[t, v…, t, v…]` with the first `width` values of each vector.
+    fn flat(entries: impl IntoIterator<Item = (f64, Vec<f64>)>, width: usize) -> Vec<f64> {
         let mut values = Vec::new();
         for (t, v) in entries {
             values.push(t);
-            values.extend(v);
+            values.extend(&v[..width]);
         }
         values
     }
@@ -350,7 +403,14 @@ impl Accumulator for SurvivalAccumulator {
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
         Ok(match self.pooled()? {
-            Some(entries) => f64_list(&Self::flat(entries)),
+            Some(entries)
+                if self
+                    .max_share
+                    .is_some_and(|share| self.dominated(&entries, share)) =>
+            {
+                f64_list(&[])
+            }
+            Some(entries) => f64_list(&Self::flat(entries, self.layout.len())),
             None => ScalarValue::List(Arc::new(arrow::array::ListArray::new_null(
                 Arc::new(Field::new_list_field(DataType::Float64, true)),
                 1,
@@ -359,21 +419,29 @@ impl Accumulator for SurvivalAccumulator {
     }
 
     fn size(&self) -> usize {
-        size_of_val(self) + self.times.len() * 8 * (2 + self.layout.len())
+        size_of_val(self) + self.times.len() * 8 * (1 + 3 * self.layout.len())
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
         let entries = self.times.iter().map(|(t, v)| (t.0, v.clone()));
-        Ok(vec![f64_list(&Self::flat(entries))])
+        Ok(vec![f64_list(&Self::flat(entries, 3 * self.layout.len()))])
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
         let Some(list) = states.first().and_then(|a| a.as_list_opt::<i32>()) else {
             return exec_err!("{SURVIVAL_TERMS}: the state is not a list");
         };
+        let stride = 1 + 3 * self.layout.len();
         for row in 0..list.len() {
             if let Some(values) = list_values(list, row) {
-                add_entries(&mut self.times, &values, self.layout)?;
+                for (t, v) in entries(&values, stride)? {
+                    match self.times.get_mut(&Time(t)) {
+                        Some(sums) => merge_tracked(sums, &v, self.layout.len())?,
+                        None => {
+                            self.times.insert(Time(t), v);
+                        }
+                    }
+                }
             }
         }
         Ok(())

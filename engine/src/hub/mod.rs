@@ -464,7 +464,8 @@ impl Hub {
             let text = serde_json::to_string(&epsilon).expect("a map of ε serializes");
             metadata.insert(EPSILON_METADATA.to_string(), text);
         }
-        Ok(Planned::Plan(physical, state.task_ctx(), metadata))
+        let task = railyard_udfs::with_query_memory(state.task_ctx())?;
+        Ok(Planned::Plan(physical, task, metadata))
     }
 
     /// The ε `researcher` chose, if any.

@@ -401,3 +401,39 @@ pub(super) fn with_row_count(
     }
     Ok(plan)
 }
+
+/// `agg` with its model aggregate (`glm_terms`, `survival_terms`) replaced by the one that
+/// enforces `share` as the dominance rule (its value is marked as dominated, and refused,
+/// when one row holds more than `share` of a sum the coefficients shape).
+pub(super) fn with_dominance(agg: &Aggregate, share: f64) -> datafusion::common::Result<Aggregate> {
+    use datafusion::logical_expr::AggregateUDF;
+    use railyard_udfs::glm_terms::GlmTerms;
+    use railyard_udfs::survival_terms::SurvivalTerms;
+    let aggr = agg
+        .aggr_expr
+        .iter()
+        .map(|e| {
+            e.clone()
+                .transform(|e| {
+                    Ok(match e {
+                        Expr::AggregateFunction(mut f) if f.func.name() == GLM_TERMS => {
+                            f.func = Arc::new(AggregateUDF::from(GlmTerms::with_dominance(share)));
+                            datafusion::common::tree_node::Transformed::yes(
+                                Expr::AggregateFunction(f),
+                            )
+                        }
+                        Expr::AggregateFunction(mut f) if f.func.name() == SURVIVAL_TERMS => {
+                            f.func =
+                                Arc::new(AggregateUDF::from(SurvivalTerms::with_dominance(share)));
+                            datafusion::common::tree_node::Transformed::yes(
+                                Expr::AggregateFunction(f),
+                            )
+                        }
+                        other => datafusion::common::tree_node::Transformed::no(other),
+                    })
+                })
+                .map(|t| t.data)
+        })
+        .collect::<datafusion::common::Result<Vec<_>>>()?;
+    Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr)
+}

@@ -83,6 +83,12 @@ pub(super) fn constant(e: &Expr) -> Option<ScalarValue> {
     }
 }
 
+/// Largest constant an integer may be multiplied by in a released computation: a column
+/// value must then exceed 2^43 to wrap it.
+const MAX_INTEGER_FACTOR: f64 = 1_048_576.0;
+/// Largest constant added to an integer: a value must exceed 2^62 to wrap it.
+const MAX_INTEGER_SHIFT: f64 = 4_611_686_018_427_387_904.0;
+
 /// For a function of [`TOTAL_FUNCTIONS`], the arguments that must be constants (a part
 /// name, a position, a length), and whether they must be positive (a length may be 0).
 fn parameters(name: &str) -> (&'static [usize], bool) {
@@ -132,6 +138,26 @@ pub(super) fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
             Expr::SimilarTo(like) => constant(&like.pattern)
                 .is_none()
                 .then(|| "SIMILAR TO a pattern computed from the data".to_string()),
+            // Integer arithmetic wraps: a constant large enough to wrap it for some values
+            // (`age * 9223372036854775807`, `x + (2^63 - 74)`) turns it into a threshold.
+            Expr::BinaryExpr(BinaryExpr { left, op, right })
+                if matches!(op, Operator::Multiply | Operator::Plus | Operator::Minus)
+                    && e.get_type(schema).is_ok_and(|t| t.is_integer())
+                    && [left, right].iter().any(|side| {
+                        constant(side).and_then(|v| number(&v)).is_some_and(|c| {
+                            c.abs()
+                                > if *op == Operator::Multiply {
+                                    MAX_INTEGER_FACTOR
+                                } else {
+                                    MAX_INTEGER_SHIFT
+                                }
+                        })
+                    }) =>
+            {
+                Some(format!(
+                    "integer '{op}' by a constant this large can overflow (cast to DOUBLE first)"
+                ))
+            }
             Expr::BinaryExpr(BinaryExpr { op, right, .. }) => match op {
                 // A float quotient is infinite or NaN where an integer or decimal one fails.
                 Operator::Divide | Operator::Modulo

@@ -563,10 +563,20 @@ fn decide(
         )));
     }
     let contributors = (k > 1).then(|| (&chain[at + 1..], &checker.used));
-    let plan = with_row_count(&chain[..at], agg, contributors)
-        .map_err(|e| checker.shape(&format!("the row count cannot be added ({e})")))?;
     let global = agg.group_expr.is_empty();
     let restricted = k > 1 || checker.first_non_public(&checker.used).is_some();
+    // A model over non-public columns runs with the policy's dominance rule, whatever
+    // coefficients the round was sent with.
+    let dominated;
+    let agg = if restricted && checker.model.is_some() {
+        dominated = with_dominance(agg, policy.model_dominance)
+            .map_err(|e| checker.shape(&format!("the model cannot be checked ({e})")))?;
+        &dominated
+    } else {
+        agg
+    };
+    let plan = with_row_count(&chain[..at], agg, contributors)
+        .map_err(|e| checker.shape(&format!("the row count cannot be added ({e})")))?;
     let release = match checker.model.take() {
         None => Release::Groups { k, global },
         Some(model) => {

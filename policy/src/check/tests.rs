@@ -584,6 +584,15 @@ async fn the_grammar_accepts_derived_measures_and_refuses_indicators() {
             "SELECT count(*) FROM lung WHERE patient_id / -1 > 0",
             "fallible_expression",
         ),
+        // A constant that makes integer arithmetic wrap for some values.
+        (
+            "SELECT sum(age * 9223372036854775807) FROM lung",
+            "fallible_expression",
+        ),
+        (
+            "SELECT count(*) FROM lung WHERE patient_id + 9223372036854775733 < 0",
+            "fallible_expression",
+        ),
         (
             "SELECT count(*) FROM lung WHERE date_part(CASE WHEN age > 70 THEN 'year' ELSE 'x' END, diagnosed) > 0",
             "fallible_expression",

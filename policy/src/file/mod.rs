@@ -29,6 +29,8 @@ pub const DEFAULT_MIN_GROUP_SIZE: u64 = 5;
 /// Default largest noisy margin over k (extra rows a released value may need, drawn per
 /// set of contributing rows; see `docs/policy.md`).
 pub const DEFAULT_THRESHOLD_NOISE: u64 = 3;
+/// Default largest share one row may hold of a released model sum (`model_dominance`).
+pub const DEFAULT_MODEL_DOMINANCE: f64 = 0.5;
 /// Largest `threshold_noise` a policy may set.
 pub const MAX_THRESHOLD_NOISE: u64 = 20;
 /// Default cap on the length of a string literal in a fragment.
@@ -181,6 +183,9 @@ pub struct Policy {
     pub max_string_literal: usize,
     /// Fewest complete rows a station contributes to a model (GLM, Cox, Kaplan–Meier).
     pub model_min_rows: u64,
+    /// The largest share one row may hold of a released model sum (X'WX, X'Wz, the
+    /// deviance), against the sum of absolute contributions; 1 turns the rule off.
+    pub model_dominance: f64,
     /// Survival times are floored to multiples of this before release, with k applied per
     /// released time; 0 releases exact times (and per-time counts below k).
     pub survival_time_resolution: f64,
@@ -205,6 +210,7 @@ impl Default for Policy {
             default_visibility: Visibility::Aggregate,
             max_string_literal: DEFAULT_MAX_STRING_LITERAL,
             model_min_rows: DEFAULT_MODEL_MIN_ROWS,
+            model_dominance: DEFAULT_MODEL_DOMINANCE,
             survival_time_resolution: DEFAULT_SURVIVAL_TIME_RESOLUTION,
             allow_vertical: None,
             trains: TrainPolicy::default(),

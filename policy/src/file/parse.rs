@@ -14,6 +14,7 @@ use super::*;
 struct PolicyFile {
     min_group_size: Option<Spanned<u64>>,
     threshold_noise: Option<Spanned<u64>>,
+    model_dominance: Option<Spanned<f64>>,
     default_visibility: Option<Visibility>,
     max_string_literal: Option<Spanned<usize>>,
     model_min_rows: Option<Spanned<u64>>,
@@ -140,6 +141,16 @@ impl Policy {
                 )));
             }
             policy.threshold_noise = *v.get_ref();
+        }
+        if let Some(v) = &file.model_dominance {
+            let share = *v.get_ref();
+            if !(share > 0.0 && share <= 1.0) {
+                return Err(error(format!(
+                    "line {}: model_dominance must be a share above 0 and at most 1",
+                    line_of(text, v.span().start)
+                )));
+            }
+            policy.model_dominance = share;
         }
         if let Some(v) = file.default_visibility {
             policy.default_visibility = v;
