@@ -92,7 +92,8 @@ impl JoinStation {
         let ctx: SessionContext = railyard_udfs::fragment_context()?;
         let schema = provider.schema();
         ctx.register_table(table.as_str(), provider)?;
-        let threshold_key = ThresholdKey::new(rand::random(), policy.threshold_noise);
+        let threshold_key = ThresholdKey::new(rand::random(), policy.threshold_noise)
+            .with_dominance(policy.model_dominance);
         Ok(Self {
             name,
             table,

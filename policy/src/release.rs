@@ -8,13 +8,18 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch, UInt64Array};
+use arrow::array::{
+    Array, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch, UInt64Array,
+};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{Schema, SchemaRef};
 use datafusion::error::DataFusionError;
 use railyard_udfs::glm_terms::GlmLayout;
 
-use crate::check::contributors::{CONTRIBUTORS_PREFIX, DIGEST_PREFIX, ROWS_DIGEST, is_internal};
+use crate::check::contributors::{
+    CONTRIBUTORS_PREFIX, DIGEST_PREFIX, DOMINANCE_MAX_PREFIX, DOMINANCE_SUM_PREFIX, ROWS_DIGEST,
+    is_internal,
+};
 use crate::check::{ROWS_COLUMN, Release};
 use crate::rule::{Refusal, Rule};
 
@@ -25,6 +30,9 @@ pub struct ThresholdKey {
     key: [u8; 32],
     /// The largest margin (the policy's `threshold_noise`).
     noise: u64,
+    /// The largest share one row may hold of a non-linear value (the policy's
+    /// `model_dominance`).
+    dominance: f64,
 }
 
 impl std::fmt::Debug for ThresholdKey {
@@ -37,7 +45,19 @@ impl std::fmt::Debug for ThresholdKey {
 impl ThresholdKey {
     /// The key `bytes`, drawing margins of 0 to `noise` rows.
     pub fn new(bytes: [u8; 32], noise: u64) -> Self {
-        Self { key: bytes, noise }
+        Self {
+            key: bytes,
+            noise,
+            dominance: crate::file::DEFAULT_MODEL_DOMINANCE,
+        }
+    }
+
+    /// The same key, holding non-linear values to `share` (the policy's `model_dominance`).
+    pub fn with_dominance(self, share: f64) -> Self {
+        Self {
+            dominance: share,
+            ..self
+        }
     }
 
     /// The margin over `k` that the rows of `digest` must clear, uniform on 0..=noise: a
@@ -174,7 +194,7 @@ fn release_unstripped(
                     station,
                     Rule::MinGroupSize,
                     format!(
-                        "requires every released aggregate of table '{table}' to cover at least {k} rows, and each of its values at least {k} contributing rows (plus a noisy margin); this one covers fewer"
+                        "requires every released aggregate of table '{table}' to cover at least {k} rows, and each of its values at least {k} contributing rows (plus a noisy margin) none of which dominates it; this one does not"
                     ),
                 ));
             }
@@ -384,20 +404,46 @@ fn apply_threshold(
                 });
             }
         }
+        let mut dominance: Vec<(&Float64Array, &Float64Array)> = Vec::new();
+        for field in batch.schema().fields() {
+            if let Some(suffix) = field.name().strip_prefix(DOMINANCE_MAX_PREFIX) {
+                let column = |name: &str| {
+                    batch
+                        .column_by_name(name)
+                        .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
+                        .ok_or_else(|| {
+                            ReleaseError::Internal(format!("{name} is not a Float64 sum"))
+                        })
+                };
+                dominance.push((
+                    column(field.name())?,
+                    column(&format!("{DOMINANCE_SUM_PREFIX}{suffix}"))?,
+                ));
+            }
+        }
         let keep: BooleanArray = (0..batch.num_rows())
             .map(|r| {
-                Some(counted.iter().all(|c| {
-                    let n = if c.counts.is_valid(r) {
-                        c.counts.value(r)
-                    } else {
-                        0
-                    };
-                    let margin = c
-                        .digests
-                        .filter(|d| d.is_valid(r))
-                        .map_or(0, |d| key.margin(d.value(r), k));
-                    n >= 0 && n as u64 >= k + margin
-                }))
+                let dominated = dominance.iter().any(|(max, sum)| {
+                    max.is_valid(r)
+                        && sum.is_valid(r)
+                        && sum.value(r) > 0.0
+                        && max.value(r) > key.dominance * sum.value(r)
+                });
+                Some(
+                    !dominated
+                        && counted.iter().all(|c| {
+                            let n = if c.counts.is_valid(r) {
+                                c.counts.value(r)
+                            } else {
+                                0
+                            };
+                            let margin = c
+                                .digests
+                                .filter(|d| d.is_valid(r))
+                                .map_or(0, |d| key.margin(d.value(r), k));
+                            n >= 0 && n as u64 >= k + margin
+                        }),
+                )
             })
             .collect();
         let n = keep.true_count() as u64;

@@ -169,7 +169,8 @@ impl Station {
             )?)),
             None => None,
         };
-        let threshold_key = threshold_key(&config.audit_log, config.policy.threshold_noise)?;
+        let threshold_key = threshold_key(&config.audit_log, config.policy.threshold_noise)?
+            .with_dominance(config.policy.model_dominance);
         let trains = train::Trains::new(
             &name,
             work,

@@ -130,14 +130,28 @@ impl Checker<'_> {
             return Ok(value);
         }
         for (arg, bases) in &args {
-            if let Some(c) = self.first_non_public(bases)
-                && !form_of(arg, input, schema).accepted()
+            let Some(c) = self.first_non_public(bases) else {
+                continue;
+            };
+            let form = form_of(arg, input, schema);
+            if let Form::Smooth {
+                degree,
+                denominator,
+                ..
+            } = form
+                && (degree > 1 || denominator > 0)
             {
+                self.nonlinear.push((self.call, (*arg).clone()));
+            }
+            if !form.accepted() {
                 return Err(self.column_refusal(
                     Rule::AggregateArgument,
                     &c,
                     &format!(
-                        "inside {name}() it may only enter a sum of products of at most two                          columns, scaled or shifted (a*x + b, x - y, x*y, x / y, date_part of                          a column): a threshold, CASE, TRY_CAST or integer division could make                          a single patient's value dominate the result"
+                        "inside {name}() it may only enter a sum of products of at most two \
+                         columns, scaled or shifted (a*x + b, x - y, x*y, x / y, date_part of \
+                         a column): a threshold, CASE, TRY_CAST or integer division could make \
+                         a single patient's value dominate the result"
                     ),
                 ));
             }
@@ -360,16 +374,15 @@ pub(super) fn model_release(
 }
 
 /// Rebuilds the fragment with `count(*) AS __rows` added to its aggregate and carried
-/// through every node above it as the last output column; with `contributors` (the nodes
-/// below the aggregate and the columns the fragment uses), also the contributor counts and
-/// digests of [`super::contributors`], before it.
+/// through every node above it as the last output column; with `contributors`, also the
+/// contributor counts, digests and dominance sums of [`super::contributors`], before it.
 pub(super) fn with_row_count(
     above: &[&LogicalPlan],
     agg: &Aggregate,
-    contributors: Option<(&[&LogicalPlan], &BTreeSet<String>)>,
+    contributors: Option<Counted<'_>>,
 ) -> datafusion::common::Result<LogicalPlan> {
     let base = match contributors {
-        Some((below, used)) => with_contributors(agg, below, used)?,
+        Some(counted) => with_contributors(agg, &counted)?,
         None => agg.clone(),
     };
     let original = agg.schema.fields().len();

@@ -19,11 +19,21 @@
 //!     └ … every node below carries __row_hash = row_hash(the columns the fragment uses)
 //! ```
 //!
+//! A value computed in a non-linear form (a product, a ratio) is also held to the dominance
+//! rule: with known weights, `sum(age / (patient_id * patient_id))` (in floats) over patient 1 and nine
+//! patients numbered above 200 is patient 1's age to two decimals. The plan computes the
+//! largest and the total absolute contribution of each such argument
+//! (`__dominance_max_i_j`, `__dominance_sum_i_j`), and the release withholds a group in
+//! which one row holds more than the policy's `model_dominance` share of one.
+//!
 //! The extra columns never leave: the release strips them (see
 //! [`crate::release::released_schema`]).
 
+use datafusion::functions::math::expr_fn::abs;
 use datafusion::functions_aggregate::bit_and_or_xor::bit_xor;
 use datafusion::functions_aggregate::count::count;
+use datafusion::functions_aggregate::min_max::max;
+use datafusion::functions_aggregate::sum::sum;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{ExprFunctionExt, Filter};
 use railyard_udfs::row_hash::RowHash;
@@ -36,12 +46,27 @@ pub const CONTRIBUTORS_PREFIX: &str = "__contributors_";
 pub const DIGEST_PREFIX: &str = "__digest_";
 /// The digest of the group's rows (paired with `__rows`).
 pub const ROWS_DIGEST: &str = "__digest_rows";
+/// Prefix of the largest absolute contribution to a non-linear argument (`_i_j`: call i,
+/// its j-th such argument).
+pub const DOMINANCE_MAX_PREFIX: &str = "__dominance_max_";
+/// Prefix of the total absolute contribution to the same argument.
+pub const DOMINANCE_SUM_PREFIX: &str = "__dominance_sum_";
 /// The per-row hash carried from the scan to the aggregate.
 const ROW_HASH_COLUMN: &str = "__row_hash";
 
 /// Whether a column of an approved plan is one of the station's own, never released.
 pub fn is_internal(name: &str) -> bool {
-    name.starts_with(CONTRIBUTORS_PREFIX) || name.starts_with(DIGEST_PREFIX)
+    name.starts_with(CONTRIBUTORS_PREFIX)
+        || name.starts_with(DIGEST_PREFIX)
+        || name.starts_with("__dominance_")
+}
+
+/// What the approved plan counts beside the row count: the nodes below the aggregate, the
+/// columns the fragment uses (hashed per row), and the non-linear arguments per call.
+pub(super) struct Counted<'a> {
+    pub(super) below: &'a [&'a LogicalPlan],
+    pub(super) used: &'a BTreeSet<String>,
+    pub(super) nonlinear: &'a [(usize, Expr)],
 }
 
 /// The aggregate's input rebuilt so that it carries `__row_hash` of the `used` columns,
@@ -105,10 +130,9 @@ fn with_row_hash(
 /// count, which [`with_row_count`] appends last).
 pub(super) fn with_contributors(
     agg: &Aggregate,
-    below: &[&LogicalPlan],
-    used: &BTreeSet<String>,
+    counted: &Counted<'_>,
 ) -> datafusion::common::Result<Aggregate> {
-    let input = with_row_hash(below, used)?;
+    let input = with_row_hash(counted.below, counted.used)?;
     let hash = {
         let (q, f) = input
             .schema()
@@ -152,10 +176,27 @@ pub(super) fn with_contributors(
         );
         aggr.push(
             bit_xor(hash.clone())
-                .filter(condition)
+                .filter(condition.clone())
                 .build()?
                 .alias(format!("{DIGEST_PREFIX}{i}")),
         );
+        let nonlinear = counted.nonlinear.iter().filter(|(call, _)| *call == i);
+        for (j, (_, arg)) in nonlinear.enumerate() {
+            // In floating point: abs() of the smallest integer fails.
+            let size = abs(cast(arg.clone(), DataType::Float64));
+            aggr.push(
+                max(size.clone())
+                    .filter(condition.clone())
+                    .build()?
+                    .alias(format!("{DOMINANCE_MAX_PREFIX}{i}_{j}")),
+            );
+            aggr.push(
+                sum(size)
+                    .filter(condition.clone())
+                    .build()?
+                    .alias(format!("{DOMINANCE_SUM_PREFIX}{i}_{j}")),
+            );
+        }
     }
     aggr.push(bit_xor(hash).alias(ROWS_DIGEST));
     Aggregate::try_new(Arc::new(input), agg.group_expr.clone(), aggr)

@@ -44,6 +44,12 @@ pub(super) struct Checker<'a> {
     pub(super) pseudonymized: bool,
     /// Whether the fragment is a DP aggregate (`dp` columns may be read).
     pub(super) dp: bool,
+    /// The index of the aggregate call being checked.
+    pub(super) call: usize,
+    /// Arguments of a non-linear form (a product, a ratio) with the index of their call:
+    /// known weights (`1.0 * age / (patient_id * patient_id)`) could make one row dominate
+    /// them, so the release holds each to the dominance rule.
+    pub(super) nonlinear: Vec<(usize, Expr)>,
 }
 
 impl Checker<'_> {

@@ -190,6 +190,8 @@ fn check_for(
         model: None,
         pseudonymized: false,
         dp: false,
+        call: 0,
+        nonlinear: Vec::new(),
     };
     let aggregate_at = chain
         .iter()
@@ -385,6 +387,7 @@ fn trace(
                     let Expr::AggregateFunction(f) = call else {
                         return Err(checker.shape("an aggregate output is not an aggregate call"));
                     };
+                    checker.call = out.len() - agg.group_expr.len();
                     let value = checker.aggregate_call(f, &lineage, agg.input.schema())?;
                     out.push((columns[out.len()].clone(), value));
                 }
@@ -562,7 +565,11 @@ fn decide(
             "the column names {ROWS_COLUMN} and __digest_*, __contributors_* are reserved"
         )));
     }
-    let contributors = (k > 1).then(|| (&chain[at + 1..], &checker.used));
+    let contributors = (k > 1).then(|| Counted {
+        below: &chain[at + 1..],
+        used: &checker.used,
+        nonlinear: &checker.nonlinear,
+    });
     let global = agg.group_expr.is_empty();
     let restricted = k > 1 || checker.first_non_public(&checker.used).is_some();
     // A model over non-public columns runs with the policy's dominance rule, whatever

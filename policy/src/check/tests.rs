@@ -601,3 +601,80 @@ async fn the_grammar_accepts_derived_measures_and_refuses_indicators() {
         assert_eq!(rule(sql).await, Err(expected), "{sql}");
     }
 }
+
+/// A ratio with known weights (`age / (patient_id * patient_id)` in floats, over patient 1 and nine
+/// patients numbered above 200) is patient 1's age to two decimals: the release withholds
+/// it by the dominance rule, while a ratio of the data's own values (BMI) is released.
+#[tokio::test]
+async fn a_value_one_row_dominates_is_withheld() {
+    use arrow::array::{Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+    let ctx = railyard_udfs::fragment_context().unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("age", DataType::Int32, true),
+        Field::new("inst", DataType::Int64, true),
+        Field::new("note", DataType::Utf8, true),
+        Field::new("weight", DataType::Float64, true),
+        Field::new("height", DataType::Float64, true),
+    ]));
+    let ids: Vec<i64> = std::iter::once(1).chain(201..=209).collect();
+    let n = ids.len();
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(Int64Array::from(ids)),
+            Arc::new(Int32Array::from_iter_values((0..n).map(|i| 60 + i as i32))),
+            Arc::new(Int64Array::from_iter_values((0..n).map(|_| 1))),
+            Arc::new(StringArray::from_iter_values((0..n).map(|_| "x"))),
+            Arc::new(Float64Array::from_iter_values(
+                (0..n).map(|i| 60.0 + i as f64),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                (0..n).map(|i| 1.6 + 0.02 * i as f64),
+            )),
+        ],
+    )
+    .unwrap();
+    ctx.register_table(
+        "lung",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let released = |sql: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let logical = ctx.state().create_logical_plan(sql).await.unwrap();
+            let checked = check(&logical, &policy(), "s").unwrap();
+            let out = ctx
+                .execute_logical_plan(checked.plan)
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let key = crate::release::ThresholdKey::new([7; 32], 0);
+            match crate::release::release("s", "lung", &checked.release, out, &key) {
+                Ok(r) => Ok(r.released),
+                Err(crate::release::ReleaseError::Refused(r)) => Err(r.rule.as_str()),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    assert_eq!(
+        released(
+            "SELECT partial_sum(CAST(age AS DOUBLE) / (patient_id * patient_id)) AS a0 FROM lung"
+        )
+        .await,
+        Err("min_group_size")
+    );
+    assert_eq!(
+        released("SELECT inst AS g0, partial_sum(age * patient_id) AS a0 FROM lung GROUP BY inst")
+            .await,
+        Ok(1),
+        "known weights of one order of magnitude do not single out a row"
+    );
+    assert_eq!(
+        released("SELECT partial_avg(weight / (height * height)) AS a0 FROM lung").await,
+        Ok(1)
+    );
+}
