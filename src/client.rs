@@ -32,6 +32,55 @@ impl Answer {
         self.batches.iter().map(|b| b.num_rows()).sum()
     }
 
+    /// What the answer's metadata says beside its rows, one line each: the groups withheld
+    /// below k at each station and at the hub (`railyard.withheld`), and the ε each station
+    /// charged (`railyard.epsilon`). Empty when there is nothing to say.
+    pub fn notes(&self) -> Vec<String> {
+        let metadata = self.schema.metadata();
+        let mut notes = Vec::new();
+        if let Some(withheld) = metadata
+            .get(railyard_engine::withheld::WITHHELD_METADATA)
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        {
+            let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+            let stations = withheld["stations"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            let at_stations: u64 = stations.values().map(count).sum();
+            let at_hub = count(&withheld["hub"]);
+            if at_stations + at_hub > 0 {
+                let mut parts: Vec<String> = stations
+                    .iter()
+                    .filter(|(_, n)| count(n) > 0)
+                    .map(|(s, n)| format!("{} at {s}", count(n)))
+                    .collect();
+                if at_hub > 0 {
+                    parts.push(format!("{at_hub} merged at the hub"));
+                }
+                notes.push(format!(
+                    "withheld: {} group(s) below the group-size threshold k ({}); the answer \
+                     covers only the released groups",
+                    at_stations + at_hub,
+                    parts.join(", ")
+                ));
+            }
+        }
+        if let Some(epsilon) = metadata
+            .get(railyard_engine::hub::EPSILON_METADATA)
+            .and_then(|t| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok()
+            })
+        {
+            let parts: Vec<String> = epsilon
+                .iter()
+                .map(|(s, e)| format!("{} at {s}", e.as_f64().unwrap_or(f64::NAN)))
+                .collect();
+            notes.push(format!("ε charged: {}", parts.join(", ")));
+        }
+        notes
+    }
+
     /// The answer as an aligned text table.
     pub fn to_table(&self) -> Result<String> {
         if self.batches.is_empty() {

@@ -398,6 +398,10 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let mut client = HubClient::connect_with(&hub, ca.as_deref(), token.as_deref()).await?;
             let answer = client.query(&sql).await?;
+            // On stderr, so that the CSV on stdout stays a CSV.
+            for note in answer.notes() {
+                eprintln!("{note}");
+            }
             match format {
                 OutputFormat::Table => println!("{}", answer.to_table()?),
                 OutputFormat::Csv => {

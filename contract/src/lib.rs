@@ -140,6 +140,12 @@ pub fn quote_ident(name: &str) -> String {
 /// and the hub sums it to apply k again to merged groups.
 pub const ROWS_COLUMN: &str = "__rows";
 
+/// The schema metadata key of a station's answer to an aggregate fragment: how many of its
+/// groups it withheld below its k (a decimal count). The hub adds up the stations' counts and
+/// its own into the same key of the researcher's answer, as JSON
+/// (`{"stations": {"station_a": 2}, "hub": 1}`).
+pub const WITHHELD_METADATA: &str = "railyard.withheld";
+
 /// The column holding the keyed pseudonym of the join key in a station's answer to a
 /// vertical-table fragment (`pseudonym(key) AS __pseudonym`).
 pub const PSEUDONYM_COLUMN: &str = "__pseudonym";

@@ -34,12 +34,13 @@ use datafusion::physical_plan::{
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use futures::StreamExt;
 use railyard_contract::FragmentTicket;
-use railyard_planner::{FederationPlanner, Fragment, FragmentNode};
+use railyard_planner::{FederationPlanner, Fragment, FragmentNode, ThresholdNode};
 use tokio::time::{Instant, timeout_at};
 use tonic::Code;
 
 use crate::error::StationFailure;
 use crate::station_client::StationClient;
+use crate::withheld::{ThresholdExec, Withheld};
 
 /// Who runs a query and how long a station may take: fixed per query.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ pub struct QueryContext {
     /// The ε the researcher chose (`SET railyard.epsilon`), for DP fragments; without one
     /// each station uses its policy's default.
     pub epsilon: Option<f64>,
+    /// The groups the answer leaves out, as the stations and the hub's threshold report them.
+    pub withheld: Withheld,
 }
 
 /// Physical operator that runs one fragment at every station of its table; partition `i`
@@ -132,12 +135,39 @@ pub fn assign_query(
                     Arc::new(exec.with_query(query.clone())) as _
                 ));
             }
+            if let Some(exec) = node.downcast_ref::<ThresholdExec>() {
+                return Ok(Transformed::yes(
+                    Arc::new(exec.with_tally(query.withheld.clone())) as _,
+                ));
+            }
             Ok(match node.downcast_ref::<FragmentExec>() {
                 Some(exec) => Transformed::yes(Arc::new(exec.with_query(query.clone())) as _),
                 None => Transformed::no(node),
             })
         })?
         .data)
+}
+
+/// Whether `plan` releases thresholded groups (an aggregate fragment, a statistics call, the
+/// hub's threshold), whose answer therefore says how many it withheld.
+pub fn reports_withheld(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        found = node.downcast_ref::<QueryJobExec>().is_some()
+            || node.downcast_ref::<ThresholdExec>().is_some()
+            || node.downcast_ref::<FragmentExec>().is_some_and(|f| {
+                matches!(
+                    f.fragment.kind,
+                    railyard_planner::FragmentKind::PartialAggregate { .. }
+                )
+            });
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
 }
 
 /// Every (station, ticket) a planned query will send, in fragment order.
@@ -328,6 +358,7 @@ impl ExecutionPlan for FragmentExec {
         let tx = builder.tx();
         let ticket = self.ticket(query);
         let timeout = query.fragment_timeout;
+        let withheld = query.withheld.clone();
         // Spawned at once, so every station starts as soon as the plan starts, whatever
         // order DataFusion polls the partitions in.
         builder.spawn(async move {
@@ -338,6 +369,11 @@ impl ExecutionPlan for FragmentExec {
                 async move { tx.send(Ok(batch)).await.is_ok() }
             })
             .await;
+            if let Ok(announced) = &result
+                && let Some(n) = crate::withheld::announced(announced)
+            {
+                withheld.station(&station.name, n);
+            }
             if let Err(failure) = result {
                 let failure = match failure {
                     Fetch::Timeout => StationFailure::Timeout {
@@ -364,11 +400,13 @@ enum Fetch {
 
 /// Runs one ticket at every station in `stations` concurrently and collects each one's
 /// batches (in the order of `stations`). The first failure, in that order, is the error.
+/// Each station's count of withheld groups goes to `withheld`, if given.
 pub(crate) async fn fetch_all(
     stations: &[StationClient],
     ticket: &FragmentTicket,
     schema: &SchemaRef,
     timeout: Duration,
+    withheld: Option<&Withheld>,
 ) -> Result<Vec<Vec<RecordBatch>>, StationFailure> {
     let answers = futures::future::join_all(
         stations
@@ -378,7 +416,15 @@ pub(crate) async fn fetch_all(
     .await;
     answers
         .into_iter()
-        .map(|answer| answer.map(|(_, batches)| batches))
+        .zip(stations)
+        .map(|(answer, station)| {
+            answer.map(|(announced, batches)| {
+                if let (Some(tally), Some(n)) = (withheld, crate::withheld::announced(&announced)) {
+                    tally.station(&station.name, n);
+                }
+                batches
+            })
+        })
         .collect()
 }
 
@@ -533,7 +579,8 @@ fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String
     RecordBatch::try_new(Arc::clone(schema), batch.columns().to_vec()).map_err(|e| e.to_string())
 }
 
-/// Plans [`FragmentNode`]s into [`FragmentExec`]s.
+/// Plans [`FragmentNode`]s into [`FragmentExec`]s, and [`ThresholdNode`]s into
+/// [`ThresholdExec`]s.
 #[derive(Debug)]
 struct FragmentPlanner {
     stations: Arc<Vec<StationClient>>,
@@ -546,10 +593,21 @@ impl ExtensionPlanner for FragmentPlanner {
         _planner: &dyn PhysicalPlanner,
         node: &dyn UserDefinedLogicalNode,
         _logical_inputs: &[&LogicalPlan],
-        _physical_inputs: &[Arc<dyn ExecutionPlan>],
+        physical_inputs: &[Arc<dyn ExecutionPlan>],
         _session: &dyn Session,
         _planning_ctx: &PhysicalPlanningContext,
     ) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
+        if let Some(threshold) = node.as_any().downcast_ref::<ThresholdNode>() {
+            let [input] = physical_inputs else {
+                return Err(DataFusionError::Internal(
+                    "Threshold has one input".to_string(),
+                ));
+            };
+            return Ok(Some(Arc::new(ThresholdExec::try_new(
+                Arc::clone(input),
+                threshold.min_group_size,
+            )?)));
+        }
         let Some(node) = node.as_any().downcast_ref::<FragmentNode>() else {
             return Ok(None);
         };
@@ -601,6 +659,7 @@ impl QueryPlanner for FederatedQueryPlanner {
         logical_plan: &LogicalPlan,
         session: &dyn Session,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        refuse_huge_constants(logical_plan)?;
         let federated = self.planner.federate(logical_plan).await?;
         let planner =
             DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(FragmentPlanner {
@@ -608,4 +667,44 @@ impl QueryPlanner for FederatedQueryPlanner {
             })]);
         planner.create_physical_plan(&federated.plan, session).await
     }
+}
+
+/// Refuses an optimized plan holding a string constant over
+/// [`MAX_STRING_BYTES`](railyard_udfs::capped::MAX_STRING_BYTES). The capped functions keep
+/// each `repeat` within it, but `repeat('x', 65536) || repeat('x', 65536) || …` folds into
+/// one constant of hundreds of megabytes, and broadcast to every row of a batch it would
+/// build terabytes and abort the hub.
+fn refuse_huge_constants(plan: &LogicalPlan) -> DfResult<()> {
+    use datafusion::common::ScalarValue;
+    let limit = railyard_udfs::capped::MAX_STRING_BYTES;
+    let mut found = false;
+    plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                if let datafusion::logical_expr::Expr::Literal(v, _) = e {
+                    let len = match v {
+                        ScalarValue::Utf8(Some(s))
+                        | ScalarValue::LargeUtf8(Some(s))
+                        | ScalarValue::Utf8View(Some(s)) => s.len(),
+                        ScalarValue::Binary(Some(b))
+                        | ScalarValue::LargeBinary(Some(b))
+                        | ScalarValue::BinaryView(Some(b)) => b.len(),
+                        _ => 0,
+                    };
+                    found |= len > limit;
+                }
+                Ok(if found {
+                    TreeNodeRecursion::Stop
+                } else {
+                    TreeNodeRecursion::Continue
+                })
+            })
+        })
+    })?;
+    if found {
+        return Err(DataFusionError::Execution(format!(
+            "a string constant of more than {limit} bytes (limit max_string_bytes)"
+        )));
+    }
+    Ok(())
 }

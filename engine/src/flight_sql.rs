@@ -223,8 +223,8 @@ impl HubFlightSql {
         caller: Caller,
     ) -> Result<(String, arrow::datatypes::SchemaRef), Status> {
         let planned = hub.plan(sql, &caller.researcher).await.map_err(to_status)?;
-        let schema = planned.schema();
-        let mut batches = planned.execute().map_err(to_status)?;
+        let mut batches = planned.run().await.map_err(to_status)?;
+        let schema = batches.schema();
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
             while let Some(batch) = batches.next().await {

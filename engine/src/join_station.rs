@@ -173,6 +173,13 @@ impl JoinStation {
                     released.suppressed,
                 )
                 .await?;
+                // Like a station, a grouped answer says how many groups it left out.
+                let schema = match checked.release.kind() {
+                    railyard_contract::ReleaseKind::Groups => {
+                        railyard_policy::release::announcing_withheld(&schema, released.suppressed)
+                    }
+                    _ => schema,
+                };
                 Ok((schema, released.batches))
             }
             Err(railyard_policy::ReleaseError::Refused(refusal)) => {

@@ -25,7 +25,8 @@
 //! [`vertical`] (vertically partitioned tables: the members' pseudonymized rows and their
 //! join), `join_station` (the station that serves a vertical table, from `railyard-policy`
 //! and `railyard-audit`, called in-process), [`budget`] (`railyard.budget`), [`train`]
-//! (`train(...)` calls), [`error`] (errors and their one mapping to gRPC statuses; a
+//! (`train(...)` calls), [`withheld`] (the hub's second threshold, and what an answer says
+//! it left out), [`error`] (errors and their one mapping to gRPC statuses; a
 //! station's status is read once, in `StationFailure::from_status`).
 //!
 //! The hub depends on no station code: it shares with stations only the contract, the pure
@@ -42,6 +43,7 @@ pub mod stats;
 pub mod tokens;
 pub mod train;
 pub mod vertical;
+pub mod withheld;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -197,3 +197,60 @@ impl UserDefinedLogicalNodeCore for FragmentNode {
         Ok(self.clone())
     }
 }
+
+/// The hub's second threshold over merged groups: keeps the groups whose summed row count
+/// ([`ROWS_COLUMN`](railyard_contract::ROWS_COLUMN)) reaches `min_group_size`. A node of its
+/// own rather than a `Filter`, so that the hub's physical operator can count the groups it
+/// withholds and the answer can say so (`railyard.withheld`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+pub struct ThresholdNode {
+    pub input: LogicalPlan,
+    pub min_group_size: u64,
+}
+
+impl ThresholdNode {
+    pub fn into_plan(self) -> LogicalPlan {
+        LogicalPlan::Extension(datafusion::logical_expr::Extension {
+            node: Arc::new(self),
+        })
+    }
+}
+
+impl UserDefinedLogicalNodeCore for ThresholdNode {
+    fn name(&self) -> &str {
+        "Threshold"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![&self.input]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        self.input.schema()
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        vec![]
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "Threshold: {} >= {} (merged groups below it are withheld)",
+            railyard_contract::ROWS_COLUMN,
+            self.min_group_size
+        )
+    }
+
+    fn with_exprs_and_inputs(&self, _exprs: Vec<Expr>, inputs: Vec<LogicalPlan>) -> Result<Self> {
+        let Some(input) = inputs.into_iter().next() else {
+            return Err(datafusion::error::DataFusionError::Internal(
+                "Threshold has one input".to_string(),
+            ));
+        };
+        Ok(Self {
+            input,
+            min_group_size: self.min_group_size,
+        })
+    }
+}

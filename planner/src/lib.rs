@@ -37,6 +37,6 @@ pub mod vertical;
 pub use catalog::{FederatedCatalog, FederatedTable, StationTablePolicy};
 pub use error::{Error, Result};
 pub use explain::{explain_batch, explain_rows, explain_schema, strip_explain_federated};
-pub use fragment::{Fragment, FragmentKind, FragmentNode};
+pub use fragment::{Fragment, FragmentKind, FragmentNode, ThresholdNode};
 pub use split::{FederatedPlan, FederationPlanner};
 pub use vertical::{MemberFragment, VerticalLayout, VerticalMember};

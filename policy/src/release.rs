@@ -94,6 +94,18 @@ pub fn released_schema(schema: &SchemaRef) -> SchemaRef {
     ))
 }
 
+/// `schema` saying that its release withheld `groups` groups below k
+/// ([`WITHHELD_METADATA`](railyard_contract::WITHHELD_METADATA)); what a station's answer
+/// to an aggregate fragment announces, so the researcher learns the answer is partial.
+pub fn announcing_withheld(schema: &SchemaRef, groups: u64) -> SchemaRef {
+    let mut metadata = schema.metadata().clone();
+    metadata.insert(
+        railyard_contract::WITHHELD_METADATA.to_string(),
+        groups.to_string(),
+    );
+    Arc::new(schema.as_ref().clone().with_metadata(metadata))
+}
+
 fn strip(batch: &RecordBatch) -> Result<RecordBatch, ReleaseError> {
     let keep: Vec<usize> = (0..batch.num_columns())
         .filter(|i| !is_internal(batch.schema().field(*i).name()))

@@ -87,3 +87,21 @@ def test_every_decision_is_in_an_audit_log(conn, guarded_hub):
     records = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
     refused = [r for r in records if r["decision"] == "refused" and "max(" in r["sql"]]
     assert refused and all(r["rule"] == "unsafe_aggregate" for r in refused)
+
+
+def test_grouped_answers_say_how_many_groups_each_station_withheld(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT age, count(*) AS n FROM lung GROUP BY age")
+        table = cur.fetch_arrow_table()
+    import json
+
+    withheld = json.loads((table.schema.metadata or {})[b"railyard.withheld"])
+    assert set(withheld["stations"]) == set(STATIONS), withheld
+    # Reference: a station withholds every group below k, never one of k + 3 rows or more
+    # (the noisy margin decides in between).
+    for s in STATIONS:
+        sizes = pd.read_csv(DATA / "lung" / "horizontal" / "csv" / f"{s}.csv").groupby("age").size()
+        below, at_most = int((sizes < K).sum()), int((sizes < K + 3).sum())
+        assert below <= withheld["stations"][s] <= at_most, (s, withheld, below, at_most)
+    # Every station has the same k, so every merged group of released groups reaches it.
+    assert withheld["hub"] == 0

@@ -22,7 +22,7 @@ use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use futures::TryStreamExt;
 use railyard_audit::{Decision, Entry};
-use railyard_contract::{CheckAnswer, FragmentTicket};
+use railyard_contract::{CheckAnswer, FragmentTicket, ReleaseKind};
 use railyard_policy::release::failure_category;
 use railyard_policy::{Refusal, Release, gate};
 use tracing::{info, warn};
@@ -50,7 +50,7 @@ impl Station {
             let (approved, id) = self.approve_train(ticket, call).await?;
             let k = self.train_input(ticket, &approved, &id, false).await?.1;
             return Ok(CheckAnswer {
-                release: railyard_contract::ReleaseKind::Train,
+                release: ReleaseKind::Train,
                 min_group_size: k,
                 epsilon: None,
             });
@@ -106,11 +106,24 @@ impl Station {
             ..Entry::for_ticket(ticket, Decision::Allowed)
         })
         .await?;
-        Ok(Box::pin(MemoryStream::try_new(
-            released.batches,
-            schema,
-            None,
-        )?))
+        // A grouped answer says how many groups it left out (the hub reports the count to
+        // the researcher); the batches carry the same schema as the stream.
+        let (schema, batches) = if approved.release.kind() == ReleaseKind::Groups {
+            let schema =
+                railyard_policy::release::announcing_withheld(&schema, released.suppressed);
+            let batches = released
+                .batches
+                .into_iter()
+                .map(|b| {
+                    b.with_schema(Arc::clone(&schema))
+                        .map_err(DataFusionError::from)
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            (schema, batches)
+        } else {
+            (schema, released.batches)
+        };
+        Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
     }
 
     /// Writes an audit record (durably).

@@ -281,6 +281,80 @@ async fn a_station_enforces_its_policy_when_the_hub_is_bypassed() {
     federation.shutdown().await.unwrap();
 }
 
+/// The answer says what it left out: each station's count of groups below k, and the hub's
+/// count of merged groups below k (none here: every station has the same k, so a merged
+/// group of released groups always reaches it). `railyard sql` prints it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_say_how_many_groups_each_station_withheld() {
+    let (federation, _) = lung_under_exact_k().await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let reference = per_station_reference().await;
+    let sql = "SELECT age, count(*) AS n FROM lung GROUP BY age ORDER BY age";
+    let answer = client.query(sql).await.unwrap();
+    let reported: serde_json::Value = serde_json::from_str(
+        answer
+            .schema
+            .metadata()
+            .get("railyard.withheld")
+            .expect("a grouped answer reports what it withheld"),
+    )
+    .unwrap();
+    let below_k = reference
+        .sql(
+            "SELECT station, count(*) FROM (SELECT station, age FROM lung_s \
+             GROUP BY station, age HAVING count(*) < 5) GROUP BY station ORDER BY station",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut want = serde_json::Map::new();
+    for s in STATIONS {
+        want.insert(s.to_string(), 0.into());
+    }
+    for row in format_rows(&below_k) {
+        want.insert(row[0].clone(), row[1].parse::<u64>().unwrap().into());
+    }
+    assert!(want.values().any(|n| n.as_u64() > Some(0)), "{want:?}");
+    assert_eq!(
+        reported["stations"],
+        serde_json::Value::Object(want),
+        "{reported}"
+    );
+    assert_eq!(reported["hub"], 0, "{reported}");
+    // A global aggregate is released whole or refused: nothing withheld, and it says so.
+    let global = client.query("SELECT count(*) FROM lung").await.unwrap();
+    let reported: serde_json::Value =
+        serde_json::from_str(&global.schema.metadata()["railyard.withheld"]).unwrap();
+    assert_eq!(reported["hub"], 0, "{reported}");
+    assert!(
+        reported["stations"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|n| n == 0),
+        "{reported}"
+    );
+
+    let url = federation.hub_url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        railyard()
+            .args(["sql", "--hub", &url, sql])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        note.contains("withheld: ") && note.contains("below the group-size threshold k"),
+        "{note}"
+    );
+    federation.shutdown().await.unwrap();
+}
+
 fn read_records(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))

@@ -1,6 +1,7 @@
-//! Caps on the functions that grow a string from a count: `repeat`, `lpad`, `rpad`. Without
-//! them `repeat('x', 2000000000)` allocates gigabytes wherever it is evaluated, even while
-//! the hub folds a constant. The capped versions replace the built-in ones under the same
+//! Caps on the functions that grow a string: from a count (`repeat`, `lpad`, `rpad`) or from
+//! their arguments (`concat`, `concat_ws`). Without them `repeat('x', 2000000000)` allocates
+//! gigabytes wherever it is evaluated, even while the hub folds a constant, and a `concat`
+//! of a long constant broadcast to every row of a batch overflows an Arrow string array. The capped versions replace the built-in ones under the same
 //! names, at the hub and at every station, and refuse a result over [`MAX_STRING_BYTES`]
 //! before allocating it.
 
@@ -27,12 +28,29 @@ pub struct Capped {
     inner: Arc<ScalarUDF>,
 }
 
-/// Registers the capped `repeat`, `lpad` and `rpad` in place of the built-in ones.
+/// Registers the capped `repeat`, `lpad` and `rpad` in place of the built-in ones (at the
+/// hub and at every station).
 pub fn register(ctx: &SessionContext) {
     for inner in [
         datafusion::functions::string::repeat(),
         datafusion::functions::unicode::lpad(),
         datafusion::functions::unicode::rpad(),
+    ] {
+        ctx.register_udf(ScalarUDF::from(Capped { inner }));
+    }
+}
+
+/// Registers the capped `concat` and `concat_ws` in place of the built-in ones: at the hub
+/// only. There, a constant of up to [`MAX_STRING_BYTES`] per `repeat`, concatenated many
+/// times and broadcast to every row, would build gigabytes. A station needs no cap: its
+/// policy check refuses `repeat`/`lpad`/`rpad` beside a non-public column and caps string
+/// literals, so a `concat` there grows only with the statement and the data, and a cap that
+/// looked at the data's string lengths would fail exactly when some patient's value is long
+/// (an oracle on the longest value).
+pub fn register_concat(ctx: &SessionContext) {
+    for inner in [
+        datafusion::functions::string::concat(),
+        datafusion::functions::string::concat_ws(),
     ] {
         ctx.register_udf(ScalarUDF::from(Capped { inner }));
     }
@@ -100,6 +118,11 @@ impl ScalarUDFImpl for Capped {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let name = self.inner.name();
         let bytes = match (name, args.args.as_slice()) {
+            // The longest result: every argument at its longest.
+            ("concat", all) => all.iter().map(|a| longest(a) as u64).sum(),
+            ("concat_ws", [sep, rest @ ..]) => (longest(sep) as u64)
+                .saturating_mul(rest.len().saturating_sub(1) as u64)
+                .saturating_add(rest.iter().map(|a| longest(a) as u64).sum()),
             ("repeat", [s, n, ..]) => largest(n)
                 .unwrap_or(0)
                 .max(0)

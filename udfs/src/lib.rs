@@ -18,12 +18,14 @@
 //! half; [`glm_terms`] and [`survival_terms`] are
 //! the per-station sums of the statistical models (their value is their state: the hub adds
 //! them up and solves); [`pseudonym`] is the keyed HMAC that links vertically partitioned
-//! tables (keyed only at stations); [`register_partials`] installs the
+//! tables (keyed only at stations); [`checked_sum`] replaces `sum` so that integer sums
+//! travel in 128 bits and never wrap; [`register_partials`] installs the
 //! station halves into a session, and [`fragment_session_config`] is the configuration under
 //! which a fragment's SQL is planned, identical at the hub (to predict the fragment's schema)
 //! and at every station.
 
 pub mod capped;
+pub mod checked_sum;
 pub mod dp;
 pub mod glm_terms;
 pub mod merge;
@@ -134,6 +136,7 @@ pub fn fragment_context_with(config: SessionConfig) -> Result<SessionContext> {
     ctx.register_udf(pseudonym::Pseudonym::unkeyed().udf());
     ctx.register_udf(row_hash::RowHash::udf());
     capped::register(&ctx);
+    ctx.register_udaf(checked_sum::udaf());
     register_partials(&ctx)?;
     Ok(ctx)
 }

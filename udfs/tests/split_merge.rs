@@ -139,7 +139,9 @@ async fn check(function: &str, call_args: &str, args: Vec<MergeArg>, distinct: b
             let sql = format!("SELECT {select_g}{partial} AS s FROM t{group}");
             states.extend(station.sql(&sql).await.unwrap().collect().await.unwrap());
         }
-        let hub = SessionContext::new();
+        // The hub registers the same functions as the stations (checked_sum's state is
+        // its own); the reference above is DataFusion's plain session.
+        let hub = fragment_context().unwrap();
         let state_schema = states[0].schema();
         hub.register_table(
             "states",

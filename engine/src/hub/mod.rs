@@ -33,6 +33,7 @@ use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query, query_ticke
 use crate::station_client::{StationAddress, StationClient};
 use crate::train;
 use crate::vertical::{self, VerticalSpec};
+use crate::withheld::{WITHHELD_METADATA, Withheld};
 pub use epsilon::EPSILON_SETTING;
 use epsilon::{epsilon_answer, epsilon_setting};
 use policies::{planner_policy, register_policies};
@@ -85,12 +86,14 @@ impl Default for HubOptions {
 /// A planned query: either a physical plan to run or an answer already computed at the hub
 /// (`EXPLAIN FEDERATED`).
 pub enum Planned {
-    /// A plan to run, and the metadata its answer's schema carries (the ε a DP query
-    /// spends, under [`EPSILON_METADATA`]).
+    /// A plan to run, the metadata its answer's schema carries (the ε a DP query spends,
+    /// under [`EPSILON_METADATA`]), and, for a plan with thresholded releases, the tally of
+    /// the groups they withhold (reported under [`WITHHELD_METADATA`] once it has run).
     Plan(
         Arc<dyn ExecutionPlan>,
         Arc<datafusion::execution::TaskContext>,
         HashMap<String, String>,
+        Option<Withheld>,
     ),
     Batches(SchemaRef, Vec<RecordBatch>),
 }
@@ -100,29 +103,49 @@ pub enum Planned {
 pub const EPSILON_METADATA: &str = "railyard.epsilon";
 
 impl Planned {
+    /// The answer's schema as known before it runs (a plan's withheld groups are added to
+    /// its metadata by [`Planned::run`]).
     pub fn schema(&self) -> SchemaRef {
         match self {
-            Planned::Plan(plan, _, metadata) if !metadata.is_empty() => Arc::new(
+            Planned::Plan(plan, _, metadata, _) if !metadata.is_empty() => Arc::new(
                 plan.schema()
                     .as_ref()
                     .clone()
                     .with_metadata(metadata.clone()),
             ),
-            Planned::Plan(plan, _, _) => plan.schema(),
+            Planned::Plan(plan, ..) => plan.schema(),
             Planned::Batches(schema, _) => Arc::clone(schema),
         }
     }
 
-    /// Starts execution (station fragments are sent now).
-    pub fn execute(self) -> Result<SendableRecordBatchStream> {
-        let schema = self.schema();
+    /// Runs the plan (station fragments are sent now). A plan whose answer reports withheld
+    /// groups runs to its end first: the count is part of the answer's schema, which is sent
+    /// before its rows, and is known only once every station has answered.
+    pub async fn run(self) -> Result<SendableRecordBatchStream> {
         match self {
-            Planned::Plan(plan, task, metadata) => {
-                let stream = execute_stream(plan, task)?;
+            Planned::Plan(plan, task, mut metadata, Some(withheld)) => {
+                use futures::TryStreamExt;
+                let batches: Vec<RecordBatch> = execute_stream(Arc::clone(&plan), task)?
+                    .try_collect()
+                    .await?;
+                if let Some(text) = withheld.metadata() {
+                    metadata.insert(WITHHELD_METADATA.to_string(), text);
+                }
+                let schema = Arc::new(plan.schema().as_ref().clone().with_metadata(metadata));
+                let batches = batches
+                    .into_iter()
+                    .map(|b| b.with_schema(Arc::clone(&schema)))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(datafusion::error::DataFusionError::from)?;
+                Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
+            }
+            Planned::Plan(plan, task, metadata, None) => {
+                let stream = execute_stream(Arc::clone(&plan), task)?;
                 if metadata.is_empty() {
                     return Ok(stream);
                 }
                 use futures::StreamExt;
+                let schema = Arc::new(plan.schema().as_ref().clone().with_metadata(metadata));
                 let with = Arc::clone(&schema);
                 let stream = stream
                     .map(move |batch| batch.and_then(|b| Ok(b.with_schema(Arc::clone(&with))?)));
@@ -299,6 +322,8 @@ impl Hub {
         let mut ctx = SessionContext::new_with_state(state);
         railyard_udfs::dp::register(&mut ctx)?;
         railyard_udfs::capped::register(&ctx);
+        railyard_udfs::capped::register_concat(&ctx);
+        ctx.register_udaf(railyard_udfs::checked_sum::udaf());
         let tables: BTreeMap<String, _> = catalog
             .tables()
             .into_iter()
@@ -399,6 +424,7 @@ impl Hub {
             first_fragment: trains.len() + 1,
             collaboration: self.options.collaboration.clone(),
             epsilon: self.researcher_epsilon(researcher),
+            withheld: Withheld::default(),
         };
         if explain_federated {
             if !trains.is_empty() {
@@ -465,7 +491,8 @@ impl Hub {
             metadata.insert(EPSILON_METADATA.to_string(), text);
         }
         let task = railyard_udfs::with_query_memory(state.task_ctx())?;
-        Ok(Planned::Plan(physical, task, metadata))
+        let withheld = crate::exec::reports_withheld(&physical).then(|| query.withheld.clone());
+        Ok(Planned::Plan(physical, task, metadata, withheld))
     }
 
     /// The ε `researcher` chose, if any.
@@ -550,7 +577,7 @@ impl Hub {
 
     /// Plans and starts `sql`.
     pub async fn execute(&self, sql: &str, researcher: &str) -> Result<SendableRecordBatchStream> {
-        self.plan(sql, researcher).await?.execute()
+        self.plan(sql, researcher).await?.run().await
     }
 
     /// Plans, runs and collects `sql`.

@@ -499,6 +499,7 @@ impl Rounds {
             &ticket,
             &schema,
             self.query.fragment_timeout,
+            Some(&self.query.withheld),
         )
         .await
         .map_err(|failure| DataFusionError::External(Box::new(failure)))

@@ -445,6 +445,7 @@ impl VerticalExec {
                 &m.ticket,
                 &m.schema,
                 remaining,
+                None,
             )
             .await?;
             Ok::<_, StationFailure>(answer.pop().unwrap_or_default())

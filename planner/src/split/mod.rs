@@ -36,8 +36,7 @@ use datafusion::datasource::empty::EmptyTable;
 use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::logical_expr::expr::{AggregateFunction, NullTreatment};
 use datafusion::logical_expr::{
-    Aggregate, AggregateUDF, Expr, ExprSchemable, Filter, GroupingSet, LogicalPlan, Projection,
-    cast, lit,
+    Aggregate, AggregateUDF, Expr, ExprSchemable, GroupingSet, LogicalPlan, Projection, cast,
 };
 use datafusion::prelude::SessionContext;
 use futures::future::BoxFuture;
@@ -46,7 +45,7 @@ use railyard_udfs::{MergeAggregate, MergeArg, partial_of};
 
 use crate::catalog::{FederatedCatalog, FederatedTable};
 use crate::error::{Error, Result};
-use crate::fragment::{Fragment, FragmentKind, FragmentNode};
+use crate::fragment::{Fragment, FragmentKind, FragmentNode, ThresholdNode};
 use crate::sql::{SelectSql, expr_sql};
 use crate::vertical::MemberFragment;
 use aggregate::*;
@@ -360,11 +359,11 @@ impl FederationPlanner {
         // A global aggregate needs no second threshold: each station refused it below its
         // own k, so the merged count is at least the largest k.
         if grouped && min_group_size > 1 {
-            let rows = Expr::Column(Column::new_unqualified(ROWS_COLUMN));
-            merged = LogicalPlan::Filter(Filter::try_new(
-                rows.gt_eq(lit(min_group_size as i64)),
-                Arc::new(merged),
-            )?);
+            merged = ThresholdNode {
+                input: merged,
+                min_group_size,
+            }
+            .into_plan();
         }
         restore_schema(merged, agg.schema.as_ref())
     }

@@ -89,6 +89,61 @@ const MAX_INTEGER_FACTOR: f64 = 1_048_576.0;
 /// Largest constant added to an integer: a value must exceed 2^62 to wrap it.
 const MAX_INTEGER_SHIFT: f64 = 4_611_686_018_427_387_904.0;
 
+/// An upper bound of `|e|` for an integer expression, from its constants and the bound
+/// [`atom_bound`] assumes for everything else, with its degree in those atoms. Whether
+/// integer arithmetic wraps must not be a threshold the researcher places:
+/// `x + 4611686018427387904 + 4611686018427387000` passes every per-constant cap and still
+/// wraps exactly when `x` is at least some chosen value.
+fn integer_bound(e: &Expr, schema: &DFSchema) -> (f64, u32) {
+    if e.column_refs().is_empty() {
+        let bound = constant(e)
+            .and_then(|v| number(&v))
+            .map_or(f64::INFINITY, f64::abs);
+        return (bound, 0);
+    }
+    let integer = e.get_type(schema).is_ok_and(|t| t.is_integer());
+    match e {
+        Expr::Alias(a) => integer_bound(&a.expr, schema),
+        Expr::Negative(x) => integer_bound(x, schema),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) if integer => {
+            let ((l, ld), (r, rd)) = (integer_bound(left, schema), integer_bound(right, schema));
+            match op {
+                Operator::Plus | Operator::Minus => (l + r, ld.max(rd)),
+                Operator::Multiply => (l * r, ld + rd),
+                _ => (atom_bound(e, schema), 1),
+            }
+        }
+        _ => (atom_bound(e, schema), 1),
+    }
+}
+
+/// What a value of `e`'s type is assumed to stay within when bounding integer arithmetic:
+/// half of its type's bits (2^31 for a BIGINT, 2^15 for an INT), so that a product of two
+/// such values fits. Columns whose values use more (epoch milliseconds, long ids) are a
+/// residual risk docs/policy.md names.
+fn atom_bound(e: &Expr, schema: &DFSchema) -> f64 {
+    let bits = match e.get_type(schema) {
+        Ok(DataType::Int8 | DataType::UInt8) => 8,
+        Ok(DataType::Int16 | DataType::UInt16) => 16,
+        Ok(DataType::Int32 | DataType::UInt32) => 32,
+        _ => 64,
+    };
+    2f64.powi(bits / 2 - 1)
+}
+
+/// The largest value of an integer type (of a 64-bit one for anything else).
+fn integer_limit(t: &DataType) -> f64 {
+    match t {
+        DataType::Int8 => i8::MAX as f64,
+        DataType::UInt8 => u8::MAX as f64,
+        DataType::Int16 => i16::MAX as f64,
+        DataType::UInt16 => u16::MAX as f64,
+        DataType::Int32 => i32::MAX as f64,
+        DataType::UInt32 => u32::MAX as f64,
+        _ => i64::MAX as f64,
+    }
+}
+
 /// For a function of [`TOTAL_FUNCTIONS`], the arguments that must be constants (a part
 /// name, a position, a length), and whether they must be positive (a length may be 0).
 fn parameters(name: &str) -> (&'static [usize], bool) {
@@ -156,6 +211,22 @@ pub(super) fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
             {
                 Some(format!(
                     "integer '{op}' by a constant this large can overflow (cast to DOUBLE first)"
+                ))
+            }
+            // The whole integer computation, not one operator at a time: chained constants
+            // add up (`x + 2^62 + 2^62`), and so do products.
+            Expr::BinaryExpr(BinaryExpr { op, .. })
+                if matches!(op, Operator::Multiply | Operator::Plus | Operator::Minus)
+                    && e.get_type(schema).is_ok_and(|t| {
+                        // Degree 3 and up is no accepted form anyway (`aggregate_argument`
+                        // says why); in a filter a wrap only selects, and k counts that.
+                        let (bound, degree) = integer_bound(e, schema);
+                        t.is_integer() && degree <= 2 && bound > integer_limit(&t)
+                    }) =>
+            {
+                Some(format!(
+                    "integer arithmetic ('{op}') whose result can leave the range of its type \
+                     (cast to DOUBLE first)"
                 ))
             }
             Expr::BinaryExpr(BinaryExpr { op, right, .. }) => match op {

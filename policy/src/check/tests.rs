@@ -593,6 +593,15 @@ async fn the_grammar_accepts_derived_measures_and_refuses_indicators() {
             "SELECT count(*) FROM lung WHERE patient_id + 9223372036854775733 < 0",
             "fallible_expression",
         ),
+        // Constants each under the cap, chained until the sum wraps where they choose.
+        (
+            "SELECT sum(age + 4611686018427387904 + 4611686018427387000) FROM lung",
+            "fallible_expression",
+        ),
+        (
+            "SELECT sum(age * 1048576 * 1048576 * 1048576) FROM lung",
+            "fallible_expression",
+        ),
         (
             "SELECT count(*) FROM lung WHERE date_part(CASE WHEN age > 70 THEN 'year' ELSE 'x' END, diagnosed) > 0",
             "fallible_expression",
