@@ -42,26 +42,39 @@ impl Answer {
             .get(railyard_engine::withheld::WITHHELD_METADATA)
             .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
         {
-            let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
             let stations = withheld["stations"]
                 .as_object()
                 .cloned()
                 .unwrap_or_default();
-            let at_stations: u64 = stations.values().map(count).sum();
-            let at_hub = count(&withheld["hub"]);
-            if at_stations + at_hub > 0 {
-                let mut parts: Vec<String> = stations
-                    .iter()
-                    .filter(|(_, n)| count(n) > 0)
-                    .map(|(s, n)| format!("{} at {s}", count(n)))
-                    .collect();
-                if at_hub > 0 {
-                    parts.push(format!("{at_hub} merged at the hub"));
+            let mut parts: Vec<String> = Vec::new();
+            let mut total = 0;
+            for (station, n) in &stations {
+                match n.as_u64() {
+                    Some(0) => {}
+                    Some(n) => {
+                        total += n;
+                        parts.push(format!("{n} at {station}"));
+                    }
+                    // The station may not say: fewer than k rows in all, possibly none.
+                    None => parts.push(format!(
+                        "groups of fewer than k rows in all (possibly none) at {station}"
+                    )),
                 }
+            }
+            let at_hub = withheld["hub"].as_u64().unwrap_or(0);
+            if at_hub > 0 {
+                total += at_hub;
+                parts.push(format!("{at_hub} merged at the hub"));
+            }
+            if !parts.is_empty() {
                 notes.push(format!(
-                    "withheld: {} group(s) below the group-size threshold k ({}); the answer \
-                     covers only the released groups",
-                    at_stations + at_hub,
+                    "withheld below the group-size threshold k: {}{}; the answer covers only \
+                     the released groups",
+                    if total > 0 {
+                        format!("{total} group(s) counted, ")
+                    } else {
+                        String::new()
+                    },
                     parts.join(", ")
                 ));
             }

@@ -141,10 +141,15 @@ pub fn quote_ident(name: &str) -> String {
 pub const ROWS_COLUMN: &str = "__rows";
 
 /// The schema metadata key of a station's answer to an aggregate fragment: how many of its
-/// groups it withheld below its k (a decimal count). The hub adds up the stations' counts and
+/// groups it withheld below its k (a decimal count, or [`WITHHELD_FEW`]). The hub adds up the stations' counts and
 /// its own into the same key of the researcher's answer, as JSON
 /// (`{"stations": {"station_a": 2}, "hub": 1}`).
 pub const WITHHELD_METADATA: &str = "railyard.withheld";
+
+/// The value of [`WITHHELD_METADATA`] when a station may not say how many groups it
+/// withheld: together they hold fewer than k rows, possibly none (the count of a few rows'
+/// groups would tell whether one patient is among them). The researcher's JSON shows `null`.
+pub const WITHHELD_FEW: &str = "fewer than k rows";
 
 /// The column holding the keyed pseudonym of the join key in a station's answer to a
 /// vertical-table fragment (`pseudonym(key) AS __pseudonym`).

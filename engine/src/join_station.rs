@@ -176,7 +176,7 @@ impl JoinStation {
                 // Like a station, a grouped answer says how many groups it left out.
                 let schema = match checked.release.kind() {
                     railyard_contract::ReleaseKind::Groups => {
-                        railyard_policy::release::announcing_withheld(&schema, released.suppressed)
+                        railyard_policy::release::announcing_withheld(&schema, released.announced)
                     }
                     _ => schema,
                 };

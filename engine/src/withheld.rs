@@ -2,7 +2,9 @@
 //! groups the hub withheld below the largest k. A researcher who reads a grouped answer
 //! should know it is not the whole table; the answer's schema says so under
 //! [`WITHHELD_METADATA`] (like `railyard.epsilon`), e.g.
-//! `{"stations": {"station_a": 2, "station_b": 0}, "hub": 1}`.
+//! `{"stations": {"station_a": 2, "station_b": null}, "hub": 1}`, where `null` says that a
+//! station's withheld groups hold fewer than k rows in all, possibly none: their number would
+//! tell whether one patient is among them.
 //!
 //! ```text
 //!   station ── DoGet schema metadata railyard.withheld = "2" ──▶ fetch ──┐
@@ -38,16 +40,24 @@ pub struct Withheld(Arc<Mutex<Tally>>);
 
 #[derive(Debug, Default, serde::Serialize)]
 struct Tally {
-    stations: BTreeMap<String, u64>,
+    /// Per station, its groups withheld; `None` (JSON `null`) where the station may only say
+    /// that they hold fewer than k rows, possibly none.
+    stations: BTreeMap<String, Option<u64>>,
     hub: u64,
 }
 
 impl Withheld {
-    /// Records a station's answer that withheld `groups` groups.
-    pub fn station(&self, station: &str, groups: u64) {
+    /// Records a station's answer that withheld `groups` groups (`None`: groups of fewer
+    /// than k rows in all, possibly none). A station that answers several fragments of one
+    /// query has its counts added; one it may not tell makes the sum untold.
+    pub fn station(&self, station: &str, groups: Option<u64>) {
         // The lock guards additions only; after a panic the tally is still a valid map.
         let mut tally = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *tally.stations.entry(station.to_string()).or_default() += groups;
+        tally
+            .stations
+            .entry(station.to_string())
+            .and_modify(|n| *n = n.zip(groups).map(|(a, b)| a + b))
+            .or_insert(groups);
     }
 
     /// Records merged groups the hub withheld.
@@ -66,10 +76,15 @@ impl Withheld {
     }
 }
 
-/// The number of groups a station's answer says it withheld (its announced schema's
-/// [`WITHHELD_METADATA`]), if it says.
-pub fn announced(schema: &Schema) -> Option<u64> {
-    schema.metadata().get(WITHHELD_METADATA)?.parse().ok()
+/// What a station's answer says it withheld (its announced schema's
+/// [`WITHHELD_METADATA`]), if it says anything: a number of groups, or `Some(None)` for
+/// "groups of fewer than k rows in all, possibly none".
+pub fn announced(schema: &Schema) -> Option<Option<u64>> {
+    let text = schema.metadata().get(WITHHELD_METADATA)?;
+    if text == railyard_contract::WITHHELD_FEW {
+        return Some(None);
+    }
+    text.parse().ok().map(Some)
 }
 
 /// The hub's second threshold: passes the merged groups whose [`ROWS_COLUMN`] reaches
@@ -210,12 +225,15 @@ mod tests {
         assert_eq!(kept, vec![1, 3]);
         // No station answered yet: nothing to report.
         assert_eq!(tally.metadata(), None);
-        tally.station("station_a", 2);
-        tally.station("station_a", 1);
+        tally.station("station_a", Some(2));
+        tally.station("station_a", Some(1));
+        // A station that may not tell its count for one fragment cannot tell the sum.
+        tally.station("station_b", Some(4));
+        tally.station("station_b", None);
         let reported: serde_json::Value = serde_json::from_str(&tally.metadata().unwrap()).unwrap();
         assert_eq!(
             reported,
-            serde_json::json!({"stations": {"station_a": 3}, "hub": 2})
+            serde_json::json!({"stations": {"station_a": 3, "station_b": null}, "hub": 2})
         );
     }
 }

@@ -94,14 +94,19 @@ pub fn released_schema(schema: &SchemaRef) -> SchemaRef {
     ))
 }
 
-/// `schema` saying that its release withheld `groups` groups below k
-/// ([`WITHHELD_METADATA`](railyard_contract::WITHHELD_METADATA)); what a station's answer
-/// to an aggregate fragment announces, so the researcher learns the answer is partial.
-pub fn announcing_withheld(schema: &SchemaRef, groups: u64) -> SchemaRef {
+/// `schema` saying how many groups its release withheld below k
+/// ([`WITHHELD_METADATA`](railyard_contract::WITHHELD_METADATA)), as
+/// [`Released::announced`] allows: a count, or only that the withheld groups hold fewer than
+/// k rows (possibly none). What a station's answer to an aggregate fragment announces, so
+/// the researcher learns the answer is partial.
+pub fn announcing_withheld(schema: &SchemaRef, groups: Option<u64>) -> SchemaRef {
     let mut metadata = schema.metadata().clone();
     metadata.insert(
         railyard_contract::WITHHELD_METADATA.to_string(),
-        groups.to_string(),
+        groups.map_or_else(
+            || railyard_contract::WITHHELD_FEW.to_string(),
+            |n| n.to_string(),
+        ),
     );
     Arc::new(schema.as_ref().clone().with_metadata(metadata))
 }
@@ -124,6 +129,12 @@ pub struct Released {
     pub batches: Vec<RecordBatch>,
     pub released: u64,
     pub suppressed: u64,
+    /// The number of suppressed groups the station may tell the researcher. The count is a
+    /// release too: `WHERE patient_id = 1 AND age >= 70 GROUP BY sex` withholds one group or
+    /// none, and saying which is the patient's age. So it is told only when the withheld
+    /// groups together count at least k rows (plus the noisy margin of which rows they
+    /// are), like any released count; otherwise `None`: "fewer than k rows, possibly none".
+    pub announced: Option<u64>,
 }
 
 /// Why a result does not leave.
@@ -180,6 +191,7 @@ fn release_unstripped(
                 batches,
                 released,
                 suppressed: 0,
+                announced: Some(0),
             })
         }
         Release::Pseudonymized { k } => {
@@ -197,10 +209,11 @@ fn release_unstripped(
                 batches,
                 released,
                 suppressed: 0,
+                announced: Some(0),
             })
         }
         Release::Groups { k, global } | Release::Survival { k, global } => {
-            let kept = apply_threshold(batches, *k, key)?;
+            let mut kept = apply_threshold(batches, *k, key)?;
             if *global && kept.released == 0 {
                 return Err(refuse(
                     station,
@@ -222,6 +235,11 @@ fn release_unstripped(
                     })
                     .map(|i| b.column(i).clone())
             };
+            if *global {
+                // Released whole (or refused above): nothing was withheld, as the
+                // researcher can tell from the answer itself.
+                kept.announced = Some(0);
+            }
             if matches!(release, Release::Survival { .. })
                 && kept.batches.iter().any(|b| {
                     terms(b).is_some_and(|t| {
@@ -273,6 +291,7 @@ fn release_unstripped(
                 batches,
                 released,
                 suppressed: 0,
+                announced: Some(0),
             })
         }
     }
@@ -391,6 +410,8 @@ fn apply_threshold(
 ) -> Result<Released, ReleaseError> {
     let mut kept = Vec::with_capacity(batches.len());
     let (mut released, mut suppressed) = (0u64, 0u64);
+    // The withheld groups as one set of rows: how many, and the digest of which.
+    let (mut withheld_rows, mut withheld_digest) = (0u64, 0u64);
     for batch in batches {
         let rows = batch
             .columns()
@@ -461,6 +482,15 @@ fn apply_threshold(
         let n = keep.true_count() as u64;
         released += n;
         suppressed += batch.num_rows() as u64 - n;
+        let digests = uint64(&batch, ROWS_DIGEST);
+        for r in (0..batch.num_rows()).filter(|r| !keep.value(*r)) {
+            if rows.is_valid(r) {
+                withheld_rows += rows.value(r).max(0) as u64;
+            }
+            if let Some(d) = digests.filter(|d| d.is_valid(r)) {
+                withheld_digest ^= d.value(r);
+            }
+        }
         if n as usize == batch.num_rows() {
             kept.push(batch);
         } else if n > 0 {
@@ -470,10 +500,12 @@ fn apply_threshold(
             );
         }
     }
+    let announced = (withheld_rows >= k + key.margin(withheld_digest, k)).then_some(suppressed);
     Ok(Released {
         batches: kept,
         released,
         suppressed,
+        announced,
     })
 }
 
@@ -630,6 +662,27 @@ mod tests {
             ],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_withheld_count_is_told_only_for_k_rows_or_more() {
+        let grouped = Release::Groups {
+            k: 5,
+            global: false,
+        };
+        // One small group or none: the same answer, "fewer than k rows" (the count would be
+        // whether that one patient matched).
+        for counts in [&[9][..], &[9, 1], &[9, 4]] {
+            let out = release("s", "t", &grouped, vec![groups(counts)]).unwrap();
+            assert_eq!(out.announced, None, "{counts:?}");
+        }
+        // Withheld groups of k rows and more in all (past any margin): their number is told.
+        let out = release("s", "t", &grouped, vec![groups(&[9, 4, 4, 1])]).unwrap();
+        assert_eq!((out.suppressed, out.announced), (3, Some(3)));
+        // A global aggregate, released whole, withheld nothing.
+        let global = Release::Groups { k: 5, global: true };
+        let out = release("s", "t", &global, vec![groups(&[9])]).unwrap();
+        assert_eq!(out.announced, Some(0));
     }
 
     #[test]

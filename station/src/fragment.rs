@@ -109,8 +109,7 @@ impl Station {
         // A grouped answer says how many groups it left out (the hub reports the count to
         // the researcher); the batches carry the same schema as the stream.
         let (schema, batches) = if approved.release.kind() == ReleaseKind::Groups {
-            let schema =
-                railyard_policy::release::announcing_withheld(&schema, released.suppressed);
+            let schema = railyard_policy::release::announcing_withheld(&schema, released.announced);
             let batches = released
                 .batches
                 .into_iter()

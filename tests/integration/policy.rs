@@ -323,6 +323,27 @@ async fn answers_say_how_many_groups_each_station_withheld() {
         "{reported}"
     );
     assert_eq!(reported["hub"], 0, "{reported}");
+    // One patient's group, or none: the station may not say which (the count would be
+    // that patient's age), so it says only "fewer than k rows, possibly none" either way.
+    for cut in [60, 90] {
+        let one = client
+            .query(&format!(
+                "SELECT sex, count(*) FROM lung WHERE patient_id = 1 AND age >= {cut} GROUP BY sex"
+            ))
+            .await
+            .unwrap();
+        assert_eq!(one.num_rows(), 0);
+        let reported: serde_json::Value =
+            serde_json::from_str(&one.schema.metadata()["railyard.withheld"]).unwrap();
+        assert!(
+            reported["stations"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|n| n.is_null()),
+            "{reported}"
+        );
+    }
     // A global aggregate is released whole or refused: nothing withheld, and it says so.
     let global = client.query("SELECT count(*) FROM lung").await.unwrap();
     let reported: serde_json::Value =
@@ -349,7 +370,7 @@ async fn answers_say_how_many_groups_each_station_withheld() {
     assert!(out.status.success());
     let note = String::from_utf8_lossy(&out.stderr);
     assert!(
-        note.contains("withheld: ") && note.contains("below the group-size threshold k"),
+        note.contains("withheld below the group-size threshold k: "),
         "{note}"
     );
     federation.shutdown().await.unwrap();
