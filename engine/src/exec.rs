@@ -661,11 +661,12 @@ impl QueryPlanner for FederatedQueryPlanner {
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         refuse_huge_constants(logical_plan)?;
         let federated = self.planner.federate(logical_plan).await?;
+        let plan = cap_string_concat(federated.plan)?;
         let planner =
             DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(FragmentPlanner {
                 stations: Arc::clone(&self.stations),
             })]);
-        planner.create_physical_plan(&federated.plan, session).await
+        planner.create_physical_plan(&plan, session).await
     }
 }
 
@@ -707,4 +708,72 @@ fn refuse_huge_constants(plan: &LogicalPlan) -> DfResult<()> {
         )));
     }
     Ok(())
+}
+
+/// Replaces `a || b` on strings in the hub's own projections and filters (fragments are
+/// SQL text by now, planned by the stations) with the capped
+/// [`string_concat`](railyard_udfs::capped::string_concat): a value of at most
+/// `max_string_bytes` per `||`, where `s || s || s || s` through a few subqueries would
+/// otherwise grow a string fourfold per level until the hub runs out of memory.
+fn cap_string_concat(plan: LogicalPlan) -> DfResult<LogicalPlan> {
+    use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, Operator};
+    let capped = |e: Expr, schema: &datafusion::common::DFSchema| {
+        e.transform_up(|e| match &e {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::StringConcat,
+                right,
+            }) if e.get_type(schema).is_ok_and(|t| {
+                matches!(
+                    t,
+                    arrow::datatypes::DataType::Utf8
+                        | arrow::datatypes::DataType::LargeUtf8
+                        | arrow::datatypes::DataType::Utf8View
+                )
+            }) && left.get_type(schema).ok() == right.get_type(schema).ok() =>
+            {
+                Ok(Transformed::yes(railyard_udfs::capped::string_concat(
+                    left.as_ref().clone(),
+                    right.as_ref().clone(),
+                )))
+            }
+            _ => Ok(Transformed::no(e)),
+        })
+    };
+    Ok(plan
+        .transform_up_with_subqueries(|node| match node {
+            LogicalPlan::Projection(p) => {
+                let schema = Arc::clone(p.input.schema());
+                let mut changed = false;
+                let mut exprs = Vec::with_capacity(p.expr.len());
+                for e in &p.expr {
+                    let name = e.schema_name().to_string();
+                    let new = capped(e.clone(), &schema)?;
+                    changed |= new.transformed;
+                    exprs.push(if new.transformed {
+                        new.data.alias_if_changed(name)?
+                    } else {
+                        new.data
+                    });
+                }
+                if !changed {
+                    return Ok(Transformed::no(LogicalPlan::Projection(p)));
+                }
+                Ok(Transformed::yes(LogicalPlan::Projection(
+                    datafusion::logical_expr::Projection::try_new(exprs, Arc::clone(&p.input))?,
+                )))
+            }
+            LogicalPlan::Filter(f) => {
+                let schema = Arc::clone(f.input.schema());
+                let new = capped(f.predicate.clone(), &schema)?;
+                if !new.transformed {
+                    return Ok(Transformed::no(LogicalPlan::Filter(f)));
+                }
+                Ok(Transformed::yes(LogicalPlan::Filter(
+                    datafusion::logical_expr::Filter::try_new(new.data, Arc::clone(&f.input))?,
+                )))
+            }
+            other => Ok(Transformed::no(other)),
+        })?
+        .data)
 }

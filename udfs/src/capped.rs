@@ -40,8 +40,68 @@ pub fn register(ctx: &SessionContext) {
     }
 }
 
-/// Registers the capped `concat` and `concat_ws` in place of the built-in ones: at the hub
-/// only. There, a constant of up to [`MAX_STRING_BYTES`] per `repeat`, concatenated many
+/// The hub's `a || b` on strings, capped like `concat`: [`string_concat`] replaces the
+/// operator in the hub's own plan (a chain of `s || s || s || s` through a few subqueries
+/// multiplies a string's size by four per level). Same semantics: NULL if either side is.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CappedStringConcat {
+    signature: Signature,
+}
+
+/// `a || b` as a call of the capped operator.
+pub fn string_concat(
+    left: datafusion::logical_expr::Expr,
+    right: datafusion::logical_expr::Expr,
+) -> datafusion::logical_expr::Expr {
+    ScalarUDF::from(CappedStringConcat {
+        signature: Signature::any(2, datafusion::logical_expr::Volatility::Immutable),
+    })
+    .call(vec![left, right])
+}
+
+impl ScalarUDFImpl for CappedStringConcat {
+    fn name(&self) -> &str {
+        "string_concat"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        match arg_types {
+            [a, b] if a == b => Ok(a.clone()),
+            _ => exec_err!("string_concat() takes two strings of one type"),
+        }
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let [left, right] = args.args.as_slice() else {
+            return exec_err!("string_concat() takes two arguments");
+        };
+        let bytes = (longest(left) + longest(right)) as u64;
+        if bytes > MAX_STRING_BYTES as u64 {
+            return exec_err!(
+                "|| would build a string of more than {MAX_STRING_BYTES} bytes \
+                 (limit max_string_bytes)"
+            );
+        }
+        if bytes.saturating_mul(args.number_rows as u64) > MAX_BATCH_STRING_BYTES as u64 {
+            return exec_err!(
+                "|| would build more than {MAX_BATCH_STRING_BYTES} bytes of strings for one \
+                 batch of rows (limit max_string_bytes)"
+            );
+        }
+        let left = left.to_array(args.number_rows)?;
+        let right = right.to_array(args.number_rows)?;
+        Ok(ColumnarValue::Array(
+            arrow::compute::kernels::concat_elements::concat_elements_dyn(&left, &right)?,
+        ))
+    }
+}
+
+/// Registers the capped `concat`, `concat_ws`, `replace` and `regexp_replace` in place of
+/// the built-in ones: at the hub only. There, a constant of up to [`MAX_STRING_BYTES`] per `repeat`, concatenated many
 /// times and broadcast to every row, would build gigabytes. A station needs no cap: its
 /// policy check refuses `repeat`/`lpad`/`rpad` beside a non-public column and caps string
 /// literals, so a `concat` there grows only with the statement and the data, and a cap that
@@ -51,6 +111,8 @@ pub fn register_concat(ctx: &SessionContext) {
     for inner in [
         datafusion::functions::string::concat(),
         datafusion::functions::string::concat_ws(),
+        datafusion::functions::string::replace(),
+        datafusion::functions::regex::regexp_replace(),
     ] {
         ctx.register_udf(ScalarUDF::from(Capped { inner }));
     }
@@ -120,6 +182,10 @@ impl ScalarUDFImpl for Capped {
         let bytes = match (name, args.args.as_slice()) {
             // The longest result: every argument at its longest.
             ("concat", all) => all.iter().map(|a| longest(a) as u64).sum(),
+            // Every character may become the whole replacement.
+            ("replace" | "regexp_replace", [s, _, to, ..]) => (longest(s) as u64)
+                .max(1)
+                .saturating_mul(longest(to).max(1) as u64),
             ("concat_ws", [sep, rest @ ..]) => (longest(sep) as u64)
                 .saturating_mul(rest.len().saturating_sub(1) as u64)
                 .saturating_add(rest.iter().map(|a| longest(a) as u64).sum()),

@@ -134,14 +134,8 @@ impl Checker<'_> {
                 continue;
             };
             let form = form_of(arg, input, schema);
-            if let Form::Smooth {
-                degree,
-                denominator,
-                ..
-            } = form
-                && (degree > 1 || denominator > 0)
-            {
-                self.nonlinear.push((self.call, (*arg).clone()));
+            if form.accepted() {
+                self.expansion(&name, arg, form, &c, input)?;
             }
             if !form.accepted() {
                 return Err(self.column_refusal(
@@ -157,6 +151,54 @@ impl Checker<'_> {
             }
         }
         Ok(value)
+    }
+
+    /// The terms of an accepted argument (`super::poly`): refused if like terms cancel or
+    /// if it reads a column computed below this level (where neither rule could see its
+    /// terms; the hub writes every argument out at the aggregate), and each non-linear term
+    /// recorded for the dominance rule.
+    fn expansion(
+        &mut self,
+        name: &str,
+        arg: &Expr,
+        form: Form,
+        column: &str,
+        input: &[(Column, Lineage)],
+    ) -> Result<(), Refusal> {
+        let Some(expansion) = poly::expand(arg, input) else {
+            return Err(self.column_refusal(
+                Rule::AggregateArgument,
+                column,
+                &format!(
+                    "inside {name}() it may only be computed in the aggregate's own argument, \
+                     as a sum of at most 256 terms: a value computed in a subquery below it \
+                     hides which terms the sum adds"
+                ),
+            ));
+        };
+        if expansion.cancels() {
+            return Err(self.column_refusal(
+                Rule::AggregateArgument,
+                column,
+                &format!(
+                    "inside {name}() two like terms of opposite signs would cancel, and in \
+                     floating point a large cancelled term erases the other terms' digits on \
+                     every row but those where it is zero"
+                ),
+            ));
+        }
+        if let Form::Smooth {
+            degree,
+            denominator,
+            ..
+        } = form
+            && (degree > 1 || denominator > 0)
+        {
+            for term in expansion.nonlinear_terms() {
+                self.nonlinear.push((self.call, term));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the arguments of a model aggregate: table columns used unchanged (a GLM

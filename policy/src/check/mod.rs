@@ -69,6 +69,7 @@ mod dp;
 mod expr;
 mod form;
 mod lineage;
+mod poly;
 #[cfg(test)]
 mod tests;
 
