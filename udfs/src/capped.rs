@@ -80,18 +80,7 @@ impl ScalarUDFImpl for CappedStringConcat {
             return exec_err!("string_concat() takes two arguments");
         };
         let bytes = (longest(left) + longest(right)) as u64;
-        if bytes > MAX_STRING_BYTES as u64 {
-            return exec_err!(
-                "|| would build a string of more than {MAX_STRING_BYTES} bytes \
-                 (limit max_string_bytes)"
-            );
-        }
-        if bytes.saturating_mul(args.number_rows as u64) > MAX_BATCH_STRING_BYTES as u64 {
-            return exec_err!(
-                "|| would build more than {MAX_BATCH_STRING_BYTES} bytes of strings for one \
-                 batch of rows (limit max_string_bytes)"
-            );
-        }
+        within("||", "string", bytes, MAX_STRING_BYTES, args.number_rows)?;
         let left = left.to_array(args.number_rows)?;
         let right = right.to_array(args.number_rows)?;
         Ok(ColumnarValue::Array(
@@ -100,9 +89,12 @@ impl ScalarUDFImpl for CappedStringConcat {
     }
 }
 
-/// Registers the capped `concat`, `concat_ws`, `replace` and `regexp_replace` in place of
-/// the built-in ones: at the hub only. There, a constant of up to [`MAX_STRING_BYTES`] per `repeat`, concatenated many
-/// times and broadcast to every row, would build gigabytes. A station needs no cap: its
+/// Registers the capped string builders (`concat`, `concat_ws`, `replace`,
+/// `regexp_replace`, `encode`, `translate`, `overlay`) and list builders (`array_repeat`,
+/// `array_resize`, `range`, `generate_series`) in place of the built-in ones: at the hub
+/// only. There, a constant of up to [`MAX_STRING_BYTES`] per `repeat`, concatenated many
+/// times and broadcast to every row, or `encode(encode(…, 'hex'), 'hex')` doubling per
+/// level, would build gigabytes. A station needs no cap: its
 /// policy check refuses `repeat`/`lpad`/`rpad` beside a non-public column and caps string
 /// literals, so a `concat` there grows only with the statement and the data, and a cap that
 /// looked at the data's string lengths would fail exactly when some patient's value is long
@@ -113,6 +105,13 @@ pub fn register_concat(ctx: &SessionContext) {
         datafusion::functions::string::concat_ws(),
         datafusion::functions::string::replace(),
         datafusion::functions::regex::regexp_replace(),
+        datafusion::functions::encoding::encode(),
+        datafusion::functions::unicode::translate(),
+        datafusion::functions::core::overlay(),
+        datafusion::functions_nested::repeat::array_repeat_udf(),
+        datafusion::functions_nested::resize::array_resize_udf(),
+        datafusion::functions_nested::range::range_udf(),
+        datafusion::functions_nested::range::gen_series_udf(),
     ] {
         ctx.register_udf(ScalarUDF::from(Capped { inner }));
     }
@@ -143,6 +142,15 @@ fn longest(value: &ColumnarValue) -> usize {
             .max(),
         DataType::Utf8View => (0..a.len())
             .map(|i| a.as_string_view().value(i).len())
+            .max(),
+        DataType::Binary => (0..a.len())
+            .map(|i| a.as_binary::<i32>().value(i).len())
+            .max(),
+        DataType::LargeBinary => (0..a.len())
+            .map(|i| a.as_binary::<i64>().value(i).len())
+            .max(),
+        DataType::BinaryView => (0..a.len())
+            .map(|i| a.as_binary_view().value(i).len())
             .max(),
         _ => Some(0),
     };
@@ -194,6 +202,14 @@ impl ScalarUDFImpl for Capped {
                 .max(0)
                 .unsigned_abs()
                 .saturating_mul(longest(s) as u64),
+            // Hexadecimal doubles a value, base64 adds a third.
+            ("encode", [s, ..]) => 2 * longest(s) as u64,
+            // A character may become one of up to 4 bytes.
+            ("translate", [s, ..]) => 4 * longest(s) as u64,
+            ("overlay", [s, placing, ..]) => (longest(s) + longest(placing)) as u64,
+            ("array_repeat" | "array_resize" | "range" | "generate_series" | "gen_series", _) => {
+                return self.invoke_list(args);
+            }
             // A padded string has `n` characters of up to 4 bytes.
             (_, [_, n, ..]) => largest(n)
                 .unwrap_or(0)
@@ -202,18 +218,85 @@ impl ScalarUDFImpl for Capped {
                 .saturating_mul(4),
             _ => 0,
         };
-        if bytes > MAX_STRING_BYTES as u64 {
-            return exec_err!(
-                "{name}() would build a string of more than {MAX_STRING_BYTES} bytes \
-                 (limit max_string_bytes)"
-            );
-        }
-        if bytes.saturating_mul(args.number_rows as u64) > MAX_BATCH_STRING_BYTES as u64 {
-            return exec_err!(
-                "{name}() would build more than {MAX_BATCH_STRING_BYTES} bytes of strings for \
-                 one batch of rows (limit max_string_bytes)"
-            );
-        }
+        within(
+            &format!("{name}()"),
+            "string",
+            bytes,
+            MAX_STRING_BYTES,
+            args.number_rows,
+        )?;
+        self.inner.invoke_with_args(args)
+    }
+}
+
+/// Refuses a result estimated at `bytes` per value over `limit`, or over
+/// [`MAX_BATCH_STRING_BYTES`] for a batch of `rows`.
+fn within(name: &str, what: &str, bytes: u64, limit: usize, rows: usize) -> Result<()> {
+    if bytes > limit as u64 {
+        return exec_err!(
+            "{name} would build a {what} of more than {limit} bytes (limit max_string_bytes)"
+        );
+    }
+    if bytes.saturating_mul(rows as u64) > MAX_BATCH_STRING_BYTES as u64 {
+        return exec_err!(
+            "{name} would build more than {MAX_BATCH_STRING_BYTES} bytes of {what}s for one \
+             batch of rows (limit max_string_bytes)"
+        );
+    }
+    Ok(())
+}
+
+/// Most bytes one list value a capped function builds may take (an estimate: 8 bytes or the
+/// repeated element's size per element).
+pub const MAX_LIST_BYTES: usize = 16 << 20;
+
+impl Capped {
+    /// The list builders: their size is a count (`array_repeat(x, n)`, `array_resize(a, n)`)
+    /// or a span (`range(a, b, step)`) times an element.
+    fn invoke_list(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let name = self.inner.name();
+        let count = |v: &ColumnarValue| largest(v).unwrap_or(0).unsigned_abs();
+        let least = |v: &ColumnarValue| match v {
+            ColumnarValue::Scalar(s) => match s.cast_to(&DataType::Int64).ok() {
+                Some(ScalarValue::Int64(Some(v))) => Some(v),
+                _ => None,
+            },
+            ColumnarValue::Array(a) => {
+                let a = arrow::compute::cast(a, &DataType::Int64).ok()?;
+                arrow::compute::min(a.as_primitive::<Int64Type>())
+            }
+        };
+        let per_element = |v: &ColumnarValue| -> u64 {
+            let size = match v {
+                ColumnarValue::Scalar(s) => s.size() as u64,
+                ColumnarValue::Array(a) => a.get_array_memory_size() as u64 / a.len().max(1) as u64,
+            };
+            size.max(8)
+        };
+        let elements: u64 = match (name, args.args.as_slice()) {
+            ("array_repeat", [element, n]) => count(n).saturating_mul(per_element(element)) / 8,
+            ("array_resize", [_, n, ..]) => count(n),
+            (_, [stop]) => count(stop),
+            (_, [start, stop, rest @ ..]) => {
+                let step = rest
+                    .first()
+                    .and_then(largest)
+                    .map_or(1, |s| s.unsigned_abs().max(1));
+                let span = largest(stop)
+                    .zip(least(start))
+                    .map_or(0, |(b, a)| b.abs_diff(a).max(a.abs_diff(b)));
+                span / step
+            }
+            _ => 0,
+        };
+        let bytes = elements.saturating_mul(8);
+        within(
+            &format!("{name}()"),
+            "list",
+            bytes,
+            MAX_LIST_BYTES,
+            args.number_rows,
+        )?;
         self.inner.invoke_with_args(args)
     }
 }

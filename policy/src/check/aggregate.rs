@@ -176,6 +176,17 @@ impl Checker<'_> {
                 ),
             ));
         };
+        if expansion.out_of_scale() {
+            return Err(self.column_refusal(
+                Rule::AggregateArgument,
+                column,
+                &format!(
+                    "inside {name}() a term is scaled by more than 2^20 (or less than 2^-20): \
+                     next to a term of another scale it would round the other values away on \
+                     every row but those where it is zero"
+                ),
+            ));
+        }
         if expansion.cancels() {
             return Err(self.column_refusal(
                 Rule::AggregateArgument,

@@ -120,6 +120,16 @@ pub(super) fn form_of(expr: &Expr, input: &[(Column, Lineage)], schema: &DFSchem
             _ => Form::Other,
         },
         Expr::Negative(e) => form_of(e, input, schema).not_atom(),
+        // Single precision keeps 24 bits: `CAST(age AS REAL) + CAST(2147483648 AS REAL) *
+        // CAST(id - 1 AS REAL)` rounds every age away but one patient's, and the sum (in
+        // double precision) then adds exact multiples of 2^31 to it.
+        Expr::BinaryExpr(_)
+            if expr
+                .get_type(schema)
+                .is_ok_and(|t| matches!(t, DataType::Float16 | DataType::Float32)) =>
+        {
+            Form::Other
+        }
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
             let (l, r) = (form_of(left, input, schema), form_of(right, input, schema));
             let (
@@ -209,8 +219,7 @@ fn cast_form(inner: &Expr, to: &DataType, input: &[(Column, Lineage)], schema: &
         }
         Ok(from) if lossless_cast(&from, to) => form,
         Ok(from)
-            if from.is_numeric()
-                && (to.is_floating() || matches!(to, DataType::Decimal128(..))) =>
+            if from.is_numeric() && matches!(to, DataType::Float64 | DataType::Decimal128(..)) =>
         {
             form
         }

@@ -116,6 +116,10 @@ fn terms(
         Expr::Cast(c) => terms(&c.expr, input, atoms)?,
         Expr::TryCast(c) => terms(&c.expr, input, atoms)?,
         Expr::Negative(e) => negate(terms(e, input, atoms)?),
+        // signum() is 1 on every row of a positive column: a term multiplied by it is the
+        // same term under another name (`A*id - A*id*signum(age)` cancels), so it counts as
+        // a constant here.
+        Expr::ScalarFunction(f) if f.func.name() == "signum" => vec![Term::constant(1.0)],
         Expr::ScalarFunction(_) => {
             // A fixed function of one atom (the grammar accepted it): the same atom.
             let mut bases = BTreeSet::new();
@@ -176,19 +180,30 @@ fn negate(terms: Vec<Term>) -> Vec<Term> {
 }
 
 impl Expansion {
-    /// Whether two like terms (the same atoms above and below the line, not constants)
+    /// Whether two like terms (the same atoms above and below the line, or two constants)
     /// have opposite signs: they can only cancel, and in floating point a cancelled term
     /// takes the other terms' low digits with it on every row where it is large.
     pub(super) fn cancels(&self) -> bool {
         self.terms.iter().enumerate().any(|(i, a)| {
-            (!a.num.is_empty() || !a.den.is_empty())
-                && self.terms[i + 1..].iter().any(|b| {
-                    a.num == b.num
-                        && a.den == b.den
-                        && a.coef != 0.0
-                        && b.coef != 0.0
-                        && a.coef.signum() != b.coef.signum()
-                })
+            self.terms[i + 1..].iter().any(|b| {
+                a.num == b.num
+                    && a.den == b.den
+                    && a.coef != 0.0
+                    && b.coef != 0.0
+                    && a.coef.signum() != b.coef.signum()
+            })
+        })
+    }
+
+    /// Whether a term's coefficient lies outside [2^-20, 2^20] (constants aside): double
+    /// precision keeps 53 bits, and two terms whose scales differ by more than that lose the
+    /// smaller one on every row where the larger is not zero.
+    pub(super) fn out_of_scale(&self) -> bool {
+        const SCALE: f64 = 1_048_576.0;
+        self.terms.iter().any(|t| {
+            (!t.num.is_empty() || !t.den.is_empty())
+                && t.coef != 0.0
+                && !(1.0 / SCALE..=SCALE).contains(&t.coef.abs())
         })
     }
 

@@ -535,6 +535,29 @@ async fn the_grammar_accepts_derived_measures_and_refuses_indicators() {
             "SELECT sum(weight + 1e20 * floor(height) - 1e20 * ceil(height)) FROM lung",
             "aggregate_argument",
         ),
+        // Single precision rounds every age but one away, and the sum adds exact multiples
+        // of 2^31 to the one left.
+        (
+            "SELECT sum(CAST(age AS REAL) + CAST(2147483648 AS REAL) * (CAST(patient_id AS REAL) \
+             - CAST(1 AS REAL))) FROM lung",
+            "aggregate_argument",
+        ),
+        // A term renamed by signum() (1 on every row) cancels all the same; a scale of 2^60
+        // swallows the other terms' digits.
+        (
+            "SELECT sum((age + (1152921504606846976.0 * patient_id - 1152921504606846976.0)) \
+             - (1152921504606846976.0 * patient_id * signum(age) \
+             - 1152921504606846976.0 * signum(age))) FROM lung",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT sum(weight + 4398046511104.0 * patient_id) FROM lung",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT sum(weight + 1e20 - 1e20) FROM lung",
+            "aggregate_argument",
+        ),
         // Computed below the aggregate, where the terms cannot be seen: the hub always
         // writes an argument out in the aggregate itself.
         (
