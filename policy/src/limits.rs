@@ -25,6 +25,10 @@ pub const MAX_OPERATORS: usize = 5_000;
 pub const MAX_NESTING: usize = 64;
 /// Most tokens in one statement.
 pub const MAX_TOKENS: usize = 50_000;
+/// Most query blocks (`SELECT`s) and joins in one statement: a chain of 150 CTEs, each
+/// reading the one before, is a plan 150 levels deep that no expression limit sees, and
+/// ran a worker's stack out.
+pub const MAX_QUERY_BLOCKS: usize = 64;
 
 fn too_complex(who: &str, what: String) -> Refusal {
     Refusal {
@@ -48,6 +52,7 @@ pub fn check_statement(sql: &str, who: &str) -> Result<(), Refusal> {
     // keyword starts a new expression at its level.
     let mut levels: Vec<usize> = vec![0];
     let (mut deepest, mut deepest_expression, mut operators, mut count) = (0, 0, 0, 0);
+    let mut blocks = 0;
     for token in &tokens {
         let operator = match token {
             Token::Whitespace(_) => continue,
@@ -102,8 +107,14 @@ pub fn check_statement(sql: &str, who: &str) -> Result<(), Refusal> {
                 | Keyword::BETWEEN
                 | Keyword::IS
                 | Keyword::IN => true,
-                Keyword::SELECT
-                | Keyword::FROM
+                Keyword::SELECT | Keyword::JOIN => {
+                    blocks += 1;
+                    if let Some(l) = levels.last_mut() {
+                        *l = 0;
+                    }
+                    false
+                }
+                Keyword::FROM
                 | Keyword::WHERE
                 | Keyword::GROUP
                 | Keyword::HAVING
@@ -153,6 +164,14 @@ pub fn check_statement(sql: &str, who: &str) -> Result<(), Refusal> {
             format!("it has more than {MAX_OPERATORS} operators (limit max_operators)"),
         ));
     }
+    if blocks > MAX_QUERY_BLOCKS {
+        return Err(too_complex(
+            who,
+            format!(
+                "it has more than {MAX_QUERY_BLOCKS} SELECTs and JOINs (limit max_query_blocks)"
+            ),
+        ));
+    }
     if count > MAX_TOKENS {
         return Err(too_complex(
             who,
@@ -198,6 +217,18 @@ mod tests {
         assert!(limit(&nested).unwrap().contains("max_nesting"));
         let long = format!("SELECT '{}'", "x".repeat(MAX_STATEMENT_BYTES));
         assert!(limit(&long).unwrap().contains("max_statement_bytes"));
+        // A chain of CTEs, each reading the one before, is a deep plan.
+        let ctes = |n: usize| {
+            let parts: Vec<String> = (0..n)
+                .map(|i| match i {
+                    0 => "t0 AS (SELECT * FROM lung)".to_string(),
+                    i => format!("t{i} AS (SELECT * FROM t{})", i - 1),
+                })
+                .collect();
+            format!("WITH {} SELECT count(*) FROM t{}", parts.join(", "), n - 1)
+        };
+        assert_eq!(limit(&ctes(20)), None);
+        assert!(limit(&ctes(150)).unwrap().contains("max_query_blocks"));
         // A long IN list is flat: commas are not operators.
         let list: Vec<String> = (0..5000).map(|i| i.to_string()).collect();
         assert_eq!(

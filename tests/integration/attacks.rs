@@ -8,6 +8,17 @@ use railyard::client::HubClient;
 use crate::fixtures;
 use crate::policy::lung_under_default_policy;
 
+/// `n` CTEs over lung, each reading the one before, and `SELECT items` from the last.
+fn cte_chain(n: usize, items: &str) -> String {
+    let ctes: Vec<String> = (0..n)
+        .map(|i| match i {
+            0 => "t0 AS (SELECT * FROM lung)".to_string(),
+            i => format!("t{i} AS (SELECT * FROM t{})", i - 1),
+        })
+        .collect();
+    format!("WITH {} SELECT {items} FROM t{}", ctes.join(", "), n - 1)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attacks_straight_at_a_station_are_refused_by_their_rule() {
     let (federation, _governance) = lung_under_default_policy().await;
@@ -20,6 +31,7 @@ async fn attacks_straight_at_a_station_are_refused_by_their_rule() {
         "SELECT partial_count(1) AS a0 FROM lung WHERE {}",
         vec!["age > 1"; 2000].join(" AND ")
     );
+    let ctes = cte_chain(150, "partial_count(1) AS a0");
     let cases = [
         // One patient's exact value: TRY_CAST nulls every other row.
         (
@@ -67,6 +79,8 @@ async fn attacks_straight_at_a_station_are_refused_by_their_rule() {
         // Statements that used to overflow the stack and abort the process.
         (sum, "(rule query_too_complex)"),
         (chain, "(rule query_too_complex)"),
+        // A chain of 150 CTEs: a plan that deep ran the stack out.
+        (ctes, "(rule query_too_complex)"),
     ];
     for (sql, rule) in &cases {
         let err = fixtures::run_at_station(url, sql)
@@ -103,6 +117,13 @@ async fn deep_statements_are_refused_by_the_hub_which_keeps_answering() {
         assert!(err.contains("(rule query_too_complex)"), "{err}");
         assert!(err.contains("max_depth"), "{err}");
     }
+    // A chain of CTEs, each reading the one before, is as deep as it is long.
+    let err = client
+        .query(&cte_chain(150, "count(*)"))
+        .await
+        .expect_err("too many query blocks")
+        .to_string();
+    assert!(err.contains("max_query_blocks"), "{err}");
     // A query that grows past its memory budget fails alone, naming the limit; the hub
     // keeps answering.
     let err = client
