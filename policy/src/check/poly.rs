@@ -23,9 +23,8 @@ use super::*;
 /// Most terms an expansion may have (a product of two long sums multiplies their lengths).
 const MAX_TERMS: usize = 256;
 
-/// One term: a coefficient times a product of atoms over a product of atoms. Atoms are
-/// named by the table columns they read; `exprs` holds, per name, an expression for the
-/// atom at the level the argument is written at.
+/// One term: a coefficient times a product of atoms over a product of atoms, each atom
+/// named by the table columns it reads ([`Expansion`] keeps an expression for each name).
 #[derive(Debug, Clone)]
 pub(super) struct Term {
     coef: f64,
