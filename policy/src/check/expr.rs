@@ -83,12 +83,6 @@ pub(super) fn constant(e: &Expr) -> Option<ScalarValue> {
     }
 }
 
-/// Largest constant an integer may be multiplied by in a released computation: a column
-/// value must then exceed 2^43 to wrap it.
-const MAX_INTEGER_FACTOR: f64 = 1_048_576.0;
-/// Largest constant added to an integer: a value must exceed 2^62 to wrap it.
-const MAX_INTEGER_SHIFT: f64 = 4_611_686_018_427_387_904.0;
-
 /// An upper bound of `|e|` for an integer expression, from its constants and the bound
 /// [`atom_bound`] assumes for everything else, with its degree in those atoms. Whether
 /// integer arithmetic wraps must not be a threshold the researcher places:
@@ -194,34 +188,18 @@ pub(super) fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
                 .is_none()
                 .then(|| "SIMILAR TO a pattern computed from the data".to_string()),
             // Integer arithmetic wraps: a constant large enough to wrap it for some values
-            // (`age * 9223372036854775807`, `x + (2^63 - 74)`) turns it into a threshold.
-            Expr::BinaryExpr(BinaryExpr { left, op, right })
-                if matches!(op, Operator::Multiply | Operator::Plus | Operator::Minus)
-                    && e.get_type(schema).is_ok_and(|t| t.is_integer())
-                    && [left, right].iter().any(|side| {
-                        constant(side).and_then(|v| number(&v)).is_some_and(|c| {
-                            c.abs()
-                                > if *op == Operator::Multiply {
-                                    MAX_INTEGER_FACTOR
-                                } else {
-                                    MAX_INTEGER_SHIFT
-                                }
-                        })
-                    }) =>
-            {
-                Some(format!(
-                    "integer '{op}' by a constant this large can overflow (cast to DOUBLE first)"
-                ))
-            }
-            // The whole integer computation, not one operator at a time: chained constants
-            // add up (`x + 2^62 + 2^62`), and so do products.
+            // (`age * 9223372036854775807`, `x + 2^62 + 2^62`) turns it into a threshold.
+            // Bounded over the whole integer computation, not one operator at a time:
+            // chained constants add up, and so do products.
             Expr::BinaryExpr(BinaryExpr { op, .. })
                 if matches!(op, Operator::Multiply | Operator::Plus | Operator::Minus)
                     && e.get_type(schema).is_ok_and(|t| {
                         // Degree 3 and up is no accepted form anyway (`aggregate_argument`
                         // says why); in a filter a wrap only selects, and k counts that.
-                        let (bound, degree) = integer_bound(e, schema);
-                        t.is_integer() && degree <= 2 && bound > integer_limit(&t)
+                        t.is_integer() && {
+                            let (bound, degree) = integer_bound(e, schema);
+                            degree <= 2 && bound > integer_limit(&t)
+                        }
                     }) =>
             {
                 Some(format!(
