@@ -25,9 +25,10 @@
 //! [`vertical`] (vertically partitioned tables: the members' pseudonymized rows and their
 //! join), `join_station` (the station that serves a vertical table, from `railyard-policy`
 //! and `railyard-audit`, called in-process), [`budget`] (`railyard.budget`), [`train`]
-//! (`train(...)` calls), [`withheld`] (the hub's second threshold, and what an answer says
-//! it left out), [`error`] (errors and their one mapping to gRPC statuses; a
-//! station's status is read once, in `StationFailure::from_status`).
+//! (`train(...)` calls), `guards` (string growth in the hub's own plan), [`withheld`] (the
+//! hub's second threshold, and what an answer says it left out), [`error`] (errors and their
+//! one mapping to gRPC statuses; a station's status is read once, in
+//! `StationFailure::from_status`).
 //!
 //! The hub depends on no station code: it shares with stations only the contract, the pure
 //! policy rules and the audit log.
@@ -36,6 +37,7 @@ pub mod budget;
 pub mod error;
 pub mod exec;
 pub mod flight_sql;
+mod guards;
 pub mod hub;
 mod join_station;
 pub mod station_client;

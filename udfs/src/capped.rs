@@ -119,14 +119,27 @@ pub fn register_concat(ctx: &SessionContext) {
 
 /// The largest integer a count argument holds, if it is one.
 fn largest(count: &ColumnarValue) -> Option<i64> {
-    match count {
+    extreme(count, arrow::compute::max)
+}
+
+/// The smallest integer an argument holds, if it is one.
+fn least(value: &ColumnarValue) -> Option<i64> {
+    extreme(value, arrow::compute::min)
+}
+
+/// An argument as integers, reduced by `pick` (a scalar is its own extreme).
+fn extreme(
+    value: &ColumnarValue,
+    pick: fn(&arrow::array::Int64Array) -> Option<i64>,
+) -> Option<i64> {
+    match value {
         ColumnarValue::Scalar(s) => match s.cast_to(&DataType::Int64).ok()? {
             ScalarValue::Int64(v) => v,
             _ => None,
         },
         ColumnarValue::Array(a) => {
             let a = arrow::compute::cast(a, &DataType::Int64).ok()?;
-            arrow::compute::max(a.as_primitive::<Int64Type>())
+            pick(a.as_primitive::<Int64Type>())
         }
     }
 }
@@ -256,16 +269,6 @@ impl Capped {
     fn invoke_list(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let name = self.inner.name();
         let count = |v: &ColumnarValue| largest(v).unwrap_or(0).unsigned_abs();
-        let least = |v: &ColumnarValue| match v {
-            ColumnarValue::Scalar(s) => match s.cast_to(&DataType::Int64).ok() {
-                Some(ScalarValue::Int64(Some(v))) => Some(v),
-                _ => None,
-            },
-            ColumnarValue::Array(a) => {
-                let a = arrow::compute::cast(a, &DataType::Int64).ok()?;
-                arrow::compute::min(a.as_primitive::<Int64Type>())
-            }
-        };
         let per_element = |v: &ColumnarValue| -> u64 {
             let size = match v {
                 ColumnarValue::Scalar(s) => s.size() as u64,
