@@ -57,7 +57,7 @@ impl Answer {
                     }
                     // The station may not say: fewer than k rows in all, possibly none.
                     None => parts.push(format!(
-                        "groups of fewer than k rows in all (possibly none) at {station}"
+                        "groups of fewer than k units (patients, or rows) in all (possibly none) at {station}"
                     )),
                 }
             }

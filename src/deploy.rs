@@ -406,6 +406,10 @@ pub struct TableEntry {
     pub relation: Option<String>,
     /// With `postgres`: a SELECT whose columns are the table's.
     pub query: Option<String>,
+    /// A reference table (a vocabulary): no patient data, an identical copy at every
+    /// station; public, joinable in every fragment, answered once (docs/policy.md).
+    #[serde(default)]
+    pub reference: bool,
 }
 
 /// How a station meets its hub.
@@ -513,10 +517,19 @@ impl StationFileConfig {
                 ),
             }
         }
-        let policy = match &config.policy {
+        let mut policy = match &config.policy {
             Some(p) => Policy::load(&base.join(p))?,
             None => Policy::default(),
         };
+        for t in config.tables.iter().filter(|t| t.reference) {
+            // A file's digest is of its bytes; a relation's is computed by the station from
+            // its rows (an empty digest asks for that).
+            let digest = match &t.path {
+                Some(file) => crate::local::file_sha256(&base.join(file))?,
+                None => String::new(),
+            };
+            policy.reference_tables.insert(t.name.clone(), digest);
+        }
         let config = StationFileConfig {
             data_dir: base.join(&config.data_dir),
             tls: config.tls.rebased(&base),

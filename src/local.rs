@@ -205,6 +205,50 @@ pub struct Governance {
     pub policy: Policy,
     /// Each station keeps its audit log in `DIR/<station>/audit.jsonl`.
     pub data_dir: PathBuf,
+    /// Reference tables (`--reference NAME=FILE`): every station serves the same file.
+    pub references: Vec<ReferenceSpec>,
+}
+
+/// `NAME=FILE`: a reference table (a vocabulary) that every station holds a copy of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl FromStr for ReferenceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, path) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=FILE, got '{s}'"))?;
+        let (name, path) = (name.trim(), path.trim());
+        if name.is_empty() || path.is_empty() {
+            return Err(format!("expected NAME=FILE, got '{s}'"));
+        }
+        let path = PathBuf::from(path);
+        if Format::of(&path).is_none() {
+            return Err(format!(
+                "reference table '{name}': {} is not a .csv or .parquet file",
+                path.display()
+            ));
+        }
+        Ok(ReferenceSpec {
+            name: name.to_string(),
+            path,
+        })
+    }
+}
+
+/// The SHA-256 (hex) of a file's bytes: what a station announces of a reference table.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 impl Governance {
@@ -217,6 +261,7 @@ impl Governance {
         Ok(Self {
             policy,
             data_dir: data_dir.into(),
+            references: Vec::new(),
         })
     }
 
@@ -282,11 +327,32 @@ impl LocalFederation {
         options: HubOptions,
         governance: &Governance,
     ) -> Result<Self> {
-        let plan = plan_stations(specs).await?;
+        let mut plan = plan_stations(specs).await?;
+        let mut policy = governance.station_policy(specs);
+        for r in &governance.references {
+            if specs.iter().any(|s| s.name == r.name) {
+                bail!(
+                    "table '{}' is given both as --table and as --reference",
+                    r.name
+                );
+            }
+            let format = Format::of(&r.path)
+                .ok_or_else(|| anyhow!("{} is not a .csv or .parquet file", r.path.display()))?;
+            policy
+                .reference_tables
+                .insert(r.name.clone(), file_sha256(&r.path)?);
+            for tables in plan.values_mut() {
+                tables.push(TableFile {
+                    name: r.name.clone(),
+                    path: r.path.clone(),
+                    format,
+                    schema: None,
+                });
+            }
+        }
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut addresses = Vec::new();
-        let policy = governance.station_policy(specs);
         let mut options = options;
         for spec in specs {
             if let Some(key) = &spec.key {

@@ -63,6 +63,18 @@ enum Command {
         /// one, stations release nothing row-level and no group of fewer than 5 rows.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
+        /// The column that identifies a patient (the privacy unit) in every table that has
+        /// it: k, contributor counts and the dominance rule count its distinct values, not
+        /// rows. Overrides the policy file's top-level privacy_unit. Without either, a
+        /// table with a person_id or patient_id column counts that; any other table, rows.
+        #[arg(long, value_name = "COLUMN")]
+        privacy_unit: Option<String>,
+        /// A reference table NAME read from FILE (.csv or .parquet; repeatable): a table
+        /// without patient data (a vocabulary such as OMOP's concept and
+        /// concept_ancestor) that every station holds a copy of. It is public, joinable in
+        /// every station's fragments, and queried on its own it is answered once.
+        #[arg(long = "reference", value_name = "NAME=FILE")]
+        references: Vec<railyard::local::ReferenceSpec>,
         /// Where stations keep their state: DIR/<station>/audit.jsonl is each audit log
         /// (the hub's join stations of --vertical tables log to DIR/hub/<table>-join/).
         #[arg(long, value_name = "DIR", default_value = ".railyard")]
@@ -276,13 +288,22 @@ async fn run(cli: Cli) -> Result<()> {
             fragment_timeout,
             hub_partitions,
             policy,
+            privacy_unit,
+            references,
             data_dir,
         } => {
             tables.extend(vertical.into_iter().map(|spec| TableSpec {
                 key: key.clone(),
                 ..spec
             }));
-            let governance = Governance::new(policy.as_deref(), data_dir)?;
+            let mut governance = Governance::new(policy.as_deref(), data_dir)?;
+            governance.references = references;
+            if let Some(unit) = privacy_unit {
+                governance.policy.privacy_unit = Some(railyard_policy::file::PrivacyUnit::Column {
+                    name: unit,
+                    line: 0,
+                });
+            }
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;

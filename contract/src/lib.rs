@@ -186,6 +186,15 @@ pub struct TablePolicyInfo {
     /// pseudonyms, to a hub that joins them with other stations' columns.
     #[serde(default)]
     pub allow_vertical: bool,
+    /// The column whose distinct values the station's disclosure rules count (one patient's
+    /// rows count once); `None`: every row is its own unit.
+    #[serde(default)]
+    pub privacy_unit: Option<String>,
+    /// A reference table (an identical copy at every station, e.g. a vocabulary): the
+    /// SHA-256 of its content, announced so the hub registers it only when every station
+    /// holds the same copy.
+    #[serde(default)]
+    pub reference: Option<String>,
 }
 
 /// The contents of a fragment ticket.

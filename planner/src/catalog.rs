@@ -43,6 +43,10 @@ pub struct StationTablePolicy {
     pub model_min_rows: u64,
     /// Bin width of the survival times it releases (0 = exact).
     pub survival_time_resolution: f64,
+    /// The column whose distinct values the station counts as units (`None`: rows).
+    pub privacy_unit: Option<String>,
+    /// The SHA-256 of a reference table's content (`None`: a table of patient data).
+    pub reference: Option<String>,
 }
 
 impl Default for StationTablePolicy {
@@ -54,6 +58,8 @@ impl Default for StationTablePolicy {
             public: BTreeSet::new(),
             model_min_rows: 1,
             survival_time_resolution: 0.0,
+            privacy_unit: None,
+            reference: None,
         }
     }
 }
@@ -71,6 +77,25 @@ impl FederatedTable {
     /// How the table is spread over stations, if it is vertically partitioned.
     pub fn vertical(&self) -> Option<&VerticalLayout> {
         self.vertical.as_deref()
+    }
+
+    /// The privacy unit every station of the table counts (`None`: rows somewhere, or the
+    /// stations disagree; such a table is never part of a relational fragment).
+    pub fn privacy_unit(&self) -> Option<&str> {
+        let mut units = self.policies.values().map(|p| p.privacy_unit.as_deref());
+        let first = units.next()??;
+        units.all(|u| u == Some(first)).then_some(first)
+    }
+
+    /// Whether the table is a reference table: every station announced an identical copy.
+    pub fn is_reference(&self) -> bool {
+        let mut hashes = self.policies.values().map(|p| p.reference.as_deref());
+        match hashes.next() {
+            Some(Some(first)) => {
+                self.policies.len() == self.stations.len() && hashes.all(|h| h == Some(first))
+            }
+            _ => false,
+        }
     }
 
     /// The group-size threshold the hub applies to merged groups of an aggregate that

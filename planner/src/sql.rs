@@ -131,6 +131,7 @@ pub use railyard_contract::quote_ident;
 
 /// The parts of one fragment's `SELECT`.
 pub struct SelectSql<'a> {
+    /// The FROM clause: a quoted table name, or a derived table with its alias.
     pub table: &'a str,
     /// Output expressions and their (positional) names.
     pub items: Vec<(String, String)>,
@@ -147,7 +148,7 @@ impl SelectSql<'_> {
             .map(|(e, name)| format!("{e} AS {}", quote_ident(name)))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut sql = format!("SELECT {items} FROM {}", quote_ident(self.table));
+        let mut sql = format!("SELECT {items} FROM {}", self.table);
         match self.filters.as_slice() {
             [] => {}
             [only] => sql.push_str(&format!(" WHERE {only}")),

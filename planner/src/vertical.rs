@@ -103,8 +103,9 @@ impl VerticalLayout {
                 .filter(|f| self.filter_owner(f) == Some(i))
                 .filter_map(|f| expr_sql(f).ok())
                 .collect();
+            let from = quote_ident(table);
             let sql = SelectSql {
-                table,
+                table: &from,
                 items,
                 filters: pushed,
                 group_by: vec![],

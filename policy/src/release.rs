@@ -219,7 +219,7 @@ fn release_unstripped(
                     station,
                     Rule::MinGroupSize,
                     format!(
-                        "requires every released aggregate of table '{table}' to cover at least {k} rows, and each of its values at least {k} contributing rows (plus a noisy margin) none of which dominates it; this one does not"
+                        "requires every released aggregate of table '{table}' to cover at least {k} rows (of {k} distinct patients where the table has a privacy unit), and each of its values at least {k} contributors (plus a noisy margin) none of which dominates it; this one does not"
                     ),
                 ));
             }
@@ -327,6 +327,23 @@ fn model(
             Rule::ModelMinRows,
             format!(
                 "requires a model over table '{table}' to use at least {needed} complete rows; this one uses fewer"
+            ),
+        ));
+    }
+    // The fragment's unit count (distinct patients when the table has a privacy unit): a
+    // model over k rows of fewer than k patients is refused like any release.
+    let units = batches
+        .iter()
+        .find(|b| b.num_rows() > 0)
+        .and_then(|b| int64(b, ROWS_COLUMN))
+        .filter(|c| c.is_valid(0))
+        .map_or(0, |c| c.value(0));
+    if (units as u64) < k {
+        return Err(refuse(
+            station,
+            Rule::MinGroupSize,
+            format!(
+                "requires a model over table '{table}' to cover at least {k} units (patients); this one covers fewer"
             ),
         ));
     }

@@ -36,6 +36,9 @@ macro_rules! rules {
 rules! {
     /// The fragment is not one of the shapes a station accepts (see [`crate::check`]).
     FragmentShape = "fragment_shape",
+    /// A relational fragment would mix patients: a join, subquery, aggregate or window
+    /// that is not keyed on the privacy unit (see [`crate::check`]).
+    PrivacyUnit = "privacy_unit",
     /// A string literal is longer than `max_string_literal`.
     StringLiteral = "string_literal",
     /// A request to a station that is not from its hub (`railyard local`'s per-run secret).

@@ -128,7 +128,7 @@ impl Station {
         name: impl Into<String>,
         tables: &[TableFile],
         postgres: &[postgres::PostgresSource],
-        config: StationConfig,
+        mut config: StationConfig,
         commit: audit::Commit,
     ) -> Result<Self> {
         let name = name.into();
@@ -150,6 +150,17 @@ impl Station {
         }
         for (table, provider) in providers {
             ctx.register_table(table.as_str(), provider)?;
+        }
+        // A reference table named without its digest (a PostgreSQL relation) is hashed
+        // here, from its content in a canonical order.
+        for (table, digest) in config.policy.reference_tables.iter_mut() {
+            if digest.is_empty() {
+                *digest = canonical_digest(&ctx, table).await.map_err(|e| {
+                    Error::BadRequest(format!(
+                        "station '{name}': reference table '{table}' cannot be hashed: {e}"
+                    ))
+                })?;
+            }
         }
         let audit = AuditLog::open_with(&config.audit_log, &name, commit)?;
         let data_dir = config
@@ -192,6 +203,25 @@ impl Station {
         };
         for (table, schema) in station.tables().await? {
             station.policy.validate_table(&table, &schema)?;
+            let (unit, source) = station.policy.privacy_unit(&table, &schema);
+            use railyard_policy::file::UnitSource;
+            let why = match source {
+                UnitSource::Table => "its [tables] privacy_unit",
+                UnitSource::Policy => "the policy's privacy_unit",
+                UnitSource::Detected => "detected: no privacy_unit declared",
+                UnitSource::Rows => "no privacy_unit declared or detected",
+                UnitSource::Reference => "a reference table, no patient data",
+            };
+            match unit {
+                Some(c) => eprintln!(
+                    "station {}: table '{table}' counts distinct '{c}' as its unit ({why})",
+                    station.name
+                ),
+                None => eprintln!(
+                    "station {}: table '{table}' counts rows as its unit ({why})",
+                    station.name
+                ),
+            }
         }
         Ok(station)
     }
@@ -386,4 +416,32 @@ fn threshold_key(
         Err(e) => return Err(failed("read", e)),
     }
     Ok(railyard_policy::release::ThresholdKey::new(bytes, noise))
+}
+
+/// The SHA-256 (hex) of a table's content: every row sorted by all columns, written as one
+/// Arrow IPC stream. Two stations with the same rows and types get the same digest whatever
+/// order their source returns them in.
+async fn canonical_digest(ctx: &SessionContext, table: &str) -> datafusion::error::Result<String> {
+    use sha2::Digest;
+    let df = ctx.table(table).await?;
+    let order: Vec<_> = df
+        .schema()
+        .columns()
+        .into_iter()
+        .map(|c| datafusion::prelude::col(c).sort(true, true))
+        .collect();
+    let batches = df.sort(order)?.collect().await?;
+    let schema = ctx.table(table).await?.schema().inner().clone();
+    let mut bytes = Vec::new();
+    {
+        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &schema)?;
+        for b in &batches {
+            writer.write(b)?;
+        }
+        writer.finish()?;
+    }
+    Ok(sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

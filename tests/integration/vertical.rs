@@ -450,6 +450,7 @@ async fn recorded_members(fragment_timeout: std::time::Duration) -> Members {
     let policy = railyard::local::Governance {
         policy,
         data_dir: dir.clone(),
+        references: Vec::new(),
     }
     .station_policy(&[vertical_spec()]);
     let mut addresses = Vec::new();

@@ -305,6 +305,7 @@ impl Hub {
             catalog.set_vertical(&spec.name, join.layout.clone());
             stations.push(join.client);
         }
+        check_references(&policies)?;
         let planner = Arc::new(FederationPlanner::new(&catalog)?);
         let config = SessionConfig::new()
             .with_target_partitions(options.merge_partitions.max(1))
@@ -621,4 +622,41 @@ impl Hub {
         out.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
         Ok(out)
     }
+}
+
+/// Refuses a reference table that the stations do not all hold identically: one station's
+/// different copy (another vocabulary release) would silently change every join through it.
+fn check_references(policies: &[(String, railyard_contract::TablePolicyInfo)]) -> Result<()> {
+    let mut by_table: BTreeMap<&str, Vec<(&str, Option<&str>)>> = BTreeMap::new();
+    for (station, p) in policies {
+        by_table
+            .entry(p.table.as_str())
+            .or_default()
+            .push((station.as_str(), p.reference.as_deref()));
+    }
+    for (table, copies) in by_table {
+        let Some(first) = copies.iter().find_map(|(_, h)| *h) else {
+            continue;
+        };
+        let differ: Vec<&str> = copies
+            .iter()
+            .filter(|(_, h)| *h != Some(first))
+            .map(|(s, _)| *s)
+            .collect();
+        if !differ.is_empty() {
+            let holders: Vec<&str> = copies
+                .iter()
+                .filter(|(_, h)| *h == Some(first))
+                .map(|(s, _)| *s)
+                .collect();
+            return Err(Error::BadRequest(format!(
+                "reference table '{table}' is not the same at every station: {} hold one copy, \
+                 {} another copy or a table of patient data by that name; every station must \
+                 serve the identical file or relation",
+                holders.join(", "),
+                differ.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }

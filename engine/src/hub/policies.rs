@@ -29,9 +29,13 @@ pub(super) fn register_policies(
         Field::new("visibility", DataType::Utf8, false),
         Field::new("min_group_size", DataType::Int64, false),
         Field::new("allow_vertical", DataType::Boolean, false),
+        // The column whose distinct values every rule counts (NULL: rows).
+        Field::new("privacy_unit", DataType::Utf8, true),
+        Field::new("reference", DataType::Boolean, false),
     ]));
     let (mut station, mut table, mut column, mut visibility, mut k, mut vertical) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut unit, mut reference) = (vec![], vec![]);
     for (name, info) in policies {
         for (c, v) in &info.columns {
             station.push(name.clone());
@@ -40,6 +44,8 @@ pub(super) fn register_policies(
             visibility.push(v.as_str());
             k.push(info.min_group_size as i64);
             vertical.push(info.allow_vertical);
+            unit.push(info.privacy_unit.clone());
+            reference.push(info.reference.is_some());
         }
     }
     let batch = RecordBatch::try_new(
@@ -51,6 +57,8 @@ pub(super) fn register_policies(
             Arc::new(StringArray::from(visibility)),
             Arc::new(Int64Array::from(k)),
             Arc::new(BooleanArray::from(vertical)),
+            Arc::new(StringArray::from(unit)),
+            Arc::new(BooleanArray::from(reference)),
         ],
     )
     .map_err(DataFusionError::from)?;
@@ -78,5 +86,7 @@ pub(super) fn planner_policy(info: &railyard_contract::TablePolicyInfo) -> Stati
             .collect(),
         model_min_rows: info.model_min_rows,
         survival_time_resolution: info.survival_time_resolution,
+        privacy_unit: info.privacy_unit.clone(),
+        reference: info.reference.clone(),
     }
 }

@@ -477,8 +477,9 @@ impl Rounds {
     /// (the station appends its row count, `__rows`, which is included).
     pub async fn run(&self, select: Select, schema: SchemaRef) -> DfResult<Vec<Vec<RecordBatch>>> {
         let fragment = self.next_fragment.fetch_add(1, Ordering::Relaxed);
+        let from = railyard_planner::sql::quote_ident(&self.table);
         let sql = SelectSql {
-            table: &self.table,
+            table: &from,
             items: select.items,
             filters: select.filters,
             group_by: select.group_by,

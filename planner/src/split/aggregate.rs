@@ -22,7 +22,7 @@ pub(super) struct AggregateSplit {
 
 impl AggregateSplit {
     pub(super) fn analyze(agg: &Aggregate) -> Result<Option<AggregateSplit>> {
-        let Some(rows) = RowChain::analyze(&agg.input)? else {
+        let Some(rows) = RowChain::analyze_in(&agg.input, true)? else {
             return Ok(None);
         };
         // Partial aggregation below a per-station LIMIT would aggregate too many rows.

@@ -23,6 +23,7 @@
 //! hub aggregates. Whether a station releases those rows is its policy's decision.
 
 mod aggregate;
+mod relational;
 mod rows;
 
 use std::collections::{BTreeSet, HashMap};
@@ -46,9 +47,10 @@ use railyard_udfs::{MergeAggregate, MergeArg, partial_of};
 use crate::catalog::{FederatedCatalog, FederatedTable};
 use crate::error::{Error, Result};
 use crate::fragment::{Fragment, FragmentKind, FragmentNode, ThresholdNode};
-use crate::sql::{SelectSql, expr_sql};
+use crate::sql::{SelectSql, expr_sql, quote_ident};
 use crate::vertical::MemberFragment;
 use aggregate::*;
+use relational::*;
 use rows::*;
 
 /// A hub plan whose federated scans have been replaced by fragments.
@@ -249,8 +251,9 @@ impl FederationPlanner {
             .iter()
             .map(expr_sql)
             .collect::<Result<Vec<_>>>()?;
+        let from = rows.source_sql();
         let sql = SelectSql {
-            table: rows.table.name(),
+            table: &from,
             items,
             filters,
             group_by: group_sql.clone(),
@@ -280,12 +283,11 @@ impl FederationPlanner {
         {
             used.extend(e.column_refs().into_iter().map(|c| c.name.clone()));
         }
-        let min_group_size = if dp {
-            1
-        } else {
-            rows.table.min_group_size(&used)
+        let min_group_size = if dp { 1 } else { rows.min_group_size(&used) };
+        let members = match rows.rel {
+            Some(_) => Vec::new(),
+            None => vertical_members(&rows.table, &used, &rows.filters)?,
         };
-        let members = vertical_members(&rows.table, &used, &rows.filters)?;
         if dp && !members.is_empty() {
             return Err(Error::NotSupported(format!(
                 "differentially private aggregates over the vertically partitioned table \
@@ -310,7 +312,7 @@ impl FederationPlanner {
         let fragment = Arc::new(Fragment {
             id: fragments.len() + 1,
             table: rows.table.name().to_string(),
-            stations: rows.table.stations().to_vec(),
+            stations: rows.stations(),
             sql,
             schema,
             kind: if dp {
@@ -390,8 +392,9 @@ impl FederationPlanner {
             .iter()
             .map(expr_sql)
             .collect::<Result<Vec<_>>>()?;
+        let from = chain.source_sql();
         let sql = SelectSql {
-            table: chain.table.name(),
+            table: &from,
             items,
             filters,
             group_by: vec![],
@@ -403,11 +406,14 @@ impl FederationPlanner {
         for e in chain.outputs.iter().chain(&chain.filters) {
             used.extend(e.column_refs().into_iter().map(|c| c.name.clone()));
         }
-        let members = vertical_members(&chain.table, &used, &chain.filters)?;
+        let members = match chain.rel {
+            Some(_) => Vec::new(),
+            None => vertical_members(&chain.table, &used, &chain.filters)?,
+        };
         let fragment = Arc::new(Fragment {
             id: fragments.len() + 1,
             table: chain.table.name().to_string(),
-            stations: chain.table.stations().to_vec(),
+            stations: chain.stations(),
             sql,
             schema,
             kind: FragmentKind::Rows { columns },

@@ -14,10 +14,41 @@ pub(super) struct RowChain {
     pub(super) columns: Vec<Column>,
     /// A row limit pushed into the scan; nothing row-changing may sit above it in the chain.
     pub(super) fetch: Option<usize>,
+    /// The chain starts from a relational input (joins, per-patient derivations) rather
+    /// than from `table` alone.
+    pub(super) rel: Option<Arc<RelBase>>,
 }
 
 impl RowChain {
     pub(super) fn analyze(plan: &LogicalPlan) -> Result<Option<RowChain>> {
+        Self::analyze_in(plan, false)
+    }
+
+    /// As [`analyze`](Self::analyze); `under_aggregate`: the chain is the input of an
+    /// aggregate the stations release, so a per-patient GROUP BY may be its relational
+    /// input. Otherwise such a GROUP BY is itself the release (its groups of one patient
+    /// are withheld), not rows.
+    pub(super) fn analyze_in(
+        plan: &LogicalPlan,
+        under_aggregate: bool,
+    ) -> Result<Option<RowChain>> {
+        let aggregate_root = matches!(plan, LogicalPlan::Aggregate(_));
+        if (under_aggregate || !aggregate_root)
+            && let Some(base) = relational_base(plan)?
+        {
+            let columns = plan.schema().columns();
+            let outputs = (0..columns.len())
+                .map(|i| Expr::Column(Column::new_unqualified(format!("r{i}"))))
+                .collect();
+            return Ok(Some(RowChain {
+                table: Arc::clone(&base.tables[0]),
+                filters: vec![],
+                outputs,
+                columns,
+                fetch: None,
+                rel: Some(Arc::new(base)),
+            }));
+        }
         Ok(match plan {
             LogicalPlan::TableScan(scan) => {
                 let Ok(provider) = source_as_provider(&scan.source) else {
@@ -33,6 +64,7 @@ impl RowChain {
                 )?;
                 let base = RowChain {
                     table,
+                    rel: None,
                     filters: vec![],
                     outputs: full
                         .fields()
@@ -61,6 +93,7 @@ impl RowChain {
                 };
                 Some(RowChain {
                     table: base.table,
+                    rel: None,
                     filters,
                     outputs,
                     columns: scan.projected_schema.columns(),
@@ -68,7 +101,7 @@ impl RowChain {
                 })
             }
             LogicalPlan::Filter(filter) => {
-                let Some(mut chain) = RowChain::analyze(&filter.input)? else {
+                let Some(mut chain) = RowChain::analyze_in(&filter.input, under_aggregate)? else {
                     return Ok(None);
                 };
                 if chain.fetch.is_some() {
@@ -81,7 +114,7 @@ impl RowChain {
                 Some(chain)
             }
             LogicalPlan::Projection(proj) => {
-                let Some(chain) = RowChain::analyze(&proj.input)? else {
+                let Some(chain) = RowChain::analyze_in(&proj.input, under_aggregate)? else {
                     return Ok(None);
                 };
                 let outputs = proj
@@ -99,7 +132,7 @@ impl RowChain {
                 })
             }
             LogicalPlan::SubqueryAlias(alias) => {
-                let Some(chain) = RowChain::analyze(&alias.input)? else {
+                let Some(chain) = RowChain::analyze_in(&alias.input, under_aggregate)? else {
                     return Ok(None);
                 };
                 Some(RowChain {
@@ -168,5 +201,50 @@ impl RowChain {
             }
         }
         None
+    }
+}
+
+impl RowChain {
+    /// The stations that answer the chain's fragment: every station of its table or
+    /// relational input, or one station for reference tables only (each holds the same
+    /// copy, so the union of all would repeat every row).
+    pub(super) fn stations(&self) -> Vec<String> {
+        match &self.rel {
+            Some(rel) => rel.stations.clone(),
+            None if self.table.is_reference() => {
+                self.table.stations().iter().take(1).cloned().collect()
+            }
+            None => self.table.stations().to_vec(),
+        }
+    }
+
+    /// The fragment's FROM: the table, or the relational input as a derived table.
+    pub(super) fn source_sql(&self) -> String {
+        match &self.rel {
+            Some(rel) => format!("({}) AS {}", rel.sql, quote_ident("__rel")),
+            None => quote_ident(self.table.name()),
+        }
+    }
+
+    /// The hub's threshold for an aggregate over the chain that touches `used`: over a
+    /// relational input, the largest k of its patient tables (every column counts).
+    pub(super) fn min_group_size(&self, used: &BTreeSet<String>) -> u64 {
+        match &self.rel {
+            Some(rel) => rel
+                .tables
+                .iter()
+                .filter(|t| !t.is_reference())
+                .map(|t| {
+                    let all = datafusion::catalog::TableProvider::schema(t.as_ref())
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect();
+                    t.min_group_size(&all)
+                })
+                .max()
+                .unwrap_or(1),
+            None => self.table.min_group_size(used),
+        }
     }
 }

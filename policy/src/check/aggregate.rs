@@ -440,7 +440,24 @@ pub(super) fn with_row_count(
     };
     let original = agg.schema.fields().len();
     let mut aggr = base.aggr_expr;
-    aggr.push(datafusion::functions_aggregate::count::count_all().alias(ROWS_COLUMN));
+    // With a privacy unit the group's count is of distinct patients (their hashes), which
+    // the hub adds up: a patient lives at one station.
+    let units = base
+        .input
+        .schema()
+        .qualified_field_with_unqualified_name(UNIT_HASH_COLUMN)
+        .ok()
+        .map(|(q, f)| Expr::Column(Column::from((q, f))));
+    let counter = match units {
+        Some(u) => {
+            use datafusion::logical_expr::ExprFunctionExt;
+            datafusion::functions_aggregate::count::count(u)
+                .distinct()
+                .build()?
+        }
+        None => datafusion::functions_aggregate::count::count_all(),
+    };
+    aggr.push(counter.alias(ROWS_COLUMN));
     let mut plan = LogicalPlan::Aggregate(Aggregate::try_new(base.input, base.group_expr, aggr)?);
     let extra = plan.schema().fields().len() - original;
     for node in above.iter().rev() {

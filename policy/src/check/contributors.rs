@@ -53,6 +53,9 @@ pub const DOMINANCE_MAX_PREFIX: &str = "__dominance_max_";
 pub const DOMINANCE_SUM_PREFIX: &str = "__dominance_sum_";
 /// The per-row hash carried from the scan to the aggregate.
 const ROW_HASH_COLUMN: &str = "__row_hash";
+/// The hash of the row's privacy unit (its patient), carried beside the row hash when the
+/// table has a unit: counts and digests are then over distinct units, not rows.
+pub(super) const UNIT_HASH_COLUMN: &str = "__unit_hash";
 
 /// Whether a column of an approved plan is one of the station's own, never released.
 pub fn is_internal(name: &str) -> bool {
@@ -67,6 +70,14 @@ pub(super) struct Counted<'a> {
     pub(super) below: &'a [&'a LogicalPlan],
     pub(super) used: &'a BTreeSet<String>,
     pub(super) nonlinear: &'a [(usize, Expr)],
+    /// Arguments of magnitude aggregates over a table with a privacy unit: held to the
+    /// dominance rule for patients whose several rows add up.
+    pub(super) magnitude: &'a [(usize, Expr)],
+    /// The table's privacy unit column (`None`: each row is a unit, or the input is
+    /// relational and carries its own).
+    pub(super) unit: Option<&'a str>,
+    pub(super) policy: &'a Policy,
+    pub(super) station: &'a str,
 }
 
 /// The aggregate's input rebuilt so that it carries `__row_hash` of the `used` columns,
@@ -74,15 +85,45 @@ pub(super) struct Counted<'a> {
 /// last).
 fn with_row_hash(
     below: &[&LogicalPlan],
-    used: &BTreeSet<String>,
+    counted: &Counted<'_>,
 ) -> datafusion::common::Result<LogicalPlan> {
+    let (used, unit) = (counted.used, counted.unit);
     let mut plan: Option<LogicalPlan> = None;
-    for node in below.iter().rev() {
-        let hash_of = |plan: &LogicalPlan| -> datafusion::common::Result<Expr> {
-            let (q, f) = plan
-                .schema()
-                .qualified_field_with_unqualified_name(ROW_HASH_COLUMN)?;
-            Ok(Expr::Column(Column::from((q, f))))
+    let mut nodes = below.iter().rev();
+    if let Some(base) = below.last()
+        && !matches!(base, LogicalPlan::TableScan(_))
+    {
+        // A relational input carries its rows' unit hash up from its scans.
+        nodes.next();
+        let carried = Carrier::new(counted.policy, counted.station)
+            .carry(base)
+            .map_err(|r| datafusion::common::DataFusionError::Plan(r.message))?;
+        let Some(hash) = carried.hash else {
+            return datafusion::common::plan_err!("the relational input reads no patient table");
+        };
+        let mut exprs: Vec<Expr> = carried
+            .plan
+            .schema()
+            .columns()
+            .into_iter()
+            .filter(|c| *c != hash)
+            .map(Expr::Column)
+            .collect();
+        exprs.push(Expr::Column(hash).alias(UNIT_HASH_COLUMN));
+        plan = Some(LogicalPlan::Projection(Projection::try_new(
+            exprs,
+            Arc::new(carried.plan),
+        )?));
+    }
+    for node in nodes {
+        let carried = |plan: &LogicalPlan| -> datafusion::common::Result<Vec<Expr>> {
+            let mut out = Vec::new();
+            for name in [ROW_HASH_COLUMN, UNIT_HASH_COLUMN] {
+                if let Ok((q, f)) = plan.schema().qualified_field_with_unqualified_name(name) {
+                    out.push(Expr::Column(Column::from((q, f))));
+                }
+            }
+            Ok(out)
         };
         plan = Some(match (node, plan) {
             (LogicalPlan::TableScan(scan), None) => {
@@ -103,8 +144,17 @@ fn with_row_hash(
                 } else {
                     RowHash::udf().call(hashed)
                 };
+                let unit_hash = unit.map(|unit| {
+                    RowHash::udf()
+                        .call(vec![Expr::Column(Column::new(
+                            Some(scan.table_name.clone()),
+                            unit,
+                        ))])
+                        .alias(UNIT_HASH_COLUMN)
+                });
                 let mut exprs = columns;
                 exprs.push(hash.alias(ROW_HASH_COLUMN));
+                exprs.extend(unit_hash);
                 LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(scanned))?)
             }
             (LogicalPlan::Filter(f), Some(input)) => {
@@ -112,7 +162,7 @@ fn with_row_hash(
             }
             (LogicalPlan::Projection(p), Some(input)) => {
                 let mut exprs = p.expr.clone();
-                exprs.push(hash_of(&input)?);
+                exprs.extend(carried(&input)?);
                 LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(input))?)
             }
             (LogicalPlan::SubqueryAlias(a), Some(input)) => LogicalPlan::SubqueryAlias(
@@ -132,13 +182,16 @@ pub(super) fn with_contributors(
     agg: &Aggregate,
     counted: &Counted<'_>,
 ) -> datafusion::common::Result<Aggregate> {
-    let input = with_row_hash(counted.below, counted.used)?;
-    let hash = {
-        let (q, f) = input
-            .schema()
-            .qualified_field_with_unqualified_name(ROW_HASH_COLUMN)?;
-        Expr::Column(Column::from((q, f)))
+    let input = with_row_hash(counted.below, counted)?;
+    let column = |name: &str| -> datafusion::common::Result<Expr> {
+        let (q, f) = input.schema().qualified_field_with_unqualified_name(name)?;
+        Ok(Expr::Column(Column::from((q, f))))
     };
+    // With a unit, a contributor is a patient: counts and digests run over distinct unit
+    // hashes, and dominance compares the largest patient's total, not the largest row.
+    let unit = column(UNIT_HASH_COLUMN).ok();
+    let hash = unit.clone().map_or_else(|| column(ROW_HASH_COLUMN), Ok)?;
+    let distinct = unit.is_some();
     let mut aggr = agg.aggr_expr.clone();
     for (i, e) in agg.aggr_expr.iter().enumerate() {
         let Expr::AggregateFunction(f) = (match e {
@@ -147,11 +200,7 @@ pub(super) fn with_contributors(
         }) else {
             continue;
         };
-        let name = match f.func.inner().downcast_ref::<PartialAggregate>() {
-            Some(partial) => partial.inner().name().to_string(),
-            None => f.func.name().to_string(),
-        };
-        if matches!(name.as_str(), GLM_TERMS | SURVIVAL_TERMS) {
+        if matches!(call_name(f).as_str(), GLM_TERMS | SURVIVAL_TERMS) {
             // Models have rules of their own, on their complete rows and levels.
             continue;
         }
@@ -168,24 +217,52 @@ pub(super) fn with_contributors(
         let Some(condition) = conjunction(conditions) else {
             continue;
         };
+        let counter = match &unit {
+            Some(u) => count(u.clone()).distinct(),
+            None => count(lit(1)).null_treatment(None),
+        };
         aggr.push(
-            count(lit(1))
+            counter
                 .filter(condition.clone())
                 .build()?
                 .alias(format!("{CONTRIBUTORS_PREFIX}{i}")),
         );
+        let digest = if distinct {
+            railyard_udfs::unit_share::digest_udaf()
+                .call(vec![hash.clone()])
+                .null_treatment(None)
+        } else {
+            bit_xor(hash.clone()).null_treatment(None)
+        };
         aggr.push(
-            bit_xor(hash.clone())
+            digest
                 .filter(condition.clone())
                 .build()?
                 .alias(format!("{DIGEST_PREFIX}{i}")),
         );
-        let nonlinear = counted.nonlinear.iter().filter(|(call, _)| *call == i);
-        for (j, (_, arg)) in nonlinear.enumerate() {
+        let nonlinear = counted
+            .nonlinear
+            .iter()
+            .filter(|(call, _)| *call == i)
+            .map(|(_, arg)| (arg, false));
+        let magnitude = counted
+            .magnitude
+            .iter()
+            .filter(|(call, _)| *call == i)
+            .map(|(_, arg)| (arg, true));
+        for (j, (arg, several)) in nonlinear.chain(magnitude).enumerate() {
             // In floating point: abs() of the smallest integer fails.
             let size = abs(cast(arg.clone(), DataType::Float64));
+            let largest = match (&unit, several) {
+                (Some(u), false) => {
+                    railyard_udfs::unit_share::udaf().call(vec![u.clone(), size.clone()])
+                }
+                (Some(u), true) => railyard_udfs::unit_share::several_rows_udaf()
+                    .call(vec![u.clone(), size.clone()]),
+                (None, _) => max(size.clone()),
+            };
             aggr.push(
-                max(size.clone())
+                largest
                     .filter(condition.clone())
                     .build()?
                     .alias(format!("{DOMINANCE_MAX_PREFIX}{i}_{j}")),
@@ -198,6 +275,11 @@ pub(super) fn with_contributors(
             );
         }
     }
-    aggr.push(bit_xor(hash).alias(ROWS_DIGEST));
+    let rows_digest = if distinct {
+        railyard_udfs::unit_share::digest_udaf().call(vec![hash])
+    } else {
+        bit_xor(hash)
+    };
+    aggr.push(rows_digest.alias(ROWS_DIGEST));
     Aggregate::try_new(Arc::new(input), agg.group_expr.clone(), aggr)
 }

@@ -36,6 +36,9 @@ pub(super) struct Checker<'a> {
     pub(super) policy: &'a Policy,
     pub(super) station: &'a str,
     pub(super) table: String,
+    /// A relational fragment's tables (empty for one table): a column name's visibility
+    /// is the strictest among the tables that have it.
+    pub(super) tables: Vec<(String, arrow::datatypes::SchemaRef)>,
     /// Every table column referenced anywhere in the fragment.
     pub(super) used: BTreeSet<String>,
     /// The model aggregate of the fragment, if it has one.
@@ -54,7 +57,7 @@ pub(super) struct Checker<'a> {
 
 impl Checker<'_> {
     pub(super) fn column_refusal(&self, rule: Rule, column: &str, why: &str) -> Refusal {
-        let visibility = self.policy.visibility(&self.table, column);
+        let visibility = self.visibility(column);
         Refusal {
             rule,
             message: format!(
@@ -75,7 +78,33 @@ impl Checker<'_> {
     }
 
     pub(super) fn visibility(&self, column: &str) -> Visibility {
-        self.policy.visibility(&self.table, column)
+        let strictness = |v: Visibility| match v {
+            Visibility::Public => 0,
+            Visibility::Aggregate => 1,
+            Visibility::Dp => 2,
+            Visibility::JoinKey => 3,
+            Visibility::Hidden => 4,
+        };
+        let having: Vec<Visibility> = self
+            .tables
+            .iter()
+            .filter(|(_, s)| s.field_with_name(column).is_ok())
+            .map(|(t, _)| self.policy.visibility(t, column))
+            .collect();
+        having
+            .into_iter()
+            .max_by_key(|v| strictness(*v))
+            .unwrap_or_else(|| self.policy.visibility(&self.table, column))
+    }
+
+    /// k for the fragment: the largest of its patient tables' (one table: that table's).
+    pub(super) fn k(&self) -> u64 {
+        self.tables
+            .iter()
+            .filter(|(t, _)| !self.policy.is_reference(t))
+            .map(|(t, _)| self.policy.min_group_size(t))
+            .max()
+            .unwrap_or_else(|| self.policy.min_group_size(&self.table))
     }
 
     /// The table columns an expression is computed from, given its input's lineage.

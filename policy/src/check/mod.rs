@@ -70,6 +70,7 @@ mod expr;
 mod form;
 mod lineage;
 mod poly;
+mod relational;
 #[cfg(test)]
 mod tests;
 
@@ -79,6 +80,7 @@ use dp::*;
 use expr::*;
 use form::*;
 use lineage::*;
+use relational::*;
 
 /// What a checked fragment may release.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,11 +184,28 @@ fn check_for(
     station: &str,
     train_input: bool,
 ) -> Result<Checked, Refusal> {
-    let (chain, scan) = node_chain(plan, station)?;
+    let (chain, bottom) = node_chain(plan, station)?;
+    let (table, tables) = match bottom {
+        Bottom::Scan(scan) => (scan.table_name.table().to_string(), Vec::new()),
+        Bottom::Relational(base) => {
+            // Refuses what would mix patients before anything else is looked at.
+            Carrier::new(policy, station).carry(base)?;
+            let tables = tables_of(base);
+            // Messages and per-table settings name the first patient table read.
+            let first = tables
+                .iter()
+                .find(|(t, _)| !policy.is_reference(t))
+                .or(tables.first())
+                .map(|(t, _)| t.clone())
+                .unwrap_or_default();
+            (first, tables)
+        }
+    };
     let mut checker = Checker {
         policy,
         station,
-        table: scan.table_name.table().to_string(),
+        table,
+        tables,
         used: BTreeSet::new(),
         model: None,
         pseudonymized: false,
@@ -196,8 +215,9 @@ fn check_for(
     };
     let aggregate_at = chain
         .iter()
-        .position(|n| matches!(n, LogicalPlan::Aggregate(_)));
-    if chain
+        .position(|n| matches!(n, LogicalPlan::Aggregate(_)))
+        .filter(|at| !matches!(bottom, Bottom::Relational(_)) || *at < chain.len() - 1);
+    if chain[..chain.len() - 1]
         .iter()
         .filter(|n| matches!(n, LogicalPlan::Aggregate(_)))
         .count()
@@ -215,19 +235,38 @@ fn check_for(
     if checker.dp && policy.dp.is_none() {
         return Err(crate::gate::no_dp(station));
     }
-    let traced = trace(&mut checker, &chain, aggregate_at)?;
+    if checker.dp && matches!(bottom, Bottom::Relational(_)) {
+        return Err(checker.shape(
+            "differentially private aggregates run over one table, not over joins or \
+             per-patient derivations",
+        ));
+    }
+    let traced = trace(&mut checker, &chain, aggregate_at, bottom)?;
     decide(checker, plan, &chain, aggregate_at, traced, train_input)
 }
 
-/// The fragment as a chain of nodes, top to bottom, and the table scan it ends in: one
-/// table, no joins or unions.
+/// Where a fragment's chain ends: one table, or a relational input (joins, per-patient
+/// derivations, correlated subqueries; see [`relational`]).
+#[derive(Clone, Copy)]
+enum Bottom<'p> {
+    Scan(&'p TableScan),
+    Relational(&'p LogicalPlan),
+}
+
+/// The fragment as a chain of nodes, top to bottom, down to the table scan or the root of
+/// the relational input it ends in (the chain's last node).
 fn node_chain<'p>(
     plan: &'p LogicalPlan,
     station: &str,
-) -> Result<(Vec<&'p LogicalPlan>, &'p TableScan), Refusal> {
+) -> Result<(Vec<&'p LogicalPlan>, Bottom<'p>), Refusal> {
     let mut chain = vec![plan];
+    let mut release_seen = false;
     loop {
         let node = chain[chain.len() - 1];
+        if is_relational(node, release_seen) {
+            return Ok((chain, Bottom::Relational(node)));
+        }
+        release_seen |= matches!(node, LogicalPlan::Aggregate(_));
         match node.inputs().as_slice() {
             [] => break,
             [one] => chain.push(one),
@@ -248,7 +287,7 @@ fn node_chain<'p>(
             message: format!("policy: station '{station}' refuses the fragment: it reads no table"),
         });
     };
-    Ok((chain, scan))
+    Ok((chain, Bottom::Scan(scan)))
 }
 
 /// What tracing a fragment's lineage, bottom-up, found: the lineage of its output columns
@@ -265,6 +304,7 @@ fn trace(
     checker: &mut Checker<'_>,
     chain: &[&LogicalPlan],
     aggregate_at: Option<usize>,
+    bottom: Bottom<'_>,
 ) -> Result<Trace, Refusal> {
     let station = checker.station;
     let mut dp_calls = Vec::new();
@@ -272,43 +312,17 @@ fn trace(
     let mut lineage: Vec<(Column, Lineage)> = Vec::new();
     for (depth, node) in chain.iter().enumerate().rev() {
         let above_aggregate = aggregate_at.is_some_and(|a| depth < a);
+        if let Bottom::Relational(base) = bottom
+            && depth == chain.len() - 1
+        {
+            lineage = trace_base(checker, base, &[])?;
+            continue;
+        }
         for e in node.expressions() {
             checker.literals(&e)?;
         }
         lineage = match node {
-            LogicalPlan::TableScan(scan) => {
-                let full = DFSchema::try_from_qualified_schema(
-                    scan.table_name.clone(),
-                    scan.source.schema().as_ref(),
-                )
-                .map_err(|_| checker.shape("its table schema cannot be read"))?;
-                let mut out: Vec<(Column, Lineage)> = full
-                    .columns()
-                    .into_iter()
-                    .map(|c| {
-                        let bases = BTreeSet::from([c.name.clone()]);
-                        (
-                            c,
-                            Lineage {
-                                bases,
-                                direct: true,
-                                pseudonym: false,
-                                form: Form::COLUMN,
-                            },
-                        )
-                    })
-                    .collect();
-                for f in &scan.filters {
-                    checker.lineage(f, &out, &full)?;
-                }
-                if let Some(projection) = &scan.projection {
-                    out = projection
-                        .iter()
-                        .filter_map(|i| out.get(*i).cloned())
-                        .collect();
-                }
-                out
-            }
+            LogicalPlan::TableScan(scan) => scan_lineage(checker, scan)?,
             LogicalPlan::Filter(filter) => {
                 if above_aggregate {
                     return Err(checker.shape("HAVING is not accepted in an aggregate fragment"));
@@ -440,6 +454,49 @@ fn trace(
     })
 }
 
+/// The lineage of a scan's columns (each its own base, unchanged), its pushed filters
+/// checked.
+fn scan_lineage(
+    checker: &mut Checker<'_>,
+    scan: &TableScan,
+) -> Result<Vec<(Column, Lineage)>, Refusal> {
+    let full =
+        DFSchema::try_from_qualified_schema(scan.table_name.clone(), scan.source.schema().as_ref())
+            .map_err(|_| checker.shape("its table schema cannot be read"))?;
+    let mut out: Vec<(Column, Lineage)> = full
+        .columns()
+        .into_iter()
+        .map(|c| {
+            let bases = BTreeSet::from([c.name.clone()]);
+            let l = Lineage {
+                bases,
+                direct: true,
+                pseudonym: false,
+                form: Form::COLUMN,
+            };
+            (c, l)
+        })
+        .collect();
+    for f in &scan.filters {
+        checker.lineage(f, &out, &full)?;
+    }
+    if let Some(projection) = &scan.projection {
+        out = projection
+            .iter()
+            .filter_map(|i| out.get(*i).cloned())
+            .collect();
+    }
+    Ok(out)
+}
+
+/// The name of an aggregate call's function, through its partial wrapper.
+fn call_name(f: &AggregateFunction) -> String {
+    match f.func.inner().downcast_ref::<PartialAggregate>() {
+        Some(partial) => partial.inner().name().to_string(),
+        None => f.func.name().to_string(),
+    }
+}
+
 /// Decides what a traced fragment releases, and the plan that runs: rows, a train's input,
 /// pseudonymized rows, groups, a model, or DP states.
 fn decide(
@@ -493,9 +550,7 @@ fn decide(
         }
         return Ok(Checked {
             plan: plan.clone(),
-            release: Release::TrainInput {
-                k: policy.min_group_size(&table),
-            },
+            release: Release::TrainInput { k: checker.k() },
             table,
         });
     }
@@ -529,7 +584,7 @@ fn decide(
                 message: format!(
                     "policy: table '{table}' at station '{station}' is a join of several \
                      stations' rows; only aggregates over at least {} of them leave it",
-                    policy.min_group_size(&table)
+                    checker.k()
                 ),
             });
         }
@@ -552,7 +607,7 @@ fn decide(
     // Over joined rows even the row count is a disclosure (how many patients the stations
     // share): k applies to an aggregate that names no column.
     let k = if joined || checker.first_non_public(&checker.used).is_some() {
-        policy.min_group_size(&table)
+        checker.k()
     } else {
         1
     };
@@ -566,10 +621,47 @@ fn decide(
             "the column names {ROWS_COLUMN} and __digest_*, __contributors_* are reserved"
         )));
     }
+    let unit = match chain.last() {
+        Some(LogicalPlan::TableScan(scan)) => {
+            policy.privacy_unit(&table, scan.source.schema().as_ref()).0
+        }
+        _ => None,
+    };
+    let relational = !matches!(chain.last(), Some(LogicalPlan::TableScan(_)));
+    let mut magnitude: Vec<(usize, Expr)> = Vec::new();
+    if (unit.is_some() || relational) && checker.first_non_public(&checker.used).is_some() {
+        // One patient's many rows can dominate a sum over a group of k patients although
+        // no single row does: every magnitude aggregate over a non-public column is held
+        // to the dominance rule, per patient.
+        for (i, e) in agg.aggr_expr.iter().enumerate() {
+            let Expr::AggregateFunction(f) = (match e {
+                Expr::Alias(a) => a.expr.as_ref(),
+                other => other,
+            }) else {
+                continue;
+            };
+            if matches!(call_name(f).as_str(), GLM_TERMS | SURVIVAL_TERMS | "count") {
+                continue;
+            }
+            // Arguments may read columns renamed below the aggregate: any argument over a
+            // column counts when the fragment reads a non-public one.
+            for a in &f.params.args {
+                if !a.column_refs().is_empty()
+                    && !checker.nonlinear.iter().any(|(c, x)| *c == i && x == a)
+                {
+                    magnitude.push((i, a.clone()));
+                }
+            }
+        }
+    }
     let contributors = (k > 1).then(|| Counted {
         below: &chain[at + 1..],
         used: &checker.used,
         nonlinear: &checker.nonlinear,
+        magnitude: &magnitude,
+        unit: unit.as_deref(),
+        policy,
+        station,
     });
     let global = agg.group_expr.is_empty();
     let restricted = k > 1 || checker.first_non_public(&checker.used).is_some();

@@ -160,9 +160,10 @@ async fn a_train_reads_aggregate_columns_row_by_row_but_never_hidden_ones() {
         ("SELECT * FROM lung", "hidden_column"),
         ("SELECT age FROM lung WHERE note = 'x'", "hidden_column"),
         ("SELECT count(*) FROM lung", "fragment_shape"),
+        // A self-join on a column other than the patient mixes patients.
         (
             "SELECT a.age FROM lung a JOIN lung b ON a.inst = b.inst",
-            "fragment_shape",
+            "privacy_unit",
         ),
         (
             "SELECT CAST(age AS TINYINT) FROM lung",
@@ -209,7 +210,7 @@ async fn each_rule_refuses_its_shape() {
         ),
         (
             "SELECT count(*) FROM lung a JOIN lung b ON a.inst = b.inst",
-            "fragment_shape",
+            "privacy_unit",
         ),
     ];
     for (sql, expected) in cases {
@@ -260,6 +261,10 @@ async fn safe_fragments_pass_with_the_right_threshold() {
             "a0",
             "__contributors_0",
             "__digest_0",
+            // lung's patient_id is its unit: every sum is held to the dominance rule, per
+            // patient.
+            "__dominance_max_0_0",
+            "__dominance_sum_0_0",
             "__digest_rows",
             ROWS_COLUMN
         ]
@@ -751,5 +756,169 @@ async fn a_value_one_row_dominates_is_withheld() {
     assert_eq!(
         released("SELECT partial_avg(weight / (height * height)) AS a0 FROM lung").await,
         Ok(1)
+    );
+}
+
+/// A station with a patient table (`lung`, unit `patient_id`), a second patient table
+/// (`visits`) and a reference table (`codes`): what a relational fragment may do, as the
+/// station decides it whatever the hub sent.
+#[tokio::test]
+async fn relational_fragments_combine_rows_of_one_patient_only() {
+    let ctx = railyard_udfs::fragment_context().unwrap();
+    let lung = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("age", DataType::Int32, true),
+        Field::new("inst", DataType::Int64, true),
+        Field::new("note", DataType::Utf8, true),
+    ]));
+    let visits = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("code", DataType::Int64, true),
+        Field::new("day", DataType::Int64, true),
+    ]));
+    let codes = Arc::new(Schema::new(vec![
+        Field::new("code", DataType::Int64, false),
+        Field::new("parent", DataType::Int64, true),
+    ]));
+    for (name, schema) in [("lung", lung), ("visits", visits), ("codes", codes)] {
+        ctx.register_table(
+            name,
+            Arc::new(MemTable::try_new(schema, vec![vec![]]).unwrap()),
+        )
+        .unwrap();
+    }
+    let mut policy = Policy::parse(
+        "[tables.lung.columns]\ninst = \"public\"\nnote = \"hidden\"\n",
+        "test",
+    )
+    .unwrap();
+    policy
+        .reference_tables
+        .insert("codes".to_string(), "digest".to_string());
+    let rule = |sql: &'static str| {
+        let ctx = ctx.clone();
+        let policy = policy.clone();
+        async move {
+            let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+            check(&plan, &policy, "s").map(|c| c.release).map_err(|r| {
+                assert!(r.message.starts_with("policy: "), "{}", r.message);
+                r.rule.as_str()
+            })
+        }
+    };
+    let groups = Ok(Release::Groups { k: 5, global: true });
+    let grouped = Ok(Release::Groups {
+        k: 5,
+        global: false,
+    });
+    for sql in [
+        // Joins on the unit, with a reference table, semi and anti joins.
+        "SELECT partial_count(1) FROM lung l JOIN visits v ON v.patient_id = l.patient_id",
+        "SELECT partial_count(1) FROM visits v JOIN codes c ON c.code = v.code WHERE c.parent = 7",
+        "SELECT partial_count(1) FROM lung l LEFT JOIN visits v ON v.patient_id = l.patient_id",
+        // Per-patient derivations below the release.
+        "SELECT partial_avg(CAST(n AS DOUBLE)) FROM (SELECT patient_id, count(*) AS n FROM visits \
+         GROUP BY patient_id) t",
+        "SELECT partial_count(1) FROM (SELECT patient_id, row_number() OVER (PARTITION BY \
+         patient_id ORDER BY day) AS rn FROM visits) t WHERE rn = 1",
+        "SELECT partial_count(1) FROM (SELECT DISTINCT patient_id, code FROM visits) t",
+        // Subqueries correlated on the unit, or over reference tables only.
+        "SELECT partial_count(1) FROM lung l WHERE EXISTS (SELECT 1 FROM visits v WHERE \
+         v.patient_id = l.patient_id AND v.code = 3)",
+        "SELECT partial_count(1) FROM lung l WHERE NOT EXISTS (SELECT 1 FROM visits v WHERE \
+         v.patient_id = l.patient_id)",
+        "SELECT partial_count(1) FROM lung WHERE patient_id IN (SELECT patient_id FROM visits)",
+        "SELECT partial_count(1) FROM visits WHERE code IN (SELECT code FROM codes WHERE parent = 7)",
+        "SELECT partial_count(1) FROM (SELECT patient_id FROM lung UNION ALL SELECT patient_id \
+         FROM visits) u",
+    ] {
+        assert_eq!(rule(sql).await, groups, "{sql}");
+    }
+    assert_eq!(
+        rule(
+            "SELECT inst AS g0, partial_count(1) AS a0 FROM lung l JOIN visits v \
+             ON v.patient_id = l.patient_id GROUP BY inst"
+        )
+        .await,
+        grouped
+    );
+    for (sql, expected) in [
+        // Rows of two patients paired, or a patient's rows shaped by another's.
+        (
+            "SELECT partial_count(1) FROM visits a JOIN visits b ON a.code = b.code",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM lung l JOIN visits v ON v.patient_id = l.inst",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM lung l, visits v",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM lung l JOIN visits v ON v.patient_id = l.patient_id \
+             OR v.code = l.inst",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM lung WHERE EXISTS (SELECT 1 FROM visits WHERE \
+             patient_id = 7 AND code = 3)",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM lung WHERE inst IN (SELECT patient_id FROM visits)",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM lung WHERE age > (SELECT avg(code) FROM visits)",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM (SELECT code, count(*) AS n FROM visits GROUP BY code) t",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM (SELECT patient_id, rank() OVER (ORDER BY day) AS r \
+             FROM visits) t WHERE r = 1",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_count(1) FROM (SELECT DISTINCT code FROM visits) t",
+            "privacy_unit",
+        ),
+        (
+            "SELECT partial_sum(age) FROM (SELECT patient_id, age FROM lung ORDER BY age DESC \
+             LIMIT 1) t JOIN visits v ON v.patient_id = t.patient_id",
+            "ordering",
+        ),
+        // What a per-patient derivation computes is held to the grammar where it is
+        // released: a rank, or a CASE that singles a patient out, may only select.
+        (
+            "SELECT partial_sum(rn) FROM (SELECT patient_id, row_number() OVER (PARTITION BY \
+             patient_id ORDER BY day) AS rn FROM visits) t",
+            "aggregate_argument",
+        ),
+        (
+            "SELECT partial_sum(x) FROM (SELECT l.patient_id, CASE WHEN l.patient_id = 7 THEN \
+             l.age ELSE 0 END AS x FROM lung l JOIN visits v ON v.patient_id = l.patient_id) t",
+            "aggregate_argument",
+        ),
+        // Hidden stays hidden through a join; rows stay rows.
+        (
+            "SELECT partial_count(l.note) FROM lung l JOIN visits v ON v.patient_id = l.patient_id",
+            "hidden_column",
+        ),
+        (
+            "SELECT l.age FROM lung l JOIN visits v ON v.patient_id = l.patient_id",
+            "row_level",
+        ),
+    ] {
+        assert_eq!(rule(sql).await, Err(expected), "{sql}");
+    }
+    // Over reference tables only: public rows.
+    assert_eq!(
+        rule("SELECT c.code FROM codes c JOIN codes p ON p.code = c.parent").await,
+        Ok(Release::Rows)
     );
 }

@@ -143,6 +143,38 @@ pub fn is_image_id(id: &str) -> bool {
     })
 }
 
+/// Columns that name a patient in common health data models (OMOP CDM, most registries):
+/// a table with one of them and no declared unit counts its distinct values, never less
+/// protective than counting rows.
+pub const DEFAULT_UNIT_COLUMNS: [&str; 2] = ["person_id", "patient_id"];
+
+/// What one unit of disclosure is: the rules count distinct values of a column (a
+/// patient), or rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrivacyUnit {
+    Row,
+    /// A column name, with its line in the policy file.
+    Column {
+        name: String,
+        line: usize,
+    },
+}
+
+/// Where a table's privacy unit comes from (for the start-up log and `railyard.policies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitSource {
+    /// `[tables.T] privacy_unit`.
+    Table,
+    /// The top-level `privacy_unit`.
+    Policy,
+    /// The table has a `person_id` or `patient_id` column and no declared unit.
+    Detected,
+    /// No unit applies: one row is one unit.
+    Rows,
+    /// A reference table (no patient data).
+    Reference,
+}
+
 /// The policy of one table.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TablePolicy {
@@ -151,6 +183,8 @@ pub struct TablePolicy {
     pub model_min_rows: Option<u64>,
     pub survival_time_resolution: Option<f64>,
     pub allow_vertical: Option<bool>,
+    /// `[tables.T] privacy_unit`: overrides the top-level unit for this table.
+    pub privacy_unit: Option<PrivacyUnit>,
     /// The table is the hub's join of several stations' rows (never set by a policy file):
     /// its row count is itself a disclosure, so only aggregates leave it and k applies even
     /// to one that names no column.
@@ -193,6 +227,14 @@ pub struct Policy {
     /// `join_key` column, for a hub that joins them with other stations' columns of the same
     /// patients (vertical partitioning). `None`: not set in the file (off).
     pub allow_vertical: Option<bool>,
+    /// The top-level `privacy_unit`: the column that identifies a patient in every table
+    /// that has it. Tables without it (and without their own) fall back to
+    /// [`DEFAULT_UNIT_COLUMNS`], then to the row.
+    pub privacy_unit: Option<PrivacyUnit>,
+    /// Tables every station holds an identical copy of (vocabularies): public, no unit.
+    /// Name → the SHA-256 (hex) of the copy's content, announced to the hub, which
+    /// registers the table only when every station holds the same.
+    pub reference_tables: BTreeMap<String, String>,
     /// Containerized trains (none allowed by default).
     pub trains: TrainPolicy,
     /// Differential privacy (off by default: no budget, no DP aggregates).
@@ -213,6 +255,8 @@ impl Default for Policy {
             model_dominance: DEFAULT_MODEL_DOMINANCE,
             survival_time_resolution: DEFAULT_SURVIVAL_TIME_RESOLUTION,
             allow_vertical: None,
+            privacy_unit: None,
+            reference_tables: Default::default(),
             trains: TrainPolicy::default(),
             dp: None,
             tables: BTreeMap::new(),
@@ -240,6 +284,8 @@ impl Policy {
             model_min_rows: self.model_min_rows(table),
             survival_time_resolution: self.survival_time_resolution(table),
             allow_vertical: self.allow_vertical(table),
+            privacy_unit: self.privacy_unit(table, schema).0,
+            reference: self.reference_tables.get(table).cloned(),
             columns: schema
                 .fields()
                 .iter()
@@ -298,6 +344,17 @@ impl Policy {
                     message: format!("line {line}: table '{table}' has no column '{column}'"),
                 });
             }
+        }
+        if let Some(PrivacyUnit::Column { name, line }) = &t.privacy_unit
+            && schema.field_with_name(name).is_err()
+        {
+            return Err(PolicyError {
+                origin: self.source.clone(),
+                message: format!(
+                    "line {line}: the privacy_unit of table '{table}' is '{name}', a column \
+                     it does not have"
+                ),
+            });
         }
         for (column, dp) in &t.dp {
             let line = dp.line;
@@ -364,6 +421,44 @@ impl Policy {
             .unwrap_or(false)
     }
 
+    /// The column whose distinct values count as units in `table` (`None`: rows), and where
+    /// that choice comes from. A declared unit the table lacks falls through to the next
+    /// rule (the top-level key names a column "in every table that has it").
+    pub fn privacy_unit(&self, table: &str, schema: &Schema) -> (Option<String>, UnitSource) {
+        if self.reference_tables.contains_key(table) {
+            return (None, UnitSource::Reference);
+        }
+        let t = self.tables.get(table);
+        if t.is_some_and(|t| t.joined) {
+            return (None, UnitSource::Rows);
+        }
+        match t.and_then(|t| t.privacy_unit.as_ref()) {
+            Some(PrivacyUnit::Row) => return (None, UnitSource::Table),
+            Some(PrivacyUnit::Column { name, .. }) => {
+                return (Some(name.clone()), UnitSource::Table);
+            }
+            None => {}
+        }
+        match &self.privacy_unit {
+            Some(PrivacyUnit::Row) => return (None, UnitSource::Policy),
+            Some(PrivacyUnit::Column { name, .. }) if schema.field_with_name(name).is_ok() => {
+                return (Some(name.clone()), UnitSource::Policy);
+            }
+            _ => {}
+        }
+        for name in DEFAULT_UNIT_COLUMNS {
+            if schema.field_with_name(name).is_ok() {
+                return (Some(name.to_string()), UnitSource::Detected);
+            }
+        }
+        (None, UnitSource::Rows)
+    }
+
+    /// Whether `table` is a reference table (identical at every station, public).
+    pub fn is_reference(&self, table: &str) -> bool {
+        self.reference_tables.contains_key(table)
+    }
+
     /// Whether `table` is a join of other stations' rows (see [`TablePolicy::joined`]).
     pub fn joined(&self, table: &str) -> bool {
         self.tables.get(table).is_some_and(|t| t.joined)
@@ -371,13 +466,20 @@ impl Policy {
 
     /// The visibility of `column` of `table`.
     pub fn visibility(&self, table: &str, column: &str) -> Visibility {
+        // A reference table holds no patient data: public unless the policy says otherwise.
+        let reference = self.reference_tables.contains_key(table);
         match self.tables.get(table) {
             Some(t) => t
                 .columns
                 .get(column)
                 .map(|(v, _)| *v)
                 .or(t.default_visibility)
-                .unwrap_or(self.default_visibility),
+                .unwrap_or(if reference {
+                    Visibility::Public
+                } else {
+                    self.default_visibility
+                }),
+            None if reference => Visibility::Public,
             None => self.default_visibility,
         }
     }

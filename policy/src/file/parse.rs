@@ -20,6 +20,7 @@ struct PolicyFile {
     model_min_rows: Option<Spanned<u64>>,
     survival_time_resolution: Option<Spanned<f64>>,
     allow_vertical: Option<bool>,
+    privacy_unit: Option<Spanned<String>>,
     trains: Option<TrainsFile>,
     dp: Option<DpFile>,
     #[serde(default)]
@@ -64,6 +65,7 @@ struct TableFile {
     model_min_rows: Option<Spanned<u64>>,
     survival_time_resolution: Option<Spanned<f64>>,
     allow_vertical: Option<bool>,
+    privacy_unit: Option<Spanned<String>>,
     #[serde(default)]
     columns: BTreeMap<Spanned<String>, Visibility>,
     #[serde(default)]
@@ -171,6 +173,9 @@ impl Policy {
             policy.survival_time_resolution = resolution(v)?;
         }
         policy.allow_vertical = file.allow_vertical;
+        if let Some(unit) = &file.privacy_unit {
+            policy.privacy_unit = Some(unit_name(unit, text, source)?);
+        }
         if let Some(trains) = &file.trains {
             policy.trains = parse_trains(trains, text, source)?;
         }
@@ -207,6 +212,11 @@ impl Policy {
                         .map(resolution)
                         .transpose()?,
                     allow_vertical: table.allow_vertical,
+                    privacy_unit: table
+                        .privacy_unit
+                        .as_ref()
+                        .map(|u| unit_name(u, text, source))
+                        .transpose()?,
                     joined: false,
                     columns,
                     dp,
@@ -216,6 +226,28 @@ impl Policy {
         }
         Ok(policy)
     }
+}
+
+/// A `privacy_unit` value: a column name, or `"row"` (each row its own unit).
+fn unit_name(v: &Spanned<String>, text: &str, source: &str) -> Result<PrivacyUnit, PolicyError> {
+    let name = v.get_ref().trim();
+    if name.is_empty() {
+        return Err(PolicyError {
+            origin: source.to_string(),
+            message: format!(
+                "line {}: privacy_unit must name a column (or be \"row\")",
+                line_of(text, v.span().start)
+            ),
+        });
+    }
+    Ok(if name.eq_ignore_ascii_case("row") {
+        PrivacyUnit::Row
+    } else {
+        PrivacyUnit::Column {
+            name: name.to_string(),
+            line: line_of(text, v.span().start),
+        }
+    })
 }
 
 fn parse_dp(file: &DpFile, text: &str, source: &str) -> Result<DpPolicy, PolicyError> {

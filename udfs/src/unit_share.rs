@@ -1,0 +1,417 @@
+//! `unit_max_sum(unit_hash, size)`: the largest total of `size` that one privacy unit (one
+//! patient) contributes to a group.
+//!
+//! The dominance rule withholds a group in which one contributor holds more than a share of
+//! a released sum. When a patient has many rows (diagnoses, measurements), the contributor
+//! is the patient, not the row: forty rows of one patient can dominate a sum over a group of
+//! five patients although no single row does. A station therefore compares this value with
+//! the group's total `sum(size)`.
+//!
+//! Units are given by a 64-bit hash of their id (the station's `row_hash` of the unit
+//! column). Two units whose hashes collide are counted as one, which can only make the
+//! largest share larger: never less protective. NULL sizes contribute nothing; a NULL unit
+//! is its own unit (a row without a patient is one contributor).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, ListArray, UInt64Array};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, FieldRef, Float64Type, UInt64Type};
+use datafusion::common::{Result, ScalarValue, internal_err, plan_err};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::utils::format_state_name;
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, Signature, TypeSignature, Volatility,
+};
+
+/// The function's name (a station-internal aggregate; it is never registered for SQL).
+pub const UNIT_MAX_SUM: &str = "unit_max_sum";
+/// The variant that considers only units with more than one row.
+pub const UNIT_MAX_SUM_SEVERAL: &str = "unit_max_sum_several";
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct UnitMaxSum {
+    signature: Signature,
+    /// Only units that contribute more than one row count: the largest total of a patient
+    /// whose *several* rows add up (one row's own size is the single-row rule's business).
+    several: bool,
+}
+
+impl UnitMaxSum {
+    fn new(several: bool) -> Self {
+        Self {
+            signature: Signature::new(
+                TypeSignature::Exact(vec![DataType::UInt64, DataType::Float64]),
+                Volatility::Immutable,
+            ),
+            several,
+        }
+    }
+}
+
+/// The aggregate, to call with a unit hash and a non-negative size: the largest unit total.
+pub fn udaf() -> AggregateUDF {
+    AggregateUDF::from(UnitMaxSum::new(false))
+}
+
+/// The largest total among units with more than one contributing row (NULL if none).
+pub fn several_rows_udaf() -> AggregateUDF {
+    AggregateUDF::from(UnitMaxSum::new(true))
+}
+
+impl AggregateUDFImpl for UnitMaxSum {
+    fn name(&self) -> &str {
+        if self.several {
+            UNIT_MAX_SUM_SEVERAL
+        } else {
+            UNIT_MAX_SUM
+        }
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        if arg_types.len() != 2 {
+            return plan_err!("{UNIT_MAX_SUM} takes a unit hash and a size");
+        }
+        Ok(DataType::Float64)
+    }
+
+    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(PerUnit {
+            several: self.several,
+            ..PerUnit::default()
+        }))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        let list = |name: &str, item: DataType| {
+            Arc::new(Field::new(
+                format_state_name(args.name, name),
+                DataType::List(Arc::new(Field::new_list_field(item, true))),
+                true,
+            ))
+        };
+        Ok(vec![
+            list("units", DataType::UInt64),
+            list("sums", DataType::Float64),
+            list("rows", DataType::UInt64),
+        ])
+    }
+}
+
+/// Each unit's total and row count so far. Rows whose unit is NULL are each their own
+/// contributor (one row: never "several").
+#[derive(Debug, Default)]
+struct PerUnit {
+    sums: HashMap<u64, (f64, u64)>,
+    unkeyed_max: Option<f64>,
+    several: bool,
+}
+
+impl PerUnit {
+    fn add(&mut self, unit: Option<u64>, size: f64, rows: u64) {
+        match unit {
+            Some(u) => {
+                let e = self.sums.entry(u).or_insert((0.0, 0));
+                e.0 += size;
+                e.1 += rows;
+            }
+            None => self.unkeyed_max = Some(self.unkeyed_max.map_or(size, |m| m.max(size))),
+        }
+    }
+}
+
+impl Accumulator for PerUnit {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let [units, sizes] = values else {
+            return internal_err!("{UNIT_MAX_SUM} takes two arguments");
+        };
+        let units = units.as_primitive::<UInt64Type>();
+        let sizes = sizes.as_primitive::<Float64Type>();
+        for r in 0..sizes.len() {
+            if sizes.is_null(r) {
+                continue;
+            }
+            let unit = units.is_valid(r).then(|| units.value(r));
+            self.add(unit, sizes.value(r).abs(), 1);
+        }
+        Ok(())
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let [units, sums, rows] = states else {
+            return internal_err!("{UNIT_MAX_SUM} has three state fields");
+        };
+        let units = units.as_list::<i32>();
+        let sums = sums.as_list::<i32>();
+        let rows = rows.as_list::<i32>();
+        for r in 0..units.len() {
+            if units.is_null(r) || sums.is_null(r) || rows.is_null(r) {
+                continue;
+            }
+            let (u, s, n) = (units.value(r), sums.value(r), rows.value(r));
+            let u = u.as_primitive::<UInt64Type>();
+            let s = s.as_primitive::<Float64Type>();
+            let n = n.as_primitive::<UInt64Type>();
+            for i in 0..s.len() {
+                if s.is_null(i) {
+                    continue;
+                }
+                self.add(u.is_valid(i).then(|| u.value(i)), s.value(i), n.value(i));
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        let mut units: Vec<Option<u64>> = Vec::with_capacity(self.sums.len() + 1);
+        let mut sums: Vec<Option<f64>> = Vec::with_capacity(self.sums.len() + 1);
+        let mut rows: Vec<Option<u64>> = Vec::with_capacity(self.sums.len() + 1);
+        for (u, (s, n)) in &self.sums {
+            units.push(Some(*u));
+            sums.push(Some(*s));
+            rows.push(Some(*n));
+        }
+        if let Some(m) = self.unkeyed_max {
+            // A NULL unit merges as one more single-row contributor of the largest size.
+            units.push(None);
+            sums.push(Some(m));
+            rows.push(Some(1));
+        }
+        let list = |values: ArrayRef, item: DataType| -> ScalarValue {
+            let offsets = OffsetBuffer::from_lengths([values.len()]);
+            ScalarValue::List(Arc::new(ListArray::new(
+                Arc::new(Field::new_list_field(item, true)),
+                offsets,
+                values,
+                None,
+            )))
+        };
+        Ok(vec![
+            list(Arc::new(UInt64Array::from(units)), DataType::UInt64),
+            list(Arc::new(Float64Array::from(sums)), DataType::Float64),
+            list(Arc::new(UInt64Array::from(rows)), DataType::UInt64),
+        ])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let several = self.several;
+        let keyed = self
+            .sums
+            .values()
+            .filter(|(_, n)| !several || *n > 1)
+            .fold(None, |m: Option<f64>, (s, _)| {
+                Some(m.map_or(*s, |m| m.max(*s)))
+            });
+        let unkeyed = if several { None } else { self.unkeyed_max };
+        let largest = match (keyed, unkeyed) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(ScalarValue::Float64(largest))
+    }
+
+    fn size(&self) -> usize {
+        size_of_val(self) + self.sums.capacity() * 32
+    }
+}
+
+/// `unit_digest(unit_hash)`: the XOR of the distinct unit hashes of a group (NULL for none),
+/// which seeds the noisy margin of a threshold with *which* patients contribute, however
+/// many rows each has. (DataFusion's `bit_xor(DISTINCT …)` declares a non-nullable result it
+/// cannot keep under a FILTER.)
+pub const UNIT_DIGEST: &str = "unit_digest";
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct UnitDigest {
+    signature: Signature,
+}
+
+impl Default for UnitDigest {
+    fn default() -> Self {
+        Self {
+            signature: Signature::new(
+                TypeSignature::Exact(vec![DataType::UInt64]),
+                Volatility::Immutable,
+            ),
+        }
+    }
+}
+
+/// The digest aggregate, to call with a unit hash.
+pub fn digest_udaf() -> AggregateUDF {
+    AggregateUDF::from(UnitDigest::default())
+}
+
+impl AggregateUDFImpl for UnitDigest {
+    fn name(&self) -> &str {
+        UNIT_DIGEST
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::UInt64)
+    }
+
+    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(DistinctHashes::default()))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(
+            format_state_name(args.name, "units"),
+            DataType::List(Arc::new(Field::new_list_field(DataType::UInt64, true))),
+            true,
+        ))])
+    }
+}
+
+#[derive(Debug, Default)]
+struct DistinctHashes {
+    seen: std::collections::HashSet<u64>,
+}
+
+impl Accumulator for DistinctHashes {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let [units] = values else {
+            return internal_err!("{UNIT_DIGEST} takes one argument");
+        };
+        self.seen
+            .extend(units.as_primitive::<UInt64Type>().iter().flatten());
+        Ok(())
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let [units] = states else {
+            return internal_err!("{UNIT_DIGEST} has one state field");
+        };
+        let units = units.as_list::<i32>();
+        for r in 0..units.len() {
+            if units.is_valid(r) {
+                let u = units.value(r);
+                self.seen
+                    .extend(u.as_primitive::<UInt64Type>().iter().flatten());
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        let values: ArrayRef = Arc::new(UInt64Array::from_iter_values(self.seen.iter().copied()));
+        Ok(vec![ScalarValue::List(Arc::new(ListArray::new(
+            Arc::new(Field::new_list_field(DataType::UInt64, true)),
+            OffsetBuffer::from_lengths([values.len()]),
+            values,
+            None,
+        )))])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(ScalarValue::UInt64(
+            (!self.seen.is_empty()).then(|| self.seen.iter().fold(0, |a, b| a ^ b)),
+        ))
+    }
+
+    fn size(&self) -> usize {
+        size_of_val(self) + self.seen.capacity() * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::RecordBatch;
+    use arrow::datatypes::Schema;
+    use datafusion::prelude::SessionContext;
+
+    #[tokio::test]
+    async fn the_largest_unit_total_matches_a_two_level_aggregate() {
+        // Many rows per unit, several partitions: compare with GROUP BY unit, then max.
+        let n = 5000u64;
+        let units: Vec<Option<u64>> = (0..n)
+            .map(|i| (i % 97 != 0).then_some((i * 7919) % 23))
+            .collect();
+        let sizes: Vec<Option<f64>> = (0..n)
+            .map(|i| (i % 13 != 0).then_some(((i * 31) % 101) as f64 - 50.0))
+            .collect();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("u", DataType::UInt64, true),
+            Field::new("s", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(UInt64Array::from(units)),
+                Arc::new(Float64Array::from(sizes)),
+            ],
+        )
+        .unwrap();
+        let ctx = SessionContext::new_with_config(
+            datafusion::prelude::SessionConfig::new().with_target_partitions(4),
+        );
+        let chunks: Vec<RecordBatch> = (0..10).map(|i| batch.slice(i * 500, 500)).collect();
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![chunks]).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        ctx.register_udaf(udaf());
+        let got = ctx
+            .sql("SELECT unit_max_sum(u, s) FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        // The reference: per-unit sums of |s| (NULL units one row each), then their max.
+        let want = ctx
+            .sql(
+                "SELECT max(t) FROM (SELECT u, sum(abs(s)) AS t FROM t WHERE u IS NOT NULL \
+                 GROUP BY u UNION ALL SELECT u, abs(s) FROM t WHERE u IS NULL)",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let value = |b: &[RecordBatch]| b[0].column(0).as_primitive::<Float64Type>().value(0);
+        assert_eq!(value(&got), value(&want));
+        // With a filter and beside other aggregates, as a station's approved plan runs it.
+        let got = ctx
+            .sql(
+                "SELECT unit_max_sum(u, s) FILTER (WHERE s IS NOT NULL), sum(abs(s)), \
+                 count(DISTINCT u) FROM t",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(value(&got), value(&want));
+
+        // Units with several rows only: the same reference over units of two rows or more.
+        ctx.register_udaf(several_rows_udaf());
+        let got = ctx
+            .sql("SELECT unit_max_sum_several(u, s) FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let want = ctx
+            .sql(
+                "SELECT max(t) FROM (SELECT u, sum(abs(s)) AS t FROM t WHERE u IS NOT NULL \
+                 AND s IS NOT NULL GROUP BY u HAVING count(*) > 1)",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(value(&got), value(&want));
+    }
+}
