@@ -72,6 +72,64 @@ pub fn table_specs() -> Vec<TableSpec> {
     ]
 }
 
+/// The clinical tables of the OMOP sample (tests/data/omop), three stations each.
+pub const OMOP_TABLES: [&str; 8] = [
+    "person",
+    "observation_period",
+    "visit_occurrence",
+    "condition_occurrence",
+    "drug_exposure",
+    "procedure_occurrence",
+    "measurement",
+    "observation",
+];
+
+/// The OMOP vocabularies every station holds a copy of.
+pub const OMOP_REFERENCES: [&str; 2] = ["concept", "concept_ancestor"];
+
+pub fn omop_specs() -> Vec<TableSpec> {
+    OMOP_TABLES
+        .iter()
+        .map(|t| spec(t, test_data(&format!("omop/{t}"))))
+        .collect()
+}
+
+/// `governance` with the OMOP vocabularies as reference tables.
+pub fn with_omop_references(mut governance: Governance) -> Governance {
+    governance.references = OMOP_REFERENCES
+        .iter()
+        .map(|r| railyard::local::ReferenceSpec {
+            name: r.to_string(),
+            path: test_data(&format!("omop/reference/{r}.parquet")),
+        })
+        .collect();
+    governance
+}
+
+/// One DataFusion session over the pooled OMOP files and the vocabularies.
+pub async fn omop_centralized() -> SessionContext {
+    let ctx = SessionContext::new();
+    for t in OMOP_TABLES {
+        ctx.register_parquet(
+            t,
+            path(&test_data(&format!("omop/pooled/{t}.parquet"))),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .expect(t);
+    }
+    for r in OMOP_REFERENCES {
+        ctx.register_parquet(
+            r,
+            path(&test_data(&format!("omop/reference/{r}.parquet"))),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .expect(r);
+    }
+    ctx
+}
+
 pub fn spec(name: &str, dir: PathBuf) -> TableSpec {
     TableSpec {
         name: name.to_string(),

@@ -156,7 +156,30 @@ fn corpus_file(name: &str) -> PathBuf {
 async fn run_corpus_file(name: &str) {
     let file = corpus_file(name);
     let ctx = Arc::new(fixtures::centralized().await);
+    let federation =
+        async { fixtures::federation(&fixtures::table_specs(), HubOptions::default()).await };
+    run_against(name, &file, ctx, federation).await;
+}
 
+/// The OMOP corpus: pooled files against three stations with the vocabularies as
+/// reference tables, under the open test policy.
+async fn run_omop_corpus(name: &str) {
+    let file = corpus_file(name);
+    let ctx = Arc::new(fixtures::omop_centralized().await);
+    let federation = async {
+        let governance = fixtures::with_omop_references(fixtures::open_governance());
+        fixtures::federation_with(&fixtures::omop_specs(), HubOptions::default(), &governance).await
+    };
+    run_against(name, &file, ctx, federation).await;
+}
+
+/// Runs `file` on the centralized reference, then on the federation `start` builds.
+async fn run_against(
+    name: &str,
+    file: &Path,
+    ctx: Arc<SessionContext>,
+    start: impl Future<Output = railyard::local::LocalFederation>,
+) {
     let make_central = {
         let ctx = Arc::clone(&ctx);
         move || {
@@ -169,7 +192,7 @@ async fn run_corpus_file(name: &str) {
         runner.add_label("centralized");
         runner
             .update_test_file(
-                &file,
+                file,
                 " ",
                 default_validator,
                 default_normalizer,
@@ -181,12 +204,12 @@ async fn run_corpus_file(name: &str) {
 
     let mut central = Runner::new(make_central);
     central.add_label("centralized");
-    if let Err(e) = central.run_file_async(&file).await {
+    if let Err(e) = central.run_file_async(file).await {
         panic!("centralized engine, {name}:\n{}", e.display(true));
     }
 
-    let federation = fixtures::federation(&fixtures::table_specs(), HubOptions::default()).await;
-    run_federated(federation, &file, name).await;
+    let federation = start.await;
+    run_federated(federation, file, name).await;
 }
 
 /// Runs `file` through a Flight SQL client of `federation`, then stops the federation.
@@ -224,7 +247,8 @@ macro_rules! corpus {
         /// Every corpus file has a test above.
         #[test]
         fn every_corpus_file_is_run() {
-            let listed: std::collections::BTreeSet<&str> = [$($file),*].into_iter().collect();
+            let listed: std::collections::BTreeSet<&str> =
+                [$($file),*, "omop.slt"].into_iter().collect();
             let mut on_disk = std::collections::BTreeSet::new();
             for entry in std::fs::read_dir(fixtures::repo().join("sql")).expect("sql/ exists") {
                 let name = entry.expect("dir entry").file_name().into_string().expect("UTF-8");
@@ -245,6 +269,19 @@ corpus! {
     slt_registry => "registry.slt",
     slt_tpch => "tpch.slt",
     slt_errors => "errors.slt",
+}
+
+/// Relational fragments plan deeper than single-table ones: the runtime has the worker
+/// stacks of `railyard` itself (8 MiB; tokio's default is 2 MiB).
+#[test]
+fn slt_omop() {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run_omop_corpus("omop.slt"));
 }
 
 /// Runs a policy corpus file (`sql/policy/NAME.slt`) on the federation only, its stations
@@ -275,6 +312,29 @@ async fn slt_policy_hospital() {
     run_policy_file("hospital.slt", Some("hospital.toml")).await;
 }
 
+/// The OMOP attacks (`sql/policy/omop_attacks.slt`): the OMOP stations under the default
+/// policy, their vocabularies as reference tables.
+#[test]
+fn slt_policy_omop_attacks_under_the_default_policy() {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let file = fixtures::repo().join("sql/policy/omop_attacks.slt");
+            let governance = fixtures::with_omop_references(fixtures::default_governance());
+            let federation = fixtures::federation_with(
+                &fixtures::omop_specs(),
+                HubOptions::default(),
+                &governance,
+            )
+            .await;
+            run_federated(federation, &file, "omop_attacks.slt").await;
+        });
+}
+
 /// Every policy corpus file has a test above.
 #[test]
 fn every_policy_corpus_file_is_run() {
@@ -289,10 +349,14 @@ fn every_policy_corpus_file_is_run() {
             on_disk.insert(name);
         }
     }
-    let listed: std::collections::BTreeSet<String> =
-        ["adversarial.slt", "attacks.slt", "hospital.slt"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+    let listed: std::collections::BTreeSet<String> = [
+        "adversarial.slt",
+        "attacks.slt",
+        "hospital.slt",
+        "omop_attacks.slt",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(listed, on_disk);
 }
