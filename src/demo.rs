@@ -67,6 +67,103 @@ pub const QUERIES: &[(&str, &str)] = &[
 
 /// The real datasets the demo's stations also hold, embedded in the binary (see
 /// `tests/data/README.md` for their sources): (table, station, CSV text).
+/// The OMOP sample's tables the demo's cohort section reads (tests/data/omop: the Eunomia
+/// GiBleed sample split by person), per station.
+const OMOP_DATA: &[(&str, &str, &[u8])] = &[
+    (
+        "person",
+        "station_a",
+        include_bytes!("../tests/data/omop/person/station_a.parquet"),
+    ),
+    (
+        "person",
+        "station_b",
+        include_bytes!("../tests/data/omop/person/station_b.parquet"),
+    ),
+    (
+        "person",
+        "station_c",
+        include_bytes!("../tests/data/omop/person/station_c.parquet"),
+    ),
+    (
+        "condition_occurrence",
+        "station_a",
+        include_bytes!("../tests/data/omop/condition_occurrence/station_a.parquet"),
+    ),
+    (
+        "condition_occurrence",
+        "station_b",
+        include_bytes!("../tests/data/omop/condition_occurrence/station_b.parquet"),
+    ),
+    (
+        "condition_occurrence",
+        "station_c",
+        include_bytes!("../tests/data/omop/condition_occurrence/station_c.parquet"),
+    ),
+    (
+        "drug_exposure",
+        "station_a",
+        include_bytes!("../tests/data/omop/drug_exposure/station_a.parquet"),
+    ),
+    (
+        "drug_exposure",
+        "station_b",
+        include_bytes!("../tests/data/omop/drug_exposure/station_b.parquet"),
+    ),
+    (
+        "drug_exposure",
+        "station_c",
+        include_bytes!("../tests/data/omop/drug_exposure/station_c.parquet"),
+    ),
+];
+
+/// The OMOP vocabularies, reference tables every station holds.
+const OMOP_REFERENCES: &[(&str, &[u8])] = &[
+    (
+        "concept",
+        include_bytes!("../tests/data/omop/reference/concept.parquet"),
+    ),
+    (
+        "concept_ancestor",
+        include_bytes!("../tests/data/omop/reference/concept_ancestor.parquet"),
+    ),
+];
+
+/// The cohort section: questions over several tables with many rows per person.
+pub const OMOP_QUERIES: &[(&str, &str)] = &[
+    (
+        "The GI bleed cohort (the concept and its descendants in the vocabulary), by gender",
+        "SELECT CASE p.gender_concept_id WHEN 8507 THEN 'MALE' WHEN 8532 THEN 'FEMALE' END \
+         AS gender, count(DISTINCT p.person_id) AS persons \
+         FROM person p \
+         JOIN condition_occurrence co ON co.person_id = p.person_id \
+         JOIN concept_ancestor ca ON ca.descendant_concept_id = co.condition_concept_id \
+         WHERE ca.ancestor_concept_id = 192671 GROUP BY 1 ORDER BY 1",
+    ),
+    (
+        "Age at first GI bleed: a per-person minimum computed at each station",
+        "SELECT count(*) AS persons, round(avg(age), 1) AS mean_age, \
+         round(stddev(age), 1) AS sd FROM (\
+         SELECT co.person_id, \
+         min(EXTRACT(YEAR FROM co.condition_start_date)) - min(p.year_of_birth) AS age \
+         FROM condition_occurrence co JOIN person p ON p.person_id = co.person_id \
+         WHERE co.condition_concept_id = 192671 GROUP BY co.person_id) t",
+    ),
+    (
+        "The drugs the cohort takes, by persons",
+        "SELECT c.concept_name AS drug, count(DISTINCT d.person_id) AS persons \
+         FROM drug_exposure d JOIN concept c ON c.concept_id = d.drug_concept_id \
+         WHERE EXISTS (SELECT 1 FROM condition_occurrence co WHERE co.person_id = d.person_id \
+         AND co.condition_concept_id = 192671) \
+         GROUP BY 1 ORDER BY persons DESC, 1 LIMIT 5",
+    ),
+    (
+        "One person's diagnoses: 41 rows, but one person, so every group is withheld",
+        "SELECT condition_concept_id, count(*) AS n FROM condition_occurrence \
+         WHERE person_id = 3353 GROUP BY 1",
+    ),
+];
+
 const REAL_DATA: &[(&str, &str, &str)] = &[
     (
         "lung",
@@ -225,6 +322,18 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
             });
         }
     }
+    for (table, station, bytes) in OMOP_DATA {
+        let dir = dir.path().join("omop").join(table);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("{station}.parquet")), bytes)?;
+        if !tables.iter().any(|t| t.name == *table) {
+            tables.push(TableSpec {
+                name: table.to_string(),
+                dir,
+                key: None,
+            });
+        }
+    }
     let vertical = dir.path().join(VERTICAL_TABLE);
     std::fs::create_dir_all(&vertical)?;
     for (station, csv) in VERTICAL_DATA {
@@ -237,6 +346,14 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
     });
     // The example train runs if this machine has its image (scripts/build-trains).
     let mut governance = Governance::new(None, data_dir)?;
+    for (name, bytes) in OMOP_REFERENCES {
+        let path = dir.path().join("omop").join(format!("{name}.parquet"));
+        std::fs::write(&path, bytes)?;
+        governance.references.push(crate::local::ReferenceSpec {
+            name: name.to_string(),
+            path,
+        });
+    }
     let train_image = railyard_station::train::Trains::new("demo", dir.path().join("trains"), 1)
         .resolve(TRAIN_IMAGE)
         .await
@@ -272,6 +389,7 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
         }
         show_models(&mut client, out).await?;
         show_vertical(&mut client, out).await?;
+        show_omop(&mut client, out).await?;
         show_train(&mut client, out, train_image.as_deref()).await?;
         show_dp(&mut client, out).await?;
         writeln!(
@@ -364,6 +482,21 @@ async fn show_query(
         answer.num_rows(),
         elapsed.as_secs_f64() * 1000.0
     )?;
+    Ok(())
+}
+
+/// The OMOP section: a cohort over several tables, each station joining and deriving per
+/// person over its own patients; k counts persons, not rows.
+async fn show_omop(client: &mut HubClient, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "── Relational data (docs/omop.md): the OHDSI Eunomia OMOP sample, 2,694 synthetic \
+         persons split over the three stations, the vocabularies as reference tables; every \
+         table counts distinct person_id, so k = 5 means five persons"
+    )?;
+    for (i, (question, sql)) in OMOP_QUERIES.iter().enumerate() {
+        show_query(client, out, question, sql, i == 0).await?;
+    }
     Ok(())
 }
 

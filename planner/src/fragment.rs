@@ -65,6 +65,8 @@ pub struct Fragment {
     /// For a vertically partitioned table: what each member station sends to the hub's
     /// join station, which runs `sql` over the joined rows (empty otherwise).
     pub members: Vec<MemberFragment>,
+    /// The privacy unit the stations count (`None`: rows), as they announced it.
+    pub unit: Option<String>,
 }
 
 impl Fragment {
@@ -84,7 +86,10 @@ impl Fragment {
                         aggregates.join(", ")
                     ));
                 }
-                parts.push("and its row count".to_string());
+                parts.push(match &self.unit {
+                    Some(u) => format!("and its count of distinct {u} (the privacy unit)"),
+                    None => "and its row count".to_string(),
+                });
                 let mut text = parts.join(" ");
                 if self.min_group_size > 1 && !self.members.is_empty() {
                     text.push_str(&format!(

@@ -522,9 +522,16 @@ fn railyard_demo_runs_its_queries_and_exits_zero() {
     }
     assert_eq!(
         stdout.matches("hub merge plan:").count(),
-        railyard::demo::QUERIES.len() + 3,
-        "each SQL query, the first vertical one, the train and the DP query show their plan"
+        railyard::demo::QUERIES.len() + 4,
+        "each SQL query, the first vertical one, the first OMOP one, the train and the DP \
+         query show their plan"
     );
+    // The OMOP section: the cohort by gender, counted in persons (479 in all).
+    for (_, sql) in railyard::demo::OMOP_QUERIES {
+        assert!(stdout.contains(sql), "the demo shows {sql}");
+    }
+    assert!(stdout.contains("| FEMALE | 242     |"), "{stdout}");
+    assert!(stdout.contains("| MALE   | 237     |"), "{stdout}");
     // The DP query: its plan names the ε each station charges, and the budget left.
     assert!(stdout.contains(railyard::demo::DP_QUERY), "{stdout}");
     assert!(

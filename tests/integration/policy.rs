@@ -676,3 +676,142 @@ async fn a_refusal_carries_its_rule_as_structured_detail_on_both_hops() {
     }
     federation.shutdown().await.unwrap();
 }
+
+/// (federated query, reference query) over the OMOP stations, counted in persons: the
+/// reference keeps, per station, the groups of at least 5 distinct persons, merges them,
+/// and keeps merged groups of at least 5 persons; what it answers is computed over the
+/// kept rows (row counts included).
+const OMOP_CASES: &[(&str, &str)] = &[
+    (
+        "SELECT drug_concept_id, count(*) AS n FROM drug_exposure GROUP BY 1 ORDER BY 1",
+        "WITH per AS (SELECT station, drug_concept_id, count(*) AS n, \
+         count(DISTINCT person_id) AS p FROM drug_exposure_s GROUP BY 1, 2 HAVING \
+         count(DISTINCT person_id) >= 5) \
+         SELECT drug_concept_id, sum(n) FROM per GROUP BY 1 HAVING sum(p) >= 5 ORDER BY 1",
+    ),
+    (
+        "SELECT condition_concept_id, count(*) AS n, count(DISTINCT person_id) AS persons \
+         FROM condition_occurrence GROUP BY 1 ORDER BY 1",
+        "WITH per AS (SELECT station, condition_concept_id, count(*) AS n, \
+         count(DISTINCT person_id) AS p FROM condition_occurrence_s GROUP BY 1, 2 HAVING \
+         count(DISTINCT person_id) >= 5) \
+         SELECT condition_concept_id, sum(n), sum(p) FROM per GROUP BY 1 HAVING sum(p) >= 5 \
+         ORDER BY 1",
+    ),
+    (
+        // A join on the person at the stations: rows multiply, persons do not.
+        "SELECT p.gender_concept_id, d.drug_concept_id, count(*) AS n FROM person p \
+         JOIN drug_exposure d ON d.person_id = p.person_id GROUP BY 1, 2 ORDER BY 1, 2",
+        "WITH per AS (SELECT d.station, p.gender_concept_id, d.drug_concept_id, count(*) AS n, \
+         count(DISTINCT p.person_id) AS k FROM person_s p JOIN drug_exposure_s d \
+         ON d.person_id = p.person_id GROUP BY 1, 2, 3 HAVING count(DISTINCT p.person_id) >= 5) \
+         SELECT gender_concept_id, drug_concept_id, sum(n) FROM per GROUP BY 1, 2 \
+         HAVING sum(k) >= 5 ORDER BY 1, 2",
+    ),
+    (
+        // A per-person derivation below the release: visits per person, then persons per
+        // count.
+        "SELECT n, count(*) AS persons FROM (SELECT person_id, count(*) AS n FROM \
+         visit_occurrence GROUP BY person_id) t GROUP BY n ORDER BY n",
+        "WITH t AS (SELECT station, person_id, count(*) AS n FROM visit_occurrence_s \
+         GROUP BY 1, 2), per AS (SELECT station, n, count(*) AS c FROM t GROUP BY 1, 2 \
+         HAVING count(*) >= 5) \
+         SELECT n, sum(c) FROM per GROUP BY n HAVING sum(c) >= 5 ORDER BY n",
+    ),
+];
+
+/// Issue 19's "done when": under the default policy with `privacy_unit = "person_id"`, every
+/// group with at least k persons at each contributing station is answered exactly, every
+/// other is withheld, and one person's history is withheld however many rows it has.
+#[test]
+fn omop_groups_are_answered_or_withheld_by_persons_per_station() {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut governance = Governance::new(
+                Some(&fixtures::repo().join("tests/policies/exact-k.toml")),
+                fixtures::audit_dir(),
+            )
+            .unwrap();
+            governance.policy.privacy_unit = Some(railyard_policy::file::PrivacyUnit::Column {
+                name: "person_id".into(),
+                line: 0,
+            });
+            let governance = fixtures::with_omop_references(governance);
+            let federation = fixtures::federation_with(
+                &fixtures::omop_specs(),
+                HubOptions::default(),
+                &governance,
+            )
+            .await;
+            let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+            // The reference: the pooled files, each row marked with its station by the
+            // split rule of tests/data/README.md.
+            let reference = SessionContext::new();
+            for t in [
+                "person",
+                "drug_exposure",
+                "condition_occurrence",
+                "visit_occurrence",
+            ] {
+                reference
+                    .register_parquet(
+                        &format!("{t}_pooled"),
+                        test_data(&format!("omop/pooled/{t}.parquet"))
+                            .to_str()
+                            .unwrap(),
+                        ParquetReadOptions::default(),
+                    )
+                    .await
+                    .unwrap();
+                reference
+                    .sql(&format!(
+                        "CREATE VIEW {t}_s AS SELECT *, CASE WHEN person_id % 10 < 5 THEN \
+                         'station_a' WHEN person_id % 10 < 8 THEN 'station_b' ELSE \
+                         'station_c' END AS station FROM {t}_pooled"
+                    ))
+                    .await
+                    .unwrap();
+            }
+            for (federated, expected) in OMOP_CASES {
+                let got = client
+                    .query(federated)
+                    .await
+                    .unwrap_or_else(|e| panic!("{federated}: {e:#}"));
+                let want = reference
+                    .sql(expected)
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap();
+                let (got, want) = (format_rows(&got.batches), format_rows(&want));
+                assert!(!want.is_empty(), "the reference of {federated} is empty");
+                assert_eq!(got, want, "{federated}");
+            }
+            // Counting rows would have released these: a drug group with at least 5 rows
+            // but fewer than 5 persons at every station (the join multiplies its rows).
+            let history = client
+                .query(
+                    "SELECT condition_concept_id, count(*) FROM condition_occurrence \
+                     WHERE person_id = 3353 GROUP BY 1",
+                )
+                .await
+                .unwrap();
+            assert_eq!(format_rows(&history.batches).len(), 0);
+            let rare = client
+                .query(
+                    "SELECT d.drug_concept_id, count(*) FROM drug_exposure d JOIN \
+                     condition_occurrence c ON c.person_id = d.person_id \
+                     WHERE d.drug_concept_id = 1519937 GROUP BY 1",
+                )
+                .await
+                .unwrap();
+            assert_eq!(format_rows(&rare.batches).len(), 0);
+            federation.shutdown().await.unwrap();
+        });
+}

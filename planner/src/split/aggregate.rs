@@ -12,8 +12,9 @@ pub(super) struct AggregateSplit {
     pub(super) groups: Vec<Expr>,
     /// `partial_<agg>(…)` calls as station expressions.
     pub(super) partials: Vec<Expr>,
-    /// The hub half of each aggregate.
-    pub(super) merges: Vec<MergeAggregate>,
+    /// The hub half of each aggregate (a [`MergeAggregate`], or `sum` of the stations'
+    /// distinct-patient counts).
+    pub(super) merges: Vec<AggregateUDF>,
     /// The struct type each partial returns, computed from the hub's argument types.
     pub(super) state_types: Vec<DataType>,
     /// The original aggregate calls over the station's columns (for EXPLAIN and errors).
@@ -68,6 +69,31 @@ impl AggregateSplit {
             else {
                 return Ok(None);
             };
+            // count(DISTINCT unit): a patient lives at one station, so the federated count
+            // is the sum of the stations' counts; the stations release the count, never
+            // the set.
+            if f.func.name() == "count"
+                && p.distinct
+                && p.filter.is_none()
+                && let [arg] = args.as_slice()
+                && matches!(arg, Expr::Column(c) if rows.is_unit(&c.name))
+            {
+                let call = Expr::AggregateFunction(AggregateFunction::new_udf(
+                    Arc::clone(&f.func),
+                    args.clone(),
+                    true,
+                    None,
+                    vec![],
+                    None,
+                ));
+                originals.push(call.clone());
+                partials.push(call);
+                merges.push(AggregateUDF::from(
+                    railyard_udfs::checked_sum::CheckedSum::default(),
+                ));
+                state_types.push(DataType::Int64);
+                continue;
+            }
             let filter = match &p.filter {
                 None => None,
                 Some(flt) => match rows.substitute(flt) {
@@ -108,11 +134,11 @@ impl AggregateSplit {
                 vec![],
                 None,
             )));
-            merges.push(MergeAggregate::new(
+            merges.push(AggregateUDF::from(MergeAggregate::new(
                 Arc::clone(&f.func),
                 merge_args,
                 p.distinct,
-            ));
+            )));
         }
         Ok(Some(AggregateSplit {
             rows,

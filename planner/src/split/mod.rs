@@ -329,6 +329,7 @@ impl FederationPlanner {
             fetch: None,
             min_group_size,
             members,
+            unit: rows.unit(),
         });
         fragments.push(Arc::clone(&fragment));
         let node = Arc::new(FragmentNode::try_new(fragment)?.into_plan());
@@ -343,7 +344,7 @@ impl FederationPlanner {
             .enumerate()
             .map(|(j, merge)| {
                 Expr::AggregateFunction(AggregateFunction::new_udf(
-                    Arc::new(AggregateUDF::from(merge)),
+                    Arc::new(merge),
                     vec![Expr::Column(Column::new_unqualified(format!("a{j}")))],
                     false,
                     None,
@@ -420,6 +421,7 @@ impl FederationPlanner {
             fetch: chain.fetch,
             min_group_size: 1,
             members,
+            unit: chain.unit(),
         });
         fragments.push(Arc::clone(&fragment));
         let node = FragmentNode::try_new(fragment)?.into_plan();

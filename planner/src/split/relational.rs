@@ -28,6 +28,8 @@ pub(super) struct RelBase {
     /// The stations that run it: every station of its patient tables, or one station for a
     /// subtree over reference tables only (each holds the same copy).
     pub(super) stations: Vec<String>,
+    /// Its output columns (`r…`) that hold the privacy unit.
+    pub(super) units: Vec<String>,
 }
 
 /// What the analysis knows of a subtree's rows.
@@ -97,10 +99,19 @@ pub(super) fn relational_base(plan: &LogicalPlan) -> Result<Option<RelBase>> {
     };
     let mut tables = scope.tables;
     tables.sort_by_key(|t| t.is_reference());
+    let units = plan
+        .schema()
+        .columns()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| units.cols.contains(c))
+        .map(|(i, _)| format!("r{i}"))
+        .collect();
     Ok(Some(RelBase {
         sql,
         tables,
         stations,
+        units,
     }))
 }
 

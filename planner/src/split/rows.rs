@@ -218,6 +218,26 @@ impl RowChain {
         }
     }
 
+    /// The privacy unit the chain's stations count, as announced (`None`: rows).
+    pub(super) fn unit(&self) -> Option<String> {
+        let tables = match &self.rel {
+            Some(rel) => rel.tables.clone(),
+            None => vec![Arc::clone(&self.table)],
+        };
+        tables
+            .iter()
+            .filter(|t| !t.is_reference())
+            .find_map(|t| t.privacy_unit().map(str::to_string))
+    }
+
+    /// Whether the station column `name` holds the privacy unit of the chain's patients.
+    pub(super) fn is_unit(&self, name: &str) -> bool {
+        match &self.rel {
+            Some(rel) => rel.units.iter().any(|u| u == name),
+            None => !self.table.is_reference() && self.table.privacy_unit() == Some(name),
+        }
+    }
+
     /// The fragment's FROM: the table, or the relational input as a derived table.
     pub(super) fn source_sql(&self) -> String {
         match &self.rel {

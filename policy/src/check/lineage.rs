@@ -39,6 +39,8 @@ pub(super) struct Checker<'a> {
     /// A relational fragment's tables (empty for one table): a column name's visibility
     /// is the strictest among the tables that have it.
     pub(super) tables: Vec<(String, arrow::datatypes::SchemaRef)>,
+    /// The privacy unit columns of the fragment's patient tables.
+    pub(super) units: Vec<String>,
     /// Every table column referenced anywhere in the fragment.
     pub(super) used: BTreeSet<String>,
     /// The model aggregate of the fragment, if it has one.
@@ -95,6 +97,16 @@ impl Checker<'_> {
             .into_iter()
             .max_by_key(|v| strictness(*v))
             .unwrap_or_else(|| self.policy.visibility(&self.table, column))
+    }
+
+    /// Whether `expr` is a privacy unit column, unchanged.
+    pub(super) fn is_unit(&self, expr: &Expr, input: &[(Column, Lineage)]) -> bool {
+        let Expr::Column(c) = expr.clone().unalias() else {
+            return false;
+        };
+        find(input, &c).is_some_and(|l| {
+            l.direct && l.bases.len() == 1 && l.bases.iter().all(|b| self.units.contains(b))
+        })
     }
 
     /// k for the fragment: the largest of its patient tables' (one table: that table's).

@@ -201,11 +201,23 @@ fn check_for(
             (first, tables)
         }
     };
+    let units: Vec<String> = match bottom {
+        Bottom::Scan(scan) => policy
+            .privacy_unit(&table, scan.source.schema().as_ref())
+            .0
+            .into_iter()
+            .collect(),
+        Bottom::Relational(_) => tables
+            .iter()
+            .filter_map(|(t, schema)| policy.privacy_unit(t, schema.as_ref()).0)
+            .collect(),
+    };
     let mut checker = Checker {
         policy,
         station,
         table,
         tables,
+        units,
         used: BTreeSet::new(),
         model: None,
         pseudonymized: false,
