@@ -303,3 +303,221 @@ async fn numeric_and_char_columns_filter_as_datafusion_reads_them() {
     }
     assert_eq!(count(&|i| doses[i].is_some_and(|d| d >= 0.1)), 3);
 }
+
+/// Copies `columns` of a Parquet file into a new PostgreSQL table `relation` (bigint and
+/// date columns).
+async fn load_parquet(
+    pg: &tokio_postgres::Client,
+    relation: &str,
+    path: &std::path::Path,
+    columns: &str,
+) {
+    use arrow::array::Array;
+    use arrow::datatypes::DataType;
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_parquet(
+        "t",
+        path.to_str().expect("UTF-8 path"),
+        datafusion::prelude::ParquetReadOptions::default(),
+    )
+    .await
+    .expect("parquet");
+    let df = ctx
+        .sql(&format!("SELECT {columns} FROM t"))
+        .await
+        .expect("select");
+    let schema = df.schema().as_arrow().clone();
+    let batches = df.collect().await.expect("rows");
+    let defs: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = match f.data_type() {
+                DataType::Date32 => "date",
+                _ => "bigint",
+            };
+            format!("{} {t}", f.name())
+        })
+        .collect();
+    pg.batch_execute(&format!("CREATE TABLE {relation} ({})", defs.join(", ")))
+        .await
+        .expect("create table");
+    let mut rows = Vec::new();
+    for b in &batches {
+        for r in 0..b.num_rows() {
+            let values: Vec<String> = (0..b.num_columns())
+                .map(|c| {
+                    let col = b.column(c);
+                    if col.is_null(r) {
+                        return "NULL".to_string();
+                    }
+                    let v = arrow::util::display::array_value_to_string(col, r).expect("value");
+                    match col.data_type() {
+                        DataType::Date32 => format!("'{v}'"),
+                        _ => v,
+                    }
+                })
+                .collect();
+            rows.push(format!("({})", values.join(",")));
+        }
+    }
+    for chunk in rows.chunks(5000) {
+        pg.batch_execute(&format!(
+            "INSERT INTO {relation} VALUES {}",
+            chunk.join(",")
+        ))
+        .await
+        .expect("insert");
+    }
+}
+
+/// OMOP stations over PostgreSQL: person and condition_occurrence per station, the
+/// vocabulary's concept_ancestor as a reference table loaded at each station. The GI bleed
+/// cohort by gender joins three relations at each station and equals the pooled answer;
+/// a station whose vocabulary differs is refused by the hub, named.
+#[test]
+fn an_omop_station_over_postgresql_joins_its_relations_and_its_vocabulary_is_checked() {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(omop_over_postgres());
+}
+
+async fn omop_over_postgres() {
+    let schema = format!("omop_{}", uuid_like());
+    let pg = client().await;
+    pg.batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .expect("schema");
+    let omop = |p: &str| test_data(&format!("omop/{p}"));
+    for station in STATIONS {
+        load_parquet(
+            &pg,
+            &format!("{schema}.person_{station}"),
+            &omop(&format!("person/{station}.parquet")),
+            "person_id, gender_concept_id, year_of_birth",
+        )
+        .await;
+        load_parquet(
+            &pg,
+            &format!("{schema}.condition_{station}"),
+            &omop(&format!("condition_occurrence/{station}.parquet")),
+            "person_id, condition_concept_id, condition_start_date",
+        )
+        .await;
+        load_parquet(
+            &pg,
+            &format!("{schema}.ancestor_{station}"),
+            &omop("reference/concept_ancestor.parquet"),
+            "ancestor_concept_id, descendant_concept_id",
+        )
+        .await;
+    }
+    // station_c's copy of the vocabulary lacks one row: a later release, say.
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.ancestor_old AS SELECT * FROM {schema}.ancestor_station_c \
+         WHERE NOT (ancestor_concept_id = 192671 AND descendant_concept_id = 192671)"
+    ))
+    .await
+    .expect("a differing copy");
+
+    let start = |vocabulary: &'static str| {
+        let schema = schema.clone();
+        async move {
+            let dir = fixtures::audit_dir();
+            let mut addresses = Vec::new();
+            for station in STATIONS {
+                let ancestor = if station == "station_c" && vocabulary == "old" {
+                    format!("{schema}.ancestor_old")
+                } else {
+                    format!("{schema}.ancestor_{station}")
+                };
+                let sources = [
+                    ("person", format!("{schema}.person_{station}")),
+                    (
+                        "condition_occurrence",
+                        format!("{schema}.condition_{station}"),
+                    ),
+                    ("concept_ancestor", ancestor),
+                ]
+                .map(|(name, relation)| PostgresSource {
+                    name: name.to_string(),
+                    connection: connection(),
+                    relation: Relation::Table(relation),
+                });
+                let mut policy = Policy::default();
+                // An empty digest: the station hashes the relation's rows itself.
+                policy
+                    .reference_tables
+                    .insert("concept_ancestor".to_string(), String::new());
+                let config = StationConfig {
+                    policy,
+                    audit_log: dir.join(station).join("audit.jsonl"),
+                    collaboration_secret: None,
+                    hub_secret: None,
+                };
+                let opened = Station::open_sources(station, &[], &sources, config)
+                    .await
+                    .expect("a PostgreSQL OMOP station opens");
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let url = format!("grpc://{}", listener.local_addr().expect("addr"));
+                tokio::spawn(railyard_station::serve(
+                    Arc::new(opened),
+                    listener,
+                    std::future::pending(),
+                ));
+                addresses.push(StationAddress {
+                    name: station.to_string(),
+                    url,
+                });
+            }
+            Hub::connect(&addresses, HubOptions::default()).await
+        }
+    };
+
+    let hub = Arc::new(
+        start("same")
+            .await
+            .expect("the hub accepts identical vocabularies"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
+    let url = format!("grpc://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(railyard_engine::serve(
+        hub,
+        listener,
+        std::future::pending(),
+    ));
+    let sql = "SELECT p.gender_concept_id, count(DISTINCT p.person_id) AS persons FROM person p \
+               JOIN condition_occurrence co ON co.person_id = p.person_id \
+               JOIN concept_ancestor ca ON ca.descendant_concept_id = co.condition_concept_id \
+               WHERE ca.ancestor_concept_id = 192671 GROUP BY 1 ORDER BY 1";
+    let got = answer(&url, sql).await;
+    // The reference: the pooled files in one DataFusion session.
+    let reference = fixtures::omop_centralized().await;
+    let want = reference
+        .sql(sql)
+        .await
+        .expect("reference")
+        .collect()
+        .await
+        .expect("reference rows");
+    assert_eq!(text(&got), text(&want));
+    assert!(text(&got).contains("242"), "{}", text(&got));
+
+    let refused = start("old")
+        .await
+        .err()
+        .expect("differing vocabularies are refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("reference table 'concept_ancestor' is not the same at every station")
+            && message.contains("station_c"),
+        "{message}"
+    );
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop schema");
+}
