@@ -65,6 +65,45 @@ impl Default for StationTablePolicy {
 }
 
 impl FederatedTable {
+    /// A table computed at the stations from `tables` (a cohort query): its `schema`, the
+    /// stations of its patient tables, and per station the strictest of their announced
+    /// policies with no column public (its columns are derived).
+    pub fn derived(name: &str, schema: SchemaRef, tables: &[Arc<FederatedTable>]) -> Option<Self> {
+        let patients: Vec<&Arc<FederatedTable>> =
+            tables.iter().filter(|t| !t.is_reference()).collect();
+        let first = patients.first()?;
+        if patients
+            .iter()
+            .any(|t| t.stations != first.stations || t.vertical.is_some())
+        {
+            return None;
+        }
+        let mut policies: BTreeMap<String, StationTablePolicy> = BTreeMap::new();
+        for t in &patients {
+            for (station, p) in &t.policies {
+                let merged =
+                    policies
+                        .entry(station.clone())
+                        .or_insert_with(|| StationTablePolicy {
+                            public: BTreeSet::new(),
+                            ..p.clone()
+                        });
+                merged.min_group_size = merged.min_group_size.max(p.min_group_size);
+                merged.model_min_rows = merged.model_min_rows.max(p.model_min_rows);
+                merged.survival_time_resolution = merged
+                    .survival_time_resolution
+                    .max(p.survival_time_resolution);
+            }
+        }
+        Some(Self {
+            name: name.to_string(),
+            schema,
+            stations: first.stations.clone(),
+            policies,
+            vertical: None,
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

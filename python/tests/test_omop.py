@@ -189,3 +189,27 @@ def test_policies_show_the_unit_and_reference_tables(open_conn):
     assert pd.isna(rows["concept"][0])
     # lung has patient_id: detected as its unit.
     assert rows["lung"] == ("patient_id", False)
+
+
+def test_a_glm_over_an_omop_cohort_equals_statsmodels(open_conn, pooled):
+    """glm() over a cohort query: persons with a GI bleed (EXISTS on the person), year of
+    birth by gender, against statsmodels over the same persons from DuckDB."""
+    import statsmodels.formula.api as smf
+
+    cohort = (
+        "SELECT p.year_of_birth, p.gender_concept_id FROM person p WHERE EXISTS "
+        "(SELECT 1 FROM condition_occurrence co WHERE co.person_id = p.person_id "
+        "AND co.condition_concept_id = 192671)"
+    )
+    literal = "'" + cohort.replace("'", "''") + "'"
+    got = fetch(
+        open_conn,
+        f"SELECT * FROM glm({literal}, 'year_of_birth ~ C(gender_concept_id)', 'gaussian')",
+    )
+    data = pooled.execute(cohort).df()
+    ref = smf.ols("year_of_birth ~ C(gender_concept_id)", data).fit()
+    assert list(got.term) == ["Intercept", "C(gender_concept_id)[T.8532]"]
+    for g, w in zip(got.estimate, ref.params):
+        assert abs(g - w) <= 1e-9 * max(1.0, abs(w))
+    for g, w in zip(got.std_error, ref.bse):
+        assert abs(g - w) <= 1e-9 * max(1.0, abs(w))

@@ -291,3 +291,27 @@ def test_crosstab_equals_pandas_and_scipy(conn, lung):
     assert int(total.df) == dof
     close([total.chi_square], [chi2])
     close([total.p_value], [p])
+
+
+# ------------------------------------------------------------------- statistics over a cohort
+
+
+def test_kaplan_meier_over_a_cohort_query_equals_lifelines(conn, lung):
+    """A cohort query in place of the table: the stations run it (here a subquery on the
+    patient), and the curve equals lifelines over the same patients."""
+    cohort = (
+        "SELECT time, status FROM lung WHERE patient_id IN "
+        "(SELECT patient_id FROM lung WHERE age >= 60 AND ph_ecog IS NOT NULL)"
+    )
+    got = call(conn, "kaplan_meier", cohort, "time", "status")
+    assert_km_equal(got, reference_km(lung[(lung.age >= 60) & lung.ph_ecog.notna()]))
+
+
+def test_glm_over_a_cohort_query_equals_statsmodels(conn, lung):
+    cohort = "SELECT status, age, sex FROM lung WHERE wt_loss IS NOT NULL"
+    got = call(conn, "glm", cohort, "status ~ age + sex", "binomial")
+    data = lung[lung.wt_loss.notna()]
+    ref = smf.glm("status ~ age + sex", data, family=sm.families.Binomial()).fit(tol=1e-12)
+    assert list(got.term) == ["Intercept", "age", "sex"]
+    close(got.estimate, ref.params[["Intercept", "age", "sex"]])
+    close(got.std_error, ref.bse[["Intercept", "age", "sex"]])

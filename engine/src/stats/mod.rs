@@ -137,6 +137,8 @@ pub(crate) enum Job {
 #[derive(Debug, Clone)]
 pub(crate) struct Source {
     pub table: Arc<FederatedTable>,
+    /// The fragments' FROM: the table's quoted name, or a cohort query as a derived table.
+    pub from: String,
     /// The researcher's filter as fragment SQL (parsed against the table, then rendered by
     /// the planner's writer), if any.
     pub filter: Option<String>,
@@ -247,6 +249,10 @@ impl StatsFunction {
     }
 
     fn source(&self, table: &str, filter: Option<&str>, session: &dyn Session) -> DfResult<Source> {
+        let head = table.trim_start().to_ascii_uppercase();
+        if head.starts_with("SELECT") || head.starts_with("WITH") {
+            return self.cohort(table, filter, session);
+        }
         let Some(t) = self.env.tables.get(table) else {
             return plan_err!(
                 "{}: no federated table '{table}' (tables: {})",
@@ -259,11 +265,95 @@ impl StatsFunction {
                     .join(", ")
             );
         };
-        let mut source = Source {
-            table: Arc::clone(t),
-            filter: None,
-            filter_columns: BTreeSet::new(),
+        self.filtered(
+            Source {
+                table: Arc::clone(t),
+                from: railyard_planner::sql::quote_ident(t.name()),
+                filter: None,
+                filter_columns: BTreeSet::new(),
+            },
+            filter,
+            session,
+        )
+    }
+
+    /// A cohort query in place of a table: planned here against the catalog's schemas to
+    /// learn its columns and the stations of its tables, and sent to each station as the
+    /// fragments' derived table, where the station plans and checks it itself (joins on the
+    /// privacy unit, per-patient derivations; docs/policy.md).
+    fn cohort(&self, sql: &str, filter: Option<&str>, session: &dyn Session) -> DfResult<Source> {
+        let name = self.kind.name();
+        let ctx = railyard_udfs::fragment_context()?;
+        for (t, table) in &self.env.tables {
+            ctx.register_table(
+                t.as_str(),
+                Arc::new(datafusion::datasource::empty::EmptyTable::new(
+                    table.schema(),
+                )),
+            )?;
+        }
+        // Planning reads only the in-memory catalog above: nothing here waits on I/O.
+        let plan =
+            futures::executor::block_on(ctx.state().create_logical_plan(sql)).map_err(|e| {
+                DataFusionError::Plan(format!("{name}: the cohort query does not plan: {e}"))
+            })?;
+        let mut read = Vec::new();
+        plan.apply_with_subqueries(|n| {
+            if let datafusion::logical_expr::LogicalPlan::TableScan(scan) = n
+                && let Some(t) = self.env.tables.get(scan.table_name.table())
+                && !read
+                    .iter()
+                    .any(|r: &Arc<FederatedTable>| r.name() == t.name())
+            {
+                read.push(Arc::clone(t));
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        })?;
+        let fields = plan.schema().fields();
+        let mut seen = BTreeSet::new();
+        for f in fields {
+            if !seen.insert(f.name().clone()) {
+                return plan_err!(
+                    "{name}: the cohort query has two columns named '{}'; give each an alias",
+                    f.name()
+                );
+            }
+        }
+        let schema = Arc::new(Schema::new(
+            fields
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect::<Vec<_>>(),
+        ));
+        let Some(table) = FederatedTable::derived("cohort", schema, &read) else {
+            return plan_err!(
+                "{name}: a cohort query must read patient tables held by the same stations \
+                 (horizontally partitioned, not vertical)"
+            );
         };
+        self.filtered(
+            Source {
+                table: Arc::new(table),
+                from: format!(
+                    "({sql}) AS {}",
+                    railyard_planner::sql::quote_ident("cohort")
+                ),
+                filter: None,
+                filter_columns: BTreeSet::new(),
+            },
+            filter,
+            session,
+        )
+    }
+
+    /// `source` with the researcher's filter parsed against its columns.
+    fn filtered(
+        &self,
+        mut source: Source,
+        filter: Option<&str>,
+        session: &dyn Session,
+    ) -> DfResult<Source> {
+        let t = Arc::clone(&source.table);
         if let Some(text) = filter.filter(|f| !f.trim().is_empty()) {
             let Some(state) = session.as_any().downcast_ref::<SessionState>() else {
                 return plan_err!("{}: the filter cannot be parsed here", self.kind.name());
@@ -443,7 +533,7 @@ impl QueryJob for StatsJob {
         let rounds = Rounds {
             stations: self.stations.clone(),
             next_fragment: AtomicUsize::new(query.first_fragment),
-            table: job.source().table.name().to_string(),
+            from: job.source().from.clone(),
             query,
         };
         Box::pin(async move {
@@ -468,7 +558,8 @@ pub(crate) struct Rounds {
     stations: Vec<StationClient>,
     query: QueryContext,
     next_fragment: AtomicUsize,
-    table: String,
+    /// The fragments' FROM clause.
+    from: String,
 }
 
 impl Rounds {
@@ -477,9 +568,8 @@ impl Rounds {
     /// (the station appends its row count, `__rows`, which is included).
     pub async fn run(&self, select: Select, schema: SchemaRef) -> DfResult<Vec<Vec<RecordBatch>>> {
         let fragment = self.next_fragment.fetch_add(1, Ordering::Relaxed);
-        let from = railyard_planner::sql::quote_ident(&self.table);
         let sql = SelectSql {
-            table: &from,
+            table: &self.from,
             items: select.items,
             filters: select.filters,
             group_by: select.group_by,
