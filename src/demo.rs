@@ -520,6 +520,7 @@ async fn show_vertical(client: &mut HubClient, out: &mut impl Write) -> Result<(
 fn enable_dp(policy: &mut railyard_station::Policy) {
     use railyard_policy::file::{DpColumn, DpKey, DpPolicy};
     policy.dp = Some(DpPolicy {
+        max_rows_per_unit: 1,
         budget: 10.0,
         max_epsilon: 1.0,
         epsilon: 0.5,

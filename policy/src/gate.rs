@@ -120,6 +120,7 @@ mod tests {
     #[test]
     fn the_query_epsilon_is_bounded_by_the_policy() {
         let dp = DpPolicy {
+            max_rows_per_unit: 1,
             budget: 10.0,
             max_epsilon: 1.0,
             epsilon: 0.5,

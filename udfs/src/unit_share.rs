@@ -29,43 +29,71 @@ use datafusion::logical_expr::{
 pub const UNIT_MAX_SUM: &str = "unit_max_sum";
 /// The variant that considers only units with more than one row.
 pub const UNIT_MAX_SUM_SEVERAL: &str = "unit_max_sum_several";
+/// The largest deviation of a unit's total from the group's median unit total.
+pub const UNIT_MAX_DEVIATION: &str = "unit_max_deviation";
+/// The sum of the units' deviations from the group's median unit total.
+pub const UNIT_SUM_DEVIATION: &str = "unit_sum_deviation";
+
+/// What the aggregate answers from the units' totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Mode {
+    /// The largest total.
+    Max,
+    /// The largest total of a unit with more than one row: a patient whose *several* rows
+    /// add up (one row's own size is the single-row rule's business).
+    MaxSeveral,
+    /// The largest |total − median total|: one patient standing out from a baseline the
+    /// others share (a padded outer join gives every other patient exactly one row).
+    MaxDeviation,
+    /// Σ |total − median total|.
+    SumDeviation,
+}
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct UnitMaxSum {
     signature: Signature,
-    /// Only units that contribute more than one row count: the largest total of a patient
-    /// whose *several* rows add up (one row's own size is the single-row rule's business).
-    several: bool,
+    mode: Mode,
 }
 
 impl UnitMaxSum {
-    fn new(several: bool) -> Self {
+    fn new(mode: Mode) -> Self {
         Self {
             signature: Signature::new(
                 TypeSignature::Exact(vec![DataType::UInt64, DataType::Float64]),
                 Volatility::Immutable,
             ),
-            several,
+            mode,
         }
     }
 }
 
+/// The largest unit's deviation from the median unit total, and the total deviation: the
+/// dominance rule on these withholds a group in which one patient's contribution alone
+/// departs from what the others share.
+pub fn deviation_udafs() -> (AggregateUDF, AggregateUDF) {
+    (
+        AggregateUDF::from(UnitMaxSum::new(Mode::MaxDeviation)),
+        AggregateUDF::from(UnitMaxSum::new(Mode::SumDeviation)),
+    )
+}
+
 /// The aggregate, to call with a unit hash and a non-negative size: the largest unit total.
 pub fn udaf() -> AggregateUDF {
-    AggregateUDF::from(UnitMaxSum::new(false))
+    AggregateUDF::from(UnitMaxSum::new(Mode::Max))
 }
 
 /// The largest total among units with more than one contributing row (NULL if none).
 pub fn several_rows_udaf() -> AggregateUDF {
-    AggregateUDF::from(UnitMaxSum::new(true))
+    AggregateUDF::from(UnitMaxSum::new(Mode::MaxSeveral))
 }
 
 impl AggregateUDFImpl for UnitMaxSum {
     fn name(&self) -> &str {
-        if self.several {
-            UNIT_MAX_SUM_SEVERAL
-        } else {
-            UNIT_MAX_SUM
+        match self.mode {
+            Mode::Max => UNIT_MAX_SUM,
+            Mode::MaxSeveral => UNIT_MAX_SUM_SEVERAL,
+            Mode::MaxDeviation => UNIT_MAX_DEVIATION,
+            Mode::SumDeviation => UNIT_SUM_DEVIATION,
         }
     }
 
@@ -82,7 +110,7 @@ impl AggregateUDFImpl for UnitMaxSum {
 
     fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         Ok(Box::new(PerUnit {
-            several: self.several,
+            mode: Some(self.mode),
             ..PerUnit::default()
         }))
     }
@@ -109,7 +137,9 @@ impl AggregateUDFImpl for UnitMaxSum {
 struct PerUnit {
     sums: HashMap<u64, (f64, u64)>,
     unkeyed_max: Option<f64>,
-    several: bool,
+    /// Sizes of rows without a unit (each its own contributor), for the deviation modes.
+    unkeyed: Vec<f64>,
+    mode: Option<Mode>,
 }
 
 impl PerUnit {
@@ -120,7 +150,12 @@ impl PerUnit {
                 e.0 += size;
                 e.1 += rows;
             }
-            None => self.unkeyed_max = Some(self.unkeyed_max.map_or(size, |m| m.max(size))),
+            None => {
+                self.unkeyed_max = Some(self.unkeyed_max.map_or(size, |m| m.max(size)));
+                if matches!(self.mode, Some(Mode::MaxDeviation | Mode::SumDeviation)) {
+                    self.unkeyed.push(size);
+                }
+            }
         }
     }
 }
@@ -176,7 +211,14 @@ impl Accumulator for PerUnit {
             sums.push(Some(*s));
             rows.push(Some(*n));
         }
-        if let Some(m) = self.unkeyed_max {
+        if matches!(self.mode, Some(Mode::MaxDeviation | Mode::SumDeviation)) {
+            // Every row without a unit is its own contributor.
+            for v in &self.unkeyed {
+                units.push(None);
+                sums.push(Some(*v));
+                rows.push(Some(1));
+            }
+        } else if let Some(m) = self.unkeyed_max {
             // A NULL unit merges as one more single-row contributor of the largest size.
             units.push(None);
             sums.push(Some(m));
@@ -199,7 +241,28 @@ impl Accumulator for PerUnit {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        let several = self.several;
+        let mode = self.mode.unwrap_or(Mode::Max);
+        if matches!(mode, Mode::MaxDeviation | Mode::SumDeviation) {
+            let mut totals: Vec<f64> = self.sums.values().map(|(s, _)| *s).collect();
+            totals.extend(self.unkeyed.iter().copied());
+            if totals.is_empty() {
+                return Ok(ScalarValue::Float64(None));
+            }
+            totals.sort_by(f64::total_cmp);
+            let n = totals.len();
+            let median = if n % 2 == 1 {
+                totals[n / 2]
+            } else {
+                (totals[n / 2 - 1] + totals[n / 2]) / 2.0
+            };
+            let deviations = totals.iter().map(|t| (t - median).abs());
+            let value = match mode {
+                Mode::MaxDeviation => deviations.fold(0.0, f64::max),
+                _ => deviations.sum(),
+            };
+            return Ok(ScalarValue::Float64(Some(value)));
+        }
+        let several = mode == Mode::MaxSeveral;
         let keyed = self
             .sums
             .values()
@@ -392,6 +455,40 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(value(&got), value(&want));
+
+        // Deviations from the median unit total, against the same computed in SQL.
+        let (dev_max, dev_sum) = deviation_udafs();
+        ctx.register_udaf(dev_max);
+        ctx.register_udaf(dev_sum);
+        let got = ctx
+            .sql("SELECT unit_max_deviation(u, s), unit_sum_deviation(u, s) FROM t WHERE u IS NOT NULL")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let want = ctx
+            .sql(
+                "WITH per AS (SELECT u, sum(abs(s)) AS t FROM t WHERE u IS NOT NULL \
+                 AND s IS NOT NULL GROUP BY u), m AS (SELECT median(t) AS m FROM per) \
+                 SELECT max(abs(t - m)), sum(abs(t - m)) FROM per, m",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let pair = |b: &[RecordBatch]| {
+            (
+                b[0].column(0).as_primitive::<Float64Type>().value(0),
+                b[0].column(1).as_primitive::<Float64Type>().value(0),
+            )
+        };
+        let (g, w) = (pair(&got), pair(&want));
+        assert!(
+            (g.0 - w.0).abs() < 1e-9 && (g.1 - w.1).abs() < 1e-6 * w.1.max(1.0),
+            "{g:?} {w:?}"
+        );
 
         // Units with several rows only: the same reference over units of two rows or more.
         ctx.register_udaf(several_rows_udaf());

@@ -83,7 +83,9 @@ pub(super) fn relational_base(plan: &LogicalPlan) -> Result<Option<RelBase>> {
         .collect();
     let projected = LogicalPlan::Projection(Projection::try_new(
         renamed,
-        Arc::new(filters_above_aliases(unaliased_semi_joins(plan.clone())?)?),
+        Arc::new(filters_in_derived_tables(unaliased_semi_joins(
+            plan.clone(),
+        )?)?),
     )?);
     let sql = match plan_to_sql(&projected) {
         Ok(statement) => statement.to_string(),
@@ -209,6 +211,18 @@ fn analyze(plan: &LogicalPlan, scope: &mut Scope) -> Option<Units> {
                 .iter()
                 .any(|(a, b)| (is(a, &left) && is(b, &right)) || (is(a, &right) && is(b, &left)));
             if left.patient && right.patient && !keyed {
+                return None;
+            }
+            // Unmatched rows an outer join keeps must be patients' (see the station's check).
+            let (keeps_left, keeps_right) = match j.join_type {
+                JoinType::Left => (true, false),
+                JoinType::Right => (false, true),
+                JoinType::Full => (true, true),
+                _ => (false, false),
+            };
+            if (left.patient || right.patient)
+                && ((keeps_left && !left.patient) || (keeps_right && !right.patient))
+            {
                 return None;
             }
             let patient = left.patient || right.patient;
@@ -358,52 +372,38 @@ fn unaliased_semi_joins(plan: LogicalPlan) -> Result<LogicalPlan> {
         .data)
 }
 
-/// The plan with every filter directly below a table alias moved above it, its columns
-/// renamed to the alias's. The optimizer pushes `d.x = 1` below `drug_exposure AS d` as
-/// `drug_exposure.x = 1`; DataFusion's unparser writes that filter into the aliased
-/// SELECT as it is, naming a relation the alias has hidden.
-fn filters_above_aliases(plan: LogicalPlan) -> Result<LogicalPlan> {
-    let mut plan = plan;
-    // Each pass lifts one filter per alias; a chain of filters needs as many passes.
-    for _ in 0..16 {
-        let mut changed = false;
-        plan = plan
-            .transform_up(|node| {
-                let LogicalPlan::SubqueryAlias(alias) = &node else {
-                    return Ok(Transformed::no(node));
-                };
-                let LogicalPlan::Filter(filter) = alias.input.as_ref() else {
-                    return Ok(Transformed::no(node));
-                };
-                let inner = filter.input.schema().columns();
-                let outer = alias.schema.columns();
-                let predicate = filter
-                    .predicate
-                    .clone()
-                    .transform_up(|e| {
-                        Ok(match e {
-                            Expr::Column(c) => match inner.iter().position(|i| *i == c) {
-                                Some(i) => Transformed::yes(Expr::Column(outer[i].clone())),
-                                None => Transformed::no(Expr::Column(c)),
-                            },
-                            other => Transformed::no(other),
-                        })
-                    })?
-                    .data;
-                let lifted =
-                    LogicalPlan::SubqueryAlias(datafusion::logical_expr::SubqueryAlias::try_new(
-                        Arc::clone(&filter.input),
-                        alias.alias.clone(),
-                    )?);
-                changed = true;
-                Ok(Transformed::yes(LogicalPlan::Filter(
-                    datafusion::logical_expr::Filter::try_new(predicate, Arc::new(lifted))?,
-                )))
-            })?
-            .data;
-        if !changed {
-            break;
-        }
-    }
-    Ok(plan)
+/// The plan with every filter directly below a table alias kept in a derived table. The
+/// optimizer pushes `d.x = 1` below `drug_exposure AS d` as `drug_exposure.x = 1`;
+/// DataFusion's unparser writes that filter into the aliased SELECT as it is, naming a
+/// relation the alias has hidden (and lifting it above the alias instead would move it
+/// into an outer join's ON).
+fn filters_in_derived_tables(plan: LogicalPlan) -> Result<LogicalPlan> {
+    Ok(plan
+        .transform_up(|node| {
+            let LogicalPlan::SubqueryAlias(alias) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            if !matches!(alias.input.as_ref(), LogicalPlan::Filter(_)) {
+                return Ok(Transformed::no(node));
+            }
+            // A projection of every column between the alias and the filter makes the
+            // unparser write a derived table, `(SELECT … FROM t WHERE …) AS d`, in which the
+            // filter's own qualifiers are right — and which stays below an outer join.
+            let columns: Vec<Expr> = alias
+                .input
+                .schema()
+                .columns()
+                .into_iter()
+                .map(Expr::Column)
+                .collect();
+            let projected =
+                LogicalPlan::Projection(Projection::try_new(columns, Arc::clone(&alias.input))?);
+            Ok(Transformed::yes(LogicalPlan::SubqueryAlias(
+                datafusion::logical_expr::SubqueryAlias::try_new(
+                    Arc::new(projected),
+                    alias.alias.clone(),
+                )?,
+            )))
+        })?
+        .data)
 }

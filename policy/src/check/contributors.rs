@@ -214,6 +214,52 @@ pub(super) fn with_contributors(
         if let Some(filter) = &f.params.filter {
             conditions.push(filter.as_ref().clone());
         }
+        // A relational input can give every patient but one a known number of rows (an
+        // outer join pads the others to one, a UNION ALL adds one each): there even a row
+        // count is held to the dominance rule, on each patient's departure from the
+        // median patient.
+        let relational = counted
+            .below
+            .last()
+            .is_some_and(|b| !matches!(b, LogicalPlan::TableScan(_)));
+        let distinct_call = f.params.distinct
+            || f.func
+                .name()
+                .starts_with(railyard_udfs::PARTIAL_DISTINCT_PREFIX);
+        if relational
+            && !distinct_call
+            && let Some(u) = &unit
+        {
+            let condition = conjunction(conditions.clone()).unwrap_or(lit(true));
+            let is_count = call_name(f) == "count";
+            let sizes: Vec<Expr> = if is_count {
+                vec![lit(1.0)]
+            } else {
+                f.params
+                    .args
+                    .iter()
+                    .filter(|a| !a.column_refs().is_empty())
+                    .map(|a| abs(cast(a.clone(), DataType::Float64)))
+                    .collect()
+            };
+            for (j, size) in sizes.into_iter().enumerate() {
+                let (dev_max, dev_sum) = railyard_udfs::unit_share::deviation_udafs();
+                aggr.push(
+                    dev_max
+                        .call(vec![u.clone(), size.clone()])
+                        .filter(condition.clone())
+                        .build()?
+                        .alias(format!("{DOMINANCE_MAX_PREFIX}{i}_d{j}")),
+                );
+                aggr.push(
+                    dev_sum
+                        .call(vec![u.clone(), size])
+                        .filter(condition.clone())
+                        .build()?
+                        .alias(format!("{DOMINANCE_SUM_PREFIX}{i}_d{j}")),
+                );
+            }
+        }
         let Some(condition) = conjunction(conditions) else {
             continue;
         };
@@ -253,6 +299,9 @@ pub(super) fn with_contributors(
         for (j, (arg, several)) in nonlinear.chain(magnitude).enumerate() {
             // In floating point: abs() of the smallest integer fails.
             let size = abs(cast(arg.clone(), DataType::Float64));
+            // Over a relational input a per-patient value is one row per patient: its
+            // total counts whether or not the patient had several rows.
+            let several = several && !relational;
             let largest = match (&unit, several) {
                 (Some(u), false) => {
                     railyard_udfs::unit_share::udaf().call(vec![u.clone(), size.clone()])

@@ -242,7 +242,31 @@ pub(super) fn dp_release(
             Expr::AggregateFunction(f).alias(name)
         })
         .collect::<Vec<_>>();
-    let aggregate = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr_expr)
+    // With a privacy unit, a patient's rows beyond `max_rows_per_unit` are left out and the
+    // noise is scaled to that many rows: ε then protects a patient, not a row.
+    let (input, rows_per_unit) = match checker.units.first() {
+        Some(unit) => {
+            let m = checker
+                .policy
+                .dp
+                .as_ref()
+                .map_or(crate::file::DEFAULT_DP_MAX_ROWS_PER_UNIT, |d| {
+                    d.max_rows_per_unit
+                });
+            let bounded = bounded_per_unit(&agg.input, unit, m).map_err(|e| {
+                checker.shape(&format!(
+                    "a differentially private aggregate over a table with the privacy unit \
+                     '{unit}' needs that column below it ({e})"
+                ))
+            })?;
+            (Arc::new(bounded), m as f64)
+        }
+        None => (Arc::clone(&agg.input), 1.0),
+    };
+    for a in &mut aggregates {
+        a.bound *= rows_per_unit;
+    }
+    let aggregate = Aggregate::try_new(input, agg.group_expr.clone(), aggr_expr)
         .map_err(|e| checker.shape(&format!("the bounds cannot be applied ({e})")))?;
     // Above the aggregate there are only renaming projections: trace each output column.
     let mut positions: Vec<usize> = (0..agg.schema.fields().len()).collect();
@@ -275,4 +299,32 @@ pub(super) fn dp_release(
         table: table.clone(),
         release: Release::Dp(Arc::new(release)),
     })
+}
+
+/// `input` with at most `m` rows per value of `unit` (which rows of a patient are kept is
+/// arbitrary, as in SmartNoise's reservoir), its columns unchanged.
+fn bounded_per_unit(
+    input: &Arc<LogicalPlan>,
+    unit: &str,
+    m: u64,
+) -> datafusion::common::Result<LogicalPlan> {
+    use datafusion::functions_window::expr_fn::row_number;
+    use datafusion::logical_expr::{ExprFunctionExt, LogicalPlanBuilder};
+    let (q, f) = input.schema().qualified_field_with_unqualified_name(unit)?;
+    let unit = Expr::Column(Column::from((q, f)));
+    let rank = row_number()
+        .partition_by(vec![unit])
+        .build()?
+        .alias("__unit_row");
+    let columns: Vec<Expr> = input
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    LogicalPlanBuilder::from(input.as_ref().clone())
+        .window(vec![rank])?
+        .filter(Expr::Column(Column::new_unqualified("__unit_row")).lt_eq(lit(m)))?
+        .project(columns)?
+        .build()
 }

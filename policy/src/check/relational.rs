@@ -431,6 +431,24 @@ impl<'a> Carrier<'a> {
             };
             (is(a, &left) && is(b, &right)) || (is(a, &right) && is(b, &left))
         });
+        // Rows an outer join keeps without a match must be patients' rows: rows of a
+        // reference table kept at every station would be counted once per station, and
+        // rows without a patient escape every count of patients.
+        let (keeps_left, keeps_right) = match j.join_type {
+            JoinType::Left => (true, false),
+            JoinType::Right => (false, true),
+            JoinType::Full => (true, true),
+            _ => (false, false),
+        };
+        let patients = left.hash.is_some() || right.hash.is_some();
+        if patients
+            && ((keeps_left && left.hash.is_none()) || (keeps_right && right.hash.is_none()))
+        {
+            return Err(self.refuse(
+                "an outer join keeps unmatched rows of a reference table or of constants; \
+                 keep the patient side (… FROM person p LEFT JOIN concept c …)",
+            ));
+        }
         if left.hash.is_some() && right.hash.is_some() && !keyed {
             return Err(self.refuse(
                 "a join of two patient tables must include the equality of their privacy \

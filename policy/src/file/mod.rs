@@ -67,7 +67,13 @@ pub struct DpPolicy {
     pub max_epsilon: f64,
     /// The ε of a query that does not choose one.
     pub epsilon: f64,
+    /// In a table with a privacy unit, the most rows of one patient a DP aggregate reads
+    /// (the rest are left out); the noise is scaled to it, so ε protects a patient.
+    pub max_rows_per_unit: u64,
 }
+
+/// Default `[dp] max_rows_per_unit`.
+pub const DEFAULT_DP_MAX_ROWS_PER_UNIT: u64 = 1;
 
 /// A public key value of a DP group column, as written in the policy.
 #[derive(Debug, Clone, PartialEq)]

@@ -33,6 +33,7 @@ struct DpFile {
     budget: Option<Spanned<f64>>,
     max_epsilon: Option<Spanned<f64>>,
     epsilon: Option<Spanned<f64>>,
+    max_rows_per_unit: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +267,19 @@ fn parse_dp(file: &DpFile, text: &str, source: &str) -> Result<DpPolicy, PolicyE
         budget: positive(&file.budget, "budget", DEFAULT_DP_BUDGET)?,
         max_epsilon: positive(&file.max_epsilon, "max_epsilon", DEFAULT_DP_MAX_EPSILON)?,
         epsilon: positive(&file.epsilon, "epsilon", DEFAULT_DP_EPSILON)?,
+        max_rows_per_unit: match &file.max_rows_per_unit {
+            Some(v) if *v.get_ref() == 0 || *v.get_ref() > 1000 => {
+                return Err(PolicyError {
+                    origin: source.to_string(),
+                    message: format!(
+                        "line {}: dp.max_rows_per_unit must be between 1 and 1000",
+                        line_of(text, v.span().start)
+                    ),
+                });
+            }
+            Some(v) => *v.get_ref(),
+            None => DEFAULT_DP_MAX_ROWS_PER_UNIT,
+        },
     };
     let at = |v: &Option<Spanned<f64>>| v.as_ref().map_or(1, |v| line_of(text, v.span().start));
     if dp.epsilon > dp.max_epsilon {
