@@ -355,8 +355,10 @@ impl<'a> Carrier<'a> {
                         "a UNION mixes patient rows with rows of reference tables or constants",
                     ));
                 }
-                // Each branch: its own columns, then its hash last.
+                // Each branch: its own columns, then its hash last, under one fresh name (a
+                // join above may meet another input's hash).
                 let width = plan.schema().fields().len();
+                let hash_name = self.fresh();
                 let mut unit_positions: Option<Vec<usize>> = None;
                 let mut builder: Option<LogicalPlanBuilder> = None;
                 for c in inputs {
@@ -370,7 +372,7 @@ impl<'a> Carrier<'a> {
                     let mut exprs: Vec<Expr> =
                         cols[..width].iter().cloned().map(Expr::Column).collect();
                     let hash = c.hash.clone().expect("every branch is hashed");
-                    exprs.push(Expr::Column(hash).alias(UNIT_HASH_COLUMN));
+                    exprs.push(Expr::Column(hash).alias(&hash_name));
                     let branch = df(
                         self,
                         Projection::try_new(exprs, Arc::new(c.plan)).map(LogicalPlan::Projection),
