@@ -185,7 +185,7 @@ impl<'a> Carrier<'a> {
             }
             LogicalPlan::Filter(f) => {
                 let input = self.carry(&f.input)?;
-                self.subqueries(&f.predicate, &f.input, &input)?;
+                self.subqueries(&f.predicate, &input)?;
                 let plan = df(
                     self,
                     Filter::try_new(f.predicate.clone(), Arc::new(input.plan))
@@ -532,27 +532,23 @@ impl<'a> Carrier<'a> {
         })
     }
 
-    /// Checks the subqueries of a filter over `input` (whose carried form is `carried`):
-    /// each reads reference tables only, or is correlated on the unit.
-    fn subqueries(&mut self, predicate: &Expr, input: &LogicalPlan, carried: &Carried) -> Step<()> {
-        let _ = input;
-        let mut found: Vec<(Option<Expr>, Subquery)> = Vec::new();
-        let mut scalar = false;
+    /// Checks the subqueries of a filter whose input's carried form is `carried`: each reads
+    /// reference tables only, or is correlated on the unit (a scalar subquery never is).
+    fn subqueries(&mut self, predicate: &Expr, carried: &Carried) -> Step<()> {
+        // (the probe of an IN, the subquery, whether it is scalar)
+        let mut found: Vec<(Option<Expr>, Subquery, bool)> = Vec::new();
         let _ = predicate.apply(|e| {
             match e {
-                Expr::Exists(x) => found.push((None, x.subquery.clone())),
+                Expr::Exists(x) => found.push((None, x.subquery.clone(), false)),
                 Expr::InSubquery(x) => {
-                    found.push((Some(x.expr.as_ref().clone()), x.subquery.clone()))
+                    found.push((Some(x.expr.as_ref().clone()), x.subquery.clone(), false))
                 }
-                Expr::ScalarSubquery(s) => {
-                    found.push((None, s.clone()));
-                    scalar = true;
-                }
+                Expr::ScalarSubquery(s) => found.push((None, s.clone(), true)),
                 _ => {}
             }
             Ok(TreeNodeRecursion::Continue)
         });
-        for (probe, sub) in found {
+        for (probe, sub, scalar) in found {
             let inner = self.carry(&sub.subquery)?;
             if inner.hash.is_none() {
                 continue; // reference tables only

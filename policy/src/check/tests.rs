@@ -831,6 +831,9 @@ async fn relational_fragments_combine_rows_of_one_patient_only() {
         "SELECT partial_count(1) FROM visits WHERE code IN (SELECT code FROM codes WHERE parent = 7)",
         "SELECT partial_count(1) FROM (SELECT patient_id FROM lung UNION ALL SELECT patient_id \
          FROM visits) u",
+        // A scalar subquery over a reference table beside an EXISTS on the patient.
+        "SELECT partial_count(1) FROM visits v WHERE EXISTS (SELECT 1 FROM visits w WHERE \
+         w.patient_id = v.patient_id) AND v.code = (SELECT max(code) FROM codes)",
         // A union met again by a join: each input's unit hash keeps a name of its own.
         "SELECT partial_count(1) FROM lung l LEFT JOIN (SELECT patient_id FROM visits UNION ALL \
          SELECT patient_id FROM visits) u ON u.patient_id = l.patient_id",
