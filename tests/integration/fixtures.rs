@@ -130,6 +130,19 @@ pub async fn omop_centralized() -> SessionContext {
     ctx
 }
 
+/// Runs `future` on a two-worker runtime with the worker stacks of `railyard` itself
+/// (8 MiB; tokio's default is 2 MiB): relational fragments plan deeper than single-table
+/// ones.
+pub fn on_railyard_stacks<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
 pub fn spec(name: &str, dir: PathBuf) -> TableSpec {
     TableSpec {
         name: name.to_string(),

@@ -728,93 +728,84 @@ const OMOP_CASES: &[(&str, &str)] = &[
 /// other is withheld, and one person's history is withheld however many rows it has.
 #[test]
 fn omop_groups_are_answered_or_withheld_by_persons_per_station() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_stack_size(8 << 20)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let mut governance = Governance::new(
-                Some(&fixtures::repo().join("tests/policies/exact-k.toml")),
-                fixtures::audit_dir(),
-            )
-            .unwrap();
-            governance.policy.privacy_unit = Some(railyard_policy::file::PrivacyUnit::Column {
-                name: "person_id".into(),
-                line: 0,
-            });
-            let governance = fixtures::with_omop_references(governance);
-            let federation = fixtures::federation_with(
-                &fixtures::omop_specs(),
-                HubOptions::default(),
-                &governance,
-            )
-            .await;
-            let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
-            // The reference: the pooled files, each row marked with its station by the
-            // split rule of tests/data/README.md.
-            let reference = SessionContext::new();
-            for t in [
-                "person",
-                "drug_exposure",
-                "condition_occurrence",
-                "visit_occurrence",
-            ] {
-                reference
-                    .register_parquet(
-                        &format!("{t}_pooled"),
-                        test_data(&format!("omop/pooled/{t}.parquet"))
-                            .to_str()
-                            .unwrap(),
-                        ParquetReadOptions::default(),
-                    )
-                    .await
-                    .unwrap();
-                reference
-                    .sql(&format!(
-                        "CREATE VIEW {t}_s AS SELECT *, CASE WHEN person_id % 10 < 5 THEN \
+    fixtures::on_railyard_stacks(async {
+        let mut governance = Governance::new(
+            Some(&fixtures::repo().join("tests/policies/exact-k.toml")),
+            fixtures::audit_dir(),
+        )
+        .unwrap();
+        governance.policy.privacy_unit = Some(railyard_policy::file::PrivacyUnit::Column {
+            name: "person_id".into(),
+            line: 0,
+        });
+        let governance = fixtures::with_omop_references(governance);
+        let federation =
+            fixtures::federation_with(&fixtures::omop_specs(), HubOptions::default(), &governance)
+                .await;
+        let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+        // The reference: the pooled files, each row marked with its station by the
+        // split rule of tests/data/README.md.
+        let reference = SessionContext::new();
+        for t in [
+            "person",
+            "drug_exposure",
+            "condition_occurrence",
+            "visit_occurrence",
+        ] {
+            reference
+                .register_parquet(
+                    &format!("{t}_pooled"),
+                    test_data(&format!("omop/pooled/{t}.parquet"))
+                        .to_str()
+                        .unwrap(),
+                    ParquetReadOptions::default(),
+                )
+                .await
+                .unwrap();
+            reference
+                .sql(&format!(
+                    "CREATE VIEW {t}_s AS SELECT *, CASE WHEN person_id % 10 < 5 THEN \
                          'station_a' WHEN person_id % 10 < 8 THEN 'station_b' ELSE \
                          'station_c' END AS station FROM {t}_pooled"
-                    ))
-                    .await
-                    .unwrap();
-            }
-            for (federated, expected) in OMOP_CASES {
-                let got = client
-                    .query(federated)
-                    .await
-                    .unwrap_or_else(|e| panic!("{federated}: {e:#}"));
-                let want = reference
-                    .sql(expected)
-                    .await
-                    .unwrap()
-                    .collect()
-                    .await
-                    .unwrap();
-                let (got, want) = (format_rows(&got.batches), format_rows(&want));
-                assert!(!want.is_empty(), "the reference of {federated} is empty");
-                assert_eq!(got, want, "{federated}");
-            }
-            // Counting rows would have released these: a drug group with at least 5 rows
-            // but fewer than 5 persons at every station (the join multiplies its rows).
-            let history = client
-                .query(
-                    "SELECT condition_concept_id, count(*) FROM condition_occurrence \
-                     WHERE person_id = 3353 GROUP BY 1",
-                )
+                ))
                 .await
                 .unwrap();
-            assert_eq!(format_rows(&history.batches).len(), 0);
-            let rare = client
-                .query(
-                    "SELECT d.drug_concept_id, count(*) FROM drug_exposure d JOIN \
+        }
+        for (federated, expected) in OMOP_CASES {
+            let got = client
+                .query(federated)
+                .await
+                .unwrap_or_else(|e| panic!("{federated}: {e:#}"));
+            let want = reference
+                .sql(expected)
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let (got, want) = (format_rows(&got.batches), format_rows(&want));
+            assert!(!want.is_empty(), "the reference of {federated} is empty");
+            assert_eq!(got, want, "{federated}");
+        }
+        // Counting rows would have released these: a drug group with at least 5 rows
+        // but fewer than 5 persons at every station (the join multiplies its rows).
+        let history = client
+            .query(
+                "SELECT condition_concept_id, count(*) FROM condition_occurrence \
+                     WHERE person_id = 3353 GROUP BY 1",
+            )
+            .await
+            .unwrap();
+        assert_eq!(format_rows(&history.batches).len(), 0);
+        let rare = client
+            .query(
+                "SELECT d.drug_concept_id, count(*) FROM drug_exposure d JOIN \
                      condition_occurrence c ON c.person_id = d.person_id \
                      WHERE d.drug_concept_id = 1519937 GROUP BY 1",
-                )
-                .await
-                .unwrap();
-            assert_eq!(format_rows(&rare.batches).len(), 0);
-            federation.shutdown().await.unwrap();
-        });
+            )
+            .await
+            .unwrap();
+        assert_eq!(format_rows(&rare.batches).len(), 0);
+        federation.shutdown().await.unwrap();
+    });
 }

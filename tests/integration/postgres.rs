@@ -377,13 +377,7 @@ async fn load_parquet(
 /// a station whose vocabulary differs is refused by the hub, named.
 #[test]
 fn an_omop_station_over_postgresql_joins_its_relations_and_its_vocabulary_is_checked() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_stack_size(8 << 20)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(omop_over_postgres());
+    fixtures::on_railyard_stacks(omop_over_postgres());
 }
 
 async fn omop_over_postgres() {

@@ -275,13 +275,7 @@ corpus! {
 /// stacks of `railyard` itself (8 MiB; tokio's default is 2 MiB).
 #[test]
 fn slt_omop() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_stack_size(8 << 20)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run_omop_corpus("omop.slt"));
+    fixtures::on_railyard_stacks(run_omop_corpus("omop.slt"));
 }
 
 /// Runs a policy corpus file (`sql/policy/NAME.slt`) on the federation only, its stations
@@ -316,23 +310,14 @@ async fn slt_policy_hospital() {
 /// policy, their vocabularies as reference tables.
 #[test]
 fn slt_policy_omop_attacks_under_the_default_policy() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_stack_size(8 << 20)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async {
-            let file = fixtures::repo().join("sql/policy/omop_attacks.slt");
-            let governance = fixtures::with_omop_references(fixtures::default_governance());
-            let federation = fixtures::federation_with(
-                &fixtures::omop_specs(),
-                HubOptions::default(),
-                &governance,
-            )
-            .await;
-            run_federated(federation, &file, "omop_attacks.slt").await;
-        });
+    fixtures::on_railyard_stacks(async {
+        let file = fixtures::repo().join("sql/policy/omop_attacks.slt");
+        let governance = fixtures::with_omop_references(fixtures::default_governance());
+        let federation =
+            fixtures::federation_with(&fixtures::omop_specs(), HubOptions::default(), &governance)
+                .await;
+        run_federated(federation, &file, "omop_attacks.slt").await;
+    });
 }
 
 /// Every policy corpus file has a test above.

@@ -224,19 +224,10 @@ impl Accumulator for PerUnit {
             sums.push(Some(m));
             rows.push(Some(1));
         }
-        let list = |values: ArrayRef, item: DataType| -> ScalarValue {
-            let offsets = OffsetBuffer::from_lengths([values.len()]);
-            ScalarValue::List(Arc::new(ListArray::new(
-                Arc::new(Field::new_list_field(item, true)),
-                offsets,
-                values,
-                None,
-            )))
-        };
         Ok(vec![
-            list(Arc::new(UInt64Array::from(units)), DataType::UInt64),
-            list(Arc::new(Float64Array::from(sums)), DataType::Float64),
-            list(Arc::new(UInt64Array::from(rows)), DataType::UInt64),
+            one_list(Arc::new(UInt64Array::from(units))),
+            one_list(Arc::new(Float64Array::from(sums))),
+            one_list(Arc::new(UInt64Array::from(rows))),
         ])
     }
 
@@ -368,12 +359,7 @@ impl Accumulator for DistinctHashes {
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
         let values: ArrayRef = Arc::new(UInt64Array::from_iter_values(self.seen.iter().copied()));
-        Ok(vec![ScalarValue::List(Arc::new(ListArray::new(
-            Arc::new(Field::new_list_field(DataType::UInt64, true)),
-            OffsetBuffer::from_lengths([values.len()]),
-            values,
-            None,
-        )))])
+        Ok(vec![one_list(values)])
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
@@ -385,6 +371,16 @@ impl Accumulator for DistinctHashes {
     fn size(&self) -> usize {
         size_of_val(self) + self.seen.capacity() * 8
     }
+}
+
+/// `values` as a state scalar: a list of one element, holding them all.
+fn one_list(values: ArrayRef) -> ScalarValue {
+    ScalarValue::List(Arc::new(ListArray::new(
+        Arc::new(Field::new_list_field(values.data_type().clone(), true)),
+        OffsetBuffer::from_lengths([values.len()]),
+        values,
+        None,
+    )))
 }
 
 #[cfg(test)]

@@ -145,11 +145,7 @@ fn with_row_hash(
                     RowHash::udf().call(hashed)
                 };
                 let unit_hash = unit.map(|unit| {
-                    RowHash::udf()
-                        .call(vec![Expr::Column(Column::new(
-                            Some(scan.table_name.clone()),
-                            unit,
-                        ))])
+                    unit_hash(Column::new(Some(scan.table_name.clone()), unit))
                         .alias(UNIT_HASH_COLUMN)
                 });
                 let mut exprs = columns;

@@ -37,6 +37,12 @@ use railyard_udfs::row_hash::RowHash;
 
 use super::*;
 
+/// The hash of a row's unit, over the unit's text: the same patient hashes alike in every
+/// table, whatever integer width each stores the id in.
+pub(super) fn unit_hash(unit: Column) -> Expr {
+    RowHash::udf().call(vec![cast(Expr::Column(unit), DataType::Utf8)])
+}
+
 /// Whether a node starts a relational input: something other than a straight chain over one
 /// table (`release_seen`: the release aggregate is above it, so a further aggregate is a
 /// per-patient derivation).
@@ -168,9 +174,7 @@ impl<'a> Carrier<'a> {
                     )));
                 }
                 let name = self.fresh();
-                let hash = RowHash::udf()
-                    .call(vec![cast(Expr::Column(unit_col.clone()), DataType::Utf8)])
-                    .alias(&name);
+                let hash = unit_hash(unit_col.clone()).alias(&name);
                 let mut exprs = columns;
                 exprs.push(hash);
                 let plan = df(
