@@ -172,6 +172,13 @@ impl HubClient {
         Ok(Self { inner })
     }
 
+    /// Names the researcher this client asks as, to a `railyard local --named-researchers`
+    /// hub (any other hub ignores the name).
+    pub fn as_researcher(&mut self, name: &str) {
+        self.inner
+            .set_header(railyard_engine::flight_sql::RESEARCHER_HEADER, name);
+    }
+
     /// Runs one SQL statement and collects its answer.
     pub async fn query(&mut self, sql: &str) -> Result<Answer> {
         let info = self

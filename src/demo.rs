@@ -141,20 +141,22 @@ pub const OMOP_QUERIES: &[(&str, &str)] = &[
          WHERE ca.ancestor_concept_id = 192671 GROUP BY 1 ORDER BY 1",
     ),
     (
-        "Age at first GI bleed: a per-person minimum computed at each station",
+        "Age at first GI bleed: a per-person minimum computed at each station (the same \
+         cohort: the query-set auditor refuses two cohorts a few persons apart)",
         "SELECT count(*) AS persons, round(avg(age), 1) AS mean_age, \
          round(stddev(age), 1) AS sd FROM (\
          SELECT co.person_id, \
          min(EXTRACT(YEAR FROM co.condition_start_date)) - min(p.year_of_birth) AS age \
          FROM condition_occurrence co JOIN person p ON p.person_id = co.person_id \
-         WHERE co.condition_concept_id = 192671 GROUP BY co.person_id) t",
+         JOIN concept_ancestor ca ON ca.descendant_concept_id = co.condition_concept_id \
+         WHERE ca.ancestor_concept_id = 192671 GROUP BY co.person_id) t",
     ),
     (
-        "The drugs the cohort takes, by persons",
+        "The most common drugs, by persons (every person: the cohort's own drug list would \
+         be refused by the query-set auditor, as nearly the whole cohort takes the first \
+         drugs and the difference from the cohort is a few persons at a station)",
         "SELECT c.concept_name AS drug, count(DISTINCT d.person_id) AS persons \
          FROM drug_exposure d JOIN concept c ON c.concept_id = d.drug_concept_id \
-         WHERE EXISTS (SELECT 1 FROM condition_occurrence co WHERE co.person_id = d.person_id \
-         AND co.condition_concept_id = 192671) \
          GROUP BY 1 ORDER BY persons DESC, 1 LIMIT 5",
     ),
     (
@@ -274,6 +276,12 @@ pub const REFUSED: &[(&str, &str)] = &[
     (
         "One patient singled out by a filter",
         "SELECT count(*), avg(age) FROM registry WHERE patient_id = 1234",
+    ),
+    (
+        "The first question again without one patient (the query-set auditor: the \
+         difference would be that patient's age)",
+        "SELECT count(*) AS patients, round(avg(age), 1) AS mean_age FROM registry \
+         WHERE patient_id <> 1234",
     ),
 ];
 

@@ -89,6 +89,9 @@ pub struct HubConfig {
     /// Seconds one station may take to deliver one fragment.
     #[serde(default = "default_fragment_timeout")]
     pub fragment_timeout_seconds: u64,
+    /// Queries one researcher may start per minute (0, the default: no limit).
+    #[serde(default)]
+    pub max_queries_per_minute: u64,
     pub tls: TlsSection,
     /// `[[stations]]`: every station this hub talks to.
     pub stations: Vec<StationEntry>,
@@ -306,6 +309,7 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
             tables: Some(c.tables.clone()),
             transport: transport.clone(),
             data_dir: Some(config.data_dir.join("collaborations").join(name)),
+            max_queries_per_minute: config.max_queries_per_minute,
             ..HubOptions::default()
         };
         let hub = Hub::connect(&addresses, options)

@@ -79,6 +79,16 @@ enum Command {
         /// (the hub's join stations of --vertical tables log to DIR/hub/<table>-join/).
         #[arg(long, value_name = "DIR", default_value = ".railyard")]
         data_dir: PathBuf,
+        /// Take each client's researcher name from its x-railyard-researcher header
+        /// (otherwise every query is the researcher "local"). Each name has its own
+        /// query-set memory and DP budget at the stations, so test corpora can run each
+        /// test as a fresh researcher. Anyone who can reach the port chooses a name: use
+        /// it on your own machine only.
+        #[arg(long)]
+        named_researchers: bool,
+        /// Queries one researcher may start per minute at the hub (0: no limit).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_queries_per_minute: u64,
     },
     /// Generate synthetic registry data, start a local federation, run realistic queries and
     /// print each query, its federated plan and its answer. Needs no arguments or network.
@@ -291,6 +301,8 @@ async fn run(cli: Cli) -> Result<()> {
             privacy_unit,
             references,
             data_dir,
+            named_researchers,
+            max_queries_per_minute,
         } => {
             tables.extend(vertical.into_iter().map(|spec| TableSpec {
                 key: key.clone(),
@@ -310,6 +322,8 @@ async fn run(cli: Cli) -> Result<()> {
             let options = HubOptions {
                 fragment_timeout: Duration::from_secs(fragment_timeout),
                 merge_partitions: usize::from(hub_partitions),
+                named_researchers,
+                max_queries_per_minute,
                 ..HubOptions::default()
             };
             let federation =

@@ -190,7 +190,12 @@ pub fn to_status(e: Error) -> Status {
         },
         Error::BadRequest(m) => Status::invalid_argument(m),
         Error::Limit(refusal) => Status::with_details(
-            Code::InvalidArgument,
+            // Too many queries is the caller's pace, not the statement's fault.
+            if refusal.rule == railyard_policy::Rule::RateLimit {
+                Code::ResourceExhausted
+            } else {
+                Code::InvalidArgument
+            },
             refusal.to_string(),
             refusal.to_wire().to_bytes().into(),
         ),

@@ -104,13 +104,29 @@ enum Access {
     },
 }
 
-/// The `authorization` header of a request, if it has one.
-fn authorization<T>(request: &Request<T>) -> Option<String> {
-    request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+/// What a request presents: its `authorization` header, and the researcher it names
+/// (`x-railyard-researcher`), which only an open hub that trusts it reads.
+struct Presented {
+    bearer: Option<String>,
+    researcher: Option<String>,
+}
+
+/// The header that names the researcher to an open hub with `named_researchers`.
+pub const RESEARCHER_HEADER: &str = "x-railyard-researcher";
+
+/// The credentials of a request.
+fn authorization<T>(request: &Request<T>) -> Presented {
+    let header = |name: &str| {
+        request
+            .metadata()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    Presented {
+        bearer: header("authorization"),
+        researcher: header(RESEARCHER_HEADER),
+    }
 }
 
 /// An authenticated caller: the hub of their collaboration and their name.
@@ -154,14 +170,31 @@ impl HubFlightSql {
 
     /// The hub this call may use, and who is calling. Refusals are `UNAUTHENTICATED` and
     /// never echo the token.
-    async fn authorize(&self, header: Option<String>) -> Result<(Arc<Hub>, Caller), Status> {
+    async fn authorize(&self, presented: Presented) -> Result<(Arc<Hub>, Caller), Status> {
         let (store, collaborations) = match &self.access {
             Access::Open(hub) => {
+                let researcher = match presented.researcher {
+                    Some(name) if hub.options().named_researchers => {
+                        let valid = !name.is_empty()
+                            && name.len() <= 64
+                            && name
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+                        if !valid {
+                            return Err(Status::invalid_argument(format!(
+                                "{RESEARCHER_HEADER} must be 1 to 64 letters, digits, '.', '_', \
+                                 '@' or '-'"
+                            )));
+                        }
+                        name
+                    }
+                    _ => LOCAL_RESEARCHER.to_string(),
+                };
                 return Ok((
                     Arc::clone(hub),
                     Caller {
                         collaboration: String::new(),
-                        researcher: LOCAL_RESEARCHER.to_string(),
+                        researcher,
                     },
                 ));
             }
@@ -170,7 +203,7 @@ impl HubFlightSql {
                 collaborations,
             } => (store, collaborations),
         };
-        let Some(header) = header else {
+        let Some(header) = presented.bearer else {
             return Err(Status::unauthenticated(
                 crate::tokens::Refused::Missing.to_string(),
             ));

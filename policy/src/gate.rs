@@ -102,6 +102,17 @@ pub fn train_image(station: &str, image: &str) -> Refusal {
     }
 }
 
+/// A researcher over the station's `max_fragments_per_minute`.
+pub fn rate_limited(station: &str, limit: u64) -> Refusal {
+    Refusal {
+        rule: Rule::RateLimit,
+        message: format!(
+            "policy: station '{station}' runs at most {limit} fragments per minute for one \
+             researcher; wait and ask again"
+        ),
+    }
+}
+
 /// A pseudonymized release at a station that holds no collaboration secret.
 pub fn no_collaboration_secret(station: &str) -> Refusal {
     Refusal {

@@ -27,6 +27,7 @@ pub mod dp;
 pub mod file;
 pub mod gate;
 pub mod limits;
+pub mod queryset;
 pub mod release;
 pub mod rule;
 

@@ -18,7 +18,7 @@ use railyard_udfs::glm_terms::GlmLayout;
 
 use crate::check::contributors::{
     CONTRIBUTORS_PREFIX, DIGEST_PREFIX, DOMINANCE_MAX_PREFIX, DOMINANCE_SUM_PREFIX, ROWS_DIGEST,
-    is_internal,
+    UNITS_PREFIX, UNITS_ROWS, is_internal,
 };
 use crate::check::{ROWS_COLUMN, Release};
 use crate::rule::{Refusal, Rule};
@@ -58,6 +58,11 @@ impl ThresholdKey {
             dominance: share,
             ..self
         }
+    }
+
+    /// The largest margin it draws.
+    pub fn noise(&self) -> u64 {
+        self.noise
     }
 
     /// The margin over `k` that the rows of `digest` must clear, uniform on 0..=noise: a
@@ -135,6 +140,11 @@ pub struct Released {
     /// groups together count at least k rows (plus the noisy margin of which rows they
     /// are), like any released count; otherwise `None`: "fewer than k rows, possibly none".
     pub announced: Option<u64>,
+    /// The sets of units (patients) behind what leaves, for the query-set auditor (empty
+    /// when the release is not watched): each released group's set and each value's
+    /// contributor set, and for a grouped release also the union of each over the
+    /// released groups (what a total minus the groups would isolate). Distinct sets only.
+    pub sets: Vec<crate::queryset::ReleasedSet>,
 }
 
 /// Why a result does not leave.
@@ -171,8 +181,75 @@ pub fn release(
     key: &ThresholdKey,
 ) -> Result<Released, ReleaseError> {
     let mut out = release_unstripped(station, table, release, batches, key)?;
+    let grouped = matches!(
+        release,
+        Release::Groups { global: false, .. } | Release::Survival { global: false, .. }
+    );
+    out.sets = released_sets(&out.batches, grouped)?;
     out.batches = out.batches.iter().map(strip).collect::<Result<_, _>>()?;
     Ok(out)
+}
+
+/// The distinct unit sets of the released rows' `__units_*` columns, each with the released
+/// group it belongs to, and (for a grouped release of disjoint groups) the union of each
+/// column over the released groups.
+fn released_sets(
+    batches: &[RecordBatch],
+    grouped: bool,
+) -> Result<Vec<crate::queryset::ReleasedSet>, ReleaseError> {
+    use crate::queryset::ReleasedSet;
+    use std::collections::BTreeMap;
+    let mut sets: Vec<ReleasedSet> = Vec::new();
+    // Per column: the union of the released groups' sets, and the sum of their sizes.
+    let mut unions: BTreeMap<String, (roaring::RoaringBitmap, u64)> = BTreeMap::new();
+    let add = |released: ReleasedSet, sets: &mut Vec<ReleasedSet>| {
+        if !released.set.is_empty() && !sets.iter().any(|s| s.set == released.set) {
+            sets.push(released);
+        }
+    };
+    let mut first_row = 0usize;
+    for batch in batches {
+        let schema = batch.schema();
+        for (i, field) in schema.fields().iter().enumerate() {
+            let name = field.name();
+            if !(name.starts_with(UNITS_PREFIX) || name == UNITS_ROWS) {
+                continue;
+            }
+            let Some(column) = batch.column(i).as_binary_opt::<i32>() else {
+                return Err(ReleaseError::Internal(format!(
+                    "{name} is not a Binary set"
+                )));
+            };
+            for (r, bytes) in column.iter().enumerate() {
+                let Some(bytes) = bytes else { continue };
+                let set = railyard_udfs::unit_set::decode(bytes)
+                    .ok_or_else(|| ReleaseError::Internal(format!("{name} holds no unit set")))?;
+                if grouped {
+                    let (union, sizes) = unions.entry(name.clone()).or_default();
+                    *union |= &set;
+                    *sizes += set.len();
+                }
+                let group = Some(first_row + r);
+                add(ReleasedSet { group, set }, &mut sets);
+            }
+        }
+        first_row += batch.num_rows();
+    }
+    // Only groups that share no patient subtract from a total: with overlapping groups
+    // (a patient in several drug groups) their counts add up to more than the union, and
+    // the total minus them isolates nobody.
+    for (_, (union, sizes)) in unions {
+        if union.len() == sizes {
+            add(
+                ReleasedSet {
+                    group: None,
+                    set: union,
+                },
+                &mut sets,
+            );
+        }
+    }
+    Ok(sets)
 }
 
 fn release_unstripped(
@@ -192,6 +269,7 @@ fn release_unstripped(
                 released,
                 suppressed: 0,
                 announced: Some(0),
+                sets: Vec::new(),
             })
         }
         Release::Pseudonymized { k } => {
@@ -210,10 +288,11 @@ fn release_unstripped(
                 released,
                 suppressed: 0,
                 announced: Some(0),
+                sets: Vec::new(),
             })
         }
         Release::Groups { k, global } | Release::Survival { k, global } => {
-            let mut kept = apply_threshold(batches, *k, key)?;
+            let mut kept = apply_threshold(batches, *k, key, !*global)?;
             if *global && kept.released == 0 {
                 return Err(refuse(
                     station,
@@ -292,6 +371,7 @@ fn release_unstripped(
                 released,
                 suppressed: 0,
                 announced: Some(0),
+                sets: Vec::new(),
             })
         }
     }
@@ -424,12 +504,11 @@ fn apply_threshold(
     batches: Vec<RecordBatch>,
     k: u64,
     key: &ThresholdKey,
+    grouped: bool,
 ) -> Result<Released, ReleaseError> {
-    let mut kept = Vec::with_capacity(batches.len());
-    let (mut released, mut suppressed) = (0u64, 0u64);
-    // The withheld groups as one set of rows: how many, and the digest of which.
-    let (mut withheld_rows, mut withheld_digest) = (0u64, 0u64);
-    for batch in batches {
+    // First pass: which groups each rule keeps.
+    let mut keeps: Vec<Vec<bool>> = Vec::with_capacity(batches.len());
+    for batch in &batches {
         let rows = batch
             .columns()
             .last()
@@ -441,16 +520,16 @@ fn apply_threshold(
             })?;
         let mut counted = vec![Counted {
             counts: rows,
-            digests: uint64(&batch, ROWS_DIGEST),
+            digests: uint64(batch, ROWS_DIGEST),
         }];
         for field in batch.schema().fields() {
             if let Some(i) = field.name().strip_prefix(CONTRIBUTORS_PREFIX) {
-                let counts = int64(&batch, field.name()).ok_or_else(|| {
+                let counts = int64(batch, field.name()).ok_or_else(|| {
                     ReleaseError::Internal(format!("{} is not an Int64 count", field.name()))
                 })?;
                 counted.push(Counted {
                     counts,
-                    digests: uint64(&batch, &format!("{DIGEST_PREFIX}{i}")),
+                    digests: uint64(batch, &format!("{DIGEST_PREFIX}{i}")),
                 });
             }
         }
@@ -471,7 +550,7 @@ fn apply_threshold(
                 ));
             }
         }
-        let keep: BooleanArray = (0..batch.num_rows())
+        let keep: Vec<bool> = (0..batch.num_rows())
             .map(|r| {
                 let dominated = dominance.iter().any(|(max, sum)| {
                     max.is_valid(r)
@@ -479,23 +558,38 @@ fn apply_threshold(
                         && sum.value(r) > 0.0
                         && max.value(r) > key.dominance * sum.value(r)
                 });
-                Some(
-                    !dominated
-                        && counted.iter().all(|c| {
-                            let n = if c.counts.is_valid(r) {
-                                c.counts.value(r)
-                            } else {
-                                0
-                            };
-                            let margin = c
-                                .digests
-                                .filter(|d| d.is_valid(r))
-                                .map_or(0, |d| key.margin(d.value(r), k));
-                            n >= 0 && n as u64 >= k + margin
-                        }),
-                )
+                !dominated
+                    && counted.iter().all(|c| {
+                        let n = if c.counts.is_valid(r) {
+                            c.counts.value(r)
+                        } else {
+                            0
+                        };
+                        let margin = c
+                            .digests
+                            .filter(|d| d.is_valid(r))
+                            .map_or(0, |d| key.margin(d.value(r), k));
+                        n >= 0 && n as u64 >= k + margin
+                    })
             })
             .collect();
+        keeps.push(keep);
+    }
+    if grouped {
+        secondary_suppression(&batches, &mut keeps, k, key)?;
+    }
+    // Second pass: what leaves, and what the researcher is told of the rest.
+    let mut kept = Vec::with_capacity(batches.len());
+    let (mut released, mut suppressed) = (0u64, 0u64);
+    // The withheld groups as one set of rows: how many, and the digest of which.
+    let (mut withheld_rows, mut withheld_digest) = (0u64, 0u64);
+    for (batch, keep) in batches.into_iter().zip(keeps) {
+        let rows = batch
+            .columns()
+            .last()
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            .ok_or_else(|| ReleaseError::Internal(format!("{ROWS_COLUMN} is not an Int64")))?;
+        let keep = BooleanArray::from(keep);
         let n = keep.true_count() as u64;
         released += n;
         suppressed += batch.num_rows() as u64 - n;
@@ -523,7 +617,82 @@ fn apply_threshold(
         released,
         suppressed,
         announced,
+        sets: Vec::new(),
     })
+}
+
+/// Secondary suppression, for the query-set auditor: when the groups withheld below k hold
+/// between one and k (plus the noisy margin of which patients) patients that no released
+/// group holds, the total minus the released groups would be those patients. The smallest
+/// released groups are then withheld too, until the patients only withheld groups hold are
+/// at least that many (or every group is withheld). Runs only when the plan collected the
+/// groups' unit sets (`__units_rows`) and the groups share no patient.
+fn secondary_suppression(
+    batches: &[RecordBatch],
+    keeps: &mut [Vec<bool>],
+    k: u64,
+    key: &ThresholdKey,
+) -> Result<(), ReleaseError> {
+    let mut groups: Vec<(usize, usize, i64, roaring::RoaringBitmap)> = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        let Some(sets) = batch.column_by_name(UNITS_ROWS) else {
+            return Ok(());
+        };
+        let sets = sets
+            .as_binary_opt::<i32>()
+            .ok_or_else(|| ReleaseError::Internal(format!("{UNITS_ROWS} is not Binary")))?;
+        let rows = int64(batch, ROWS_COLUMN)
+            .ok_or_else(|| ReleaseError::Internal(format!("{ROWS_COLUMN} is not an Int64")))?;
+        for r in 0..batch.num_rows() {
+            let set = if sets.is_valid(r) {
+                railyard_udfs::unit_set::decode(sets.value(r)).ok_or_else(|| {
+                    ReleaseError::Internal(format!("{UNITS_ROWS} holds no unit set"))
+                })?
+            } else {
+                roaring::RoaringBitmap::new()
+            };
+            let n = if rows.is_valid(r) { rows.value(r) } else { 0 };
+            groups.push((b, r, n, set));
+        }
+    }
+    // Groups that share patients (a patient in several drug groups) do not subtract from
+    // a total: nothing to protect by withholding more.
+    let mut all = roaring::RoaringBitmap::new();
+    let mut sizes = 0u64;
+    for (_, _, _, set) in &groups {
+        all |= set;
+        sizes += set.len();
+    }
+    if all.len() != sizes {
+        return Ok(());
+    }
+    loop {
+        let mut released = roaring::RoaringBitmap::new();
+        let mut withheld = roaring::RoaringBitmap::new();
+        for (b, r, _, set) in &groups {
+            if keeps[*b][*r] {
+                released |= set;
+            } else {
+                withheld |= set;
+            }
+        }
+        withheld -= &released;
+        if withheld.is_empty() {
+            return Ok(());
+        }
+        if withheld.len() >= crate::queryset::threshold(&withheld, k, key) {
+            return Ok(());
+        }
+        let smallest = groups
+            .iter()
+            .filter(|(b, r, _, _)| keeps[*b][*r])
+            .min_by_key(|(_, _, n, _)| *n)
+            .map(|(b, r, _, _)| (*b, *r));
+        match smallest {
+            Some((b, r)) => keeps[b][r] = false,
+            None => return Ok(()),
+        }
+    }
 }
 
 /// What the researcher learns of a fragment that failed while running: a category that names

@@ -70,6 +70,12 @@ rules! {
     FallibleExpression = "fallible_expression",
     /// A train's input that is not rows of `public`/`aggregate` columns.
     TrainInput = "train_input",
+    /// A release whose patients differ from a set released to the same researcher before
+    /// (or from the union of an earlier grouped release) by more than none and fewer than
+    /// k (plus a noisy margin): the two would subtract to those patients.
+    Differencing = "differencing",
+    /// A researcher has run more fragments in the last minute than the policy allows.
+    RateLimit = "rate_limit",
     /// A released group, global aggregate or row set covers fewer than k rows.
     MinGroupSize = "min_group_size",
     /// Survival times that cannot be pooled into released times of at least k deaths.

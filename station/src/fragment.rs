@@ -39,6 +39,8 @@ pub(crate) struct Approved {
     pub plan: LogicalPlan,
     pub table: String,
     pub release: Release,
+    /// The query-set auditor's domain, when it watches the release.
+    pub audit: Option<String>,
 }
 
 impl Station {
@@ -72,6 +74,7 @@ impl Station {
     /// it, applies the release rules, writes the audit record (durably), and only then
     /// returns the batches to release. Only queries are accepted: no DDL, no DML, no `SET`.
     pub async fn run_fragment(&self, ticket: &FragmentTicket) -> Result<SendableRecordBatchStream> {
+        self.within_rate(ticket).await?;
         if let Some(call) = &ticket.train {
             return self.run_train(ticket, call).await;
         }
@@ -100,6 +103,10 @@ impl Station {
                 });
             }
         };
+        if let Some(domain) = &approved.audit {
+            self.audit_query_sets(ticket, &approved, domain, released.sets)
+                .await?;
+        }
         self.audit(Entry {
             rows: released.released,
             suppressed: released.suppressed,
@@ -123,6 +130,99 @@ impl Station {
             (schema, released.batches)
         };
         Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
+    }
+
+    /// The query-set auditor on a release about to leave: refused (audited, rule
+    /// `differencing`) when its sets are too close to what the researcher was released
+    /// before; otherwise its sets are committed before it leaves. A store that cannot be
+    /// written refuses too (fails closed).
+    async fn audit_query_sets(
+        &self,
+        ticket: &FragmentTicket,
+        approved: &Approved,
+        domain: &str,
+        sets: Vec<railyard_policy::queryset::ReleasedSet>,
+    ) -> Result<()> {
+        let store = Arc::clone(&self.querysets);
+        let key = self.threshold_key().clone();
+        let max_sets = self.policy.max_query_sets;
+        let researcher = railyard_contract::researcher_or_local(&ticket.researcher).to_string();
+        let collaboration =
+            railyard_contract::collaboration_or_default(&ticket.collaboration).to_string();
+        let (domain, table, query_id) = (
+            domain.to_string(),
+            approved.table.clone(),
+            ticket.query_id.clone(),
+        );
+        let (fragment, k) = (ticket.fragment, approved.release.min_group_size());
+        let outcome = crate::blocking(&self.name, move || {
+            let release = crate::queryset::Release {
+                researcher: &researcher,
+                collaboration: &collaboration,
+                domain: &domain,
+                table: &table,
+                query_id: &query_id,
+                fragment,
+                k,
+            };
+            store
+                .audit(release, &sets, max_sets, &key)
+                .map_err(|e| Error::Internal {
+                    station: String::new(),
+                    message: e.to_string(),
+                })
+        })
+        .await;
+        match outcome {
+            Ok(crate::queryset::Audited::Allowed) => Ok(()),
+            Ok(crate::queryset::Audited::Refused(refusal)) => {
+                Err(self.refuse(ticket, refusal, None).await)
+            }
+            Err(e) => {
+                warn!(station = %self.name, query_id = %ticket.query_id, error = %e, "the query-set store cannot be written");
+                let entry = Entry {
+                    rule: Some("query_set_store"),
+                    ..record_of(ticket, Decision::Failed, None)
+                };
+                self.audit(entry).await?;
+                Err(Error::Failed {
+                    station: self.name.clone(),
+                    category: "the query-set auditor's store cannot be written, so nothing is released",
+                })
+            }
+        }
+    }
+
+    /// Refuses (audited, rule `rate_limit`) a fragment beyond the policy's
+    /// `max_fragments_per_minute` for its researcher.
+    pub(crate) async fn within_rate(&self, ticket: &FragmentTicket) -> Result<()> {
+        let limit = self.policy.max_fragments_per_minute;
+        if limit == 0 {
+            return Ok(());
+        }
+        let researcher = railyard_contract::researcher_or_local(&ticket.researcher).to_string();
+        let now = std::time::Instant::now();
+        let over = {
+            // The lock guards map operations only; after a panic the map is still valid.
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let times = recent.entry(researcher).or_default();
+            while times
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= std::time::Duration::from_secs(60))
+            {
+                times.pop_front();
+            }
+            let over = times.len() as u64 >= limit;
+            if !over {
+                times.push_back(now);
+            }
+            over
+        };
+        if over {
+            let refusal = gate::rate_limited(&self.name, limit);
+            return Err(self.refuse(ticket, refusal, None).await);
+        }
+        Ok(())
     }
 
     /// Writes an audit record (durably).
@@ -235,6 +335,7 @@ impl Station {
             plan: self.state.optimize(&checked.plan)?,
             table: checked.table,
             release: checked.release,
+            audit: checked.audit,
         };
         if only_immutable_functions(&logical) {
             // The lock guards map operations only; after a panic the map is still valid.

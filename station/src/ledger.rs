@@ -65,16 +65,9 @@ impl Ledger {
             path: path.display().to_string(),
             message,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| error(format!("cannot create: {e}")))?;
-        }
-        let conn = Connection::open(path).map_err(|e| error(e.to_string()))?;
-        let setup = || -> rusqlite::Result<()> {
-            conn.busy_timeout(std::time::Duration::from_secs(10))?;
-            conn.pragma_update(None, "journal_mode", "WAL")?;
-            conn.pragma_update(None, "synchronous", "FULL")?;
-            conn.execute_batch(
-                "CREATE TABLE IF NOT EXISTS charges (
+        let conn = open_durable(
+            path,
+            "CREATE TABLE IF NOT EXISTS charges (
                      seq INTEGER PRIMARY KEY AUTOINCREMENT,
                      time TEXT NOT NULL,
                      researcher TEXT NOT NULL,
@@ -86,15 +79,8 @@ impl Ledger {
                  );
                  CREATE INDEX IF NOT EXISTS charges_by_account
                      ON charges (researcher, collaboration, table_name);",
-            )
-        };
-        setup().map_err(|e| error(e.to_string()))?;
-        // The new file's directory entry must survive a crash too.
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && let Ok(d) = std::fs::File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
+        )
+        .map_err(error)?;
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -156,6 +142,31 @@ impl Ledger {
         };
         run().map_err(|e| self.error(e))
     }
+}
+
+/// Opens (or creates, with its directory) the SQLite database at `path` for durable
+/// commits (write-ahead log, `synchronous = FULL`: a commit is fsynced before it returns),
+/// with `schema` applied; the new file's directory entry is synced too. The ledger and the
+/// query-set auditor keep their state this way.
+pub(crate) fn open_durable(path: &Path, schema: &str) -> Result<Connection, String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create: {e}"))?;
+    }
+    let conn = Connection::open(path).map_err(|e| e.to_string())?;
+    let setup = || -> rusqlite::Result<()> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(schema)
+    };
+    setup().map_err(|e| e.to_string())?;
+    // The new file's directory entry must survive a crash too.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(conn)
 }
 
 fn spent(

@@ -32,6 +32,7 @@ pub mod fragment;
 pub mod ledger;
 pub mod postgres;
 pub mod private;
+pub mod queryset;
 pub mod service;
 pub mod source;
 pub mod train;
@@ -98,6 +99,10 @@ pub struct Station {
     threshold_key: railyard_policy::release::ThresholdKey,
     /// See [`StationConfig::hub_secret`].
     hub_secret: Option<Arc<str>>,
+    /// The query-set auditor's store (beside the audit log).
+    querysets: Arc<queryset::QuerySets>,
+    /// When each researcher's recent fragments ran (`max_fragments_per_minute`).
+    recent: Mutex<HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
 }
 
 impl Station {
@@ -176,10 +181,15 @@ impl Station {
         // The privacy ledger lives beside the audit log.
         let ledger = match &config.policy.dp {
             Some(_) => Some(Arc::new(ledger::Ledger::open(
-                &data_dir.unwrap_or_default().join("ledger.sqlite"),
+                &data_dir.clone().unwrap_or_default().join("ledger.sqlite"),
             )?)),
             None => None,
         };
+        // So does the query-set auditor's memory.
+        let querysets = Arc::new(
+            queryset::QuerySets::open(&data_dir.unwrap_or_default().join("querysets.sqlite"))
+                .map_err(|e| Error::BadRequest(format!("station '{name}': {e}")))?,
+        );
         let threshold_key = threshold_key(&config.audit_log, config.policy.threshold_noise)?
             .with_dominance(config.policy.model_dominance);
         let trains = train::Trains::new(
@@ -200,6 +210,8 @@ impl Station {
             ledger,
             threshold_key,
             hub_secret: config.hub_secret.clone(),
+            querysets,
+            recent: Mutex::new(HashMap::new()),
         };
         for (table, schema) in station.tables().await? {
             station.policy.validate_table(&table, &schema)?;
@@ -240,6 +252,11 @@ impl Station {
 
     pub fn audit_log(&self) -> &AuditLog {
         &self.audit
+    }
+
+    /// The query-set auditor's store.
+    pub fn query_sets(&self) -> &queryset::QuerySets {
+        &self.querysets
     }
 
     /// The station's tables and their schemas, sorted by name.

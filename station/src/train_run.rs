@@ -65,6 +65,7 @@ impl Station {
             plan: self.state.optimize(&checked.plan)?,
             table: checked.table,
             release: checked.release,
+            audit: checked.audit,
         };
         Ok((approved, id))
     }

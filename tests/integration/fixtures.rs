@@ -300,6 +300,15 @@ pub async fn run_at_station(
     url: &str,
     sql: &str,
 ) -> Result<Vec<arrow::array::RecordBatch>, String> {
+    run_at_station_as(url, sql, "test").await
+}
+
+/// [`run_at_station`] on behalf of `researcher`.
+pub async fn run_at_station_as(
+    url: &str,
+    sql: &str,
+    researcher: &str,
+) -> Result<Vec<arrow::array::RecordBatch>, String> {
     use arrow_flight::decode::FlightRecordBatchStream;
     use arrow_flight::error::FlightError;
     use futures::TryStreamExt;
@@ -312,7 +321,7 @@ pub async fn run_at_station(
     let ticket = railyard_contract::FragmentTicket {
         query_id: "test".into(),
         fragment: 1,
-        researcher: "test".into(),
+        researcher: researcher.into(),
         collaboration: String::new(),
         epsilon: None,
         sql: sql.to_string(),

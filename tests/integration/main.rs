@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // a test or benchmark that cannot unwrap has failed
 
 mod attacks;
+mod differencing;
 mod dp;
 mod federation;
 mod fixtures;

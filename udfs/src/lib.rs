@@ -33,6 +33,7 @@ pub mod partial;
 pub mod pseudonym;
 pub mod row_hash;
 pub mod survival_terms;
+pub mod unit_set;
 pub mod unit_share;
 
 use std::collections::BTreeMap;

@@ -65,6 +65,14 @@ pub struct HubOptions {
     pub tables: Option<Vec<String>>,
     /// How the hub reaches stations that are not at plaintext `grpc://` addresses.
     pub transport: crate::station_client::Transport,
+    /// Queries one researcher may start per minute (0: no limit); hub.toml's
+    /// `max_queries_per_minute`. Each station may limit its fragments too.
+    pub max_queries_per_minute: u64,
+    /// An open hub (`railyard local`, no tokens) takes the researcher's name from the
+    /// client's `x-railyard-researcher` header instead of calling everyone `local`: for
+    /// test corpora that need a fresh query-set memory per test. Anyone who can reach the
+    /// port can then choose a name (and its fresh DP budget), so never on a shared machine.
+    pub named_researchers: bool,
 }
 
 impl Default for HubOptions {
@@ -79,6 +87,8 @@ impl Default for HubOptions {
             collaboration: railyard_contract::DEFAULT_COLLABORATION.to_string(),
             tables: None,
             transport: crate::station_client::Transport::default(),
+            max_queries_per_minute: 0,
+            named_researchers: false,
         }
     }
 }
@@ -219,6 +229,8 @@ pub struct Hub {
     options: HubOptions,
     /// Each researcher's `SET railyard.epsilon`.
     epsilon: Mutex<HashMap<String, f64>>,
+    /// When each researcher's recent queries started (`max_queries_per_minute`).
+    recent: Mutex<HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
 }
 
 impl Hub {
@@ -363,7 +375,12 @@ impl Hub {
             base: ctx.state(),
             options,
             epsilon: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn options(&self) -> &HubOptions {
+        &self.options
     }
 
     pub fn catalog(&self) -> &FederatedCatalog {
@@ -378,11 +395,42 @@ impl Hub {
     /// policy (nothing runs yet). All queries share one session; who asks is attached to the
     /// plan's fragments afterwards.
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
+        self.within_rate(researcher)?;
         railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
         let (statement, explain_federated) = self.parse(sql)?;
         let calls = train::calls(&statement)?;
         self.plan_parsed(statement, calls, explain_federated, researcher)
             .await
+    }
+
+    /// Refuses (rule `rate_limit`) a query beyond `max_queries_per_minute` for its
+    /// researcher; counts it otherwise.
+    fn within_rate(&self, researcher: &str) -> Result<()> {
+        let limit = self.options.max_queries_per_minute;
+        if limit == 0 {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        // The lock guards map operations only; after a panic the map is still valid.
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let times = recent.entry(researcher.to_string()).or_default();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            times.pop_front();
+        }
+        if times.len() as u64 >= limit {
+            return Err(Error::Limit(railyard_policy::Refusal {
+                rule: railyard_policy::Rule::RateLimit,
+                message: format!(
+                    "the hub runs at most {limit} queries per minute for one researcher \
+                     (max_queries_per_minute); wait and ask again"
+                ),
+            }));
+        }
+        times.push_back(now);
+        Ok(())
     }
 
     /// `sql` parsed, and whether it was `EXPLAIN FEDERATED` (which is stripped).

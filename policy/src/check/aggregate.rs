@@ -359,6 +359,7 @@ pub(super) fn pseudonymized_release(
         release: Release::Pseudonymized {
             k: checker.policy.min_group_size(table),
         },
+        audit: None,
     })
 }
 

@@ -51,8 +51,17 @@ pub const ROWS_DIGEST: &str = "__digest_rows";
 pub const DOMINANCE_MAX_PREFIX: &str = "__dominance_max_";
 /// Prefix of the total absolute contribution to the same argument.
 pub const DOMINANCE_SUM_PREFIX: &str = "__dominance_sum_";
+/// Prefix of the set of patients (units) behind aggregate call `i`'s value, for the
+/// query-set auditor (`__units_i`; `__units_rows` for the group's).
+pub const UNITS_PREFIX: &str = "__units_";
+/// The set of the group's units.
+pub const UNITS_ROWS: &str = "__units_rows";
 /// The per-row hash carried from the scan to the aggregate.
 const ROW_HASH_COLUMN: &str = "__row_hash";
+/// For a table without a privacy unit, the hash of the whole row (every column of the
+/// table): the row's identity for the query-set auditor, the same whichever columns a
+/// query reads.
+const AUDIT_HASH_COLUMN: &str = "__audit_hash";
 /// The hash of the row's privacy unit (its patient), carried beside the row hash when the
 /// table has a unit: counts and digests are then over distinct units, not rows.
 pub(super) const UNIT_HASH_COLUMN: &str = "__unit_hash";
@@ -61,6 +70,7 @@ pub(super) const UNIT_HASH_COLUMN: &str = "__unit_hash";
 pub fn is_internal(name: &str) -> bool {
     name.starts_with(CONTRIBUTORS_PREFIX)
         || name.starts_with(DIGEST_PREFIX)
+        || name.starts_with(UNITS_PREFIX)
         || name.starts_with("__dominance_")
 }
 
@@ -78,6 +88,9 @@ pub(super) struct Counted<'a> {
     pub(super) unit: Option<&'a str>,
     pub(super) policy: &'a Policy,
     pub(super) station: &'a str,
+    /// Whether the query-set auditor watches the release: the aggregate then also
+    /// collects the set of units behind each value (`__units_*`).
+    pub(super) audit: bool,
 }
 
 /// The aggregate's input rebuilt so that it carries `__row_hash` of the `used` columns,
@@ -118,7 +131,7 @@ fn with_row_hash(
     for node in nodes {
         let carried = |plan: &LogicalPlan| -> datafusion::common::Result<Vec<Expr>> {
             let mut out = Vec::new();
-            for name in [ROW_HASH_COLUMN, UNIT_HASH_COLUMN] {
+            for name in [ROW_HASH_COLUMN, UNIT_HASH_COLUMN, AUDIT_HASH_COLUMN] {
                 if let Ok((q, f)) = plan.schema().qualified_field_with_unqualified_name(name) {
                     out.push(Expr::Column(Column::from((q, f))));
                 }
@@ -148,9 +161,17 @@ fn with_row_hash(
                     unit_hash(Column::new(Some(scan.table_name.clone()), unit))
                         .alias(UNIT_HASH_COLUMN)
                 });
+                // Without a unit the auditor identifies a row by all its columns.
+                let audit_hash =
+                    (counted.audit && unit.is_none() && !columns.is_empty()).then(|| {
+                        RowHash::udf()
+                            .call(columns.clone())
+                            .alias(AUDIT_HASH_COLUMN)
+                    });
                 let mut exprs = columns;
                 exprs.push(hash.alias(ROW_HASH_COLUMN));
                 exprs.extend(unit_hash);
+                exprs.extend(audit_hash);
                 LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(scanned))?)
             }
             (LogicalPlan::Filter(f), Some(input)) => {
@@ -188,6 +209,12 @@ pub(super) fn with_contributors(
     let unit = column(UNIT_HASH_COLUMN).ok();
     let hash = unit.clone().map_or_else(|| column(ROW_HASH_COLUMN), Ok)?;
     let distinct = unit.is_some();
+    // The auditor's identity of a contributor: the patient, or else the whole row.
+    let member = if counted.audit {
+        unit.clone().or_else(|| column(AUDIT_HASH_COLUMN).ok())
+    } else {
+        None
+    };
     let mut aggr = agg.aggr_expr.clone();
     for (i, e) in agg.aggr_expr.iter().enumerate() {
         let Expr::AggregateFunction(f) = (match e {
@@ -282,6 +309,15 @@ pub(super) fn with_contributors(
                 .build()?
                 .alias(format!("{DIGEST_PREFIX}{i}")),
         );
+        if let Some(m) = &member {
+            aggr.push(
+                railyard_udfs::unit_set::udaf()
+                    .call(vec![m.clone()])
+                    .filter(condition.clone())
+                    .build()?
+                    .alias(format!("{UNITS_PREFIX}{i}")),
+            );
+        }
         let nonlinear = counted
             .nonlinear
             .iter()
@@ -326,5 +362,12 @@ pub(super) fn with_contributors(
         bit_xor(hash)
     };
     aggr.push(rows_digest.alias(ROWS_DIGEST));
+    if let Some(m) = member {
+        aggr.push(
+            railyard_udfs::unit_set::udaf()
+                .call(vec![m])
+                .alias(UNITS_ROWS),
+        );
+    }
     Aggregate::try_new(Arc::new(input), agg.group_expr.clone(), aggr)
 }

@@ -298,6 +298,7 @@ pub(super) fn dp_release(
         plan: LogicalPlan::Aggregate(aggregate),
         table: table.clone(),
         release: Release::Dp(Arc::new(release)),
+        audit: None,
     })
 }
 

@@ -150,6 +150,12 @@ pub struct Checked {
     pub plan: LogicalPlan,
     pub table: String,
     pub release: Release,
+    /// The query-set auditor's domain when it watches this release (the plan then
+    /// collects `__units_*` sets): the patients of every table whose privacy unit is the
+    /// column `unit:C` (a unit's hash does not depend on its table), or the rows of table
+    /// `table:T`. `None`: the release is not watched (public columns only, DP noise, or
+    /// the auditor is off for the table).
+    pub audit: Option<String>,
 }
 
 /// Refuses what is not a query: DDL, DML and statements such as `SET` never run at a
@@ -564,6 +570,7 @@ fn decide(
             plan: plan.clone(),
             release: Release::TrainInput { k: checker.k() },
             table,
+            audit: None,
         });
     }
     if checker.pseudonymized {
@@ -611,6 +618,7 @@ fn decide(
             plan: plan.clone(),
             table,
             release: Release::Rows,
+            audit: None,
         });
     };
     let LogicalPlan::Aggregate(agg) = chain[at] else {
@@ -666,6 +674,11 @@ fn decide(
             }
         }
     }
+    // The auditor watches a release over non-public columns of a table it is on for (over
+    // a relational input: any patient table read).
+    let audit = (k > 1)
+        .then(|| audit_domain(&checker, unit.as_deref(), relational))
+        .flatten();
     let contributors = (k > 1).then(|| Counted {
         below: &chain[at + 1..],
         used: &checker.used,
@@ -674,6 +687,7 @@ fn decide(
         unit: unit.as_deref(),
         policy,
         station,
+        audit: audit.is_some(),
     });
     let global = agg.group_expr.is_empty();
     let restricted = k > 1 || checker.first_non_public(&checker.used).is_some();
@@ -704,5 +718,32 @@ fn decide(
         plan,
         table,
         release,
+        audit,
+    })
+}
+
+/// The query-set auditor's domain for an aggregate release (see [`Checked::audit`]), if
+/// the auditor watches it.
+fn audit_domain(checker: &Checker<'_>, unit: Option<&str>, relational: bool) -> Option<String> {
+    let policy = checker.policy;
+    if relational {
+        let watched = checker
+            .tables
+            .iter()
+            .any(|(t, _)| !policy.is_reference(t) && policy.query_set_audit(t));
+        // A relational input carries its first patient table's unit hash.
+        return watched.then(|| {
+            checker.units.first().map_or_else(
+                || format!("table:{}", checker.table),
+                |u| format!("unit:{u}"),
+            )
+        });
+    }
+    if !policy.query_set_audit(&checker.table) {
+        return None;
+    }
+    Some(match unit {
+        Some(u) => format!("unit:{u}"),
+        None => format!("table:{}", checker.table),
     })
 }

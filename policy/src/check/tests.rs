@@ -261,11 +261,14 @@ async fn safe_fragments_pass_with_the_right_threshold() {
             "a0",
             "__contributors_0",
             "__digest_0",
+            // The query-set auditor's set of the value's contributors.
+            "__units_0",
             // lung's patient_id is its unit: every sum is held to the dominance rule, per
             // patient.
             "__dominance_max_0_0",
             "__dominance_sum_0_0",
             "__digest_rows",
+            "__units_rows",
             ROWS_COLUMN
         ]
     );

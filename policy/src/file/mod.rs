@@ -33,6 +33,9 @@ pub const DEFAULT_THRESHOLD_NOISE: u64 = 3;
 pub const DEFAULT_MODEL_DOMINANCE: f64 = 0.5;
 /// Largest `threshold_noise` a policy may set.
 pub const MAX_THRESHOLD_NOISE: u64 = 20;
+/// Default number of released sets a station's query-set auditor remembers per researcher
+/// before it merges the oldest into their union (`max_query_sets`).
+pub const DEFAULT_MAX_QUERY_SETS: u64 = 10_000;
 /// Default cap on the length of a string literal in a fragment.
 pub const DEFAULT_MAX_STRING_LITERAL: usize = 256;
 /// Default minimum rows a station contributes to a statistical model (DataSHIELD's
@@ -191,6 +194,9 @@ pub struct TablePolicy {
     pub allow_vertical: Option<bool>,
     /// `[tables.T] privacy_unit`: overrides the top-level unit for this table.
     pub privacy_unit: Option<PrivacyUnit>,
+    /// `[tables.T] query_set_audit`: `false` turns the query-set auditor off for this
+    /// table (a weakening: differencing attacks on it are no longer noticed).
+    pub query_set_audit: Option<bool>,
     /// The table is the hub's join of several stations' rows (never set by a policy file):
     /// its row count is itself a disclosure, so only aggregates leave it and k applies even
     /// to one that names no column.
@@ -241,6 +247,15 @@ pub struct Policy {
     /// Name → the SHA-256 (hex) of the copy's content, announced to the hub, which
     /// registers the table only when every station holds the same.
     pub reference_tables: BTreeMap<String, String>,
+    /// The query-set auditor (on by default): a release whose patients differ by fewer
+    /// than k (plus a noisy margin) from a set released to the same researcher before is
+    /// refused (rule `differencing`).
+    pub query_set_audit: bool,
+    /// Sets the auditor remembers per researcher; beyond it the oldest are merged into
+    /// their union (compacted, never forgotten).
+    pub max_query_sets: u64,
+    /// Fragments one researcher may have run per minute (0: no limit).
+    pub max_fragments_per_minute: u64,
     /// Containerized trains (none allowed by default).
     pub trains: TrainPolicy,
     /// Differential privacy (off by default: no budget, no DP aggregates).
@@ -263,6 +278,9 @@ impl Default for Policy {
             allow_vertical: None,
             privacy_unit: None,
             reference_tables: Default::default(),
+            query_set_audit: true,
+            max_query_sets: DEFAULT_MAX_QUERY_SETS,
+            max_fragments_per_minute: 0,
             trains: TrainPolicy::default(),
             dp: None,
             tables: BTreeMap::new(),
@@ -315,6 +333,9 @@ impl Policy {
             model_min_rows: limits.model_min_rows,
             survival_time_resolution: limits.survival_time_resolution,
             source: format!("the hub's join of '{table}' (the strictest policy of its stations)"),
+            // The hub's join station keeps no state across queries (its threshold key is
+            // drawn per process): no query-set memory to audit against.
+            query_set_audit: false,
             ..Policy::default()
         };
         policy.tables.insert(
@@ -419,6 +440,14 @@ impl Policy {
     }
 
     /// Whether `table`'s `aggregate` columns may travel pseudonymized to a hub join.
+    /// Whether the query-set auditor watches releases of `table`.
+    pub fn query_set_audit(&self, table: &str) -> bool {
+        self.tables
+            .get(table)
+            .and_then(|t| t.query_set_audit)
+            .unwrap_or(self.query_set_audit)
+    }
+
     pub fn allow_vertical(&self, table: &str) -> bool {
         self.tables
             .get(table)

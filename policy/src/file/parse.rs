@@ -21,6 +21,9 @@ struct PolicyFile {
     survival_time_resolution: Option<Spanned<f64>>,
     allow_vertical: Option<bool>,
     privacy_unit: Option<Spanned<String>>,
+    query_set_audit: Option<bool>,
+    max_query_sets: Option<Spanned<u64>>,
+    max_fragments_per_minute: Option<u64>,
     trains: Option<TrainsFile>,
     dp: Option<DpFile>,
     #[serde(default)]
@@ -67,6 +70,7 @@ struct TableFile {
     survival_time_resolution: Option<Spanned<f64>>,
     allow_vertical: Option<bool>,
     privacy_unit: Option<Spanned<String>>,
+    query_set_audit: Option<bool>,
     #[serde(default)]
     columns: BTreeMap<Spanned<String>, Visibility>,
     #[serde(default)]
@@ -174,6 +178,22 @@ impl Policy {
             policy.survival_time_resolution = resolution(v)?;
         }
         policy.allow_vertical = file.allow_vertical;
+        if let Some(on) = file.query_set_audit {
+            policy.query_set_audit = on;
+        }
+        if let Some(v) = &file.max_query_sets {
+            if *v.get_ref() < 2 {
+                return Err(error(format!(
+                    "line {}: max_query_sets must be at least 2 (the oldest sets are merged \
+                     into one)",
+                    line_of(text, v.span().start)
+                )));
+            }
+            policy.max_query_sets = *v.get_ref();
+        }
+        if let Some(v) = file.max_fragments_per_minute {
+            policy.max_fragments_per_minute = v;
+        }
         if let Some(unit) = &file.privacy_unit {
             policy.privacy_unit = Some(unit_name(unit, text, source)?);
         }
@@ -218,6 +238,7 @@ impl Policy {
                         .as_ref()
                         .map(|u| unit_name(u, text, source))
                         .transpose()?,
+                    query_set_audit: table.query_set_audit,
                     joined: false,
                     columns,
                     dp,

@@ -1,0 +1,443 @@
+//! The station's query-set auditor: the sets of patients it released to each researcher,
+//! in an embedded SQLite database beside the audit log (`querysets.sqlite`), and the
+//! decision of [`railyard_policy::queryset`] on every new release.
+//!
+//! ```text
+//!   sets(seq, researcher, collaboration, domain, query_id, fragment, merged, size, bitmap)
+//!   (a set's release is its query_id and fragment)
+//!   a release's sets ──▶ compared with the account's sets (and with each other)
+//!                        ├ too close to one: refused, rule `differencing`, naming its query
+//!                        └ else: the new distinct sets are committed (fsync) before the
+//!                          release leaves; a store that cannot be written refuses
+//! ```
+//!
+//! An account is (researcher, collaboration, domain): the domain is the patients of a
+//! privacy-unit column, or the rows of a table without one (see
+//! [`railyard_policy::Checked::audit`]). Beyond the policy's `max_query_sets` per account the
+//! two oldest sets are merged into their union: compacted, never forgotten (a difference
+//! from the union is still seen; one from a single old set may no longer be).
+//!
+//! Sets are cached per account after the first read; one lock serializes the decide-and-
+//! commit of an account's releases, so two concurrent fragments cannot both pass against a
+//! state that holds neither.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use railyard_policy::Refusal;
+use railyard_policy::queryset::{Earlier, ReleasedSet};
+use railyard_policy::release::ThresholdKey;
+use roaring::RoaringBitmap;
+use rusqlite::{Connection, TransactionBehavior, params};
+
+/// A store that cannot be opened or written.
+#[derive(Debug, thiserror::Error)]
+#[error("query-set store {path}: {message}")]
+pub struct StoreError {
+    pub path: String,
+    pub message: String,
+}
+
+/// One remembered set.
+#[derive(Debug, Clone)]
+struct Remembered {
+    seq: i64,
+    query_id: String,
+    /// `query_id#fragment`: the release it came with.
+    release: String,
+    /// How many released sets it is the union of (1: as released).
+    merged: u64,
+    set: RoaringBitmap,
+}
+
+type Account = (String, String, String);
+
+/// What a release is audited as.
+#[derive(Debug, Clone, Copy)]
+pub struct Release<'a> {
+    pub researcher: &'a str,
+    pub collaboration: &'a str,
+    pub domain: &'a str,
+    pub table: &'a str,
+    pub query_id: &'a str,
+    pub fragment: usize,
+    pub k: u64,
+}
+
+/// The auditor's database and its cache.
+pub struct QuerySets {
+    path: PathBuf,
+    /// The connection and every account read so far (one lock: decide and commit together).
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    conn: Connection,
+    accounts: HashMap<Account, Vec<Remembered>>,
+}
+
+impl std::fmt::Debug for QuerySets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuerySets")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The outcome of auditing a release.
+#[derive(Debug)]
+pub enum Audited {
+    /// Committed: the release may leave.
+    Allowed,
+    /// Refused: nothing was written.
+    Refused(Refusal),
+}
+
+impl QuerySets {
+    /// Opens (or creates, with its directory) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let error = |message: String| StoreError {
+            path: path.display().to_string(),
+            message,
+        };
+        let conn = crate::ledger::open_durable(
+            path,
+            "CREATE TABLE IF NOT EXISTS sets (
+                     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                     time TEXT NOT NULL,
+                     researcher TEXT NOT NULL,
+                     collaboration TEXT NOT NULL,
+                     domain TEXT NOT NULL,
+                     query_id TEXT NOT NULL,
+                     fragment INTEGER NOT NULL,
+                     merged INTEGER NOT NULL,
+                     size INTEGER NOT NULL,
+                     bitmap BLOB NOT NULL
+                 );
+                 CREATE INDEX IF NOT EXISTS sets_by_account
+                     ON sets (researcher, collaboration, domain, seq);",
+        )
+        .map_err(error)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            inner: Mutex::new(Inner {
+                conn,
+                accounts: HashMap::new(),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error(&self, message: impl std::fmt::Display) -> StoreError {
+        StoreError {
+            path: self.path.display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Audits `sets`, one release: refused if one is too close to a remembered set of the
+    /// account or to another of them; otherwise the new distinct sets are committed
+    /// durably (compacting the oldest beyond `max_sets`) before this returns.
+    pub fn audit(
+        &self,
+        release: Release<'_>,
+        sets: &[ReleasedSet],
+        max_sets: u64,
+        key: &ThresholdKey,
+    ) -> Result<Audited, StoreError> {
+        if sets.is_empty() {
+            return Ok(Audited::Allowed);
+        }
+        // The lock guards the connection and the cache; after a panic the cache may lack a
+        // committed set, so it is dropped and re-read.
+        let mut inner = match self.inner.lock() {
+            Ok(inner) => inner,
+            Err(poisoned) => {
+                let mut inner = poisoned.into_inner();
+                inner.accounts.clear();
+                inner
+            }
+        };
+        let account: Account = (
+            release.researcher.to_string(),
+            release.collaboration.to_string(),
+            release.domain.to_string(),
+        );
+        if !inner.accounts.contains_key(&account) {
+            let loaded = load(&inner.conn, &account).map_err(|e| self.error(e))?;
+            inner.accounts.insert(account.clone(), loaded);
+        }
+        let Inner { conn, accounts } = &mut *inner;
+        let remembered = accounts.get_mut(&account).expect("the account was loaded");
+        {
+            let earlier: Vec<Earlier<'_>> = remembered
+                .iter()
+                .map(|r| Earlier {
+                    query_id: &r.query_id,
+                    release: &r.release,
+                    set: &r.set,
+                })
+                .collect();
+            if let Err(refusal) = railyard_policy::queryset::check(
+                release.table,
+                release.query_id,
+                sets,
+                &earlier,
+                release.k,
+                key,
+            ) {
+                return Ok(Audited::Refused(refusal));
+            }
+        }
+        let new: Vec<&RoaringBitmap> = sets
+            .iter()
+            .map(|s| &s.set)
+            .filter(|s| !remembered.iter().any(|r| r.set == **s))
+            .collect();
+        if new.is_empty() {
+            return Ok(Audited::Allowed);
+        }
+        let mut next = remembered.clone();
+        let written = commit(conn, &account, release, &new, max_sets, &mut next);
+        match written {
+            Ok(()) => {
+                *remembered = next;
+                Ok(Audited::Allowed)
+            }
+            // Nothing of the transaction stayed; the cache is as before.
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// How many sets an account holds and their serialized size in bytes (for the
+    /// auditor's cost in benchmarks and notes).
+    pub fn footprint(&self) -> Result<(u64, u64), StoreError> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(bitmap)), 0) FROM sets",
+                [],
+                |row| Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(|e| self.error(e))
+    }
+}
+
+fn load(conn: &Connection, account: &Account) -> Result<Vec<Remembered>, String> {
+    let mut statement = conn
+        .prepare(
+            "SELECT seq, query_id, fragment, merged, bitmap FROM sets
+             WHERE researcher = ?1 AND collaboration = ?2 AND domain = ?3 ORDER BY seq",
+        )
+        .map_err(|e| e.to_string())?;
+    let rows = statement
+        .query_map(params![account.0, account.1, account.2], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, Vec<u8>>(4)?,
+            ))
+        })
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, query_id, fragment, merged, bytes) = row.map_err(|e| e.to_string())?;
+        // A set that cannot be read fails the account closed: nothing is released against
+        // a state the auditor cannot see.
+        let set = railyard_udfs::unit_set::decode(&bytes)
+            .ok_or_else(|| format!("set {seq} is not a bitmap (the file is damaged)"))?;
+        out.push(Remembered {
+            seq,
+            release: format!("{query_id}#{fragment}"),
+            query_id,
+            merged: merged.max(1) as u64,
+            set,
+        });
+    }
+    Ok(out)
+}
+
+/// Inserts `new` and compacts beyond `max_sets`, in one durable transaction; `next` is the
+/// account's sets afterwards.
+fn commit(
+    conn: &mut Connection,
+    account: &Account,
+    release: Release<'_>,
+    new: &[&RoaringBitmap],
+    max_sets: u64,
+    next: &mut Vec<Remembered>,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let insert = |tx: &rusqlite::Transaction<'_>,
+                  query_id: &str,
+                  fragment: usize,
+                  merged: u64,
+                  set: &RoaringBitmap|
+     -> rusqlite::Result<i64> {
+        tx.execute(
+            "INSERT INTO sets (time, researcher, collaboration, domain, query_id, fragment,
+                               merged, size, bitmap)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                now,
+                account.0,
+                account.1,
+                account.2,
+                query_id,
+                fragment as i64,
+                merged as i64,
+                set.len() as i64,
+                railyard_udfs::unit_set::encode(set),
+            ],
+        )?;
+        Ok(tx.last_insert_rowid())
+    };
+    for set in new {
+        let seq = insert(&tx, release.query_id, release.fragment, 1, set)?;
+        next.push(Remembered {
+            seq,
+            query_id: release.query_id.to_string(),
+            release: format!("{}#{}", release.query_id, release.fragment),
+            merged: 1,
+            set: (*set).clone(),
+        });
+    }
+    let max = usize::try_from(max_sets.max(2)).unwrap_or(usize::MAX);
+    while next.len() > max {
+        // The two oldest become their union, under the older one's query id.
+        let first = next.remove(0);
+        let second = next.remove(0);
+        tx.execute(
+            "DELETE FROM sets WHERE seq IN (?1, ?2)",
+            params![first.seq, second.seq],
+        )?;
+        let union = &first.set | &second.set;
+        let merged = first.merged + second.merged;
+        // A merged set is a release of its own (fragment 0): identical to none released.
+        let seq = insert(&tx, &first.query_id, 0, merged, &union)?;
+        next.insert(
+            0,
+            Remembered {
+                seq,
+                release: format!("{}#0", first.query_id),
+                query_id: first.query_id,
+                merged,
+                set: union,
+            },
+        );
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release<'a>(researcher: &'a str, query_id: &'a str) -> Release<'a> {
+        Release {
+            researcher,
+            collaboration: "",
+            domain: "unit:patient_id",
+            table: "lung",
+            query_id,
+            fragment: 1,
+            k: 5,
+        }
+    }
+
+    fn key() -> ThresholdKey {
+        ThresholdKey::new([1u8; 32], 3)
+    }
+
+    fn one(set: &RoaringBitmap) -> Vec<ReleasedSet> {
+        vec![ReleasedSet {
+            group: Some(0),
+            set: set.clone(),
+        }]
+    }
+
+    #[test]
+    fn a_difference_is_refused_per_researcher_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s/querysets.sqlite");
+        let all: RoaringBitmap = (0..228).collect();
+        let mut but_one = all.clone();
+        but_one.remove(3);
+        {
+            let store = QuerySets::open(&path).unwrap();
+            let first = store
+                .audit(release("ann", "q1"), &one(&all), 100, &key())
+                .unwrap();
+            assert!(matches!(first, Audited::Allowed));
+            // Another researcher's sets are not ann's.
+            let bob = store
+                .audit(release("bob", "q2"), &one(&but_one), 100, &key())
+                .unwrap();
+            assert!(matches!(bob, Audited::Allowed));
+        }
+        let store = QuerySets::open(&path).unwrap();
+        match store
+            .audit(release("ann", "q3"), &one(&but_one), 100, &key())
+            .unwrap()
+        {
+            Audited::Refused(r) => assert!(r.message.contains("q1"), "{}", r.message),
+            Audited::Allowed => panic!("the difference of one patient passed after a restart"),
+        }
+        // The same set again passes and is not stored twice.
+        let again = store
+            .audit(release("ann", "q4"), &one(&all), 100, &key())
+            .unwrap();
+        assert!(matches!(again, Audited::Allowed));
+        assert_eq!(store.footprint().unwrap().0, 2);
+    }
+
+    #[test]
+    fn beyond_the_limit_the_oldest_sets_are_merged_not_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = QuerySets::open(&dir.path().join("q.sqlite")).unwrap();
+        // Ten disjoint sets of 20 patients, at most four remembered.
+        for i in 0..10u32 {
+            let set: RoaringBitmap = (i * 20..i * 20 + 20).collect();
+            let id = format!("q{i}");
+            let out = store
+                .audit(release("ann", &id), &one(&set), 4, &key())
+                .unwrap();
+            assert!(matches!(out, Audited::Allowed));
+        }
+        assert_eq!(store.footprint().unwrap().0, 4);
+        // The union of the first seven (0..140) is still remembered: 0..139 differs by one.
+        let near: RoaringBitmap = (0..139).collect();
+        match store
+            .audit(release("ann", "late"), &one(&near), 4, &key())
+            .unwrap()
+        {
+            Audited::Refused(r) => assert!(r.message.contains("q0"), "{}", r.message),
+            Audited::Allowed => panic!("a compacted set was forgotten"),
+        }
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_written_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let store = QuerySets::open(&path).unwrap();
+        {
+            let inner = store.inner.lock().unwrap();
+            inner.conn.pragma_update(None, "query_only", "ON").unwrap();
+        }
+        let set: RoaringBitmap = (0..50).collect();
+        assert!(
+            store
+                .audit(release("ann", "q1"), &one(&set), 100, &key())
+                .is_err()
+        );
+    }
+}
