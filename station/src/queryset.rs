@@ -201,16 +201,10 @@ impl QuerySets {
         if new.is_empty() {
             return Ok(Audited::Allowed);
         }
-        let mut next = remembered.clone();
-        let written = commit(conn, &account, release, &new, max_sets, &mut next);
-        match written {
-            Ok(()) => {
-                *remembered = next;
-                Ok(Audited::Allowed)
-            }
-            // Nothing of the transaction stayed; the cache is as before.
-            Err(e) => Err(self.error(e)),
-        }
+        // Nothing of a failed transaction stays, and the cache changes only after the
+        // commit: a store that cannot be written leaves both as they were.
+        commit(conn, &account, release, &new, max_sets, remembered).map_err(|e| self.error(e))?;
+        Ok(Audited::Allowed)
     }
 
     /// How many sets an account holds and their serialized size in bytes (for the
@@ -264,20 +258,20 @@ fn load(conn: &Connection, account: &Account) -> Result<Vec<Remembered>, String>
     Ok(out)
 }
 
-/// Inserts `new` and compacts beyond `max_sets`, in one durable transaction; `next` is the
-/// account's sets afterwards.
+/// Inserts `new` and compacts beyond `max_sets` (the oldest sets become their union), in
+/// one durable transaction; `remembered`, the account's cached sets, follows only once the
+/// transaction has committed.
 fn commit(
     conn: &mut Connection,
     account: &Account,
     release: Release<'_>,
     new: &[&RoaringBitmap],
     max_sets: u64,
-    next: &mut Vec<Remembered>,
+    remembered: &mut Vec<Remembered>,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let insert = |tx: &rusqlite::Transaction<'_>,
-                  query_id: &str,
+    let insert = |query_id: &str,
                   fragment: usize,
                   merged: u64,
                   set: &RoaringBitmap|
@@ -300,9 +294,35 @@ fn commit(
         )?;
         Ok(tx.last_insert_rowid())
     };
+    // Beyond the limit, the oldest `over + 1` sets become one: their union, under the
+    // oldest one's query id.
+    let max = usize::try_from(max_sets.max(2)).unwrap_or(usize::MAX);
+    let over = (remembered.len() + new.len()).saturating_sub(max);
+    let compacted = if over > 0 && remembered.len() > over {
+        let oldest = &remembered[..=over];
+        let mut union = RoaringBitmap::new();
+        for r in oldest {
+            union |= &r.set;
+            tx.execute("DELETE FROM sets WHERE seq = ?1", params![r.seq])?;
+        }
+        let merged: u64 = oldest.iter().map(|r| r.merged).sum();
+        let query_id = oldest[0].query_id.clone();
+        // A merged set is a release of its own (fragment 0).
+        let seq = insert(&query_id, 0, merged, &union)?;
+        Some(Remembered {
+            seq,
+            release: format!("{query_id}#0"),
+            query_id,
+            merged,
+            set: union,
+        })
+    } else {
+        None
+    };
+    let mut added = Vec::with_capacity(new.len());
     for set in new {
-        let seq = insert(&tx, release.query_id, release.fragment, 1, set)?;
-        next.push(Remembered {
+        let seq = insert(release.query_id, release.fragment, 1, set)?;
+        added.push(Remembered {
             seq,
             query_id: release.query_id.to_string(),
             release: format!("{}#{}", release.query_id, release.fragment),
@@ -310,31 +330,13 @@ fn commit(
             set: (*set).clone(),
         });
     }
-    let max = usize::try_from(max_sets.max(2)).unwrap_or(usize::MAX);
-    while next.len() > max {
-        // The two oldest become their union, under the older one's query id.
-        let first = next.remove(0);
-        let second = next.remove(0);
-        tx.execute(
-            "DELETE FROM sets WHERE seq IN (?1, ?2)",
-            params![first.seq, second.seq],
-        )?;
-        let union = &first.set | &second.set;
-        let merged = first.merged + second.merged;
-        // A merged set is a release of its own (fragment 0): identical to none released.
-        let seq = insert(&tx, &first.query_id, 0, merged, &union)?;
-        next.insert(
-            0,
-            Remembered {
-                seq,
-                release: format!("{}#0", first.query_id),
-                query_id: first.query_id,
-                merged,
-                set: union,
-            },
-        );
+    tx.commit()?;
+    if let Some(merged) = compacted {
+        remembered.drain(..=over);
+        remembered.insert(0, merged);
     }
-    tx.commit()
+    remembered.extend(added);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -39,6 +39,19 @@ const PAIRS: &[(&str, &str)] = &[
         "SELECT term, estimate FROM glm('lung', 'age ~ sex', 'gaussian')",
         "SELECT term, estimate FROM glm('lung', 'age ~ sex', 'gaussian', 'patient_id <> 1')",
     ),
+    // A bare count (public columns only, k = 1) is remembered too: a later count that
+    // leaves out the patient if aged 74 would tell the age.
+    (
+        "SELECT count(*) FROM lung",
+        "SELECT count(*) FROM lung WHERE patient_id <> 1 OR age <> 74",
+    ),
+    // Groups of one GROUP BY are compared too: a UNION ALL of the table and the table
+    // without patient 1, grouped by part, is two groups one patient apart.
+    (
+        "SELECT count(*) FROM lung WHERE sex = 1",
+        "SELECT g, count(*), sum(age) FROM (SELECT 'a' AS g, age, patient_id FROM lung \
+         UNION ALL SELECT 'b' AS g, age, patient_id FROM lung WHERE patient_id <> 1) t GROUP BY g",
+    ),
     (
         "SELECT time, at_risk FROM kaplan_meier('lung', 'time', 'status')",
         "SELECT time, at_risk FROM kaplan_meier('lung', 'time', 'status', '', 'patient_id <> 1')",

@@ -676,10 +676,19 @@ fn decide(
     }
     // The auditor watches a release over non-public columns of a table it is on for (over
     // a relational input: any patient table read).
-    let audit = (k > 1)
+    // Even an aggregate over public columns only (`count(*)`, k = 1) is watched when the
+    // table holds non-public ones: its set is what a later filtered count is compared with.
+    let private_table = match chain.last() {
+        Some(LogicalPlan::TableScan(scan)) => has_non_public(policy, &table, &scan.source.schema()),
+        _ => checker
+            .tables
+            .iter()
+            .any(|(t, schema)| !policy.is_reference(t) && has_non_public(policy, t, schema)),
+    };
+    let audit = (k > 1 || private_table)
         .then(|| audit_domain(&checker, unit.as_deref(), relational))
         .flatten();
-    let contributors = (k > 1).then(|| Counted {
+    let contributors = (k > 1 || audit.is_some()).then(|| Counted {
         below: &chain[at + 1..],
         used: &checker.used,
         nonlinear: &checker.nonlinear,
@@ -720,6 +729,14 @@ fn decide(
         release,
         audit,
     })
+}
+
+/// Whether `table` has a column that is not `public`.
+fn has_non_public(policy: &Policy, table: &str, schema: &arrow::datatypes::Schema) -> bool {
+    schema
+        .fields()
+        .iter()
+        .any(|f| policy.visibility(table, f.name()) != Visibility::Public)
 }
 
 /// The query-set auditor's domain for an aggregate release (see [`Checked::audit`]), if
