@@ -50,6 +50,10 @@ pub struct ReleasedSet {
 /// Every pair is compared, the groups of one `GROUP BY` too: over a relational input
 /// (`UNION ALL` of the table and the table without patient 1, grouped by which part) two
 /// groups can be the same patients but one.
+///
+/// `unit` maps an element of the sets to the unit's 32-bit hash (the identity when the sets
+/// hold the hashes themselves; a station that numbers its patients densely maps the number
+/// back), so the margin of a difference depends only on which patients differ.
 pub fn check(
     table: &str,
     query_id: &str,
@@ -57,15 +61,16 @@ pub fn check(
     earlier: &[Earlier<'_>],
     k: u64,
     key: &ThresholdKey,
+    unit: &dyn Fn(u32) -> u32,
 ) -> Result<(), Refusal> {
     for (i, new) in sets.iter().enumerate() {
         for other in earlier {
-            if too_close(&new.set, other.set, k, key) {
+            if too_close(&new.set, other.set, k, key, unit) {
                 return Err(refusal(table, other.query_id, k));
             }
         }
         for before in &sets[..i] {
-            if too_close(&new.set, &before.set, k, key) {
+            if too_close(&new.set, &before.set, k, key, unit) {
                 return Err(refusal(table, query_id, k));
             }
         }
@@ -74,7 +79,13 @@ pub fn check(
 }
 
 /// Whether two sets differ by more than none and fewer than the noisy threshold.
-pub fn too_close(a: &RoaringBitmap, b: &RoaringBitmap, k: u64, key: &ThresholdKey) -> bool {
+pub fn too_close(
+    a: &RoaringBitmap,
+    b: &RoaringBitmap,
+    k: u64,
+    key: &ThresholdKey,
+    unit: &dyn Fn(u32) -> u32,
+) -> bool {
     let most = k + key.noise();
     // The symmetric difference is at least the difference in size: most pairs stop here.
     if a.len().abs_diff(b.len()) >= most {
@@ -89,14 +100,19 @@ pub fn too_close(a: &RoaringBitmap, b: &RoaringBitmap, k: u64, key: &ThresholdKe
         return true;
     }
     // Between k and k + noise: the margin of which patients differ decides.
-    differ < threshold(&(a ^ b), k, key)
+    differ < threshold(&(a ^ b), k, key, unit)
 }
 
 /// The number of patients a difference `set` must reach to be no disclosure: k plus the
 /// margin drawn by which patients they are. (A release's secondary suppression uses the
 /// same threshold, so what it lets out is never refused for the same difference.)
-pub fn threshold(set: &RoaringBitmap, k: u64, key: &ThresholdKey) -> u64 {
-    k + key.margin(digest(set), k ^ DIFFERENCING_TAG)
+pub fn threshold(
+    set: &RoaringBitmap,
+    k: u64,
+    key: &ThresholdKey,
+    unit: &dyn Fn(u32) -> u32,
+) -> u64 {
+    k + key.margin(digest(set, unit), k ^ DIFFERENCING_TAG)
 }
 
 /// Separates the auditor's margins from the release thresholds' (a set of patients that
@@ -104,10 +120,10 @@ pub fn threshold(set: &RoaringBitmap, k: u64, key: &ThresholdKey) -> u64 {
 const DIFFERENCING_TAG: u64 = 0x5155_4552_5953_4554;
 
 /// A 64-bit digest of which elements a set holds.
-fn digest(set: &RoaringBitmap) -> u64 {
+fn digest(set: &RoaringBitmap, unit: &dyn Fn(u32) -> u32) -> u64 {
     set.iter().fold(0u64, |acc, x| {
-        // splitmix64 of each element, XORed: order-free.
-        let mut z = u64::from(x).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        // splitmix64 of each unit, XORed: order-free.
+        let mut z = u64::from(unit(x)).wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         acc ^ z ^ (z >> 31)
@@ -131,6 +147,10 @@ pub fn refusal(table: &str, earlier_query: &str, k: u64) -> Refusal {
 mod tests {
     use super::*;
 
+    fn same(x: u32) -> u32 {
+        x
+    }
+
     fn key(noise: u64) -> ThresholdKey {
         ThresholdKey::new([7u8; 32], noise)
     }
@@ -149,11 +169,29 @@ mod tests {
             release: "q1#1",
             set: &all,
         }];
-        let refused = check("lung", "q2", &[global(but_one)], &earlier, 5, &key(3)).unwrap_err();
+        let refused = check(
+            "lung",
+            "q2",
+            &[global(but_one)],
+            &earlier,
+            5,
+            &key(3),
+            &same,
+        )
+        .unwrap_err();
         assert_eq!(refused.rule, Rule::Differencing);
         assert!(refused.message.contains("q1"), "{}", refused.message);
         // Identical sets (a query run again, a model's rounds) pass.
-        check("lung", "q3", &[global(all.clone())], &earlier, 5, &key(3)).unwrap();
+        check(
+            "lung",
+            "q3",
+            &[global(all.clone())],
+            &earlier,
+            5,
+            &key(3),
+            &same,
+        )
+        .unwrap();
     }
 
     fn global(set: RoaringBitmap) -> ReleasedSet {
@@ -174,7 +212,7 @@ mod tests {
             group: Some(0),
             set: set(0..48),
         };
-        let refused = check("t", "q", &[group.clone(), value], &[], 5, &key(0)).unwrap_err();
+        let refused = check("t", "q", &[group.clone(), value], &[], 5, &key(0), &same).unwrap_err();
         assert!(refused.message.contains("query q "), "{}", refused.message);
         // Two groups of one GROUP BY one patient apart (UNION ALL of the table and the
         // table without patient 0, grouped by part): refused too.
@@ -182,14 +220,14 @@ mod tests {
             group: Some(1),
             set: set(1..50),
         };
-        assert!(check("t", "q", &[group.clone(), other], &[], 5, &key(0)).is_err());
+        assert!(check("t", "q", &[group.clone(), other], &[], 5, &key(0), &same).is_err());
         // Disjoint groups pass, and so does the same release again.
         let far = ReleasedSet {
             group: Some(1),
             set: set(100..150),
         };
         let both = [group, far];
-        check("t", "q", &both, &[], 5, &key(0)).unwrap();
+        check("t", "q", &both, &[], 5, &key(0), &same).unwrap();
         let earlier: Vec<Earlier<'_>> = both
             .iter()
             .map(|s| Earlier {
@@ -198,7 +236,7 @@ mod tests {
                 set: &s.set,
             })
             .collect();
-        check("t", "again", &both, &earlier, 5, &key(0)).unwrap();
+        check("t", "again", &both, &earlier, 5, &key(0), &same).unwrap();
     }
 
     #[test]
@@ -214,8 +252,8 @@ mod tests {
                 .iter()
                 .chain(1000 + start * 10..1000 + start * 10 + 5)
                 .collect();
-            let first = too_close(&more, &base, k, &key(3));
-            assert_eq!(first, too_close(&base, &more, k, &key(3)));
+            let first = too_close(&more, &base, k, &key(3), &same);
+            assert_eq!(first, too_close(&base, &more, k, &key(3), &same));
             if first {
                 refused += 1;
             } else {
@@ -229,13 +267,13 @@ mod tests {
         // Below k: always refused; from k + noise on: never.
         for d in 1..k as u32 {
             let more: RoaringBitmap = base.iter().chain(500..500 + d).collect();
-            assert!(too_close(&more, &base, k, &key(3)), "difference {d}");
+            assert!(too_close(&more, &base, k, &key(3), &same), "difference {d}");
         }
         let far: RoaringBitmap = base.iter().chain(500..508).collect();
-        assert!(!too_close(&far, &base, k, &key(3)));
+        assert!(!too_close(&far, &base, k, &key(3), &same));
         // Without noise the threshold is exactly k.
         let exact: RoaringBitmap = base.iter().chain(500..505).collect();
-        assert!(!too_close(&exact, &base, k, &key(0)));
+        assert!(!too_close(&exact, &base, k, &key(0), &same));
     }
 
     #[test]
@@ -243,6 +281,6 @@ mod tests {
         // {1..50} and {2..51}: sizes equal, but two patients differ.
         let a = set(1..51);
         let b = set(2..52);
-        assert!(too_close(&a, &b, 5, &key(0)));
+        assert!(too_close(&a, &b, 5, &key(0), &same));
     }
 }

@@ -680,7 +680,7 @@ fn secondary_suppression(
         if withheld.is_empty() {
             return Ok(());
         }
-        if withheld.len() >= crate::queryset::threshold(&withheld, k, key) {
+        if withheld.len() >= crate::queryset::threshold(&withheld, k, key, &|x| x) {
             return Ok(());
         }
         let smallest = groups

@@ -75,6 +75,18 @@ pub struct QuerySets {
 struct Inner {
     conn: Connection,
     accounts: HashMap<Account, Vec<Remembered>>,
+    numbers: Numbers,
+}
+
+/// The station's dense numbering of its units. A released set holds 32-bit unit hashes,
+/// which scatter over the whole range (a roaring bitmap then spends about 10 bytes per
+/// patient); numbered 0, 1, 2, … in order of first release, a set takes at most 2 bytes per
+/// patient and at most 8 KiB per 65,536 numbers (one bit each). One numbering per
+/// station, shared by every account.
+#[derive(Default)]
+struct Numbers {
+    id_of: HashMap<u32, u32>,
+    unit_of: Vec<u32>,
 }
 
 impl std::fmt::Debug for QuerySets {
@@ -116,14 +128,20 @@ impl QuerySets {
                      bitmap BLOB NOT NULL
                  );
                  CREATE INDEX IF NOT EXISTS sets_by_account
-                     ON sets (researcher, collaboration, domain, seq);",
+                     ON sets (researcher, collaboration, domain, seq);
+                 CREATE TABLE IF NOT EXISTS units (
+                     id INTEGER PRIMARY KEY,
+                     unit INTEGER NOT NULL UNIQUE
+                 );",
         )
         .map_err(error)?;
+        let numbers = load_numbers(&conn).map_err(error)?;
         Ok(Self {
             path: path.to_path_buf(),
             inner: Mutex::new(Inner {
                 conn,
                 accounts: HashMap::new(),
+                numbers,
             }),
         })
     }
@@ -171,8 +189,42 @@ impl QuerySets {
             let loaded = load(&inner.conn, &account).map_err(|e| self.error(e))?;
             inner.accounts.insert(account.clone(), loaded);
         }
-        let Inner { conn, accounts } = &mut *inner;
+        let Inner {
+            conn,
+            accounts,
+            numbers,
+        } = &mut *inner;
         let remembered = accounts.get_mut(&account).expect("the account was loaded");
+        // The release's sets in the station's numbering; units never released before get
+        // the next numbers, kept only if the release is committed.
+        let known = numbers.unit_of.len();
+        let mut fresh: Vec<u32> = Vec::new();
+        let mut fresh_id: HashMap<u32, u32> = HashMap::new();
+        let sets: Vec<ReleasedSet> = sets
+            .iter()
+            .map(|s| ReleasedSet {
+                group: s.group,
+                set: s
+                    .set
+                    .iter()
+                    .map(|unit| match numbers.id_of.get(&unit) {
+                        Some(id) => *id,
+                        None => *fresh_id.entry(unit).or_insert_with(|| {
+                            fresh.push(unit);
+                            (known + fresh.len() - 1) as u32
+                        }),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let unit_of = |id: u32| -> u32 {
+            let id = id as usize;
+            if id < known {
+                numbers.unit_of[id]
+            } else {
+                fresh.get(id - known).copied().unwrap_or(id as u32)
+            }
+        };
         {
             let earlier: Vec<Earlier<'_>> = remembered
                 .iter()
@@ -185,10 +237,11 @@ impl QuerySets {
             if let Err(refusal) = railyard_policy::queryset::check(
                 release.table,
                 release.query_id,
-                sets,
+                &sets,
                 &earlier,
                 release.k,
                 key,
+                &unit_of,
             ) {
                 return Ok(Audited::Refused(refusal));
             }
@@ -203,7 +256,16 @@ impl QuerySets {
         }
         // Nothing of a failed transaction stays, and the cache changes only after the
         // commit: a store that cannot be written leaves both as they were.
-        commit(conn, &account, release, &new, max_sets, remembered).map_err(|e| self.error(e))?;
+        let units = Fresh {
+            first: known as u32,
+            units: &fresh,
+        };
+        commit(conn, &account, release, &new, units, max_sets, remembered)
+            .map_err(|e| self.error(e))?;
+        for (i, unit) in fresh.iter().enumerate() {
+            numbers.id_of.insert(*unit, (known + i) as u32);
+        }
+        numbers.unit_of.extend(fresh);
         Ok(Audited::Allowed)
     }
 
@@ -220,6 +282,36 @@ impl QuerySets {
             )
             .map_err(|e| self.error(e))
     }
+}
+
+/// Units numbered by a release: `units[i]` gets number `first + i`.
+struct Fresh<'a> {
+    first: u32,
+    units: &'a [u32],
+}
+
+fn load_numbers(conn: &Connection) -> Result<Numbers, String> {
+    let mut statement = conn
+        .prepare("SELECT id, unit FROM units ORDER BY id")
+        .map_err(|e| e.to_string())?;
+    let rows = statement
+        .query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))
+        .map_err(|e| e.to_string())?;
+    let mut numbers = Numbers::default();
+    for row in rows {
+        let (id, unit) = row.map_err(|e| e.to_string())?;
+        // Numbers are dense from 0: a gap means a damaged file, and sets read against it
+        // would name other patients.
+        if id != numbers.unit_of.len() as i64 {
+            return Err(format!(
+                "unit number {id} is out of sequence (the file is damaged)"
+            ));
+        }
+        let unit = unit as u32;
+        numbers.id_of.insert(unit, id as u32);
+        numbers.unit_of.push(unit);
+    }
+    Ok(numbers)
 }
 
 fn load(conn: &Connection, account: &Account) -> Result<Vec<Remembered>, String> {
@@ -266,10 +358,17 @@ fn commit(
     account: &Account,
     release: Release<'_>,
     new: &[&RoaringBitmap],
+    fresh: Fresh<'_>,
     max_sets: u64,
     remembered: &mut Vec<Remembered>,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (i, unit) in fresh.units.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO units (id, unit) VALUES (?1, ?2)",
+            params![i64::from(fresh.first) + i as i64, i64::from(*unit)],
+        )?;
+    }
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let insert = |query_id: &str,
                   fragment: usize,
@@ -424,6 +523,41 @@ mod tests {
             Audited::Refused(r) => assert!(r.message.contains("q0"), "{}", r.message),
             Audited::Allowed => panic!("a compacted set was forgotten"),
         }
+    }
+
+    #[test]
+    fn patients_are_numbered_densely_so_sets_stay_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        // 10,000 patients as their 32-bit hashes scatter over the whole range.
+        let hash = |i: u32| i.wrapping_mul(0x9E37_79B9).rotate_left(7);
+        let everyone: RoaringBitmap = (0..10_000).map(hash).collect();
+        let scattered = railyard_udfs::unit_set::encode(&everyone).len();
+        {
+            let store = QuerySets::open(&path).unwrap();
+            store
+                .audit(release("ann", "q1"), &one(&everyone), 100, &key())
+                .unwrap();
+            let (sets, bytes) = store.footprint().unwrap();
+            assert_eq!(sets, 1);
+            assert!(
+                bytes * 10 < scattered as u64,
+                "{bytes} bytes numbered, {scattered} scattered"
+            );
+        }
+        // After a restart the numbering is the same: the set without one patient is seen.
+        let store = QuerySets::open(&path).unwrap();
+        let but_one: RoaringBitmap = (1..10_000).map(hash).collect();
+        let out = store
+            .audit(release("ann", "q2"), &one(&but_one), 100, &key())
+            .unwrap();
+        assert!(matches!(out, Audited::Refused(_)));
+        // A patient first seen now gets a fresh number, kept only with a committed release.
+        let more: RoaringBitmap = (0..10_010).map(hash).collect();
+        let out = store
+            .audit(release("bob", "q3"), &one(&more), 100, &key())
+            .unwrap();
+        assert!(matches!(out, Audited::Allowed));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! sets it released to the same researcher before: two sets that differ by a few patients
 //! subtract to those patients. The aggregate collects the units of a group (or of the rows
 //! one aggregate call reads, under its FILTER) into a roaring bitmap, serialized as Binary;
-//! the bitmap never leaves the station.
+//! the bitmap never leaves the station. (The station's auditor renumbers the elements
+//! densely before it stores a set, so stored sets stay small.)
 //!
 //! Elements are the 64-bit unit hashes folded to 32 bits (`h ^ (h >> 32)`). Two patients
 //! whose folded hashes collide count as one: with n patients a given patient shares its
