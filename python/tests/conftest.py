@@ -66,11 +66,12 @@ def hub_url(tmp_path_factory):
 @pytest.fixture(scope="session")
 def guarded_hub():
     """A federation under the stations' default policy (nothing row-level, k = 5); yields
-    (hub URL, data directory holding the audit logs)."""
+    (hub URL, data directory holding the audit logs). Clients name their researcher
+    (`--named-researchers`), so each test can start with a fresh query-set memory."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_local(pathlib.Path(tmp), None)
+        proc, url = start_local(pathlib.Path(tmp), None, ["--named-researchers"])
         yield url, pathlib.Path(tmp)
         stop(proc)
 

@@ -3,6 +3,7 @@ that name the rule, and grouped answers hold only groups of at least k = 5 rows 
 The reference is pandas on each station's own file."""
 
 import pathlib
+import uuid
 
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_manager
@@ -17,8 +18,12 @@ STATIONS = ["station_a", "station_b", "station_c"]
 
 @pytest.fixture()
 def conn(guarded_hub):
+    """A connection as a researcher of its own: the stations' query-set auditor remembers
+    what each researcher was released, and one test's queries must not meet another's."""
     url, _ = guarded_hub
-    with flightsql.connect(url, autocommit=True) as connection:
+    researcher = f"test-{uuid.uuid4().hex[:12]}"
+    header = "adbc.flight.sql.rpc.call_header.x-railyard-researcher"
+    with flightsql.connect(url, db_kwargs={header: researcher}, autocommit=True) as connection:
         yield connection
 
 
