@@ -102,6 +102,50 @@ pub fn train_image(station: &str, image: &str) -> Refusal {
     }
 }
 
+/// How many calls each researcher made in the last minute: the one sliding window behind
+/// the hub's `max_queries_per_minute` and a station's `max_fragments_per_minute`.
+#[derive(Debug, Default)]
+pub struct RateWindow {
+    recent: std::sync::Mutex<
+        std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>,
+    >,
+}
+
+impl RateWindow {
+    /// Counts a call by `researcher` now if fewer than `limit` fell in the last minute
+    /// (0: no limit); whether it was admitted.
+    pub fn admit(&self, researcher: &str, limit: u64) -> bool {
+        if limit == 0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let minute = std::time::Duration::from_secs(60);
+        // The lock guards map operations only; after a panic the map is still valid.
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        // Names nobody used for a minute are forgotten, so any number of names (a
+        // compromised hub can send any) costs no lasting memory.
+        if recent.len() > 1024 {
+            recent.retain(|_, times| {
+                times
+                    .back()
+                    .is_some_and(|t| now.duration_since(*t) < minute)
+            });
+        }
+        let times = recent.entry(researcher.to_string()).or_default();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= minute)
+        {
+            times.pop_front();
+        }
+        let admitted = (times.len() as u64) < limit;
+        if admitted {
+            times.push_back(now);
+        }
+        admitted
+    }
+}
+
 /// A researcher over the station's `max_fragments_per_minute`.
 pub fn rate_limited(station: &str, limit: u64) -> Refusal {
     Refusal {

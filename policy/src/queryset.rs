@@ -25,12 +25,10 @@ use roaring::RoaringBitmap;
 use crate::release::ThresholdKey;
 use crate::rule::{Refusal, Rule};
 
-/// A set released before: which query released it (its id in the audit log), which
-/// release (query and fragment) it came with, and the set.
+/// A set released before: which query released it (its id in the audit log), and the set.
 #[derive(Debug, Clone, Copy)]
 pub struct Earlier<'a> {
     pub query_id: &'a str,
-    pub release: &'a str,
     pub set: &'a RoaringBitmap,
 }
 
@@ -171,7 +169,6 @@ mod tests {
         but_one.remove(17);
         let earlier = [Earlier {
             query_id: "q1",
-            release: "q1#1",
             set: &all,
         }];
         let refused = check(
@@ -257,7 +254,6 @@ mod tests {
             .iter()
             .map(|s| Earlier {
                 query_id: "q",
-                release: "q#1",
                 set: &s.set,
             })
             .collect();

@@ -197,28 +197,8 @@ impl Station {
     /// `max_fragments_per_minute` for its researcher.
     pub(crate) async fn within_rate(&self, ticket: &FragmentTicket) -> Result<()> {
         let limit = self.policy.max_fragments_per_minute;
-        if limit == 0 {
-            return Ok(());
-        }
-        let researcher = railyard_contract::researcher_or_local(&ticket.researcher).to_string();
-        let now = std::time::Instant::now();
-        let over = {
-            // The lock guards map operations only; after a panic the map is still valid.
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            let times = recent.entry(researcher).or_default();
-            while times
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= std::time::Duration::from_secs(60))
-            {
-                times.pop_front();
-            }
-            let over = times.len() as u64 >= limit;
-            if !over {
-                times.push_back(now);
-            }
-            over
-        };
-        if over {
+        let researcher = railyard_contract::researcher_or_local(&ticket.researcher);
+        if !self.recent.admit(researcher, limit) {
             let refusal = gate::rate_limited(&self.name, limit);
             return Err(self.refuse(ticket, refusal, None).await);
         }

@@ -102,7 +102,7 @@ pub struct Station {
     /// The query-set auditor's store (beside the audit log).
     querysets: Arc<queryset::QuerySets>,
     /// When each researcher's recent fragments ran (`max_fragments_per_minute`).
-    recent: Mutex<HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
+    recent: railyard_policy::gate::RateWindow,
 }
 
 impl Station {
@@ -211,7 +211,7 @@ impl Station {
             threshold_key,
             hub_secret: config.hub_secret.clone(),
             querysets,
-            recent: Mutex::new(HashMap::new()),
+            recent: Default::default(),
         };
         for (table, schema) in station.tables().await? {
             station.policy.validate_table(&table, &schema)?;

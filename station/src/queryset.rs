@@ -4,7 +4,6 @@
 //!
 //! ```text
 //!   sets(seq, researcher, collaboration, domain, query_id, fragment, merged, size, bitmap)
-//!   (a set's release is its query_id and fragment)
 //!   a release's sets ──▶ compared with the account's sets (and with each other)
 //!                        ├ too close to one: refused, rule `differencing`, naming its query
 //!                        └ else: the new distinct sets are committed (fsync) before the
@@ -44,8 +43,6 @@ pub struct StoreError {
 struct Remembered {
     seq: i64,
     query_id: String,
-    /// `query_id#fragment`: the release it came with.
-    release: String,
     /// How many released sets it is the union of (1: as released).
     merged: u64,
     set: RoaringBitmap,
@@ -230,7 +227,6 @@ impl QuerySets {
                 .iter()
                 .map(|r| Earlier {
                     query_id: &r.query_id,
-                    release: &r.release,
                     set: &r.set,
                 })
                 .collect();
@@ -317,7 +313,7 @@ fn load_numbers(conn: &Connection) -> Result<Numbers, String> {
 fn load(conn: &Connection, account: &Account) -> Result<Vec<Remembered>, String> {
     let mut statement = conn
         .prepare(
-            "SELECT seq, query_id, fragment, merged, bitmap FROM sets
+            "SELECT seq, query_id, merged, bitmap FROM sets
              WHERE researcher = ?1 AND collaboration = ?2 AND domain = ?3 ORDER BY seq",
         )
         .map_err(|e| e.to_string())?;
@@ -327,21 +323,19 @@ fn load(conn: &Connection, account: &Account) -> Result<Vec<Remembered>, String>
                 row.get::<_, i64>(0)?,
                 row.get::<_, String>(1)?,
                 row.get::<_, i64>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, Vec<u8>>(4)?,
+                row.get::<_, Vec<u8>>(3)?,
             ))
         })
         .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for row in rows {
-        let (seq, query_id, fragment, merged, bytes) = row.map_err(|e| e.to_string())?;
+        let (seq, query_id, merged, bytes) = row.map_err(|e| e.to_string())?;
         // A set that cannot be read fails the account closed: nothing is released against
         // a state the auditor cannot see.
         let set = railyard_udfs::unit_set::decode(&bytes)
             .ok_or_else(|| format!("set {seq} is not a bitmap (the file is damaged)"))?;
         out.push(Remembered {
             seq,
-            release: format!("{query_id}#{fragment}"),
             query_id,
             merged: merged.max(1) as u64,
             set,
@@ -406,11 +400,10 @@ fn commit(
         }
         let merged: u64 = oldest.iter().map(|r| r.merged).sum();
         let query_id = oldest[0].query_id.clone();
-        // A merged set is a release of its own (fragment 0).
+        // A merged set belongs to no one fragment (0).
         let seq = insert(&query_id, 0, merged, &union)?;
         Some(Remembered {
             seq,
-            release: format!("{query_id}#0"),
             query_id,
             merged,
             set: union,
@@ -424,7 +417,6 @@ fn commit(
         added.push(Remembered {
             seq,
             query_id: release.query_id.to_string(),
-            release: format!("{}#{}", release.query_id, release.fragment),
             merged: 1,
             set: (*set).clone(),
         });

@@ -201,10 +201,9 @@ async fn holder_of_patient_1(federation: &railyard::local::LocalFederation) -> S
     federation
         .stations
         .iter()
-        .find(|s| s.name.ends_with('b') || s.name.contains("_b"))
-        .or(federation.stations.get(1))
+        .find(|s| s.name == "station_b")
         .map(|s| s.url.clone())
-        .unwrap()
+        .expect("a station per file: station_b")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

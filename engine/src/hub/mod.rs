@@ -230,7 +230,7 @@ pub struct Hub {
     /// Each researcher's `SET railyard.epsilon`.
     epsilon: Mutex<HashMap<String, f64>>,
     /// When each researcher's recent queries started (`max_queries_per_minute`).
-    recent: Mutex<HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
+    recent: railyard_policy::gate::RateWindow,
 }
 
 impl Hub {
@@ -375,7 +375,7 @@ impl Hub {
             base: ctx.state(),
             options,
             epsilon: Mutex::new(HashMap::new()),
-            recent: Mutex::new(HashMap::new()),
+            recent: Default::default(),
         })
     }
 
@@ -407,30 +407,16 @@ impl Hub {
     /// researcher; counts it otherwise.
     fn within_rate(&self, researcher: &str) -> Result<()> {
         let limit = self.options.max_queries_per_minute;
-        if limit == 0 {
+        if self.recent.admit(researcher, limit) {
             return Ok(());
         }
-        let now = std::time::Instant::now();
-        // The lock guards map operations only; after a panic the map is still valid.
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let times = recent.entry(researcher.to_string()).or_default();
-        while times
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
-        {
-            times.pop_front();
-        }
-        if times.len() as u64 >= limit {
-            return Err(Error::Limit(railyard_policy::Refusal {
-                rule: railyard_policy::Rule::RateLimit,
-                message: format!(
-                    "the hub runs at most {limit} queries per minute for one researcher \
-                     (max_queries_per_minute); wait and ask again"
-                ),
-            }));
-        }
-        times.push_back(now);
-        Ok(())
+        Err(Error::Limit(railyard_policy::Refusal {
+            rule: railyard_policy::Rule::RateLimit,
+            message: format!(
+                "the hub runs at most {limit} queries per minute for one researcher \
+                 (max_queries_per_minute); wait and ask again"
+            ),
+        }))
     }
 
     /// `sql` parsed, and whether it was `EXPLAIN FEDERATED` (which is stripped).
