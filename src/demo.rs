@@ -289,6 +289,11 @@ pub const REFUSED: &[(&str, &str)] = &[
 pub const DP_QUERY: &str = "SELECT sex, dp_count(*) AS patients, dp_avg(age) AS mean_age \
      FROM lung GROUP BY sex ORDER BY sex";
 
+/// The demo's DP median: from noisy histograms over the policy's bins (exact medians are
+/// refused).
+pub const DP_MEDIAN_QUERY: &str =
+    "SELECT sex, dp_median(age) AS median_age FROM lung GROUP BY sex ORDER BY sex";
+
 /// The example train the demo runs when its image exists (`scripts/build-trains`).
 pub const TRAIN_IMAGE: &str = "railyard/histogram:dev";
 /// The demo's train query.
@@ -537,6 +542,10 @@ fn enable_dp(policy: &mut railyard_station::Policy) {
         "age".to_string(),
         DpColumn {
             bounds: Some((30.0, 90.0)),
+            // Five-year bins for dp_median.
+            bins: Some(railyard_udfs::dp::histogram::equal_width_edges(
+                30.0, 90.0, 12,
+            )),
             keys: None,
             line: 0,
         },
@@ -545,6 +554,7 @@ fn enable_dp(policy: &mut railyard_station::Policy) {
         "sex".to_string(),
         DpColumn {
             bounds: None,
+            bins: None,
             keys: Some(vec![DpKey::Int(1), DpKey::Int(2)]),
             line: 0,
         },
@@ -563,7 +573,7 @@ async fn show_dp(client: &mut HubClient, out: &mut impl Write) -> Result<()> {
     writeln!(
         out,
         "── Differential privacy (docs/privacy.md): each station adds Laplace noise (OpenDP) \
-         to its own counts and sums, after charging ε to the researcher's budget in its \
+         to its own counts, sums and histograms (medians), after charging ε to the researcher's budget in its \
          ledger; the hub adds up noisy states only"
     )?;
     show_query(
@@ -572,6 +582,15 @@ async fn show_dp(client: &mut HubClient, out: &mut impl Write) -> Result<()> {
         "Patients and mean age by sex, ε = 0.5 per station (the true counts are 138 and 90)",
         DP_QUERY,
         true,
+    )
+    .await?;
+    show_query(
+        client,
+        out,
+        "Median age by sex from noisy 5-year histograms, ε = 0.5 per station (the true \
+         medians are 64 and 61)",
+        DP_MEDIAN_QUERY,
+        false,
     )
     .await?;
     let budget = client

@@ -19,8 +19,11 @@ pub struct DpAggregateSpec {
     pub kind: DpKind,
     /// The column it reads (none for `dp_count(*)`).
     pub column: Option<String>,
-    /// How much one row can change its sum: max(|lower|, |upper|) (1 for counts).
+    /// How much one patient (or row) can change its sum: max(|lower|, |upper|) times the
+    /// release's rows per unit (for counts and histograms, the rows per unit).
     pub bound: f64,
+    /// The bin edges of a quantile's histogram (empty for the other kinds).
+    pub edges: Vec<f64>,
 }
 
 /// What a checked DP fragment releases.
@@ -31,6 +34,9 @@ pub struct DpRelease {
     pub groups: Vec<DpGroup>,
     /// The aggregate's DP calls, in its output order (after the groups).
     pub aggregates: Vec<DpAggregateSpec>,
+    /// The most rows one privacy unit contributes (1 without a unit): how much one
+    /// patient can change a count.
+    pub rows_per_unit: f64,
     /// The aggregate's output schema (what an input without rows would have produced).
     pub aggregate_schema: SchemaRef,
     /// For each output column of the fragment, its column in the aggregate's output.

@@ -5,32 +5,40 @@
 //!   fragment  SELECT sex, partial_dp_count(1), partial_dp_avg(CAST(age AS DOUBLE)) … GROUP BY sex
 //!     │ check: DP calls only, columns unchanged, bounds and public keys from the policy
 //!     │ ε: the ticket's (SET railyard.epsilon) or the policy default, ≤ dp.max_epsilon
-//!     │ split: ε / (number of state fields) per field     count: 1 field, sum: 1, avg: 2
+//!     │ split: ε / (number of noised state fields) per field
+//!     │        count: 1 field, sum: 1, avg: 2, quantile: 1 (its histogram; the edges are public)
 //!     │ ledger: charge ε (durable) or refuse                 nothing runs before this
 //!     ▼
 //!   aggregate over clamped values → exact states per group
 //!     │ complete: exactly one row per declared key combination (missing ones are zero,
 //!     │           rows with undeclared keys are dropped)
-//!     │ noise: per state field, OpenDP's vector Laplace mechanism over all groups
+//!     │ noise: per state field, OpenDP's vector Laplace mechanism over all groups (and
+//!     │        over every bin of every group for a histogram)
 //!     ▼
 //!   release (audited with ε)
 //! ```
 //!
-//! The privacy unit is one row: adding or removing one row of the table changes one group's
-//! count by at most 1 and its clamped sum by at most max(|lower|, |upper|), so the vector of
-//! one state field over all groups has that L1 sensitivity and one Laplace measurement over
-//! the vector costs ε/fields (groups are disjoint: parallel composition). The fields of a
-//! release compose sequentially, so the release costs ε. Groups come only from the policy's
-//! public keys, so which groups exist reveals nothing.
+//! The privacy unit is a patient (the table's `privacy_unit`, whose rows beyond
+//! `max_rows_per_unit` = m are left out), or one row in a table without one (m = 1). Adding or
+//! removing one patient changes the counts of all groups together by at most m, the bins of
+//! a histogram by at most m, and the clamped sums by at most m·max(|lower|, |upper|); so
+//! the vector of one state field over all groups has that L1 sensitivity and one Laplace
+//! measurement over the vector costs ε/fields (groups and bins are disjoint: parallel
+//! composition). The fields of a release compose sequentially, so the release costs ε.
+//! Groups come only from the policy's public keys and bins from its edges, so which groups
+//! and bins exist reveals nothing.
 //!
 //! OpenDP measurements are not `Send`: they are built and used inside [`add_noise`], a plain
 //! function that never crosses an `await`.
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StructArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Int64Array, ListArray, RecordBatch, StructArray,
+};
+use arrow::buffer::OffsetBuffer;
 use arrow::compute::concat_batches;
-use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use arrow::datatypes::{DataType, Field, Float64Type, Int64Type};
 use datafusion::common::ScalarValue;
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::make_laplace;
@@ -38,6 +46,7 @@ use opendp::measures::MaxDivergence;
 use opendp::metrics::L1Distance;
 use railyard_policy::dp::DpRelease;
 use railyard_udfs::dp::DpField;
+use railyard_udfs::dp::histogram::list_values;
 
 /// The noise of one state field.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,23 +94,40 @@ pub fn plan_noise(release: &DpRelease, epsilon: f64) -> Result<NoisePlan, NoiseE
     let n: usize = release
         .aggregates
         .iter()
-        .map(|a| a.kind.fields().len())
+        .map(|a| a.kind.fields().iter().filter(|f| f.noised()).count())
         .sum();
     let share = epsilon / n.max(1) as f64;
+    // How many rows one patient (or one row, without a privacy unit) adds to a count.
+    let rows = release.rows_per_unit.max(1.0).round();
     let mut fields = Vec::new();
     for a in &release.aggregates {
         let mut of = Vec::new();
         for field in a.kind.fields() {
+            if !field.noised() {
+                of.push(FieldNoise {
+                    field: *field,
+                    sensitivity: 0.0,
+                    scale: 0.0,
+                    epsilon: 0.0,
+                });
+                continue;
+            }
             let sensitivity = match field {
-                DpField::Count => 1.0,
+                DpField::Count | DpField::Histogram => rows,
                 DpField::Sum => a.bound,
+                DpField::Edges => unreachable!("public"),
             };
             let scale = sensitivity / share;
             let epsilon = match field {
-                DpField::Count => count_measurement(scale)?.map(&1).map_err(opendp_error)?,
+                // A histogram is a vector of counts; one patient's rows change it by at
+                // most `rows` in L1, however they spread over bins (and groups).
+                DpField::Count | DpField::Histogram => count_measurement(scale)?
+                    .map(&(rows as i64))
+                    .map_err(opendp_error)?,
                 DpField::Sum => sum_measurement(scale)?
                     .map(&sensitivity)
                     .map_err(opendp_error)?,
+                DpField::Edges => unreachable!("public"),
             };
             of.push(FieldNoise {
                 field: *field,
@@ -173,6 +199,18 @@ pub fn noisy_sums(sums: Vec<f64>, scale: f64) -> Result<Vec<f64>, NoiseError> {
         return Err(NoiseError("a computation failed".to_string()));
     }
     sum_measurement(scale)?.invoke(&sums).map_err(opendp_error)
+}
+
+/// One list of numbers per row.
+fn lists(rows: Vec<Vec<f64>>) -> ArrayRef {
+    let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
+    let values: Vec<f64> = rows.into_iter().flatten().collect();
+    Arc::new(ListArray::new(
+        Arc::new(Field::new_list_field(DataType::Float64, true)),
+        OffsetBuffer::from_lengths(lengths),
+        Arc::new(Float64Array::from(values)),
+        None,
+    ))
 }
 
 /// The exact states of an aggregate's output, completed to exactly one row per declared key
@@ -267,6 +305,38 @@ pub fn add_noise(
                         .map(|r| r.map_or(0.0, |r| exact.value(r)))
                         .collect();
                     Arc::new(Float64Array::from(noisy_sums(values, field_noise.scale)?))
+                }
+                // The edges are the policy's, for every group (the data's are the same).
+                DpField::Edges => lists(vec![spec.edges.clone(); row_of.len()]),
+                DpField::Histogram => {
+                    let bins = spec.edges.len().saturating_sub(1);
+                    let mut exact = Vec::with_capacity(row_of.len() * bins);
+                    for r in &row_of {
+                        let counts = match r {
+                            Some(r) => list_values(column, *r)
+                                .map_err(|e| internal(&e.to_string()))?
+                                .unwrap_or_default(),
+                            None => Vec::new(),
+                        };
+                        let counts = if counts.is_empty() {
+                            vec![0.0; bins]
+                        } else {
+                            counts
+                        };
+                        if counts.len() != bins {
+                            return Err(internal("a histogram does not fit its bins"));
+                        }
+                        exact.extend(counts.into_iter().map(|c| c as i64));
+                    }
+                    // One measurement over every bin of every group (disjoint: parallel
+                    // composition).
+                    let noisy = noisy_counts(exact, field_noise.scale)?;
+                    lists(
+                        noisy
+                            .chunks(bins.max(1))
+                            .map(|c| c.iter().map(|v| *v as f64).collect())
+                            .collect(),
+                    )
                 }
             };
             noised.push(array);
@@ -393,11 +463,124 @@ mod tests {
                     kind: *k,
                     column: Some("x".to_string()),
                     bound,
+                    edges: Vec::new(),
                 })
                 .collect(),
+            rows_per_unit: 1.0,
             aggregate_schema: Arc::new(arrow::datatypes::Schema::empty()),
             output: vec![],
             schema: Arc::new(arrow::datatypes::Schema::empty()),
+        }
+    }
+
+    #[test]
+    fn a_patients_rows_scale_the_noise_of_counts_and_histograms_too() {
+        // With up to 3 rows per patient, one patient moves a count (and a histogram) by 3
+        // and a sum by 3 × 120: every field's scale is 3 times the one-row scale.
+        let mut r = release(&[DpKind::Count, DpKind::Avg, DpKind::Median], 120.0 * 3.0);
+        r.rows_per_unit = 3.0;
+        let plan = plan_noise(&r, 0.8).unwrap();
+        let fields: Vec<_> = plan.fields.iter().flatten().collect();
+        // count, avg's sum and count, the median's edges (public) and histogram.
+        assert_eq!(fields.len(), 5);
+        let share = 0.8 / 4.0;
+        assert!(
+            (fields[0].scale - 3.0 / share).abs() < 1e-9,
+            "{:?}",
+            fields[0]
+        );
+        assert!(
+            (fields[1].scale - 360.0 / share).abs() < 1e-6,
+            "{:?}",
+            fields[1]
+        );
+        assert!(
+            (fields[2].scale - 3.0 / share).abs() < 1e-9,
+            "{:?}",
+            fields[2]
+        );
+        assert_eq!((fields[3].field, fields[3].epsilon), (DpField::Edges, 0.0));
+        assert!(
+            (fields[4].scale - 3.0 / share).abs() < 1e-9,
+            "{:?}",
+            fields[4]
+        );
+        for f in [fields[0], fields[1], fields[2], fields[4]] {
+            assert!((f.epsilon - share).abs() < 1e-9, "{f:?}");
+        }
+        assert!((plan.epsilon() - 0.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn every_bin_of_every_group_is_noised_and_the_edges_are_the_policys() {
+        use arrow::datatypes::{Field, Fields, Schema};
+        // Two groups (sex 1 and 2) of a median over 3 bins; the data has only group 1.
+        let list = DpField::Histogram.data_type();
+        let state = Fields::from(vec![
+            Field::new("s0", list.clone(), true),
+            Field::new("s1", list, true),
+        ]);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("sex", DataType::Int64, true),
+            Field::new("m", DataType::Struct(state.clone()), true),
+        ]));
+        let n = 4000;
+        let exact = [10.0, 20.0, 30.0];
+        let states = StructArray::try_new(
+            state,
+            vec![
+                lists(vec![vec![0.0, 1.0, 2.0, 3.0]]),
+                lists(vec![exact.to_vec()]),
+            ],
+            None,
+        )
+        .unwrap();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(vec![1])), Arc::new(states)],
+        )
+        .unwrap();
+        let mut r = release(&[DpKind::Median], 1.0);
+        r.aggregates[0].edges = vec![0.0, 1.0, 2.0, 3.0];
+        r.groups = vec![railyard_policy::dp::DpGroup {
+            column: "sex".to_string(),
+            keys: vec![ScalarValue::Int64(Some(1)), ScalarValue::Int64(Some(2))],
+        }];
+        r.aggregate_schema = Arc::clone(&schema);
+        r.schema = Arc::clone(&schema);
+        r.output = vec![0, 1];
+        let plan = plan_noise(&r, 0.5).unwrap();
+        let b = plan.fields[0][1].scale;
+        assert!((b - 2.0).abs() < 1e-12, "one field: scale 1/0.5");
+        // Many releases: every bin's noise has the planned spread, the missing group is
+        // released as noised zeros, and the edges are the policy's in every group.
+        let mut deviations = vec![Vec::new(); 6];
+        for _ in 0..n {
+            let out = add_noise(&r, &plan, std::slice::from_ref(&batch)).unwrap();
+            assert_eq!(out.num_rows(), 2);
+            let s = out.column(1).as_struct();
+            for g in 0..2 {
+                let edges = list_values(s.column(0), g).unwrap().unwrap();
+                assert_eq!(edges, vec![0.0, 1.0, 2.0, 3.0]);
+                let counts = list_values(s.column(1), g).unwrap().unwrap();
+                for (i, c) in counts.iter().enumerate() {
+                    let want = if g == 0 { exact[i] } else { 0.0 };
+                    deviations[g * 3 + i].push(c - want);
+                }
+            }
+        }
+        for d in &deviations {
+            let mean_abs = d.iter().map(|x| x.abs()).sum::<f64>() / n as f64;
+            // The discrete Laplace's mean |X| is within a few percent of b at this scale.
+            assert!(
+                (mean_abs - b).abs() < 0.15 * b,
+                "mean |noise| {mean_abs}, scale {b}"
+            );
+            let mean = d.iter().sum::<f64>() / n as f64;
+            assert!(
+                mean.abs() < 6.0 * 2f64.sqrt() * b / (n as f64).sqrt(),
+                "{mean}"
+            );
         }
     }
 

@@ -344,6 +344,102 @@ async fn sums_are_clamped_to_the_policy_bounds_and_groups_are_the_declared_keys(
     federation.shutdown().await.unwrap();
 }
 
+/// The `k`-th smallest (1-based) of `sorted`, `k` clamped to the list.
+fn order_statistic(sorted: &[f64], k: f64) -> f64 {
+    let i = (k.ceil() as usize).clamp(1, sorted.len());
+    sorted[i - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_medians_and_quantiles_come_from_merged_histograms_over_the_policys_bins() {
+    // One-year bins over [30, 90] and an ε that makes the noise negligible: each quantile
+    // is within one bin of the pooled order statistic, per group.
+    let policy =
+        dp_policy(1e7, 1e6, (30.0, 90.0)).replace("upper = 90 }", "upper = 90, bins = 60 }");
+    assert!(policy.contains("bins = 60"), "{policy}");
+    let (_, federation, mut client) = lung(&policy).await;
+    client
+        .query("SET railyard.epsilon = 1000000")
+        .await
+        .unwrap();
+    let a = client
+        .query(
+            "SELECT sex, dp_median(age) AS median_age, dp_quantile(age, 0.25) AS q1, \
+             dp_quantile(age, 0.9) AS p90, dp_quantile(age, 0) AS lowest \
+             FROM lung GROUP BY sex ORDER BY sex",
+        )
+        .await
+        .unwrap();
+    assert_eq!(ints(&a, 0), vec![1, 2]);
+    let pooled = pooled().await;
+    for (row, sex) in [1, 2].iter().enumerate() {
+        let ages = reference_f64(
+            &pooled,
+            &format!("SELECT age FROM lung_all WHERE sex = {sex} AND age IS NOT NULL ORDER BY age"),
+        )
+        .await;
+        let n = ages.len() as f64;
+        for (column, q) in [(1, 0.5), (2, 0.25), (3, 0.9), (4, 0.0)] {
+            let got = floats(&a, column)[row].expect("a quantile");
+            let want = order_statistic(&ages, q * n);
+            assert!(
+                (got - want).abs() <= 1.0 + 1e-9,
+                "sex {sex}, q {q}: {got} vs the order statistic {want}"
+            );
+        }
+    }
+    // The exact median of all patients is within a bin of the DP one; with no rows the
+    // median is NULL, not a value.
+    let all = client
+        .query("SELECT dp_median(age) FROM lung")
+        .await
+        .unwrap();
+    let want = reference_f64(&pooled, "SELECT median(age) FROM lung_all").await[0];
+    let got = floats(&all, 0)[0].unwrap();
+    assert!((got - want).abs() <= 1.0 + 1e-9, "{got} vs {want}");
+    let none = client
+        .query("SELECT dp_median(age) FROM lung WHERE age > 200")
+        .await
+        .unwrap();
+    assert_eq!(floats(&none, 0), vec![None]);
+    // Each query charged its ε at every station, one histogram per call.
+    let spent = budget(&mut client).await;
+    assert!(
+        spent.iter().all(|(_, s, _)| (*s - 3e6).abs() < 1e-3),
+        "{spent:?}"
+    );
+    federation.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_medians_are_noisy_at_a_small_epsilon() {
+    // ε = 0.1 over default bins: the histograms are noised at every station, so repeated
+    // medians differ; they stay inside the bounds, and their spread is that of the noise.
+    let (_, federation, mut client) = lung(&dp_policy(100.0, 1.0, (30.0, 90.0))).await;
+    client.query("SET railyard.epsilon = 0.1").await.unwrap();
+    let mut medians = Vec::new();
+    for _ in 0..10 {
+        let a = client
+            .query("SELECT dp_median(age) FROM lung")
+            .await
+            .unwrap();
+        if let Some(m) = floats(&a, 0)[0] {
+            medians.push(m);
+        }
+    }
+    assert!(medians.len() >= 9, "{medians:?}");
+    assert!(
+        medians.iter().all(|m| (30.0..=90.0).contains(m)),
+        "{medians:?}"
+    );
+    let distinct: std::collections::BTreeSet<u64> = medians.iter().map(|m| m.to_bits()).collect();
+    assert!(
+        distinct.len() >= 5,
+        "the noise changes the answer: {medians:?}"
+    );
+    federation.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_budget_refuses_the_query_that_would_overrun_and_charges_nothing() {
     let (_, federation, mut client) = lung(&dp_policy(2.0, 1.0, (30.0, 90.0))).await;
@@ -407,6 +503,10 @@ async fn dp_queries_outside_the_rules_are_refused_naming_the_rule() {
             "(rule aggregate_argument)",
         ),
         ("SELECT dp_sum(time) FROM lung", "(rule dp_bounds)"),
+        ("SELECT dp_median(time) FROM lung", "(rule dp_bounds)"),
+        ("SELECT median(age) FROM lung", "(rule dp_column)"),
+        ("SELECT max(age) FROM lung", "(rule dp_column)"),
+        ("SELECT dp_quantile(age, age / 100) FROM lung", "quantile q"),
         (
             "SELECT inst, dp_count(*) FROM lung GROUP BY inst",
             "(rule dp_keys)",
@@ -459,6 +559,11 @@ async fn dp_queries_outside_the_rules_are_refused_naming_the_rule() {
         ),
         ("SELECT dp_count(age) AS a FROM lung", "partial_dp_count"),
         ("SELECT partial_dp_sum(age * 2) AS a FROM lung", "unchanged"),
+        // A hub choosing the bins of a quantile (one narrow bin around one age) is refused.
+        (
+            "SELECT partial_dp_quantile(age, 0.5, 64.5, 65.5) AS a FROM lung",
+            "two arguments",
+        ),
         (
             "SELECT partial_dp_count(CAST(age AS DECIMAL(1,0))) AS a FROM lung",
             "(rule fallible_expression)",

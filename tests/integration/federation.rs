@@ -534,6 +534,7 @@ fn railyard_demo_runs_its_queries_and_exits_zero() {
     assert!(stdout.contains("| MALE   | 237     |"), "{stdout}");
     // The DP query: its plan names the ε each station charges, and the budget left.
     assert!(stdout.contains(railyard::demo::DP_QUERY), "{stdout}");
+    assert!(stdout.contains(railyard::demo::DP_MEDIAN_QUERY), "{stdout}");
     assert!(
         stdout.contains("ε = 0.5 charged at this station"),
         "{stdout}"
@@ -543,7 +544,7 @@ fn railyard_demo_runs_its_queries_and_exits_zero() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("| 10.0   | 0.5   | 9.5       |"),
+        stdout.contains("| 10.0   | 1.0   | 9.0       |"),
         "{stdout}"
     );
     // The example train (its image is built by scripts/build-trains, which the suite runs).

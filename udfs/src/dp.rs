@@ -1,5 +1,5 @@
-//! `dp_count(*)`, `dp_count(x)`, `dp_sum(x)`, `dp_avg(x)`: the differentially private
-//! aggregates, as the hub and stations plan them.
+//! `dp_count(*)`, `dp_count(x)`, `dp_sum(x)`, `dp_avg(x)`, `dp_quantile(x, q)` and
+//! `dp_median(x)`: the differentially private aggregates, as the hub and stations plan them.
 //!
 //! These functions add no noise themselves. Their accumulators compute the exact value, and
 //! their state is a short list of sums:
@@ -8,7 +8,18 @@
 //!   dp_count(x)   state {s0: Int64   count}            value s0
 //!   dp_sum(x)     state {s0: Float64 sum}              value s0
 //!   dp_avg(x)     state {s0: Float64 sum, s1: Int64}   value s0 / s1 (NULL unless s1 > 0)
+//!   dp_quantile(x, q), dp_median(x)
+//!                 state {s0: List<Float64> bin edges,  value the q-quantile of the histogram
+//!                        s1: List<Float64> counts}     (uniform within a bin; NULL if empty)
 //! ```
+//!
+//! A quantile's histogram is over bins the station's policy declares: the station appends
+//! the edges to the call as constant arguments (`partial_dp_quantile(x, q, e0, …, en)`), and
+//! values below `e0` or above `en` count in the first or last bin. Stations may declare
+//! different bins: the hub merges histograms by splitting every bin at the union of the edges
+//! in proportion to length, which leaves each histogram's cumulative count (linear within a
+//! bin) unchanged, so the merged histogram's cumulative count is exactly the sum of the
+//! stations'. Noisy counts may be negative; they are read as zero when the quantile is told.
 //!
 //! A station computes the state of its own rows with `partial_dp_*` (clamping `x` to the
 //! bounds its policy declares), adds noise to every state field with an OpenDP measurement,
@@ -22,7 +33,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int64Type};
-use datafusion::common::{Result, ScalarValue, plan_err};
+use datafusion::common::{Result, ScalarValue, internal_err, plan_err};
 use datafusion::logical_expr::expr::{AggregateFunction, AggregateFunctionParams};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawAggregateExpr};
@@ -30,12 +41,20 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, Expr, Signature, Volatility,
 };
 
+pub mod histogram;
+
+use histogram::QuantileAccumulator;
+
 /// Which differentially private aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DpKind {
     Count,
     Sum,
     Avg,
+    /// `dp_quantile(x, q)`.
+    Quantile,
+    /// `dp_median(x)`: the quantile 0.5.
+    Median,
 }
 
 /// What one field of a DP aggregate's state holds, which decides its sensitivity: one row
@@ -44,6 +63,10 @@ pub enum DpKind {
 pub enum DpField {
     Count,
     Sum,
+    /// The edges of a histogram's bins: public (from the policy), never noised.
+    Edges,
+    /// A histogram's counts, one per bin: one row changes one count by 1.
+    Histogram,
 }
 
 impl DpKind {
@@ -52,6 +75,8 @@ impl DpKind {
             DpKind::Count => "dp_count",
             DpKind::Sum => "dp_sum",
             DpKind::Avg => "dp_avg",
+            DpKind::Quantile => "dp_quantile",
+            DpKind::Median => "dp_median",
         }
     }
 
@@ -60,6 +85,8 @@ impl DpKind {
             "dp_count" => Some(DpKind::Count),
             "dp_sum" => Some(DpKind::Sum),
             "dp_avg" => Some(DpKind::Avg),
+            "dp_quantile" => Some(DpKind::Quantile),
+            "dp_median" => Some(DpKind::Median),
             _ => None,
         }
     }
@@ -70,12 +97,27 @@ impl DpKind {
             DpKind::Count => &[DpField::Count],
             DpKind::Sum => &[DpField::Sum],
             DpKind::Avg => &[DpField::Sum, DpField::Count],
+            DpKind::Quantile | DpKind::Median => &[DpField::Edges, DpField::Histogram],
         }
     }
 
     /// Whether the argument is summed (and so must be numeric and bounded).
     pub fn sums(self) -> bool {
-        !matches!(self, DpKind::Count)
+        matches!(self, DpKind::Sum | DpKind::Avg)
+    }
+
+    /// Whether the value is a quantile of a histogram over the policy's bins.
+    pub fn quantile(self) -> bool {
+        matches!(self, DpKind::Quantile | DpKind::Median)
+    }
+
+    /// How many arguments a researcher writes: the column, and `q` for `dp_quantile`. A
+    /// station appends the bin edges after them.
+    pub fn user_args(self) -> usize {
+        match self {
+            DpKind::Quantile => 2,
+            _ => 1,
+        }
     }
 }
 
@@ -84,7 +126,15 @@ impl DpField {
         match self {
             DpField::Count => DataType::Int64,
             DpField::Sum => DataType::Float64,
+            DpField::Edges | DpField::Histogram => {
+                DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)))
+            }
         }
+    }
+
+    /// Whether the station noises this field (the edges are public).
+    pub fn noised(self) -> bool {
+        !matches!(self, DpField::Edges)
     }
 }
 
@@ -107,12 +157,18 @@ impl DpAggregate {
         self.kind
     }
 
-    /// The three functions, as registered.
+    /// The functions, as registered.
     pub fn all() -> Vec<AggregateUDF> {
-        [DpKind::Count, DpKind::Sum, DpKind::Avg]
-            .into_iter()
-            .map(|k| AggregateUDF::from(DpAggregate::new(k)))
-            .collect()
+        [
+            DpKind::Count,
+            DpKind::Sum,
+            DpKind::Avg,
+            DpKind::Quantile,
+            DpKind::Median,
+        ]
+        .into_iter()
+        .map(|k| AggregateUDF::from(DpAggregate::new(k)))
+        .collect()
     }
 }
 
@@ -131,6 +187,9 @@ impl AggregateUDFImpl for DpAggregate {
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        if self.kind.quantile() {
+            return histogram::coerce_types(self.kind, arg_types);
+        }
         let [t] = arg_types else {
             return plan_err!("{}() takes one argument", self.kind.name());
         };
@@ -146,12 +205,12 @@ impl AggregateUDFImpl for DpAggregate {
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
         Ok(match self.kind {
             DpKind::Count => DataType::Int64,
-            DpKind::Sum | DpKind::Avg => DataType::Float64,
+            DpKind::Sum | DpKind::Avg | DpKind::Quantile | DpKind::Median => DataType::Float64,
         })
     }
 
     fn is_nullable(&self) -> bool {
-        matches!(self.kind, DpKind::Avg)
+        matches!(self.kind, DpKind::Avg | DpKind::Quantile | DpKind::Median)
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
@@ -170,7 +229,10 @@ impl AggregateUDFImpl for DpAggregate {
             .collect())
     }
 
-    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        if self.kind.quantile() {
+            return Ok(Box::new(QuantileAccumulator::new(self.kind, &args)?));
+        }
         Ok(Box::new(DpAccumulator {
             kind: self.kind,
             sum: 0.0,
@@ -182,7 +244,7 @@ impl AggregateUDFImpl for DpAggregate {
         Ok(match self.kind {
             DpKind::Count => ScalarValue::Int64(Some(0)),
             DpKind::Sum => ScalarValue::Float64(Some(0.0)),
-            DpKind::Avg => ScalarValue::Float64(None),
+            DpKind::Avg | DpKind::Quantile | DpKind::Median => ScalarValue::Float64(None),
         })
     }
 }
@@ -225,6 +287,9 @@ impl Accumulator for DpAccumulator {
                         .flatten()
                         .sum::<f64>();
                 }
+                DpField::Edges | DpField::Histogram => {
+                    return internal_err!("{}() has no histogram", self.kind.name());
+                }
             }
         }
         Ok(())
@@ -238,6 +303,7 @@ impl Accumulator for DpAccumulator {
             .map(|f| match f {
                 DpField::Count => ScalarValue::Int64(Some(self.count)),
                 DpField::Sum => ScalarValue::Float64(Some(self.sum)),
+                DpField::Edges | DpField::Histogram => ScalarValue::Float64(None),
             })
             .collect())
     }
@@ -249,6 +315,9 @@ impl Accumulator for DpAccumulator {
             // A noisy count can be zero or negative: no mean can be told then.
             DpKind::Avg => {
                 ScalarValue::Float64((self.count > 0).then(|| self.sum / self.count as f64))
+            }
+            DpKind::Quantile | DpKind::Median => {
+                return internal_err!("{}() is a histogram", self.kind.name());
             }
         })
     }

@@ -10,6 +10,8 @@ pub(super) struct DpCall {
     pub(super) column: Option<String>,
     /// The argument expression (clamped before a sum).
     pub(super) arg: Expr,
+    /// The arguments after it (the quantile q of `dp_quantile`).
+    pub(super) rest: Vec<Expr>,
     /// The output name of the call.
     pub(super) name: String,
 }
@@ -95,9 +97,34 @@ impl Checker<'_> {
                 kind.name()
             )));
         }
-        let [arg] = f.params.args.as_slice() else {
-            return Err(self.shape(&format!("{}() takes one argument", kind.name())));
+        let (arg, rest) = match f.params.args.split_first() {
+            Some((arg, rest)) if rest.len() + 1 == kind.user_args() => (arg, rest),
+            _ => {
+                return Err(self.shape(&match kind {
+                    DpKind::Quantile => {
+                        "dp_quantile() takes two arguments: a column and the quantile q".to_string()
+                    }
+                    _ => format!("{}() takes one argument", kind.name()),
+                }));
+            }
         };
+        // The quantile q of dp_quantile: a constant between 0 and 1.
+        for q in rest {
+            let value = match q {
+                Expr::Cast(c) => literal(&c.expr),
+                other => literal(other),
+            };
+            let q = value.and_then(|v| match v.cast_to(&DataType::Float64).ok()? {
+                ScalarValue::Float64(Some(q)) if (0.0..=1.0).contains(&q) => Some(q),
+                _ => None,
+            });
+            if q.is_none() {
+                return Err(self.shape(
+                    "the second argument of dp_quantile() is the quantile q: a constant \
+                     between 0 and 1",
+                ));
+            }
+        }
         // The usual checks first: literals, forbidden columns, and no expression (a cast
         // included) that could fail on particular values.
         self.lineage(arg, input, schema)?;
@@ -107,15 +134,36 @@ impl Checker<'_> {
                 self.used.insert(c.clone());
                 Some(c.clone())
             }
-            None if !kind.sums() && arg.column_refs().is_empty() && literal(arg).is_some() => None,
+            None if kind == DpKind::Count
+                && arg.column_refs().is_empty()
+                && literal(arg).is_some() =>
+            {
+                None
+            }
             None => {
                 return Err(self.shape(&format!(
-                    "the argument of {}() must be a column of the table, unchanged{}",
+                    "the {}argument of {}() must be a column of the table, unchanged{}",
+                    if kind.user_args() > 1 { "first " } else { "" },
                     kind.name(),
-                    if kind.sums() { "" } else { ", or *" }
+                    if kind == DpKind::Count { ", or *" } else { "" }
                 )));
             }
         };
+        if kind.quantile() {
+            let c = column.as_deref().unwrap_or_default();
+            if self.policy.dp_quantile_edges(&self.table, c).is_none() {
+                return Err(self.column_refusal(
+                    Rule::DpBounds,
+                    c,
+                    &format!(
+                        "{}() needs bins (bins = N over lower and upper, or bins = [edges]) \
+                         in the policy's [tables.{}.dp]",
+                        kind.name(),
+                        self.table
+                    ),
+                ));
+            }
+        }
         if kind.sums() {
             let c = column.as_deref().unwrap_or_default();
             if self
@@ -139,6 +187,7 @@ impl Checker<'_> {
             kind,
             column,
             arg: arg.clone(),
+            rest: rest.to_vec(),
             name: e.schema_name().to_string(),
         })
     }
@@ -196,7 +245,21 @@ pub(super) fn dp_release(
     let mut aggregates = Vec::new();
     let mut exprs = Vec::new();
     for call in calls {
+        let mut edges = Vec::new();
         let bound = match (&call.column, call.kind.sums()) {
+            (Some(c), false) if call.kind.quantile() => {
+                // The station counts over its own bins: their edges follow the call's
+                // arguments, as constants.
+                edges = checker
+                    .policy
+                    .dp_quantile_edges(table, c)
+                    .expect("checked in dp_call");
+                let mut args = vec![cast(call.arg.clone(), DataType::Float64)];
+                args.extend(call.rest.iter().map(|q| cast(q.clone(), DataType::Float64)));
+                args.extend(edges.iter().map(|e| lit(*e)));
+                exprs.push((call.name.clone(), Some(args)));
+                1.0
+            }
             (Some(c), true) => {
                 let (lower, upper) = checker
                     .policy
@@ -213,7 +276,7 @@ pub(super) fn dp_release(
                 .when(x.clone().gt(lit(upper)), lit(upper))
                 .otherwise(x)
                 .map_err(|e| checker.shape(&format!("the bounds cannot be applied ({e})")))?;
-                exprs.push((call.name.clone(), Some(clamped)));
+                exprs.push((call.name.clone(), Some(vec![clamped])));
                 lower.abs().max(upper.abs())
             }
             _ => {
@@ -225,19 +288,31 @@ pub(super) fn dp_release(
             kind: call.kind,
             column: call.column,
             bound,
+            edges,
         });
+    }
+    // Every bin of every group is released: bound the size of the noised vectors.
+    let bins: usize = aggregates
+        .iter()
+        .map(|a| a.edges.len().saturating_sub(1))
+        .sum();
+    if cells.saturating_mul(bins) > MAX_DP_HISTOGRAM_CELLS {
+        return Err(checker.shape(&format!(
+            "a differentially private release has at most {MAX_DP_HISTOGRAM_CELLS} histogram \
+             bins in all (groups × bins of each quantile)"
+        )));
     }
     let aggr_expr = agg
         .aggr_expr
         .iter()
         .zip(exprs)
-        .map(|(e, (name, clamped))| {
+        .map(|(e, (name, args))| {
             let Some((_, _, f)) = dp_call_of(e) else {
                 unreachable!("every call of a DP fragment is a DP call");
             };
             let mut f = f.clone();
-            if let Some(clamped) = clamped {
-                f.params.args = vec![clamped];
+            if let Some(args) = args {
+                f.params.args = args;
             }
             Expr::AggregateFunction(f).alias(name)
         })
@@ -290,6 +365,7 @@ pub(super) fn dp_release(
         table: table.clone(),
         groups,
         aggregates,
+        rows_per_unit,
         aggregate_schema: Arc::new(aggregate.schema.as_arrow().clone()),
         output: positions,
         schema: Arc::new(plan.schema().as_arrow().clone()),
@@ -301,6 +377,9 @@ pub(super) fn dp_release(
         audit: None,
     })
 }
+
+/// Most histogram bins one DP release may carry, over all its groups and quantiles.
+pub const MAX_DP_HISTOGRAM_CELLS: usize = 1_000_000;
 
 /// `input` with at most `m` rows per value of `unit` (which rows of a patient are kept is
 /// arbitrary, as in SmartNoise's reservoir), its columns unchanged.

@@ -42,6 +42,13 @@ async fn rule(sql: &str) -> Result<Release, &'static str> {
         })
 }
 
+/// What the check of `sql` under `policy` releases, or the rule it refuses by.
+async fn checked_under(policy: &Policy, sql: &str) -> Result<Release, &'static str> {
+    check(&plan(sql).await, policy, "s")
+        .map(|c| c.release)
+        .map_err(|r| r.rule.as_str())
+}
+
 #[tokio::test]
 async fn dp_fragments_need_plain_columns_bounds_keys_and_no_fallible_casts() {
     let policy = Policy::parse(
@@ -50,14 +57,7 @@ async fn dp_fragments_need_plain_columns_bounds_keys_and_no_fallible_casts() {
         "test",
     )
     .unwrap();
-    let dp = |sql: &'static str| {
-        let policy = policy.clone();
-        async move {
-            check(&plan(sql).await, &policy, "s")
-                .map(|c| c.release)
-                .map_err(|r| r.rule.as_str())
-        }
-    };
+    let dp = |sql: &'static str| checked_under(&policy, sql);
     for sql in [
         "SELECT inst AS g0, partial_dp_count(1) AS a0, partial_dp_avg(CAST(age AS DOUBLE)) AS a1 \
          FROM lung WHERE age > 60 GROUP BY inst",
@@ -130,6 +130,112 @@ async fn dp_fragments_need_plain_columns_bounds_keys_and_no_fallible_casts() {
         "s",
     );
     assert_eq!(input.err().map(|r| r.rule.as_str()), Some("fragment_shape"));
+}
+
+#[tokio::test]
+async fn dp_quantiles_count_over_the_policys_bins_and_nothing_the_hub_chooses() {
+    let policy = Policy::parse(
+        "[dp]\n[tables.lung.columns]\nage = \"dp\"\nborn = \"hidden\"\n\
+         [tables.lung.dp]\nage = { lower = 30, upper = 90, bins = 12 }\n\
+         weight = { bins = [0, 100, 1000, 3000] }\nheight = { lower = -20, upper = 50 }\n\
+         inst = { keys = [1, 2] }\n",
+        "test",
+    )
+    .unwrap();
+    let dp = |sql: &'static str| checked_under(&policy, sql);
+    let edges = |sql: &'static str| async move {
+        match dp(sql).await {
+            Ok(Release::Dp(d)) => d.aggregates.iter().map(|a| a.edges.clone()).collect(),
+            other => panic!("{sql}: {other:?}"),
+        }
+    };
+    let got: Vec<Vec<f64>> = edges(
+        "SELECT inst AS g0, partial_dp_median(age) AS a0, partial_dp_quantile(weight, 0.9) AS a1, \
+         partial_dp_quantile(height, 0) AS a2 FROM lung GROUP BY inst",
+    )
+    .await;
+    assert_eq!(
+        got[0],
+        (0..=12).map(|i| 30.0 + 5.0 * i as f64).collect::<Vec<_>>()
+    );
+    assert_eq!(got[1], vec![0.0, 100.0, 1000.0, 3000.0]);
+    // Bounds without bins: the default number of equal bins over them.
+    assert_eq!(got[2].len(), crate::file::DEFAULT_DP_BINS + 1);
+    assert_eq!(
+        (got[2][0], got[2][crate::file::DEFAULT_DP_BINS]),
+        (-20.0, 50.0)
+    );
+    for (sql, expected) in [
+        // A hub that appends its own edges (narrow bins around one value) is refused: the
+        // station appends the policy's.
+        (
+            "SELECT partial_dp_median(age, 64.5, 65.5) AS a FROM lung",
+            "fragment_shape",
+        ),
+        (
+            "SELECT partial_dp_quantile(age, 0.5, 64.5, 65.5) AS a FROM lung",
+            "fragment_shape",
+        ),
+        // q is a constant between 0 and 1.
+        (
+            "SELECT partial_dp_quantile(age, 1.5) AS a FROM lung",
+            "fragment_shape",
+        ),
+        (
+            "SELECT partial_dp_quantile(age, weight) AS a FROM lung",
+            "fragment_shape",
+        ),
+        (
+            "SELECT partial_dp_median(age + 1) AS a FROM lung",
+            "fragment_shape",
+        ),
+        // No bins or bounds: nothing to count over.
+        (
+            "SELECT partial_dp_median(patient_id) AS a FROM lung",
+            "dp_bounds",
+        ),
+        (
+            "SELECT partial_dp_median(born) AS a FROM lung",
+            "hidden_column",
+        ),
+        (
+            "SELECT partial_dp_median(age) AS a, partial_median(weight) AS b FROM lung",
+            "dp_mixed",
+        ),
+    ] {
+        assert_eq!(dp(sql).await.err(), Some(expected), "{sql}");
+    }
+    // Groups × bins are bounded: 1,500 keys of 1,000 bins each would be 1.5 million noised
+    // counts per station.
+    let keys: Vec<String> = (0..1500).map(|k| k.to_string()).collect();
+    let wide = Policy::parse(
+        &format!(
+            "[dp]\n[tables.lung.dp]\nage = {{ lower = 0, upper = 1000, bins = 1000 }}\n\
+             inst = {{ keys = [{}] }}\n",
+            keys.join(", ")
+        ),
+        "test",
+    )
+    .unwrap();
+    let sql = "SELECT inst AS g0, partial_dp_median(age) AS a0 FROM lung GROUP BY inst";
+    let Err(refusal) = check(&plan(sql).await, &wide, "s") else {
+        panic!("too many bins")
+    };
+    assert_eq!(refusal.rule.as_str(), "fragment_shape");
+    assert!(
+        refusal.message.contains("histogram bins"),
+        "{}",
+        refusal.message
+    );
+    // Exact medians, quantiles, minima and maxima of a dp column stay refused.
+    for sql in [
+        "SELECT partial_median(age) AS a FROM lung",
+        "SELECT partial_approx_percentile_cont(age, 0.5) AS a FROM lung",
+        "SELECT partial_min(age) AS a FROM lung",
+        "SELECT partial_max(age) AS a FROM lung",
+    ] {
+        assert!(dp(sql).await.is_err(), "{sql}");
+    }
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@
 //! [dp]                          # differential privacy (off without this section)
 //! budget = 10.0                 # total ε per (researcher, collaboration, table)
 //! [tables.lung.dp]
-//! age = { lower = 0, upper = 120 }   # clamping bounds of dp_sum / dp_avg
+//! age = { lower = 0, upper = 120, bins = 24 }   # dp_sum / dp_avg bounds, dp_median bins
 //! sex = { keys = [1, 2] }            # the public groups of a DP GROUP BY
 //! ```
 //!
@@ -87,11 +87,18 @@ pub enum DpKey {
     Bool(bool),
 }
 
+/// Default number of equal-width bins over a column's bounds for `dp_quantile` /
+/// `dp_median`, when the policy declares bounds but no `bins`.
+pub const DEFAULT_DP_BINS: usize = 32;
+
 /// What the policy declares about one column for DP aggregates.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DpColumn {
     /// Clamping bounds for `dp_sum` / `dp_avg`.
     pub bounds: Option<(f64, f64)>,
+    /// The edges of the bins of `dp_quantile` / `dp_median` (`bins = N` over the bounds, or
+    /// `bins = [e0, e1, …]`), if declared.
+    pub bins: Option<Vec<f64>>,
     /// The column's public values: a DP `GROUP BY` over it releases exactly these groups.
     pub keys: Option<Vec<DpKey>>,
     /// Line in the policy file.
@@ -392,10 +399,10 @@ impl Policy {
             let Ok(field) = schema.field_with_name(column) else {
                 return Err(refuse(format!("table '{table}' has no column '{column}'")));
             };
-            if dp.bounds.is_some() && !field.data_type().is_numeric() {
+            if (dp.bounds.is_some() || dp.bins.is_some()) && !field.data_type().is_numeric() {
                 return Err(refuse(format!(
                     "column '{column}' of table '{table}' is not numeric ({}); only numeric \
-                     columns have sum bounds",
+                     columns have sum bounds or bins",
                     field.data_type()
                 )));
             }
@@ -548,6 +555,17 @@ impl Policy {
     /// What the policy declares about `column` of `table` for DP aggregates.
     pub fn dp_column(&self, table: &str, column: &str) -> Option<&DpColumn> {
         self.tables.get(table).and_then(|t| t.dp.get(column))
+    }
+
+    /// The bin edges of a DP quantile of `column`: its declared `bins`, or
+    /// [`DEFAULT_DP_BINS`] equal bins over its bounds.
+    pub fn dp_quantile_edges(&self, table: &str, column: &str) -> Option<Vec<f64>> {
+        let c = self.dp_column(table, column)?;
+        c.bins.clone().or_else(|| {
+            c.bounds.map(|(l, u)| {
+                railyard_udfs::dp::histogram::equal_width_edges(l, u, DEFAULT_DP_BINS)
+            })
+        })
     }
 }
 

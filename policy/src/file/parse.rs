@@ -45,6 +45,7 @@ struct DpColumnFile {
     lower: Option<f64>,
     upper: Option<f64>,
     keys: Option<Vec<toml::Value>>,
+    bins: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -365,12 +366,62 @@ fn parse_dp_column(file: DpColumnFile, line: usize) -> Result<DpColumn, String> 
             Some(keys)
         }
     };
-    if bounds.is_none() && keys.is_none() {
+    let bins = match file.bins {
+        None => None,
+        Some(value) => Some(parse_dp_bins(value, bounds, line)?),
+    };
+    if bounds.is_none() && keys.is_none() && bins.is_none() {
         return Err(format!(
-            "line {line}: a DP column entry needs bounds (lower, upper) or keys"
+            "line {line}: a DP column entry needs bounds (lower, upper), bins or keys"
         ));
     }
-    Ok(DpColumn { bounds, keys, line })
+    Ok(DpColumn {
+        bounds,
+        bins,
+        keys,
+        line,
+    })
+}
+
+/// `bins = N` (N equal bins over the bounds) or `bins = [e0, e1, …]` (the edges).
+fn parse_dp_bins(
+    value: toml::Value,
+    bounds: Option<(f64, f64)>,
+    line: usize,
+) -> Result<Vec<f64>, String> {
+    use railyard_udfs::dp::histogram::{MAX_DP_BINS, edges_error, equal_width_edges};
+    let edges = match value {
+        toml::Value::Integer(n) => {
+            let Some((lower, upper)) = bounds else {
+                return Err(format!(
+                    "line {line}: bins = {n} divides the bounds (lower, upper) into equal \
+                     bins; declare the bounds, or the edges as bins = [e0, e1, …]"
+                ));
+            };
+            if n < 1 || n as u64 > MAX_DP_BINS as u64 {
+                return Err(format!("line {line}: bins is 1 to {MAX_DP_BINS}"));
+            }
+            equal_width_edges(lower, upper, n as usize)
+        }
+        toml::Value::Array(values) => values
+            .into_iter()
+            .map(|v| match v {
+                toml::Value::Integer(i) => Some(i as f64),
+                toml::Value::Float(f) => Some(f),
+                _ => None,
+            })
+            .collect::<Option<Vec<f64>>>()
+            .ok_or_else(|| format!("line {line}: bin edges are numbers"))?,
+        _ => {
+            return Err(format!(
+                "line {line}: bins is a number of equal bins or a list of edges"
+            ));
+        }
+    };
+    match edges_error(&edges) {
+        Some(why) => Err(format!("line {line}: {why}")),
+        None => Ok(edges),
+    }
 }
 
 fn parse_trains(file: &TrainsFile, text: &str, source: &str) -> Result<TrainPolicy, PolicyError> {

@@ -181,6 +181,21 @@ fn dp_is_off_by_default_and_its_settings_validate() {
         ("[tables.t.dp]\n\nx = { keys = [] }", 3, "keys"),
         ("[tables.t.dp]\nx = { keys = [1, 1] }", 2, "twice"),
         ("[tables.t.dp]\nx = {}", 2, "needs bounds"),
+        ("[tables.t.dp]\nx = { bins = 4 }", 2, "declare the bounds"),
+        (
+            "[tables.t.dp]\nx = { lower = 0, upper = 1, bins = 0 }",
+            2,
+            "bins is 1 to",
+        ),
+        (
+            "[tables.t.dp]\nx = { lower = 0, upper = 1, bins = 1001 }",
+            2,
+            "bins is 1 to",
+        ),
+        ("[tables.t.dp]\nx = { bins = [1, 1, 2] }", 2, "increasing"),
+        ("[tables.t.dp]\nx = { bins = [3] }", 2, "edges"),
+        ("[tables.t.dp]\nx = { bins = [1, \"a\"] }", 2, "numbers"),
+        ("[tables.t.dp]\nx = { bins = 1.5 }", 2, "list of edges"),
     ] {
         let err = Policy::parse(text, "p.toml").unwrap_err().to_string();
         assert!(
@@ -188,6 +203,32 @@ fn dp_is_off_by_default_and_its_settings_validate() {
             "{text}: {err}"
         );
     }
+}
+
+#[test]
+fn dp_bins_are_equal_over_the_bounds_or_the_edges_given() {
+    let p = Policy::parse(
+        "[dp]\n[tables.t.dp]\nx = { lower = 0, upper = 120, bins = 4 }\n\
+         y = { bins = [0, 30, 365.25] }\nz = { lower = -1, upper = 1 }\nk = { keys = [1] }\n",
+        "p.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        p.dp_quantile_edges("t", "x"),
+        Some(vec![0.0, 30.0, 60.0, 90.0, 120.0])
+    );
+    assert_eq!(p.dp_quantile_edges("t", "y"), Some(vec![0.0, 30.0, 365.25]));
+    let z = p.dp_quantile_edges("t", "z").unwrap();
+    assert_eq!(z.len(), DEFAULT_DP_BINS + 1);
+    assert_eq!((z[0], z[DEFAULT_DP_BINS]), (-1.0, 1.0));
+    assert_eq!(p.dp_quantile_edges("t", "k"), None);
+    assert_eq!(p.dp_quantile_edges("t", "nothing"), None);
+    // Bins need a numeric column.
+    use arrow::datatypes::{DataType, Field};
+    let p = Policy::parse("[dp]\n[tables.t.dp]\nx = { bins = [0, 1] }\n", "p.toml").unwrap();
+    let text = Schema::new(vec![Field::new("x", DataType::Utf8, true)]);
+    let err = p.validate_table("t", &text).unwrap_err().to_string();
+    assert!(err.contains("not numeric"), "{err}");
 }
 
 #[test]
