@@ -64,13 +64,34 @@ pub struct FieldNoise {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoisePlan {
     pub fields: Vec<Vec<FieldNoise>>,
+    /// The ε charged: the one asked for, never below the sum of the fields' ε.
+    epsilon: f64,
 }
 
 impl NoisePlan {
-    /// The ε the release costs (sequential composition of its fields).
+    /// The ε the release costs and the station charges: the ε asked for, which is at least
+    /// the sequential composition of its fields (their sum, rounded up where the
+    /// floating-point sum is inexact), so the ledger never records less than was spent.
     pub fn epsilon(&self) -> f64 {
-        self.fields.iter().flatten().map(|f| f.epsilon).sum()
+        self.epsilon
     }
+}
+
+/// The sum of the fields' ε, rounded up where the floating-point sum is inexact.
+fn composed(fields: &[Vec<FieldNoise>]) -> f64 {
+    fields
+        .iter()
+        .flatten()
+        .fold(0.0, |sum, f| add_rounding_up(sum, f.epsilon))
+}
+
+/// `a + b`, rounded up to the next float when the sum is not exact (Knuth's TwoSum gives
+/// the rounding error exactly).
+fn add_rounding_up(a: f64, b: f64) -> f64 {
+    let sum = a + b;
+    let b_part = sum - a;
+    let error = (a - (sum - b_part)) + (b - b_part);
+    if error > 0.0 { sum.next_up() } else { sum }
 }
 
 /// Why a release cannot be noised (never names a data value).
@@ -85,8 +106,10 @@ fn opendp_error(e: opendp::error::Error) -> NoiseError {
     ))
 }
 
-/// Splits `epsilon` evenly over the state fields of `release` and derives each field's
-/// Laplace scale; the ε of each field is what OpenDP's privacy map reports for it.
+/// Splits `epsilon` evenly over the noised state fields of `release` and derives each
+/// field's Laplace scale; the ε of each field is what OpenDP's privacy map reports for it.
+/// Where floating-point rounding would make the fields' ε add up to more than `epsilon`
+/// (a third of 0.5, three times), each share is lowered by an ulp until they do not.
 pub fn plan_noise(release: &DpRelease, epsilon: f64) -> Result<NoisePlan, NoiseError> {
     if !(epsilon.is_finite() && epsilon > 0.0) {
         return Err(NoiseError("ε must be a number > 0".to_string()));
@@ -96,7 +119,21 @@ pub fn plan_noise(release: &DpRelease, epsilon: f64) -> Result<NoisePlan, NoiseE
         .iter()
         .map(|a| a.kind.fields().iter().filter(|f| f.noised()).count())
         .sum();
-    let share = epsilon / n.max(1) as f64;
+    let mut share = epsilon / n.max(1) as f64;
+    for _ in 0..1000 {
+        let fields = plan_fields(release, share)?;
+        if composed(&fields) <= epsilon {
+            return Ok(NoisePlan { fields, epsilon });
+        }
+        share = share.next_down();
+    }
+    Err(NoiseError(
+        "ε cannot be split over the release's fields".to_string(),
+    ))
+}
+
+/// The noise of every field of `release` at `share` of ε per noised field.
+fn plan_fields(release: &DpRelease, share: f64) -> Result<Vec<Vec<FieldNoise>>, NoiseError> {
     // How many rows one patient (or one row, without a privacy unit) adds to a count.
     let rows = release.rows_per_unit.max(1.0).round();
     let mut fields = Vec::new();
@@ -138,7 +175,7 @@ pub fn plan_noise(release: &DpRelease, epsilon: f64) -> Result<NoisePlan, NoiseE
         }
         fields.push(of);
     }
-    Ok(NoisePlan { fields })
+    Ok(fields)
 }
 
 type CountMeasurement = opendp::core::Measurement<
@@ -471,6 +508,31 @@ mod tests {
             output: vec![],
             schema: Arc::new(arrow::datatypes::Schema::empty()),
         }
+    }
+
+    #[test]
+    fn the_charged_epsilon_is_never_below_the_sum_of_the_fields() {
+        // Ten quantiles at ε = 1 (0.1 ten times), three fields at 0.5 (a third, three
+        // times), …: whatever the split, the fields' ε, summed and rounded up, stay within
+        // the ε charged, which is the ε asked for.
+        for (kinds, epsilon) in [
+            (vec![DpKind::Median; 10], 1.0),
+            (vec![DpKind::Count, DpKind::Avg], 0.5),
+            (vec![DpKind::Count, DpKind::Avg], 1.5),
+            (vec![DpKind::Sum; 7], 0.3),
+            (vec![DpKind::Avg; 3], 1e-3),
+        ] {
+            let plan = plan_noise(&release(&kinds, 120.0), epsilon).unwrap();
+            assert_eq!(plan.epsilon(), epsilon);
+            let exact_up = composed(&plan.fields);
+            assert!(exact_up <= epsilon, "{kinds:?} at {epsilon}: {exact_up}");
+            // And the split loses next to nothing.
+            assert!(exact_up > epsilon * (1.0 - 1e-12), "{exact_up}");
+        }
+        assert_eq!(add_rounding_up(0.5, 0.25), 0.75);
+        // 0.1 + 0.2 rounds up in floats already; 0.1 + 0.7 rounds down and is bumped.
+        assert_eq!(add_rounding_up(0.1, 0.2), 0.1 + 0.2);
+        assert_eq!(add_rounding_up(0.1, 0.7), (0.1f64 + 0.7).next_up());
     }
 
     #[test]

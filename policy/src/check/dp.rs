@@ -378,8 +378,10 @@ pub(super) fn dp_release(
     })
 }
 
-/// Most histogram bins one DP release may carry, over all its groups and quantiles.
-pub const MAX_DP_HISTOGRAM_CELLS: usize = 1_000_000;
+/// Most histogram bins one DP release may carry, over all its groups and quantiles: each
+/// is counted and noised at the station (about 1 µs each in a release build, 10 in a debug
+/// one), and a tiny ε makes a release cheap to repeat.
+pub const MAX_DP_HISTOGRAM_CELLS: usize = 100_000;
 
 /// `input` with at most `m` rows per value of `unit` (which rows of a patient are kept is
 /// arbitrary, as in SmartNoise's reservoir), its columns unchanged.
