@@ -124,6 +124,7 @@ async fn main() -> Result<()> {
                 query_id: "q",
                 fragment: i as u64,
                 epsilon: 0.5,
+                sql: "SELECT partial_dp_count(1) AS a0 FROM lung",
             },
             1e9,
         )?;

@@ -535,6 +535,41 @@ pub fn verify(path: &Path) -> std::io::Result<Verified> {
     })
 }
 
+/// How many records of the log at `path` carry an ε for each of `fragments` (query id,
+/// fragment number): whether a charge in the station's privacy ledger has its audit record.
+/// Reads the whole log once, keeping only counts for the fragments asked about; a torn
+/// last line is not a record.
+pub fn count_charged(
+    path: &Path,
+    fragments: &std::collections::HashSet<(String, u64)>,
+) -> std::io::Result<std::collections::HashMap<(String, u64), usize>> {
+    let mut counts = std::collections::HashMap::new();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(counts),
+        Err(e) => return Err(e),
+    };
+    let mut reader = BufReader::new(file);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 || buf.last() != Some(&b'\n') {
+            break;
+        }
+        let Ok(line) = serde_json::from_slice::<Line>(&buf[..buf.len() - 1]) else {
+            continue;
+        };
+        let r = line.record;
+        if r.epsilon.is_some() {
+            let key = (r.query_id, r.fragment);
+            if fragments.contains(&key) {
+                *counts.entry(key).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(counts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,26 @@
 //! less than what was released: a charge whose release never happened stays charged (the
 //! safe direction), and no release happens without its charge on disk.
 //!
+//! The order of one DP fragment, and what a crash at each step leaves:
+//!
 //! ```text
-//!   charges(seq, time, researcher, collaboration, table_name, query_id, fragment, epsilon)
+//!   1. charge ε, committed (fsync)       crash before: nothing charged, nothing released
+//!   2. run the aggregate, add the noise  crash here: a charge without an audit record
+//!   3. audit record with ε (fsync)       crash here: charged and audited, not released
+//!   4. release the noised states
+//! ```
+//!
+//! A charge without its audit record (step 2, or an audit log that could not be written)
+//! gets one when the station starts: [`Ledger::unreconciled`] lists the charges since the
+//! last start, the station counts their records in the audit log, and appends a `failed`
+//! record with rule `recovered` and the ε for each charge that has none (nothing was
+//! released under it: the release waits for the record). Only then does
+//! [`Ledger::mark_reconciled`] move the watermark, so a crash during reconciliation is
+//! reconciled again, without duplicates (records already written are counted).
+//!
+//! ```text
+//!   charges(seq, time, researcher, collaboration, table_name, query_id, fragment, epsilon, sql)
+//!   reconciled(seq)   every charge up to seq has its audit record
 //!   spent(researcher, collaboration, table) = Σ epsilon
 //! ```
 
@@ -35,6 +53,19 @@ pub struct Charge<'a> {
     pub query_id: &'a str,
     pub fragment: u64,
     pub epsilon: f64,
+    /// The fragment's SQL, for the audit record a crash may leave to write.
+    pub sql: &'a str,
+}
+
+/// A charge as recorded (see [`Ledger::unreconciled`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub seq: u64,
+    pub researcher: String,
+    pub query_id: String,
+    pub fragment: u64,
+    pub epsilon: f64,
+    pub sql: String,
 }
 
 /// The outcome of a charge.
@@ -78,9 +109,22 @@ impl Ledger {
                      epsilon REAL NOT NULL CHECK (epsilon > 0)
                  );
                  CREATE INDEX IF NOT EXISTS charges_by_account
-                     ON charges (researcher, collaboration, table_name);",
+                     ON charges (researcher, collaboration, table_name);
+                 CREATE TABLE IF NOT EXISTS reconciled (
+                     id INTEGER PRIMARY KEY CHECK (id = 1),
+                     seq INTEGER NOT NULL
+                 );",
         )
         .map_err(error)?;
+        // Ledgers written before charges carried their SQL gain the column (empty).
+        let has_sql = conn
+            .prepare("SELECT 1 FROM pragma_table_info('charges') WHERE name = 'sql'")
+            .and_then(|mut q| q.exists([]))
+            .map_err(|e| error(e.to_string()))?;
+        if !has_sql {
+            conn.execute_batch("ALTER TABLE charges ADD COLUMN sql TEXT NOT NULL DEFAULT ''")
+                .map_err(|e| error(e.to_string()))?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -123,8 +167,8 @@ impl Ledger {
             }
             tx.execute(
                 "INSERT INTO charges (time, researcher, collaboration, table_name, query_id,
-                                      fragment, epsilon)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                                      fragment, epsilon, sql)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
                     charge.researcher,
@@ -133,6 +177,7 @@ impl Ledger {
                     charge.query_id,
                     charge.fragment as i64,
                     charge.epsilon,
+                    charge.sql,
                 ],
             )?;
             tx.commit()?;
@@ -141,6 +186,42 @@ impl Ledger {
             })
         };
         run().map_err(|e| self.error(e))
+    }
+
+    /// The charges after the reconciliation watermark, in order: those whose audit records
+    /// the station has not checked since it last started.
+    pub fn unreconciled(&self) -> Result<Vec<Recorded>, LedgerError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let run = || -> rusqlite::Result<Vec<Recorded>> {
+            let mut q = conn.prepare(
+                "SELECT seq, researcher, query_id, fragment, epsilon, sql FROM charges
+                 WHERE seq > (SELECT coalesce(max(seq), 0) FROM reconciled) ORDER BY seq",
+            )?;
+            q.query_map([], |row| {
+                Ok(Recorded {
+                    seq: row.get::<_, i64>(0)? as u64,
+                    researcher: row.get(1)?,
+                    query_id: row.get(2)?,
+                    fragment: row.get::<_, i64>(3)? as u64,
+                    epsilon: row.get(4)?,
+                    sql: row.get(5)?,
+                })
+            })?
+            .collect()
+        };
+        run().map_err(|e| self.error(e))
+    }
+
+    /// Records (durably) that every charge up to `seq` has its audit record.
+    pub fn mark_reconciled(&self, seq: u64) -> Result<(), LedgerError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute(
+            "INSERT INTO reconciled (id, seq) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+            params![seq as i64],
+        )
+        .map(|_| ())
+        .map_err(|e| self.error(e))
     }
 }
 
@@ -197,6 +278,7 @@ mod tests {
             query_id: "q",
             fragment: 1,
             epsilon,
+            sql: "SELECT partial_dp_count(1) AS a0 FROM lung",
         }
     }
 
@@ -229,6 +311,63 @@ mod tests {
         let ledger = Ledger::open(&path).unwrap();
         assert_eq!(ledger.spent("ann", "c", "lung").unwrap(), 10.0);
         assert_eq!(ledger.spent("bob", "c", "lung").unwrap(), 1.0);
+    }
+
+    #[test]
+    fn charges_after_the_watermark_are_unreconciled_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(ledger.unreconciled().unwrap(), vec![]);
+        ledger.charge(charge("ann", 0.5), 10.0).unwrap();
+        ledger.charge(charge("bob", 0.25), 10.0).unwrap();
+        let pending = ledger.unreconciled().unwrap();
+        assert_eq!(
+            pending
+                .iter()
+                .map(|c| (c.researcher.as_str(), c.epsilon, c.sql.as_str()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("ann", 0.5, "SELECT partial_dp_count(1) AS a0 FROM lung"),
+                ("bob", 0.25, "SELECT partial_dp_count(1) AS a0 FROM lung")
+            ]
+        );
+        ledger.mark_reconciled(pending[0].seq).unwrap();
+        drop(ledger);
+        let ledger = Ledger::open(&path).unwrap();
+        let pending = ledger.unreconciled().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].researcher, "bob");
+        ledger.mark_reconciled(pending[0].seq).unwrap();
+        // The watermark never moves back.
+        ledger.mark_reconciled(1).unwrap();
+        assert_eq!(ledger.unreconciled().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_ledger_from_before_the_sql_column_gains_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE charges (seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
+                 researcher TEXT NOT NULL, collaboration TEXT NOT NULL,
+                 table_name TEXT NOT NULL, query_id TEXT NOT NULL, fragment INTEGER NOT NULL,
+                 epsilon REAL NOT NULL CHECK (epsilon > 0));
+             INSERT INTO charges (time, researcher, collaboration, table_name, query_id,
+                 fragment, epsilon) VALUES ('t', 'ann', 'c', 'lung', 'q0', 1, 0.5);",
+        )
+        .unwrap();
+        drop(old);
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(ledger.spent("ann", "c", "lung").unwrap(), 0.5);
+        let pending = ledger.unreconciled().unwrap();
+        assert_eq!(
+            (pending[0].query_id.as_str(), pending[0].sql.as_str()),
+            ("q0", "")
+        );
+        ledger.charge(charge("ann", 0.5), 10.0).unwrap();
+        assert_eq!(ledger.spent("ann", "c", "lung").unwrap(), 1.0);
     }
 
     #[test]

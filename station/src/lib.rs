@@ -235,6 +235,15 @@ impl Station {
                 ),
             }
         }
+        let recovered = station.reconcile_ledger().await?;
+        if recovered > 0 {
+            eprintln!(
+                "station {}: {recovered} ε charge(s) had no audit record (a crash between \
+                 charge and record); recorded now as failed, rule {}",
+                station.name,
+                private::RECOVERED
+            );
+        }
         Ok(station)
     }
 

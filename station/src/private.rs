@@ -3,8 +3,10 @@
 //! exact aggregate, OpenDP's noise ([`crate::dp`]) and the audit record with the ε.
 //!
 //! The order does not bend: the charge is committed (fsync) before the aggregate runs, and
-//! the audit record is durable before the noised states leave. The ledger's SQLite writes
-//! run on tokio's blocking pool, never on an async worker.
+//! the audit record is durable before the noised states leave. A charge that a crash left
+//! without its audit record gets one when the station starts ([`Station::reconcile_ledger`];
+//! the order and what each crash leaves are in [`crate::ledger`]). The ledger's SQLite
+//! writes run on tokio's blocking pool, never on an async worker.
 
 use std::sync::Arc;
 
@@ -18,9 +20,74 @@ use tracing::{info, warn};
 use railyard_audit::{Decision, Entry};
 
 use crate::fragment::Approved;
+
+/// The rule of the audit record a charge left without one gets at the next start.
+pub const RECOVERED: &str = "recovered";
 use crate::{Error, Result, Station, blocking, dp, ledger};
 
 impl Station {
+    /// Gives every charge since the last start that has no audit record one: `failed`,
+    /// rule `recovered`, with its ε (nothing was released under it: a release waits for
+    /// its record). Runs before the station serves; returns how many it recovered.
+    pub(crate) async fn reconcile_ledger(&self) -> Result<usize> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(0);
+        };
+        let pending = {
+            let ledger = Arc::clone(ledger);
+            blocking(&self.name, move || Ok(ledger.unreconciled()?)).await?
+        };
+        let Some(last) = pending.last().map(|c| c.seq) else {
+            return Ok(0);
+        };
+        let wanted: std::collections::HashSet<(String, u64)> = pending
+            .iter()
+            .map(|c| (c.query_id.clone(), c.fragment))
+            .collect();
+        let path = self.audit.path().to_path_buf();
+        let mut audited =
+            tokio::task::spawn_blocking(move || railyard_audit::count_charged(&path, &wanted))
+                .await
+                .map_err(|e| Error::Internal {
+                    station: self.name.clone(),
+                    message: e.to_string(),
+                })?
+                .map_err(|e| Error::Internal {
+                    station: self.name.clone(),
+                    message: format!("the audit log cannot be read: {e}"),
+                })?;
+        let mut recovered = 0;
+        for charge in &pending {
+            let key = (charge.query_id.clone(), charge.fragment);
+            match audited.get_mut(&key) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => {
+                    self.audit(Entry {
+                        researcher: &charge.researcher,
+                        query_id: &charge.query_id,
+                        fragment: charge.fragment,
+                        sql: &charge.sql,
+                        train: None,
+                        args: None,
+                        decision: Decision::Failed,
+                        rule: Some(RECOVERED),
+                        rows: 0,
+                        suppressed: 0,
+                        epsilon: Some(charge.epsilon),
+                    })
+                    .await?;
+                    recovered += 1;
+                }
+            }
+        }
+        let ledger = Arc::clone(ledger);
+        blocking(&self.name, move || Ok(ledger.mark_reconciled(last)?)).await?;
+        if recovered > 0 {
+            warn!(station = %self.name, recovered, "ε charges without an audit record (the station stopped between charge and record) are now recorded as failed, rule recovered");
+        }
+        Ok(recovered)
+    }
+
     /// The ε of a DP fragment and its noise, refused (audited) if the ε is not allowed or
     /// the researcher's budget cannot cover it. With `charge`, the ε is charged to the
     /// ledger (durably) and the spend afterwards is returned too.
@@ -66,6 +133,7 @@ impl Station {
             return Ok((noise, spent));
         }
         let (query_id, fragment) = (ticket.query_id.clone(), ticket.fragment as u64);
+        let sql = ticket.sql.clone();
         let charged = blocking(&self.name, move || {
             Ok(ledger.charge(
                 ledger::Charge {
@@ -75,6 +143,7 @@ impl Station {
                     query_id: &query_id,
                     fragment,
                     epsilon,
+                    sql: &sql,
                 },
                 budget,
             )?)

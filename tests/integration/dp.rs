@@ -691,3 +691,79 @@ fn the_ledger_never_records_less_than_was_released_across_a_sigkill() {
         );
     }
 }
+
+#[test]
+fn a_charge_left_without_its_audit_record_is_recorded_at_the_next_start() {
+    let (_, policy) = dp_governance(&dp_policy(1000.0, 1.0, (30.0, 90.0)));
+    let data = fixtures::audit_dir().join("data");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A first run: one DP query, charged and audited at every station.
+    let (mut child, url) = spawn_lung(&policy, &data);
+    runtime.block_on(async {
+        let mut client = HubClient::connect(&url).await.unwrap();
+        client.query("SELECT dp_count(*) FROM lung").await.unwrap();
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // What a crash between the charge and its audit record leaves at station_a.
+    let sql = "SELECT partial_dp_count(1) AS \"a0\" FROM \"lung\"";
+    let ledger =
+        railyard_station::ledger::Ledger::open(&data.join("station_a").join("ledger.sqlite"))
+            .unwrap();
+    ledger
+        .charge(
+            railyard_station::ledger::Charge {
+                researcher: "local",
+                collaboration: "default",
+                table: "lung",
+                query_id: "killed-between-charge-and-record",
+                fragment: 1,
+                epsilon: 0.25,
+                sql,
+            },
+            1000.0,
+        )
+        .unwrap();
+    drop(ledger);
+    let records = |station: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(data.join(station).join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let recovered = |station: &str| -> Vec<serde_json::Value> {
+        records(station)
+            .into_iter()
+            .filter(|r| r["rule"] == "recovered")
+            .collect()
+    };
+    // Two restarts: the first records the charge, the second adds nothing.
+    for _ in 0..2 {
+        let spent = recorded_spend(&policy, &data);
+        assert_eq!(spent.len(), 3);
+        let found = recovered("station_a");
+        assert_eq!(found.len(), 1, "{found:?}");
+        let r = &found[0];
+        assert_eq!(r["decision"], "failed");
+        assert_eq!(r["query_id"], "killed-between-charge-and-record");
+        assert_eq!(r["researcher"], "local");
+        assert_eq!(r["epsilon"], 0.25);
+        assert_eq!(r["sql"], sql);
+        assert!(recovered("station_b").is_empty());
+        for station in ["station_a", "station_b", "station_c"] {
+            let verified = railyard_audit::verify(&data.join(station).join("audit.jsonl")).unwrap();
+            assert!(verified.broken.is_none(), "{station}: {verified:?}");
+            // Every charge has its record: the ε in the audit log adds up to the ledger's.
+            let audited: f64 = records(station)
+                .iter()
+                .filter_map(|r| r["epsilon"].as_f64())
+                .sum();
+            let charged = if station == "station_a" { 0.75 } else { 0.5 };
+            assert!((audited - charged).abs() < 1e-9, "{station}: {audited}");
+        }
+    }
+}
