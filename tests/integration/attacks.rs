@@ -81,12 +81,18 @@ async fn attacks_straight_at_a_station_are_refused_by_their_rule() {
         (chain, "(rule query_too_complex)"),
         // A chain of 150 CTEs: a plan that deep ran the stack out.
         (ctes, "(rule query_too_complex)"),
+        // 200 bytes the SQL parser backtracks over 2^40 times: minutes of a core. Refused
+        // by its steps or the stack it takes, whichever runs out first.
+        (not_chain(40, "partial_count(1) AS a0"), "(limit max_parse_"),
+        // Prefixes nested without parentheses or operators, past the parser's own
+        // recursion counter: ran the stack out.
+        (interval_chain(20_000), "max_parse_depth"),
     ];
     for (sql, rule) in &cases {
         let err = fixtures::run_at_station(url, sql)
             .await
             .expect_err("refused by the station itself");
-        assert!(err.contains(rule), "{sql}: {err}");
+        assert!(err.contains(rule), "{}: {err}", &sql[..sql.len().min(200)]);
         // A refusal never quotes a value of the data (patient 1 is 74 years old).
         assert!(!err.contains("74"), "{err}");
     }
@@ -96,6 +102,22 @@ async fn attacks_straight_at_a_station_are_refused_by_their_rule() {
         .unwrap();
     assert_eq!(released.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
     federation.shutdown().await.unwrap();
+}
+
+/// `n` nested `NOT (`: when the parser's recursion limit stops the innermost, every level
+/// is parsed again as a call of a function `not`, twice the work per level.
+fn not_chain(n: usize, select: &str) -> String {
+    format!(
+        "SELECT {select} FROM lung WHERE {}age > 1{}",
+        "NOT (".repeat(n),
+        ")".repeat(n)
+    )
+}
+
+/// `INTERVAL INTERVAL … '1'`: each word parses the next as a prefix, a level of the
+/// parser's stack that no recursion counter sees.
+fn interval_chain(n: usize) -> String {
+    format!("SELECT {}'1' AS a0 FROM lung", "INTERVAL ".repeat(n))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,6 +138,19 @@ async fn deep_statements_are_refused_by_the_hub_which_keeps_answering() {
             .to_string();
         assert!(err.contains("(rule query_too_complex)"), "{err}");
         assert!(err.contains("max_depth"), "{err}");
+    }
+    for (sql, limit) in [
+        (not_chain(40, "count(*)"), "(limit max_parse_"),
+        (not_chain(45, "count(*)"), "(limit max_parse_"),
+        (interval_chain(20_000), "max_parse_depth"),
+    ] {
+        let err = client
+            .query(&sql)
+            .await
+            .expect_err("too costly to parse")
+            .to_string();
+        assert!(err.contains("(rule query_too_complex)"), "{err}");
+        assert!(err.contains(limit), "{err}");
     }
     // A chain of CTEs, each reading the one before, is as deep as it is long.
     let err = client
