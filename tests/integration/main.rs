@@ -8,6 +8,7 @@ mod differencing;
 mod dp;
 mod federation;
 mod fixtures;
+mod fuzz;
 mod policy;
 mod postgres;
 mod slt;
