@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use railyard::client::HubClient;
 use railyard::local::{Governance, LocalFederation, TableSpec};
-use railyard_engine::flight_sql::Collaboration;
+use railyard_engine::flight_sql::{Collaboration, Collaborations};
 use railyard_engine::tokens::TokenStore;
 use railyard_engine::{Hub, HubFlightSql, HubOptions, StationAddress, Transport};
 use railyard_net::{Tls, TlsFiles, Tunnels, certs, conn};
@@ -128,6 +128,7 @@ async fn deployed(dir: &Path, outbound: bool) -> Result<(String, String)> {
             tls: Some(hub_tls.client_config()?),
             tunnels,
             secret: None,
+            board: None,
         },
         ..HubOptions::default()
     };
@@ -138,13 +139,13 @@ async fn deployed(dir: &Path, outbound: bool) -> Result<(String, String)> {
         .token;
     let flight = HubFlightSql::with_tokens(
         Arc::new(store),
-        HashMap::from([(
+        Collaborations::new(HashMap::from([(
             "bench".to_string(),
             Collaboration {
                 hub,
                 researchers: vec!["alice".to_string()],
             },
-        )]),
+        )])),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("grpc+tls://{}", listener.local_addr()?);

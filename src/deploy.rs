@@ -18,9 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use railyard_engine::flight_sql::Collaboration;
+use railyard_engine::flight_sql::{Collaboration, Collaborations};
 use railyard_engine::tokens::TokenStore;
-use railyard_engine::{Hub, HubFlightSql, HubOptions, StationAddress, Transport};
+use railyard_engine::{
+    Hub, HubFlightSql, HubOptions, StationAddress, StationBoard, Transport, VerticalSpec,
+};
 use railyard_net::{Tls, TlsFiles, Tunnels};
 use railyard_station::postgres::{PostgresSource, Relation};
 use railyard_station::{Format, Policy, Station, StationConfig, TableFile};
@@ -42,8 +44,12 @@ fn default_fragment_timeout() -> u64 {
     60
 }
 
+fn default_station_check() -> u64 {
+    5
+}
+
 /// `[tls]`: the collaboration's CA and this party's certificate and key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     pub ca: PathBuf,
@@ -92,15 +98,22 @@ pub struct HubConfig {
     /// Queries one researcher may start per minute (0, the default: no limit).
     #[serde(default)]
     pub max_queries_per_minute: u64,
+    /// Seconds between the hub's questions to every station (online? what tables and
+    /// policy?); `railyard.stations` is at most this old.
+    #[serde(default = "default_station_check")]
+    pub station_check_seconds: u64,
     pub tls: TlsSection,
     /// `[[stations]]`: every station this hub talks to.
     pub stations: Vec<StationEntry>,
     /// `[collaborations.NAME]`: who may query which tables at which stations.
     pub collaborations: BTreeMap<String, CollaborationEntry>,
+    /// The file it was read from (SIGHUP reads it again).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// One `[[stations]]` entry of hub.toml.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StationEntry {
     /// The station's name, as its certificate carries it.
@@ -113,13 +126,31 @@ pub struct StationEntry {
 }
 
 /// One `[collaborations.NAME]` section of hub.toml.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CollaborationEntry {
     pub stations: Vec<String>,
+    /// Horizontally partitioned tables: each station holds other patients.
+    #[serde(default)]
     pub tables: Vec<String>,
+    /// `[[collaborations.NAME.vertical]]`: vertically partitioned tables.
+    #[serde(default)]
+    pub vertical: Vec<VerticalEntry>,
     #[serde(default)]
     pub researchers: Vec<String>,
+}
+
+/// One `[[collaborations.NAME.vertical]]` entry of hub.toml: a table whose member stations
+/// each hold other columns of the same patients, linked on `key` (which the members
+/// pseudonymize with the collaboration secret only they hold; docs/vertical.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerticalEntry {
+    pub name: String,
+    /// The linking column, present at every member (never a column of the joined table).
+    pub key: String,
+    /// The stations holding its parts (at least two, all in the collaboration's `stations`).
+    pub members: Vec<String>,
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, PathBuf)> {
@@ -148,6 +179,7 @@ impl HubConfig {
         let (mut config, base): (HubConfig, _) = read_toml(path)?;
         config.data_dir = base.join(&config.data_dir);
         config.tls = config.tls.rebased(&base);
+        config.path = Some(path.to_path_buf());
         config
             .validate()
             .with_context(|| format!("{}", path.display()))?;
@@ -161,6 +193,10 @@ impl HubConfig {
         ensure!(
             self.station_wait_seconds >= 1,
             "station_wait_seconds must be at least 1"
+        );
+        ensure!(
+            self.station_check_seconds >= 1,
+            "station_check_seconds must be at least 1"
         );
         for s in &self.stations {
             check_name("station", &s.name)?;
@@ -205,12 +241,57 @@ impl HubConfig {
                 !c.stations.is_empty(),
                 "collaboration '{name}' has no stations"
             );
-            ensure!(!c.tables.is_empty(), "collaboration '{name}' has no tables");
+            ensure!(
+                !c.tables.is_empty() || !c.vertical.is_empty(),
+                "collaboration '{name}' has no tables (give `tables` or \
+                 [[collaborations.{name}.vertical]])"
+            );
             for s in &c.stations {
                 ensure!(
                     names.contains(s),
                     "collaboration '{name}' names station '{s}', which is not in [[stations]]"
                 );
+            }
+            let mut tables: BTreeSet<&String> = BTreeSet::new();
+            for t in &c.tables {
+                ensure!(
+                    tables.insert(t),
+                    "collaboration '{name}' lists table '{t}' twice"
+                );
+            }
+            for v in &c.vertical {
+                ensure!(
+                    tables.insert(&v.name),
+                    "collaboration '{name}': table '{}' is listed twice (a table is either in \
+                     `tables` or a vertical table, once)",
+                    v.name
+                );
+                ensure!(
+                    !v.key.is_empty(),
+                    "collaboration '{name}': vertical table '{}' needs its linking column \
+                     (`key`)",
+                    v.name
+                );
+                ensure!(
+                    v.members.len() >= 2,
+                    "collaboration '{name}': vertical table '{}' needs at least two `members` \
+                     (the stations holding its parts)",
+                    v.name
+                );
+                let mut seen = BTreeSet::new();
+                for m in &v.members {
+                    ensure!(
+                        c.stations.contains(m),
+                        "collaboration '{name}': vertical table '{}' has member '{m}', which \
+                         is not among the collaboration's stations",
+                        v.name
+                    );
+                    ensure!(
+                        seen.insert(m),
+                        "collaboration '{name}': vertical table '{}' lists member '{m}' twice",
+                        v.name
+                    );
+                }
             }
         }
         Ok(())
@@ -241,7 +322,11 @@ impl HubConfig {
     }
 }
 
-/// Runs the hub until `stop` resolves.
+/// Runs the hub until `stop` resolves. While it runs, it asks every station for its
+/// announcement every `station_check_seconds` (`railyard.stations`; a station that does not
+/// answer is offline, and queries that need it fail at once), builds a collaboration anew
+/// when a station announces other tables or another policy, and re-reads hub.toml on
+/// SIGHUP.
 pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -> Result<()> {
     let tls = Tls::load(&config.tls.files())?;
     let (shutdown, stopped) = tokio::sync::watch::channel(false);
@@ -280,59 +365,16 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
         tunnels,
         // Deployed stations know their hub by its certificate.
         secret: None,
+        board: Some(StationBoard::new()),
     };
 
     let mut collaborations = HashMap::new();
     for (name, c) in &config.collaborations {
-        let addresses: Vec<StationAddress> = c
-            .stations
-            .iter()
-            .map(|s| {
-                let entry = config
-                    .stations
-                    .iter()
-                    .find(|e| &e.name == s)
-                    .expect("validated: every collaboration station is listed");
-                StationAddress {
-                    name: s.clone(),
-                    url: match &entry.address {
-                        Some(addr) => format!("grpc+tls://{addr}"),
-                        None => format!("tunnel://{s}"),
-                    },
-                }
-            })
-            .collect();
-        let options = HubOptions {
-            fragment_timeout: Duration::from_secs(config.fragment_timeout_seconds),
-            connect_patience: wait,
-            collaboration: name.clone(),
-            tables: Some(c.tables.clone()),
-            transport: transport.clone(),
-            data_dir: Some(config.data_dir.join("collaborations").join(name)),
-            max_queries_per_minute: config.max_queries_per_minute,
-            ..HubOptions::default()
-        };
-        let hub = Hub::connect(&addresses, options)
-            .await
-            .with_context(|| format!("collaboration '{name}'"))?;
-        let announced: BTreeSet<String> = hub
-            .list_tables()
-            .await?
-            .into_iter()
-            .map(|(_, _, table, ..)| table)
-            .collect();
-        for table in &c.tables {
-            ensure!(
-                announced.contains(table),
-                "collaboration '{name}' lists table '{table}', which none of its stations ({}) \
-                 serves",
-                c.stations.join(", ")
-            );
-        }
+        let hub = build_collaboration(&config, name, c, &transport, wait).await?;
         eprintln!(
             "collaboration '{name}': {} stations, tables {}",
             c.stations.len(),
-            c.tables.join(", ")
+            c.served().join(", ")
         );
         collaborations.insert(
             name.clone(),
@@ -342,9 +384,10 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
             },
         );
     }
+    let live = Collaborations::new(collaborations);
 
     let store = Arc::new(config.token_store()?);
-    let flight = HubFlightSql::with_tokens(store, collaborations);
+    let flight = HubFlightSql::with_tokens(store, live.clone());
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
@@ -357,6 +400,22 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
         })
         .await
         .map_err(anyhow::Error::from)
+    });
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
+    let supervisor = Supervisor {
+        config,
+        live,
+        transport,
+    };
+    let mut stopped_supervisor = stopped.clone();
+    tasks.spawn(async move {
+        supervisor
+            .run(&mut hangup, async move {
+                let _ = stopped_supervisor.wait_for(|s| *s).await;
+            })
+            .await;
+        Ok(())
     });
     println!("hub listening on grpc+tls://{addr}");
     std::io::stdout().flush()?;
@@ -372,6 +431,256 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
         done.context("a hub task panicked")??;
     }
     Ok(())
+}
+
+impl CollaborationEntry {
+    /// Every table its researchers may query: the horizontal ones, then the vertical ones.
+    fn served(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .chain(self.vertical.iter().map(|v| &v.name))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Connects to the stations of collaboration `name` and builds its catalog from what they
+/// announce, waiting up to `patience` for each station.
+async fn build_collaboration(
+    config: &HubConfig,
+    name: &str,
+    c: &CollaborationEntry,
+    transport: &Transport,
+    patience: Duration,
+) -> Result<Hub> {
+    let addresses: Vec<StationAddress> = c
+        .stations
+        .iter()
+        .map(|s| {
+            let entry = config
+                .stations
+                .iter()
+                .find(|e| &e.name == s)
+                .expect("validated: every collaboration station is listed");
+            StationAddress {
+                name: s.clone(),
+                url: match &entry.address {
+                    Some(addr) => format!("grpc+tls://{addr}"),
+                    None => format!("tunnel://{s}"),
+                },
+            }
+        })
+        .collect();
+    let served = c.served();
+    let options = HubOptions {
+        fragment_timeout: Duration::from_secs(config.fragment_timeout_seconds),
+        connect_patience: patience,
+        collaboration: name.to_string(),
+        tables: Some(served.clone()),
+        vertical: c
+            .vertical
+            .iter()
+            .map(|v| VerticalSpec {
+                name: v.name.clone(),
+                key: v.key.clone(),
+                members: v.members.clone(),
+            })
+            .collect(),
+        transport: transport.clone(),
+        data_dir: Some(config.data_dir.join("collaborations").join(name)),
+        max_queries_per_minute: config.max_queries_per_minute,
+        ..HubOptions::default()
+    };
+    let hub = Hub::connect(&addresses, options)
+        .await
+        .with_context(|| format!("collaboration '{name}'"))?;
+    let announced: BTreeSet<String> = hub
+        .list_tables()
+        .await?
+        .into_iter()
+        .map(|(_, _, table, ..)| table)
+        .collect();
+    for table in &served {
+        ensure!(
+            announced.contains(table),
+            "collaboration '{name}' lists table '{table}', which none of its stations ({}) \
+             serves",
+            c.stations.join(", ")
+        );
+    }
+    Ok(hub)
+}
+
+/// Keeps a running hub's collaborations current: probes the stations, rebuilds a
+/// collaboration whose stations announce something new, re-reads hub.toml on SIGHUP.
+struct Supervisor {
+    config: HubConfig,
+    live: Collaborations,
+    transport: Transport,
+}
+
+impl Supervisor {
+    /// How long a rebuild waits for a station (it was just seen, so it should answer).
+    const REBUILD_PATIENCE: Duration = Duration::from_secs(5);
+
+    async fn run(
+        mut self,
+        hangup: &mut tokio::signal::unix::Signal,
+        stop: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let every = Duration::from_secs(self.config.station_check_seconds);
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = ticks.tick() => self.probe(every).await,
+                Some(()) = hangup.recv() => self.reload().await,
+            }
+        }
+    }
+
+    /// Asks every collaboration's stations for their announcements; builds anew each
+    /// collaboration with a stale catalog.
+    async fn probe(&self, every: Duration) {
+        // A station that takes longer than this to list its tables counts as offline.
+        let timeout = every.clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let current = self.live.current();
+        for (name, collaboration) in current.iter() {
+            if !collaboration.hub.probe(timeout).await {
+                continue;
+            }
+            let Some(entry) = self.config.collaborations.get(name) else {
+                continue;
+            };
+            match build_collaboration(
+                &self.config,
+                name,
+                entry,
+                &self.transport,
+                Self::REBUILD_PATIENCE,
+            )
+            .await
+            {
+                Ok(hub) => {
+                    self.live.replace_hub(name, Arc::new(hub));
+                    eprintln!(
+                        "collaboration '{name}': catalog rebuilt (a station announced other \
+                         tables or another policy)"
+                    );
+                }
+                Err(e) => eprintln!(
+                    "collaboration '{name}': a station announced other tables or another \
+                     policy, but the catalog could not be rebuilt, so queries are still \
+                     planned on the old one and each station still checks its own policy: \
+                     {e:#}"
+                ),
+            }
+        }
+    }
+
+    /// Re-reads hub.toml. Researchers take effect at once (a removed one is refused from the
+    /// next call); stations and tables by building each changed collaboration anew. A file
+    /// that does not load changes nothing.
+    async fn reload(&mut self) {
+        let Some(path) = self.config.path.clone() else {
+            return;
+        };
+        let next = match HubConfig::load(&path) {
+            Ok(next) => next,
+            Err(e) => {
+                eprintln!("hub.toml not reloaded, the hub keeps its running configuration: {e:#}");
+                return;
+            }
+        };
+        if let Err(e) = self.restart_only(&next) {
+            eprintln!("hub.toml not reloaded, the hub keeps its running configuration: {e:#}");
+            return;
+        }
+        let current = self.live.current();
+        let mut rebuilt = HashMap::new();
+        for (name, c) in &next.collaborations {
+            let unchanged = self.config.collaborations.get(name).is_some_and(|old| {
+                old.stations == c.stations
+                    && old.tables == c.tables
+                    && old.vertical == c.vertical
+                    && c.stations.iter().all(|s| {
+                        self.config.stations.iter().find(|e| &e.name == s)
+                            == next.stations.iter().find(|e| &e.name == s)
+                    })
+            });
+            let old = current.get(name).map(|c| Arc::clone(&c.hub));
+            let hub = match old {
+                Some(hub) if unchanged => hub,
+                old => {
+                    match build_collaboration(
+                        &next,
+                        name,
+                        c,
+                        &self.transport,
+                        Self::REBUILD_PATIENCE,
+                    )
+                    .await
+                    {
+                        Ok(hub) => Arc::new(hub),
+                        Err(e) => {
+                            eprintln!(
+                                "hub.toml: collaboration '{name}' could not be built ({e:#}); {}",
+                                if old.is_some() {
+                                    "it keeps its old stations and tables, with the new \
+                                     researchers"
+                                } else {
+                                    "it is not served until the next reload"
+                                }
+                            );
+                            match old {
+                                Some(hub) => hub,
+                                None => continue,
+                            }
+                        }
+                    }
+                }
+            };
+            rebuilt.insert(
+                name.clone(),
+                Collaboration {
+                    hub,
+                    researchers: c.researchers.clone(),
+                },
+            );
+        }
+        if let Some(board) = &self.transport.board {
+            let names: Vec<String> = next.stations.iter().map(|s| s.name.clone()).collect();
+            board.retain(&names);
+        }
+        let served: Vec<&String> = rebuilt.keys().collect();
+        eprintln!("hub.toml reloaded: collaborations {served:?}");
+        self.live.replace(rebuilt);
+        self.config = next;
+    }
+
+    /// Refuses a reload that changes what only a restart can change.
+    fn restart_only(&self, next: &HubConfig) -> Result<()> {
+        let old = &self.config;
+        ensure!(
+            old.listen == next.listen
+                && old.tunnel_listen == next.tunnel_listen
+                && old.name == next.name
+                && old.data_dir == next.data_dir
+                && old.tls == next.tls,
+            "`name`, `listen`, `tunnel_listen`, `data_dir` and [tls] change only with a restart"
+        );
+        for s in next.stations.iter().filter(|s| s.outbound) {
+            ensure!(
+                old.stations.iter().any(|o| o.name == s.name && o.outbound),
+                "station '{}' is a new outbound station: the hub accepts new outbound stations \
+                 after a restart (inbound ones are dialled at once)",
+                s.name
+            );
+        }
+        Ok(())
+    }
 }
 
 /// station.toml
@@ -392,6 +701,10 @@ pub struct StationFileConfig {
     /// The name the hub's certificate must carry.
     #[serde(default = "default_hub_name")]
     pub hub_name: String,
+    /// The collaboration secret (`railyard secret init`) that keys the pseudonyms of
+    /// `join_key` columns, for vertical tables. Readable by its owner only; the hub never
+    /// holds it. Without one the station links no vertical table.
+    pub collaboration_secret_file: Option<PathBuf>,
     pub tls: TlsSection,
     /// `[[tables]]`: the station's data.
     pub tables: Vec<TableEntry>,
@@ -433,6 +746,7 @@ pub struct StationSetup {
     pub files: Vec<TableFile>,
     pub postgres: Vec<PostgresSource>,
     pub policy: Policy,
+    pub collaboration_secret: Option<Arc<[u8]>>,
 }
 
 impl StationFileConfig {
@@ -534,6 +848,13 @@ impl StationFileConfig {
             };
             policy.reference_tables.insert(t.name.clone(), digest);
         }
+        let collaboration_secret = match &config.collaboration_secret_file {
+            Some(file) => Some(
+                crate::secret::load(&base.join(file))
+                    .with_context(|| format!("{}: collaboration_secret_file", path.display()))?,
+            ),
+            None => None,
+        };
         let config = StationFileConfig {
             data_dir: base.join(&config.data_dir),
             tls: config.tls.rebased(&base),
@@ -547,6 +868,7 @@ impl StationFileConfig {
             files,
             postgres,
             policy,
+            collaboration_secret,
         })
     }
 }
@@ -558,7 +880,7 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
     let station_config = StationConfig {
         policy: setup.policy,
         audit_log: config.data_dir.join("audit.jsonl"),
-        collaboration_secret: None,
+        collaboration_secret: setup.collaboration_secret.clone(),
         hub_secret: None,
     };
     let station = Arc::new(
@@ -659,5 +981,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("'z'"), "{e}");
+
+        // Vertical tables: at least two members, all among the collaboration's stations,
+        // each table once.
+        let two = "[[stations]]\nname = \"a\"\naddress = \"h:1\"\n[[stations]]\nname = \"b\"\n\
+                   address = \"h:2\"";
+        let vertical = |members: &str, tables: &str| {
+            config(
+                two,
+                &format!(
+                    "[collaborations.link]\nstations = [\"a\", \"b\"]\n{tables}\n\
+                     [[collaborations.link.vertical]]\nname = \"breast\"\nkey = \"id\"\n\
+                     members = [{members}]"
+                ),
+            )
+        };
+        assert!(vertical("\"a\", \"b\"", "").is_ok());
+        let e = vertical("\"a\"", "").unwrap_err();
+        assert!(e.to_string().contains("at least two"), "{e}");
+        let e = vertical("\"a\", \"c\"", "").unwrap_err();
+        assert!(e.to_string().contains("member 'c'"), "{e}");
+        let e = vertical("\"a\", \"a\"", "").unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = vertical("\"a\", \"b\"", "tables = [\"breast\"]").unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        let e = config(two, "[collaborations.link]\nstations = [\"a\"]").unwrap_err();
+        assert!(e.to_string().contains("no tables"), "{e}");
     }
 }

@@ -359,6 +359,7 @@ impl LocalFederation {
                 options.vertical.push(VerticalSpec {
                     name: spec.name.clone(),
                     key: key.clone(),
+                    members: Vec::new(),
                 });
             }
         }

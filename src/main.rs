@@ -151,6 +151,12 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Create a collaboration secret: the key the stations of a collaboration share to link
+    /// a vertical table's parts (see docs/deployment.md). The hub never holds it.
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
     /// Issue, list and revoke researchers' bearer tokens (kept hashed in the hub's data
     /// directory).
     Token {
@@ -215,6 +221,21 @@ enum CertsCommand {
         /// public DNS name for researchers.
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Write a fresh random secret to FILE, readable by its owner only (0600). An existing
+    /// file is never replaced. Pass it to each station operator of the collaboration out of
+    /// band (never through the hub); each names it in `collaboration_secret_file`.
+    Init {
+        /// The collaboration the secret is for (written into the file as a comment).
+        #[arg(long)]
+        collaboration: String,
+        /// Where to write the secret.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
 }
 
@@ -424,6 +445,17 @@ async fn run(cli: Cli) -> Result<()> {
                 "issued '{name}': {} and {}",
                 issued.cert.display(),
                 issued.key.display()
+            );
+            Ok(())
+        }
+        Command::Secret {
+            command: SecretCommand::Init { collaboration, out },
+        } => {
+            railyard::secret::init(&collaboration, &out)?;
+            println!(
+                "wrote the collaboration secret for '{collaboration}' to {} (mode 0600); give \
+                 it to the collaboration's station operators only",
+                out.display()
             );
             Ok(())
         }

@@ -32,6 +32,19 @@ pub mod actions {
     /// Takes a [`BudgetRequest`](crate::BudgetRequest); answers a list of
     /// [`BudgetInfo`](crate::BudgetInfo).
     pub const BUDGET: &str = "budget";
+    /// Answers a [`StationStatus`](crate::StationStatus): the station's software and policy
+    /// versions (the hub's `railyard.stations`, and its cue to re-read the catalog).
+    pub const STATUS: &str = "status";
+}
+
+/// What a station says of itself through the `status` action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StationStatus {
+    pub station: String,
+    /// The station's software version (`railyard --version`).
+    pub version: String,
+    /// A digest of the station's whole policy as loaded: it changes when the policy does.
+    pub policy_version: String,
 }
 
 /// How openly a column may be used, from most to least open.

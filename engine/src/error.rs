@@ -12,6 +12,17 @@ pub enum StationFailure {
         url: String,
         message: String,
     },
+    /// The hub's board has the station offline: the query fails at once instead of waiting
+    /// out a timeout.
+    #[error(
+        "station '{station}' is offline (last seen: {last_seen}; {error}); queries that need \
+         it fail until it is back, the others are unaffected"
+    )]
+    Offline {
+        station: String,
+        last_seen: String,
+        error: String,
+    },
     #[error("station '{station}' did not answer fragment #{fragment} within {timeout:?}")]
     Timeout {
         station: String,
@@ -94,7 +105,9 @@ impl StationFailure {
     fn code(&self) -> Code {
         match self {
             StationFailure::Refused { .. } => Code::PermissionDenied,
-            StationFailure::Unreachable { .. } => Code::Unavailable,
+            StationFailure::Unreachable { .. } | StationFailure::Offline { .. } => {
+                Code::Unavailable
+            }
             StationFailure::Timeout { .. } => Code::DeadlineExceeded,
             StationFailure::Failed { code, .. } => *code,
             StationFailure::Protocol { .. } => Code::Internal,

@@ -508,6 +508,7 @@ where
         }),
         None => Ok(batch),
     };
+    station.ensure_online().map_err(Fetch::Failed)?;
     let flight = match station.link() {
         Ok(flight) => flight,
         Err(join) => {

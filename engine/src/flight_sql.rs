@@ -92,6 +92,41 @@ pub struct Collaboration {
     pub researchers: Vec<String>,
 }
 
+/// A token hub's collaborations, replaceable while it serves: `railyard hub` re-reads
+/// hub.toml on SIGHUP, and builds a collaboration anew when its stations announce something
+/// new. A call sees the collaborations as they are when it is authorized.
+#[derive(Clone, Default)]
+pub struct Collaborations(Arc<std::sync::RwLock<Arc<HashMap<String, Collaboration>>>>);
+
+impl Collaborations {
+    pub fn new(collaborations: HashMap<String, Collaboration>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(collaborations))))
+    }
+
+    /// The collaborations as they are now.
+    pub fn current(&self) -> Arc<HashMap<String, Collaboration>> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Replaces them all, from the next call on (calls already running finish on the hub
+    /// they started with).
+    pub fn replace(&self, collaborations: HashMap<String, Collaboration>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(collaborations);
+    }
+
+    /// Replaces one collaboration's hub, keeping its members (unless it is gone meanwhile).
+    pub fn replace_hub(&self, name: &str, hub: Arc<Hub>) {
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if current.contains_key(name) {
+            let mut next = HashMap::clone(&current);
+            if let Some(c) = next.get_mut(name) {
+                c.hub = hub;
+            }
+            *current = Arc::new(next);
+        }
+    }
+}
+
 /// Who may ask what.
 #[derive(Clone)]
 enum Access {
@@ -100,7 +135,7 @@ enum Access {
     /// Bearer tokens, each speaking for one researcher in one collaboration.
     Tokens {
         store: Arc<TokenStore>,
-        collaborations: Arc<HashMap<String, Collaboration>>,
+        collaborations: Collaborations,
     },
 }
 
@@ -155,14 +190,11 @@ impl HubFlightSql {
     /// Every call must carry `authorization: Bearer <token>`; a token's researcher sees and
     /// queries only their collaboration's hub, and only while the hub's configuration still
     /// lists them as a member.
-    pub fn with_tokens(
-        store: Arc<TokenStore>,
-        collaborations: HashMap<String, Collaboration>,
-    ) -> Self {
+    pub fn with_tokens(store: Arc<TokenStore>, collaborations: Collaborations) -> Self {
         Self {
             access: Access::Tokens {
                 store,
-                collaborations: Arc::new(collaborations),
+                collaborations,
             },
             started: Arc::new(Mutex::new(HashMap::new())),
         }
@@ -228,6 +260,7 @@ impl HubFlightSql {
                 Status::internal("the hub cannot read its token database")
             })?
             .map_err(|refused| Status::unauthenticated(refused.to_string()))?;
+        let collaborations = collaborations.current();
         let member = collaborations
             .get(&bearer.collaboration)
             .filter(|c| c.researchers.contains(&bearer.researcher));

@@ -33,6 +33,7 @@
 //! The hub depends on no station code: it shares with stations only the contract, the pure
 //! policy rules and the audit log.
 
+pub mod board;
 pub mod budget;
 pub mod error;
 pub mod exec;
@@ -53,6 +54,7 @@ use std::sync::Arc;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use tokio::net::TcpListener;
 
+pub use board::StationBoard;
 pub use error::{Error, Result, StationFailure};
 pub use flight_sql::{HubFlightSql, LOCAL_RESEARCHER};
 pub use hub::{Hub, HubOptions, Planned};

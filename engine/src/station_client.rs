@@ -37,6 +37,8 @@ pub struct Transport {
     /// A secret the stations require of their hub (`railyard local` draws one per run),
     /// sent as the `x-railyard-hub-secret` header of every request.
     pub secret: Option<Arc<str>>,
+    /// Which stations are online: a fragment for one the board has offline fails at once.
+    pub board: Option<Arc<crate::board::StationBoard>>,
 }
 
 /// Adds the hub's secret to every request to a station (nothing without one).
@@ -67,6 +69,7 @@ pub struct StationClient {
     pub name: Arc<str>,
     pub url: Arc<str>,
     link: Link,
+    board: Option<Arc<crate::board::StationBoard>>,
 }
 
 /// How the hub reaches a station.
@@ -165,6 +168,7 @@ impl StationClient {
             name: address.name.as_str().into(),
             url: address.url.as_str().into(),
             link: Link::Flight(client),
+            board: transport.board.clone(),
         })
     }
 
@@ -174,7 +178,51 @@ impl StationClient {
             name: join.name().into(),
             url: format!("local://{}", join.name()).into(),
             link: Link::Local(join),
+            board: None,
         }
+    }
+
+    /// Fails at once, naming the station, if the hub's board has it offline.
+    pub(crate) fn ensure_online(&self) -> std::result::Result<(), StationFailure> {
+        match &self.board {
+            Some(board) => board.ensure_online(&self.name),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this is the hub's own join station (not a station of the collaboration).
+    pub(crate) fn is_local(&self) -> bool {
+        matches!(self.link, Link::Local(_))
+    }
+
+    /// The station's software and policy versions; `None` from a station that does not know
+    /// the `status` action.
+    pub async fn status(&self) -> Result<Option<railyard_contract::StationStatus>> {
+        if let Link::Local(_) = &self.link {
+            return Ok(None);
+        }
+        match self.action(actions::STATUS, Vec::new()).await {
+            Ok(body) => Ok(Some(serde_json::from_slice(&body).map_err(|e| {
+                StationFailure::Protocol {
+                    station: self.name.to_string(),
+                    fragment: 0,
+                    message: format!("unreadable answer to 'status': {e}"),
+                }
+            })?)),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => Err(self.action_failure(0, s).into()),
+        }
+    }
+
+    /// Everything the station announces: tables, policies, versions.
+    pub async fn announcement(&self) -> Result<crate::board::Announcement> {
+        let (tables, policies, status) =
+            futures::try_join!(self.tables(), self.policy(), self.status())?;
+        Ok(crate::board::Announcement {
+            tables,
+            policies,
+            status,
+        })
     }
 
     /// The Flight client, or the in-process join station.
@@ -285,6 +333,7 @@ impl StationClient {
         if let Link::Local(join) = &self.link {
             return Ok(join.check(ticket).await?);
         }
+        self.ensure_online()?;
         self.json_action(actions::CHECK, ticket.to_bytes(), ticket.fragment)
             .await
     }

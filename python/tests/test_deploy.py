@@ -1,6 +1,7 @@
 """A deployed collaboration, as docs/deployment.md sets it up: `railyard certs`, a hub and
 three stations as separate processes with mutual TLS on loopback (one station on PostgreSQL,
-one in outbound mode), researchers with bearer tokens, queried through ADBC over TLS."""
+one in outbound mode), researchers with bearer tokens, queried through ADBC over TLS; and a
+vertical table linked across the three with a collaboration secret only the stations hold."""
 
 import os
 import pathlib
@@ -21,6 +22,7 @@ from adbc_driver_manager import AdbcStatusCode  # noqa: E402
 
 LUNG = DATA / "lung" / "horizontal"
 BREAST = DATA / "breast_cancer" / "horizontal" / "parquet"
+VERTICAL = DATA / "breast_cancer" / "vertical"
 # The open test policy (every column public, k = 1, so answers equal pandas exactly), plus
 # differential privacy with a small budget, to see whose budget a query spends.
 POLICY = (REPO / "tests" / "policies" / "open.toml").read_text() + """
@@ -31,6 +33,12 @@ epsilon = 0.5
 
 [tables.lung.dp]
 sex = { keys = [1, 2] }
+
+# The vertical table's opt-in: its key leaves only as a pseudonym keyed by the secret.
+[tables.breast_vertical]
+allow_vertical = true
+[tables.breast_vertical.columns]
+patient_id = "join_key"
 """
 
 
@@ -84,7 +92,8 @@ def write(path, text):
     return path
 
 
-def station_config(tmp, name, mode, tables):
+def station_config(tmp, name, mode, tables, secret=None):
+    secret_line = f'collaboration_secret_file = "{secret}"' if secret else ""
     return write(
         tmp / f"{name}.toml",
         f"""
@@ -92,6 +101,7 @@ name = "{name}"
 data_dir = "state/{name}"
 policy = "policy.toml"
 {mode}
+{secret_line}
 
 [tls]
 ca = "certs/ca.pem"
@@ -123,19 +133,22 @@ key = "{cert}.key"
     )
 
 
-def load_postgres(connection, csv):
-    """The lung station's CSV as a PostgreSQL table in a fresh schema; returns its name."""
+def load_postgres(connection, csv, table="lung", floats=False):
+    """A station's CSV as a PostgreSQL table in a fresh schema; returns its name. Columns are
+    bigint, or with `floats` double precision but for the patient_id."""
     psql = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
     schema = f"deploy_{secrets.token_hex(6)}"
     header = csv.read_text().splitlines()[0].split(",")
-    columns = ", ".join(f"{c} bigint" for c in header)
+    columns = ", ".join(
+        f"{c} {'double precision' if floats and c != 'patient_id' else 'bigint'}" for c in header
+    )
     script = (
         f"CREATE SCHEMA {schema};\n"
-        f"CREATE TABLE {schema}.lung ({columns});\n"
-        f"\\copy {schema}.lung FROM '{csv}' WITH (FORMAT csv, HEADER true)\n"
+        f"CREATE TABLE {schema}.{table} ({columns});\n"
+        f"\\copy {schema}.{table} FROM '{csv}' WITH (FORMAT csv, HEADER true)\n"
     )
     subprocess.run([psql, connection, "-v", "ON_ERROR_STOP=1", "-q"], input=script, text=True, check=True)
-    return f"{schema}.lung"
+    return f"{schema}.{table}"
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +163,12 @@ def deployment(tmp_path_factory):
     railyard("certs", "issue", "--dir", certs, "--name", "hub", "--host", "127.0.0.1", "--host", "localhost")
     for name in ["amsterdam", "leiden", "utrecht"]:
         railyard("certs", "issue", "--dir", certs, "--name", name, "--host", "127.0.0.1")
+    # The stations' shared secret for the vertical table; the hub's configuration never
+    # names it. (On one machine the three stations read one file; in a real deployment
+    # each operator keeps a copy.)
+    secret = tmp / "stations" / "linkage.secret"
+    secret.parent.mkdir()
+    railyard("secret", "init", "--collaboration", "linkage", "--out", secret)
     processes = []
 
     def start(name, args):
@@ -175,12 +194,18 @@ path = "{LUNG / 'parquet' / 'station_a.parquet'}"
 [[tables]]
 name = "breast_cancer"
 path = "{BREAST / 'station_a.parquet'}"
+
+[[tables]]
+name = "breast_vertical"
+path = "{VERTICAL / 'parquet' / 'station_a.parquet'}"
 """,
+                secret=secret,
             ),
         ],
     )
     # leiden: PostgreSQL, listening.
     relation = load_postgres(connection, LUNG / "csv" / "station_b.csv")
+    vertical = load_postgres(connection, VERTICAL / "csv" / "station_b.csv", "breast_vertical", floats=True)
     leiden = start(
         "leiden",
         [
@@ -195,7 +220,13 @@ path = "{BREAST / 'station_a.parquet'}"
 name = "lung"
 postgres = "{connection}"
 relation = "{relation}"
+
+[[tables]]
+name = "breast_vertical"
+postgres = "{connection}"
+relation = "{vertical}"
 """,
+                secret=secret,
             ),
         ],
     )
@@ -227,6 +258,15 @@ researchers = ["alice", "dave"]
 stations = ["amsterdam"]
 tables = ["breast_cancer"]
 researchers = ["bob"]
+
+[collaborations.linkage]
+stations = ["amsterdam", "leiden", "utrecht"]
+researchers = ["erin"]
+
+[[collaborations.linkage.vertical]]
+name = "breast_vertical"
+key = "patient_id"
+members = ["amsterdam", "leiden", "utrecht"]
 """,
         tunnel="127.0.0.1:0",
     )
@@ -246,7 +286,12 @@ researchers = ["bob"]
 [[tables]]
 name = "lung"
 path = "{LUNG / 'parquet' / 'station_c.parquet'}"
+
+[[tables]]
+name = "breast_vertical"
+path = "{VERTICAL / 'parquet' / 'station_c.parquet'}"
 """,
+                secret=secret,
             ),
         ],
     ).expect("station utrecht dialing the hub at ")
@@ -265,6 +310,8 @@ path = "{LUNG / 'parquet' / 'station_c.parquet'}"
         "tunnel": tunnel,
         "ca": (certs / "ca.pem").read_text(),
         "hub_config": config,
+        "secret": secret,
+        "processes": processes,
         "stations": addresses,
         "token": token,
     }
@@ -540,3 +587,186 @@ path = "{LUNG / 'parquet' / 'station_c.parquet'}"
     finally:
         for p in hubs + [station]:
             p.stop()
+
+
+def pooled_vertical():
+    parts = [pd.read_csv(VERTICAL / "csv" / f"station_{s}.csv") for s in "abc"]
+    joined = parts[0]
+    for part in parts[1:]:
+        joined = joined.merge(part, on="patient_id", how="inner")
+    return joined
+
+
+def test_a_vertical_table_links_a_postgresql_and_an_outbound_station(deployment):
+    """The linkage the project exists for, deployed: three stations each hold other columns
+    of the same patients (leiden in PostgreSQL, utrecht behind a firewall); the hub joins
+    their pseudonymized rows without ever holding the key that makes the pseudonyms."""
+    erin = deployment["token"]("erin", "linkage")
+    got = query(
+        deployment,
+        erin,
+        "SELECT diagnosis, count(*) AS n, avg(mean_radius) AS r, avg(radius_error) AS e, "
+        "avg(worst_area) AS w FROM breast_vertical WHERE worst_texture > 20 "
+        "GROUP BY diagnosis ORDER BY diagnosis",
+    )
+    joined = pooled_vertical()
+    want = (
+        joined[joined["worst_texture"] > 20]
+        .groupby("diagnosis")
+        .agg(n=("mean_radius", "size"), r=("mean_radius", "mean"), e=("radius_error", "mean"), w=("worst_area", "mean"))
+        .reset_index()
+    )
+    assert got["diagnosis"].tolist() == want["diagnosis"].tolist()
+    assert got["n"].tolist() == want["n"].tolist()
+    for column in ["r", "e", "w"]:
+        assert got[column].tolist() == pytest.approx(want[column].tolist(), rel=1e-12), column
+    assert query(deployment, erin, "SELECT count(*) AS n FROM breast_vertical")["n"][0] == len(joined)
+
+    # The key is no column of the joined table, and joined rows never leave the hub.
+    for sql in ["SELECT patient_id FROM breast_vertical", "SELECT mean_radius FROM breast_vertical"]:
+        with pytest.raises(Exception):
+            query(deployment, erin, sql)
+    # Another collaboration's researcher does not see the table.
+    with pytest.raises(Exception) as failure:
+        query(deployment, deployment["token"]("alice", "lung"), "SELECT count(*) FROM breast_vertical")
+    assert "breast_vertical" in str(failure.value)
+
+    # Every member, the PostgreSQL and the outbound one included, logged erin's pseudonymized
+    # release; the join station at the hub logged its own; every log verifies.
+    import json
+
+    tmp = deployment["tmp"]
+    join_log = tmp / "state" / "hub" / "collaborations" / "linkage" / "breast_vertical-join" / "audit.jsonl"
+    for log in [tmp / "state" / s / "audit.jsonl" for s in ["amsterdam", "leiden", "utrecht"]] + [join_log]:
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        assert any(r["researcher"] == "erin" and r["decision"] == "allowed" for r in records), log
+        railyard("audit", "verify", log)
+
+    # The hub holds no copy of the secret: nothing under its state or its configuration.
+    key = deployment["secret"].read_text().splitlines()[-1]
+    hub_files = [deployment["hub_config"], *(tmp / "state" / "hub").rglob("*")]
+    for f in hub_files:
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
+
+
+def test_a_collaboration_secret_is_never_replaced_and_must_stay_private(deployment):
+    tmp = deployment["tmp"]
+    secret = deployment["secret"]
+    before = secret.read_text()
+    done = railyard("secret", "init", "--collaboration", "linkage", "--out", secret, check=False)
+    assert done.returncode != 0 and "never replaced" in done.stderr, done.stderr
+    assert secret.read_text() == before
+    assert secret.stat().st_mode & 0o777 == 0o600
+
+    # A station refuses to start with a secret others may read, and says how to fix it
+    # (without printing the secret).
+    loose = tmp / "stations" / "loose.secret"
+    loose.write_text(before)
+    loose.chmod(0o644)
+    config = station_config(
+        tmp,
+        "amsterdam-loose",
+        'listen = "127.0.0.1:0"',
+        f"""
+[[tables]]
+name = "breast_vertical"
+path = "{VERTICAL / 'parquet' / 'station_a.parquet'}"
+""",
+        secret=loose,
+    )
+    done = railyard("station", "--config", config, check=False)
+    assert done.returncode != 0
+    assert "chmod 600" in done.stderr and "collaboration_secret_file" in done.stderr, done.stderr
+    assert before.splitlines()[-1] not in done.stderr
+
+
+def test_railyard_stations_shows_each_station_online_with_its_versions(deployment):
+    alice = deployment["token"]("alice", "lung")
+    got = query(deployment, alice, "SELECT * FROM railyard.stations ORDER BY station")
+    assert got["station"].tolist() == ["amsterdam", "leiden", "utrecht"]
+    assert got["online"].tolist() == [True, True, True]
+    assert got["last_seen"].notna().all()
+    # Only this collaboration's tables are named.
+    assert got["tables"].tolist() == ["lung", "lung", "lung"]
+    assert got["software_version"].notna().all() and got["policy_version"].notna().all()
+
+
+def hub_process(deployment):
+    return next(p for p in deployment["processes"] if p.name == "hub")
+
+
+def wait_until(condition, seconds=30):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_researcher_removed_from_hub_toml_is_refused_after_sighup(deployment):
+    """Runs last among the fixture's tests: it rewrites hub.toml (and puts it back)."""
+    import signal
+
+    config = deployment["hub_config"]
+    original = config.read_text()
+    dave = deployment["token"]("dave", "lung")
+    assert query(deployment, dave, "SELECT count(*) AS n FROM lung")["n"][0] == 228
+    hub = hub_process(deployment)
+    try:
+        config.write_text(original.replace('researchers = ["alice", "dave"]', 'researchers = ["alice"]'))
+        hub.proc.send_signal(signal.SIGHUP)
+
+        def refused():
+            try:
+                query(deployment, dave, "SELECT count(*) AS n FROM lung")
+                return False
+            except Exception as e:  # noqa: BLE001
+                return "not a member" in str(e)
+
+        assert wait_until(refused), "dave was still answered after the reload"
+        # Alice is unaffected; so is a file that does not load (the hub keeps running).
+        alice = deployment["token"]("alice", "lung")
+        assert query(deployment, alice, "SELECT count(*) AS n FROM lung")["n"][0] == 228
+        config.write_text("this is not toml [")
+        hub.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert query(deployment, alice, "SELECT count(*) AS n FROM lung")["n"][0] == 228
+        assert hub.proc.poll() is None
+    finally:
+        config.write_text(original)
+        hub.proc.send_signal(signal.SIGHUP)
+
+    def answered():
+        try:
+            return query(deployment, dave, "SELECT count(*) AS n FROM lung")["n"][0] == 228
+        except Exception:  # noqa: BLE001
+            return False
+
+    assert wait_until(answered), "dave was not answered again after hub.toml was restored"
+
+
+def test_an_offline_station_fails_its_queries_at_once_and_no_others(deployment):
+    """Runs last: it stops leiden for good."""
+    alice = deployment["token"]("alice", "lung")
+    bob = deployment["token"]("bob", "breast")
+    leiden = next(p for p in deployment["processes"] if p.name == "leiden")
+    leiden.proc.kill()
+    leiden.proc.wait()
+
+    def offline():
+        try:
+            query(deployment, alice, "SELECT count(*) AS n FROM lung")
+            return False
+        except Exception as e:  # noqa: BLE001
+            return "leiden" in str(e) and "offline" in str(e)
+
+    # The hub notices within its station_check_seconds (5 s by default).
+    assert wait_until(offline), "a query over lung did not fail naming leiden as offline"
+    got = query(deployment, alice, "SELECT station, online FROM railyard.stations ORDER BY station")
+    assert got["online"].tolist() == [True, False, True]
+    # The failure is the board's (the "offline" error), not a timeout: it comes at once.
+    # A collaboration without leiden is unaffected.
+    n = query(deployment, bob, "SELECT count(*) AS n FROM breast_cancer")["n"][0]
+    assert n == len(pd.read_parquet(BREAST / "station_a.parquet"))

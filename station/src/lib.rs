@@ -103,6 +103,8 @@ pub struct Station {
     querysets: Arc<queryset::QuerySets>,
     /// When each researcher's recent fragments ran (`max_fragments_per_minute`).
     recent: railyard_policy::gate::RateWindow,
+    /// A digest of the policy (the `status` action).
+    policy_version: String,
 }
 
 impl Station {
@@ -198,10 +200,17 @@ impl Station {
             usize::try_from(config.policy.trains.max_concurrent).unwrap_or(usize::MAX),
         );
         let state = ctx.state();
+        let policy_version = {
+            use sha2::Digest;
+            // The policy as loaded, every setting in a fixed order (its maps are ordered).
+            let digest = sha2::Sha256::digest(format!("{:?}", config.policy).as_bytes());
+            digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        };
         let station = Self {
             name,
             ctx,
             state,
+            policy_version,
             policy: config.policy,
             keyed: config.collaboration_secret.is_some(),
             audit,
@@ -249,6 +258,15 @@ impl Station {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// What the station says of itself: its software and policy versions.
+    pub fn status(&self) -> railyard_contract::StationStatus {
+        railyard_contract::StationStatus {
+            station: self.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            policy_version: self.policy_version.clone(),
+        }
     }
 
     pub(crate) fn threshold_key(&self) -> &railyard_policy::release::ThresholdKey {

@@ -155,6 +155,7 @@ impl FlightService for StationService {
         };
         match action.r#type.as_str() {
             actions::HEALTH => reply(self.station.name().as_bytes().to_vec()),
+            actions::STATUS => reply(json(&self.station.status())?),
             actions::CHECK => {
                 let ticket = FragmentTicket::from_bytes(&action.body)
                     .map_err(|m| self.status(Error::BadRequest(m)))?;
@@ -198,6 +199,11 @@ impl FlightService for StationService {
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         let actions = [
             (actions::HEALTH, "returns the station's name"),
+            (
+                actions::STATUS,
+                "returns {station, version, policy_version}: the station's software version \
+                 and a digest of its policy",
+            ),
             (
                 actions::CHECK,
                 "checks a fragment ticket against the station's policy without running it; \

@@ -498,6 +498,7 @@ async fn recorded_members(fragment_timeout: std::time::Duration) -> Members {
         vertical: vec![VerticalSpec {
             name: TABLE.into(),
             key: "patient_id".into(),
+            members: Vec::new(),
         }],
         data_dir: Some(dir.join("hub")),
         fragment_timeout,

@@ -27,6 +27,7 @@ use tracing::info;
 
 use railyard_contract::{CheckAnswer, FragmentTicket};
 
+use crate::board::{STATIONS_TABLE, StationBoard, StationsTable};
 use crate::error::StationFailure;
 use crate::error::{Error, Result};
 use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query, query_tickets};
@@ -231,11 +232,23 @@ pub struct Hub {
     epsilon: Mutex<HashMap<String, f64>>,
     /// When each researcher's recent queries started (`max_queries_per_minute`).
     recent: railyard_policy::gate::RateWindow,
+    /// Which stations are online (shared with every rebuild of this hub).
+    board: Arc<StationBoard>,
+    /// The digest of what each station announced when this hub was built.
+    announced: BTreeMap<String, String>,
 }
 
 impl Hub {
     /// Connects to every station and builds the federated catalog from what they announce.
     pub async fn connect(addresses: &[StationAddress], options: HubOptions) -> Result<Self> {
+        let mut options = options;
+        let board = Arc::clone(
+            options
+                .transport
+                .board
+                .get_or_insert_with(StationBoard::new),
+        );
+        let mut announced = BTreeMap::new();
         let mut stations = Vec::new();
         let mut catalog = FederatedCatalog::new();
         // Every station's announced policies, for railyard.policies.
@@ -261,18 +274,29 @@ impl Hub {
                     .as_ref()
                     .is_none_or(|t| t.iter().any(|t| t == table))
             };
-            let table_policies: Vec<_> = client
-                .policy()
-                .await?
+            let announcement = client.announcement().await?;
+            board.seen(&address.name, &announcement);
+            announced.insert(address.name.clone(), announcement.digest());
+            let table_policies: Vec<_> = announcement
+                .policies
                 .into_iter()
                 .filter(|p| served(&p.table))
                 .collect();
-            for (table, schema) in client.tables().await? {
+            for (table, schema) in announcement.tables {
                 if !served(&table) {
                     continue;
                 }
                 let policy = table_policies.iter().find(|p| p.table == table).cloned();
-                if options.vertical.iter().any(|v| v.name == table) {
+                if let Some(spec) = options.vertical.iter().find(|v| v.name == table) {
+                    if !spec.members.is_empty() && !spec.members.contains(&address.name) {
+                        return Err(Error::BadRequest(format!(
+                            "vertical table '{table}': station '{}' serves a table of that \
+                             name but is not among its members ({}); list it as a member or \
+                             leave it out of this collaboration",
+                            address.name,
+                            spec.members.join(", ")
+                        )));
+                    }
                     members.entry(table).or_default().push(vertical::Member {
                         client: client.clone(),
                         schema,
@@ -293,6 +317,16 @@ impl Hub {
             stations.push(client);
         }
         for spec in &options.vertical {
+            let announced = members.get(&spec.name);
+            if let Some(missing) = spec.members.iter().find(|m| {
+                announced.is_none_or(|a| !a.iter().any(|a| a.client.name.as_ref() == m.as_str()))
+            }) {
+                return Err(Error::BadRequest(format!(
+                    "vertical table '{}': member station '{missing}' does not serve a table \
+                     of that name",
+                    spec.name
+                )));
+            }
             let Some(dir) = &options.data_dir else {
                 return Err(Error::BadRequest(format!(
                     "vertical table '{}' needs a hub data directory for its join station's \
@@ -350,6 +384,14 @@ impl Hub {
             format!("railyard.{}", crate::budget::BUDGET_TABLE).as_str(),
             Arc::new(crate::budget::BudgetTable::new(Arc::clone(&stations))),
         )?;
+        ctx.register_table(
+            format!("railyard.{STATIONS_TABLE}").as_str(),
+            Arc::new(StationsTable {
+                board: Arc::clone(&board),
+                stations: addresses.iter().map(|a| a.name.clone()).collect(),
+                served: options.tables.clone(),
+            }),
+        )?;
         info!(
             stations = stations.len(),
             tables = tables.len(),
@@ -376,7 +418,42 @@ impl Hub {
             options,
             epsilon: Mutex::new(HashMap::new()),
             recent: Default::default(),
+            board,
+            announced,
         })
+    }
+
+    /// The board of this hub's stations (`railyard.stations`).
+    pub fn board(&self) -> &Arc<StationBoard> {
+        &self.board
+    }
+
+    /// Asks every station for its announcement, each within `timeout`, and records on the
+    /// board who answered (a query that needs a station that did not fails at once from
+    /// now on). True if a station that answered announces something else than this hub's
+    /// catalog was built from (a table, a schema, a policy): the caller should build a new
+    /// hub.
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        let answers =
+            futures::future::join_all(self.stations.iter().filter(|s| !s.is_local()).map(
+                |s| async move { (s, tokio::time::timeout(timeout, s.announcement()).await) },
+            ))
+            .await;
+        let mut stale = false;
+        for (station, answer) in answers {
+            match answer {
+                Ok(Ok(announcement)) => {
+                    self.board.seen(&station.name, &announcement);
+                    stale |=
+                        self.announced.get(station.name.as_ref()) != Some(&announcement.digest());
+                }
+                Ok(Err(e)) => self.board.lost(&station.name, e.to_string()),
+                Err(_) => self
+                    .board
+                    .lost(&station.name, format!("no answer within {timeout:?}")),
+            }
+        }
+        stale
     }
 
     pub fn options(&self) -> &HubOptions {

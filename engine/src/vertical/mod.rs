@@ -62,12 +62,17 @@ use cache::{JoinCache, JoinKey};
 /// The share of the fragment timeout the join station gives its members.
 const MEMBER_TIMEOUT_SHARE: f64 = 0.9;
 
-/// A vertically partitioned table the hub serves: every station announcing `name` holds
-/// some of its columns plus the linking column `key`.
+/// A vertically partitioned table the hub serves: every member station holds some of its
+/// columns plus the linking column `key`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerticalSpec {
     pub name: String,
     pub key: String,
+    /// The member stations (hub.toml's `members`). Empty: every station that announces
+    /// `name` (`railyard local`). Listed: each must announce it, and a station that
+    /// announces it without being listed is an error (its part would otherwise join
+    /// silently, or be silently left out).
+    pub members: Vec<String>,
 }
 
 /// The name of the join station of table `table` (in errors, the audit log, EXPLAIN).
