@@ -600,16 +600,20 @@ impl Supervisor {
         }
         let current = self.live.current();
         let mut rebuilt = HashMap::new();
+        // Settings every collaboration's hub is built with.
+        let same_settings = self.config.fragment_timeout_seconds == next.fragment_timeout_seconds
+            && self.config.max_queries_per_minute == next.max_queries_per_minute;
         for (name, c) in &next.collaborations {
-            let unchanged = self.config.collaborations.get(name).is_some_and(|old| {
-                old.stations == c.stations
-                    && old.tables == c.tables
-                    && old.vertical == c.vertical
-                    && c.stations.iter().all(|s| {
-                        self.config.stations.iter().find(|e| &e.name == s)
-                            == next.stations.iter().find(|e| &e.name == s)
-                    })
-            });
+            let unchanged = same_settings
+                && self.config.collaborations.get(name).is_some_and(|old| {
+                    old.stations == c.stations
+                        && old.tables == c.tables
+                        && old.vertical == c.vertical
+                        && c.stations.iter().all(|s| {
+                            self.config.stations.iter().find(|e| &e.name == s)
+                                == next.stations.iter().find(|e| &e.name == s)
+                        })
+                });
             let old = current.get(name).map(|c| Arc::clone(&c.hub));
             let hub = match old {
                 Some(hub) if unchanged => hub,
@@ -668,8 +672,11 @@ impl Supervisor {
                 && old.tunnel_listen == next.tunnel_listen
                 && old.name == next.name
                 && old.data_dir == next.data_dir
-                && old.tls == next.tls,
-            "`name`, `listen`, `tunnel_listen`, `data_dir` and [tls] change only with a restart"
+                && old.tls == next.tls
+                && old.station_wait_seconds == next.station_wait_seconds
+                && old.station_check_seconds == next.station_check_seconds,
+            "`name`, `listen`, `tunnel_listen`, `data_dir`, `station_wait_seconds`, \
+             `station_check_seconds` and [tls] change only with a restart"
         );
         for s in next.stations.iter().filter(|s| s.outbound) {
             ensure!(

@@ -291,14 +291,6 @@ impl Governance {
     }
 }
 
-/// A fresh random collaboration secret for the stations of one local federation.
-fn collaboration_secret() -> Arc<[u8]> {
-    use rand::RngCore;
-    let mut secret = vec![0u8; railyard_udfs::pseudonym::MIN_SECRET_BYTES];
-    rand::rng().fill_bytes(&mut secret);
-    Arc::from(secret)
-}
-
 /// A fresh hub secret: 32 random bytes as hex (a header value must be text).
 fn hub_secret() -> String {
     use rand::RngCore;
@@ -367,7 +359,7 @@ impl LocalFederation {
             options.data_dir = Some(governance.data_dir.join("hub"));
         }
         // Shared by the stations only: the hub never learns it.
-        let secret = (!options.vertical.is_empty()).then(collaboration_secret);
+        let secret = (!options.vertical.is_empty()).then(crate::secret::random);
         // Shared by the hub and its stations only: on this machine nobody else can send
         // the stations tickets (under another researcher's name, for a fresh DP budget, or
         // for the pseudonymized rows of a vertical member).

@@ -20,7 +20,6 @@ const HEADER: &str = "# railyard collaboration secret";
 /// (0600). An existing file is never replaced: a changed secret would silently unlink
 /// every vertical table of the collaboration.
 pub fn init(collaboration: &str, out: &Path) -> Result<()> {
-    use rand::RngCore;
     ensure!(
         !collaboration.is_empty()
             && collaboration
@@ -28,9 +27,7 @@ pub fn init(collaboration: &str, out: &Path) -> Result<()> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
         "collaboration name '{collaboration}': use letters, digits, '-' and '_'"
     );
-    let mut bytes = [0u8; MIN_SECRET_BYTES];
-    rand::rng().fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(random());
     let text = format!(
         "{HEADER} for '{collaboration}'\n# give it to this collaboration's stations only, \
          never to its hub\n{hex}\n"
@@ -57,6 +54,15 @@ pub fn init(collaboration: &str, out: &Path) -> Result<()> {
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", out.display()))?;
     Ok(())
+}
+
+/// A fresh random secret of [`MIN_SECRET_BYTES`] bytes (`secret init`; `railyard local` draws
+/// one per run).
+pub fn random() -> Arc<[u8]> {
+    use rand::RngCore;
+    let mut secret = vec![0u8; MIN_SECRET_BYTES];
+    rand::rng().fill_bytes(&mut secret);
+    Arc::from(secret)
 }
 
 /// Reads a secret file written by [`init`] (or any file of comment lines and one line of
@@ -94,8 +100,9 @@ pub fn load(path: &Path) -> Result<Arc<[u8]>> {
             path.display()
         );
     };
-    let bytes = decode_hex(line).with_context(|| {
-        format!(
+    // The decoder's error names the offending character: say only where it is.
+    let bytes = hex::decode(line).map_err(|_| {
+        anyhow::anyhow!(
             "{} is not a collaboration secret: its line is not hex digits",
             path.display()
         )
@@ -109,18 +116,6 @@ pub fn load(path: &Path) -> Result<Arc<[u8]>> {
         bytes.len()
     );
     Ok(Arc::from(bytes))
-}
-
-fn decode_hex(text: &str) -> Result<Vec<u8>> {
-    ensure!(text.len().is_multiple_of(2), "an odd number of hex digits");
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            text.get(i..i + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                .context("not a hex digit")
-        })
-        .collect()
 }
 
 #[cfg(test)]

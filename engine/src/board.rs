@@ -65,7 +65,7 @@ impl Announcement {
 }
 
 /// One station's row of the board.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StationState {
     pub online: bool,
     /// The last time it answered (None: never since the hub started).
@@ -110,16 +110,7 @@ impl StationBoard {
     /// `name` did not answer: `error` says how.
     pub fn lost(&self, name: &str, error: String) {
         let mut stations = self.write();
-        let state = stations
-            .entry(name.to_string())
-            .or_insert_with(|| StationState {
-                online: false,
-                last_seen: None,
-                tables: Vec::new(),
-                policy_version: None,
-                software_version: None,
-                error: None,
-            });
+        let state = stations.entry(name.to_string()).or_default();
         state.online = false;
         state.error = Some(error);
     }

@@ -240,8 +240,7 @@ pub struct Hub {
 
 impl Hub {
     /// Connects to every station and builds the federated catalog from what they announce.
-    pub async fn connect(addresses: &[StationAddress], options: HubOptions) -> Result<Self> {
-        let mut options = options;
+    pub async fn connect(addresses: &[StationAddress], mut options: HubOptions) -> Result<Self> {
         let board = Arc::clone(
             options
                 .transport
