@@ -37,6 +37,7 @@ use railyard_contract::FragmentTicket;
 use railyard_planner::{FederationPlanner, Fragment, FragmentNode, ThresholdNode};
 use tokio::time::{Instant, timeout_at};
 use tonic::Code;
+use tracing::warn;
 
 use crate::error::StationFailure;
 use crate::station_client::StationClient;
@@ -525,36 +526,83 @@ where
             return Ok(announced);
         }
     };
-    let response = timeout_at(
-        deadline,
-        flight.clone().do_get(Ticket::new(ticket.to_bytes())),
-    )
-    .await
-    .map_err(|_| Fetch::Timeout)?
-    .map_err(from_status)?;
-    let mut stream = FlightRecordBatchStream::new_from_flight_data(
-        response.into_inner().map(|r| r.map_err(FlightError::from)),
-    );
     let announced = |stream: &FlightRecordBatchStream| {
         stream
             .schema()
             .cloned()
             .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()))
     };
-    loop {
-        let next = timeout_at(deadline, stream.next())
-            .await
-            .map_err(|_| Fetch::Timeout)?;
-        let batch = match next {
-            None => return Ok(announced(&stream)),
-            Some(Err(FlightError::Tonic(status))) => return Err(from_status(*status)),
-            Some(Err(e)) => return Err(failed(Code::Internal, e.to_string())),
-            Some(Ok(batch)) => batch,
+    // A connection that fails before the first batch arrives is retried once, for a
+    // fragment whose second run releases the same thing and spends nothing (see
+    // [`retryable`]); a failure after a batch was handed on is never retried.
+    let mut retries = usize::from(retryable(&ticket));
+    'attempt: loop {
+        let retry = |failure: &Fetch, retries: usize| {
+            retries > 0
+                && Instant::now() + RETRY_PAUSE < deadline
+                && matches!(failure, Fetch::Failed(StationFailure::Unreachable { .. }))
         };
-        if !sink(conformed(batch)?).await {
-            return Ok(announced(&stream));
+        let response = match timeout_at(
+            deadline,
+            flight.clone().do_get(Ticket::new(ticket.to_bytes())),
+        )
+        .await
+        .map_err(|_| Fetch::Timeout)?
+        .map_err(from_status)
+        {
+            Ok(response) => response,
+            Err(failure) if retry(&failure, retries) => {
+                retries -= 1;
+                warn!(station = %name, query_id = %ticket.query_id, fragment, "connection failed; retrying the fragment once");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue 'attempt;
+            }
+            Err(failure) => return Err(failure),
+        };
+        let mut stream = FlightRecordBatchStream::new_from_flight_data(
+            response.into_inner().map(|r| r.map_err(FlightError::from)),
+        );
+        let mut handed_on = false;
+        loop {
+            let next = timeout_at(deadline, stream.next())
+                .await
+                .map_err(|_| Fetch::Timeout)?;
+            let batch = match next {
+                None => return Ok(announced(&stream)),
+                Some(Err(FlightError::Tonic(status))) => {
+                    let failure = from_status(*status);
+                    if !handed_on && retry(&failure, retries) {
+                        retries -= 1;
+                        warn!(station = %name, query_id = %ticket.query_id, fragment, "connection failed; retrying the fragment once");
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        continue 'attempt;
+                    }
+                    return Err(failure);
+                }
+                Some(Err(e)) => return Err(failed(Code::Internal, e.to_string())),
+                Some(Ok(batch)) => batch,
+            };
+            handed_on = true;
+            if !sink(conformed(batch)?).await {
+                return Ok(announced(&stream));
+            }
         }
     }
+}
+
+/// How long the hub waits before it retries a fragment whose connection failed (a
+/// restarted station's listener, or an outbound station's new tunnel, is up by then).
+pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// Whether a fragment may be sent to a station a second time after its connection failed:
+/// only when a second run releases the same thing and spends nothing. A train never is
+/// (it may have started a container and counted toward the station's limits), nor a
+/// differentially private fragment (its first run may have charged ε before the connection
+/// failed, and a second would charge again and release a second noisy answer). A DP
+/// fragment is recognised by the station half of a DP aggregate in its SQL, which is what
+/// makes a station treat it as one; the test is textual, so it errs towards not retrying.
+pub(crate) fn retryable(ticket: &FragmentTicket) -> bool {
+    ticket.train.is_none() && !ticket.sql.to_ascii_lowercase().contains("partial_dp_")
 }
 
 /// Gives a station's batch the fragment's expected schema (names are positional), refusing

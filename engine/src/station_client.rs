@@ -277,8 +277,30 @@ impl StationClient {
         Ok(tables)
     }
 
-    /// Runs a station action and returns the body of its single result.
+    /// Runs a station action and returns the body of its single result. Every action the
+    /// hub sends only reads (a check spends nothing), so one whose connection failed is sent
+    /// once more.
     async fn action(
+        &self,
+        kind: &str,
+        body: Vec<u8>,
+    ) -> std::result::Result<Vec<u8>, tonic::Status> {
+        match self.action_once(kind, body.clone()).await {
+            Err(s)
+                if matches!(
+                    StationFailure::from_status(&self.name, &self.url, 0, &s),
+                    StationFailure::Unreachable { .. }
+                ) =>
+            {
+                tracing::warn!(station = %self.name, action = kind, "connection failed; asking once more");
+                tokio::time::sleep(crate::exec::RETRY_PAUSE).await;
+                self.action_once(kind, body).await
+            }
+            answer => answer,
+        }
+    }
+
+    async fn action_once(
         &self,
         kind: &str,
         body: Vec<u8>,

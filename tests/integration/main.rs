@@ -11,6 +11,7 @@ mod fixtures;
 mod fuzz;
 mod policy;
 mod postgres;
+mod retries;
 mod slt;
 mod statistics;
 mod trains;
