@@ -535,57 +535,48 @@ where
     // A connection that fails before the first batch arrives is retried once, for a
     // fragment whose second run releases the same thing and spends nothing (see
     // [`retryable`]); a failure after a batch was handed on is never retried.
-    let mut retries = usize::from(retryable(&ticket));
-    'attempt: loop {
-        let retry = |failure: &Fetch, retries: usize| {
-            retries > 0
-                && Instant::now() + RETRY_PAUSE < deadline
-                && matches!(failure, Fetch::Failed(StationFailure::Unreachable { .. }))
+    let mut retried = false;
+    loop {
+        let mut handed_on = false;
+        let attempt = async {
+            let response = timeout_at(
+                deadline,
+                flight.clone().do_get(Ticket::new(ticket.to_bytes())),
+            )
+            .await
+            .map_err(|_| Fetch::Timeout)?
+            .map_err(from_status)?;
+            let mut stream = FlightRecordBatchStream::new_from_flight_data(
+                response.into_inner().map(|r| r.map_err(FlightError::from)),
+            );
+            loop {
+                let next = timeout_at(deadline, stream.next())
+                    .await
+                    .map_err(|_| Fetch::Timeout)?;
+                let batch = match next {
+                    None => return Ok(announced(&stream)),
+                    Some(Err(FlightError::Tonic(status))) => return Err(from_status(*status)),
+                    Some(Err(e)) => return Err(failed(Code::Internal, e.to_string())),
+                    Some(Ok(batch)) => batch,
+                };
+                handed_on = true;
+                if !sink(conformed(batch)?).await {
+                    return Ok(announced(&stream));
+                }
+            }
         };
-        let response = match timeout_at(
-            deadline,
-            flight.clone().do_get(Ticket::new(ticket.to_bytes())),
-        )
-        .await
-        .map_err(|_| Fetch::Timeout)?
-        .map_err(from_status)
-        {
-            Ok(response) => response,
-            Err(failure) if retry(&failure, retries) => {
-                retries -= 1;
+        match attempt.await {
+            Err(Fetch::Failed(StationFailure::Unreachable { .. }))
+                if !retried
+                    && !handed_on
+                    && Instant::now() + RETRY_PAUSE < deadline
+                    && retryable(&ticket) =>
+            {
+                retried = true;
                 warn!(station = %name, query_id = %ticket.query_id, fragment, "connection failed; retrying the fragment once");
                 tokio::time::sleep(RETRY_PAUSE).await;
-                continue 'attempt;
             }
-            Err(failure) => return Err(failure),
-        };
-        let mut stream = FlightRecordBatchStream::new_from_flight_data(
-            response.into_inner().map(|r| r.map_err(FlightError::from)),
-        );
-        let mut handed_on = false;
-        loop {
-            let next = timeout_at(deadline, stream.next())
-                .await
-                .map_err(|_| Fetch::Timeout)?;
-            let batch = match next {
-                None => return Ok(announced(&stream)),
-                Some(Err(FlightError::Tonic(status))) => {
-                    let failure = from_status(*status);
-                    if !handed_on && retry(&failure, retries) {
-                        retries -= 1;
-                        warn!(station = %name, query_id = %ticket.query_id, fragment, "connection failed; retrying the fragment once");
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                        continue 'attempt;
-                    }
-                    return Err(failure);
-                }
-                Some(Err(e)) => return Err(failed(Code::Internal, e.to_string())),
-                Some(Ok(batch)) => batch,
-            };
-            handed_on = true;
-            if !sink(conformed(batch)?).await {
-                return Ok(announced(&stream));
-            }
+            answer => return answer,
         }
     }
 }

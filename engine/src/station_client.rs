@@ -285,6 +285,8 @@ impl StationClient {
         kind: &str,
         body: Vec<u8>,
     ) -> std::result::Result<Vec<u8>, tonic::Status> {
+        // Shared, not copied, by the second attempt.
+        let body = prost::bytes::Bytes::from(body);
         match self.action_once(kind, body.clone()).await {
             Err(s)
                 if matches!(
@@ -303,7 +305,7 @@ impl StationClient {
     async fn action_once(
         &self,
         kind: &str,
-        body: Vec<u8>,
+        body: prost::bytes::Bytes,
     ) -> std::result::Result<Vec<u8>, tonic::Status> {
         let mut results = self
             .flight()?

@@ -107,7 +107,7 @@ def test_fifty_clients_for_a_minute_meet_no_unexpected_error(federation, request
                     except adbc_driver_manager.Error as e:
                         elapsed = time.perf_counter() - started
                         message = str(e)
-                        if kind != "refusal" or "PERMISSION_DENIED" not in message and "Permission" not in message:
+                        if kind != "refusal" or ("PERMISSION_DENIED" not in message and "Permission" not in message):
                             with lock:
                                 unexpected.append(f"{kind}: {message}")
                         elif "rule" not in message:

@@ -5,7 +5,9 @@
 //! The order does not bend: the charge is committed (fsync) before the aggregate runs, and
 //! the audit record is durable before the noised states leave. A charge that a crash left
 //! without its audit record gets one when the station starts ([`Station::reconcile_ledger`];
-//! the order and what each crash leaves are in [`crate::ledger`]). The ledger's SQLite
+//! the order and what each crash leaves are in [`crate::ledger`]). A caller that hangs up
+//! cannot stop a fragment between the two: the Flight service runs every fragment on its
+//! own task, to its end. The ledger's SQLite
 //! writes run on tokio's blocking pool, never on an async worker.
 
 use std::sync::Arc;

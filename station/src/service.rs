@@ -39,6 +39,24 @@ impl StationService {
     fn status(&self, e: Error) -> Status {
         to_status(self.station.name(), e)
     }
+
+    /// Runs `work` on its own task, so that a caller who hangs up (the hub dropping a query
+    /// because another station failed, a researcher cancelling) cannot stop it half-way: a
+    /// DP charge committed before the drop still gets its audit record, and a refusal is
+    /// still recorded. What the caller no longer wants is then simply not sent.
+    async fn to_completion<T, F>(&self, work: impl FnOnce(Arc<Station>) -> F) -> Result<T, Status>
+    where
+        F: Future<Output = crate::error::Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        match tokio::spawn(work(Arc::clone(&self.station))).await {
+            Ok(result) => result.map_err(|e| self.status(e)),
+            Err(e) => Err(self.status(Error::Internal {
+                station: self.station.name().to_string(),
+                message: format!("the fragment's task did not finish: {e}"),
+            })),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -107,10 +125,8 @@ impl FlightService for StationService {
         let ticket = FragmentTicket::from_bytes(&request.into_inner().ticket)
             .map_err(|m| self.status(Error::BadRequest(m)))?;
         let batches = self
-            .station
-            .run_fragment(&ticket)
-            .await
-            .map_err(|e| self.status(e))?;
+            .to_completion(|station| async move { station.run_fragment(&ticket).await })
+            .await?;
         let station = self.station.name().to_string();
         let schema = batches.schema();
         let flight = FlightDataEncoderBuilder::new()
@@ -160,10 +176,8 @@ impl FlightService for StationService {
                 let ticket = FragmentTicket::from_bytes(&action.body)
                     .map_err(|m| self.status(Error::BadRequest(m)))?;
                 let answer = self
-                    .station
-                    .check_fragment(&ticket)
-                    .await
-                    .map_err(|e| self.status(e))?;
+                    .to_completion(|station| async move { station.check_fragment(&ticket).await })
+                    .await?;
                 reply(json(&answer)?)
             }
             actions::BUDGET => {

@@ -9,11 +9,8 @@ use std::time::Duration;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 use arrow_flight::sql::CommandGetTables;
-use arrow_flight::sql::client::FlightSqlServiceClient;
-use futures::TryStreamExt;
 use railyard::client::HubClient;
 use railyard_engine::{Hub, HubOptions, StationAddress};
-use railyard_station::{Format, Policy, Station, StationConfig, TableFile};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -164,19 +161,12 @@ async fn manual_federation(options: HubOptions) -> Manual {
     let mut stations = Vec::new();
     let mut addresses = Vec::new();
     for name in fixtures::STATIONS {
-        let table = TableFile {
-            name: "lung".into(),
-            path: test_data(&format!("lung/horizontal/parquet/{name}.parquet")),
-            format: Format::Parquet,
-            schema: None,
-        };
-        let config = StationConfig {
-            policy: Policy::load(&fixtures::repo().join("tests/policies/open.toml")).unwrap(),
-            audit_log: fixtures::audit_dir().join(name).join("audit.jsonl"),
-            collaboration_secret: None,
-            hub_secret: None,
-        };
-        let station = Arc::new(Station::open(name, &[table], config).await.unwrap());
+        let station = fixtures::lung_station(
+            name,
+            &fixtures::repo().join("tests/policies/open.toml"),
+            &fixtures::audit_dir(),
+        )
+        .await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -336,13 +326,7 @@ async fn flight_sql_metadata_lists_federated_tables_with_their_columns() {
         ),
     ];
     let federation = fixtures::federation(&specs, HubOptions::default()).await;
-    let channel =
-        tonic::transport::Endpoint::from_shared(federation.hub_url.replace("grpc://", "http://"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-    let mut client = FlightSqlServiceClient::new(channel);
+    let mut client = fixtures::flight_sql_client(&federation.hub_url).await;
     let info = client
         .get_tables(CommandGetTables {
             catalog: None,
@@ -353,14 +337,7 @@ async fn flight_sql_metadata_lists_federated_tables_with_their_columns() {
         })
         .await
         .unwrap();
-    let ticket = info.endpoint[0].ticket.clone().unwrap();
-    let batches: Vec<RecordBatch> = client
-        .do_get(ticket)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let batches = fixtures::fetch_all(&mut client, &info).await;
     let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
     let names = batch
         .column_by_name("table_name")

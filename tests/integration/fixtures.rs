@@ -340,3 +340,57 @@ pub async fn run_at_station_as(
         .await
         .map_err(|e| e.to_string())
 }
+
+/// `name`'s part of the lung table (Parquet) as a station under the policy in `policy`, its
+/// audit log (and ledger) in `dir/name`.
+pub async fn lung_station(
+    name: &str,
+    policy: &Path,
+    dir: &Path,
+) -> std::sync::Arc<railyard_station::Station> {
+    let table = railyard_station::TableFile {
+        name: "lung".into(),
+        path: test_data(&format!("lung/horizontal/parquet/{name}.parquet")),
+        format: railyard_station::Format::Parquet,
+        schema: None,
+    };
+    let config = railyard_station::StationConfig {
+        policy: railyard_station::Policy::load(policy).expect("the policy loads"),
+        audit_log: dir.join(name).join("audit.jsonl"),
+        collaboration_secret: None,
+        hub_secret: None,
+    };
+    std::sync::Arc::new(
+        railyard_station::Station::open(name, &[table], config)
+            .await
+            .expect("the station opens"),
+    )
+}
+
+/// A plain Flight SQL client of the hub at `url` (no token: a `railyard local` hub).
+pub async fn flight_sql_client(
+    url: &str,
+) -> arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.replace("grpc://", "http://"))
+        .expect("a hub URL")
+        .connect()
+        .await
+        .expect("the hub answers");
+    arrow_flight::sql::client::FlightSqlServiceClient::new(channel)
+}
+
+/// Everything the first endpoint of `info` streams (its `DoGet`).
+pub async fn fetch_all(
+    client: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    info: &arrow_flight::FlightInfo,
+) -> Vec<arrow::array::RecordBatch> {
+    use futures::TryStreamExt;
+    let ticket = info.endpoint[0].ticket.clone().expect("a ticket");
+    client
+        .do_get(ticket)
+        .await
+        .expect("DoGet starts")
+        .try_collect()
+        .await
+        .expect("DoGet streams")
+}

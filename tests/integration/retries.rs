@@ -10,11 +10,10 @@ use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use railyard::client::HubClient;
 use railyard_engine::{Hub, HubOptions, StationAddress};
-use railyard_station::{Format, Policy, Station, StationConfig, TableFile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::fixtures::{self, test_data};
+use crate::fixtures;
 
 /// Forwards to a station; when armed, resets the connection that carries the next `DoGet`
 /// (a chunk from the hub holding a fragment ticket, but not the `check` action's) instead of
@@ -89,33 +88,11 @@ impl CutProxy {
 /// Three stations under the open test policy with a DP budget (its ledger beside each audit
 /// log) and a hub that reaches station_c through a [`CutProxy`].
 async fn federation_with_a_proxy() -> (String, CutProxy, std::path::PathBuf) {
-    let dir = fixtures::audit_dir();
-    let policy_file = dir.join("policy.toml");
-    let open = std::fs::read_to_string(fixtures::repo().join("tests/policies/open.toml")).unwrap();
-    std::fs::write(
-        &policy_file,
-        format!(
-            "{open}\n[dp]\nbudget = 10.0\nmax_epsilon = 1.0\nepsilon = 0.5\n\n\
-             [tables.lung.dp]\nsex = {{ keys = [1, 2] }}\n"
-        ),
-    )
-    .unwrap();
+    let (dir, policy_file) = dp_policy(10.0);
     let mut addresses = Vec::new();
     let mut proxy = None;
     for name in fixtures::STATIONS {
-        let table = TableFile {
-            name: "lung".into(),
-            path: test_data(&format!("lung/horizontal/parquet/{name}.parquet")),
-            format: Format::Parquet,
-            schema: None,
-        };
-        let config = StationConfig {
-            policy: Policy::load(&policy_file).unwrap(),
-            audit_log: dir.join(name).join("audit.jsonl"),
-            collaboration_secret: None,
-            hub_secret: None,
-        };
-        let station = Arc::new(Station::open(name, &[table], config).await.unwrap());
+        let station = fixtures::lung_station(name, &policy_file, &dir).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -146,6 +123,23 @@ async fn federation_with_a_proxy() -> (String, CutProxy, std::path::PathBuf) {
             .unwrap();
     });
     (hub_url, proxy.unwrap(), dir)
+}
+
+/// A fresh directory holding the open test policy with a DP budget of `budget` per
+/// researcher (ε 0.5 per query); returns the directory and the policy file.
+fn dp_policy(budget: f64) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = fixtures::audit_dir();
+    let policy_file = dir.join("policy.toml");
+    let open = std::fs::read_to_string(fixtures::repo().join("tests/policies/open.toml")).unwrap();
+    std::fs::write(
+        &policy_file,
+        format!(
+            "{open}\n[dp]\nbudget = {budget:?}\nmax_epsilon = 1.0\nepsilon = 0.5\n\n\
+             [tables.lung.dp]\nsex = {{ keys = [1, 2] }}\n"
+        ),
+    )
+    .unwrap();
+    (dir, policy_file)
 }
 
 /// The ε charges in a station's ledger.
@@ -226,4 +220,78 @@ async fn a_dp_fragment_whose_connection_is_lost_is_never_sent_again() {
         2
     );
     assert_eq!(charges(&dir, "station_c"), 1);
+}
+
+/// A hub that hangs up on a DP fragment (because another station failed, or the researcher
+/// cancelled) must not stop the station between the ε charge and its audit record: every
+/// charge has its record at once, not only after the next restart. The calls are dropped
+/// after delays that sweep the fragment's whole run, so some land between the two writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_fragment_whose_caller_hangs_up_keeps_its_audit_record() {
+    let (dir, policy_file) = dp_policy(1000.0);
+    let station = fixtures::lung_station("station_a", &policy_file, &dir).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("grpc://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        railyard_station::serve(station, listener, std::future::pending())
+            .await
+            .unwrap();
+    });
+    let sql = "SELECT sex, partial_dp_count(1) AS \"a0\" FROM \"lung\" GROUP BY sex";
+    // One complete call first: it is charged and recorded, and shows how long a call takes.
+    let started = std::time::Instant::now();
+    fixtures::run_at_station(&url, sql).await.unwrap();
+    let whole = started.elapsed();
+    let attempts = 40u32;
+    for i in 0..attempts {
+        let (url, delay) = (url.clone(), whole * i / attempts);
+        let call = tokio::spawn(async move { fixtures::run_at_station(&url, sql).await });
+        tokio::time::sleep(delay).await;
+        call.abort();
+        let _ = call.await;
+    }
+    let charged = || {
+        let ledger =
+            rusqlite::Connection::open(dir.join("station_a").join("ledger.sqlite")).unwrap();
+        let mut query = ledger
+            .prepare("SELECT query_id, fragment FROM charges")
+            .unwrap();
+        query
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    };
+    let recorded = || -> Vec<(String, i64)> {
+        std::fs::read_to_string(dir.join("station_a").join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["epsilon"].is_number())
+            .map(|r| {
+                (
+                    r["query_id"].as_str().unwrap().to_string(),
+                    r["fragment"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // A call that was dropped may still be running at the station: wait for it to end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (charges, records) = (charged(), recorded());
+        if charges.len() == records.len() || std::time::Instant::now() > deadline {
+            // Every call carries the same query id: the counts must agree.
+            assert!(charges.len() > 1, "only the complete call was charged");
+            assert_eq!(
+                charges.len(),
+                records.len(),
+                "charges without an audit record: {charges:?} against {records:?}"
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let verified = railyard_audit::verify(&dir.join("station_a").join("audit.jsonl")).unwrap();
+    assert!(verified.broken.is_none(), "{verified:?}");
 }
