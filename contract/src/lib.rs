@@ -3,7 +3,7 @@
 //! ```text
 //!   hub ── DoGet(Ticket = FragmentTicket as JSON) ─────────────────▶ station
 //!   hub ── DoAction(actions::CHECK, FragmentTicket) ───────────────▶ station
-//!   hub ◀── CheckAnswer { release: ReleaseKind, min_group_size, ε } ─┘
+//!   hub ◀── CheckAnswer { release: ReleaseKind, min_group_size, ε, train output } ─┘
 //!   hub ◀── PERMISSION_DENIED + details = Refusal { rule, message }  (any call)
 //!   hub ── DoAction(actions::POLICY) ◀── [TablePolicyInfo { columns: (name, Visibility) }]
 //!   hub ── DoAction(actions::BUDGET, BudgetRequest) ◀── [BudgetInfo]
@@ -18,6 +18,8 @@
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
+
+pub mod train_output;
 
 /// The names of a station's Flight actions (`DoAction` types).
 pub mod actions {
@@ -179,6 +181,10 @@ pub struct CheckAnswer {
     /// researcher's budget when the fragment runs (nothing is charged by the check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// For a train: the output columns its image declares for this call
+    /// ([`train_output`]); the hub plans the query over them before any container starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_output: Option<Vec<train_output::OutputColumn>>,
 }
 
 /// One table's policy as a station announces it through the `policy` action.
@@ -351,6 +357,7 @@ mod tests {
             release: ReleaseKind::Pseudonymized,
             min_group_size: 5,
             epsilon: None,
+            train_output: None,
         };
         let text = serde_json::to_string(&answer).unwrap();
         assert_eq!(text, r#"{"release":"pseudonymized","min_group_size":5}"#);

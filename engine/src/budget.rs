@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   SELECT * FROM railyard.budget
-//!        │ BudgetTable::scan ──▶ QueryJobExec(BudgetJob) (query identity assigned like a FragmentExec)
+//!        │ budget_table scan ──▶ QueryJobExec(BudgetJob) (query identity assigned like a FragmentExec)
 //!        ▼ execute: the `budget` action at every station, concurrently
 //!   station | table_name | budget | spent | remaining | max_query_epsilon | default_epsilon
 //! ```
@@ -15,16 +15,12 @@ use std::sync::Arc;
 
 use arrow::array::{Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use async_trait::async_trait;
-use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Result as DfResult;
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
-use datafusion::logical_expr::Expr;
-use datafusion::physical_plan::ExecutionPlan;
 use futures::future::BoxFuture;
 
-use crate::exec::{QueryContext, QueryJob, QueryJobExec};
+use crate::exec::{JobTable, QueryContext, QueryJob};
 use crate::station_client::StationClient;
 
 /// The table's name in the `railyard` schema.
@@ -42,44 +38,13 @@ fn budget_schema() -> SchemaRef {
     ]))
 }
 
-/// `railyard.budget` as a table.
-#[derive(Debug)]
-pub struct BudgetTable {
-    stations: Arc<Vec<StationClient>>,
-}
-
-impl BudgetTable {
-    pub fn new(stations: Arc<Vec<StationClient>>) -> Self {
-        Self { stations }
-    }
-}
-
-#[async_trait]
-impl TableProvider for BudgetTable {
-    fn schema(&self) -> SchemaRef {
-        budget_schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::View
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let job = BudgetJob {
-            stations: Arc::clone(&self.stations),
-        };
-        Ok(Arc::new(QueryJobExec::new(
-            Arc::new(job),
-            &budget_schema(),
-            projection.cloned(),
-        )?))
-    }
+/// `railyard.budget` as a table: read fresh at every station each time it is scanned.
+pub fn budget_table(stations: Arc<Vec<StationClient>>) -> JobTable {
+    JobTable::new(
+        Arc::new(BudgetJob { stations }),
+        budget_schema(),
+        TableType::View,
+    )
 }
 
 /// Asks every station for the researcher's budget, as a [`QueryJob`].

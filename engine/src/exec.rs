@@ -251,6 +251,11 @@ pub trait QueryJob: fmt::Debug + Send + Sync {
         &self,
         query: QueryContext,
     ) -> futures::future::BoxFuture<'static, DfResult<RecordBatch>>;
+    /// Whether it starts containers at the stations (a train): such a plan starts only when
+    /// its answer is claimed, never ahead of it.
+    fn starts_containers(&self) -> bool {
+        false
+    }
 }
 
 /// A leaf that runs a [`QueryJob`] when executed: one partition, one batch, projected. Like
@@ -294,6 +299,56 @@ impl QueryJobExec {
             query: Some(query),
             ..self.clone()
         }
+    }
+
+    /// Whether its job starts containers at the stations.
+    pub fn starts_containers(&self) -> bool {
+        self.job.starts_containers()
+    }
+}
+
+/// A table whose rows a [`QueryJob`] computes when the plan runs: its scan is a
+/// [`QueryJobExec`] (the statistics functions, `railyard.budget`, `train(...)`).
+#[derive(Debug)]
+pub struct JobTable {
+    job: Arc<dyn QueryJob>,
+    schema: SchemaRef,
+    kind: datafusion::datasource::TableType,
+}
+
+impl JobTable {
+    /// A table of `schema` (the job's full output) shown as `kind`.
+    pub fn new(
+        job: Arc<dyn QueryJob>,
+        schema: SchemaRef,
+        kind: datafusion::datasource::TableType,
+    ) -> Self {
+        Self { job, schema, kind }
+    }
+}
+
+#[async_trait]
+impl datafusion::catalog::TableProvider for JobTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        self.kind
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[datafusion::logical_expr::Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(QueryJobExec::new(
+            Arc::clone(&self.job),
+            &self.schema,
+            projection.cloned(),
+        )?))
     }
 }
 

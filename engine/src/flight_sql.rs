@@ -3,7 +3,9 @@
 //! `GetFlightInfo` for a statement plans it *and starts it*: the stations work while the
 //! client receives the `FlightInfo` and comes back with `DoGet`, which then only streams.
 //! A started query waits (bounded buffer, so at most a few batches are held) for its `DoGet`
-//! for [`UNCLAIMED_AFTER`]; after that it is dropped and its stations are cancelled.
+//! for [`UNCLAIMED_AFTER`]; after that it is dropped and its stations are cancelled. A query
+//! with `train(...)` calls is only planned and checked there: its containers start at
+//! `DoGet`, so a client that never comes back has started none.
 //!
 //! The ticket carries the SQL next to the id of the started query, so a `DoGet` that comes
 //! too late, twice, or to another hub behind a balancer simply runs the statement again.
@@ -42,7 +44,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, to_status};
-use crate::hub::Hub;
+use crate::hub::{Hub, Planned};
 use crate::tokens::TokenStore;
 
 /// Researcher identity in `railyard local` mode, where there is no authentication (the
@@ -81,7 +83,16 @@ struct Started {
     at: Instant,
     /// Who started it: only they may claim it.
     owner: Caller,
-    stream: SendableRecordBatchStream,
+    work: Waiting,
+}
+
+/// What a started query's `DoGet` receives.
+enum Waiting {
+    /// The answer, already being computed.
+    Running(SendableRecordBatchStream),
+    /// A query with `train(...)` calls, planned and checked at every station: its
+    /// containers start when `DoGet` claims it, not in `GetFlightInfo`.
+    Trains(Planned),
 }
 
 /// A collaboration as the Flight SQL front sees it: its hub (whose catalog holds only the
@@ -281,7 +292,8 @@ impl HubFlightSql {
     }
 
     /// Plans and starts `sql`, driving it into a small buffer so that the stations work
-    /// before `DoGet` arrives. Returns the id under which it waits, and its schema.
+    /// before `DoGet` arrives (a query with `train(...)` calls waits for its `DoGet`).
+    /// Returns the id under which it waits, and its schema.
     async fn start(
         &self,
         hub: &Hub,
@@ -289,21 +301,27 @@ impl HubFlightSql {
         caller: Caller,
     ) -> Result<(String, arrow::datatypes::SchemaRef), Status> {
         let planned = hub.plan(sql, &caller.researcher).await.map_err(to_status)?;
-        let mut batches = planned.run().await.map_err(to_status)?;
-        let schema = batches.schema();
-        let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(async move {
-            while let Some(batch) = batches.next().await {
-                if tx.send(batch).await.is_err() {
-                    // Nobody will read it (unclaimed and dropped): stop the stations.
-                    return;
+        let (work, schema) = if planned.runs_trains() {
+            let schema = planned.schema();
+            (Waiting::Trains(planned), schema)
+        } else {
+            let mut batches = planned.run().await.map_err(to_status)?;
+            let schema = batches.schema();
+            let (tx, rx) = mpsc::channel(2);
+            tokio::spawn(async move {
+                while let Some(batch) = batches.next().await {
+                    if tx.send(batch).await.is_err() {
+                        // Nobody will read it (unclaimed and dropped): stop the stations.
+                        return;
+                    }
                 }
-            }
-        });
-        let stream = Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&schema),
-            ReceiverStream::new(rx),
-        ));
+            });
+            let stream = Box::pin(RecordBatchStreamAdapter::new(
+                Arc::clone(&schema),
+                ReceiverStream::new(rx),
+            ));
+            (Waiting::Running(stream), schema)
+        };
         let id = uuid::Uuid::new_v4().to_string();
         // The lock guards a map operation only; a poisoned lock means a panic mid-insert,
         // after which the map is still a valid map.
@@ -314,13 +332,13 @@ impl HubFlightSql {
             Started {
                 at: Instant::now(),
                 owner: caller,
-                stream,
+                work,
             },
         );
         Ok((id, schema))
     }
 
-    fn claim(&self, id: &str, caller: &Caller) -> Option<SendableRecordBatchStream> {
+    fn claim(&self, id: &str, caller: &Caller) -> Option<Waiting> {
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         if started.get(id).is_some_and(|s| &s.owner != caller) {
             // Someone else's query: they run the statement afresh under their own name.
@@ -329,7 +347,7 @@ impl HubFlightSql {
         started
             .remove(id)
             .filter(|s| s.at.elapsed() < UNCLAIMED_AFTER)
-            .map(|s| s.stream)
+            .map(|s| s.work)
     }
 
     async fn statement_info<T>(
@@ -432,7 +450,8 @@ impl FlightSqlService for HubFlightSql {
             .as_deref()
             .and_then(|id| self.claim(id, &caller))
         {
-            Some(batches) => batches,
+            Some(Waiting::Running(batches)) => batches,
+            Some(Waiting::Trains(planned)) => planned.run().await.map_err(to_status)?,
             None => hub
                 .execute(&ticket.sql, &caller.researcher)
                 .await

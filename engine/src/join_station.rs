@@ -129,6 +129,7 @@ impl JoinStation {
             release: checked.release.kind(),
             min_group_size: checked.release.min_group_size(),
             epsilon: None,
+            train_output: None,
         })
     }
 

@@ -6,18 +6,26 @@
 //!        │ each call: its input SQL planned here against the catalog (one horizontal
 //!        │ table), so errors come back at once and name the table
 //!        ▼
-//!   every station of that table checks {input SQL, image, args} (policy, image allowlist);
-//!   nothing starts unless every station of every call accepts
+//!   every station of that table checks {input SQL, image, args} (policy, image allowlist)
+//!   and answers the output columns the image declares; they must agree
 //!        ▼
-//!   every station runs its train concurrently; outputs must agree on columns
+//!   the query is planned over them, its other fragments checked   ── planning ends here
+//!        ▼
+//!   when the plan runs: every station runs its train concurrently; outputs must be the
+//!   declared columns
 //!        ▼
 //!   union, `station` column first ──▶ a table only this query sees ──▶ the rest of the SQL
 //! ```
 //!
-//! The key decision: a train's output columns are known only once it has run, and SQL is
-//! planned against known columns, so the trains of a query run while the query is planned
-//! (for Flight SQL, in `GetFlightInfo`), and the query is then planned over their outputs.
-//! `EXPLAIN FEDERATED` shows the calls without contacting any station.
+//! The key decision: a query is planned against known columns, and a train's columns are
+//! declared by its image (the label `railyard.output-schema`, see
+//! [`railyard_contract::train_output`]), which each station reads in its `check`. So the
+//! whole query is planned, and every one of its fragments checked, before any container
+//! starts; `train()` is a table function whose scan is a [`QueryJobExec`] that runs the
+//! calls when the plan is executed (for Flight SQL, at `DoGet`: a train query is not
+//! started ahead of its `DoGet` like other queries). Each station refuses an output that
+//! is not what its image declares, and the hub checks again. `EXPLAIN FEDERATED` shows the
+//! calls without contacting any station.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -28,18 +36,21 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Result as DfResult, ScalarValue, plan_err};
-use datafusion::datasource::MemTable;
+use datafusion::datasource::TableType;
+use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
     Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor, Visit, Visitor,
 };
-use railyard_contract::{FragmentTicket, TRAIN_STATION_COLUMN, TrainCall};
+use futures::future::BoxFuture;
+use railyard_contract::train_output::{self, OutputColumn};
+use railyard_contract::{CheckAnswer, FragmentTicket, TRAIN_STATION_COLUMN, TrainCall};
 use railyard_planner::FederatedCatalog;
 
 use crate::error::{Error, Result};
-use crate::exec::{QueryContext, fetch_collect};
+use crate::exec::{JobTable, QueryContext, QueryJob, fetch_collect};
 use crate::station_client::StationClient;
 
 /// The SQL name of the table function.
@@ -261,98 +272,160 @@ pub fn tickets(
         .collect()
 }
 
-/// Runs every call at its stations concurrently and returns each call's union of outputs.
-/// The stations must already have accepted their tickets (`check`).
-pub async fn run(
+/// The output tables of the calls, from the stations' answers to their tickets' `check`
+/// (in the order of [`tickets`]): every station of a call must declare the same output
+/// columns, which its image's label gives ([`railyard_contract::train_output`]).
+pub fn tables(
     trains: &[ResolvedTrain],
-    query: &QueryContext,
+    answers: &[CheckAnswer],
     timeout: Duration,
-) -> Result<Vec<Arc<MemTable>>> {
-    let runs = trains.iter().enumerate().map(|(i, t)| async move {
-        let ticket = t.ticket(query, i + 1);
-        // Every station finishes (and audits) its run, also when another fails: a dropped
-        // request would stop a train without a record of it.
-        let answers = futures::future::join_all(t.stations.iter().map(|s| async {
-            (
-                s.name.to_string(),
-                fetch_collect(s, &ticket, None, timeout).await,
-            )
-        }))
-        .await;
-        let mut outputs = Vec::new();
-        for (station, answer) in answers {
-            outputs.push((station, answer.map_err(|f| Error::Station(Box::new(f)))?));
-        }
-        union(&t.call, outputs)
-    });
-    futures::future::try_join_all(runs).await
+) -> Result<Vec<Arc<JobTable>>> {
+    let mut answers = answers.iter();
+    let mut tables = Vec::with_capacity(trains.len());
+    for (i, t) in trains.iter().enumerate() {
+        let declared: Vec<(&str, Option<Vec<OutputColumn>>)> = t
+            .stations
+            .iter()
+            .map(|s| {
+                (
+                    s.name.as_ref(),
+                    answers.next().and_then(|a| a.train_output.clone()),
+                )
+            })
+            .collect();
+        let declared = Arc::new(agreed_columns(&t.call.image, &declared)?);
+        let mut fields = vec![Field::new(TRAIN_STATION_COLUMN, DataType::Utf8, false)];
+        fields.extend(declared.fields().iter().map(|f| f.as_ref().clone()));
+        let schema: SchemaRef = Arc::new(Schema::new(fields));
+        let job = TrainJob {
+            train: t.clone(),
+            fragment: i + 1,
+            declared,
+            schema: Arc::clone(&schema),
+            timeout,
+        };
+        tables.push(Arc::new(JobTable::new(
+            Arc::new(job),
+            schema,
+            TableType::Temporary,
+        )));
+    }
+    Ok(tables)
 }
 
-/// The outputs of one call's stations as one table, `station` first. Every station must
-/// answer with the same column names and types.
-fn union(
-    call: &TrainArgs,
-    outputs: Vec<(String, (SchemaRef, Vec<RecordBatch>))>,
-) -> Result<Arc<MemTable>> {
-    let Some((first_station, (first, _))) = outputs.first() else {
+/// The output columns every station of a call declares, as a schema; an error naming the
+/// stations if they differ or one declares none.
+fn agreed_columns(image: &str, declared: &[(&str, Option<Vec<OutputColumn>>)]) -> Result<Schema> {
+    let show = |c: &[OutputColumn]| {
+        train_output::schema_of(c)
+            .map(|s| train_output::describe(&s))
+            .unwrap_or_default()
+    };
+    let mut first: Option<(&str, &Vec<OutputColumn>)> = None;
+    for (station, columns) in declared {
+        let Some(columns) = columns else {
+            return Err(Error::BadRequest(format!(
+                "train('{image}', …): station '{station}' did not say which columns the train \
+                 outputs (a station older than this hub?)"
+            )));
+        };
+        match first {
+            None => first = Some((station, columns)),
+            Some((first_station, first_columns)) if first_columns != columns => {
+                return Err(Error::BadRequest(format!(
+                    "train('{image}', …): station '{station}' declares the output ({}) where \
+                     station '{first_station}' declares ({}); every station must run an image \
+                     with the same output columns",
+                    show(columns),
+                    show(first_columns)
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let Some((_, columns)) = first else {
         return Err(Error::BadRequest(format!(
-            "train('{}', …): no station holds the input's table",
-            call.image
+            "train('{image}', …): no station holds the input's table"
         )));
     };
-    let describe = |s: &Schema| {
-        s.fields()
-            .iter()
-            .map(|f| format!("{} {}", f.name(), f.data_type()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    for (station, (schema, _)) in &outputs {
-        let same = schema.fields().len() == first.fields().len()
-            && schema
-                .fields()
-                .iter()
-                .zip(first.fields())
-                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
-        if !same {
-            return Err(Error::BadRequest(format!(
-                "train('{}', …): station '{station}' answered ({}) where station \
-                 '{first_station}' answered ({}); a train must give every station's output \
-                 the same columns",
-                call.image,
-                describe(schema),
-                describe(first)
-            )));
-        }
-    }
-    let mut fields = vec![Field::new(TRAIN_STATION_COLUMN, DataType::Utf8, false)];
-    for (i, f) in first.fields().iter().enumerate() {
-        let nullable = outputs.iter().any(|(_, (s, _))| s.field(i).is_nullable());
-        fields.push(f.as_ref().clone().with_nullable(nullable));
-    }
-    let schema = Arc::new(Schema::new(fields));
-    let mut batches = Vec::new();
-    for (station, (_, station_batches)) in outputs {
-        for batch in station_batches {
-            let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 1);
-            columns.push(Arc::new(StringArray::from(vec![
-                station.as_str();
-                batch.num_rows()
-            ])));
-            columns.extend(batch.columns().iter().cloned());
-            batches.push(
-                RecordBatch::try_new(Arc::clone(&schema), columns)
-                    .map_err(datafusion::error::DataFusionError::from)?,
-            );
-        }
-    }
-    Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
+    train_output::schema_of(columns)
+        .map_err(|e| Error::BadRequest(format!("train('{image}', …): {e}")))
 }
 
-/// The `train` table function of one query: the outputs of the calls it ran.
+/// A call run at every station of its table, as a [`QueryJob`]: one call's output as a
+/// table, the union of its stations' outputs with `station` first.
+#[derive(Debug)]
+struct TrainJob {
+    train: ResolvedTrain,
+    fragment: usize,
+    declared: SchemaRef,
+    schema: SchemaRef,
+    timeout: Duration,
+}
+
+impl QueryJob for TrainJob {
+    fn describe(&self) -> String {
+        format!(
+            "TrainExec: {} over {} at {} stations (fragment {})",
+            self.train.call.image,
+            self.train.table,
+            self.train.stations.len(),
+            self.fragment
+        )
+    }
+
+    fn starts_containers(&self) -> bool {
+        true
+    }
+
+    fn run(&self, query: QueryContext) -> BoxFuture<'static, DfResult<RecordBatch>> {
+        let ticket = self.train.ticket(&query, self.fragment);
+        let stations = self.train.stations.clone();
+        let (image, declared, schema) = (
+            self.train.call.image.clone(),
+            Arc::clone(&self.declared),
+            Arc::clone(&self.schema),
+        );
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let answers = futures::future::join_all(
+                stations
+                    .iter()
+                    .map(|s| async { fetch_collect(s, &ticket, None, timeout).await }),
+            )
+            .await;
+            let mut batches = Vec::new();
+            for (station, answer) in stations.iter().zip(answers) {
+                let (output, station_batches) =
+                    answer.map_err(|f| DataFusionError::External(Box::new(f)))?;
+                // The station refuses an output its image did not declare; a station that
+                // sends one anyway is not taken at its word.
+                if !train_output::matches(&declared, &output) {
+                    return Err(DataFusionError::Execution(format!(
+                        "train('{image}', …): station '{}' sent columns other than the ones                          its image declares ({})",
+                        station.name,
+                        train_output::describe(&declared)
+                    )));
+                }
+                for batch in station_batches {
+                    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 1);
+                    columns.push(Arc::new(StringArray::from(vec![
+                        station.name.as_ref();
+                        batch.num_rows()
+                    ])));
+                    columns.extend(batch.columns().iter().cloned());
+                    batches.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
+                }
+            }
+            Ok(arrow::compute::concat_batches(&schema, &batches)?)
+        })
+    }
+}
+
+/// The `train` table function of one query: the output table of each call it makes.
 #[derive(Debug, Default)]
 pub struct TrainOutputs {
-    pub outputs: Vec<(TrainArgs, Arc<MemTable>)>,
+    pub outputs: Vec<(TrainArgs, Arc<JobTable>)>,
 }
 
 impl TableFunctionImpl for TrainOutputs {
@@ -379,8 +452,8 @@ impl TableFunctionImpl for TrainOutputs {
         match found {
             Some((_, table)) => Ok(Arc::clone(table) as _),
             None => plan_err!(
-                "{USAGE}: train calls are run before the query is planned; this one was not \
-                 (is it inside a view?)"
+                "{USAGE}: train calls are checked at the stations before the query around \
+                 them is planned; this one was not (is it inside a view?)"
             ),
         }
     }
@@ -413,8 +486,9 @@ pub fn explain_batch(trains: &[ResolvedTrain]) -> Result<RecordBatch> {
     location.push("hub".to_string());
     step.push("merge".to_string());
     plan.push(format!(
-        "union of each call's station outputs with a '{TRAIN_STATION_COLUMN}' column; the \
-         rest of the query is planned over them once the trains have run"
+        "union of each call's station outputs with a '{TRAIN_STATION_COLUMN}' column, the \
+         columns its image declares (label railyard.output-schema); the rest of the query \
+         runs over it"
     ));
     releases.push("the query result, to the researcher".to_string());
     Ok(railyard_planner::explain_rows(
@@ -481,44 +555,27 @@ mod tests {
     }
 
     #[test]
-    fn outputs_that_disagree_on_columns_are_not_merged() {
-        let call = TrainArgs {
-            image: "img".into(),
-            input: "SELECT age FROM lung".into(),
-            args: "{}".into(),
+    fn stations_that_declare_different_outputs_are_not_merged() {
+        let n = |t: &str| {
+            Some(vec![OutputColumn {
+                name: "n".into(),
+                data_type: t.into(),
+            }])
         };
-        let one = |name: &str, t: DataType, nullable: bool| {
-            let schema = Arc::new(Schema::new(vec![Field::new(name, t, nullable)]));
-            let column: ArrayRef = match schema.field(0).data_type() {
-                DataType::Int64 => Arc::new(arrow::array::Int64Array::from(vec![1, 2])),
-                _ => Arc::new(arrow::array::Float64Array::from(vec![1.0, 2.0])),
-            };
-            let batch = RecordBatch::try_new(Arc::clone(&schema), vec![column]).unwrap();
-            (schema as SchemaRef, vec![batch])
-        };
-        let table = union(
-            &call,
-            vec![
-                ("a".into(), one("n", DataType::Int64, false)),
-                ("b".into(), one("n", DataType::Int64, true)),
-            ],
-        )
-        .unwrap();
-        let schema = table.schema();
-        assert_eq!(schema.field(0).name(), TRAIN_STATION_COLUMN);
-        assert!(schema.field(1).is_nullable());
-        let err = union(
-            &call,
-            vec![
-                ("a".into(), one("n", DataType::Int64, false)),
-                ("b".into(), one("n", DataType::Float64, false)),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
+        let schema = agreed_columns("img", &[("a", n("Int64")), ("b", n("Int64"))]).unwrap();
+        assert_eq!(train_output::describe(&schema), "n Int64");
+        let err = agreed_columns("img", &[("a", n("Int64")), ("b", n("Float64"))])
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("station 'b' answered (n Float64)") && err.contains("station 'a'"),
+            err.contains("station 'b' declares the output (n Float64)")
+                && err.contains("station 'a' declares (n Int64)"),
             "{err}"
         );
+        let err = agreed_columns("img", &[("a", n("Int64")), ("b", None)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("station 'b' did not say"), "{err}");
+        assert!(agreed_columns("img", &[]).is_err());
     }
 }

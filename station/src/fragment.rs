@@ -49,12 +49,13 @@ impl Station {
         if let Some(call) = &ticket.train {
             // The input is counted now, so that a station with too few rows stops the query
             // before any station starts a container.
-            let (approved, id) = self.approve_train(ticket, call).await?;
+            let (approved, id, columns) = self.approve_train(ticket, call).await?;
             let k = self.train_input(ticket, &approved, &id, false).await?.1;
             return Ok(CheckAnswer {
                 release: ReleaseKind::Train,
                 min_group_size: k,
                 epsilon: None,
+                train_output: Some(columns),
             });
         }
         let approved = self.approve(ticket).await?;
@@ -67,6 +68,7 @@ impl Station {
             release: approved.release.kind(),
             min_group_size: approved.release.min_group_size(),
             epsilon,
+            train_output: None,
         })
     }
 

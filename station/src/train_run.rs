@@ -2,14 +2,18 @@
 //! allowlist), the checked input (`railyard_policy::check_train_input`, at least k rows),
 //! the container ([`crate::train`]) and its checked output, each step audited.
 
+use std::sync::Arc;
+
 use arrow::array::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::execute_stream;
 use datafusion::physical_plan::memory::MemoryStream;
 use futures::StreamExt;
+
+use railyard_contract::train_output::{self, OutputColumn};
 use railyard_contract::{FragmentTicket, TrainCall};
-use railyard_policy::{Refusal, Release, gate};
+use railyard_policy::{Refusal, Release, Rule, gate};
 use tracing::info;
 
 use railyard_audit::{Decision, Entry};
@@ -19,14 +23,15 @@ use crate::{Error, Result, Station, train};
 
 impl Station {
     /// Checks a train request: the station runs trains at all, its arguments are JSON, its
-    /// input passes the policy (rows over `public` and `aggregate` columns), and its image
-    /// is on the allowlist. Returns the approved input plan and the image id. Nothing is
-    /// started. A refusal is audited.
+    /// input passes the policy (rows over `public` and `aggregate` columns), its image is on
+    /// the allowlist and declares its output columns for these arguments. Returns the
+    /// approved input plan, the image id and the declared columns. Nothing is started. A
+    /// refusal is audited.
     pub(crate) async fn approve_train(
         &self,
         ticket: &FragmentTicket,
         call: &TrainCall,
-    ) -> Result<(Approved, String)> {
+    ) -> Result<(Approved, String, Vec<OutputColumn>)> {
         if self.policy.trains.allowed.is_empty() {
             return Err(self
                 .refuse(ticket, gate::no_trains(&self.name), Some(&call.image))
@@ -51,23 +56,44 @@ impl Station {
             Err(refusal) => return Err(self.refuse(ticket, refusal, Some(&call.image)).await),
         };
         let not_allowed = || gate::train_image(&self.name, &call.image);
-        let id = match self.trains.resolve(&call.image).await {
-            Ok(id) => id,
+        let image = match self.trains.inspect(&call.image).await {
+            Ok(image) => image,
             Err(train::TrainError::NoImage) => {
                 return Err(self.refuse(ticket, not_allowed(), Some(&call.image)).await);
             }
             Err(e) => return Err(self.train_failure(ticket, Some(&call.image), e).await),
         };
+        let id = image.id;
         if !self.policy.allows_train(&id) {
             return Err(self.refuse(ticket, not_allowed(), Some(&id)).await);
         }
+        let declared = match image.output.as_deref() {
+            Some(label) => train_output::declared_columns(label, &call.args),
+            None => Err(format!(
+                "declares no output columns; {}",
+                train_output::HOW_TO_DECLARE
+            )),
+        };
+        let columns = match declared {
+            Ok(columns) => columns,
+            Err(why) => {
+                let refusal = Refusal {
+                    rule: Rule::TrainOutput,
+                    message: format!(
+                        "policy: station '{}' cannot plan a query over image {id}: it {why}",
+                        self.name
+                    ),
+                };
+                return Err(self.refuse(ticket, refusal, Some(&id)).await);
+            }
+        };
         let approved = Approved {
             plan: self.state.optimize(&checked.plan)?,
             table: checked.table,
             release: checked.release,
             audit: checked.audit,
         };
-        Ok((approved, id))
+        Ok((approved, id, columns))
     }
 
     /// Reads a train's approved input, refusing it (audited) below the table's k rows.
@@ -117,7 +143,7 @@ impl Station {
         ticket: &FragmentTicket,
         call: &TrainCall,
     ) -> Result<SendableRecordBatchStream> {
-        let (approved, id) = self.approve_train(ticket, call).await?;
+        let (approved, id, columns) = self.approve_train(ticket, call).await?;
         let (input, _) = self.train_input(ticket, &approved, &id, true).await?;
         let rows: u64 = input.iter().map(|b| b.num_rows() as u64).sum();
         let schema = input
@@ -131,6 +157,31 @@ impl Station {
             .await
         {
             Ok((schema, batches)) => {
+                // Approved columns were declared; only they may leave, as declared.
+                let declared = train_output::schema_of(&columns).map_err(|m| Error::Internal {
+                    station: self.name.clone(),
+                    message: m,
+                })?;
+                if !train_output::matches(&declared, &schema) {
+                    // The output's own column names are not repeated: a train could write
+                    // a value into one.
+                    let refusal = Refusal {
+                        rule: Rule::TrainOutput,
+                        message: format!(
+                            "policy: station '{}' releases a train's output only with the \
+                             columns its image declares ({}); this output has others",
+                            self.name,
+                            train_output::describe(&declared)
+                        ),
+                    };
+                    return Err(self.refuse(ticket, refusal, Some(&id)).await);
+                }
+                let schema = Arc::new(declared);
+                let batches = batches
+                    .into_iter()
+                    .map(|b| RecordBatch::try_new(Arc::clone(&schema), b.columns().to_vec()))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(DataFusionError::from)?;
                 let released = batches.iter().map(|b| b.num_rows() as u64).sum();
                 self.audit(Entry {
                     rows: released,

@@ -225,11 +225,13 @@ async fn the_histogram_train_over_three_stations_equals_the_pooled_histogram() {
     for s in STATIONS {
         let log = records(&governance.audit_log(s));
         let last_query = log.last().unwrap()["query_id"].clone();
-        let fragments: Vec<(u64, bool)> = log
+        let mut fragments: Vec<(u64, bool)> = log
             .iter()
             .filter(|r| r["query_id"] == last_query)
             .map(|r| (r["fragment"].as_u64().unwrap(), r.get("train").is_some()))
             .collect();
+        // Both run when the plan runs, concurrently: in either order.
+        fragments.sort();
         assert_eq!(fragments, [(1, true), (2, false)], "{s}");
     }
 
@@ -424,6 +426,24 @@ async fn time_limits_and_output_limits_are_enforced() {
         let err = query(&fed, &probe(args)).await.unwrap_err();
         assert!(err.contains(&format!("(rule {rule})")), "{args}: {err}");
     }
+    // Columns other than the declared ones are refused, without repeating them: this train
+    // names its column after a patient's age.
+    let err = query(&fed, &probe(r#"{"action": "undeclared"}"#))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("(rule train_output)") && err.contains("columns its image declares (i Int64)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("leak_"),
+        "the refusal echoes the output's column: {err}"
+    );
+    // Arguments the label has no columns for are refused before anything starts.
+    for args in [r#"{"action": "nope"}"#, "{}"] {
+        let err = query(&fed, &probe(args)).await.unwrap_err();
+        assert!(err.contains("(rule train_output)"), "{args}: {err}");
+    }
     // A refused output is audited as refused, with the image.
     let id = image_id(PROBE);
     let last = records(&governance.audit_log("station_a")).pop().unwrap();
@@ -572,4 +592,116 @@ async fn what_the_policy_refuses_never_starts_a_container() {
         "{err}"
     );
     fed.shutdown().await.unwrap();
+}
+
+/// Planning a train query starts no container: Flight SQL's `GetFlightInfo` and a prepare
+/// have the stations check it and learn the columns its image declares; the trains run at
+/// `DoGet`. A client that plans and never comes back has started nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planning_a_train_query_starts_no_container() {
+    let (fed, governance) = federation(&[HISTOGRAM]).await;
+    let runs = || -> usize {
+        STATIONS
+            .iter()
+            .map(|s| {
+                records(&governance.audit_log(s))
+                    .into_iter()
+                    .filter(|r| r.get("train").is_some())
+                    .count()
+            })
+            .sum()
+    };
+    let mut client = fixtures::flight_sql_client(&fed.hub_url).await;
+    let sql = format!(
+        "SELECT sum(n) AS n FROM train('{HISTOGRAM}', 'SELECT age FROM lung', \
+         '{{\"column\": \"age\", \"edges\": [0, 200]}}')"
+    );
+    let total = |batches: &[RecordBatch]| -> i64 {
+        assert_eq!(batches[0].schema().field(0).name(), "n");
+        batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().iter().flatten())
+            .sum()
+    };
+
+    // Planned twice and abandoned: checked at every station, run nowhere; the columns are
+    // the ones the image declares.
+    for _ in 0..2 {
+        let info = client.execute(sql.clone(), None).await.unwrap();
+        let schema = info.try_decode_schema().unwrap();
+        assert_eq!(schema.fields().len(), 1);
+        assert_eq!(schema.field(0).name(), "n");
+    }
+    // Plain EXPLAIN shows the operator that will run the trains.
+    let explained = crate::slt::format_rows(&query(&fed, &format!("EXPLAIN {sql}")).await.unwrap());
+    assert!(
+        explained.iter().any(|r| r
+            .iter()
+            .any(|c| c.contains("TrainExec: railyard/histogram:dev over lung"))),
+        "{explained:?}"
+    );
+    let info = client.execute(sql.clone(), None).await.unwrap();
+    assert_eq!(runs(), 0, "a container started while the query was planned");
+    assert_eq!(leftovers(&governance), Vec::<String>::new());
+    // Its DoGet runs the trains: one run per station, the pooled count.
+    let batches = fixtures::fetch_all(&mut client, &info).await;
+    assert_eq!(total(&batches), 228);
+    assert_eq!(runs(), STATIONS.len());
+
+    // A prepared statement of it announces its columns and runs nothing until executed.
+    let mut prepared = client.prepare(sql.clone(), None).await.unwrap();
+    assert_eq!(prepared.dataset_schema().unwrap().field(0).name(), "n");
+    let info = prepared.execute().await.unwrap();
+    assert_eq!(runs(), STATIONS.len());
+    let batches = fixtures::fetch_all(&mut client, &info).await;
+    assert_eq!(total(&batches), 228);
+    assert_eq!(runs(), 2 * STATIONS.len());
+    assert_clean(&governance);
+    fed.shutdown().await.unwrap();
+}
+
+/// An image that does not declare its output columns is refused when the query is checked,
+/// with a message saying how to declare them; no container starts.
+#[tokio::test]
+async fn an_image_without_declared_output_columns_is_refused_with_how_to_declare_them() {
+    const UNLABELLED: &str = "railyard/unlabelled:test";
+    let root = fixtures::audit_dir().join("image");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("train"), b"not run").unwrap();
+    let imported = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C '{}' -c train | docker import --change 'ENTRYPOINT [\"/train\"]' - {UNLABELLED}",
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(imported.status.success(), "{imported:?}");
+    let (fed, governance) = federation(&[HISTOGRAM, UNLABELLED]).await;
+    let err = query(
+        &fed,
+        &format!("SELECT * FROM train('{UNLABELLED}', 'SELECT age FROM lung')"),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("(rule train_output)"), "{err}");
+    assert!(
+        err.contains("declares no output columns")
+            && err.contains(
+                "LABEL railyard.output-schema='[{\"name\": \"n\", \"type\": \"Int64\"}]'"
+            ),
+        "{err}"
+    );
+    // Refused and audited at a station, with the image; nothing ran.
+    let refused: Vec<_> = STATIONS
+        .iter()
+        .flat_map(|s| records(&governance.audit_log(s)))
+        .filter(|r| r["rule"] == "train_output")
+        .collect();
+    assert!(!refused.is_empty());
+    assert!(refused.iter().all(|r| r["decision"] == "refused"));
+    assert_eq!(refused[0]["train"], image_id(UNLABELLED).as_str());
+    assert_clean(&governance);
+    fed.shutdown().await.unwrap();
+    docker(&["rmi", "-f", UNLABELLED]);
 }

@@ -9,7 +9,10 @@ docs/trains.md). The station hands it:
   (size, rows, format) before releasing it.
 
 There is no network, the root filesystem is read-only and the train runs as an unprivileged
-user. Exit 0 on success; anything printed stays in the station's log.
+user. Exit 0 on success; anything printed stays in the station's log. The image declares the
+output's columns in its label ``railyard.output-schema`` (JSON, e.g.
+``[{"name": "rows", "type": "Int64"}]``); a station refuses an image without it, and an
+output with other columns.
 
 Example::
 

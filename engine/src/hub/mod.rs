@@ -129,6 +129,26 @@ impl Planned {
         }
     }
 
+    /// Whether running it starts containers at the stations (it calls `train(...)`).
+    pub fn runs_trains(&self) -> bool {
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        let Planned::Plan(plan, ..) = self else {
+            return false;
+        };
+        let mut found = false;
+        let _ = plan.apply(|node| {
+            if node
+                .downcast_ref::<crate::exec::QueryJobExec>()
+                .is_some_and(|j| j.starts_containers())
+            {
+                found = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        found
+    }
+
     /// Runs the plan (station fragments are sent now). A plan whose answer reports withheld
     /// groups runs to its end first: the count is part of the answer's schema, which is sent
     /// before its rows, and is known only once every station has answered.
@@ -190,6 +210,33 @@ async fn check_at_stations(
         }
     }
     Ok(epsilon)
+}
+
+/// Plans a statement in `state` for `query`: verified (a query only), its fragments checked
+/// at their stations (nothing runs yet), the ε they would charge in the answer's metadata.
+async fn plan_statement(
+    state: &SessionState,
+    statement: DfStatement,
+    query: &QueryContext,
+) -> Result<Planned> {
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let logical = state.statement_to_plan(statement).await?;
+    options.verify_plan(&logical)?;
+    let physical = state.create_physical_plan(&logical).await?;
+    let physical = assign_query(physical, query)?;
+    let epsilon = check_at_stations(&physical, query.fragment_timeout).await?;
+    let mut metadata = HashMap::new();
+    if !epsilon.is_empty() {
+        // A map of numbers always serializes.
+        let text = serde_json::to_string(&epsilon).expect("a map of ε serializes");
+        metadata.insert(EPSILON_METADATA.to_string(), text);
+    }
+    let task = railyard_udfs::with_query_memory(state.task_ctx())?;
+    let withheld = crate::exec::reports_withheld(&physical).then(|| query.withheld.clone());
+    Ok(Planned::Plan(physical, task, metadata, withheld))
 }
 
 /// Asks each station whether its policy accepts its ticket, concurrently; the first refusal
@@ -381,7 +428,7 @@ impl Hub {
         register_policies(&ctx, &policies)?;
         ctx.register_table(
             format!("railyard.{}", crate::budget::BUDGET_TABLE).as_str(),
-            Arc::new(crate::budget::BudgetTable::new(Arc::clone(&stations))),
+            Arc::new(crate::budget::budget_table(Arc::clone(&stations))),
         )?;
         ctx.register_table(
             format!("railyard.{STATIONS_TABLE}").as_str(),
@@ -552,58 +599,35 @@ impl Hub {
             let batch = explain_batch(&federated, &epsilon)?;
             return Ok(Planned::Batches(batch.schema(), vec![batch]));
         }
-        let with_trains;
-        let state = if trains.is_empty() {
-            &self.base
-        } else {
-            if matches!(statement, DfStatement::Explain(_)) {
-                return Err(Error::BadRequest(
-                    "EXPLAIN of a query with train(...): use EXPLAIN FEDERATED (a train's \
-                     output columns are known only once it has run)"
-                        .to_string(),
-                ));
-            }
-            // Nothing runs for a statement that would be refused once planned.
-            if !matches!(&statement, DfStatement::Statement(s)
-                if matches!(s.as_ref(), datafusion::sql::sqlparser::ast::Statement::Query(_)))
-            {
+        if !trains.is_empty() {
+            let query_only = |s: &DfStatement| {
+                matches!(s, DfStatement::Statement(s)
+                    if matches!(s.as_ref(), datafusion::sql::sqlparser::ast::Statement::Query(_)))
+            };
+            let is_query = match &statement {
+                DfStatement::Explain(e) => query_only(&e.statement),
+                other => query_only(other),
+            };
+            if !is_query {
                 return Err(Error::BadRequest(
                     "only a query (SELECT …) may call train(...)".to_string(),
                 ));
             }
-            // Every station of every call accepts before any train starts.
-            check_tickets(
-                &train::tickets(&trains, &query),
-                self.options.fragment_timeout,
-            )
-            .await?;
-            let started = std::time::Instant::now();
-            let outputs = train::run(&trains, &query, self.options.train_timeout).await?;
-            info!(query_id = %query.query_id, trains = trains.len(), elapsed_ms = started.elapsed().as_millis() as u64, "trains ran");
+            // Every station of every call accepts, and says which columns its image
+            // declares, before anything starts; the trains run when the plan is executed.
+            let tickets = train::tickets(&trains, &query);
+            let answers = check_tickets(&tickets, self.options.fragment_timeout).await?;
+            let tables = train::tables(&trains, &answers, self.options.train_timeout)?;
             let mut state = self.base.clone();
             state.register_udtf(
                 train::TRAIN_FUNCTION,
                 Arc::new(train::TrainOutputs {
-                    outputs: calls.into_iter().zip(outputs).collect(),
+                    outputs: calls.into_iter().zip(tables).collect(),
                 }),
             );
-            with_trains = state;
-            &with_trains
-        };
-        let logical = state.statement_to_plan(statement).await?;
-        options.verify_plan(&logical)?;
-        let physical = state.create_physical_plan(&logical).await?;
-        let physical = assign_query(physical, &query)?;
-        let epsilon = check_at_stations(&physical, self.options.fragment_timeout).await?;
-        let mut metadata = HashMap::new();
-        if !epsilon.is_empty() {
-            // A map of numbers always serializes.
-            let text = serde_json::to_string(&epsilon).expect("a map of ε serializes");
-            metadata.insert(EPSILON_METADATA.to_string(), text);
+            return plan_statement(&state, statement, &query).await;
         }
-        let task = railyard_udfs::with_query_memory(state.task_ctx())?;
-        let withheld = crate::exec::reports_withheld(&physical).then(|| query.withheld.clone());
-        Ok(Planned::Plan(physical, task, metadata, withheld))
+        plan_statement(&self.base, statement, &query).await
     }
 
     /// The ε `researcher` chose, if any.
@@ -667,9 +691,8 @@ impl Hub {
             .collect())
     }
 
-    /// The schema a prepared statement announces. A query with `train(...)` calls announces
-    /// none (its columns exist only once its trains have run, which happens when it is
-    /// executed), so preparing it runs nothing.
+    /// The schema a prepared statement announces; the stations check the query's fragments
+    /// (nothing runs, no train starts).
     pub async fn prepare(&self, sql: &str, researcher: &str) -> Result<SchemaRef> {
         let (statement, explain_federated) = self.parse(sql)?;
         if let Some(setting) = epsilon_setting(&statement)? {
@@ -677,9 +700,6 @@ impl Hub {
             return Ok(epsilon_answer(setting).schema());
         }
         let calls = train::calls(&statement)?;
-        if !calls.is_empty() {
-            return Ok(Arc::new(arrow::datatypes::Schema::empty()));
-        }
         let planned = self
             .plan_parsed(statement, calls, explain_federated, researcher)
             .await?;

@@ -5,7 +5,7 @@
 //!   SELECT * FROM glm('lung', 'status ~ age', 'binomial')
 //!        │ call_with_args: parse and check the arguments against the catalog (no I/O)
 //!        ▼
-//!   StatsTable ──scan──▶ QueryJobExec(StatsJob) (query identity assigned like a FragmentExec)
+//!   JobTable ──scan──▶ QueryJobExec(StatsJob) (query identity assigned like a FragmentExec)
 //!        │ execute: rounds, each one fragment per station, concurrently:
 //!        │   SELECT glm_terms('binomial', true, "status", "age", b0, b1) FROM "lung" WHERE …
 //!        ▼   stations check it (model rules), run it, release sums; the hub adds them up,
@@ -31,21 +31,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use async_trait::async_trait;
 use datafusion::catalog::{Session, TableFunctionImpl, TableProvider};
 use datafusion::common::{DFSchema, Result as DfResult, ScalarValue, plan_err};
 use datafusion::datasource::TableType;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use futures::future::BoxFuture;
 use railyard_contract::FragmentTicket;
 use railyard_planner::FederatedTable;
 use railyard_planner::sql::SelectSql;
 
-use crate::exec::{QueryContext, QueryJob, QueryJobExec, fetch_all};
+use crate::exec::{JobTable, QueryContext, QueryJob, fetch_all};
 use crate::station_client::StationClient;
 
 pub use formula::{Formula, Term};
@@ -419,11 +417,26 @@ impl TableFunctionImpl for StatsFunction {
                 Job::Crosstab(crosstab::CrosstabJob::new(source, &a[1], &a[2])?)
             }
         };
-        Ok(Arc::new(StatsTable {
-            schema: job.schema(),
+        // Only the stations that hold the table take part in its rounds.
+        let holding = job.source().table.stations();
+        let stations = self
+            .env
+            .stations
+            .iter()
+            .filter(|s| holding.iter().any(|h| h.as_str() == s.name.as_ref()))
+            .cloned()
+            .collect();
+        let schema = job.schema();
+        let job = StatsJob {
             job,
-            stations: Arc::clone(&self.env.stations),
-        }))
+            full: Arc::clone(&schema),
+            stations,
+        };
+        Ok(Arc::new(JobTable::new(
+            Arc::new(job),
+            schema,
+            TableType::Temporary,
+        )))
     }
 }
 
@@ -455,62 +468,6 @@ impl Job {
             Job::Cox(j) => j.run(rounds).await,
             Job::Crosstab(j) => j.run(rounds).await,
         }
-    }
-}
-
-/// The result of a statistics call, as a table.
-#[derive(Debug)]
-struct StatsTable {
-    schema: SchemaRef,
-    job: Job,
-    stations: Arc<Vec<StationClient>>,
-}
-
-#[async_trait]
-impl TableProvider for StatsTable {
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Temporary
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        // Only the stations that hold the table take part in its rounds.
-        let holding = self.job.source().table.stations();
-        let stations = self
-            .stations
-            .iter()
-            .filter(|s| holding.iter().any(|h| h.as_str() == s.name.as_ref()))
-            .cloned()
-            .collect();
-        let job = StatsJob {
-            job: self.job.clone(),
-            full: Arc::clone(&self.schema),
-            stations,
-        };
-        Ok(Arc::new(QueryJobExec::new(
-            Arc::new(job),
-            &self.schema,
-            projection.cloned(),
-        )?))
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![
-            TableProviderFilterPushDown::Unsupported;
-            filters.len()
-        ])
     }
 }
 

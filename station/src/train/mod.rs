@@ -92,6 +92,15 @@ impl TrainError {
     }
 }
 
+/// A train image as the station's Docker daemon knows it.
+#[derive(Debug, Clone)]
+pub struct TrainImage {
+    /// `sha256:…`, what a policy allows.
+    pub id: String,
+    /// The value of its `railyard.output-schema` label, if it has one.
+    pub output: Option<String>,
+}
+
 /// Whether `image` is an image id (`sha256:…`) or a plain image reference (`name[:tag]`,
 /// lowercase path components): nothing else reaches the Docker API, whose addresses embed
 /// the name unescaped.
@@ -202,15 +211,27 @@ impl Trains {
 
     /// The id (`sha256:…`) of the station's image `image` (a name or an id).
     pub async fn resolve(&self, image: &str) -> Result<String, TrainError> {
+        Ok(self.inspect(image).await?.id)
+    }
+
+    /// The station's image `image` (a name or an id): its id and the output columns it
+    /// declares (the label [`railyard_contract::train_output::OUTPUT_SCHEMA_LABEL`]).
+    pub async fn inspect(&self, image: &str) -> Result<TrainImage, TrainError> {
         if !is_image_reference(image) {
             return Err(TrainError::NoImage);
         }
         let docker = self.docker().await?;
         match docker.inspect_image(image).await {
-            Ok(inspect) => inspect
-                .id
-                .filter(|id| is_image_id(id))
-                .ok_or(TrainError::NoImage),
+            Ok(inspect) => {
+                let output = inspect.config.and_then(|c| c.labels).and_then(|mut l| {
+                    l.remove(railyard_contract::train_output::OUTPUT_SCHEMA_LABEL)
+                });
+                inspect
+                    .id
+                    .filter(|id| is_image_id(id))
+                    .map(|id| TrainImage { id, output })
+                    .ok_or(TrainError::NoImage)
+            }
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Err(TrainError::NoImage),

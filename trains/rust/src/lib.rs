@@ -9,7 +9,10 @@
 //! - `RAILYARD_OUTPUT`: where the train writes its result, one Arrow IPC file; the station
 //!   checks it (size, rows, format) against its policy before releasing it;
 //! - no network, a read-only root filesystem, an unprivileged user, a time limit. Exit 0 on
-//!   success; anything the train prints stays in the station's log.
+//!   success; anything the train prints stays in the station's log;
+//! - the image declares the output's columns in its label `railyard.output-schema` (JSON,
+//!   e.g. `[{"name": "n", "type": "Int64"}]`); a station refuses an image without it, and an
+//!   output with other columns.
 //!
 //! [`run`] wraps all of it:
 //!

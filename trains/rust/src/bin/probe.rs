@@ -7,7 +7,9 @@
 //!   writes a row if it can;
 //! - `sleep`: sleeps `seconds`, then writes a row;
 //! - `rows`: writes `n` rows;
-//! - `garbage`: writes text where the Arrow file belongs.
+//! - `garbage`: writes text where the Arrow file belongs;
+//! - `undeclared`: writes one row whose column is named after the input's first value (a
+//!   leak through a column name), where its image declares a column `i`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,6 +25,15 @@ fn one_row(name: &str, value: i64) -> Result<RecordBatch, Error> {
         schema,
         vec![Arc::new(Int64Array::from(vec![value]))],
     )?)
+}
+
+/// The first value of a column as text (the probe's inputs are integers).
+fn first_value(column: &dyn arrow_array::Array) -> String {
+    column
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .map(|a| a.value(0).to_string())
+        .unwrap_or_else(|| "value".to_string())
 }
 
 fn uid() -> Option<i64> {
@@ -99,6 +110,15 @@ fn probe(input: Input) -> Result<Option<RecordBatch>, Error> {
             let n = input.arg("n").and_then(|n| n.as_i64()).unwrap_or(1000);
             let schema = Arc::new(Schema::new(vec![Field::new("i", DataType::Int64, false)]));
             RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))])?
+        }
+        "undeclared" => {
+            let first = input
+                .batches
+                .iter()
+                .find(|b| b.num_rows() > 0)
+                .map(|b| first_value(b.column(0).as_ref()))
+                .unwrap_or_default();
+            one_row(&format!("leak_{first}"), 1)?
         }
         "garbage" => {
             let path = std::env::var("RAILYARD_OUTPUT")?;
