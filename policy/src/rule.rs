@@ -111,7 +111,8 @@ rules! {
     Trains = "trains",
     /// A train image the policy does not allow.
     TrainImage = "train_image",
-    /// A train's output is not a table the station can release.
+    /// A train's output is not a table the station can release, or its image declares no
+    /// output columns for the call (label `railyard.output-schema`).
     TrainOutput = "train_output",
     /// A train's output has more rows than `trains.max_output_rows`.
     MaxOutputRows = "max_output_rows",
