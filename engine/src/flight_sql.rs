@@ -494,18 +494,25 @@ impl FlightSqlService for HubFlightSql {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let (hub, caller) = self.authorize(authorization(&request)).await?;
-        let schema = hub
+        let (schema, parameters) = hub
             .prepare(&query.query, &caller.researcher)
             .await
             .map_err(to_status)?;
-        let IpcMessage(dataset_schema) =
-            SchemaAsIpc::new(schema.as_ref(), &IpcWriteOptions::default())
+        let ipc = |schema: &Schema| -> Result<_, Status> {
+            let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
                 .try_into()
                 .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+            Ok(bytes)
+        };
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
-            dataset_schema,
-            parameter_schema: Default::default(),
+            dataset_schema: ipc(&schema)?,
+            // Announced only when there are parameters: clients bind values when it is set.
+            parameter_schema: if parameters.fields().is_empty() {
+                Default::default()
+            } else {
+                ipc(&parameters)?
+            },
         })
     }
 
@@ -518,14 +525,41 @@ impl FlightSqlService for HubFlightSql {
         Ok(())
     }
 
+    /// Binds one row of parameter values: the answer's handle is the statement with the
+    /// values written in as literals (nothing is kept at the hub), which the client runs.
     async fn do_put_prepared_statement_query(
         &self,
-        _query: CommandPreparedStatementQuery,
-        _request: Request<PeekableFlightDataStream>,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        Err(Status::invalid_argument(
-            "query parameters are not supported: write the values into the SQL text",
-        ))
+        let (hub, _caller) = self.authorize(authorization(&request)).await?;
+        let sql = handle_sql(&query.prepared_statement_handle)?.to_string();
+        let stream = request.into_inner().map_err(FlightError::from);
+        // At most a few rows are read: a statement binds one.
+        let mut batches =
+            arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(stream);
+        let (mut collected, mut rows) = (Vec::new(), 0usize);
+        while let Some(batch) = batches.next().await {
+            let batch = batch.map_err(|e| {
+                Status::invalid_argument(format!("the parameter values do not decode: {e}"))
+            })?;
+            rows += batch.num_rows();
+            if rows > 1 {
+                return Err(Status::invalid_argument(
+                    "a statement is run with one row of parameter values, not more",
+                ));
+            }
+            collected.push(batch);
+        }
+        let Some(first) = collected.first() else {
+            return Err(Status::invalid_argument("no parameter values were sent"));
+        };
+        let values = arrow::compute::concat_batches(&first.schema(), &collected)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let bound = hub.bind(&sql, &values).await.map_err(to_status)?;
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(bound.into_bytes().into()),
+        })
     }
 
     async fn get_flight_info_catalogs(

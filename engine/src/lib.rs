@@ -41,6 +41,7 @@ pub mod flight_sql;
 mod guards;
 pub mod hub;
 mod join_station;
+pub mod params;
 pub mod station_client;
 pub mod stats;
 pub mod tokens;

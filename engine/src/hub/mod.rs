@@ -31,6 +31,7 @@ use crate::board::{STATIONS_TABLE, StationBoard, StationsTable};
 use crate::error::StationFailure;
 use crate::error::{Error, Result};
 use crate::exec::{FederatedQueryPlanner, QueryContext, assign_query, query_tickets};
+use crate::params;
 use crate::station_client::{StationAddress, StationClient};
 use crate::train;
 use crate::vertical::{self, VerticalSpec};
@@ -520,7 +521,16 @@ impl Hub {
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
         self.within_rate(researcher)?;
         railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
-        let (statement, explain_federated) = self.parse(sql)?;
+        let (mut statement, explain_federated) = self.parse(sql)?;
+        let parameters = params::number_placeholders(&mut statement)?;
+        if parameters > 0 {
+            return Err(Error::BadRequest(format!(
+                "the statement has {parameters} parameter{} and no values were bound: prepare \
+                 it and bind one row of values (in Python: cursor.execute(sql, \
+                 parameters=(…)))",
+                if parameters == 1 { "" } else { "s" }
+            )));
+        }
         let calls = train::calls(&statement)?;
         self.plan_parsed(statement, calls, explain_federated, researcher)
             .await
@@ -693,17 +703,92 @@ impl Hub {
 
     /// The schema a prepared statement announces; the stations check the query's fragments
     /// (nothing runs, no train starts).
-    pub async fn prepare(&self, sql: &str, researcher: &str) -> Result<SchemaRef> {
-        let (statement, explain_federated) = self.parse(sql)?;
+    ///
+    /// Returns the answer's schema and the parameters' (`$1`, `$2`, … with the types
+    /// DataFusion infers; `Null` where it infers none). A statement with parameters is only
+    /// planned for its columns here: its values are bound with [`Hub::bind`], and the
+    /// statement they make is checked when it is run.
+    pub async fn prepare(&self, sql: &str, researcher: &str) -> Result<(SchemaRef, SchemaRef)> {
+        railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
+        let (mut statement, explain_federated) = self.parse(sql)?;
+        let parameters = params::number_placeholders(&mut statement)?;
+        if parameters > 0 {
+            let (logical, types) = self.parameter_types(&statement, parameters).await?;
+            let answer = if explain_federated {
+                railyard_planner::explain_schema()
+            } else {
+                Arc::new(logical.schema().as_arrow().clone())
+            };
+            let fields: Vec<arrow::datatypes::Field> = types
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    arrow::datatypes::Field::new(
+                        format!("${}", i + 1),
+                        t.unwrap_or(arrow::datatypes::DataType::Null),
+                        true,
+                    )
+                })
+                .collect();
+            return Ok((answer, Arc::new(arrow::datatypes::Schema::new(fields))));
+        }
+        let no_parameters = Arc::new(arrow::datatypes::Schema::empty());
         if let Some(setting) = epsilon_setting(&statement)? {
             // Preparing a SET applies nothing.
-            return Ok(epsilon_answer(setting).schema());
+            return Ok((epsilon_answer(setting).schema(), no_parameters));
         }
         let calls = train::calls(&statement)?;
         let planned = self
             .plan_parsed(statement, calls, explain_federated, researcher)
             .await?;
-        Ok(planned.schema())
+        Ok((planned.schema(), no_parameters))
+    }
+
+    /// The statement `sql` (prepared with parameters) with `values` (one row, a column per
+    /// parameter) written into it as literals: the text to run. Each value is cast to the
+    /// type DataFusion infers for its parameter; a wrong count or type is a bad request.
+    pub async fn bind(&self, sql: &str, values: &RecordBatch) -> Result<String> {
+        railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
+        let (mut statement, explain_federated) = self.parse(sql)?;
+        let parameters = params::number_placeholders(&mut statement)?;
+        if parameters == 0 && values.num_columns() == 0 {
+            return Ok(sql.to_string());
+        }
+        let types = if parameters == 0 {
+            Vec::new()
+        } else {
+            self.parameter_types(&statement, parameters).await?.1
+        };
+        params::bind(&mut statement, parameters, &types, values)?;
+        let text = statement.to_string();
+        Ok(if explain_federated {
+            format!("EXPLAIN FEDERATED {text}")
+        } else {
+            text
+        })
+    }
+
+    /// The logical plan of a statement with `count` parameters, and each parameter's type
+    /// as DataFusion infers it.
+    async fn parameter_types(
+        &self,
+        statement: &DfStatement,
+        count: usize,
+    ) -> Result<(
+        datafusion::logical_expr::LogicalPlan,
+        Vec<Option<arrow::datatypes::DataType>>,
+    )> {
+        let logical = self.base.statement_to_plan(statement.clone()).await?;
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&logical)?;
+        let mut types = logical.get_parameter_types()?;
+        let types = (1..=count)
+            .map(|i| types.remove(&format!("${i}")).flatten())
+            .collect();
+        Ok((logical, types))
     }
 
     /// Plans and starts `sql`.
