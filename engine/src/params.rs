@@ -201,10 +201,12 @@ fn literal(position: usize, value: &ScalarValue) -> Result<SqlExpr> {
         | ScalarValue::UInt32(_)
         | ScalarValue::UInt64(_) => {
             let text = value.to_string();
-            match text.strip_prefix('-') {
-                // A negative number is a minus applied to a number.
-                Some(_) => parsed(text),
-                None => plain(Value::Number(text, false)),
+            if text.starts_with('-') {
+                // Written as a minus applied to a number, the most negative BIGINT would not
+                // fit: a negative integer is read from text.
+                parsed(format!("CAST('{text}' AS BIGINT)"))
+            } else {
+                plain(Value::Number(text, false))
             }
         }
         ScalarValue::Float32(Some(_)) | ScalarValue::Float64(Some(_)) => {

@@ -10,6 +10,7 @@
 //! | fragment SQL → plan → check → run | a station's `DoGet`, as a compromised hub sends it |
 //! | Flight tickets and actions | a station's `DoGet` / `DoAction` / `GetFlightInfo` bytes |
 //! | Flight SQL commands | the hub's `GetFlightInfo` / `DoGet` / `DoAction`, researcher SQL included |
+//! | bound parameters | the hub's `DoPut` of a prepared statement's values: the statement they make returns exactly them |
 //! | policy, station.toml, hub.toml | the parsers and the policy's validation against a table |
 //!
 //! Train output (Arrow IPC) is fuzzed beside its reader, in `station/src/train/output.rs`.
@@ -770,4 +771,171 @@ fn fuzz_policy_station_and_hub_configuration() {
         let _ = railyard::deploy::StationFileConfig::load(&file);
         Ok(())
     });
+}
+
+/// A value a researcher binds to a parameter.
+#[derive(Debug, Clone)]
+enum Bound {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Null,
+}
+
+/// Bound parameters at the hub (`DoPut` of one row to a prepared `SELECT ? AS v0, …`):
+/// whatever the values, the statement they make returns exactly them — a value cannot
+/// change the statement — and arbitrary bytes in place of the row are answered cleanly.
+#[test]
+fn fuzz_bound_parameters_at_the_hub() {
+    use std::sync::Arc;
+
+    use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema};
+    use arrow_flight::encode::FlightDataEncoderBuilder;
+    use arrow_flight::sql::{CommandPreparedStatementQuery, DoPutPreparedStatementResult};
+
+    let (runtime, federation) = lung_federation();
+    let url = federation.hub_url.clone();
+    let value = prop_oneof![
+        3 => any::<String>().prop_map(Bound::Text),
+        2 => "[\\\\'\"$?;\\- a-z]{0,12}".prop_map(Bound::Text),
+        2 => any::<i64>().prop_map(Bound::Int),
+        2 => any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Bound::Float),
+        1 => Just(Bound::Null),
+    ];
+    let strategy = prop_oneof![
+        4 => prop::collection::vec(value, 1..4).prop_map(Ok),
+        1 => prop::collection::vec(any::<u8>(), 0..256).prop_map(Err),
+    ];
+    fuzz("bound parameters at the hub", strategy, |input| {
+        let url = url.clone();
+        let mut mismatch = None;
+        answered(&runtime, "the hub", async {
+            let mut client = flight(&url).await;
+            let count = match &input {
+                Ok(values) => values.len(),
+                Err(_) => 1,
+            };
+            let sql = (0..count)
+                .map(|i| format!("? AS v{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let handle = format!("SELECT {sql}");
+            let command = CommandPreparedStatementQuery {
+                prepared_statement_handle: handle.into_bytes().into(),
+            };
+            let descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+            let data: Vec<arrow_flight::FlightData> = match &input {
+                Ok(values) => {
+                    let (fields, columns): (Vec<Field>, Vec<ArrayRef>) = values
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            let name = format!("p{i}");
+                            match v {
+                                Bound::Text(s) => (
+                                    Field::new(name, DataType::Utf8, true),
+                                    Arc::new(StringArray::from(vec![s.as_str()])) as ArrayRef,
+                                ),
+                                Bound::Int(n) => (
+                                    Field::new(name, DataType::Int64, true),
+                                    Arc::new(Int64Array::from(vec![*n])) as ArrayRef,
+                                ),
+                                Bound::Float(f) => (
+                                    Field::new(name, DataType::Float64, true),
+                                    Arc::new(Float64Array::from(vec![*f])) as ArrayRef,
+                                ),
+                                Bound::Null => (
+                                    Field::new(name, DataType::Int64, true),
+                                    Arc::new(Int64Array::from(vec![None::<i64>])) as ArrayRef,
+                                ),
+                            }
+                        })
+                        .unzip();
+                    let batch =
+                        arrow::array::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+                            .expect("one row");
+                    FlightDataEncoderBuilder::new()
+                        .with_flight_descriptor(Some(descriptor))
+                        .build(futures::stream::iter([Ok(batch)]))
+                        .try_collect()
+                        .await
+                        .expect("encodes")
+                }
+                Err(bytes) => vec![arrow_flight::FlightData {
+                    flight_descriptor: Some(descriptor),
+                    data_header: bytes.clone().into(),
+                    data_body: bytes.iter().rev().copied().collect::<Vec<u8>>().into(),
+                    ..Default::default()
+                }],
+            };
+            let put = match client.do_put(futures::stream::iter(data)).await {
+                Ok(put) => put.into_inner(),
+                Err(s) => return Some(s.message().to_string()),
+            };
+            let results: Vec<arrow_flight::PutResult> = match put.try_collect().await {
+                Ok(r) => r,
+                Err(s) => return Some(s.message().to_string()),
+            };
+            let Ok(values) = &input else {
+                return None;
+            };
+            let bound = results
+                .first()
+                .and_then(|r| DoPutPreparedStatementResult::decode(r.app_metadata.clone()).ok())
+                .and_then(|r| r.prepared_statement_handle)
+                .expect("a bound handle");
+            let run = CommandPreparedStatementQuery {
+                prepared_statement_handle: bound.clone(),
+            };
+            let info = match client
+                .get_flight_info(FlightDescriptor::new_cmd(run.as_any().encode_to_vec()))
+                .await
+            {
+                Ok(info) => info.into_inner(),
+                Err(s) => {
+                    mismatch = Some(format!(
+                        "{values:?} made {:?}, which fails: {}",
+                        String::from_utf8_lossy(&bound),
+                        s.message()
+                    ));
+                    return None;
+                }
+            };
+            let ticket = info.endpoint[0].ticket.clone().expect("a ticket");
+            let stream = client.do_get(ticket).await.expect("DoGet").into_inner();
+            let batches: Vec<arrow::array::RecordBatch> =
+                arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+                    stream.map_err(arrow_flight::error::FlightError::from),
+                )
+                .try_collect()
+                .await
+                .expect("the answer streams");
+            let row = &batches[0];
+            for (i, v) in values.iter().enumerate() {
+                let column = row.column(i);
+                let same = match v {
+                    Bound::Text(s) => {
+                        let c = arrow::compute::cast(column, &DataType::Utf8).expect("text");
+                        c.as_string::<i32>().value(0) == s
+                    }
+                    Bound::Int(n) => column.as_primitive::<Int64Type>().value(0) == *n,
+                    Bound::Float(f) => column.as_primitive::<Float64Type>().value(0) == *f,
+                    Bound::Null => column.logical_null_count() == 1,
+                };
+                if !same {
+                    mismatch = Some(format!(
+                        "{v:?} came back as {column:?} from {:?}",
+                        String::from_utf8_lossy(&bound)
+                    ));
+                }
+            }
+            None
+        })?;
+        if let Some(m) = mismatch {
+            return Err(TestCaseError::fail(m));
+        }
+        Ok(())
+    });
+    runtime.block_on(federation.shutdown()).unwrap();
 }
