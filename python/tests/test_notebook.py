@@ -1,0 +1,31 @@
+"""docs/notebooks/tour.ipynb, executed with nbclient against `railyard local` under the
+stations' default policy: every cell runs without an error, the refusal cell shows the
+rule, and the Kaplan–Meier cell renders a non-empty plot."""
+
+import base64
+
+import nbformat
+from nbclient import NotebookClient
+
+from conftest import REPO, start_local, stop
+
+
+def test_the_tour_notebook_runs(tmp_path, monkeypatch):
+    proc, url = start_local(tmp_path / "federation", None)
+    try:
+        monkeypatch.setenv("RAILYARD_HUB", url)
+        monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        notebook = nbformat.read(REPO / "docs" / "notebooks" / "tour.ipynb", as_version=4)
+        NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        stop(proc)
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "(rule " in text, text
+    images = [base64.b64decode(o.data["image/png"]) for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1
+    png = images[0]
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    # The executed notebook, for a reader to look at.
+    nbformat.write(notebook, tmp_path / "tour.executed.ipynb")
