@@ -34,10 +34,8 @@ use crate::error::{Error, Result};
 /// parameter per position, and returns how many there are (0: none). Named placeholders,
 /// a mix of `?` and `$n`, and numbers with gaps are errors.
 pub fn number_placeholders(statement: &mut DfStatement) -> Result<usize> {
-    let inner = match statement {
-        DfStatement::Statement(s) => s.as_mut(),
-        DfStatement::Explain(e) => return number_placeholders(&mut e.statement),
-        _ => return Ok(0),
+    let Some(inner) = query_mut(statement) else {
+        return Ok(0);
     };
     let (mut questions, mut numbered) = (0usize, Vec::<usize>::new());
     let flow = visit_expressions_mut(inner, |expr| {
@@ -125,10 +123,8 @@ pub fn bind(
         };
         literals.push(literal(i + 1, &value)?);
     }
-    let inner = match statement {
-        DfStatement::Statement(s) => s.as_mut(),
-        DfStatement::Explain(e) => return bind(&mut e.statement, count, types, values),
-        _ => return Ok(()),
+    let Some(inner) = query_mut(statement) else {
+        return Ok(());
     };
     let _ = visit_expressions_mut(inner, |expr| {
         if let SqlExpr::Value(v) = expr
@@ -141,6 +137,17 @@ pub fn bind(
         ControlFlow::<()>::Continue(())
     });
     Ok(())
+}
+
+/// The SQL statement itself, also under `EXPLAIN` (other statements have no parameters).
+fn query_mut(
+    statement: &mut DfStatement,
+) -> Option<&mut datafusion::sql::sqlparser::ast::Statement> {
+    match statement {
+        DfStatement::Statement(s) => Some(s.as_mut()),
+        DfStatement::Explain(e) => query_mut(&mut e.statement),
+        _ => None,
+    }
 }
 
 /// The SQL of a text value. Quotes and backslashes never go inside a quoted string (the

@@ -132,8 +132,6 @@ class SurvivalCurve(pd.DataFrame):
         if ax is None:
             _, ax = plt.subplots(figsize=(8, 5))
         groups = list(self["group"].unique()) if "group" in self.columns else [None]
-        ticks: list[float] = []
-        counts: dict[Any, list[str]] = {}
         for g in groups:
             part = self if g is None else self[self["group"] == g]
             # The curve starts at 1 at time 0.
@@ -144,13 +142,13 @@ class SurvivalCurve(pd.DataFrame):
             label = "all" if g is None else str(g)
             (line,) = ax.step(t, s, where="post", label=label)
             ax.fill_between(t, lo, hi, step="post", alpha=0.2, color=line.get_color())
-            counts[g] = []
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("time")
         ax.set_ylabel("survival")
         ax.legend(title="group" if groups != [None] else None)
         if at_risk:
-            ticks = [float(x) for x in ax.get_xticks() if x >= 0 and x <= float(self["time"].max())]
+            ticks = [float(x) for x in ax.get_xticks() if 0 <= x <= float(self["time"].max())]
+            counts: dict[Any, list[str]] = {g: [] for g in groups}
             for g in groups:
                 part = self if g is None else self[self["group"] == g]
                 times = part["time"].astype(float).to_numpy()

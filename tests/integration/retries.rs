@@ -85,6 +85,18 @@ impl CutProxy {
     }
 }
 
+/// Serves `station` on a free loopback port until the test ends; returns the address.
+async fn serve(station: Arc<railyard_station::Station>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        railyard_station::serve(station, listener, std::future::pending())
+            .await
+            .unwrap();
+    });
+    addr
+}
+
 /// Three stations under the open test policy with a DP budget (its ledger beside each audit
 /// log) and a hub that reaches station_c through a [`CutProxy`].
 async fn federation_with_a_proxy() -> (String, CutProxy, std::path::PathBuf) {
@@ -92,14 +104,7 @@ async fn federation_with_a_proxy() -> (String, CutProxy, std::path::PathBuf) {
     let mut addresses = Vec::new();
     let mut proxy = None;
     for name in fixtures::STATIONS {
-        let station = fixtures::lung_station(name, &policy_file, &dir).await;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            railyard_station::serve(station, listener, std::future::pending())
-                .await
-                .unwrap();
-        });
+        let mut addr = serve(fixtures::lung_station(name, &policy_file, &dir).await).await;
         if name == "station_c" {
             let cut = CutProxy::start(addr).await;
             addr = cut.addr;
@@ -230,13 +235,7 @@ async fn a_dp_fragment_whose_connection_is_lost_is_never_sent_again() {
 async fn a_dp_fragment_whose_caller_hangs_up_keeps_its_audit_record() {
     let (dir, policy_file) = dp_policy(1000.0);
     let station = fixtures::lung_station("station_a", &policy_file, &dir).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("grpc://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        railyard_station::serve(station, listener, std::future::pending())
-            .await
-            .unwrap();
-    });
+    let url = format!("grpc://{}", serve(station).await);
     let sql = "SELECT sex, partial_dp_count(1) AS \"a0\" FROM \"lung\" GROUP BY sex";
     // One complete call first: it is charged and recorded, and shows how long a call takes.
     let started = std::time::Instant::now();
