@@ -10,6 +10,11 @@
 //! The ticket carries the SQL next to the id of the started query, so a `DoGet` that comes
 //! too late, twice, or to another hub behind a balancer simply runs the statement again.
 //! A prepared statement's handle is its SQL text: nothing is held on the hub for it.
+//!
+//! A Substrait plan (`CommandStatementSubstraitPlan`, or prepared: ADBC's
+//! `cursor.execute(plan_bytes)`) takes the same path with the plan in place of the text:
+//! its prepared handle is the plan, marked, and its ticket carries the plan. The header
+//! `x-railyard-explain: federated` asks for a plan's `EXPLAIN FEDERATED`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -25,9 +30,10 @@ use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
-    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
-    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
-    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    ActionCreatePreparedStatementResult, ActionCreatePreparedSubstraitPlanRequest,
+    CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes,
+    CommandGetTables, CommandPreparedStatementQuery, CommandStatementQuery,
+    CommandStatementSubstraitPlan, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
     TicketStatementQuery,
 };
 use arrow_flight::{
@@ -45,6 +51,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{Error, to_status};
 use crate::hub::{Hub, Planned};
+use crate::substrait::{EXPLAIN_FEDERATED, EXPLAIN_HEADER};
 use crate::tokens::TokenStore;
 
 /// Researcher identity in `railyard local` mode, where there is no authentication (the
@@ -58,7 +65,7 @@ static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
     builder.append(SqlInfo::FlightSqlServerArrowVersion, "1.5");
     builder.append(SqlInfo::FlightSqlServerReadOnly, true);
     builder.append(SqlInfo::FlightSqlServerSql, true);
-    builder.append(SqlInfo::FlightSqlServerSubstrait, false);
+    builder.append(SqlInfo::FlightSqlServerSubstrait, true);
     builder.append(SqlInfo::FlightSqlServerTransaction, 0_i32);
     builder.append(SqlInfo::FlightSqlServerCancel, false);
     builder.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
@@ -71,11 +78,132 @@ type DoGetStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send 
 /// How long a started query waits for its `DoGet`.
 pub const UNCLAIMED_AFTER: Duration = Duration::from_secs(300);
 
-/// A statement ticket: the SQL, and the id of the query `GetFlightInfo` started for it.
+/// A statement ticket: what it runs, and the id of the query `GetFlightInfo` started for it.
+/// A SQL ticket is `{"started": …, "sql": …}`; a Substrait plan's carries the plan in hex
+/// instead of the SQL, and whether its explanation was asked for.
 #[derive(Debug, Serialize, Deserialize)]
 struct StatementTicket {
     started: Option<String>,
+    #[serde(default)]
     sql: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    substrait: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    explain: bool,
+}
+
+impl StatementTicket {
+    fn new(started: Option<String>, query: &Query) -> Self {
+        match query {
+            Query::Sql(sql) => Self {
+                started,
+                sql: sql.clone(),
+                substrait: None,
+                explain: false,
+            },
+            Query::Substrait { plan, explain } => Self {
+                started,
+                sql: String::new(),
+                substrait: Some(hex::encode(plan)),
+                explain: *explain,
+            },
+        }
+    }
+
+    fn query(&self) -> Result<Query, Status> {
+        match &self.substrait {
+            None => Ok(Query::Sql(self.sql.clone())),
+            Some(plan) => Ok(Query::Substrait {
+                plan: hex::decode(plan)
+                    .map_err(|_| Status::invalid_argument("not a statement ticket of this hub"))?
+                    .into(),
+                explain: self.explain,
+            }),
+        }
+    }
+
+    fn encode(&self) -> prost::bytes::Bytes {
+        // A struct of strings and a flag always serializes.
+        serde_json::to_vec(self)
+            .expect("a statement ticket serializes")
+            .into()
+    }
+}
+
+/// What a statement runs.
+#[derive(Debug, Clone)]
+enum Query {
+    Sql(String),
+    /// A serialized Substrait plan; `explain`: its `EXPLAIN FEDERATED` instead.
+    Substrait {
+        plan: prost::bytes::Bytes,
+        explain: bool,
+    },
+}
+
+/// Marks a prepared handle that holds a Substrait plan (a SQL handle is the statement's
+/// text, which never begins with a NUL byte). The byte after it is 1 for an explanation.
+const SUBSTRAIT_HANDLE: &[u8] = b"\0railyard-substrait\0";
+
+impl Query {
+    /// The prepared statement handle that stands for it.
+    fn handle(&self) -> prost::bytes::Bytes {
+        match self {
+            Query::Sql(sql) => sql.clone().into_bytes().into(),
+            Query::Substrait { plan, explain } => {
+                let mut handle = SUBSTRAIT_HANDLE.to_vec();
+                handle.push(u8::from(*explain));
+                handle.extend_from_slice(plan);
+                handle.into()
+            }
+        }
+    }
+
+    /// The query a prepared statement handle stands for.
+    fn from_handle(handle: &prost::bytes::Bytes) -> Result<Self, Status> {
+        if let Some(rest) = handle.strip_prefix(SUBSTRAIT_HANDLE) {
+            let Some((&explain, plan)) = rest.split_first() else {
+                return Err(Status::invalid_argument(
+                    "not a prepared statement of this hub",
+                ));
+            };
+            return Ok(Query::Substrait {
+                plan: handle.slice_ref(plan),
+                explain: explain == 1,
+            });
+        }
+        Ok(Query::Sql(handle_sql(handle)?.to_string()))
+    }
+
+    /// Plans it for `researcher` at `hub`.
+    async fn plan(&self, hub: &Hub, researcher: &str) -> Result<Planned, Status> {
+        match self {
+            Query::Sql(sql) => hub.plan(sql, researcher).await,
+            Query::Substrait { plan, explain } => {
+                hub.plan_substrait(plan, *explain, researcher).await
+            }
+        }
+        .map_err(to_status)
+    }
+}
+
+/// Whether a Substrait request asks for its `EXPLAIN FEDERATED` ([`EXPLAIN_HEADER`]).
+fn wants_explain<T>(request: &Request<T>) -> Result<bool, Status> {
+    match request.metadata().get(EXPLAIN_HEADER) {
+        None => Ok(false),
+        Some(v) if v.to_str().ok() == Some(EXPLAIN_FEDERATED) => Ok(true),
+        Some(_) => Err(Status::invalid_argument(format!(
+            "the header {EXPLAIN_HEADER} takes one value, '{EXPLAIN_FEDERATED}'"
+        ))),
+    }
+}
+
+/// The plan of a Substrait command.
+fn substrait_plan(
+    plan: Option<arrow_flight::sql::SubstraitPlan>,
+) -> Result<prost::bytes::Bytes, Status> {
+    plan.map(|p| p.plan)
+        .ok_or_else(|| Status::invalid_argument("the command carries no Substrait plan"))
 }
 
 /// A query started by `GetFlightInfo`, waiting for its `DoGet`.
@@ -297,10 +425,10 @@ impl HubFlightSql {
     async fn start(
         &self,
         hub: &Hub,
-        sql: &str,
+        query: &Query,
         caller: Caller,
     ) -> Result<(String, arrow::datatypes::SchemaRef), Status> {
-        let planned = hub.plan(sql, &caller.researcher).await.map_err(to_status)?;
+        let planned = query.plan(hub, &caller.researcher).await?;
         let (work, schema) = if planned.runs_trains() {
             let schema = planned.schema();
             (Waiting::Trains(planned), schema)
@@ -352,21 +480,14 @@ impl HubFlightSql {
 
     async fn statement_info<T>(
         &self,
-        sql: &str,
+        query: &Query,
         request: Request<T>,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
         let (hub, caller) = self.authorize(authorization(&request)).await?;
-        let (id, schema) = self.start(&hub, sql, caller).await?;
-        let ticket = StatementTicket {
-            started: Some(id),
-            sql: sql.to_string(),
-        };
+        let (id, schema) = self.start(&hub, query, caller).await?;
         let ticket = TicketStatementQuery {
-            // A struct of two strings always serializes.
-            statement_handle: serde_json::to_vec(&ticket)
-                .expect("a statement ticket serializes")
-                .into(),
+            statement_handle: StatementTicket::new(Some(id), query).encode(),
         };
         let endpoint =
             FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
@@ -405,6 +526,14 @@ impl HubFlightSql {
     }
 }
 
+/// `schema` as the IPC message a prepared statement's result carries.
+fn schema_ipc(schema: &Schema) -> Result<prost::bytes::Bytes, Status> {
+    let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+    Ok(bytes)
+}
+
 fn handle_sql(handle: &[u8]) -> Result<&str, Status> {
     std::str::from_utf8(handle)
         .map_err(|_| Status::invalid_argument("statement handle is not UTF-8 SQL"))
@@ -421,8 +550,22 @@ impl FlightSqlService for HubFlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let descriptor = request.get_ref().clone();
         let info = self
-            .statement_info(&query.query, request, descriptor)
+            .statement_info(&Query::Sql(query.query), request, descriptor)
             .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn get_flight_info_substrait_plan(
+        &self,
+        query: CommandStatementSubstraitPlan,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let query = Query::Substrait {
+            plan: substrait_plan(query.plan)?,
+            explain: wants_explain(&request)?,
+        };
+        let descriptor = request.get_ref().clone();
+        let info = self.statement_info(&query, request, descriptor).await?;
         Ok(Response::new(info))
     }
 
@@ -431,9 +574,9 @@ impl FlightSqlService for HubFlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let sql = handle_sql(&query.prepared_statement_handle)?.to_string();
+        let query = Query::from_handle(&query.prepared_statement_handle)?;
         let descriptor = request.get_ref().clone();
-        let info = self.statement_info(&sql, request, descriptor).await?;
+        let info = self.statement_info(&query, request, descriptor).await?;
         Ok(Response::new(info))
     }
 
@@ -452,8 +595,11 @@ impl FlightSqlService for HubFlightSql {
         {
             Some(Waiting::Running(batches)) => batches,
             Some(Waiting::Trains(planned)) => planned.run().await.map_err(to_status)?,
-            None => hub
-                .execute(&ticket.sql, &caller.researcher)
+            None => ticket
+                .query()?
+                .plan(&hub, &caller.researcher)
+                .await?
+                .run()
                 .await
                 .map_err(to_status)?,
         };
@@ -478,12 +624,9 @@ impl FlightSqlService for HubFlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let sql = handle_sql(&query.prepared_statement_handle)?.to_string();
+        let query = Query::from_handle(&query.prepared_statement_handle)?;
         let ticket = TicketStatementQuery {
-            // A struct of two strings always serializes.
-            statement_handle: serde_json::to_vec(&StatementTicket { started: None, sql })
-                .expect("a statement ticket serializes")
-                .into(),
+            statement_handle: StatementTicket::new(None, &query).encode(),
         };
         self.do_get_statement(ticket, request).await
     }
@@ -498,21 +641,35 @@ impl FlightSqlService for HubFlightSql {
             .prepare(&query.query, &caller.researcher)
             .await
             .map_err(to_status)?;
-        let ipc = |schema: &Schema| -> Result<_, Status> {
-            let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
-                .try_into()
-                .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
-            Ok(bytes)
-        };
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
-            dataset_schema: ipc(&schema)?,
+            dataset_schema: schema_ipc(&schema)?,
             // Announced only when there are parameters: clients bind values when it is set.
             parameter_schema: if parameters.fields().is_empty() {
                 Default::default()
             } else {
-                ipc(&parameters)?
+                schema_ipc(&parameters)?
             },
+        })
+    }
+
+    async fn do_action_create_prepared_substrait_plan(
+        &self,
+        query: ActionCreatePreparedSubstraitPlanRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let (hub, caller) = self.authorize(authorization(&request)).await?;
+        let (plan, explain) = (substrait_plan(query.plan)?, wants_explain(&request)?);
+        let schema = hub
+            .prepare_substrait(&plan, explain, &caller.researcher)
+            .await
+            .map_err(to_status)?;
+        let query = Query::Substrait { plan, explain };
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: query.handle(),
+            dataset_schema: schema_ipc(&schema)?,
+            // A plan has no parameters: its values are written into it.
+            parameter_schema: Default::default(),
         })
     }
 
@@ -533,7 +690,14 @@ impl FlightSqlService for HubFlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
         let (hub, _caller) = self.authorize(authorization(&request)).await?;
-        let sql = handle_sql(&query.prepared_statement_handle)?.to_string();
+        let sql = match Query::from_handle(&query.prepared_statement_handle)? {
+            Query::Sql(sql) => sql,
+            Query::Substrait { .. } => {
+                return Err(Status::invalid_argument(
+                    "a Substrait plan takes no parameter values: write them into the plan",
+                ));
+            }
+        };
         let stream = request.into_inner().map_err(FlightError::from);
         // At most a few rows are read: a statement binds one.
         let mut batches =
@@ -705,4 +869,43 @@ impl FlightSqlService for HubFlightSql {
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_and_tickets_give_back_what_they_stand_for() {
+        let plan = Query::Substrait {
+            plan: prost::bytes::Bytes::from_static(b"\x12\x00plan bytes, any \xff"),
+            explain: true,
+        };
+        let sql = Query::Sql("SELECT 1".to_string());
+        for query in [plan, sql] {
+            let back = Query::from_handle(&query.handle()).expect("a handle of ours");
+            assert_eq!(format!("{back:?}"), format!("{query:?}"));
+            let ticket = StatementTicket::new(Some("id".to_string()), &query).encode();
+            let ticket: StatementTicket = serde_json::from_slice(&ticket).expect("decodes");
+            assert_eq!(ticket.started.as_deref(), Some("id"));
+            let back = ticket.query().expect("a ticket of ours");
+            assert_eq!(format!("{back:?}"), format!("{query:?}"));
+        }
+        // A SQL ticket keeps the form older hubs wrote.
+        let old: StatementTicket =
+            serde_json::from_str(r#"{"started": null, "sql": "SELECT 2"}"#).expect("decodes");
+        assert!(matches!(old.query(), Ok(Query::Sql(s)) if s == "SELECT 2"));
+        // The marker alone, and a ticket whose plan is not hex, are refused.
+        let bare = prost::bytes::Bytes::from_static(SUBSTRAIT_HANDLE);
+        assert_eq!(
+            Query::from_handle(&bare).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let bad: StatementTicket =
+            serde_json::from_str(r#"{"started": null, "substrait": "zz"}"#).expect("decodes");
+        assert_eq!(
+            bad.query().unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
 }

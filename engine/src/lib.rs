@@ -1,8 +1,9 @@
 //! The Railyard hub: researchers' Flight SQL endpoint, fragment dispatch and merge.
 //!
 //! ```text
-//!   client ── Flight SQL ──▶ HubFlightSql ──▶ Hub::plan
-//!                                              │ DataFusion: parse, analyze, optimize
+//!   client ── Flight SQL ──▶ HubFlightSql ──▶ Hub::plan (SQL) / Hub::plan_substrait
+//!                                              │ DataFusion: parse or consume, analyze,
+//!                                              │   optimize
 //!                                              │ FederatedQueryPlanner: split into fragments
 //!                                              │   (railyard-planner) and plan physically
 //!                                              ▼
@@ -25,7 +26,8 @@
 //! [`vertical`] (vertically partitioned tables: the members' pseudonymized rows and their
 //! join), `join_station` (the station that serves a vertical table, from `railyard-policy`
 //! and `railyard-audit`, called in-process), [`budget`] (`railyard.budget`), [`train`]
-//! (`train(...)` calls), `guards` (string growth in the hub's own plan), [`withheld`] (the
+//! (`train(...)` calls), [`substrait`] (Substrait plans, consumed into the same planner as
+//! SQL), `guards` (string growth in the hub's own plan), [`withheld`] (the
 //! hub's second threshold, and what an answer says it left out), [`error`] (errors and their
 //! one mapping to gRPC statuses; a station's status is read once, in
 //! `StationFailure::from_status`).
@@ -37,6 +39,7 @@ pub mod board;
 pub mod budget;
 pub mod error;
 pub mod exec;
+pub mod flight_front;
 pub mod flight_sql;
 mod guards;
 pub mod hub;
@@ -44,6 +47,7 @@ mod join_station;
 pub mod params;
 pub mod station_client;
 pub mod stats;
+pub mod substrait;
 pub mod tokens;
 pub mod train;
 pub mod vertical;
@@ -89,7 +93,7 @@ where
         + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let service = FlightServiceServer::new(flight)
+    let service = FlightServiceServer::new(flight_front::HubFlightService(flight))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     railyard_net::serve::serve(tonic::service::Routes::new(service), incoming, shutdown).await?;

@@ -220,12 +220,17 @@ async fn plan_statement(
     statement: DfStatement,
     query: &QueryContext,
 ) -> Result<Planned> {
-    let options = SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false);
     let logical = state.statement_to_plan(statement).await?;
-    options.verify_plan(&logical)?;
+    plan_logical(state, logical, query).await
+}
+
+/// Plans a logical plan (of a statement, or of a Substrait plan) as [`plan_statement`] does.
+async fn plan_logical(
+    state: &SessionState,
+    logical: datafusion::logical_expr::LogicalPlan,
+    query: &QueryContext,
+) -> Result<Planned> {
+    query_only().verify_plan(&logical)?;
     let physical = state.create_physical_plan(&logical).await?;
     let physical = assign_query(physical, query)?;
     let epsilon = check_at_stations(&physical, query.fragment_timeout).await?;
@@ -238,6 +243,15 @@ async fn plan_statement(
     let task = railyard_udfs::with_query_memory(state.task_ctx())?;
     let withheld = crate::exec::reports_withheld(&physical).then(|| query.withheld.clone());
     Ok(Planned::Plan(physical, task, metadata, withheld))
+}
+
+/// What a researcher may run: a query, never DDL, DML or a statement (`SET` of ε is
+/// recognised before planning).
+fn query_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
 }
 
 /// Asks each station whether its policy accepts its ticket, concurrently; the first refusal
@@ -575,25 +589,13 @@ impl Hub {
         if let Some(setting) = epsilon_setting(&statement)? {
             return Ok(self.set_epsilon(researcher, setting));
         }
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
         let mut trains = Vec::new();
         for call in &calls {
             let input = train::plan_input(&self.base, call).await?;
             trains.push(train::resolve(call, &input, &self.catalog, &self.stations)?);
         }
-        let query = QueryContext {
-            query_id: uuid::Uuid::new_v4().to_string(),
-            researcher: researcher.to_string(),
-            fragment_timeout: self.options.fragment_timeout,
-            // Train calls are the query's fragments 1..=n; the planned ones follow.
-            first_fragment: trains.len() + 1,
-            collaboration: self.options.collaboration.clone(),
-            epsilon: self.researcher_epsilon(researcher),
-            withheld: Withheld::default(),
-        };
+        // Train calls are the query's fragments 1..=n; the planned ones follow.
+        let query = self.query_context(researcher, trains.len() + 1);
         if explain_federated {
             if !trains.is_empty() {
                 // The query around the calls plans over their outputs, which exist only
@@ -602,12 +604,7 @@ impl Hub {
                 return Ok(Planned::Batches(batch.schema(), vec![batch]));
             }
             let logical = self.base.statement_to_plan(statement).await?;
-            options.verify_plan(&logical)?;
-            let optimized = self.base.optimize(&logical)?;
-            let federated = self.planner.federate(&optimized).await?;
-            let epsilon = self.explain_epsilon(&federated, &query).await?;
-            let batch = explain_batch(&federated, &epsilon)?;
-            return Ok(Planned::Batches(batch.schema(), vec![batch]));
+            return self.explain(&logical, &query).await;
         }
         if !trains.is_empty() {
             let query_only = |s: &DfStatement| {
@@ -638,6 +635,77 @@ impl Hub {
             return plan_statement(&state, statement, &query).await;
         }
         plan_statement(&self.base, statement, &query).await
+    }
+
+    /// A new query of `researcher`'s, whose planned fragments are numbered from
+    /// `first_fragment`.
+    fn query_context(&self, researcher: &str, first_fragment: usize) -> QueryContext {
+        QueryContext {
+            query_id: uuid::Uuid::new_v4().to_string(),
+            researcher: researcher.to_string(),
+            fragment_timeout: self.options.fragment_timeout,
+            first_fragment,
+            collaboration: self.options.collaboration.clone(),
+            epsilon: self.researcher_epsilon(researcher),
+            withheld: Withheld::default(),
+        }
+    }
+
+    /// `EXPLAIN FEDERATED` of a logical plan: its fragments, what leaves each station, the
+    /// merge, and the ε each DP fragment would charge.
+    async fn explain(
+        &self,
+        logical: &datafusion::logical_expr::LogicalPlan,
+        query: &QueryContext,
+    ) -> Result<Planned> {
+        query_only().verify_plan(logical)?;
+        let optimized = self.base.optimize(logical)?;
+        let federated = self.planner.federate(&optimized).await?;
+        let epsilon = self.explain_epsilon(&federated, query).await?;
+        let batch = explain_batch(&federated, &epsilon)?;
+        Ok(Planned::Batches(batch.schema(), vec![batch]))
+    }
+
+    /// Plans a serialized Substrait plan for `researcher` exactly as [`Hub::plan`] plans a
+    /// statement: the same fragments, station checks, refusals and rate limit; with
+    /// `explain_federated`, its `EXPLAIN FEDERATED`. See [`crate::substrait`].
+    pub async fn plan_substrait(
+        &self,
+        plan: &[u8],
+        explain_federated: bool,
+        researcher: &str,
+    ) -> Result<Planned> {
+        self.within_rate(researcher)?;
+        self.planned_substrait(plan, explain_federated, researcher)
+            .await
+    }
+
+    /// The schema a prepared Substrait plan announces; the stations check its fragments
+    /// (nothing runs). Not counted against the rate limit: running it is.
+    pub async fn prepare_substrait(
+        &self,
+        plan: &[u8],
+        explain_federated: bool,
+        researcher: &str,
+    ) -> Result<SchemaRef> {
+        Ok(self
+            .planned_substrait(plan, explain_federated, researcher)
+            .await?
+            .schema())
+    }
+
+    async fn planned_substrait(
+        &self,
+        plan: &[u8],
+        explain_federated: bool,
+        researcher: &str,
+    ) -> Result<Planned> {
+        let logical = crate::substrait::logical_plan(&self.base, plan).await?;
+        let query = self.query_context(researcher, 1);
+        if explain_federated {
+            return self.explain(&logical, &query).await;
+        }
+        plan_logical(&self.base, logical, &query).await
     }
 
     /// The ε `researcher` chose, if any.
@@ -779,11 +847,7 @@ impl Hub {
         Vec<Option<arrow::datatypes::DataType>>,
     )> {
         let logical = self.base.statement_to_plan(statement.clone()).await?;
-        SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false)
-            .verify_plan(&logical)?;
+        query_only().verify_plan(&logical)?;
         let mut types = logical.get_parameter_types()?;
         let types = (1..=count)
             .map(|i| types.remove(&format!("${i}")).flatten())
