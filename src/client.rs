@@ -18,6 +18,8 @@ use tonic::transport::{Channel, Endpoint};
 #[derive(Debug, Clone)]
 pub struct HubClient {
     inner: FlightSqlServiceClient<Channel>,
+    /// The headers `inner` sends with every call, for the calls made around it.
+    headers: Vec<(String, String)>,
 }
 
 /// A query's answer: its schema (also when there are no rows) and its batches.
@@ -165,18 +167,29 @@ impl HubClient {
         .with_context(|| format!("cannot connect to the hub at {url}"))?;
         let flight = arrow_flight::flight_service_client::FlightServiceClient::new(channel)
             .max_decoding_message_size(railyard_engine::MAX_MESSAGE_BYTES);
-        let mut inner = FlightSqlServiceClient::new_from_inner(flight);
+        let mut client = Self {
+            inner: FlightSqlServiceClient::new_from_inner(flight),
+            headers: Vec::new(),
+        };
         if let Some(token) = token {
-            inner.set_header("authorization", format!("Bearer {token}"));
+            client.set_header("authorization", format!("Bearer {token}"));
         }
-        Ok(Self { inner })
+        Ok(client)
+    }
+
+    fn set_header(&mut self, key: &str, value: String) {
+        self.inner.set_header(key, value.clone());
+        self.headers.retain(|(k, _)| k != key);
+        self.headers.push((key.to_string(), value));
     }
 
     /// Names the researcher this client asks as, to a `railyard local --named-researchers`
     /// hub (any other hub ignores the name).
     pub fn as_researcher(&mut self, name: &str) {
-        self.inner
-            .set_header(railyard_engine::flight_sql::RESEARCHER_HEADER, name);
+        self.set_header(
+            railyard_engine::flight_sql::RESEARCHER_HEADER,
+            name.to_string(),
+        );
     }
 
     /// Runs one SQL statement and collects its answer.
@@ -186,6 +199,50 @@ impl HubClient {
             .execute(sql.to_string(), None)
             .await
             .map_err(flight_error)?;
+        self.fetch(info).await
+    }
+
+    /// Runs one serialized Substrait plan (`CommandStatementSubstraitPlan`) and collects its
+    /// answer; with `explain`, its `EXPLAIN FEDERATED`.
+    pub async fn query_substrait(&mut self, plan: Vec<u8>, explain: bool) -> Result<Answer> {
+        use arrow_flight::sql::{CommandStatementSubstraitPlan, ProstMessageExt, SubstraitPlan};
+        use prost::Message;
+        let command = CommandStatementSubstraitPlan {
+            plan: Some(SubstraitPlan {
+                plan: plan.into(),
+                version: String::new(),
+            }),
+            transaction_id: None,
+        };
+        let descriptor = arrow_flight::FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+        let mut request = tonic::Request::new(descriptor);
+        let mut headers = self.headers.clone();
+        if explain {
+            headers.push((
+                railyard_engine::substrait::EXPLAIN_HEADER.to_string(),
+                railyard_engine::substrait::EXPLAIN_FEDERATED.to_string(),
+            ));
+        }
+        for (key, value) in headers {
+            let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes())
+                .with_context(|| format!("'{key}' is not a header name"))?;
+            let value = value
+                .parse()
+                .with_context(|| format!("the value of header '{key}' is not valid"))?;
+            request.metadata_mut().insert(key, value);
+        }
+        let info = self
+            .inner
+            .inner_mut()
+            .get_flight_info(request)
+            .await
+            .map_err(|status| flight_error(FlightError::Tonic(Box::new(status))))?
+            .into_inner();
+        self.fetch(info).await
+    }
+
+    /// Collects the answer a `FlightInfo` points to.
+    async fn fetch(&mut self, info: arrow_flight::FlightInfo) -> Result<Answer> {
         let schema: SchemaRef = Arc::new(
             info.clone()
                 .try_decode_schema()

@@ -1,6 +1,9 @@
 //! The SQL corpus (`sql/*.slt`): every file runs on two engines — the centralized reference
 //! and the federation (3 stations + hub over Flight SQL) — and both must give the file's
-//! expected results.
+//! expected results. The federation runs each file twice: as SQL text, and as Substrait
+//! plans (each query planned in a session over the pooled files, serialized by
+//! `datafusion-substrait`, sent as `CommandStatementSubstraitPlan`), which must give the
+//! same results.
 //!
 //! Expected results are the centralized engine's answers: regenerate them with
 //! `RAILYARD_SLT_COMPLETE=1 cargo test --test integration slt` after adding queries, and
@@ -149,6 +152,71 @@ impl AsyncDB for Federated {
     }
 }
 
+/// The federation asked with Substrait plans: each query is planned in a session over the
+/// pooled data with the same tables (the role of a client's dataframe library) and sent to
+/// the hub as a plan. What that session cannot plan or serialize (a statement, an
+/// intentional error of the corpus, an expression Substrait has no form for) is sent as SQL
+/// and counted, so the test can say how much of the corpus went as Substrait.
+pub struct Substrait {
+    client: HubClient,
+    planner: SessionContext,
+    sent: Arc<std::sync::atomic::AtomicUsize>,
+    as_sql: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait]
+impl AsyncDB for Substrait {
+    type Error = EngineError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<Self::ColumnType>, Self::Error> {
+        use std::sync::atomic::Ordering;
+        let plan = match self.planner.sql(sql).await {
+            // A table function (`generate_series(…)`) has no Substrait form: it would
+            // travel as a table of that name, which no catalog holds.
+            Ok(df) if reads_table_functions(df.logical_plan()) => None,
+            Ok(df) => datafusion_substrait::logical_plan::producer::to_substrait_plan(
+                df.logical_plan(),
+                &self.planner.state(),
+            )
+            .ok(),
+            Err(_) => None,
+        };
+        let answer = match plan {
+            Some(plan) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+                let bytes = prost::Message::encode_to_vec(plan.as_ref());
+                self.client.query_substrait(bytes, false).await
+            }
+            None => {
+                self.as_sql.fetch_add(1, Ordering::Relaxed);
+                self.client.query(sql).await
+            }
+        }
+        .map_err(|e| EngineError(format!("{e:#}")))?;
+        Ok(output(&answer.batches, answer.schema.fields().len()))
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "substrait"
+    }
+}
+
+/// Whether `plan` reads a table function's output.
+fn reads_table_functions(plan: &datafusion::logical_expr::LogicalPlan) -> bool {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let datafusion::logical_expr::LogicalPlan::TableScan(scan) = node {
+            found |= scan.table_name.table().ends_with(')');
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
 fn corpus_file(name: &str) -> PathBuf {
     fixtures::repo().join("sql").join(name)
 }
@@ -209,7 +277,62 @@ async fn run_against(
     }
 
     let federation = start.await;
+    if !SQL_ONLY.contains(&name) {
+        run_substrait(&federation, file, name, &ctx).await;
+    }
     run_federated(federation, file, name).await;
+}
+
+/// Corpus files not run as Substrait plans: the records of `errors.slt` are errors of SQL
+/// text (it does not parse, it names nothing the catalog has), which have no plan to send.
+const SQL_ONLY: &[&str] = &["errors.slt"];
+
+/// Runs `file` through a Flight SQL client of `federation` that sends Substrait plans
+/// ([`Substrait`]); most of each corpus must go as plans.
+async fn run_substrait(
+    federation: &railyard::local::LocalFederation,
+    file: &Path,
+    name: &str,
+    ctx: &Arc<SessionContext>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (sent, as_sql) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let url = federation.hub_url.clone();
+    let mut runner = Runner::new({
+        let (sent, as_sql) = (Arc::clone(&sent), Arc::clone(&as_sql));
+        let planner = ctx.as_ref().clone();
+        move || {
+            let (url, planner) = (url.clone(), planner.clone());
+            let (sent, as_sql) = (Arc::clone(&sent), Arc::clone(&as_sql));
+            async move {
+                HubClient::connect(&url)
+                    .await
+                    .map(|client| Substrait {
+                        client,
+                        planner,
+                        sent,
+                        as_sql,
+                    })
+                    .map_err(|e| EngineError(format!("{e:#}")))
+            }
+        }
+    });
+    // A Substrait plan is what the federation is asked; records for the SQL text alone
+    // (its errors' wording, EXPLAIN) say `onlyif federated`.
+    runner.add_label("substrait");
+    if let Err(e) = runner.run_file_async(file).await {
+        panic!(
+            "federation asked with Substrait plans, {name}:\n{}",
+            e.display(true)
+        );
+    }
+    let (sent, as_sql) = (sent.load(Ordering::Relaxed), as_sql.load(Ordering::Relaxed));
+    eprintln!("{name}: {sent} queries sent as Substrait plans, {as_sql} as SQL");
+    assert!(
+        sent * 2 > sent + as_sql,
+        "{name}: only {sent} of {} queries could be sent as Substrait plans",
+        sent + as_sql
+    );
 }
 
 /// Runs `file` through a Flight SQL client of `federation`, then stops the federation.
@@ -288,6 +411,9 @@ async fn run_policy_file(name: &str, policy: Option<&str>) {
     let federation =
         fixtures::federation_with(&fixtures::table_specs(), HubOptions::default(), &governance)
             .await;
+    // The same refusals must hold for the same queries sent as Substrait plans.
+    let planner = Arc::new(fixtures::centralized().await);
+    run_substrait(&federation, &file, name, &planner).await;
     run_federated(federation, &file, name).await;
 }
 
@@ -316,6 +442,8 @@ fn slt_policy_omop_attacks_under_the_default_policy() {
         let federation =
             fixtures::federation_with(&fixtures::omop_specs(), HubOptions::default(), &governance)
                 .await;
+        let planner = Arc::new(fixtures::omop_centralized().await);
+        run_substrait(&federation, &file, "omop_attacks.slt", &planner).await;
         run_federated(federation, &file, "omop_attacks.slt").await;
     });
 }
