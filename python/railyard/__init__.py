@@ -13,6 +13,10 @@ answers as SQL gives::
     curve = conn.kaplan_meier("lung", "time", "status", group="sex")
     curve.plot()
 
+    from railyard import col, count, mean
+    lung = conn.table("lung")
+    lung.filter(col("age") > 60).group_by("sex").agg(count(), mean("age")).to_pandas()
+
 See docs/python.md.
 """
 
@@ -26,7 +30,26 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import pyarrow as pa
 
-__all__ = [
+from . import frame as _frame
+
+# The dataframe API at the top level. (`sum`, `min` and `max` shadow the builtins in this
+# module: use `builtins.sum` here if ever needed.)
+from .frame import (
+    Frame,
+    GroupedFrame,
+    col,
+    count,
+    count_distinct,
+    lit,
+    max,
+    mean,
+    min,
+    stddev,
+    sum,
+    variance,
+)
+
+__all__ = _frame.__all__ + [
     "connect",
     "Connection",
     "GlmResult",
@@ -189,6 +212,31 @@ class Connection:
 
     def __init__(self, adbc: Any):
         self._adbc = adbc
+        self._planner: Any = None
+
+    # ----------------------------------------------------------------------- dataframes
+
+    def table(self, name: str) -> Frame:
+        """A lazy dataframe over the federated table ``name``; see :class:`Frame`. It runs
+        at the hub, compiled to Substrait, when its answer is asked for."""
+        from .frame import _Planner
+
+        if self._planner is None:
+            self._planner = _Planner(self)
+        return Frame(self, self._planner, self._planner.table(name))
+
+    def _table_schema(self, name: str) -> pa.Schema:
+        return self._adbc.adbc_get_table_schema(name, db_schema_filter="public")
+
+    def _run_substrait(self, plan: bytes, explain: bool = False) -> pa.Table:
+        from .frame import EXPLAIN_HEADER
+
+        with self._adbc.cursor() as cur:
+            if explain:
+                header = "adbc.flight.sql.rpc.call_header." + EXPLAIN_HEADER
+                cur.adbc_statement.set_options(**{header: "federated"})
+            cur.execute(plan)
+            return cur.fetch_arrow_table()
 
     # ------------------------------------------------------------------ SQL and catalog
 
