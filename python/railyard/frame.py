@@ -177,7 +177,13 @@ class Frame:
         """A join with another frame of this connection on equal columns."""
         if other._planner is not self._planner:
             raise ValueError("frames of two connections cannot be joined")
-        return self._with(self._df.join(other._df, on=on, how=how))
+        # The other side under a name of its own, so that a table joins a frame of itself
+        # (an aggregate of it, say) without two columns of one qualified name.
+        return self._with(self._df.join(other._df.alias("right"), on=on, how=how))
+
+    def alias(self, name: str) -> "Frame":
+        """The frame under a table name, for expressions like ``col("name.column")``."""
+        return self._with(self._df.alias(name))
 
     # ------------------------------------------------------------------------- reading
 

@@ -91,6 +91,14 @@ def test_more_frames_equal_their_sql(conn):
             "SELECT DISTINCT ph_ecog FROM lung ORDER BY ph_ecog NULLS LAST",
         ),
         (
+            lung.join(lung.group_by("inst").agg(count().alias("n")), on="inst")
+            .group_by("sex")
+            .agg(mean("n"), count())
+            .sort("sex"),
+            "SELECT l.sex, avg(t.n), count(*) FROM lung l JOIN (SELECT inst, count(*) AS n "
+            "FROM lung GROUP BY inst) t ON t.inst = l.inst GROUP BY l.sex ORDER BY l.sex",
+        ),
+        (
             conn.table("breast_cancer").group_by("diagnosis").agg(count(), mean("mean_radius")).sort("diagnosis"),
             "SELECT diagnosis, count(*), avg(mean_radius) FROM breast_cancer GROUP BY diagnosis ORDER BY diagnosis",
         ),
