@@ -89,6 +89,11 @@ enum Command {
         /// Queries one researcher may start per minute at the hub (0: no limit).
         #[arg(long, value_name = "N", default_value_t = 0)]
         max_queries_per_minute: u64,
+        /// Address of the web console and its JSON API (docs/console.md): a loopback
+        /// address, port 0 picks a free port. Printed as `console at http://…/` on the line
+        /// after the hub's.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+        console_listen: SocketAddr,
     },
     /// Generate synthetic registry data, start a local federation, run realistic queries and
     /// print each query, its federated plan and its answer. Needs no arguments or network.
@@ -324,6 +329,7 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             named_researchers,
             max_queries_per_minute,
+            console_listen,
         } => {
             tables.extend(vertical.into_iter().map(|spec| TableSpec {
                 key: key.clone(),
@@ -340,6 +346,15 @@ async fn run(cli: Cli) -> Result<()> {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
+            if !console_listen.ip().is_loopback() {
+                anyhow::bail!(
+                    "--console-listen {console_listen}: the console has no authentication, so \
+                     it listens on a loopback address only (127.0.0.1 or ::1)"
+                );
+            }
+            let console_listener = TcpListener::bind(console_listen)
+                .await
+                .with_context(|| format!("cannot listen on {console_listen} for the console"))?;
             let options = HubOptions {
                 fragment_timeout: Duration::from_secs(fragment_timeout),
                 merge_partitions: usize::from(hub_partitions),
@@ -352,9 +367,25 @@ async fn run(cli: Cli) -> Result<()> {
             for s in &federation.stations {
                 eprintln!("station {} listening on {}", s.name, s.url);
             }
+            let console_url = format!("http://{}/", console_listener.local_addr()?);
+            let (stop_console, stopped) = tokio::sync::oneshot::channel::<()>();
+            let console = tokio::spawn(railyard_engine::console::serve(
+                console_listener,
+                std::sync::Arc::clone(&federation.hub),
+                railyard_engine::flight_sql::LOCAL_RESEARCHER,
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
             println!("hub listening on {}", federation.hub_url);
+            println!("console at {console_url}");
             std::io::stdout().flush()?;
             wait_for_stop_signal().await?;
+            let _ = stop_console.send(());
+            console
+                .await
+                .context("the console task failed")?
+                .context("the console stopped with an error")?;
             federation.shutdown().await?;
             Ok(())
         }

@@ -19,7 +19,8 @@
 //! fragments — merging partial aggregate states, HAVING, ORDER BY, joins of merged results —
 //! is DataFusion's own execution, so the hub inherits its correctness and speed.
 //!
-//! Layout: [`hub`] (catalog discovery, per-query sessions), [`exec`] (the fragment operator and
+//! Layout: [`hub`] (catalog discovery, per-query sessions), [`console`] (the HTTP front:
+//! JSON API and web console, through the same planner), [`exec`] (the fragment operator and
 //! the query planner), [`station_client`] (connections to stations), [`flight_sql`] (the
 //! Flight SQL service: open in `railyard local`, bearer tokens from [`tokens`] in a
 //! deployed hub, one [`Hub`] per collaboration), [`stats`] (statistics table functions),
@@ -37,6 +38,7 @@
 
 pub mod board;
 pub mod budget;
+pub mod console;
 pub mod error;
 pub mod exec;
 pub mod flight_front;
