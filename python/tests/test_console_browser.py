@@ -1,0 +1,156 @@
+"""The web console in a real headless Chromium (Debian's chromium and chromium-driver,
+driven by selenium) against a running `railyard local` under the stations' default policy:
+the overview lists the stations online, a query's table equals the same query through ADBC
+Flight SQL, Explain lists each station's fragment and the hub's merge, a refusal shows its
+rule, sorting a column reorders the rows, and the CSV download equals the answer.
+
+Screenshots of each view go to the test's temporary directory, or to the directory in
+RAILYARD_SCREENSHOTS (docs/console/ holds the ones docs/console.md shows)."""
+
+import csv
+import os
+import pathlib
+import shutil
+import time
+
+import adbc_driver_flightsql.dbapi as flightsql
+import pytest
+
+from conftest import start_local, stop
+
+CHROMIUM = shutil.which("chromium")
+DRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER) and not os.environ.get("RAILYARD_REQUIRE_BROWSER"),
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
+)
+
+SQL = "SELECT sex, count(*) AS patients, avg(age) AS mean_age FROM lung GROUP BY sex ORDER BY sex"
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory):
+    proc, url = start_local(tmp_path_factory.mktemp("browser"), None)
+    line = proc.stdout.readline().strip()
+    assert line.startswith("console at "), line
+    yield url, line[len("console at "):]
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"]:
+        options.add_argument(argument)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    target = os.environ.get("RAILYARD_SCREENSHOTS")
+    path = pathlib.Path(target) if target else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait(browser, condition, timeout=30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout).until(condition)
+
+
+def ask(browser, sql, button):
+    from selenium.webdriver.common.by import By
+
+    editor = browser.find_element(By.ID, "sql")
+    editor.clear()
+    editor.send_keys(sql)
+    browser.find_element(By.ID, button).click()
+
+
+def result_rows(browser):
+    from selenium.webdriver.common.by import By
+
+    table = browser.find_element(By.CSS_SELECTOR, "#result table")
+    header = [th.text for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
+    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")] for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    return header, rows
+
+
+def test_the_console_in_a_browser(console, browser, shots):
+    from selenium.webdriver.common.by import By
+
+    url, page = console
+    browser.get(page)
+    # The overview: three stations online, the tables listed.
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#stations td.online")) == 3)
+    tables = browser.find_element(By.ID, "tables").text
+    assert "lung" in tables and "breast_cancer" in tables
+    browser.save_screenshot(str(shots / "overview.png"))
+
+    # A query: the table equals Flight SQL's answer.
+    ask(browser, SQL, "run")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#result table tbody tr"))
+    header, rows = result_rows(browser)
+    assert header == ["sex", "patients", "mean_age"]
+    with flightsql.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(SQL)
+        flight = cur.fetch_arrow_table().to_pylist()
+    assert [[int(r[0]), int(r[1])] for r in rows] == [[f["sex"], f["patients"]] for f in flight]
+    assert [float(r[2]) for r in rows] == pytest.approx([f["mean_age"] for f in flight], rel=1e-12)
+    assert "2 rows" in browser.find_element(By.ID, "status").text
+    browser.save_screenshot(str(shots / "answer.png"))
+
+    # Sorting by a column: a click on "sex" twice puts sex 2 first.
+    sex = browser.find_element(By.CSS_SELECTOR, "#result thead th")
+    sex.click()
+    sex.click()
+    assert sex.get_attribute("aria-sort") == "descending"
+    assert [r[0] for r in result_rows(browser)[1]] == ["2", "1"]
+
+    # The CSV download holds the answer.
+    browser.find_element(By.ID, "download-csv").click()
+    target = browser.downloads / "railyard-answer.csv"
+    deadline = time.time() + 30
+    while not target.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    with open(target, encoding="utf-8") as f:
+        downloaded = list(csv.DictReader(f))
+    assert [int(r["patients"]) for r in downloaded] == [f["patients"] for f in flight]
+
+    # Explain: each station's fragment, then the hub.
+    ask(browser, SQL, "explain")
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#result details")) == 4)
+    summaries = [s.text for s in browser.find_elements(By.CSS_SELECTOR, "#result details summary")]
+    assert [s.split(":")[0] for s in summaries] == ["station_a", "station_b", "station_c", "hub"]
+    assert "partial" in browser.find_element(By.CSS_SELECTOR, "#result details pre").text
+    browser.save_screenshot(str(shots / "explain.png"))
+
+    # A refusal: its rule, shown as an alert, no stack trace.
+    ask(browser, "SELECT age FROM lung WHERE age > 80", "run")
+    wait(browser, lambda b: b.find_element(By.ID, "refusal").is_displayed())
+    refusal = browser.find_element(By.ID, "refusal")
+    assert "rule row_level" in refusal.text
+    assert refusal.get_attribute("role") == "alert"
+    assert "panicked" not in refusal.text and "backtrace" not in refusal.text
+    browser.save_screenshot(str(shots / "refusal.png"))
+
+    # Keyboard: Ctrl+Enter in the editor runs.
+    from selenium.webdriver.common.keys import Keys
+
+    editor = browser.find_element(By.ID, "sql")
+    editor.clear()
+    editor.send_keys("SELECT count(*) AS n FROM lung")
+    editor.send_keys(Keys.CONTROL, Keys.ENTER)
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#result table tbody tr"))
+    assert result_rows(browser) == (["n"], [["228"]])
