@@ -377,9 +377,17 @@ async fn run(cli: Cli) -> Result<()> {
                     let _ = stopped.await;
                 },
             ));
-            println!("hub listening on {}", federation.hub_url);
-            println!("console at {console_url}");
-            std::io::stdout().flush()?;
+            // Both lines in one write: whoever started us may read the first line only and
+            // close the pipe, and a second write would then fail (and exit non-zero).
+            let banner = format!(
+                "hub listening on {}\nconsole at {console_url}\n",
+                federation.hub_url
+            );
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(banner.as_bytes()).and_then(|()| out.flush()) {
+                eprintln!("could not print where the hub listens ({e}); serving anyway");
+            }
+            drop(out);
             wait_for_stop_signal().await?;
             let _ = stop_console.send(());
             console
