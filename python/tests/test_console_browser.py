@@ -2,7 +2,9 @@
 driven by selenium) against a running `railyard local` under the stations' default policy:
 the overview lists the stations online, a query's table equals the same query through ADBC
 Flight SQL, Explain lists each station's fragment and the hub's merge, a refusal shows its
-rule, sorting a column reorders the rows, and the CSV download equals the answer.
+rule, sorting a column reorders the rows, the CSV download equals the answer, and a
+Kaplan–Meier answer and a model are drawn (one curve and band per group, one estimate per
+term).
 
 Screenshots of each view go to the test's temporary directory, or to the directory in
 RAILYARD_SCREENSHOTS (docs/console/ holds the ones docs/console.md shows)."""
@@ -144,6 +146,22 @@ def test_the_console_in_a_browser(console, browser, shots):
     assert refusal.get_attribute("role") == "alert"
     assert "panicked" not in refusal.text and "backtrace" not in refusal.text
     browser.save_screenshot(str(shots / "refusal.png"))
+
+    # A Kaplan–Meier answer is drawn: one curve and one band per group.
+    ask(browser, "SELECT * FROM kaplan_meier('lung', 'time', 'status', 'sex')", "run")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#result svg.survival"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#result svg.survival path.curve")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#result svg.survival path.band")) == 2
+    browser.execute_script("document.getElementById('status').scrollIntoView()")
+    browser.save_screenshot(str(shots / "kaplan-meier.png"))
+
+    # A model is drawn as a forest plot: one estimate per term.
+    ask(browser, "SELECT * FROM glm('lung', 'status ~ age + sex', 'binomial')", "run")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#result svg.forest"))
+    terms = [r[0] for r in result_rows(browser)[1]]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#result svg.forest circle.estimate")) == len(terms) == 3
+    browser.execute_script("document.getElementById('status').scrollIntoView()")
+    browser.save_screenshot(str(shots / "glm.png"))
 
     # Keyboard: Ctrl+Enter in the editor runs.
     from selenium.webdriver.common.keys import Keys

@@ -33,7 +33,7 @@ function element(tag, attributes = {}, ...children) {
 }
 
 /** A table of an answer's columns and rows; clicking (or Enter on) a header sorts by it. */
-function answerTable(answer, caption) {
+function answerTable(answer, caption, decorate = () => {}) {
   const table = element("table", { "aria-label": caption });
   const head = element("tr");
   const body = element("tbody");
@@ -57,6 +57,7 @@ function answerTable(answer, caption) {
         if (value === null) tr.append(element("td", { className: "null" }, "NULL"));
         else tr.append(element("td", typeof value === "number" ? { className: "number" } : {}, value));
       });
+      decorate(tr, row);
       body.append(tr);
     }
   };
@@ -86,6 +87,129 @@ function withheldText(withheld) {
   }
   if (withheld.hub) parts.push(`the hub ${withheld.hub}`);
   return parts.length ? `groups withheld below k: ${parts.join(", ")}` : "";
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+const PALETTE = ["#0b5cad", "#c2410c", "#15803d", "#7e22ce", "#a16207", "#be123c"];
+
+function svg(tag, attributes = {}, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, String(value));
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+function ticks(lo, hi, count) {
+  const step = (hi - lo) / count;
+  return Array.from({ length: count + 1 }, (_, i) => lo + i * step);
+}
+
+/** lifelines' default band, the exponential Greenwood interval: with v = log S and
+ * c = (se / S)², exp(−exp(log(−v) ∓ z·√c / v)). */
+function greenwood(survival, se, z = 1.959963984540054) {
+  if (se === null || survival <= 0 || survival >= 1) return [survival, survival];
+  const v = Math.log(survival);
+  const root = se / survival;
+  return [Math.exp(-Math.exp(Math.log(-v) - (z * root) / v)), Math.exp(-Math.exp(Math.log(-v) + (z * root) / v))];
+}
+
+/** A Kaplan–Meier answer (time, survival, std_error, and group if any) as step curves
+ * with their 95 % bands. */
+function survivalChart(answer) {
+  const names = answer.columns.map((c) => c.name);
+  const col = (name) => names.indexOf(name);
+  const [t, s, se, g] = [col("time"), col("survival"), col("std_error"), col("group")];
+  const groups = new Map();
+  for (const row of answer.rows) {
+    const key = g >= 0 ? String(row[g]) : "all";
+    if (!groups.has(key)) groups.set(key, []);
+    groups.get(key).push(row);
+  }
+  const [width, height, left, right, top, bottom] = [720, 340, 56, 130, 16, 44];
+  const maxTime = Math.max(1, ...answer.rows.map((r) => r[t]));
+  const x = (v) => left + (v / maxTime) * (width - left - right);
+  const y = (v) => top + (1 - v) * (height - top - bottom);
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-label": "Kaplan–Meier survival curves with 95% confidence bands", class: "chart survival" });
+  for (const v of ticks(0, 1, 4)) {
+    chart.append(svg("line", { x1: left, x2: width - right, y1: y(v), y2: y(v), class: "grid" }));
+    chart.append(svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end" }, v.toFixed(2)));
+  }
+  for (const v of ticks(0, maxTime, 5)) {
+    chart.append(svg("text", { x: x(v), y: height - bottom + 16, "text-anchor": "middle" }, Math.round(v)));
+  }
+  chart.append(svg("text", { x: (left + width - right) / 2, y: height - 6, "text-anchor": "middle" }, "time"));
+  chart.append(svg("text", { x: 12, y: (top + height - bottom) / 2, transform: `rotate(-90 12 ${(top + height - bottom) / 2})`, "text-anchor": "middle" }, "survival"));
+  [...groups.entries()].forEach(([key, rows], i) => {
+    const color = PALETTE[i % PALETTE.length];
+    rows.sort((a, b) => a[t] - b[t]);
+    let curve = `M ${x(0)} ${y(1)}`;
+    let upper = `M ${x(0)} ${y(1)}`;
+    const lowerPoints = [[x(0), y(1)]];
+    let [last, lastLo, lastHi] = [1, 1, 1];
+    for (const row of rows) {
+      const [lo, hi] = greenwood(row[s], se >= 0 ? row[se] : null);
+      curve += ` H ${x(row[t])} V ${y(row[s])}`;
+      upper += ` H ${x(row[t])} V ${y(hi)}`;
+      lowerPoints.push([x(row[t]), y(lastLo)], [x(row[t]), y(lo)]);
+      [last, lastLo, lastHi] = [row[s], lo, hi];
+    }
+    const end = x(rows.length ? rows[rows.length - 1][t] : 0);
+    const band = upper + " " + lowerPoints.reverse().map(([px, py]) => `L ${px} ${py}`).join(" ") + " Z";
+    chart.append(svg("path", { d: band, class: "band", fill: color, "fill-opacity": 0.15, stroke: "none" }));
+    chart.append(svg("path", { d: curve + ` H ${end}`, class: "curve", fill: "none", stroke: color, "stroke-width": 2 },
+      svg("title", {}, `${key}: last estimate ${last.toFixed(3)} (95% ${lastLo.toFixed(3)}–${lastHi.toFixed(3)})`)));
+    chart.append(svg("text", { x: width - right + 10, y: top + 14 + i * 18, style: `fill: ${color}; font-weight: 600` }, g >= 0 ? `${names[g]} ${key}` : "all"));
+  });
+  return chart;
+}
+
+/** A model's coefficients (term, estimate, std_error) as a forest plot: each estimate
+ * with its 95 % Wald interval, and the line of no effect. */
+function forestPlot(answer) {
+  const names = answer.columns.map((c) => c.name);
+  const [term, est, se] = ["term", "estimate", "std_error"].map((n) => names.indexOf(n));
+  const rows = answer.rows.map((r) => ({ term: r[term], estimate: r[est], lo: r[est] - 1.959963984540054 * r[se], hi: r[est] + 1.959963984540054 * r[se] }));
+  const [width, left, right, rowHeight, top] = [720, 150, 24, 26, 16];
+  const height = top + rows.length * rowHeight + 36;
+  const lo = Math.min(0, ...rows.map((r) => r.lo));
+  const hi = Math.max(0, ...rows.map((r) => r.hi));
+  const x = (v) => left + ((v - lo) / (hi - lo || 1)) * (width - left - right);
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-label": "Coefficients with 95% confidence intervals", class: "chart forest" });
+  chart.append(svg("line", { x1: x(0), x2: x(0), y1: top - 6, y2: top + rows.length * rowHeight, class: "zero" }));
+  rows.forEach((r, i) => {
+    const cy = top + i * rowHeight + rowHeight / 2;
+    chart.append(svg("text", { x: left - 8, y: cy + 4, "text-anchor": "end" }, r.term));
+    chart.append(svg("line", { x1: x(r.lo), x2: x(r.hi), y1: cy, y2: cy, class: "ci", stroke: PALETTE[0], "stroke-width": 2 }));
+    chart.append(svg("circle", { cx: x(r.estimate), cy, r: 4, class: "estimate", fill: PALETTE[0] },
+      svg("title", {}, `${r.term}: ${r.estimate.toPrecision(4)} (95% ${r.lo.toPrecision(4)} to ${r.hi.toPrecision(4)})`)));
+  });
+  for (const v of ticks(lo, hi, 4)) {
+    chart.append(svg("text", { x: x(v), y: height - 10, "text-anchor": "middle" }, v.toPrecision(3)));
+  }
+  return chart;
+}
+
+/** The chart an answer's columns call for, if any. */
+function chartFor(answer) {
+  const names = new Set(answer.columns.map((c) => c.name));
+  if (names.has("time") && names.has("survival") && answer.rows.length) return survivalChart(answer);
+  if (names.has("term") && names.has("estimate") && names.has("std_error") && answer.rows.length) return forestPlot(answer);
+  return null;
+}
+
+/** For a crosstab, a row decorator that marks suppressed cells (below a station's k). */
+function suppressedCells(answer) {
+  const names = answer.columns.map((c) => c.name);
+  const [suppressed, count] = [names.indexOf("suppressed"), names.indexOf("count")];
+  if (suppressed < 0 || count < 0) return () => {};
+  return (tr, row) => {
+    if (row[suppressed] === true) {
+      const cell = tr.cells[count];
+      cell.textContent = "suppressed";
+      cell.className = "suppressed";
+      cell.title = "fewer patients than a station's k: not released";
+    }
+  };
 }
 
 function showRefusal(error) {
@@ -118,7 +242,9 @@ async function run() {
     const withheld = withheldText(answer.withheld);
     if (withheld) notes.push(withheld);
     $("status").textContent = notes.join(" · ");
-    $("result").append(answerTable(answer, "Answer"));
+    const chart = chartFor(answer);
+    if (chart) $("result").append(chart);
+    $("result").append(answerTable(answer, "Answer", suppressedCells(answer)));
     lastSql = sql;
     $("download-csv").disabled = false;
     $("download-parquet").disabled = false;
