@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use arrow::array::{Array, AsArray};
 use railyard_engine::HubOptions;
 use tokio::net::TcpListener;
@@ -303,7 +303,24 @@ pub const TRAIN_QUERY: &str = "SELECT bin_lower, bin_upper, sum(n) AS patients \
      GROUP BY bin_lower, bin_upper ORDER BY bin_lower";
 
 /// Runs the demo, writing everything it shows to `out`.
-pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Result<()> {
+pub async fn run(
+    patients: usize,
+    data_dir: &Path,
+    serve: Option<std::net::SocketAddr>,
+    out: &mut impl Write,
+) -> Result<()> {
+    let console_listener = match serve {
+        Some(addr) if !addr.ip().is_loopback() => anyhow::bail!(
+            "--serve {addr}: the console has no authentication, so it listens on a loopback \
+             address only (127.0.0.1 or ::1)"
+        ),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the console"))?,
+        ),
+        None => None,
+    };
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
     let profiles = synth::default_profiles(patients);
@@ -436,6 +453,9 @@ pub async fn run(patients: usize, data_dir: &Path, out: &mut impl Write) -> Resu
         anyhow::Ok(())
     }
     .await;
+    if let (Ok(()), Some(listener)) = (&result, console_listener) {
+        crate::local::serve_until_stopped(&federation, listener, out).await?;
+    }
     federation.shutdown().await?;
     result
 }

@@ -418,3 +418,52 @@ impl LocalFederation {
         Ok(())
     }
 }
+
+/// Resolves at Ctrl-C or SIGTERM: how `railyard local` and `railyard demo --serve` are
+/// stopped.
+pub async fn wait_for_stop_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Serves the web console of `federation` on `console`, prints where the hub and the
+/// console listen to `out`, and waits for Ctrl-C or SIGTERM; then stops the console (the
+/// caller shuts the federation down).
+///
+/// Both lines go out in one write: whoever started us may read the first line only and
+/// close the pipe, and a second write would then fail. A reader that has gone away is
+/// reported on stderr instead of ending the federation.
+pub async fn serve_until_stopped(
+    federation: &LocalFederation,
+    console: TcpListener,
+    out: &mut impl std::io::Write,
+) -> Result<()> {
+    let url = format!("http://{}/", console.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(railyard_engine::console::serve(
+        console,
+        Arc::clone(&federation.hub),
+        railyard_engine::flight_sql::LOCAL_RESEARCHER,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let banner = format!(
+        "hub listening on {}\nconsole at {url}\n",
+        federation.hub_url
+    );
+    if let Err(e) = out.write_all(banner.as_bytes()).and_then(|()| out.flush()) {
+        eprintln!("could not print where the hub listens ({e}); serving anyway");
+    }
+    wait_for_stop_signal().await?;
+    let _ = stop.send(());
+    task.await
+        .context("the console task failed")?
+        .context("the console stopped with an error")?;
+    Ok(())
+}

@@ -1,6 +1,5 @@
 //! The `railyard` command line.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -104,6 +103,10 @@ enum Command {
         /// Where the demo's stations keep their audit logs (DIR/<station>/audit.jsonl).
         #[arg(long, value_name = "DIR", default_value = ".railyard")]
         data_dir: PathBuf,
+        /// After the demo, keep its federation running and serve the web console at ADDR
+        /// (a loopback address; port 0 picks a free port) until Ctrl-C or SIGTERM.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:0")]
+        serve: Option<SocketAddr>,
     },
     /// Work with a station's audit log.
     Audit {
@@ -367,39 +370,22 @@ async fn run(cli: Cli) -> Result<()> {
             for s in &federation.stations {
                 eprintln!("station {} listening on {}", s.name, s.url);
             }
-            let console_url = format!("http://{}/", console_listener.local_addr()?);
-            let (stop_console, stopped) = tokio::sync::oneshot::channel::<()>();
-            let console = tokio::spawn(railyard_engine::console::serve(
+            railyard::local::serve_until_stopped(
+                &federation,
                 console_listener,
-                std::sync::Arc::clone(&federation.hub),
-                railyard_engine::flight_sql::LOCAL_RESEARCHER,
-                async move {
-                    let _ = stopped.await;
-                },
-            ));
-            // Both lines in one write: whoever started us may read the first line only and
-            // close the pipe, and a second write would then fail (and exit non-zero).
-            let banner = format!(
-                "hub listening on {}\nconsole at {console_url}\n",
-                federation.hub_url
-            );
-            let mut out = std::io::stdout().lock();
-            if let Err(e) = out.write_all(banner.as_bytes()).and_then(|()| out.flush()) {
-                eprintln!("could not print where the hub listens ({e}); serving anyway");
-            }
-            drop(out);
-            wait_for_stop_signal().await?;
-            let _ = stop_console.send(());
-            console
-                .await
-                .context("the console task failed")?
-                .context("the console stopped with an error")?;
+                &mut std::io::stdout(),
+            )
+            .await?;
             federation.shutdown().await?;
             Ok(())
         }
-        Command::Demo { patients, data_dir } => {
+        Command::Demo {
+            patients,
+            data_dir,
+            serve,
+        } => {
             let mut out = std::io::stdout().lock();
-            demo::run(patients, &data_dir, &mut out).await
+            demo::run(patients, &data_dir, serve, &mut out).await
         }
         Command::Audit {
             command: AuditCommand::Verify { path },
@@ -584,11 +570,5 @@ fn token(command: TokenCommand) -> Result<()> {
 }
 
 async fn wait_for_stop_signal() -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    railyard::local::wait_for_stop_signal().await
 }

@@ -159,3 +159,34 @@ def test_the_console_refuses_a_non_loopback_address(tmp_path):
     )
     assert proc.returncode != 0
     assert "loopback" in proc.stderr
+
+
+def test_the_demo_serves_its_federation_and_console_until_stopped(tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import railyard_binary
+
+    proc = subprocess.Popen(
+        [str(railyard_binary()), "demo", "--serve", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        hub = page = None
+        for line in proc.stdout:
+            if line.startswith("hub listening on "):
+                hub = line.strip()[len("hub listening on "):]
+            if line.startswith("console at "):
+                page = line.strip()[len("console at "):]
+                break
+        assert hub and page, proc.stderr.read()
+        # The demo's own tables, through the console and through Flight SQL alike.
+        status, _, body = call(page, "/api/catalog")
+        tables = {t["name"] for t in json.loads(body)["tables"]}
+        sql = "SELECT count(*) AS n FROM " + sorted(t for t in tables if t in {"registry", "lung"})[0]
+        status, _, body = call(page, "/api/query", {"sql": sql})
+        assert status == 200, body
+        assert json.loads(body)["rows"][0][0] == adbc(hub, sql).column("n")[0].as_py()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
