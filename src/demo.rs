@@ -454,7 +454,8 @@ pub async fn run(
     }
     .await;
     if let (Ok(()), Some(listener)) = (&result, console_listener) {
-        crate::local::serve_until_stopped(&federation, listener, out).await?;
+        let history = data_dir.join("console").join("history.jsonl");
+        crate::local::serve_until_stopped(&federation, listener, history, out).await?;
     }
     federation.shutdown().await?;
     result

@@ -431,8 +431,8 @@ pub async fn wait_for_stop_signal() -> Result<()> {
     Ok(())
 }
 
-/// Serves the web console of `federation` on `console`, prints where the hub and the
-/// console listen to `out`, and waits for Ctrl-C or SIGTERM; then stops the console (the
+/// Serves the web console of `federation` on `console` (its query history in the file
+/// `history`), prints where the hub and the console listen to `out`, and waits for Ctrl-C or SIGTERM; then stops the console (the
 /// caller shuts the federation down).
 ///
 /// Both lines go out in one write: whoever started us may read the first line only and
@@ -441,6 +441,7 @@ pub async fn wait_for_stop_signal() -> Result<()> {
 pub async fn serve_until_stopped(
     federation: &LocalFederation,
     console: TcpListener,
+    history: PathBuf,
     out: &mut impl std::io::Write,
 ) -> Result<()> {
     let url = format!("http://{}/", console.local_addr()?);
@@ -449,6 +450,7 @@ pub async fn serve_until_stopped(
         console,
         Arc::clone(&federation.hub),
         railyard_engine::flight_sql::LOCAL_RESEARCHER,
+        Some(history),
         async move {
             let _ = stopped.await;
         },

@@ -338,7 +338,7 @@ async fn run(cli: Cli) -> Result<()> {
                 key: key.clone(),
                 ..spec
             }));
-            let mut governance = Governance::new(policy.as_deref(), data_dir)?;
+            let mut governance = Governance::new(policy.as_deref(), &data_dir)?;
             governance.references = references;
             if let Some(unit) = privacy_unit {
                 governance.policy.privacy_unit = Some(railyard_policy::file::PrivacyUnit::Column {
@@ -373,6 +373,7 @@ async fn run(cli: Cli) -> Result<()> {
             railyard::local::serve_until_stopped(
                 &federation,
                 console_listener,
+                data_dir.join("console").join("history.jsonl"),
                 &mut std::io::stdout(),
             )
             .await?;

@@ -190,3 +190,26 @@ def test_the_demo_serves_its_federation_and_console_until_stopped(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
+
+
+def test_the_history_keeps_each_query_and_its_outcome_across_a_restart(tmp_path):
+    proc, _ = start_local(tmp_path, None)
+    page = proc.stdout.readline().strip()[len("console at "):]
+    try:
+        assert call(page, "/api/query", {"sql": "SELECT count(*) AS n_history FROM lung"})[0] == 200
+        assert call(page, "/api/query", {"sql": "SELECT age AS history_age FROM lung"})[0] == 403
+        entries = json.loads(call(page, "/api/history")[2])["entries"]
+    finally:
+        stop(proc)
+    assert [e["sql"] for e in entries[:2]] == ["SELECT age AS history_age FROM lung", "SELECT count(*) AS n_history FROM lung"]
+    assert entries[0]["outcome"] == "refused" and entries[0]["rule"] == "row_level"
+    assert entries[1]["outcome"] == "answered" and entries[1]["rows"] == 1
+    # The answer's values are not kept: only the SQL, the outcome and the row count.
+    assert set(entries[1]) == {"at", "researcher", "sql", "outcome", "rows"}
+    proc, _ = start_local(tmp_path, None)
+    page = proc.stdout.readline().strip()[len("console at "):]
+    try:
+        again = json.loads(call(page, "/api/history")[2])["entries"]
+    finally:
+        stop(proc)
+    assert again[:2] == entries[:2]

@@ -163,6 +163,15 @@ def test_the_console_in_a_browser(console, browser, shots):
     browser.execute_script("document.getElementById('status').scrollIntoView()")
     browser.save_screenshot(str(shots / "glm.png"))
 
+    # The history lists the queries just run, newest first; choosing one puts it back.
+    wait(browser, lambda b: "glm(" in b.find_element(By.CSS_SELECTOR, "#history li button").text)
+    entries = browser.find_elements(By.CSS_SELECTOR, "#history li button")
+    assert any("kaplan_meier(" in e.text for e in entries)
+    refused = browser.find_elements(By.CSS_SELECTOR, "#history li.refused")
+    assert refused and "rule row_level" in refused[0].text
+    refused[0].find_element(By.TAG_NAME, "button").click()
+    assert browser.find_element(By.ID, "sql").get_attribute("value") == "SELECT age FROM lung WHERE age > 80"
+
     # Keyboard: Ctrl+Enter in the editor runs.
     from selenium.webdriver.common.keys import Keys
 

@@ -20,6 +20,7 @@
 //! with a JSON body needs a CORS preflight the console never grants.
 
 mod format;
+pub mod history;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,10 +44,12 @@ pub const MAX_JSON_ROWS: usize = 10_000;
 struct Console {
     hub: Arc<Hub>,
     researcher: String,
+    history: Option<Arc<history::History>>,
 }
 
-/// The console and its API for `hub`, answering as `researcher`.
-pub fn router(hub: Arc<Hub>, researcher: &str) -> Router {
+/// The console and its API for `hub`, answering as `researcher`, keeping the query history
+/// in the file `history` (none without one).
+pub fn router(hub: Arc<Hub>, researcher: &str, history: Option<std::path::PathBuf>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/console.js", get(script))
@@ -57,10 +60,12 @@ pub fn router(hub: Arc<Hub>, researcher: &str) -> Router {
         .route("/api/stations", get(stations))
         .route("/api/policies", get(policies))
         .route("/api/budget", get(budget))
+        .route("/api/history", get(recent))
         .layer(axum::middleware::from_fn(loopback_host))
         .with_state(Console {
             hub,
             researcher: researcher.to_string(),
+            history: history.map(|path| Arc::new(history::History::new(path))),
         })
 }
 
@@ -69,6 +74,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: Arc<Hub>,
     researcher: &str,
+    history: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let local: SocketAddr = listener.local_addr()?;
@@ -81,7 +87,7 @@ pub async fn serve(
             ),
         ));
     }
-    axum::serve(listener, router(hub, researcher))
+    axum::serve(listener, router(hub, researcher, history))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -157,6 +163,12 @@ fn failure(status: StatusCode, message: &str, rule: Option<String>) -> Response 
 /// refusal's rule. The one conversion, through the Flight SQL front's [`to_status`], so
 /// both fronts say the same.
 fn hub_failure(e: crate::error::Error) -> Response {
+    let (http, message, rule) = failure_parts(e);
+    failure(http, &message, rule)
+}
+
+/// A hub error's HTTP status, message and refusal rule.
+fn failure_parts(e: crate::error::Error) -> (StatusCode, String, Option<String>) {
     let status = to_status(e);
     let rule = railyard_contract::Refusal::from_bytes(status.details()).map(|r| r.rule);
     let http = match status.code() {
@@ -168,7 +180,7 @@ fn hub_failure(e: crate::error::Error) -> Response {
         tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    failure(http, status.message(), rule)
+    (http, status.message().to_string(), rule)
 }
 
 #[derive(Deserialize)]
@@ -186,18 +198,14 @@ struct Download {
 async fn run(
     console: &Console,
     sql: &str,
-) -> Result<(arrow::datatypes::SchemaRef, Vec<arrow::array::RecordBatch>), Response> {
-    let planned = console
-        .hub
-        .plan(sql, &console.researcher)
-        .await
-        .map_err(hub_failure)?;
-    let stream = planned.run().await.map_err(hub_failure)?;
+) -> Result<(arrow::datatypes::SchemaRef, Vec<arrow::array::RecordBatch>), crate::error::Error> {
+    let planned = console.hub.plan(sql, &console.researcher).await?;
+    let stream = planned.run().await?;
     let schema = stream.schema();
     let batches: Vec<_> = stream
         .try_collect()
         .await
-        .map_err(|e| hub_failure(crate::error::Error::from(e)))?;
+        .map_err(crate::error::Error::from)?;
     // A plan that reports withheld groups has them in its batches' schema.
     let schema = batches.first().map_or(schema, |b| b.schema());
     Ok((schema, batches))
@@ -210,9 +218,22 @@ async fn query(
     Query(download): Query<Download>,
     Json(statement): Json<Statement>,
 ) -> Response {
-    let (schema, batches) = match run(&console, &statement.sql).await {
-        Ok(answer) => answer,
-        Err(response) => return response,
+    let answer = run(&console, &statement.sql).await;
+    let (schema, batches) = match answer {
+        Ok(answer) => {
+            remember(&console, &statement.sql, "answered", Some(&answer.1), None);
+            answer
+        }
+        Err(e) => {
+            let (http, message, rule) = failure_parts(e);
+            let outcome = if http == StatusCode::FORBIDDEN {
+                "refused"
+            } else {
+                "failed"
+            };
+            remember(&console, &statement.sql, outcome, None, rule.clone());
+            return failure(http, &message, rule);
+        }
     };
     match download.format.as_deref() {
         None | Some("json") => match format::json(&schema, &batches, MAX_JSON_ROWS) {
@@ -278,8 +299,40 @@ async fn table_answer(console: &Console, sql: &str) -> Response {
             Ok(body) => json_answer(&schema, body),
             Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
         },
-        Err(response) => response,
+        Err(e) => hub_failure(e),
     }
+}
+
+/// Records a query of the console's researcher in the history: its SQL and outcome, never
+/// a value of its answer.
+fn remember(
+    console: &Console,
+    sql: &str,
+    outcome: &str,
+    batches: Option<&[arrow::array::RecordBatch]>,
+    rule: Option<String>,
+) {
+    let Some(history) = &console.history else {
+        return;
+    };
+    history.record(&history::Entry {
+        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        researcher: console.researcher.clone(),
+        sql: sql.to_string(),
+        outcome: outcome.to_string(),
+        rows: batches.map(|b| b.iter().map(|b| b.num_rows()).sum()),
+        rule,
+    });
+}
+
+/// `GET /api/history`: the researcher's last queries, newest first.
+async fn recent(State(console): State<Console>) -> Response {
+    let entries = console
+        .history
+        .as_ref()
+        .map(|h| h.of(&console.researcher))
+        .unwrap_or_default();
+    Json(serde_json::json!({ "entries": entries })).into_response()
 }
 
 /// `GET /api/catalog`: the federated tables with their columns and types.

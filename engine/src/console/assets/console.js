@@ -252,6 +252,7 @@ async function run() {
     $("status").textContent = "";
     showRefusal(error);
   }
+  loadHistory();
 }
 
 async function explain() {
@@ -337,6 +338,24 @@ function stationTable(stations) {
   return table;
 }
 
+async function loadHistory() {
+  try {
+    const { entries } = await api("/api/history");
+    const list = $("history");
+    list.replaceChildren();
+    for (const entry of entries) {
+      const outcome = entry.outcome === "answered"
+        ? `${entry.rows} row${entry.rows === 1 ? "" : "s"}`
+        : `${entry.outcome}${entry.rule ? ` (rule ${entry.rule})` : ""}`;
+      const button = element("button", { type: "button", className: "link" }, entry.sql);
+      button.addEventListener("click", () => { $("sql").value = entry.sql; $("sql").focus(); });
+      list.append(element("li", { className: entry.outcome }, button, element("span", { className: "meta" }, ` ${entry.at} · ${outcome}`)));
+    }
+  } catch (error) {
+    $("history").replaceChildren(element("li", {}, `History unavailable: ${error.message}`));
+  }
+}
+
 $("run").addEventListener("click", run);
 $("explain").addEventListener("click", explain);
 $("download-csv").addEventListener("click", () => download("csv"));
@@ -348,3 +367,4 @@ $("sql").addEventListener("keydown", (event) => {
   }
 });
 overview();
+loadHistory();
