@@ -91,8 +91,11 @@ def test_downloads_hold_the_answer(federation):
     status, kind, body = call(console, "/api/query?format=arrow", {"sql": SQL})
     assert status == 200
     assert pa.ipc.open_stream(body).read_all().to_pylist() == flight.to_pylist()
-    status, _, body = call(console, "/api/query?format=xlsx", {"sql": SQL})
+    status, _, body = call(console, "/api/query?format=xlsx", {"sql": "SELECT count(*) AS xlsx_probe FROM lung"})
     assert status == 400 and b"csv, parquet or arrow" in body
+    # Refused before it ran: the history has no such query.
+    history = json.loads(call(console, "/api/history")[2])["entries"]
+    assert all("xlsx_probe" not in e["sql"] for e in history)
 
 
 def test_a_refusal_names_its_rule_and_no_value(federation, lung):

@@ -218,6 +218,19 @@ async fn query(
     Query(download): Query<Download>,
     Json(statement): Json<Statement>,
 ) -> Response {
+    if let Some(other) = download
+        .format
+        .as_deref()
+        .filter(|f| !matches!(*f, "json" | "csv" | "parquet" | "arrow"))
+    {
+        // Refused before anything runs: a run costs the stations work and audit records,
+        // and a DP query its ε.
+        return failure(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown format '{other}': json, csv, parquet or arrow"),
+            None,
+        );
+    }
     let answer = run(&console, &statement.sql).await;
     let (schema, batches) = match answer {
         Ok(answer) => {
@@ -255,8 +268,8 @@ async fn query(
             Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
         },
         Some(other) => failure(
-            StatusCode::BAD_REQUEST,
-            &format!("unknown format '{other}': json, csv, parquet or arrow"),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("format '{other}' was let through unchecked"),
             None,
         ),
     }
