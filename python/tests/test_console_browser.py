@@ -152,6 +152,11 @@ def test_the_console_in_a_browser(console, browser, shots):
     wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#result svg.survival"))
     assert len(browser.find_elements(By.CSS_SELECTOR, "#result svg.survival path.curve")) == 2
     assert len(browser.find_elements(By.CSS_SELECTOR, "#result svg.survival path.band")) == 2
+    # The number at risk under the axis, per group and tick; at time 0 it is every patient
+    # of the group.
+    at_risk = browser.find_elements(By.CSS_SELECTOR, "#result svg.survival text.at-risk")
+    assert len(at_risk) == 2 * 6
+    assert sorted(int(a.text) for a in at_risk[::6]) == [90, 138]
     browser.execute_script("document.getElementById('status').scrollIntoView()")
     browser.save_screenshot(str(shots / "kaplan-meier.png"))
 

@@ -118,27 +118,34 @@ function greenwood(survival, se, z = 1.959963984540054) {
 function survivalChart(answer) {
   const names = answer.columns.map((c) => c.name);
   const col = (name) => names.indexOf(name);
-  const [t, s, se, g] = [col("time"), col("survival"), col("std_error"), col("group")];
+  const [t, s, se, g, n] = [col("time"), col("survival"), col("std_error"), col("group"), col("at_risk")];
   const groups = new Map();
   for (const row of answer.rows) {
     const key = g >= 0 ? String(row[g]) : "all";
     if (!groups.has(key)) groups.set(key, []);
     groups.get(key).push(row);
   }
-  const [width, height, left, right, top, bottom] = [720, 340, 56, 130, 16, 44];
+  // Below the axis: one row per group with the number at risk at each tick.
+  const riskRows = n >= 0 ? groups.size : 0;
+  const [width, left, right, top, bottom] = [720, 56, 130, 16, 44];
+  const plotHeight = 340;
+  const height = plotHeight + (riskRows ? 22 + riskRows * 16 : 0);
   const maxTime = Math.max(1, ...answer.rows.map((r) => r[t]));
   const x = (v) => left + (v / maxTime) * (width - left - right);
-  const y = (v) => top + (1 - v) * (height - top - bottom);
+  const y = (v) => top + (1 - v) * (plotHeight - top - bottom);
   const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-label": "Kaplan–Meier survival curves with 95% confidence bands", class: "chart survival" });
   for (const v of ticks(0, 1, 4)) {
     chart.append(svg("line", { x1: left, x2: width - right, y1: y(v), y2: y(v), class: "grid" }));
     chart.append(svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end" }, v.toFixed(2)));
   }
   for (const v of ticks(0, maxTime, 5)) {
-    chart.append(svg("text", { x: x(v), y: height - bottom + 16, "text-anchor": "middle" }, Math.round(v)));
+    chart.append(svg("text", { x: x(v), y: plotHeight - bottom + 16, "text-anchor": "middle" }, Math.round(v)));
   }
-  chart.append(svg("text", { x: (left + width - right) / 2, y: height - 6, "text-anchor": "middle" }, "time"));
-  chart.append(svg("text", { x: 12, y: (top + height - bottom) / 2, transform: `rotate(-90 12 ${(top + height - bottom) / 2})`, "text-anchor": "middle" }, "survival"));
+  chart.append(svg("text", { x: (left + width - right) / 2, y: plotHeight - 6, "text-anchor": "middle" }, "time"));
+  chart.append(svg("text", { x: 12, y: (top + plotHeight - bottom) / 2, transform: `rotate(-90 12 ${(top + plotHeight - bottom) / 2})`, "text-anchor": "middle" }, "survival"));
+  if (riskRows) {
+    chart.append(svg("text", { x: left, y: plotHeight + 10, class: "meta" }, "number at risk"));
+  }
   [...groups.entries()].forEach(([key, rows], i) => {
     const color = PALETTE[i % PALETTE.length];
     rows.sort((a, b) => a[t] - b[t]);
@@ -159,6 +166,16 @@ function survivalChart(answer) {
     chart.append(svg("path", { d: curve + ` H ${end}`, class: "curve", fill: "none", stroke: color, "stroke-width": 2 },
       svg("title", {}, `${key}: last estimate ${last.toFixed(3)} (95% ${lastLo.toFixed(3)}–${lastHi.toFixed(3)})`)));
     chart.append(svg("text", { x: width - right + 10, y: top + 14 + i * 18, style: `fill: ${color}; font-weight: 600` }, g >= 0 ? `${names[g]} ${key}` : "all"));
+    if (riskRows) {
+      // At a tick, those at risk are those at risk at the first released time from it on
+      // (none is released after the last time: shown as –).
+      const rowY = plotHeight + 26 + i * 16;
+      chart.append(svg("text", { x: 8, y: rowY, style: `fill: ${color}; font-weight: 600` }, g >= 0 ? key : "all"));
+      for (const v of ticks(0, maxTime, 5)) {
+        const next = rows.find((row) => row[t] >= v);
+        chart.append(svg("text", { x: x(v), y: rowY, "text-anchor": "middle", class: "at-risk", style: `fill: ${color}` }, next ? next[n] : "–"));
+      }
+    }
   });
   return chart;
 }
