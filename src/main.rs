@@ -501,18 +501,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
             match format {
                 OutputFormat::Table => println!("{}", answer.to_table()?),
-                OutputFormat::Csv => {
-                    let stdout = std::io::stdout().lock();
-                    let mut writer = arrow::csv::WriterBuilder::new()
-                        .with_header(true)
-                        .build(stdout);
-                    if answer.batches.is_empty() {
-                        writer.write(&arrow::array::RecordBatch::new_empty(answer.schema))?;
-                    }
-                    for batch in &answer.batches {
-                        writer.write(batch)?;
-                    }
-                }
+                OutputFormat::Csv => railyard_engine::console::format::write_csv(
+                    &answer.schema,
+                    &answer.batches,
+                    std::io::stdout().lock(),
+                )?,
             }
             Ok(())
         }

@@ -91,6 +91,9 @@ def test_downloads_hold_the_answer(federation):
     status, kind, body = call(console, "/api/query?format=arrow", {"sql": SQL})
     assert status == 200
     assert pa.ipc.open_stream(body).read_all().to_pylist() == flight.to_pylist()
+    # An answer without rows is still a CSV with its header.
+    status, _, body = call(console, "/api/query?format=csv", {"sql": "SELECT sex, count(*) AS patients FROM lung WHERE age > 1000 GROUP BY sex"})
+    assert status == 200 and body.decode().strip() == "sex,patients"
     status, _, body = call(console, "/api/query?format=xlsx", {"sql": "SELECT count(*) AS xlsx_probe FROM lung"})
     assert status == 400 and b"csv, parquet or arrow" in body
     # Refused before it ran: the history has no such query.

@@ -114,13 +114,7 @@ pub fn file(
     let mut bytes = Vec::new();
     match kind {
         "csv" => {
-            let mut writer = arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(&mut bytes);
-            for batch in batches {
-                writer.write(batch)?;
-            }
-            drop(writer);
+            write_csv(&schema, batches, &mut bytes)?;
             Ok(("text/csv; charset=utf-8", bytes))
         }
         "parquet" => {
@@ -142,4 +136,23 @@ pub fn file(
         }
         other => Err(format!("unknown format '{other}'").into()),
     }
+}
+
+/// An answer as CSV with a header line, also when it has no rows (`railyard sql --format
+/// csv` and the console's downloads).
+pub fn write_csv(
+    schema: &arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+    out: impl std::io::Write,
+) -> Result<(), arrow::error::ArrowError> {
+    let mut writer = arrow::csv::WriterBuilder::new()
+        .with_header(true)
+        .build(out);
+    if batches.is_empty() {
+        writer.write(&RecordBatch::new_empty(std::sync::Arc::clone(schema)))?;
+    }
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    Ok(())
 }

@@ -19,7 +19,7 @@
 //! only: a form another site posts is not JSON and is refused, and a cross-site `fetch`
 //! with a JSON body needs a CORS preflight the console never grants.
 
-mod format;
+pub mod format;
 pub mod history;
 
 use std::net::SocketAddr;
