@@ -87,7 +87,10 @@ pub struct HubConfig {
     pub listen: SocketAddr,
     /// Where outbound stations dial in (mutual TLS). Needed if any station is outbound.
     pub tunnel_listen: Option<SocketAddr>,
-    /// The hub's state: `tokens.sqlite` (researchers' tokens).
+    /// The web console (HTTPS with the hub's certificate; every page and call needs a
+    /// researcher's token, as Flight SQL does). Off unless set.
+    pub console_listen: Option<SocketAddr>,
+    /// The hub's state: `tokens.sqlite` (researchers' tokens), `console/history.jsonl`.
     pub data_dir: PathBuf,
     /// Seconds the hub waits at start-up for each station (an outbound one must dial in).
     #[serde(default = "default_station_wait")]
@@ -387,7 +390,7 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
     let live = Collaborations::new(collaborations);
 
     let store = Arc::new(config.token_store()?);
-    let flight = HubFlightSql::with_tokens(store, live.clone());
+    let flight = HubFlightSql::with_tokens(Arc::clone(&store), live.clone());
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
@@ -401,6 +404,24 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
         .await
         .map_err(anyhow::Error::from)
     });
+    let console = match config.console_listen {
+        Some(console_addr) => {
+            let listener = https_listener(console_addr, &tls, "console_listen").await?;
+            let local = axum::serve::Listener::local_addr(&listener)?;
+            let (store, live) = (Arc::clone(&store), live.clone());
+            let history = Some(config.data_dir.join("console").join("history.jsonl"));
+            let mut stopped_console = stopped.clone();
+            tasks.spawn(async move {
+                railyard_engine::console::serve_tokens(listener, store, live, history, async move {
+                    let _ = stopped_console.wait_for(|s| *s).await;
+                })
+                .await
+                .context("the console stopped")
+            });
+            Some(local)
+        }
+        None => None,
+    };
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot listen for SIGHUP")?;
     let supervisor = Supervisor {
@@ -417,8 +438,15 @@ pub async fn run_hub(config: HubConfig, stop: impl Future<Output = ()> + Send) -
             .await;
         Ok(())
     });
-    println!("hub listening on grpc+tls://{addr}");
-    std::io::stdout().flush()?;
+    // One write: a reader of the first line never sees half of the second.
+    let mut lines = format!("hub listening on grpc+tls://{addr}\n");
+    if let Some(console) = console {
+        lines.push_str(&format!("console at https://{console}/\n"));
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(lines.as_bytes())?;
+    stdout.flush()?;
+    drop(stdout);
     tokio::select! {
         () = stop => {}
         Some(done) = tasks.join_next() => {
@@ -670,12 +698,13 @@ impl Supervisor {
         ensure!(
             old.listen == next.listen
                 && old.tunnel_listen == next.tunnel_listen
+                && old.console_listen == next.console_listen
                 && old.name == next.name
                 && old.data_dir == next.data_dir
                 && old.tls == next.tls
                 && old.station_wait_seconds == next.station_wait_seconds
                 && old.station_check_seconds == next.station_check_seconds,
-            "`name`, `listen`, `tunnel_listen`, `data_dir`, `station_wait_seconds`, \
+            "`name`, `listen`, `tunnel_listen`, `console_listen`, `data_dir`, `station_wait_seconds`, \
              `station_check_seconds` and [tls] change only with a restart"
         );
         for s in next.stations.iter().filter(|s| s.outbound) {
@@ -712,6 +741,13 @@ pub struct StationFileConfig {
     /// `join_key` columns, for vertical tables. Readable by its owner only; the hub never
     /// holds it. Without one the station links no vertical table.
     pub collaboration_secret_file: Option<PathBuf>,
+    /// The operator's read-only audit page (HTTPS with the station's certificate): its
+    /// decisions, `audit verify`, the ε spent per researcher. Off unless set; needs
+    /// `admin_token_file`.
+    pub admin_listen: Option<SocketAddr>,
+    /// The operator's token for that page: one line of at least 32 letters or digits, in a
+    /// file only its owner may read.
+    pub admin_token_file: Option<PathBuf>,
     pub tls: TlsSection,
     /// `[[tables]]`: the station's data.
     pub tables: Vec<TableEntry>,
@@ -754,6 +790,8 @@ pub struct StationSetup {
     pub postgres: Vec<PostgresSource>,
     pub policy: Policy,
     pub collaboration_secret: Option<Arc<[u8]>>,
+    /// The audit page's address and the operator's token.
+    pub admin: Option<(SocketAddr, String)>,
 }
 
 impl StationFileConfig {
@@ -862,6 +900,18 @@ impl StationFileConfig {
             ),
             None => None,
         };
+        let admin = match (config.admin_listen, &config.admin_token_file) {
+            (Some(addr), Some(file)) => Some((
+                addr,
+                crate::admin::load_token(&base.join(file))
+                    .with_context(|| format!("{}: admin_token_file", path.display()))?,
+            )),
+            (None, None) => None,
+            _ => bail!(
+                "{}: the audit page needs both `admin_listen` and `admin_token_file`",
+                path.display()
+            ),
+        };
         let config = StationFileConfig {
             data_dir: base.join(&config.data_dir),
             tls: config.tls.rebased(&base),
@@ -876,6 +926,7 @@ impl StationFileConfig {
             postgres,
             policy,
             collaboration_secret,
+            admin,
         })
     }
 }
@@ -886,7 +937,7 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
     let config = &setup.config;
     let station_config = StationConfig {
         policy: setup.policy,
-        audit_log: config.data_dir.join("audit.jsonl"),
+        audit_log: audit_path(config),
         collaboration_secret: setup.collaboration_secret.clone(),
         hub_secret: None,
     };
@@ -900,6 +951,8 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
         .await?,
     );
     let hub_name = vec![config.hub_name.clone()];
+    // Its address lines, written at once when the station is ready.
+    let mut lines = String::new();
     type Incoming =
         std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<railyard_net::Conn>> + Send>>;
     let incoming: Incoming = match &setup.mode {
@@ -907,11 +960,11 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            println!(
-                "station {} listening on {}",
+            lines.push_str(&format!(
+                "station {} listening on {}\n",
                 config.name,
                 listener.local_addr()?
-            );
+            ));
             Box::pin(railyard_net::conn::accept(
                 listener,
                 tls.mutual_server_config(hub_name.clone())?,
@@ -919,7 +972,10 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
             ))
         }
         StationMode::Dial(hub) => {
-            println!("station {} dialing the hub at {hub}", config.name);
+            lines.push_str(&format!(
+                "station {} dialing the hub at {hub}\n",
+                config.name
+            ));
             Box::pin(railyard_net::conn::dial_out(
                 hub.clone(),
                 config.hub_name.clone(),
@@ -927,9 +983,62 @@ pub async fn run_station(setup: StationSetup, stop: impl Future<Output = ()> + S
             ))
         }
     };
-    std::io::stdout().flush()?;
-    railyard_station::serve_incoming(station, incoming, stop).await?;
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let admin = match &setup.admin {
+        Some((addr, token)) => {
+            let listener = https_listener(*addr, &tls, "admin_listen").await?;
+            lines.push_str(&format!(
+                "station admin at https://{}/\n",
+                axum::serve::Listener::local_addr(&listener)?
+            ));
+            let mut stopped = stopped.clone();
+            Some(tokio::spawn(crate::admin::serve(
+                listener,
+                Arc::clone(&station),
+                audit_path(config),
+                token.clone(),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
+    {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(lines.as_bytes())?;
+        stdout.flush()?;
+    }
+    let served = railyard_station::serve_incoming(station, incoming, stop).await;
+    let _ = stopping.send(true);
+    if let Some(admin) = admin {
+        admin
+            .await
+            .context("the audit page panicked")?
+            .context("the audit page stopped")?;
+    }
+    served?;
     Ok(())
+}
+
+/// An HTTPS listener on `addr` with this party's certificate (`key` names the setting).
+async fn https_listener(
+    addr: SocketAddr,
+    tls: &Tls,
+    key: &str,
+) -> Result<railyard_engine::console::auth::TlsListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({key})"))?;
+    Ok(railyard_engine::console::auth::TlsListener::new(
+        listener,
+        tls.https_server_config()?,
+    )?)
+}
+
+/// Where a deployed station keeps its audit log.
+fn audit_path(config: &StationFileConfig) -> PathBuf {
+    config.data_dir.join("audit.jsonl")
 }
 
 /// `90d`, `12h`, `30m`, `45s` (or plain seconds) as a duration.

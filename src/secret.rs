@@ -65,9 +65,9 @@ pub fn random() -> Arc<[u8]> {
     Arc::from(secret)
 }
 
-/// Reads a secret file written by [`init`] (or any file of comment lines and one line of
-/// at least 64 hex digits), refusing one that others than its owner may read or write.
-pub fn load(path: &Path) -> Result<Arc<[u8]>> {
+/// Opens `path`, refusing a file that others than its owner may read or write (`why` says
+/// what it holds, in the refusal).
+pub fn open_private(path: &Path, why: &str) -> Result<std::fs::File> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     #[cfg(unix)]
@@ -80,13 +80,20 @@ pub fn load(path: &Path) -> Result<Arc<[u8]>> {
             .mode();
         ensure!(
             mode & 0o077 == 0,
-            "{} may be read or written by others than its owner (mode {:04o}); the \
-             collaboration secret must stay with this station: `chmod 600 {}`",
+            "{} may be read or written by others than its owner (mode {:04o}); {why}: \
+             `chmod 600 {}`",
             path.display(),
             mode & 0o7777,
             path.display()
         );
     }
+    Ok(file)
+}
+
+/// Reads a secret file written by [`init`] (or any file of comment lines and one line of
+/// at least 64 hex digits), refusing one that others than its owner may read or write.
+pub fn load(path: &Path) -> Result<Arc<[u8]>> {
+    let file = open_private(path, "the collaboration secret must stay with this station")?;
     let text =
         std::io::read_to_string(file).with_context(|| format!("cannot read {}", path.display()))?;
     let mut lines = text

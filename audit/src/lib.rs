@@ -535,6 +535,51 @@ pub fn verify(path: &Path) -> std::io::Result<Verified> {
     })
 }
 
+/// The newest `limit` records of the log at `path` that `keep` accepts, newest first, and
+/// how many it accepts in all (a station's audit page). Reads the log once; a line that does
+/// not parse (a torn last line) is not a record. A log not yet written has no records.
+pub fn newest(
+    path: &Path,
+    limit: usize,
+    keep: impl Fn(&Record) -> bool,
+) -> std::io::Result<(Vec<Record>, u64)> {
+    let mut last = std::collections::VecDeque::with_capacity(limit.min(4096));
+    let mut matched = 0u64;
+    each_record(path, |record| {
+        if keep(&record) {
+            matched += 1;
+            if limit > 0 {
+                if last.len() == limit {
+                    last.pop_front();
+                }
+                last.push_back(record);
+            }
+        }
+    })?;
+    Ok((last.into_iter().rev().collect(), matched))
+}
+
+/// Calls `visit` with every complete record of the log at `path`, in order. A line that
+/// does not parse (a torn last line) is not a record; a log not yet written has none.
+fn each_record(path: &Path, mut visit: impl FnMut(Record)) -> std::io::Result<()> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut reader = BufReader::new(file);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 || buf.last() != Some(&b'\n') {
+            return Ok(());
+        }
+        if let Ok(line) = serde_json::from_slice::<Line>(&buf[..buf.len() - 1]) {
+            visit(line.record);
+        }
+    }
+}
+
 /// How many records of the log at `path` carry an ε for each of `fragments` (query id,
 /// fragment number): whether a charge in the station's privacy ledger has its audit record.
 /// Reads the whole log once, keeping only counts for the fragments asked about; a torn
@@ -544,29 +589,14 @@ pub fn count_charged(
     fragments: &std::collections::HashSet<(String, u64)>,
 ) -> std::io::Result<std::collections::HashMap<(String, u64), usize>> {
     let mut counts = std::collections::HashMap::new();
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(counts),
-        Err(e) => return Err(e),
-    };
-    let mut reader = BufReader::new(file);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf)? == 0 || buf.last() != Some(&b'\n') {
-            break;
-        }
-        let Ok(line) = serde_json::from_slice::<Line>(&buf[..buf.len() - 1]) else {
-            continue;
-        };
-        let r = line.record;
+    each_record(path, |r| {
         if r.epsilon.is_some() {
             let key = (r.query_id, r.fragment);
             if fragments.contains(&key) {
                 *counts.entry(key).or_insert(0) += 1;
             }
         }
-    }
+    })?;
     Ok(counts)
 }
 
@@ -588,6 +618,35 @@ mod tests {
             suppressed: 0,
             epsilon: None,
         }
+    }
+
+    #[tokio::test]
+    async fn newest_records_come_filtered_newest_first_with_their_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        assert_eq!(newest(&path, 10, |_| true).unwrap(), (Vec::new(), 0));
+        let log = AuditLog::open(&path, "s").unwrap();
+        for (i, decision) in [Decision::Allowed, Decision::Refused, Decision::Allowed]
+            .into_iter()
+            .enumerate()
+        {
+            let query_id = format!("q{i}");
+            log.append(Entry {
+                query_id: &query_id,
+                ..entry(decision)
+            })
+            .await
+            .unwrap();
+        }
+        drop(log);
+        let (records, matched) = newest(&path, 1, |r| r.decision == Decision::Allowed).unwrap();
+        assert_eq!(matched, 2);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].query_id, "q2");
+        let (records, matched) = newest(&path, 10, |_| true).unwrap();
+        assert_eq!(matched, 3);
+        let ids: Vec<_> = records.iter().map(|r| r.query_id.as_str()).collect();
+        assert_eq!(ids, ["q2", "q1", "q0"]);
     }
 
     #[tokio::test]

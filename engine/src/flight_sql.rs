@@ -310,6 +310,53 @@ struct Caller {
     researcher: String,
 }
 
+/// The token of an `authorization` header: `Bearer <token>`, or the bare token.
+pub fn bearer_token(header: &str) -> &str {
+    header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .unwrap_or(header)
+        .trim()
+}
+
+/// Who the bearer token in `header` (`Bearer <token>`, or the bare token) speaks for, and
+/// the hub of their collaboration: the one check behind every authenticated front (Flight
+/// SQL and the console). Refusals are `UNAUTHENTICATED` and never echo the token.
+pub async fn verify_bearer(
+    store: &Arc<TokenStore>,
+    collaborations: &Collaborations,
+    header: &str,
+) -> Result<(Arc<Hub>, crate::tokens::Bearer), Status> {
+    let token = bearer_token(header);
+    // The lookup reads SQLite: on the blocking pool, never on an async worker. Every call
+    // looks the token up, so a revocation refuses the token's very next call.
+    let (store, token) = (Arc::clone(store), token.to_string());
+    let bearer = tokio::task::spawn_blocking(move || store.verify(&token))
+        .await
+        .map_err(|e| {
+            Status::internal(format!(
+                "internal error: the token lookup did not finish: {e}"
+            ))
+        })?
+        .map_err(|e| {
+            tracing::error!("{e}");
+            Status::internal("the hub cannot read its token database")
+        })?
+        .map_err(|refused| Status::unauthenticated(refused.to_string()))?;
+    let collaborations = collaborations.current();
+    let member = collaborations
+        .get(&bearer.collaboration)
+        .filter(|c| c.researchers.contains(&bearer.researcher));
+    let Some(collaboration) = member else {
+        return Err(Status::unauthenticated(format!(
+            "researcher '{}' is not a member of collaboration '{}' in this hub's \
+             configuration",
+            bearer.researcher, bearer.collaboration
+        )));
+    };
+    Ok((Arc::clone(&collaboration.hub), bearer))
+}
+
 /// Flight SQL service over a [`Hub`] (one per collaboration when tokens are required).
 #[derive(Clone)]
 pub struct HubFlightSql {
@@ -379,39 +426,9 @@ impl HubFlightSql {
                 crate::tokens::Refused::Missing.to_string(),
             ));
         };
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .unwrap_or(&header)
-            .trim();
-        // The lookup reads SQLite: on the blocking pool, never on an async worker. Every
-        // call looks the token up, so a revocation refuses the token's very next call.
-        let (store, token) = (Arc::clone(store), token.to_string());
-        let bearer = tokio::task::spawn_blocking(move || store.verify(&token))
-            .await
-            .map_err(|e| {
-                Status::internal(format!(
-                    "internal error: the token lookup did not finish: {e}"
-                ))
-            })?
-            .map_err(|e| {
-                tracing::error!("{e}");
-                Status::internal("the hub cannot read its token database")
-            })?
-            .map_err(|refused| Status::unauthenticated(refused.to_string()))?;
-        let collaborations = collaborations.current();
-        let member = collaborations
-            .get(&bearer.collaboration)
-            .filter(|c| c.researchers.contains(&bearer.researcher));
-        let Some(collaboration) = member else {
-            return Err(Status::unauthenticated(format!(
-                "researcher '{}' is not a member of collaboration '{}' in this hub's \
-                 configuration",
-                bearer.researcher, bearer.collaboration
-            )));
-        };
+        let (hub, bearer) = verify_bearer(store, collaborations, &header).await?;
         Ok((
-            Arc::clone(&collaboration.hub),
+            hub,
             Caller {
                 collaboration: bearer.collaboration,
                 researcher: bearer.researcher,

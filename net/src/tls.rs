@@ -205,6 +205,14 @@ impl Tls {
         config.alpn_protocols = h2();
         Ok(Arc::new(config))
     }
+
+    /// [`Self::server_config`] for HTTP/1.1 (web pages: the hub's console, a station's
+    /// audit page), which browsers reach with this party's certificate.
+    pub fn https_server_config(&self) -> Result<Arc<ServerConfig>> {
+        let mut config = ServerConfig::clone(&*self.server_config()?);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
 }
 
 /// The CA's verdict, plus: the certificate must name one of the expected peers.

@@ -88,3 +88,44 @@ def breast_cancer():
     import pandas as pd
 
     return pd.read_csv(DATA / "breast_cancer" / "full.csv")
+
+
+def chromium(*arguments, downloads=None):
+    """A headless Debian chromium driven by selenium, at 1280 px (`arguments` are added to
+    its command line; `downloads` is where it saves files). Skips without the browser,
+    unless RAILYARD_REQUIRE_BROWSER is set (as .ci/run does), where it fails."""
+    import shutil
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        message = "Debian's chromium and chromium-driver are not installed (.ci/run installs them)"
+        if os.environ.get("RAILYARD_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900", *arguments]:
+        options.add_argument(argument)
+    if downloads is not None:
+        options.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """Where a browser test saves its screenshots: RAILYARD_SCREENSHOTS (docs/console/ holds
+    the ones docs/console.md shows), or a temporary directory."""
+    target = os.environ.get("RAILYARD_SCREENSHOTS")
+    path = pathlib.Path(target) if target else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait(browser, condition, timeout=30):
+    """Waits until `condition(browser)` is true (or fails after `timeout` seconds)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout).until(condition)

@@ -10,23 +10,12 @@ Screenshots of each view go to the test's temporary directory, or to the directo
 RAILYARD_SCREENSHOTS (docs/console/ holds the ones docs/console.md shows)."""
 
 import csv
-import os
-import pathlib
-import shutil
 import time
 
 import adbc_driver_flightsql.dbapi as flightsql
 import pytest
 
-from conftest import start_local, stop
-
-CHROMIUM = shutil.which("chromium")
-DRIVER = shutil.which("chromedriver")
-
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER) and not os.environ.get("RAILYARD_REQUIRE_BROWSER"),
-    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
-)
+from conftest import chromium, start_local, stop, wait
 
 SQL = "SELECT sex, count(*) AS patients, avg(age) AS mean_age FROM lung GROUP BY sex ORDER BY sex"
 
@@ -42,41 +31,23 @@ def console(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     downloads = tmp_path_factory.mktemp("downloads")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"]:
-        options.add_argument(argument)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver = chromium(downloads=downloads)
     driver.downloads = downloads
     yield driver
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    target = os.environ.get("RAILYARD_SCREENSHOTS")
-    path = pathlib.Path(target) if target else tmp_path_factory.mktemp("screenshots")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def wait(browser, condition, timeout=30):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, timeout).until(condition)
-
-
 def ask(browser, sql, button):
     from selenium.webdriver.common.by import By
+
+    from selenium.webdriver.common.keys import Keys
 
     editor = browser.find_element(By.ID, "sql")
     editor.clear()
     editor.send_keys(sql)
+    # Escape closes a completion list the last word may have opened over the buttons.
+    editor.send_keys(Keys.ESCAPE)
     browser.find_element(By.ID, button).click()
 
 
@@ -96,6 +67,7 @@ def test_the_console_in_a_browser(console, browser, shots):
     browser.get(page)
     # The overview: three stations online, the tables listed.
     wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#stations td.online")) == 3)
+    wait(browser, lambda b: "lung" in b.find_element(By.ID, "tables").text)
     tables = browser.find_element(By.ID, "tables").text
     assert "lung" in tables and "breast_cancer" in tables
     browser.save_screenshot(str(shots / "overview.png"))
@@ -186,3 +158,32 @@ def test_the_console_in_a_browser(console, browser, shots):
     editor.send_keys(Keys.CONTROL, Keys.ENTER)
     wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#result table tbody tr"))
     assert result_rows(browser) == (["n"], [["228"]])
+
+    # The editor highlights what it knows, and completes from the catalog.
+    editor.clear()
+    editor.send_keys("SELECT count(*) FROM lu")
+    wait(browser, lambda b: b.find_element(By.ID, "completions").is_displayed())
+    options = [li.text.split()[0] for li in browser.find_elements(By.CSS_SELECTOR, "#completions li")]
+    assert options[0] == "lung", options
+    editor.send_keys(Keys.TAB)
+    assert editor.get_attribute("value") == "SELECT count(*) FROM lung"
+    assert not browser.find_element(By.ID, "completions").is_displayed()
+    kinds = {s.text: s.get_attribute("class") for s in browser.find_elements(By.CSS_SELECTOR, "#highlight span")}
+    assert kinds["SELECT"] == kinds["FROM"] == "tok-keyword"
+    assert kinds["count"] == "tok-function" and kinds["lung"] == "tok-table", kinds
+    # Columns too: "a" offers age; arrow keys move, Enter accepts.
+    editor.send_keys(" WHERE a")
+    wait(browser, lambda b: b.find_element(By.ID, "completions").is_displayed())
+    options = [li.text.split()[0] for li in browser.find_elements(By.CSS_SELECTOR, "#completions li")]
+    assert "age" in options, options
+    for _ in range(options.index("age")):
+        editor.send_keys(Keys.ARROW_DOWN)
+    browser.save_screenshot(str(shots / "editor.png"))
+    editor.send_keys(Keys.ENTER)
+    assert editor.get_attribute("value") == "SELECT count(*) FROM lung WHERE age"
+    kinds = {s.text: s.get_attribute("class") for s in browser.find_elements(By.CSS_SELECTOR, "#highlight span")}
+    assert kinds["age"] == "tok-column"
+
+    # The overview tells each table's rules: k and the privacy unit per station.
+    facts = browser.find_element(By.ID, "tables").get_attribute("textContent")
+    assert "k: 5" in facts and "privacy unit" in facts

@@ -77,6 +77,16 @@ pub enum Charged {
     OverBudget { spent: f64 },
 }
 
+/// One account's spend, as [`Ledger::spending`] lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Spending {
+    pub researcher: String,
+    pub collaboration: String,
+    pub table: String,
+    pub spent: f64,
+    pub charges: u64,
+}
+
 /// The ledger file and its connection.
 pub struct Ledger {
     path: PathBuf,
@@ -152,6 +162,31 @@ impl Ledger {
         // The lock guards the connection only; SQLite keeps the data consistent.
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         spent(&conn, researcher, collaboration, table).map_err(|e| self.error(e))
+    }
+
+    /// Every account's spend so far: (researcher, collaboration, table, ε spent, charges),
+    /// sorted by researcher, collaboration and table.
+    pub fn spending(&self) -> Result<Vec<Spending>, LedgerError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut query = conn
+            .prepare(
+                "SELECT researcher, collaboration, table_name, total(epsilon), count(*)
+                 FROM charges GROUP BY researcher, collaboration, table_name
+                 ORDER BY researcher, collaboration, table_name",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = query
+            .query_map([], |r| {
+                Ok(Spending {
+                    researcher: r.get(0)?,
+                    collaboration: r.get(1)?,
+                    table: r.get(2)?,
+                    spent: r.get(3)?,
+                    charges: r.get::<_, i64>(4)?.try_into().unwrap_or(0),
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.error(e))
     }
 
     /// Charges `charge.epsilon` if the spend stays within `budget`: checked and written in

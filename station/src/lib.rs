@@ -356,6 +356,19 @@ impl Station {
     }
 }
 
+impl Station {
+    /// Every account's DP spend at this station, with the budget each account has (empty
+    /// if the station answers no DP aggregates).
+    pub async fn spending(&self) -> Result<(Option<f64>, Vec<ledger::Spending>)> {
+        let (Some(policy), Some(ledger)) = (&self.policy.dp, &self.ledger) else {
+            return Ok((None, Vec::new()));
+        };
+        let ledger = Arc::clone(ledger);
+        let rows = blocking(&self.name, move || Ok(ledger.spending()?)).await?;
+        Ok((Some(policy.budget), rows))
+    }
+}
+
 /// Runs blocking I/O (the SQLite ledger) on tokio's blocking pool, off the async workers.
 async fn blocking<T: Send + 'static>(
     station: &str,

@@ -17,8 +17,11 @@ pub const SHOWN: usize = 100;
 pub struct Entry {
     pub at: String,
     pub researcher: String,
+    /// The researcher's collaboration on a deployed hub (empty on an open console).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub collaboration: String,
     pub sql: String,
-    /// `answered`, `refused` or `failed`.
+    /// `answered`, `refused`, `failed` or `cancelled`.
     pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows: Option<usize>,
@@ -65,9 +68,9 @@ impl History {
         }
     }
 
-    /// `researcher`'s last [`SHOWN`] entries, newest first. A line that does not parse (a
+    /// `researcher`'s last [`SHOWN`] entries in `collaboration`, newest first. A line that does not parse (a
     /// write cut short by a crash) is skipped.
-    pub fn of(&self, researcher: &str) -> Vec<Entry> {
+    pub fn of(&self, researcher: &str, collaboration: &str) -> Vec<Entry> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let Ok(text) = std::fs::read_to_string(&self.path) else {
             return Vec::new();
@@ -75,7 +78,7 @@ impl History {
         let mut entries: Vec<Entry> = text
             .lines()
             .filter_map(|line| serde_json::from_str::<Entry>(line).ok())
-            .filter(|e| e.researcher == researcher)
+            .filter(|e| e.researcher == researcher && e.collaboration == collaboration)
             .collect();
         entries.reverse();
         entries.truncate(SHOWN);

@@ -12,64 +12,128 @@
 //! their rule (as JSON, never a stack trace). The page is hand-written HTML, CSS and a JS
 //! module, embedded in the binary (`assets/`), so `cargo build` alone produces it.
 //!
-//! The console is served only where the hub is unauthenticated (`railyard local`, the
-//! demo): it answers as [`crate::flight_sql::LOCAL_RESEARCHER`], only on a loopback
-//! address, and refuses a request whose `Host` is not a loopback name (a web page the
-//! researcher visits cannot reach it through DNS rebinding). Query calls take JSON bodies
-//! only: a form another site posts is not JSON and is refused, and a cross-site `fetch`
-//! with a JSON body needs a CORS preflight the console never grants.
+//! Two ways to serve it ([`Access`]):
+//! - open (`railyard local`, the demo): it answers as
+//!   [`crate::flight_sql::LOCAL_RESEARCHER`], only on a loopback address, and refuses a
+//!   request whose `Host` is not a loopback name (a web page the researcher visits cannot
+//!   reach it through DNS rebinding);
+//! - with tokens (`console_listen` in hub.toml): HTTPS with the hub's certificate, and every
+//!   page and call carries a researcher's bearer token, checked by the same
+//!   [`verify_bearer`] as Flight SQL; the researcher sees only their collaboration
+//!   ([`auth`] has the sign-in page and its cookie).
+//!
+//! Query calls take JSON bodies only: a form another site posts is not JSON and is refused,
+//! and a cross-site `fetch` with a JSON body needs a CORS preflight the console never
+//! grants.
 
+pub mod auth;
 pub mod format;
 pub mod history;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::TryStreamExt;
+use futures::future::{AbortHandle, Abortable};
 use serde::{Deserialize, Serialize};
 
 use crate::error::to_status;
+use crate::flight_sql::{Collaborations, verify_bearer};
 use crate::hub::{EPSILON_METADATA, Hub};
+use crate::tokens::TokenStore;
 use crate::withheld::WITHHELD_METADATA;
 
 /// Most rows a JSON answer carries; the downloads carry all of them.
 pub const MAX_JSON_ROWS: usize = 10_000;
 
+/// Who may use the console.
 #[derive(Clone)]
-struct Console {
-    hub: Arc<Hub>,
-    researcher: String,
-    history: Option<Arc<history::History>>,
+pub enum Access {
+    /// `railyard local` and the demo: no authentication, loopback only, one researcher.
+    Open { hub: Arc<Hub>, researcher: String },
+    /// A deployed hub (`console_listen` in hub.toml): every page and call needs a
+    /// researcher's bearer token, checked exactly as Flight SQL checks it; a token sees
+    /// only its own collaboration's hub (stations, tables, policies, budget, history).
+    Tokens {
+        store: Arc<TokenStore>,
+        collaborations: Collaborations,
+    },
 }
 
-/// The console and its API for `hub`, answering as `researcher`, keeping the query history
-/// in the file `history` (none without one).
-pub fn router(hub: Arc<Hub>, researcher: &str, history: Option<std::path::PathBuf>) -> Router {
-    Router::new()
+/// A running query a researcher may cancel: (collaboration, researcher, the page's id).
+type RunningKey = (String, String, String);
+
+#[derive(Clone)]
+struct Console {
+    access: Access,
+    history: Option<Arc<history::History>>,
+    running: Arc<Mutex<HashMap<RunningKey, AbortHandle>>>,
+}
+
+/// The caller of one request, as [`authenticate`] resolved it.
+#[derive(Clone)]
+struct Caller {
+    hub: Arc<Hub>,
+    researcher: String,
+    /// Empty on an open console.
+    collaboration: String,
+}
+
+/// The console and its API, keeping the query history in the file `history` (none without
+/// one).
+pub fn router(access: Access, history: Option<std::path::PathBuf>) -> Router {
+    let open = matches!(access, Access::Open { .. });
+    let console = Console {
+        access,
+        history: history.map(|path| Arc::new(history::History::new(path))),
+        running: Arc::new(Mutex::new(HashMap::new())),
+    };
+    let guarded = Router::new()
         .route("/", get(page))
         .route("/console.js", get(script))
-        .route("/console.css", get(style))
+        .route("/editor.js", get(editor_script))
+        .route("/api/session", get(session))
         .route("/api/query", post(query))
+        .route("/api/cancel", post(cancel))
         .route("/api/explain", post(explain))
         .route("/api/catalog", get(catalog))
         .route("/api/stations", get(stations))
         .route("/api/policies", get(policies))
         .route("/api/budget", get(budget))
         .route("/api/history", get(recent))
-        .layer(axum::middleware::from_fn(loopback_host))
-        .with_state(Console {
-            hub,
-            researcher: researcher.to_string(),
-            history: history.map(|path| Arc::new(history::History::new(path))),
-        })
+        .route("/api/logout", post(logout))
+        .layer(axum::middleware::from_fn_with_state(
+            console.clone(),
+            authenticate,
+        ));
+    let mut public = Router::new()
+        .route("/console.css", get(auth::style))
+        .route("/favicon.ico", get(auth::no_icon));
+    if !open {
+        public = public
+            .route("/login", get(auth::login_page))
+            .route("/login.js", get(auth::login_script))
+            .route("/api/login", post(login));
+    }
+    let router = guarded
+        .merge(public)
+        .fallback(not_found)
+        .with_state(console)
+        .layer(axum::middleware::from_fn(auth::security_headers));
+    if open {
+        router.layer(axum::middleware::from_fn(loopback_host))
+    } else {
+        router
+    }
 }
 
-/// Serves the console on `listener` until `shutdown` resolves.
+/// Serves an open console on `listener` until `shutdown` resolves (`railyard local`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: Arc<Hub>,
@@ -82,14 +146,143 @@ pub async fn serve(
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
-                "the console has no authentication yet and listens on loopback addresses \
-                 only, not {local}"
+                "without tokens the console listens on loopback addresses only, not {local} \
+                 (a deployed hub serves it with tokens and TLS: `console_listen` in hub.toml)"
             ),
         ));
     }
-    axum::serve(listener, router(hub, researcher, history))
+    let access = Access::Open {
+        hub,
+        researcher: researcher.to_string(),
+    };
+    axum::serve(listener, router(access, history))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Serves a deployed hub's console over HTTPS (`listener` from [`auth::TlsListener`]), every
+/// request authenticated with a researcher's token, until `shutdown` resolves.
+pub async fn serve_tokens(
+    listener: auth::TlsListener,
+    store: Arc<TokenStore>,
+    collaborations: Collaborations,
+    history: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let access = Access::Tokens {
+        store,
+        collaborations,
+    };
+    axum::serve(listener, router(access, history))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves who is calling (the open console's researcher, or the bearer of a valid token)
+/// and refuses everything else before any handler runs.
+async fn authenticate(
+    State(console): State<Console>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let caller = match &console.access {
+        Access::Open { hub, researcher } => Caller {
+            hub: Arc::clone(hub),
+            researcher: researcher.clone(),
+            collaboration: String::new(),
+        },
+        Access::Tokens {
+            store,
+            collaborations,
+        } => {
+            let path = request.uri().path().to_string();
+            let Some(token) = auth::presented(request.headers(), auth::CONSOLE_COOKIE) else {
+                return auth::unauthenticated(&path, &crate::tokens::Refused::Missing.to_string());
+            };
+            match verify_bearer(store, collaborations, &token).await {
+                Ok((hub, bearer)) => Caller {
+                    hub,
+                    researcher: bearer.researcher,
+                    collaboration: bearer.collaboration,
+                },
+                Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                    return auth::unauthenticated(&path, status.message());
+                }
+                Err(status) => {
+                    return failure(StatusCode::INTERNAL_SERVER_ERROR, status.message(), None);
+                }
+            }
+        }
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+#[derive(Deserialize)]
+struct Login {
+    token: String,
+}
+
+/// `POST /api/login` with `{"token": "…"}`: checks the token as every request will, and
+/// keeps it in the browser's `HttpOnly` cookie.
+async fn login(State(console): State<Console>, Json(login): Json<Login>) -> Response {
+    let Access::Tokens {
+        store,
+        collaborations,
+    } = &console.access
+    else {
+        return failure(StatusCode::NOT_FOUND, "this console needs no token", None);
+    };
+    let bearer = match verify_bearer(store, collaborations, &login.token).await {
+        Ok((_, bearer)) => bearer,
+        Err(status) if status.code() == tonic::Code::Unauthenticated => {
+            return failure(StatusCode::UNAUTHORIZED, status.message(), None);
+        }
+        Err(status) => {
+            return failure(StatusCode::INTERNAL_SERVER_ERROR, status.message(), None);
+        }
+    };
+    let Some(cookie) = auth::session_cookie(auth::CONSOLE_COOKIE, login.token.trim()) else {
+        return failure(
+            StatusCode::BAD_REQUEST,
+            "that is not a Railyard token",
+            None,
+        );
+    };
+    (
+        [(header::SET_COOKIE, cookie)],
+        Json(serde_json::json!({
+            "researcher": bearer.researcher,
+            "collaboration": bearer.collaboration,
+        })),
+    )
+        .into_response()
+}
+
+/// `POST /api/logout`: forgets the browser's token.
+async fn logout() -> Response {
+    (
+        [(
+            header::SET_COOKIE,
+            auth::cleared_cookie(auth::CONSOLE_COOKIE),
+        )],
+        Json(serde_json::json!({ "signed_out": true })),
+    )
+        .into_response()
+}
+
+/// `GET /api/session`: who the console answers as.
+async fn session(State(console): State<Console>, Extension(caller): Extension<Caller>) -> Response {
+    Json(serde_json::json!({
+        "researcher": caller.researcher,
+        "collaboration": (!caller.collaboration.is_empty()).then_some(&caller.collaboration),
+        "authenticated": matches!(console.access, Access::Tokens { .. }),
+    }))
+    .into_response()
+}
+
+async fn not_found() -> Response {
+    failure(StatusCode::NOT_FOUND, "no such page or call", None)
 }
 
 /// Refuses a request whose `Host` is not a loopback name: a page that rebinds its own name
@@ -126,17 +319,17 @@ async fn page() -> impl IntoResponse {
     )
 }
 
+async fn editor_script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("assets/editor.js"),
+    )
+}
+
 async fn script() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         include_str!("assets/console.js"),
-    )
-}
-
-async fn style() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        include_str!("assets/console.css"),
     )
 }
 
@@ -148,7 +341,7 @@ struct Failure<'a> {
     rule: Option<String>,
 }
 
-fn failure(status: StatusCode, message: &str, rule: Option<String>) -> Response {
+pub(crate) fn failure(status: StatusCode, message: &str, rule: Option<String>) -> Response {
     (
         status,
         Json(Failure {
@@ -186,6 +379,10 @@ fn failure_parts(e: crate::error::Error) -> (StatusCode, String, Option<String>)
 #[derive(Deserialize)]
 struct Statement {
     sql: String,
+    /// The page's name for this run (letters, digits and '-', at most 64), under which
+    /// `POST /api/cancel` stops it.
+    #[serde(default)]
+    id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -193,13 +390,13 @@ struct Download {
     format: Option<String>,
 }
 
-/// Runs a query for the console's researcher: its schema (with the ε and withheld-group
-/// metadata) and its rows.
+/// Runs a query for `caller`: its schema (with the ε and withheld-group metadata) and its
+/// rows.
 async fn run(
-    console: &Console,
+    caller: &Caller,
     sql: &str,
 ) -> Result<(arrow::datatypes::SchemaRef, Vec<arrow::array::RecordBatch>), crate::error::Error> {
-    let planned = console.hub.plan(sql, &console.researcher).await?;
+    let planned = caller.hub.plan(sql, &caller.researcher).await?;
     let stream = planned.run().await?;
     let schema = stream.schema();
     let batches: Vec<_> = stream
@@ -211,10 +408,84 @@ async fn run(
     Ok((schema, batches))
 }
 
-/// `POST /api/query` with `{"sql": "…"}`: the answer as JSON (at most [`MAX_JSON_ROWS`]
-/// rows), or with `?format=csv|parquet|arrow` as a file.
+/// Takes a running query out of the registry when it ends, however it ends.
+struct Registered {
+    running: Arc<Mutex<HashMap<RunningKey, AbortHandle>>>,
+    key: RunningKey,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// What became of a query the console ran.
+enum Ran {
+    Done(
+        Result<(arrow::datatypes::SchemaRef, Vec<arrow::array::RecordBatch>), crate::error::Error>,
+    ),
+    Cancelled,
+    /// Not run: the id is malformed or already in use.
+    NotRun(Response),
+}
+
+/// Runs `sql` for `caller`, cancellable under `id` while it runs. Cancelling drops the
+/// query: its streams from the stations close, and nothing more reaches the hub.
+async fn run_cancellable(console: &Console, caller: &Caller, sql: &str, id: Option<&str>) -> Ran {
+    let Some(id) = id else {
+        return Ran::Done(run(caller, sql).await);
+    };
+    if !valid_id(id) {
+        return Ran::NotRun(invalid_id());
+    }
+    let key = (
+        caller.collaboration.clone(),
+        caller.researcher.clone(),
+        id.to_string(),
+    );
+    let (handle, registration) = AbortHandle::new_pair();
+    {
+        let mut running = console.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.contains_key(&key) {
+            return Ran::NotRun(failure(
+                StatusCode::CONFLICT,
+                &format!("a query with id '{id}' is already running"),
+                None,
+            ));
+        }
+        running.insert(key.clone(), handle);
+    }
+    let _registered = Registered {
+        running: Arc::clone(&console.running),
+        key,
+    };
+    match Abortable::new(run(caller, sql), registration).await {
+        Ok(answer) => Ran::Done(answer),
+        Err(futures::future::Aborted) => Ran::Cancelled,
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn invalid_id() -> Response {
+    failure(
+        StatusCode::BAD_REQUEST,
+        "a query id is 1 to 64 letters, digits or '-'",
+        None,
+    )
+}
+
+/// `POST /api/query` with `{"sql": "…", "id": "…"}`: the answer as JSON (at most
+/// [`MAX_JSON_ROWS`] rows), or with `?format=csv|parquet|arrow` as a file.
 async fn query(
     State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
     Query(download): Query<Download>,
     Json(statement): Json<Statement>,
 ) -> Response {
@@ -231,21 +502,44 @@ async fn query(
             None,
         );
     }
-    let answer = run(&console, &statement.sql).await;
-    let (schema, batches) = match answer {
-        Ok(answer) => {
-            remember(&console, &statement.sql, "answered", Some(&answer.1), None);
+    let ran = run_cancellable(&console, &caller, &statement.sql, statement.id.as_deref()).await;
+    let (schema, batches) = match ran {
+        Ran::Done(Ok(answer)) => {
+            remember(
+                &console,
+                &caller,
+                &statement.sql,
+                "answered",
+                Some(&answer.1),
+                None,
+            );
             answer
         }
-        Err(e) => {
+        Ran::Done(Err(e)) => {
             let (http, message, rule) = failure_parts(e);
             let outcome = if http == StatusCode::FORBIDDEN {
                 "refused"
             } else {
                 "failed"
             };
-            remember(&console, &statement.sql, outcome, None, rule.clone());
+            remember(
+                &console,
+                &caller,
+                &statement.sql,
+                outcome,
+                None,
+                rule.clone(),
+            );
             return failure(http, &message, rule);
+        }
+        Ran::NotRun(response) => return response,
+        Ran::Cancelled => {
+            remember(&console, &caller, &statement.sql, "cancelled", None, None);
+            return failure(
+                StatusCode::CONFLICT,
+                "cancelled: the query was stopped at the researcher's request",
+                None,
+            );
         }
     };
     match download.format.as_deref() {
@@ -270,6 +564,40 @@ async fn query(
         Some(other) => failure(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("format '{other}' was let through unchecked"),
+            None,
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct Cancel {
+    id: String,
+}
+
+/// `POST /api/cancel` with `{"id": "…"}`: stops the caller's running query of that id (a
+/// researcher can stop only their own).
+async fn cancel(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    Json(cancel): Json<Cancel>,
+) -> Response {
+    if !valid_id(&cancel.id) {
+        return invalid_id();
+    }
+    let key = (caller.collaboration, caller.researcher, cancel.id);
+    let handle = console
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    match handle {
+        Some(handle) => {
+            handle.abort();
+            Json(serde_json::json!({ "cancelled": true })).into_response()
+        }
+        None => failure(
+            StatusCode::NOT_FOUND,
+            &format!("no query of yours with id '{}' is running", key.2),
             None,
         ),
     }
@@ -301,13 +629,16 @@ fn json_answer(schema: &arrow::datatypes::Schema, body: format::JsonRows) -> Res
 }
 
 /// `POST /api/explain` with `{"sql": "…"}`: `EXPLAIN FEDERATED` as JSON rows.
-async fn explain(State(console): State<Console>, Json(statement): Json<Statement>) -> Response {
+async fn explain(
+    Extension(caller): Extension<Caller>,
+    Json(statement): Json<Statement>,
+) -> Response {
     let sql = format!("EXPLAIN FEDERATED {}", statement.sql);
-    table_answer(&console, &sql).await
+    table_answer(&caller, &sql).await
 }
 
-async fn table_answer(console: &Console, sql: &str) -> Response {
-    match run(console, sql).await {
+async fn table_answer(caller: &Caller, sql: &str) -> Response {
+    match run(caller, sql).await {
         Ok((schema, batches)) => match format::json(&schema, &batches, MAX_JSON_ROWS) {
             Ok(body) => json_answer(&schema, body),
             Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
@@ -316,10 +647,11 @@ async fn table_answer(console: &Console, sql: &str) -> Response {
     }
 }
 
-/// Records a query of the console's researcher in the history: its SQL and outcome, never
-/// a value of its answer.
+/// Records a query of `caller` in the history: its SQL and outcome, never a value of its
+/// answer.
 fn remember(
     console: &Console,
+    caller: &Caller,
     sql: &str,
     outcome: &str,
     batches: Option<&[arrow::array::RecordBatch]>,
@@ -330,7 +662,8 @@ fn remember(
     };
     history.record(&history::Entry {
         at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        researcher: console.researcher.clone(),
+        researcher: caller.researcher.clone(),
+        collaboration: caller.collaboration.clone(),
         sql: sql.to_string(),
         outcome: outcome.to_string(),
         rows: batches.map(|b| b.iter().map(|b| b.num_rows()).sum()),
@@ -338,19 +671,19 @@ fn remember(
     });
 }
 
-/// `GET /api/history`: the researcher's last queries, newest first.
-async fn recent(State(console): State<Console>) -> Response {
+/// `GET /api/history`: the caller's last queries in their collaboration, newest first.
+async fn recent(State(console): State<Console>, Extension(caller): Extension<Caller>) -> Response {
     let entries = console
         .history
         .as_ref()
-        .map(|h| h.of(&console.researcher))
+        .map(|h| h.of(&caller.researcher, &caller.collaboration))
         .unwrap_or_default();
     Json(serde_json::json!({ "entries": entries })).into_response()
 }
 
 /// `GET /api/catalog`: the federated tables with their columns and types.
-async fn catalog(State(console): State<Console>) -> Response {
-    let tables = match console.hub.list_tables().await {
+async fn catalog(Extension(caller): Extension<Caller>) -> Response {
+    let tables = match caller.hub.list_tables().await {
         Ok(tables) => tables,
         Err(e) => return hub_failure(e),
     };
@@ -373,16 +706,16 @@ async fn catalog(State(console): State<Console>) -> Response {
 }
 
 /// `GET /api/stations`: `railyard.stations`.
-async fn stations(State(console): State<Console>) -> Response {
-    table_answer(&console, "SELECT * FROM railyard.stations").await
+async fn stations(Extension(caller): Extension<Caller>) -> Response {
+    table_answer(&caller, "SELECT * FROM railyard.stations").await
 }
 
 /// `GET /api/policies`: `railyard.policies`.
-async fn policies(State(console): State<Console>) -> Response {
-    table_answer(&console, "SELECT * FROM railyard.policies").await
+async fn policies(Extension(caller): Extension<Caller>) -> Response {
+    table_answer(&caller, "SELECT * FROM railyard.policies").await
 }
 
 /// `GET /api/budget`: `railyard.budget`, the researcher's DP budget.
-async fn budget(State(console): State<Console>) -> Response {
-    table_answer(&console, "SELECT * FROM railyard.budget").await
+async fn budget(Extension(caller): Extension<Caller>) -> Response {
+    table_answer(&caller, "SELECT * FROM railyard.budget").await
 }

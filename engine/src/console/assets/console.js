@@ -1,6 +1,8 @@
 // The Railyard console: talks to the hub's JSON API (docs/console.md) and draws what it
 // answers. No framework and no build step: the hub embeds this file as it is.
 
+import { editor, setCatalog } from "/editor.js";
+
 const $ = (id) => document.getElementById(id);
 
 /** Calls the API; resolves to its JSON, or throws an Error carrying the hub's message and rule. */
@@ -9,6 +11,10 @@ async function api(path, body) {
     ? { method: "GET" }
     : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
   const response = await fetch(path, init);
+  if (response.status === 401) {
+    // A deployed console whose token is missing, expired or revoked: sign in again.
+    window.location.assign("/login");
+  }
   const type = response.headers.get("Content-Type") || "";
   if (!response.ok) {
     const failure = type.includes("json") ? await response.json() : { error: await response.text() };
@@ -244,14 +250,19 @@ function clearOutput() {
 }
 
 let lastSql = null;
+let running = null;
 
 async function run() {
+  if (running) return;
   const sql = $("sql").value;
   clearOutput();
   $("status").textContent = "Running…";
   const started = performance.now();
+  running = crypto.randomUUID();
+  $("cancel").disabled = false;
+  $("run").disabled = true;
   try {
-    const answer = await api("/api/query", { sql });
+    const answer = await api("/api/query", { sql, id: running });
     const ms = Math.round(performance.now() - started);
     const notes = [`${answer.row_count} row${answer.row_count === 1 ? "" : "s"} in ${ms} ms`];
     if (answer.truncated) notes.push(`showing the first ${answer.rows.length}`);
@@ -267,9 +278,25 @@ async function run() {
     $("download-parquet").disabled = false;
   } catch (error) {
     $("status").textContent = "";
-    showRefusal(error);
+    if (error.status === 409 && error.message.startsWith("cancelled")) $("status").textContent = "Cancelled.";
+    else showRefusal(error);
+  } finally {
+    running = null;
+    $("cancel").disabled = true;
+    $("run").disabled = false;
   }
   loadHistory();
+}
+
+async function cancel() {
+  if (!running) return;
+  $("status").textContent = "Cancelling…";
+  try {
+    await api("/api/cancel", { id: running });
+  } catch (error) {
+    // It ended meanwhile: its answer or refusal is on its way.
+    if (error.status !== 404) showRefusal(error);
+  }
 }
 
 async function explain() {
@@ -313,25 +340,77 @@ async function download(format) {
   }
 }
 
-async function overview() {
+async function refreshStations() {
   try {
     const stations = await api("/api/stations");
     $("stations").replaceWith(stationTable(stations));
+    $("stations-checked").textContent = `checked ${new Date().toLocaleTimeString()}; refreshed every 5 s`;
   } catch (error) {
     $("stations").replaceWith(element("p", { id: "stations" }, `Stations unavailable: ${error.message}`));
   }
+}
+
+/** rows of a JSON answer as objects keyed by column name */
+function records(answer) {
+  const names = answer.columns.map((c) => c.name);
+  return answer.rows.map((row) => Object.fromEntries(names.map((n, i) => [n, row[i]])));
+}
+
+/** "a 5, b 10", or "5" when every station says the same */
+function perStation(map) {
+  const values = new Set(Object.values(map).map(String));
+  if (values.size === 1) return [...values][0];
+  return Object.entries(map).map(([station, value]) => `${station} ${value}`).join(", ");
+}
+
+async function overview() {
+  await refreshStations();
+  let policies = [];
+  let budget = [];
+  try { policies = records(await api("/api/policies")); } catch { /* shown without policy */ }
+  try { budget = records(await api("/api/budget")); } catch { /* shown without budget */ }
   try {
     const catalog = await api("/api/catalog");
+    setCatalog(catalog);
+    $("sql").dispatchEvent(new Event("change"));
     const box = $("tables");
     box.replaceChildren();
     for (const table of catalog.tables.filter((t) => t.schema === "public")) {
+      const rules = policies.filter((p) => p.table_name === table.name);
+      const k = {}, unit = {}, left = {};
+      for (const p of rules) {
+        k[p.station] = p.min_group_size;
+        unit[p.station] = p.privacy_unit ?? "rows";
+      }
+      for (const b of budget.filter((b) => b.table_name === table.name)) left[b.station] = b.remaining;
+      const columns = element("ul", { className: "columns-list" });
+      for (const c of table.columns) {
+        const seen = {};
+        for (const p of rules.filter((p) => p.column_name === c.name)) seen[p.station] = p.visibility;
+        columns.append(element("li", {}, element("code", {}, c.name), ` ${c.type}`,
+          Object.keys(seen).length ? element("span", { className: "meta" }, ` — ${perStation(seen)}`) : ""));
+      }
+      const facts = [];
+      if (Object.keys(k).length) facts.push(`k: ${perStation(k)}`, `privacy unit: ${perStation(unit)}`);
+      if (Object.keys(left).length) facts.push(`DP budget left: ${perStation(left)}`);
       box.append(element("details", {},
         element("summary", {}, `${table.name} (${table.columns.length} columns)`),
-        element("p", { className: "meta" }, table.columns.map((c) => `${c.name} ${c.type}`).join(", "))));
+        facts.length ? element("p", { className: "meta" }, facts.join(" · ")) : "",
+        columns));
     }
   } catch (error) {
     $("tables").textContent = `Tables unavailable: ${error.message}`;
   }
+}
+
+async function session() {
+  try {
+    const me = await api("/api/session");
+    if (me.authenticated) {
+      $("who").textContent = `${me.researcher} · ${me.collaboration}`;
+      $("session").hidden = false;
+    }
+  } catch { /* the page works without */ }
 }
 
 function stationTable(stations) {
@@ -365,7 +444,11 @@ async function loadHistory() {
         ? `${entry.rows} row${entry.rows === 1 ? "" : "s"}`
         : `${entry.outcome}${entry.rule ? ` (rule ${entry.rule})` : ""}`;
       const button = element("button", { type: "button", className: "link" }, entry.sql);
-      button.addEventListener("click", () => { $("sql").value = entry.sql; $("sql").focus(); });
+      button.addEventListener("click", () => {
+        $("sql").value = entry.sql;
+        $("sql").dispatchEvent(new Event("change"));
+        $("sql").focus();
+      });
       list.append(element("li", { className: entry.outcome }, button, element("span", { className: "meta" }, ` ${entry.at} · ${outcome}`)));
     }
   } catch (error) {
@@ -374,14 +457,16 @@ async function loadHistory() {
 }
 
 $("run").addEventListener("click", run);
+$("cancel").addEventListener("click", cancel);
 $("explain").addEventListener("click", explain);
 $("download-csv").addEventListener("click", () => download("csv"));
 $("download-parquet").addEventListener("click", () => download("parquet"));
-$("sql").addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
-    event.preventDefault();
-    run();
-  }
+$("logout").addEventListener("click", async () => {
+  await fetch("/api/logout", { method: "POST" });
+  window.location.assign("/login");
 });
+editor($("sql"), $("highlight"), $("completions"), run);
+session();
 overview();
 loadHistory();
+setInterval(refreshStations, 5000);
