@@ -91,7 +91,7 @@ address = "{addresses['leiden']}"
 [collaborations.lung]
 stations = ["amsterdam", "leiden"]
 tables = ["lung"]
-researchers = ["alice", "carol"]
+researchers = ["alice", "carol", "dora"]
 
 [collaborations.breast]
 stations = ["amsterdam"]
@@ -115,6 +115,7 @@ researchers = ["bob"]
         "ca": certs / "ca.pem",
         "alice": token("alice", "lung"),
         "bob": token("bob", "breast"),
+        "dora": token("dora", "lung"),
         "revoked": revoked,
         "audit": tmp / "state" / "amsterdam" / "audit.jsonl",
         "leiden": leiden,
@@ -151,7 +152,7 @@ def api(deployed, path, token, body=None):
 
 
 PAGES = ["/", "/console.js", "/editor.js"]
-GETS = ["/api/catalog", "/api/stations", "/api/policies", "/api/budget", "/api/history", "/api/session"]
+GETS = ["/api/answer/q1", "/api/catalog", "/api/stations", "/api/policies", "/api/budget", "/api/history", "/api/session"]
 POSTS = ["/api/query", "/api/explain", "/api/cancel", "/api/logout"]
 
 
@@ -293,6 +294,37 @@ def test_a_running_query_is_cancelled_by_its_researcher_only(deployed):
     assert any(e["sql"] == SLOW and e["outcome"] == "cancelled" for e in entries)
     # An id is letters, digits and '-'.
     assert api(deployed, "/api/cancel", alice, {"id": "<script>"})[0] == 400
+
+
+def test_a_download_is_the_answer_shown_not_a_second_run(deployed):
+    """A DP answer downloaded from the page holds the same noisy values, and costs no more
+    budget: the hub kept the answer instead of running the query again."""
+    import csv
+    import io
+
+    dora, alice = deployed["dora"], deployed["alice"]
+    dp = "SELECT sex, dp_count(*) AS n FROM lung GROUP BY sex ORDER BY sex"
+
+    def spent():
+        budget = api(deployed, "/api/budget", dora)[1]
+        names = [c["name"] for c in budget["columns"]]
+        return {r[names.index("station")]: r[names.index("spent")] for r in budget["rows"]}
+
+    status, answer = api(deployed, "/api/query", dora, {"sql": dp, "id": "dp-1"})
+    assert status == 200, answer
+    after_query = spent()
+    assert after_query == {"amsterdam": 0.5, "leiden": 0.5}
+    status, headers, body = https(deployed, deployed["console"], "/api/answer/dp-1?format=csv", token=dora)
+    assert status == 200 and headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert [[int(r["sex"]), float(r["n"])] for r in rows] == [[r[0], float(r[1])] for r in answer["rows"]]
+    status, _, _ = https(deployed, deployed["console"], "/api/answer/dp-1?format=parquet", token=dora)
+    assert status == 200
+    assert spent() == after_query
+    # Only dora's: another researcher, or an id never answered, finds nothing.
+    assert https(deployed, deployed["console"], "/api/answer/dp-1?format=csv", token=alice)[0] == 404
+    assert https(deployed, deployed["console"], "/api/answer/dp-2?format=csv", token=dora)[0] == 404
+    assert https(deployed, deployed["console"], "/api/answer/dp-1?format=xlsx", token=dora)[0] == 400
 
 
 def admin(deployed, path, token=ADMIN_TOKEN, cookie=None, body=None):

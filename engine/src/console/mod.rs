@@ -26,6 +26,7 @@
 //! and a cross-site `fetch` with a JSON body needs a CORS preflight the console never
 //! grants.
 
+pub mod answers;
 pub mod auth;
 pub mod format;
 pub mod history;
@@ -74,6 +75,8 @@ struct Console {
     access: Access,
     history: Option<Arc<history::History>>,
     running: Arc<Mutex<HashMap<RunningKey, AbortHandle>>>,
+    /// Answers kept for their downloads.
+    answers: Arc<answers::Answers>,
 }
 
 /// The caller of one request, as [`authenticate`] resolved it.
@@ -93,6 +96,7 @@ pub fn router(access: Access, history: Option<std::path::PathBuf>) -> Router {
         access,
         history: history.map(|path| Arc::new(history::History::new(path))),
         running: Arc::new(Mutex::new(HashMap::new())),
+        answers: Arc::new(answers::Answers::default()),
     };
     let guarded = Router::new()
         .route("/", get(page))
@@ -101,6 +105,7 @@ pub fn router(access: Access, history: Option<std::path::PathBuf>) -> Router {
         .route("/api/session", get(session))
         .route("/api/query", post(query))
         .route("/api/cancel", post(cancel))
+        .route("/api/answer/{id}", get(kept_answer))
         .route("/api/explain", post(explain))
         .route("/api/catalog", get(catalog))
         .route("/api/stations", get(stations))
@@ -513,6 +518,14 @@ async fn query(
                 Some(&answer.1),
                 None,
             );
+            if let Some(id) = &statement.id {
+                let key = (
+                    caller.collaboration.clone(),
+                    caller.researcher.clone(),
+                    id.clone(),
+                );
+                console.answers.keep(key, Arc::clone(&answer.0), &answer.1);
+            }
             answer
         }
         Ran::Done(Err(e)) => {
@@ -542,12 +555,21 @@ async fn query(
             );
         }
     };
-    match download.format.as_deref() {
-        None | Some("json") => match format::json(&schema, &batches, MAX_JSON_ROWS) {
-            Ok(body) => json_answer(&schema, body),
+    respond(download.format.as_deref(), &schema, &batches)
+}
+
+/// An answer in `kind` (JSON unless it says csv, parquet or arrow).
+fn respond(
+    kind: Option<&str>,
+    schema: &arrow::datatypes::SchemaRef,
+    batches: &[arrow::array::RecordBatch],
+) -> Response {
+    match kind {
+        None | Some("json") => match format::json(schema, batches, MAX_JSON_ROWS) {
+            Ok(body) => json_answer(schema, body),
             Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
         },
-        Some(kind @ ("csv" | "parquet" | "arrow")) => match format::file(kind, &schema, &batches) {
+        Some(kind @ ("csv" | "parquet" | "arrow")) => match format::file(kind, schema, batches) {
             Ok((content_type, bytes)) => (
                 [
                     (header::CONTENT_TYPE, content_type.to_string()),
@@ -562,8 +584,36 @@ async fn query(
             Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
         },
         Some(other) => failure(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("format '{other}' was let through unchecked"),
+            StatusCode::BAD_REQUEST,
+            &format!("unknown format '{other}': json, csv, parquet or arrow"),
+            None,
+        ),
+    }
+}
+
+/// `GET /api/answer/{id}?format=csv|parquet|arrow|json`: the caller's answer to the query
+/// they ran under `id`, as it was answered (nothing runs again).
+async fn kept_answer(
+    State(console): State<Console>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(download): Query<Download>,
+) -> Response {
+    if !valid_id(&id) {
+        return invalid_id();
+    }
+    let key = (caller.collaboration, caller.researcher, id);
+    match console.answers.get(&key) {
+        Some((schema, batches)) => respond(download.format.as_deref(), &schema, &batches),
+        None => failure(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no answer of yours is kept under '{}' (answers are kept {} minutes, up to {} \
+                 MiB): run the query again",
+                key.2,
+                answers::KEPT_FOR.as_secs() / 60,
+                answers::MAX_ANSWER_BYTES >> 20
+            ),
             None,
         ),
     }

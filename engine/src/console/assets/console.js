@@ -244,12 +244,16 @@ function showRefusal(error) {
 }
 
 function clearOutput() {
+  // The downloads are of the answer shown; none is shown until the next one arrives.
+  $("download-csv").disabled = true;
+  $("download-parquet").disabled = true;
   $("refusal").hidden = true;
   $("result").replaceChildren();
   $("status").textContent = "";
 }
 
 let lastSql = null;
+let lastId = null;
 let running = null;
 
 async function run() {
@@ -274,6 +278,7 @@ async function run() {
     if (chart) $("result").append(chart);
     $("result").append(answerTable(answer, "Answer", suppressedCells(answer)));
     lastSql = sql;
+    lastId = running;
     $("download-csv").disabled = false;
     $("download-parquet").disabled = false;
   } catch (error) {
@@ -328,7 +333,15 @@ async function explain() {
 async function download(format) {
   if (lastSql === null) return;
   try {
-    const blob = await api(`/api/query?format=${format}`, { sql: lastSql });
+    // The answer the hub kept for this page: nothing runs again, so a DP answer is not
+    // charged twice. Once it is no longer kept, the query runs again.
+    let blob;
+    try {
+      blob = await api(`/api/answer/${lastId}?format=${format}`);
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      blob = await api(`/api/query?format=${format}`, { sql: lastSql });
+    }
     const url = URL.createObjectURL(blob);
     const link = element("a", { href: url, download: `railyard-answer.${format}` });
     document.body.append(link);
