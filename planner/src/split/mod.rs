@@ -424,9 +424,16 @@ impl FederationPlanner {
             unit: chain.unit(),
         });
         fragments.push(Arc::clone(&fragment));
+        let id = fragment.id;
         let node = FragmentNode::try_new(fragment)?.into_plan();
         if empty {
-            return Ok(node);
+            // Only its rows are used, but its one field needs a name no other fragment's
+            // has: a join of two such fragments (a table with itself) would hold two `c0`.
+            let unique = Expr::Column(Column::new_unqualified("c0")).alias(format!("__rows_{id}"));
+            return Ok(LogicalPlan::Projection(Projection::try_new(
+                vec![unique],
+                Arc::new(node),
+            )?));
         }
         restore_schema(node, plan.schema().as_ref())
     }
