@@ -517,7 +517,8 @@ async fn query(
                 "answered",
                 Some(&answer.1),
                 None,
-            );
+            )
+            .await;
             if let Some(id) = &statement.id {
                 let key = (
                     caller.collaboration.clone(),
@@ -542,12 +543,13 @@ async fn query(
                 outcome,
                 None,
                 rule.clone(),
-            );
+            )
+            .await;
             return failure(http, &message, rule);
         }
         Ran::NotRun(response) => return response,
         Ran::Cancelled => {
-            remember(&console, &caller, &statement.sql, "cancelled", None, None);
+            remember(&console, &caller, &statement.sql, "cancelled", None, None).await;
             return failure(
                 StatusCode::CONFLICT,
                 "cancelled: the query was stopped at the researcher's request",
@@ -698,8 +700,8 @@ async fn table_answer(caller: &Caller, sql: &str) -> Response {
 }
 
 /// Records a query of `caller` in the history: its SQL and outcome, never a value of its
-/// answer.
-fn remember(
+/// answer. The file is written on the blocking pool, off the async workers.
+async fn remember(
     console: &Console,
     caller: &Caller,
     sql: &str,
@@ -707,10 +709,10 @@ fn remember(
     batches: Option<&[arrow::array::RecordBatch]>,
     rule: Option<String>,
 ) {
-    let Some(history) = &console.history else {
+    let Some(history) = console.history.clone() else {
         return;
     };
-    history.record(&history::Entry {
+    let entry = history::Entry {
         at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         researcher: caller.researcher.clone(),
         collaboration: caller.collaboration.clone(),
@@ -718,16 +720,21 @@ fn remember(
         outcome: outcome.to_string(),
         rows: batches.map(|b| b.iter().map(|b| b.num_rows()).sum()),
         rule,
-    });
+    };
+    // A history that cannot be written does not fail the query (`record` logs it).
+    let _ = tokio::task::spawn_blocking(move || history.record(&entry)).await;
 }
 
-/// `GET /api/history`: the caller's last queries in their collaboration, newest first.
+/// `GET /api/history`: the caller's last queries in their collaboration, newest first (the
+/// file is read on the blocking pool).
 async fn recent(State(console): State<Console>, Extension(caller): Extension<Caller>) -> Response {
-    let entries = console
-        .history
-        .as_ref()
-        .map(|h| h.of(&caller.researcher, &caller.collaboration))
-        .unwrap_or_default();
+    let Some(history) = console.history.clone() else {
+        return Json(serde_json::json!({ "entries": [] })).into_response();
+    };
+    let entries =
+        tokio::task::spawn_blocking(move || history.of(&caller.researcher, &caller.collaboration))
+            .await
+            .unwrap_or_default();
     Json(serde_json::json!({ "entries": entries })).into_response()
 }
 
