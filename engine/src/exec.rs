@@ -72,7 +72,82 @@ pub struct FragmentExec {
     fragment: Arc<Fragment>,
     stations: Vec<StationClient>,
     query: Option<QueryContext>,
+    /// How each station's fetch went, for this query (see [`Outcomes`]).
+    outcomes: Arc<Outcomes>,
     properties: Arc<PlanProperties>,
+}
+
+/// How far each station's fetch of one fragment got, so that when stations fail, the error
+/// the query reports is the first station's in station order (the one a check round before
+/// the run would have reported), whichever failed first in time.
+#[derive(Debug)]
+struct Outcomes {
+    states: std::sync::Mutex<Vec<Outcome>>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// Nothing known yet.
+    Pending,
+    /// Its first batch arrived, or it finished: it did not refuse the fragment.
+    Passed,
+    Failed(StationFailure),
+}
+
+impl Outcomes {
+    fn new(stations: usize) -> Self {
+        Self {
+            states: std::sync::Mutex::new(vec![Outcome::Pending; stations]),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn set(&self, station: usize, outcome: Outcome) {
+        // The lock guards a vector update only; after a panic it is still valid.
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = states.get_mut(station) {
+            if matches!(state, Outcome::Failed(_)) {
+                return;
+            }
+            *state = outcome;
+        }
+        drop(states);
+        self.changed.notify_waiters();
+    }
+
+    fn passed(&self, station: usize) {
+        let pending = {
+            let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+            matches!(states.get(station), Some(Outcome::Pending))
+        };
+        if pending {
+            self.set(station, Outcome::Passed);
+        }
+    }
+
+    /// Records that `station` failed with `failure`, waits until every station before it
+    /// has passed or failed, and returns the first failure in station order.
+    async fn failed(&self, station: usize, failure: StationFailure) -> StationFailure {
+        self.set(station, Outcome::Failed(failure.clone()));
+        loop {
+            let changed = self.changed.notified();
+            {
+                let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+                let before = &states[..station.min(states.len())];
+                if !before.iter().any(|s| matches!(s, Outcome::Pending)) {
+                    return before
+                        .iter()
+                        .find_map(|s| match s {
+                            Outcome::Failed(f) => Some(f.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or(failure);
+                }
+            }
+            changed.await;
+        }
+    }
 }
 
 impl FragmentExec {
@@ -83,10 +158,12 @@ impl FragmentExec {
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
+        let outcomes = Arc::new(Outcomes::new(stations.len()));
         Self {
             fragment,
             stations,
             query: None,
+            outcomes,
             properties: Arc::new(properties),
         }
     }
@@ -119,6 +196,7 @@ impl FragmentExec {
     pub fn with_query(&self, query: QueryContext) -> Self {
         Self {
             query: Some(query),
+            outcomes: Arc::new(Outcomes::new(self.stations.len())),
             ..self.clone()
         }
     }
@@ -162,6 +240,25 @@ pub fn reports_withheld(plan: &Arc<dyn ExecutionPlan>) -> bool {
                     railyard_planner::FragmentKind::PartialAggregate { .. }
                 )
             });
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
+
+/// Whether `plan` has a differentially private fragment (which charges ε at its stations).
+pub fn has_dp_fragment(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        found = node.downcast_ref::<FragmentExec>().is_some_and(|f| {
+            matches!(
+                f.fragment.kind,
+                railyard_planner::FragmentKind::DpAggregate { .. }
+            )
+        });
         Ok(if found {
             TreeNodeRecursion::Stop
         } else {
@@ -415,16 +512,21 @@ impl ExecutionPlan for FragmentExec {
         let ticket = self.ticket(query);
         let timeout = query.fragment_timeout;
         let withheld = query.withheld.clone();
+        let outcomes = Arc::clone(&self.outcomes);
         // Spawned at once, so every station starts as soon as the plan starts, whatever
         // order DataFusion polls the partitions in.
         builder.spawn(async move {
             let deadline = Instant::now() + timeout;
             let fragment = ticket.fragment;
             let result = fetch(&station, ticket, Some(&schema), deadline, |batch| {
+                outcomes.passed(partition);
                 let tx = tx.clone();
                 async move { tx.send(Ok(batch)).await.is_ok() }
             })
             .await;
+            if result.is_ok() {
+                outcomes.passed(partition);
+            }
             if let Ok(announced) = &result
                 && let Some(n) = crate::withheld::announced(announced)
             {
@@ -439,6 +541,9 @@ impl ExecutionPlan for FragmentExec {
                     },
                     Fetch::Failed(f) => f,
                 };
+                // The first station's failure in station order, as a check round would
+                // have reported it.
+                let failure = outcomes.failed(partition, failure).await;
                 let _ = tx
                     .send(Err(DataFusionError::External(Box::new(failure))))
                     .await;

@@ -452,8 +452,20 @@ impl HubFlightSql {
         } else {
             let mut batches = planned.run().await.map_err(to_status)?;
             let schema = batches.schema();
+            // The first batch is awaited here, so that a station's refusal (most fragments
+            // are checked as they run: Hub::plan) answers this call, as it would have
+            // answered a check round before the run.
+            let first = match batches.next().await {
+                Some(Err(e)) => return Err(to_status(Error::from(e))),
+                first => first,
+            };
             let (tx, rx) = mpsc::channel(2);
             tokio::spawn(async move {
+                if let Some(batch) = first
+                    && tx.send(batch).await.is_err()
+                {
+                    return;
+                }
                 while let Some(batch) = batches.next().await {
                     if tx.send(batch).await.is_err() {
                         // Nobody will read it (unclaimed and dropped): stop the stations.

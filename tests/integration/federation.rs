@@ -563,3 +563,54 @@ fn railyard_demo_runs_its_queries_and_exits_zero() {
         assert!(stdout.contains(shown), "the demo shows {shown}\n{stdout}");
     }
 }
+
+/// The hub keeps plans by statement text (engine/src/hub/cache.rs): a statement asked
+/// again answers what planning it again would, and one whose answer depends on when or how
+/// often it runs is planned afresh each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_asked_again_answers_as_if_planned_again() {
+    let federation = fixtures::federation(&lung_only(), HubOptions::default()).await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    // A join at the hub and a top-k: operators that keep state while they run (a hash
+    // table, a dynamic filter) start empty on every run of a kept plan.
+    let kept = [
+        "SELECT a.sex, count(*) FROM lung a JOIN (SELECT sex, max(age) AS m FROM lung GROUP BY sex) b \
+         ON a.sex = b.sex AND a.age = b.m GROUP BY a.sex ORDER BY a.sex",
+        "SELECT age, inst FROM lung WHERE age IS NOT NULL ORDER BY age DESC, inst LIMIT 3",
+        "SELECT 1 AS one",
+    ];
+    for sql in kept {
+        let first = crate::slt::format_rows(&client.query(sql).await.unwrap().batches);
+        for _ in 0..3 {
+            let again = crate::slt::format_rows(&client.query(sql).await.unwrap().batches);
+            assert_eq!(again, first, "{sql}");
+        }
+    }
+    // now() is folded into a constant when planned: a kept plan would repeat its time.
+    let now = |a: railyard::client::Answer| crate::slt::format_rows(&a.batches);
+    let first = now(client.query("SELECT now()").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = now(client.query("SELECT now()").await.unwrap());
+    assert_ne!(first, second, "now() is planned afresh");
+    // railyard.stations is read by the hub while it plans: a station that stops shows.
+    let online = |a: railyard::client::Answer| format!("{:?}", crate::slt::format_rows(&a.batches));
+    let before = online(
+        client
+            .query("SELECT station, online FROM railyard.stations ORDER BY station")
+            .await
+            .unwrap(),
+    );
+    assert!(!before.contains("false"), "{before}");
+    federation
+        .hub
+        .board()
+        .lost("station_a", "stopped by the test".to_string());
+    let after = online(
+        client
+            .query("SELECT station, online FROM railyard.stations ORDER BY station")
+            .await
+            .unwrap(),
+    );
+    assert!(after.contains("false"), "{after}");
+    federation.shutdown().await.unwrap();
+}

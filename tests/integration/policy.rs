@@ -222,7 +222,7 @@ async fn a_refused_query_runs_nowhere_and_every_station_audits_its_own_decision(
     federation.shutdown().await.unwrap();
     for s in STATIONS {
         let records = read_records(&governance.audit_log(s));
-        // The allowed query: checked, then run, one record with what it released.
+        // The allowed query: checked and run, one record with what it released.
         let allowed: Vec<_> = records
             .iter()
             .filter(|r| r["decision"] == "allowed")
@@ -230,7 +230,8 @@ async fn a_refused_query_runs_nowhere_and_every_station_audits_its_own_decision(
         assert_eq!(allowed.len(), 1, "{s}: {records:?}");
         assert_eq!(allowed[0]["rows"], 2, "{s}: two sex groups released");
         assert_eq!(allowed[0]["researcher"], "local");
-        // The refused one: refused at the check, never run, nothing released.
+        // The refused one: refused when asked to run it (a fragment that spends no ε and
+        // starts no container is checked as it runs), nothing released.
         let refused: Vec<_> = records
             .iter()
             .filter(|r| r["decision"] == "refused")

@@ -280,7 +280,7 @@ async fn run_against(
     if !SQL_ONLY.contains(&name) {
         run_substrait(&federation, file, name, &ctx).await;
     }
-    run_federated(federation, file, name).await;
+    run_federated(federation, file, name, 2).await;
 }
 
 /// Corpus files not run as Substrait plans: the records of `errors.slt` are errors of SQL
@@ -336,7 +336,16 @@ async fn run_substrait(
 }
 
 /// Runs `file` through a Flight SQL client of `federation`, then stops the federation.
-async fn run_federated(federation: railyard::local::LocalFederation, file: &Path, name: &str) {
+/// Runs `file` against `federation` `passes` times. A second pass of a corpus file asks
+/// every statement again, so it is answered from the hub's kept plans (engine/src/hub/
+/// cache.rs) where it may be, and must answer the same. (Policy files run once: a
+/// researcher asking again changes what a station's query-set auditor allows.)
+async fn run_federated(
+    federation: railyard::local::LocalFederation,
+    file: &Path,
+    name: &str,
+    passes: usize,
+) {
     let url = federation.hub_url.clone();
     let mut federated = Runner::new(move || {
         let url = url.clone();
@@ -348,7 +357,13 @@ async fn run_federated(federation: railyard::local::LocalFederation, file: &Path
         }
     });
     federated.add_label("federated");
-    let result = federated.run_file_async(file).await;
+    let mut result = Ok(());
+    for _ in 0..passes {
+        result = federated.run_file_async(file).await;
+        if result.is_err() {
+            break;
+        }
+    }
     federation
         .shutdown()
         .await
@@ -414,7 +429,7 @@ async fn run_policy_file(name: &str, policy: Option<&str>) {
     // The same refusals must hold for the same queries sent as Substrait plans.
     let planner = Arc::new(fixtures::centralized().await);
     run_substrait(&federation, &file, name, &planner).await;
-    run_federated(federation, &file, name).await;
+    run_federated(federation, &file, name, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,7 +459,7 @@ fn slt_policy_omop_attacks_under_the_default_policy() {
                 .await;
         let planner = Arc::new(fixtures::omop_centralized().await);
         run_substrait(&federation, &file, "omop_attacks.slt", &planner).await;
-        run_federated(federation, &file, "omop_attacks.slt").await;
+        run_federated(federation, &file, "omop_attacks.slt", 1).await;
     });
 }
 

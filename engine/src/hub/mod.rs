@@ -2,6 +2,7 @@
 //! railyard.epsilon` is in `epsilon`, what the hub keeps of the announced policies in
 //! `policies`.
 
+mod cache;
 mod epsilon;
 mod policies;
 
@@ -214,14 +215,16 @@ async fn check_at_stations(
 }
 
 /// Plans a statement in `state` for `query`: verified (a query only), its fragments checked
-/// at their stations (nothing runs yet), the ε they would charge in the answer's metadata.
+/// at their stations where they must be (nothing runs yet; see [`checked_first`]), the ε
+/// they would charge in the answer's metadata.
 async fn plan_statement(
     state: &SessionState,
     statement: DfStatement,
     query: &QueryContext,
+    trains: bool,
 ) -> Result<Planned> {
     let logical = state.statement_to_plan(statement).await?;
-    plan_logical(state, logical, query).await
+    plan_logical(state, logical, query, trains).await
 }
 
 /// Plans a logical plan (of a statement, or of a Substrait plan) as [`plan_statement`] does.
@@ -229,11 +232,44 @@ async fn plan_logical(
     state: &SessionState,
     logical: datafusion::logical_expr::LogicalPlan,
     query: &QueryContext,
+    trains: bool,
 ) -> Result<Planned> {
     query_only().verify_plan(&logical)?;
     let physical = state.create_physical_plan(&logical).await?;
+    plan_physical(state, physical, query, trains).await
+}
+
+/// Whether a planned query's fragments are checked at every station before any runs, so
+/// that one refusal anywhere means nothing ran anywhere: when a fragment spends ε (a DP
+/// aggregate: its check also says how much, and a query the budget cannot cover starts
+/// nowhere), when the query starts containers (`trains`), and when a fragment goes to a
+/// vertical table's join station (whose members release pseudonymized rows to it).
+/// Every other fragment is checked by its station as it runs it, which is the same check
+/// (the station re-plans and checks whatever it is sent, every time): a refusal then fails
+/// the query, and what another station released to the hub for it is dropped there.
+fn checked_first(plan: &Arc<dyn ExecutionPlan>, trains: bool) -> bool {
+    trains
+        || query_tickets(plan).iter().any(|(station, ticket)| {
+            // Not retryable: a train, or the station half of a DP aggregate.
+            station.is_local() || !crate::exec::retryable(ticket)
+        })
+        || crate::exec::has_dp_fragment(plan)
+}
+
+/// Finishes planning a physical plan for `query`: its identity assigned, its fragments
+/// checked first where they must be ([`checked_first`]).
+async fn plan_physical(
+    state: &SessionState,
+    physical: Arc<dyn ExecutionPlan>,
+    query: &QueryContext,
+    trains: bool,
+) -> Result<Planned> {
     let physical = assign_query(physical, query)?;
-    let epsilon = check_at_stations(&physical, query.fragment_timeout).await?;
+    let epsilon = if checked_first(&physical, trains) {
+        check_at_stations(&physical, query.fragment_timeout).await?
+    } else {
+        BTreeMap::new()
+    };
     let mut metadata = HashMap::new();
     if !epsilon.is_empty() {
         // A map of numbers always serializes.
@@ -298,6 +334,8 @@ pub struct Hub {
     board: Arc<StationBoard>,
     /// The digest of what each station announced when this hub was built.
     announced: BTreeMap<String, String>,
+    /// Plans kept by statement text.
+    plans: cache::PlanCache,
 }
 
 impl Hub {
@@ -481,6 +519,7 @@ impl Hub {
             recent: Default::default(),
             board,
             announced,
+            plans: Default::default(),
         })
     }
 
@@ -632,9 +671,24 @@ impl Hub {
                     outputs: calls.into_iter().zip(tables).collect(),
                 }),
             );
-            return plan_statement(&state, statement, &query).await;
+            return plan_statement(&state, statement, &query, true).await;
         }
-        plan_statement(&self.base, statement, &query).await
+        self.plan_kept(statement, &query).await
+    }
+
+    /// Plans a statement as [`plan_statement`] does, reusing the plan kept for the same text
+    /// (see `cache`) and keeping a new one if it may be reused.
+    async fn plan_kept(&self, statement: DfStatement, query: &QueryContext) -> Result<Planned> {
+        let text = statement.to_string();
+        if let Some(kept) = self.plans.get(&text) {
+            let physical = datafusion::physical_plan::execution_plan::reset_plan_states(kept)?;
+            return plan_physical(&self.base, physical, query, false).await;
+        }
+        let logical = self.base.statement_to_plan(statement).await?;
+        query_only().verify_plan(&logical)?;
+        let physical = self.base.create_physical_plan(&logical).await?;
+        self.plans.keep(text, &logical, &physical);
+        plan_physical(&self.base, physical, query, false).await
     }
 
     /// A new query of `researcher`'s, whose planned fragments are numbered from
@@ -705,7 +759,7 @@ impl Hub {
         if explain_federated {
             return self.explain(&logical, &query).await;
         }
-        plan_logical(&self.base, logical, &query).await
+        plan_logical(&self.base, logical, &query, false).await
     }
 
     /// The ε `researcher` chose, if any.
