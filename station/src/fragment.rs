@@ -275,7 +275,7 @@ impl Station {
             .await?;
         Ok((
             physical,
-            railyard_udfs::with_query_memory(self.state.task_ctx())?,
+            railyard_udfs::with_query_memory(Arc::clone(&self.task))?,
         ))
     }
 
