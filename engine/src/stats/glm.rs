@@ -3,14 +3,17 @@
 //!
 //! ```text
 //!   round 0   intercept-only terms at b = 0        → n, Σy      (the mean outcome ȳ)
-//!   round 1   intercept-only terms at b = g(ȳ)     → the null deviance
+//!   round 1   model terms at b_1 = (g(ȳ), 0, …, 0) → XᵀWX, XᵀWz, deviance at b_1; b_1 is
+//!             the null model's point, so that deviance is the null deviance
 //!   rounds 2… model terms at b_k                   → XᵀWX, XᵀWz, deviance at b_k
 //!             b_{k+1} = (XᵀWX)⁻¹ XᵀWz  (Cholesky)
 //! ```
 //!
 //! Converged when the Newton step from b_k is negligible or the deviance stops changing;
 //! the reported estimates are b_k, with standard errors from the XᵀWX of the same round,
-//! so estimates, deviance and errors belong to one point.
+//! so estimates, deviance and errors belong to one point. A gaussian model (identity link)
+//! needs round 1 only: its solve is exact, and the deviance at the solution follows from
+//! round 1's sums. A model without an intercept asks the null deviance in a round of its own.
 
 use std::sync::Arc;
 
@@ -199,8 +202,14 @@ impl GlmJob {
                 "glm: the outcome is constant over the complete rows: the model cannot be fitted"
             );
         }
-        let null_deviance =
-            self.terms(rounds, &rows, &[], true, &[start]).await?[GlmLayout::DEVIANCE];
+        // With an intercept, the first iteration's point (b0 = g(ȳ), every other
+        // coefficient 0) is the null model's: its deviance is the null deviance, and no
+        // round of its own is needed.
+        let mut null_deviance = if intercept {
+            None
+        } else {
+            Some(self.terms(rounds, &rows, &[], true, &[start]).await?[GlmLayout::DEVIANCE])
+        };
 
         let mut beta = vec![0.0; q];
         if intercept {
@@ -214,6 +223,7 @@ impl GlmJob {
             iterations += 1;
             sums = self.terms(rounds, &rows, &design, intercept, &beta).await?;
             let deviance = sums[GlmLayout::DEVIANCE];
+            null_deviance.get_or_insert(deviance);
             let Some(next) = spd_solve(&sums[layout.xtwx()], &sums[layout.xtwz()]) else {
                 return exec_err!(
                     "glm: the design is singular or the fit diverged (a covariate is constant \
@@ -221,6 +231,24 @@ impl GlmJob {
                      separate the outcome perfectly)"
                 );
             };
+            if matches!(self.family, Family::Gaussian) {
+                // The identity link: XᵀWX = XᵀX and XᵀWz = Xᵀy at every point, so this
+                // solve is the least-squares fit itself, and its deviance follows from
+                // this round's: D(b) = yᵀy − 2bᵀXᵀy + bᵀXᵀXb. One round, not two.
+                let (xtx, xty) = (&sums[layout.xtwx()], &sums[layout.xtwz()]);
+                let quadratic = |b: &[f64]| -> f64 {
+                    (0..q)
+                        .map(|i| b[i] * (0..q).map(|j| xtx[i * q + j] * b[j]).sum::<f64>())
+                        .sum()
+                };
+                let linear = |b: &[f64]| -> f64 { b.iter().zip(xty).map(|(b, v)| b * v).sum() };
+                let yty = deviance + 2.0 * linear(&beta) - quadratic(&beta);
+                let fitted = (yty - 2.0 * linear(&next) + quadratic(&next)).max(0.0);
+                sums[GlmLayout::DEVIANCE] = fitted;
+                beta = next;
+                converged = true;
+                break;
+            }
             let step_small = next
                 .iter()
                 .zip(&beta)
@@ -238,6 +266,7 @@ impl GlmJob {
             beta = next;
         }
 
+        let null_deviance = null_deviance.expect("the first iteration sets it");
         let n = sums[GlmLayout::N];
         let deviance = sums[GlmLayout::DEVIANCE];
         let residual_df = n - q as f64;
