@@ -299,6 +299,39 @@ fn hub_secret() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The threads `railyard local` runs its stations on ("railyard-station"), apart from the
+/// hub's. Dropping it stops them without waiting, so it may be dropped in async code.
+pub struct StationRuntime(Option<tokio::runtime::Runtime>);
+
+impl StationRuntime {
+    pub fn new() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("railyard-station")
+            .thread_stack_size(8 << 20)
+            .build()
+            .context("cannot start the stations' async runtime")?;
+        Ok(Self(Some(runtime)))
+    }
+
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        // Present until dropped.
+        self.0
+            .as_ref()
+            .expect("the runtime is present until dropped")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for StationRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A running local federation.
 pub struct LocalFederation {
     pub hub: Arc<Hub>,
@@ -318,6 +351,20 @@ impl LocalFederation {
         hub_listener: TcpListener,
         options: HubOptions,
         governance: &Governance,
+    ) -> Result<Self> {
+        Self::start_on(specs, hub_listener, options, governance, None).await
+    }
+
+    /// [`LocalFederation::start`], with the stations opened and served on `stations` (a
+    /// runtime of their own) if given: `railyard local` keeps them apart from the hub's
+    /// threads, as separate machines would be, so that the hub's own CPU time can be read
+    /// per thread (benches/adbc.py).
+    pub async fn start_on(
+        specs: &[TableSpec],
+        hub_listener: TcpListener,
+        options: HubOptions,
+        governance: &Governance,
+        stations: Option<tokio::runtime::Handle>,
     ) -> Result<Self> {
         let mut plan = plan_stations(specs).await?;
         let mut policy = governance.station_policy(specs);
@@ -372,17 +419,32 @@ impl LocalFederation {
                 collaboration_secret: secret.clone(),
                 hub_secret: Some(Arc::clone(&hub_secret)),
             };
-            let station = Arc::new(Station::open(name.clone(), &tables, config).await?);
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let station_name = name.clone();
+            let open = async move {
+                let station = Arc::new(Station::open(station_name, &tables, config).await?);
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                anyhow::Ok((station, listener))
+            };
+            let (station, listener) = match &stations {
+                Some(runtime) => runtime
+                    .spawn(open)
+                    .await
+                    .context("opening a station panicked")??,
+                None => open.await?,
+            };
             let addr = listener.local_addr()?;
             let mut stop = stop.clone();
-            tasks.spawn(async move {
+            let serve = async move {
                 railyard_station::serve(station, listener, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await
                 .map_err(anyhow::Error::from)
-            });
+            };
+            match &stations {
+                Some(runtime) => tasks.spawn_on(serve, runtime),
+                None => tasks.spawn(serve),
+            };
             addresses.push(StationAddress {
                 name,
                 url: format!("grpc://{addr}"),

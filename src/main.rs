@@ -311,6 +311,7 @@ fn start(cli: Cli) -> Result<()> {
     // under them in a debug build too.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name("railyard")
         .thread_stack_size(8 << 20)
         .build()
         .context("cannot start the async runtime")?;
@@ -365,8 +366,18 @@ async fn run(cli: Cli) -> Result<()> {
                 max_queries_per_minute,
                 ..HubOptions::default()
             };
-            let federation =
-                LocalFederation::start(&tables, listener, options, &governance).await?;
+            // The stations run on threads of their own ("railyard-station"), apart from
+            // the hub's ("railyard"): as on separate machines, one side's load shows as its
+            // own threads' CPU time.
+            let stations = railyard::local::StationRuntime::new()?;
+            let federation = LocalFederation::start_on(
+                &tables,
+                listener,
+                options,
+                &governance,
+                Some(stations.handle()),
+            )
+            .await?;
             for s in &federation.stations {
                 eprintln!("station {} listening on {}", s.name, s.url);
             }
