@@ -1,7 +1,8 @@
 //! The hub's Arrow Flight SQL front: what ADBC, pyarrow and `railyard sql` talk to.
 //!
-//! `GetFlightInfo` for a statement plans it *and starts it*: the stations work while the
-//! client receives the `FlightInfo` and comes back with `DoGet`, which then only streams.
+//! `GetFlightInfo` for a statement plans it *and starts it*, and answers once its first
+//! batch is there (so a station's refusal answers it): the rest streams while the client
+//! receives the `FlightInfo` and comes back with `DoGet`.
 //! A started query waits (bounded buffer, so at most a few batches are held) for its `DoGet`
 //! for [`UNCLAIMED_AFTER`]; after that it is dropped and its stations are cancelled. A query
 //! with `train(...)` calls is only planned and checked there: its containers start at

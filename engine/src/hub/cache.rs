@@ -58,7 +58,7 @@ impl PlanCache {
 }
 
 /// Whether every scalar and aggregate function in `plan` gives the same result whenever it runs.
-fn only_immutable_functions(plan: &LogicalPlan) -> bool {
+pub(super) fn only_immutable_functions(plan: &LogicalPlan) -> bool {
     let mut immutable = true;
     let _ = plan.apply_with_subqueries(|node| {
         node.apply_expressions(|expr| {

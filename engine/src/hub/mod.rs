@@ -686,6 +686,14 @@ impl Hub {
         }
         let logical = self.base.statement_to_plan(statement).await?;
         query_only().verify_plan(&logical)?;
+        if !cache::only_immutable_functions(&logical) {
+            // now(), current_date and the like are folded into constants while planning, at
+            // the session's start time: this query's, not the hub's.
+            let mut state = self.base.clone();
+            state.execution_props_mut().mark_start_execution();
+            let physical = state.create_physical_plan(&logical).await?;
+            return plan_physical(&state, physical, query, false).await;
+        }
         let physical = self.base.create_physical_plan(&logical).await?;
         self.plans.keep(text, &logical, &physical);
         plan_physical(&self.base, physical, query, false).await
