@@ -690,7 +690,7 @@ impl Hub {
             // now(), current_date and the like are folded into constants while planning, at
             // the session's start time: this query's, not the hub's.
             let mut state = self.base.clone();
-            state.execution_props_mut().mark_start_execution();
+            state.mark_start_execution();
             let physical = state.create_physical_plan(&logical).await?;
             return plan_physical(&state, physical, query, false).await;
         }
