@@ -303,15 +303,21 @@ fn hub_secret() -> String {
 /// hub's. Dropping it stops them without waiting, so it may be dropped in async code.
 pub struct StationRuntime(Option<tokio::runtime::Runtime>);
 
+/// A multi-threaded runtime whose threads are named `name`. Planning recurses over a query's
+/// plan; the statement limits (railyard_policy::limits) keep plans shallow, and 8 MiB per
+/// worker (tokio's default is 2 MiB) keeps a margin under them in a debug build too.
+pub fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(name)
+        .thread_stack_size(8 << 20)
+        .build()
+        .with_context(|| format!("cannot start the async runtime '{name}'"))
+}
+
 impl StationRuntime {
     pub fn new() -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("railyard-station")
-            .thread_stack_size(8 << 20)
-            .build()
-            .context("cannot start the stations' async runtime")?;
-        Ok(Self(Some(runtime)))
+        Ok(Self(Some(runtime("railyard-station")?)))
     }
 
     pub fn handle(&self) -> tokio::runtime::Handle {

@@ -306,16 +306,7 @@ fn start(cli: Cli) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    // Planning recurses over a query's plan; the statement limits (railyard_policy::limits)
-    // keep plans shallow, and 8 MiB per worker (tokio's default is 2 MiB) keeps a margin
-    // under them in a debug build too.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("railyard")
-        .thread_stack_size(8 << 20)
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(run(cli))
+    railyard::local::runtime("railyard")?.block_on(run(cli))
 }
 
 async fn run(cli: Cli) -> Result<()> {

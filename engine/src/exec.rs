@@ -116,14 +116,15 @@ impl Outcomes {
         self.changed.notify_waiters();
     }
 
+    /// Records that `station` passed, unless something is known of it already.
     fn passed(&self, station: usize) {
-        let pending = {
-            let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-            matches!(states.get(station), Some(Outcome::Pending))
-        };
-        if pending {
-            self.set(station, Outcome::Passed);
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        match states.get_mut(station) {
+            Some(state @ Outcome::Pending) => *state = Outcome::Passed,
+            _ => return,
         }
+        drop(states);
+        self.changed.notify_waiters();
     }
 
     /// Records that `station` failed with `failure`, waits until every station before it
@@ -227,19 +228,11 @@ pub fn assign_query(
         .data)
 }
 
-/// Whether `plan` releases thresholded groups (an aggregate fragment, a statistics call, the
-/// hub's threshold), whose answer therefore says how many it withheld.
-pub fn reports_withheld(plan: &Arc<dyn ExecutionPlan>) -> bool {
+/// Whether any operator of `plan` satisfies `test`.
+fn any_node(plan: &Arc<dyn ExecutionPlan>, test: impl Fn(&Arc<dyn ExecutionPlan>) -> bool) -> bool {
     let mut found = false;
     let _ = plan.apply(|node| {
-        found = node.downcast_ref::<QueryJobExec>().is_some()
-            || node.downcast_ref::<ThresholdExec>().is_some()
-            || node.downcast_ref::<FragmentExec>().is_some_and(|f| {
-                matches!(
-                    f.fragment.kind,
-                    railyard_planner::FragmentKind::PartialAggregate { .. }
-                )
-            });
+        found = test(node);
         Ok(if found {
             TreeNodeRecursion::Stop
         } else {
@@ -249,23 +242,33 @@ pub fn reports_withheld(plan: &Arc<dyn ExecutionPlan>) -> bool {
     found
 }
 
-/// Whether `plan` has a differentially private fragment (which charges ε at its stations).
-pub fn has_dp_fragment(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    let mut found = false;
-    let _ = plan.apply(|node| {
-        found = node.downcast_ref::<FragmentExec>().is_some_and(|f| {
+/// Whether `plan` releases thresholded groups (an aggregate fragment, a statistics call, the
+/// hub's threshold), whose answer therefore says how many it withheld.
+pub fn reports_withheld(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    any_node(plan, |node| {
+        node.downcast_ref::<QueryJobExec>().is_some()
+            || node.downcast_ref::<ThresholdExec>().is_some()
+            || node.downcast_ref::<FragmentExec>().is_some_and(|f| {
+                matches!(
+                    f.fragment.kind,
+                    railyard_planner::FragmentKind::PartialAggregate { .. }
+                )
+            })
+    })
+}
+
+/// Whether a fragment of `plan` must be checked at every station before any runs (see
+/// `Hub::plan`): a differentially private one (it charges ε), or one a vertical table's join
+/// station answers (its members release pseudonymized rows to it).
+pub fn has_fragment_checked_first(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    any_node(plan, |node| {
+        node.downcast_ref::<FragmentExec>().is_some_and(|f| {
             matches!(
                 f.fragment.kind,
                 railyard_planner::FragmentKind::DpAggregate { .. }
-            )
-        });
-        Ok(if found {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
+            ) || f.stations.iter().any(StationClient::is_local)
         })
-    });
-    found
+    })
 }
 
 /// Every (station, ticket) a planned query will send, in fragment order.

@@ -14,10 +14,9 @@
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::DataFusionError;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use futures::TryStreamExt;
@@ -319,7 +318,7 @@ impl Station {
             release: checked.release,
             audit: checked.audit,
         };
-        if only_immutable_functions(&logical) {
+        if railyard_policy::check::only_immutable_functions(&logical) {
             // The lock guards map operations only; after a panic the map is still valid.
             let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
             if plans.len() >= PLAN_CACHE_ENTRIES {
@@ -349,24 +348,4 @@ pub(crate) fn record_of<'a>(
         train: image.or(entry.train),
         ..entry
     }
-}
-
-/// Whether every function in `plan` gives the same result whenever it runs (so its
-/// optimized plan, with constants folded, may be reused).
-fn only_immutable_functions(plan: &LogicalPlan) -> bool {
-    let mut immutable = true;
-    let _ = plan.apply_with_subqueries(|node| {
-        node.apply_expressions(|expr| {
-            expr.apply(|e| {
-                if let Expr::ScalarFunction(f) = e
-                    && f.func.signature().volatility != Volatility::Immutable
-                {
-                    immutable = false;
-                    return Ok(TreeNodeRecursion::Stop);
-                }
-                Ok(TreeNodeRecursion::Continue)
-            })
-        })
-    });
-    immutable
 }

@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
 
@@ -39,14 +38,10 @@ impl PlanCache {
         plans.get(text).cloned()
     }
 
-    /// Keeps `physical` for `text` if it may be reused (see the module docs).
-    pub(super) fn keep(
-        &self,
-        text: String,
-        logical: &LogicalPlan,
-        physical: &Arc<dyn ExecutionPlan>,
-    ) {
-        if !(only_immutable_functions(logical) && reads_only_stations(physical)) {
+    /// Keeps `physical` for `text` if it reads only the stations; the caller has checked
+    /// that its logical plan has only immutable functions (see the module docs).
+    pub(super) fn keep(&self, text: String, physical: &Arc<dyn ExecutionPlan>) {
+        if !reads_only_stations(physical) {
             return;
         }
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
@@ -55,28 +50,6 @@ impl PlanCache {
         }
         plans.insert(text, Arc::clone(physical));
     }
-}
-
-/// Whether every scalar and aggregate function in `plan` gives the same result whenever it runs.
-pub(super) fn only_immutable_functions(plan: &LogicalPlan) -> bool {
-    let mut immutable = true;
-    let _ = plan.apply_with_subqueries(|node| {
-        node.apply_expressions(|expr| {
-            expr.apply(|e| {
-                let volatile = match e {
-                    Expr::ScalarFunction(f) => f.func.signature().volatility,
-                    Expr::AggregateFunction(f) => f.func.signature().volatility,
-                    _ => Volatility::Immutable,
-                };
-                if volatile != Volatility::Immutable {
-                    immutable = false;
-                    return Ok(TreeNodeRecursion::Stop);
-                }
-                Ok(TreeNodeRecursion::Continue)
-            })
-        })
-    });
-    immutable
 }
 
 /// Whether every leaf of `plan` is a station fragment or the empty row of a `SELECT`

@@ -248,12 +248,7 @@ async fn plan_logical(
 /// (the station re-plans and checks whatever it is sent, every time): a refusal then fails
 /// the query, and what another station released to the hub for it is dropped there.
 fn checked_first(plan: &Arc<dyn ExecutionPlan>, trains: bool) -> bool {
-    trains
-        || query_tickets(plan).iter().any(|(station, ticket)| {
-            // Not retryable: a train, or the station half of a DP aggregate.
-            station.is_local() || !crate::exec::retryable(ticket)
-        })
-        || crate::exec::has_dp_fragment(plan)
+    trains || crate::exec::has_fragment_checked_first(plan)
 }
 
 /// Finishes planning a physical plan for `query`: its identity assigned, its fragments
@@ -686,7 +681,7 @@ impl Hub {
         }
         let logical = self.base.statement_to_plan(statement).await?;
         query_only().verify_plan(&logical)?;
-        if !cache::only_immutable_functions(&logical) {
+        if !railyard_policy::check::only_immutable_functions(&logical) {
             // now(), current_date and the like are folded into constants while planning, at
             // the session's start time: this query's, not the hub's.
             let mut state = self.base.clone();
@@ -695,7 +690,7 @@ impl Hub {
             return plan_physical(&state, physical, query, false).await;
         }
         let physical = self.base.create_physical_plan(&logical).await?;
-        self.plans.keep(text, &logical, &physical);
+        self.plans.keep(text, &physical);
         plan_physical(&self.base, physical, query, false).await
     }
 

@@ -48,7 +48,7 @@ use datafusion::functions::math::expr_fn::isnan;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator, Projection, SubqueryAlias,
-    TableScan,
+    TableScan, Volatility,
 };
 use datafusion::logical_expr::{cast, lit, when};
 use railyard_contract::ReleaseKind;
@@ -763,4 +763,28 @@ fn audit_domain(checker: &Checker<'_>, unit: Option<&str>, relational: bool) -> 
         Some(u) => format!("unit:{u}"),
         None => format!("table:{}", checker.table),
     })
+}
+
+/// Whether every scalar and aggregate function in `plan` gives the same result whenever it
+/// runs, so that a plan optimized once (constants folded) may be run again: a station's and
+/// the hub's plan caches keep only such plans.
+pub fn only_immutable_functions(plan: &LogicalPlan) -> bool {
+    let mut immutable = true;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                let volatile = match e {
+                    Expr::ScalarFunction(f) => f.func.signature().volatility,
+                    Expr::AggregateFunction(f) => f.func.signature().volatility,
+                    _ => Volatility::Immutable,
+                };
+                if volatile != Volatility::Immutable {
+                    immutable = false;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    immutable
 }
