@@ -592,6 +592,19 @@ async fn a_statement_asked_again_answers_as_if_planned_again() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     let second = now(client.query("SELECT now()").await.unwrap());
     assert_ne!(first, second, "now() is planned afresh");
+    // The same for a Substrait plan, which the hub plans from its logical form.
+    let planner = datafusion::prelude::SessionContext::new();
+    let logical = planner.sql("SELECT now()").await.unwrap();
+    let plan = datafusion_substrait::logical_plan::producer::to_substrait_plan(
+        logical.logical_plan(),
+        &planner.state(),
+    )
+    .unwrap();
+    let bytes = prost::Message::encode_to_vec(plan.as_ref());
+    let first = now(client.query_substrait(bytes.clone(), false).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = now(client.query_substrait(bytes, false).await.unwrap());
+    assert_ne!(first, second, "now() in a Substrait plan is planned afresh");
     // railyard.stations is read by the hub while it plans: a station that stops shows.
     let online = |a: railyard::client::Answer| format!("{:?}", crate::slt::format_rows(&a.batches));
     let before = online(

@@ -681,17 +681,26 @@ impl Hub {
         }
         let logical = self.base.statement_to_plan(statement).await?;
         query_only().verify_plan(&logical)?;
-        if !railyard_policy::check::only_immutable_functions(&logical) {
-            // now(), current_date and the like are folded into constants while planning, at
-            // the session's start time: this query's, not the hub's.
-            let mut state = self.base.clone();
-            state.mark_start_execution();
+        if let Some(state) = self.started_now(&logical) {
             let physical = state.create_physical_plan(&logical).await?;
             return plan_physical(&state, physical, query, false).await;
         }
         let physical = self.base.create_physical_plan(&logical).await?;
         self.plans.keep(text, &physical);
         plan_physical(&self.base, physical, query, false).await
+    }
+
+    /// For a plan calling `now()`, `current_date`, `random()` or another function that is not
+    /// immutable: a session whose start time is now. DataFusion folds `now()` and the like
+    /// into constants while planning, at the session's start time: this query's, not the
+    /// hub's. `None` (plan with the hub's own session) when every function is immutable.
+    fn started_now(&self, logical: &datafusion::logical_expr::LogicalPlan) -> Option<SessionState> {
+        if railyard_policy::check::only_immutable_functions(logical) {
+            return None;
+        }
+        let mut state = self.base.clone();
+        state.mark_start_execution();
+        Some(state)
     }
 
     /// A new query of `researcher`'s, whose planned fragments are numbered from
@@ -762,7 +771,10 @@ impl Hub {
         if explain_federated {
             return self.explain(&logical, &query).await;
         }
-        plan_logical(&self.base, logical, &query, false).await
+        match self.started_now(&logical) {
+            Some(state) => plan_logical(&state, logical, &query, false).await,
+            None => plan_logical(&self.base, logical, &query, false).await,
+        }
     }
 
     /// The ε `researcher` chose, if any.
