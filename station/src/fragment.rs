@@ -84,7 +84,7 @@ impl Station {
             return self.run_dp(ticket, &approved, release).await;
         }
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment approved");
-        let batches = match self.execute(&approved.plan).await {
+        let batches = match self.execute_kept(&ticket.sql, &approved.plan).await {
             Ok(batches) => batches,
             Err(e) => return Err(self.failure(ticket, None, &e).await),
         };
@@ -259,6 +259,29 @@ impl Station {
         plan: &LogicalPlan,
     ) -> Result<Vec<RecordBatch>, DataFusionError> {
         let (physical, task) = self.physical_plan(plan).await?;
+        execute_stream(physical, task)?.try_collect().await
+    }
+
+    /// Runs the approved plan of the fragment `sql`, from its physical plan kept from an
+    /// earlier run when there is one (see `kept.rs`).
+    async fn execute_kept(
+        &self,
+        sql: &str,
+        plan: &LogicalPlan,
+    ) -> Result<Vec<RecordBatch>, DataFusionError> {
+        let (physical, task) = match self.kept.get(sql)? {
+            Some(physical) => (
+                physical,
+                railyard_udfs::with_query_memory(Arc::clone(&self.task))?,
+            ),
+            None => {
+                let (physical, task) = self.physical_plan(plan).await?;
+                if railyard_policy::check::only_immutable_functions(plan) {
+                    self.kept.keep(sql, plan, &physical);
+                }
+                (physical, task)
+            }
+        };
         execute_stream(physical, task)?.try_collect().await
     }
 

@@ -20,6 +20,7 @@
 //!
 //! The station is the I/O shell around the pure rules of `railyard-policy`. Layout:
 //! [`fragment`] (approve and run a fragment: plan cache, check, execute, release, audit),
+//! `kept` (physical plans of fragments seen before),
 //! [`private`] (DP fragments: ε and budget, charge, noise), [`train_run`] (train fragments:
 //! image, input, container, output), [`service`] (the Flight service), [`source`] (files as
 //! tables), [`postgres`] (PostgreSQL relations as tables), [`dp`] (OpenDP noise),
@@ -29,6 +30,7 @@
 pub mod dp;
 pub mod error;
 pub mod fragment;
+mod kept;
 pub mod ledger;
 pub mod postgres;
 pub mod private;
@@ -94,6 +96,8 @@ pub struct Station {
     /// Approved plans of fragments seen before, by SQL text. Only plans without stable or
     /// volatile functions are kept (the optimizer folds `now()` into a constant).
     plans: Mutex<HashMap<String, fragment::Approved>>,
+    /// Physical plans of approved fragments seen before, by SQL text (see [`kept`]).
+    kept: kept::KeptPlans,
     /// Runs containerized trains (Docker is reached on the first train only).
     trains: train::Trains,
     /// The privacy ledger (ε spent), if the policy has a `[dp]` budget.
@@ -221,6 +225,7 @@ impl Station {
             keyed: config.collaboration_secret.is_some(),
             audit,
             plans: Mutex::new(HashMap::new()),
+            kept: kept::KeptPlans::default(),
             trains,
             ledger,
             threshold_key,

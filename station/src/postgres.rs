@@ -413,7 +413,7 @@ impl TableProvider for PostgresTable {
 }
 
 /// Reads one `SELECT` from PostgreSQL as Arrow batches.
-struct PostgresScanExec {
+pub(crate) struct PostgresScanExec {
     table: String,
     sql: String,
     schema: SchemaRef,

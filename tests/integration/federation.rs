@@ -627,3 +627,120 @@ async fn a_statement_asked_again_answers_as_if_planned_again() {
     assert!(after.contains("false"), "{after}");
     federation.shutdown().await.unwrap();
 }
+
+/// A station keeps the physical plans of fragments it has run (station/src/kept.rs): a
+/// fragment sent again answers from the station's data as it is now. A file that grows, a
+/// file replaced by another of the same size and modification time, and a Parquet file whose
+/// row count the planner could fold into a constant, are read afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_answers_a_fragment_sent_again_from_its_data_as_it_is_now() {
+    use futures::TryStreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("x", DataType::Int64, true),
+    ]));
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "x\n1\n2\n3\n").unwrap();
+    let parquet = dir.path().join("p.parquet");
+    let write_parquet = |values: Vec<i64>| {
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(arrow::array::Int64Array::from(values))],
+        )
+        .unwrap();
+        let file = std::fs::File::create(&parquet).unwrap();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, Arc::clone(&schema), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    };
+    write_parquet(vec![1, 2, 3]);
+    let tables = [
+        railyard_station::TableFile {
+            name: "t".into(),
+            path: csv.clone(),
+            format: railyard_station::Format::Csv,
+            schema: Some(Arc::clone(&schema)),
+        },
+        railyard_station::TableFile {
+            name: "p".into(),
+            path: parquet.clone(),
+            format: railyard_station::Format::Parquet,
+            schema: None,
+        },
+    ];
+    let config = railyard_station::StationConfig {
+        policy: railyard_station::Policy::load(&fixtures::repo().join("tests/policies/open.toml"))
+            .unwrap(),
+        audit_log: dir.path().join("audit").join("audit.jsonl"),
+        collaboration_secret: None,
+        hub_secret: None,
+    };
+    let station = railyard_station::Station::open("s", &tables, config)
+        .await
+        .unwrap();
+    // The named Int64 columns of the station's answer to `sql`.
+    let ask = async |sql: &str, columns: &[&str]| -> Vec<i64> {
+        let ticket = railyard_contract::FragmentTicket {
+            query_id: "q".into(),
+            fragment: 1,
+            researcher: "test".into(),
+            collaboration: String::new(),
+            epsilon: None,
+            sql: sql.into(),
+            train: None,
+        };
+        let stream = station.run_fragment(&ticket).await.unwrap();
+        let batches: Vec<RecordBatch> = stream.try_collect().await.unwrap();
+        columns
+            .iter()
+            .map(|name| {
+                batches[0]
+                    .column_by_name(name)
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .value(0)
+            })
+            .collect()
+    };
+    let sums = "SELECT count(*) AS n, sum(x) AS s FROM t";
+    assert_eq!(ask(sums, &["n", "s"]).await, [3, 6]);
+    assert_eq!(
+        ask(sums, &["n", "s"]).await,
+        [3, 6],
+        "the kept plan answers the same"
+    );
+    // The file grows (a kept plan would read only its old length).
+    std::fs::write(&csv, "x\n1\n2\n3\n4\n").unwrap();
+    assert_eq!(
+        ask(sums, &["n", "s"]).await,
+        [4, 10],
+        "a grown file is read whole"
+    );
+    // Replaced by a file of the same size and modification time, other values.
+    let before = std::fs::metadata(&csv).unwrap().modified().unwrap();
+    let other = dir.path().join("other.csv");
+    std::fs::write(&other, "x\n5\n6\n7\n8\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&other)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
+    std::fs::rename(&other, &csv).unwrap();
+    assert_eq!(
+        ask(sums, &["n", "s"]).await,
+        [4, 26],
+        "a replaced file is read afresh"
+    );
+    // A Parquet file's row count is known while planning; the answer follows the file.
+    let count = "SELECT count(*) AS n FROM p";
+    assert_eq!(ask(count, &["n"]).await, [3]);
+    assert_eq!(ask(count, &["n"]).await, [3]);
+    write_parquet(vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        ask(count, &["n"]).await,
+        [5],
+        "a rewritten Parquet file is counted afresh"
+    );
+}
