@@ -96,3 +96,27 @@ pub(crate) fn partitions_for(tables: &[TableFile]) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (bytes.div_ceil(BYTES_PER_PARTITION) as usize).clamp(1, cores)
 }
+
+/// Rows per batch a station's queries use: DataFusion's 8,192 for any sizeable data, fewer
+/// for small files. Each file a query scans gets a reader sized for a whole batch (for CSV,
+/// offsets for batch × columns fields, allocated and zeroed per scan), which dominates a
+/// small station's fragment. The largest file's bytes / 32 (a short row) is taken as its
+/// rows, rounded up to a power of two, at least 256. Only speed depends on it: a file with
+/// more rows than a batch is read in more batches. Stations that also read PostgreSQL
+/// relations, whose sizes are not known here, keep the default.
+pub(crate) fn batch_size_for(tables: &[TableFile], postgres: bool) -> usize {
+    const DEFAULT: usize = 8192;
+    const SMALLEST: usize = 256;
+    if postgres {
+        return DEFAULT;
+    }
+    let largest = tables
+        .iter()
+        .map(|t| std::fs::metadata(&t.path).map_or(u64::MAX, |m| m.len()))
+        .max()
+        .unwrap_or(u64::MAX);
+    let rows = usize::try_from(largest / 32).unwrap_or(usize::MAX);
+    rows.checked_next_power_of_two()
+        .unwrap_or(DEFAULT)
+        .clamp(SMALLEST, DEFAULT)
+}
