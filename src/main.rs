@@ -12,6 +12,10 @@ use railyard::{demo, synth};
 use railyard_engine::HubOptions;
 use tokio::net::TcpListener;
 
+/// See the `mimalloc` dependency in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Railyard: federated analytics for health research. Stations keep patient data at home;
 /// researchers send SQL to a hub, and only aggregates come back.
 #[derive(Debug, Parser)]
