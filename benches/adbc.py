@@ -263,11 +263,11 @@ def section_tpch(tmp, runs=7):
     files = sorted(str(p) for p in lineitem.glob("*.parquet"))
     duck = duckdb.connect()
     duck.execute(f"CREATE VIEW lineitem AS SELECT * FROM read_parquet({files!r})")
-    want = duck.execute(TPCH_Q1).to_arrow_table()
+    want = duck.sql(TPCH_Q1).to_arrow_table()
     d = []
     for _ in range(runs + 1):
         t = time.perf_counter()
-        duck.execute(TPCH_Q1).to_arrow_table()
+        duck.sql(TPCH_Q1).to_arrow_table()
         d.append(time.perf_counter() - t)
     hub = local(tmp / "tpchfed", [("lineitem", lineitem)], policy=REPO / "tests" / "policies" / "open.toml")
     try:
