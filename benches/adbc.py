@@ -7,7 +7,7 @@ the targets of issue 24.
                                                 #   tpch glm
 
 Every figure comes from this run, on this machine, with the release build:
-- floor: the same ADBC calls against examples/flight_sql_floor.rs, a Flight SQL server
+- floor: the same ADBC calls against src/bin/flight_sql_floor.rs, a Flight SQL server
   that answers one constant row (no planning, no stations): what the driver, gRPC and
   loopback cost on their own. Printed beside each latency.
 - latency: `SELECT 1` at the hub and a small aggregate over three lung stations under the
