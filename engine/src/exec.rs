@@ -1,8 +1,8 @@
 //! Running fragments: the Flight-client operator and the hub's physical planner.
 //!
 //! ```text
-//!   FragmentNode (logical) ──FragmentPlanner──▶ FragmentExec, one partition per station
-//!                                                 partition i: DoGet(ticket) on station i,
+//!   FragmentNode (logical) ──FragmentPlanner──▶ FragmentExec, one partition
+//!                                                 a DoGet(ticket) per station, all
 //!                                                 spawned at once, bounded by a deadline
 //! ```
 
@@ -24,7 +24,6 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{LogicalPlan, UserDefinedLogicalNode};
 use datafusion::physical_expr::EquivalenceProperties;
-use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::limit::GlobalLimitExec;
 use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
@@ -61,8 +60,9 @@ pub struct QueryContext {
     pub withheld: Withheld,
 }
 
-/// Physical operator that runs one fragment at every station of its table; partition `i`
-/// streams station `i`'s answer.
+/// Physical operator that runs one fragment at every station of its table; its one
+/// partition streams every station's answer as it arrives. (One partition per station cost
+/// the hub a task, a channel and a partial-aggregate stream per station.)
 ///
 /// The operator is planned without knowing who asks; the hub assigns the query's identity
 /// with [`FragmentExec::with_query`] before executing (see [`assign_query`]), so one shared
@@ -155,7 +155,7 @@ impl FragmentExec {
     pub fn new(fragment: Arc<Fragment>, stations: Vec<StationClient>) -> Self {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(Arc::clone(&fragment.schema)),
-            Partitioning::UnknownPartitioning(stations.len()),
+            Partitioning::UnknownPartitioning(1),
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
@@ -503,56 +503,63 @@ impl ExecutionPlan for FragmentExec {
         partition: usize,
         _context: Arc<TaskContext>,
     ) -> DfResult<SendableRecordBatchStream> {
-        let station = self.stations.get(partition).cloned().ok_or_else(|| {
-            DataFusionError::Internal(format!("FragmentExec has no partition {partition}"))
-        })?;
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "FragmentExec has one partition, not {partition}"
+            )));
+        }
         let query = self.query.as_ref().ok_or_else(|| {
             DataFusionError::Internal("a fragment was executed without a query identity".into())
         })?;
         let schema = Arc::clone(&self.fragment.schema);
-        let mut builder = RecordBatchReceiverStream::builder(Arc::clone(&schema), 2);
-        let tx = builder.tx();
-        let ticket = self.ticket(query);
+        let mut builder =
+            RecordBatchReceiverStream::builder(Arc::clone(&schema), 2 * self.stations.len().max(1));
         let timeout = query.fragment_timeout;
-        let withheld = query.withheld.clone();
-        let outcomes = Arc::clone(&self.outcomes);
-        // Spawned at once, so every station starts as soon as the plan starts, whatever
-        // order DataFusion polls the partitions in.
-        builder.spawn(async move {
-            let deadline = Instant::now() + timeout;
-            let fragment = ticket.fragment;
-            let result = fetch(&station, ticket, Some(&schema), deadline, |batch| {
-                outcomes.passed(partition);
-                let tx = tx.clone();
-                async move { tx.send(Ok(batch)).await.is_ok() }
-            })
-            .await;
-            if result.is_ok() {
-                outcomes.passed(partition);
-            }
-            if let Ok(announced) = &result
-                && let Some(n) = crate::withheld::announced(announced)
-            {
-                withheld.station(&station.name, n);
-            }
-            if let Err(failure) = result {
-                let failure = match failure {
-                    Fetch::Timeout => StationFailure::Timeout {
-                        station: station.name.to_string(),
-                        fragment,
-                        timeout,
-                    },
-                    Fetch::Failed(f) => f,
-                };
-                // The first station's failure in station order, as a check round would
-                // have reported it.
-                let failure = outcomes.failed(partition, failure).await;
-                let _ = tx
-                    .send(Err(DataFusionError::External(Box::new(failure))))
-                    .await;
-            }
-            Ok(())
-        });
+        // Every station is spawned at once, so all start as soon as the plan starts; their
+        // batches arrive on one stream, in whatever order they come.
+        for (index, station) in self.stations.iter().enumerate() {
+            let station = station.clone();
+            let tx = builder.tx();
+            let ticket = self.ticket(query);
+            let schema = Arc::clone(&schema);
+            let withheld = query.withheld.clone();
+            let outcomes = Arc::clone(&self.outcomes);
+            builder.spawn(async move {
+                let deadline = Instant::now() + timeout;
+                let fragment = ticket.fragment;
+                let result = fetch(&station, ticket, Some(&schema), deadline, |batch| {
+                    outcomes.passed(index);
+                    let tx = tx.clone();
+                    async move { tx.send(Ok(batch)).await.is_ok() }
+                })
+                .await;
+                if result.is_ok() {
+                    outcomes.passed(index);
+                }
+                if let Ok(announced) = &result
+                    && let Some(n) = crate::withheld::announced(announced)
+                {
+                    withheld.station(&station.name, n);
+                }
+                if let Err(failure) = result {
+                    let failure = match failure {
+                        Fetch::Timeout => StationFailure::Timeout {
+                            station: station.name.to_string(),
+                            fragment,
+                            timeout,
+                        },
+                        Fetch::Failed(f) => f,
+                    };
+                    // The first station's failure in station order, as a check round would
+                    // have reported it.
+                    let failure = outcomes.failed(index, failure).await;
+                    let _ = tx
+                        .send(Err(DataFusionError::External(Box::new(failure))))
+                        .await;
+                }
+                Ok(())
+            });
+        }
         Ok(builder.build())
     }
 }
@@ -831,11 +838,7 @@ impl ExtensionPlanner for FragmentPlanner {
         let fetch = fragment.fetch;
         let mut exec: Arc<dyn ExecutionPlan> = Arc::new(FragmentExec::new(fragment, stations));
         if let Some(n) = fetch {
-            exec = Arc::new(GlobalLimitExec::new(
-                Arc::new(CoalescePartitionsExec::new(exec)),
-                0,
-                Some(n),
-            ));
+            exec = Arc::new(GlobalLimitExec::new(exec, 0, Some(n)));
         }
         Ok(Some(exec))
     }

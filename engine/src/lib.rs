@@ -9,7 +9,7 @@
 //!                                              ▼
 //!                         merge operators (final aggregates, joins, sort, limit)
 //!                                              ▲
-//!                         FragmentExec: one partition per station, concurrent DoGet
+//!                         FragmentExec: one stream of every station's DoGet, concurrent
 //!                                              ▲
 //!                              stations (Arrow Flight, railyard-contract), or the
 //!                              in-process join station of a vertical table
