@@ -99,11 +99,12 @@ pub(crate) fn partitions_for(tables: &[TableFile]) -> usize {
 
 /// Rows per batch a station's queries use: DataFusion's 8,192 for any sizeable data, fewer
 /// for small files. Each file a query scans gets a reader sized for a whole batch (for CSV,
-/// offsets for batch × columns fields, allocated and zeroed per scan), which dominates a
+/// offsets for batch × columns fields, allocated and zeroed per scan), a visible part of a
 /// small station's fragment. The largest file's bytes / 32 (a short row) is taken as its
-/// rows, rounded up to a power of two, at least 256. Only speed depends on it: a file with
-/// more rows than a batch is read in more batches. Stations that also read PostgreSQL
-/// relations, whose sizes are not known here, keep the default.
+/// rows, rounded up to a power of two, at least 256; it is measured when the station opens.
+/// Only speed depends on it: a file with more rows than a batch is read in more batches.
+/// Stations that also read PostgreSQL relations, whose sizes are not known here, keep the
+/// default.
 pub(crate) fn batch_size_for(tables: &[TableFile], postgres: bool) -> usize {
     const DEFAULT: usize = 8192;
     const SMALLEST: usize = 256;
