@@ -6,6 +6,7 @@ mod cache;
 mod epsilon;
 mod policies;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -681,26 +682,29 @@ impl Hub {
         }
         let logical = self.base.statement_to_plan(statement).await?;
         query_only().verify_plan(&logical)?;
-        if let Some(state) = self.started_now(&logical) {
-            let physical = state.create_physical_plan(&logical).await?;
-            return plan_physical(&state, physical, query, false).await;
+        let state = self.session_for(&logical);
+        let physical = state.create_physical_plan(&logical).await?;
+        if matches!(state, Cow::Borrowed(_)) {
+            self.plans.keep(text, &physical);
         }
-        let physical = self.base.create_physical_plan(&logical).await?;
-        self.plans.keep(text, &physical);
-        plan_physical(&self.base, physical, query, false).await
+        plan_physical(&state, physical, query, false).await
     }
 
-    /// For a plan calling `now()`, `current_date`, `random()` or another function that is not
-    /// immutable: a session whose start time is now. DataFusion folds `now()` and the like
-    /// into constants while planning, at the session's start time: this query's, not the
-    /// hub's. `None` (plan with the hub's own session) when every function is immutable.
-    fn started_now(&self, logical: &datafusion::logical_expr::LogicalPlan) -> Option<SessionState> {
+    /// The session to plan `logical` in: the hub's own when every function is immutable;
+    /// for a plan calling `now()`, `current_date`, `random()` or another function that is
+    /// not, a copy whose start time is now. DataFusion folds `now()` and the like into
+    /// constants while optimizing, at the session's start time: this query's, not the hub's.
+    /// Only plans made in the hub's own session may be kept (see `cache`).
+    fn session_for(
+        &self,
+        logical: &datafusion::logical_expr::LogicalPlan,
+    ) -> Cow<'_, SessionState> {
         if railyard_policy::check::only_immutable_functions(logical) {
-            return None;
+            return Cow::Borrowed(&self.base);
         }
         let mut state = self.base.clone();
         state.mark_start_execution();
-        Some(state)
+        Cow::Owned(state)
     }
 
     /// A new query of `researcher`'s, whose planned fragments are numbered from
@@ -725,7 +729,7 @@ impl Hub {
         query: &QueryContext,
     ) -> Result<Planned> {
         query_only().verify_plan(logical)?;
-        let optimized = self.base.optimize(logical)?;
+        let optimized = self.session_for(logical).optimize(logical)?;
         let federated = self.planner.federate(&optimized).await?;
         let epsilon = self.explain_epsilon(&federated, query).await?;
         let batch = explain_batch(&federated, &epsilon)?;
@@ -771,10 +775,8 @@ impl Hub {
         if explain_federated {
             return self.explain(&logical, &query).await;
         }
-        match self.started_now(&logical) {
-            Some(state) => plan_logical(&state, logical, &query, false).await,
-            None => plan_logical(&self.base, logical, &query, false).await,
-        }
+        let state = self.session_for(&logical);
+        plan_logical(&state, logical, &query, false).await
     }
 
     /// The ε `researcher` chose, if any.
