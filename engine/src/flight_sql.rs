@@ -557,7 +557,8 @@ impl HubFlightSql {
 }
 
 /// `schema` as the IPC message a prepared statement's result carries.
-fn schema_ipc(schema: &Schema) -> Result<prost::bytes::Bytes, Status> {
+/// `schema` as the IPC message Flight SQL answers carry it in.
+pub fn schema_ipc(schema: &Schema) -> Result<prost::bytes::Bytes, Status> {
     let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
         .try_into()
         .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use arrow::array::{Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use arrow_flight::sql::server::FlightSqlService;
@@ -23,10 +22,7 @@ use arrow_flight::sql::{
     ActionCreatePreparedStatementResult, CommandPreparedStatementQuery, CommandStatementQuery,
     ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
-use arrow_flight::{
-    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc,
-    Ticket,
-};
+use arrow_flight::{Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
 use futures::{Stream, TryStreamExt, stream};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -92,13 +88,9 @@ impl FlightSqlService for Floor {
         query: ActionCreatePreparedStatementRequest,
         _request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let IpcMessage(schema) =
-            SchemaAsIpc::new(self.batch.schema().as_ref(), &IpcWriteOptions::default())
-                .try_into()
-                .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
-            dataset_schema: schema,
+            dataset_schema: railyard_engine::flight_sql::schema_ipc(self.batch.schema().as_ref())?,
             parameter_schema: Default::default(),
         })
     }

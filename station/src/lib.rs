@@ -152,9 +152,11 @@ impl Station {
             let table = postgres::PostgresTable::open(&name, source).await?;
             providers.push((source.name.clone(), Arc::new(table)));
         }
-        let session = railyard_udfs::fragment_session_config()
-            .with_target_partitions(source::partitions_for(tables))
-            .with_batch_size(source::batch_size_for(tables, !postgres.is_empty()));
+        let session = source::sized(
+            railyard_udfs::fragment_session_config(),
+            tables,
+            !postgres.is_empty(),
+        );
         let ctx = railyard_udfs::fragment_context_with(session)?;
         if let Some(secret) = &config.collaboration_secret {
             let keyed = Pseudonym::keyed(Arc::clone(secret))

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use arrow::datatypes::SchemaRef;
-use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
 
@@ -81,18 +81,27 @@ impl TableFile {
     }
 }
 
+/// `config` with the settings that follow the size of a station's files (read once, when
+/// the station opens): its partitions and its batch size. `postgres`: the station also
+/// reads PostgreSQL relations.
+pub(crate) fn sized(config: SessionConfig, tables: &[TableFile], postgres: bool) -> SessionConfig {
+    let sizes: Vec<Option<u64>> = tables
+        .iter()
+        .map(|t| std::fs::metadata(&t.path).ok().map(|m| m.len()))
+        .collect();
+    config
+        .with_target_partitions(partitions_for(&sizes))
+        .with_batch_size(batch_size_for(&sizes, postgres))
+}
+
 /// Bytes of data per partition a station aims for.
 const BYTES_PER_PARTITION: u64 = 16 * 1024 * 1024;
 
 /// How many partitions a station's queries use: one per [`BYTES_PER_PARTITION`] of its
 /// files, at most one per core. Small stations answer fastest from one partition (no
 /// repartitioning between the two aggregation phases); large ones use every core.
-pub(crate) fn partitions_for(tables: &[TableFile]) -> usize {
-    let bytes: u64 = tables
-        .iter()
-        .filter_map(|t| std::fs::metadata(&t.path).ok())
-        .map(|m| m.len())
-        .sum();
+fn partitions_for(sizes: &[Option<u64>]) -> usize {
+    let bytes: u64 = sizes.iter().flatten().sum();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (bytes.div_ceil(BYTES_PER_PARTITION) as usize).clamp(1, cores)
 }
@@ -105,15 +114,15 @@ pub(crate) fn partitions_for(tables: &[TableFile]) -> usize {
 /// Only speed depends on it: a file with more rows than a batch is read in more batches.
 /// Stations that also read PostgreSQL relations, whose sizes are not known here, keep the
 /// default.
-pub(crate) fn batch_size_for(tables: &[TableFile], postgres: bool) -> usize {
+fn batch_size_for(sizes: &[Option<u64>], postgres: bool) -> usize {
     const DEFAULT: usize = 8192;
     const SMALLEST: usize = 256;
     if postgres {
         return DEFAULT;
     }
-    let largest = tables
+    let largest = sizes
         .iter()
-        .map(|t| std::fs::metadata(&t.path).map_or(u64::MAX, |m| m.len()))
+        .map(|size| size.unwrap_or(u64::MAX))
         .max()
         .unwrap_or(u64::MAX);
     let rows = usize::try_from(largest / 32).unwrap_or(usize::MAX);
