@@ -79,6 +79,10 @@ GLM_CASES = {
     "linear": ("breast_cancer", "mean_area ~ mean_radius + mean_texture", "gaussian", None, None),
     "linear_no_intercept": ("breast_cancer", "mean_area ~ mean_radius + mean_texture - 1", "gaussian", None, None),
     "poisson_complete_cases": ("lung", "ph_ecog ~ age + sex", "poisson", None, None),
+    # Without an intercept the null deviance is still the intercept-only model's (statsmodels'
+    # convention): binomial derives it from its first round, poisson asks a round for it.
+    "logistic_no_intercept": ("lung", "status ~ age + sex - 1", "binomial", None, None),
+    "poisson_no_intercept": ("lung", "ph_ecog ~ age + sex - 1", "poisson", None, None),
     "logistic_categorical": ("lung", "status ~ age + C(sex)", "binomial", None, None),
     # ph_ecog = 3 holds one patient (its coefficient would diverge): filtered out.
     "logistic_categorical_filtered": (

@@ -183,45 +183,70 @@ impl GlmJob {
         Ok((design, rows))
     }
 
+    /// The null model's linear predictor g(ȳ) from n and Σy of the complete rows, or the
+    /// error that the model cannot be fitted.
+    fn null_point(&self, n: f64, sum_y: f64) -> Result<f64> {
+        if n == 0.0 {
+            return exec_err!("glm: no complete rows");
+        }
+        let start = self.family.link(sum_y / n);
+        if !start.is_finite() {
+            return exec_err!(
+                "glm: the outcome is constant over the complete rows: the model cannot be fitted"
+            );
+        }
+        Ok(start)
+    }
+
     pub async fn run(&self, rounds: &Rounds) -> Result<RecordBatch> {
         let (design, rows) = self.design(rounds).await?;
         let intercept = self.formula.intercept;
         let q = design.len() + usize::from(intercept);
         let layout = GlmLayout { q };
 
-        // The null model: intercept only, over the same complete rows.
-        let first = self.terms(rounds, &rows, &[], true, &[0.0]).await?;
-        let n = first[GlmLayout::N];
-        if n == 0.0 {
-            return exec_err!("glm: no complete rows");
-        }
-        let mean = first[GlmLayout::SUM_Y] / n;
-        let start = self.family.link(mean);
-        if !start.is_finite() {
-            return exec_err!(
-                "glm: the outcome is constant over the complete rows: the model cannot be fitted"
-            );
-        }
-        // With an intercept, the first iteration's point (b0 = g(ȳ), every other
-        // coefficient 0) is the null model's: its deviance is the null deviance, and no
-        // round of its own is needed.
-        let mut null_deviance = if intercept {
-            None
-        } else {
-            Some(self.terms(rounds, &rows, &[], true, &[start]).await?[GlmLayout::DEVIANCE])
+        // Where Fisher scoring starts, and the null deviance (the intercept-only model at
+        // ȳ, over the same rows, with or without an intercept in the model):
+        // - binomial and gaussian start at b = 0 (μ = ½, μ = 0). That round also answers n
+        //   and Σy, and the null deviance follows from its deviance in closed form
+        //   (`null_deviance_from_zero`): one round fewer, and a gaussian model is one round.
+        // - poisson starts at the null model's point b = (log ȳ, 0, …, 0): from b = 0 (μ = 1
+        //   everywhere) the first step overflows for large counts. ȳ takes a round of its
+        //   own; with an intercept, the first iteration's deviance is the null deviance.
+        let (mut beta, mut null_deviance, mut first) = match self.family {
+            Family::Binomial | Family::Gaussian => {
+                let beta = vec![0.0; q];
+                let sums = self.terms(rounds, &rows, &design, intercept, &beta).await?;
+                let (n, sum_y) = (sums[GlmLayout::N], sums[GlmLayout::SUM_Y]);
+                self.null_point(n, sum_y)?;
+                let null =
+                    null_deviance_from_zero(self.family, sums[GlmLayout::DEVIANCE], n, sum_y);
+                (beta, Some(null), Some(sums))
+            }
+            Family::Poisson => {
+                let first = self.terms(rounds, &rows, &[], true, &[0.0]).await?;
+                let start = self.null_point(first[GlmLayout::N], first[GlmLayout::SUM_Y])?;
+                let null = if intercept {
+                    None
+                } else {
+                    Some(self.terms(rounds, &rows, &[], true, &[start]).await?[GlmLayout::DEVIANCE])
+                };
+                let mut beta = vec![0.0; q];
+                if intercept {
+                    beta[0] = start;
+                }
+                (beta, null, None)
+            }
         };
-
-        let mut beta = vec![0.0; q];
-        if intercept {
-            beta[0] = start;
-        }
         let mut previous_deviance = f64::INFINITY;
         let mut converged = false;
         let mut iterations = 0;
         let mut sums;
         loop {
             iterations += 1;
-            sums = self.terms(rounds, &rows, &design, intercept, &beta).await?;
+            sums = match first.take() {
+                Some(sums) => sums,
+                None => self.terms(rounds, &rows, &design, intercept, &beta).await?,
+            };
             let deviance = sums[GlmLayout::DEVIANCE];
             null_deviance.get_or_insert(deviance);
             let Some(next) = spd_solve(&sums[layout.xtwx()], &sums[layout.xtwz()]) else {
@@ -325,6 +350,26 @@ impl GlmJob {
     }
 }
 
+/// The deviance of the intercept-only model at ȳ = Σy / n, from the deviance `d0` of the
+/// same rows at b = 0 (η = 0 on every row):
+/// - binomial: D(m) = 2S − 2n(ȳ ln m + (1 − ȳ) ln(1 − m)) with S = Σ y ln y + (1 − y) ln(1 − y),
+///   so D(ȳ) = D(½) − 2n ln 2 − 2n(ȳ ln ȳ + (1 − ȳ) ln(1 − ȳ));
+/// - gaussian: D(m) = Σ(y − m)², so D(ȳ) = D(0) − (Σy)² / n;
+/// - poisson: D(m) = 2Σ(y ln y − y) − 2Σy ln m + 2nm, so D(ȳ) = D(1) − 2n + 2Σy − 2Σy ln ȳ
+///   (`GlmJob::run` does not start poisson fits at b = 0; the formula is here for all three).
+fn null_deviance_from_zero(family: Family, d0: f64, n: f64, sum_y: f64) -> f64 {
+    let mean = sum_y / n;
+    let null = match family {
+        Family::Binomial => {
+            d0 - 2.0 * n * std::f64::consts::LN_2
+                - 2.0 * n * (mean * mean.ln() + (1.0 - mean) * (1.0 - mean).ln())
+        }
+        Family::Gaussian => d0 - sum_y * sum_y / n,
+        Family::Poisson => d0 - 2.0 * n + 2.0 * sum_y - 2.0 * sum_y * mean.ln(),
+    };
+    null.max(0.0)
+}
+
 /// `term, estimate, std_error, statistic, p_value`.
 pub(crate) fn coefficient_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -353,4 +398,52 @@ pub(crate) fn coefficients(
             Arc::new(Float64Array::from(p_values)),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The deviance of a constant mean `m`, from each family's definition.
+    fn deviance(family: Family, y: &[f64], m: f64) -> f64 {
+        let xlogy = |x: f64, r: f64| if x > 0.0 { x * r.ln() } else { 0.0 };
+        y.iter()
+            .map(|&y| match family {
+                Family::Gaussian => (y - m) * (y - m),
+                Family::Binomial => 2.0 * (xlogy(y, y / m) + xlogy(1.0 - y, (1.0 - y) / (1.0 - m))),
+                Family::Poisson => 2.0 * (xlogy(y, y / m) - (y - m)),
+            })
+            .sum()
+    }
+
+    #[test]
+    fn the_null_deviance_follows_from_the_deviance_at_zero() {
+        let cases = [
+            (
+                Family::Binomial,
+                0.5,
+                vec![0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.25, 0.9],
+            ),
+            (
+                Family::Gaussian,
+                0.0,
+                vec![61.0, 74.5, 58.0, 70.0, 66.25, 80.0],
+            ),
+            (
+                Family::Poisson,
+                1.0,
+                vec![0.0, 3.0, 12.0, 7.0, 1.0, 40.0, 2.0],
+            ),
+        ];
+        for (family, mean_at_zero, y) in cases {
+            let n = y.len() as f64;
+            let sum_y: f64 = y.iter().sum();
+            let got = null_deviance_from_zero(family, deviance(family, &y, mean_at_zero), n, sum_y);
+            let want = deviance(family, &y, sum_y / n);
+            assert!(
+                (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                "{family:?}: {got} against {want}"
+            );
+        }
+    }
 }
