@@ -516,7 +516,11 @@ impl ExecutionPlan for FragmentExec {
             RecordBatchReceiverStream::builder(Arc::clone(&schema), 2 * self.stations.len().max(1));
         let timeout = query.fragment_timeout;
         // Every station is spawned at once, so all start as soon as the plan starts; their
-        // batches arrive on one stream, in whatever order they come.
+        // batches arrive on one stream, in whatever order they come. Each fetch runs on a
+        // task of its own that dropping the stream does not abort (the first station's
+        // refusal ends the query): every station the fragment was planned for is still
+        // asked, and decides and audits it, whatever the timing. A fetch stops at its next
+        // batch once nobody reads the stream; a panic still reaches the stream.
         for (index, station) in self.stations.iter().enumerate() {
             let station = station.clone();
             let tx = builder.tx();
@@ -524,7 +528,7 @@ impl ExecutionPlan for FragmentExec {
             let schema = Arc::clone(&schema);
             let withheld = query.withheld.clone();
             let outcomes = Arc::clone(&self.outcomes);
-            builder.spawn(async move {
+            let fetch_one = async move {
                 let deadline = Instant::now() + timeout;
                 let fragment = ticket.fragment;
                 let result = fetch(&station, ticket, Some(&schema), deadline, |batch| {
@@ -557,7 +561,16 @@ impl ExecutionPlan for FragmentExec {
                         .send(Err(DataFusionError::External(Box::new(failure))))
                         .await;
                 }
-                Ok(())
+            };
+            let detached = tokio::spawn(fetch_one);
+            builder.spawn(async move {
+                match detached.await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(e) => Err(DataFusionError::Internal(format!(
+                        "a station's fetch did not finish: {e}"
+                    ))),
+                }
             });
         }
         Ok(builder.build())

@@ -219,6 +219,15 @@ async fn a_refused_query_runs_nowhere_and_every_station_audits_its_own_decision(
     let text = format!("{err:#}");
     assert!(text.contains("(rule unsafe_aggregate)"), "{text}");
     assert!(text.contains("PermissionDenied"), "{text}");
+    // The first refusal ends the query at once; the other stations were asked too and
+    // record their own refusal, maybe a moment later.
+    for s in STATIONS {
+        let log = governance.audit_log(s);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while read_records(&log).len() < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     federation.shutdown().await.unwrap();
     for s in STATIONS {
         let records = read_records(&governance.audit_log(s));
