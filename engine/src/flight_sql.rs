@@ -556,8 +556,8 @@ impl HubFlightSql {
     }
 }
 
-/// `schema` as the IPC message a prepared statement's result carries.
-/// `schema` as the IPC message Flight SQL answers carry it in.
+/// `schema` as the IPC message a prepared statement's result carries (also the floor
+/// server's, `src/bin/flight_sql_floor.rs`).
 pub fn schema_ipc(schema: &Schema) -> Result<prost::bytes::Bytes, Status> {
     let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
         .try_into()
