@@ -19,13 +19,15 @@
 //! the per-station sums of the statistical models (their value is their state: the hub adds
 //! them up and solves); [`pseudonym`] is the keyed HMAC that links vertically partitioned
 //! tables (keyed only at stations); [`checked_sum`] replaces `sum` so that integer sums
-//! travel in 128 bits and never wrap; [`register_partials`] installs the
-//! station halves into a session, and [`fragment_session_config`] is the configuration under
-//! which a fragment's SQL is planned, identical at the hub (to predict the fragment's schema)
-//! and at every station.
+//! travel in 128 bits and never wrap; [`decimal_arith`] is an optimizer rule for decimal
+//! arithmetic (the same values, computed with fewer 128-bit checks); [`register_partials`]
+//! installs the station halves into a session, and [`fragment_session_config`] is the
+//! configuration under which a fragment's SQL is planned, identical at the hub (to predict
+//! the fragment's schema) and at every station.
 
 pub mod capped;
 pub mod checked_sum;
+pub mod decimal_arith;
 pub mod dp;
 pub mod glm_terms;
 pub mod merge;
@@ -154,7 +156,8 @@ pub fn fragment_session_config() -> SessionConfig {
         .with_create_default_catalog_and_schema(true)
 }
 
-/// A session for fragments: the default functions plus every partial wrapper.
+/// A session for fragments: the default functions plus every partial wrapper, and the
+/// optimizer rule for faster decimal arithmetic ([`decimal_arith`]).
 pub fn fragment_context() -> Result<SessionContext> {
     fragment_context_with(fragment_session_config())
 }
@@ -163,6 +166,7 @@ pub fn fragment_context() -> Result<SessionContext> {
 /// with another number of partitions).
 pub fn fragment_context_with(config: SessionConfig) -> Result<SessionContext> {
     let mut ctx = SessionContext::new_with_config(config);
+    ctx.add_optimizer_rule(Arc::new(decimal_arith::DecimalArithmetic::default()));
     register_models(&ctx);
     dp::register(&mut ctx)?;
     // Unkeyed: fragments that pseudonymize plan everywhere; a station replaces it with its
