@@ -492,4 +492,30 @@ mod tests {
             assert_eq!(got, ScalarValue::Decimal128(Some(-10_625), 12, 3));
         }
     }
+
+    /// `decimal_mul` exists only in plans the rule rewrote: a fragment (from a researcher,
+    /// or from a compromised hub) cannot call it by name.
+    #[tokio::test]
+    async fn a_fragment_cannot_call_decimal_mul() {
+        let ctx = crate::fragment_context().unwrap();
+        ctx.register_batch("t", table()).unwrap();
+        let err = ctx
+            .sql("SELECT decimal_mul(price, rate) FROM t")
+            .await
+            .unwrap_err()
+            .strip_backtrace();
+        assert!(err.contains("decimal_mul"), "{err}");
+        // The rule itself is in the fragment session.
+        let plan = ctx
+            .sql("SELECT price * rate FROM t")
+            .await
+            .unwrap()
+            .into_optimized_plan()
+            .unwrap();
+        assert!(
+            plan.display_indent().to_string().contains("decimal_mul("),
+            "{}",
+            plan.display_indent()
+        );
+    }
 }
