@@ -146,7 +146,7 @@ impl JoinStation {
             Ok(physical) => physical,
             Err(e) => return Err(self.plan_failure(ticket, e).await),
         };
-        let task = match railyard_udfs::query_task_of(&state) {
+        let task = match railyard_udfs::query_task(&state) {
             Ok(task) => task,
             Err(e) => return Err(self.run_failure(ticket, e).await),
         };

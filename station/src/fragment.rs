@@ -270,10 +270,7 @@ impl Station {
         plan: &LogicalPlan,
     ) -> Result<Vec<RecordBatch>, DataFusionError> {
         let (physical, task) = match self.kept.get(sql)? {
-            Some(physical) => (
-                physical,
-                railyard_udfs::with_query_memory(Arc::clone(&self.task))?,
-            ),
+            Some(physical) => (physical, railyard_udfs::query_task(&self.state)?),
             None => {
                 let (physical, task) = self.physical_plan(plan).await?;
                 if railyard_policy::check::only_immutable_functions(plan) {
@@ -295,10 +292,7 @@ impl Station {
             .query_planner()
             .create_physical_plan(plan, &self.state)
             .await?;
-        Ok((
-            physical,
-            railyard_udfs::with_query_memory(Arc::clone(&self.task))?,
-        ))
+        Ok((physical, railyard_udfs::query_task(&self.state)?))
     }
 
     /// The logical plan of a fragment's SQL: a query, never DDL, DML or `SET`.

@@ -85,10 +85,6 @@ pub struct Station {
     name: String,
     ctx: SessionContext,
     state: SessionState,
-    /// The session's functions and settings as a task context, built once: each fragment's
-    /// own context (with its own memory limit) is made from it, which saves cloning every
-    /// function registry twice per fragment.
-    task: Arc<datafusion::execution::TaskContext>,
     policy: Policy,
     /// Whether the station holds a collaboration secret (can compute pseudonyms).
     keyed: bool,
@@ -211,7 +207,6 @@ impl Station {
             usize::try_from(config.policy.trains.max_concurrent).unwrap_or(usize::MAX),
         );
         let state = ctx.state();
-        let task = state.task_ctx();
         let policy_version = {
             use sha2::Digest;
             // The policy as loaded, every setting in a fixed order (its maps are ordered).
@@ -222,7 +217,6 @@ impl Station {
             name,
             ctx,
             state,
-            task,
             policy_version,
             policy: config.policy,
             keyed: config.collaboration_secret.is_some(),

@@ -91,55 +91,28 @@ pub fn partial_of(inner: Arc<AggregateUDF>, distinct: bool) -> Arc<AggregateUDF>
 /// The memory one query may use, at the hub or at a station (limit `query_memory_bytes`).
 pub const QUERY_MEMORY_BYTES: usize = 1 << 30;
 
-/// `task` with a memory pool of its own, of [`QUERY_MEMORY_BYTES`]: one query that grows
-/// without bound (a huge grouping, a string function over many rows) fails alone, with
-/// "resources exhausted", instead of taking the process down with it.
-pub fn with_query_memory(
-    task: Arc<datafusion::execution::TaskContext>,
-) -> Result<Arc<datafusion::execution::TaskContext>> {
-    query_task(
-        task.task_id(),
-        task.session_id(),
-        task.session_config().clone(),
-        &task.runtime_env(),
-    )
-}
-
 /// The task context that runs one query planned in `state`, with a memory pool of its own
-/// (see [`with_query_memory`]); the same as `with_query_memory(state.task_ctx())`, without
-/// copying the session's function registry twice.
-pub fn query_task_of(
+/// of [`QUERY_MEMORY_BYTES`]: one query that grows without bound (a huge grouping, a string
+/// function over many rows) fails alone, with "resources exhausted", instead of taking the
+/// process down with it. Its function registry is left empty: a physical plan holds the
+/// functions it calls, and running one never looks a function up by name (the registry
+/// serves deserializing plans, which no task here does). Copying the session's registry —
+/// every built-in and partial function, by name — was a visible part of a small fragment's
+/// cost at a station (issue 24: 3 % of a station's CPU in a model's rounds).
+pub fn query_task(
     state: &datafusion::execution::SessionState,
 ) -> Result<Arc<datafusion::execution::TaskContext>> {
-    query_task(
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
+        state.runtime_env(),
+    )
+    .with_memory_pool(Arc::new(
+        datafusion::execution::memory_pool::GreedyMemoryPool::new(QUERY_MEMORY_BYTES),
+    ))
+    .build_arc()?;
+    Ok(Arc::new(datafusion::execution::TaskContext::new(
         None,
         state.session_id().to_string(),
         state.config().clone(),
-        state.runtime_env(),
-    )
-}
-
-/// A task context with a [`QUERY_MEMORY_BYTES`] pool of its own. Its function registry is
-/// left empty: a physical plan holds the functions it calls, and running one never looks a
-/// function up by name (the registry serves deserializing plans, which no task here does).
-/// Copying the session's registry — every built-in and partial function, by name — was a
-/// visible part of a small fragment's cost at a station (issue 24: 3 % of a station's CPU
-/// in a model's rounds).
-fn query_task(
-    task_id: Option<String>,
-    session_id: String,
-    config: SessionConfig,
-    runtime: &Arc<datafusion::execution::runtime_env::RuntimeEnv>,
-) -> Result<Arc<datafusion::execution::TaskContext>> {
-    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(runtime)
-        .with_memory_pool(Arc::new(
-            datafusion::execution::memory_pool::GreedyMemoryPool::new(QUERY_MEMORY_BYTES),
-        ))
-        .build_arc()?;
-    Ok(Arc::new(datafusion::execution::TaskContext::new(
-        task_id,
-        session_id,
-        config,
         Default::default(),
         Default::default(),
         Default::default(),

@@ -272,7 +272,7 @@ async fn plan_physical(
         let text = serde_json::to_string(&epsilon).expect("a map of ε serializes");
         metadata.insert(EPSILON_METADATA.to_string(), text);
     }
-    let task = railyard_udfs::query_task_of(state)?;
+    let task = railyard_udfs::query_task(state)?;
     let withheld = crate::exec::reports_withheld(&physical).then(|| query.withheld.clone());
     Ok(Planned::Plan(physical, task, metadata, withheld))
 }
