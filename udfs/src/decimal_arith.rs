@@ -30,8 +30,8 @@ use datafusion::arrow::compute::kernels::numeric::mul_wrapping;
 use datafusion::arrow::datatypes::{
     DECIMAL128_MAX_PRECISION, DataType, Decimal128Type, Field, FieldRef,
 };
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{DFSchema, Result, ScalarValue, exec_err, plan_err};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchema, DFSchemaRef, Result, ScalarValue, exec_err, plan_err};
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::utils::merge_schema;
@@ -70,12 +70,23 @@ impl OptimizerRule for DecimalArithmetic {
         plan: LogicalPlan,
         _config: &dyn OptimizerConfig,
     ) -> Result<Transformed<LogicalPlan>> {
-        // Scans and leaves are left as written (module docs); other nodes' expressions
-        // refer to their inputs' columns.
-        if plan.inputs().is_empty() {
-            return Ok(Transformed::no(plan));
-        }
-        let schema = merge_schema(&plan.inputs());
+        // Scans and leaves are left as written (module docs); a node without a sum or
+        // product of the two shapes costs only this look.
+        let mut candidate = false;
+        plan.apply_expressions(|e| {
+            candidate = e.exists(|n| Ok(shape(n).is_some()))?;
+            Ok(if candidate {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        })?;
+        let schema: DFSchemaRef = match plan.inputs().as_slice() {
+            _ if !candidate => return Ok(Transformed::no(plan)),
+            [] => return Ok(Transformed::no(plan)),
+            [input] => Arc::clone(input.schema()),
+            inputs => Arc::new(merge_schema(inputs)),
+        };
         let names = NamePreserver::new(&plan);
         plan.map_expressions(|expr| {
             let name = names.save(&expr);
@@ -89,28 +100,58 @@ impl OptimizerRule for DecimalArithmetic {
     }
 }
 
+/// The shapes the rule looks at: a sum or difference with a decimal constant on one side
+/// (`true` when it is the left side), or a product.
+enum Shape {
+    Constant { left: bool },
+    Product,
+}
+
+fn shape(e: &Expr) -> Option<Shape> {
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = e else {
+        return None;
+    };
+    let constant = |side: &Expr| {
+        matches!(
+            side,
+            Expr::Literal(ScalarValue::Decimal128(Some(_), _, _), _)
+        )
+    };
+    match op {
+        Operator::Plus | Operator::Minus if constant(left) => Some(Shape::Constant { left: true }),
+        Operator::Plus | Operator::Minus if constant(right) => {
+            Some(Shape::Constant { left: false })
+        }
+        Operator::Multiply => Some(Shape::Product),
+        _ => None,
+    }
+}
+
 impl DecimalArithmetic {
     /// `e` rewritten if it is one of the module's two shapes, otherwise unchanged.
     fn rewrite_expr(&self, e: Expr, schema: &DFSchema) -> Transformed<Expr> {
-        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = &e else {
-            return Transformed::no(e);
-        };
         let decimal = |side: &Expr| match side.get_type(schema) {
             Ok(DataType::Decimal128(precision, scale)) => Some((precision, scale)),
             _ => None,
         };
-        match op {
-            Operator::Plus | Operator::Minus => {
-                if let Some(l) = rescaled(left, decimal(right)) {
-                    let (op, right) = (*op, right.clone());
+        let Some(shape) = shape(&e) else {
+            return Transformed::no(e);
+        };
+        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = e else {
+            unreachable!("a shape is a binary expression")
+        };
+        match shape {
+            Shape::Constant { left: true } => {
+                if let Some(l) = decimal(&right).and_then(|(_, scale)| rescaled(&left, scale)) {
                     return Transformed::yes(Expr::BinaryExpr(BinaryExpr::new(
                         Box::new(l),
                         op,
                         right,
                     )));
                 }
-                if let Some(r) = rescaled(right, decimal(left)) {
-                    let (left, op) = (left.clone(), *op);
+            }
+            Shape::Constant { left: false } => {
+                if let Some(r) = decimal(&left).and_then(|(_, scale)| rescaled(&right, scale)) {
                     return Transformed::yes(Expr::BinaryExpr(BinaryExpr::new(
                         left,
                         op,
@@ -118,33 +159,35 @@ impl DecimalArithmetic {
                     )));
                 }
             }
-            Operator::Multiply => {
-                // Only where DataFusion types the product as Arrow computes it.
-                if let (Some(l), Some(r)) = (decimal(left), decimal(right))
-                    && product_type(l, r).is_some()
-                    && e.get_type(schema).ok() == product_type(l, r)
+            Shape::Product => {
+                if let (Some(l), Some(r)) = (decimal(&left), decimal(&right))
+                    && let Some(product) = product_type(l, r)
                 {
-                    let args = vec![left.as_ref().clone(), right.as_ref().clone()];
+                    let e = Expr::BinaryExpr(BinaryExpr::new(left, op, right));
+                    // Only where DataFusion types the product as Arrow computes it.
+                    if e.get_type(schema).ok() != Some(product) {
+                        return Transformed::no(e);
+                    }
+                    let Expr::BinaryExpr(BinaryExpr { left, right, .. }) = e else {
+                        unreachable!("built just above")
+                    };
                     return Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
                         Arc::clone(&self.mul),
-                        args,
+                        vec![*left, *right],
                     )));
                 }
             }
-            _ => {}
         }
-        Transformed::no(e)
+        Transformed::no(Expr::BinaryExpr(BinaryExpr::new(left, op, right)))
     }
 }
 
-/// The decimal constant `side` at the scale of `other` (a decimal's precision and scale),
-/// when that scale is larger than its own and the rescaled constant still fits 38 digits;
-/// `None` otherwise.
-fn rescaled(side: &Expr, other: Option<(u8, i8)>) -> Option<Expr> {
+/// The decimal constant `side` at `scale`, when that is larger than its own scale and the
+/// rescaled constant still fits 38 digits; `None` otherwise.
+fn rescaled(side: &Expr, scale: i8) -> Option<Expr> {
     let Expr::Literal(ScalarValue::Decimal128(Some(value), precision, own), metadata) = side else {
         return None;
     };
-    let (_, scale) = other?;
     if scale <= *own {
         return None;
     }
