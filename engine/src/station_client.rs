@@ -141,7 +141,13 @@ impl StationClient {
                         ))
                         .await
                 }
-                None => endpoint.connect().await,
+                None => {
+                    endpoint
+                        .connect_with_connector(railyard_net::conn::plaintext_connector(
+                            rest.to_string(),
+                        ))
+                        .await
+                }
             };
             match connected {
                 Ok(channel) => break channel,

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 
+use crate::coalesce::Coalesce;
 use crate::tls::names;
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -222,7 +223,34 @@ pub async fn dial_confirmed(
 }
 
 /// What one connection attempt of a [`connector`] resolves to.
-pub type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<Conn>>> + Send>>;
+pub type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<Coalesce<Conn>>>> + Send>>;
+
+/// What one connection attempt of a [`plaintext_connector`] resolves to.
+pub type PlaintextConnecting =
+    Pin<Box<dyn Future<Output = io::Result<TokioIo<Coalesce<TcpStream>>>> + Send>>;
+
+/// A connector for tonic's `Endpoint::connect_with_connector` over plaintext TCP (`railyard
+/// local`, tests): every (re)connection dials `addr`, with Nagle's algorithm off and writes
+/// gathered per burst ([`Coalesce`]).
+pub fn plaintext_connector(
+    addr: String,
+) -> impl tower::Service<
+    http::Uri,
+    Response = TokioIo<Coalesce<TcpStream>>,
+    Error = io::Error,
+    Future = PlaintextConnecting,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_: http::Uri| {
+        let addr = addr.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(Coalesce::new(tcp)))
+        }) as PlaintextConnecting
+    })
+}
 
 /// A connector for tonic's `Endpoint::connect_with_connector`: every (re)connection dials
 /// `addr`, expects the server to be `name` (as `expect` says), and waits until the server
@@ -232,8 +260,12 @@ pub fn connector(
     name: String,
     config: Arc<ClientConfig>,
     expect: Expect,
-) -> impl tower::Service<http::Uri, Response = TokioIo<Conn>, Error = io::Error, Future = Connecting>
-+ Clone
+) -> impl tower::Service<
+    http::Uri,
+    Response = TokioIo<Coalesce<Conn>>,
+    Error = io::Error,
+    Future = Connecting,
+> + Clone
 + Send
 + 'static {
     tower::service_fn(move |_: http::Uri| {
@@ -241,7 +273,7 @@ pub fn connector(
         Box::pin(async move {
             dial_confirmed(&addr, &name, config, expect)
                 .await
-                .map(TokioIo::new)
+                .map(|conn| TokioIo::new(Coalesce::new(conn)))
         }) as Connecting
     })
 }

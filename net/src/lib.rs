@@ -21,9 +21,10 @@
 //! Layout: [`tls`] (PEM files → rustls configurations, peer-name checks), [`certs`] (the CA
 //! and its certificates), [`conn`] (accepting and dialing authenticated connections),
 //! [`tunnel`] (the hub's side of outbound stations), [`serve`] (one gRPC service on any of
-//! those connections), [`error`].
+//! those connections), [`coalesce`] (one write per burst of HTTP/2 frames), [`error`].
 
 pub mod certs;
+pub mod coalesce;
 pub mod conn;
 pub mod error;
 pub mod serve;

@@ -13,6 +13,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
+use crate::coalesce::Coalesce;
+
 /// Plaintext connections from `listener`, with Nagle's algorithm off: small fragments answer
 /// in well under a millisecond, and Nagle's delay would dominate.
 pub fn plaintext(listener: TcpListener) -> impl Stream<Item = io::Result<TcpStream>> {
@@ -36,6 +38,8 @@ where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Each answer's headers, message and trailers leave in one write (`coalesce`).
+    let incoming = incoming.map(|conn| conn.map(Coalesce::new));
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

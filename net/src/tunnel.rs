@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
+use crate::coalesce::Coalesce;
 use crate::conn::{Conn, accept};
 use crate::error::{Error, Result};
 use crate::tls::Tls;
@@ -94,7 +95,7 @@ impl Tunnels {
                 let (waiting, station) = (Arc::clone(&waiting), station.clone());
                 async move {
                     match waiting.next(wait).await {
-                        Some(conn) => Ok(TokioIo::new(conn)),
+                        Some(conn) => Ok(TokioIo::new(Coalesce::new(conn))),
                         None => Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!(
