@@ -46,14 +46,10 @@ impl<IO> Coalesce<IO> {
             yielded: false,
         }
     }
-
-    pub fn get_ref(&self) -> &IO {
-        &self.io
-    }
 }
 
 impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
-    /// Writes every held byte to `io`.
+    /// Writes every held byte to `io`; the next burst starts afresh.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.held.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.held[self.sent..]))?;
@@ -64,6 +60,7 @@ impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
         }
         self.held.clear();
         self.sent = 0;
+        self.yielded = false;
         Poll::Ready(Ok(()))
     }
 }
@@ -121,7 +118,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
             return Poll::Pending;
         }
         ready!(self.poll_drain(cx))?;
-        self.yielded = false;
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
