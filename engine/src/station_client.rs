@@ -123,9 +123,10 @@ impl StationClient {
                 })?;
             (rest, None)
         };
+        // Both connectors below dial with Nagle's algorithm off themselves (the endpoint's own
+        // TCP settings apply only to tonic's connector, which is not used).
         let endpoint = Endpoint::from_shared(format!("http://{rest}"))
             .map_err(|e| unreachable(format!("invalid address: {e}")))?
-            .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30));
         let deadline = tokio::time::Instant::now() + patience;
