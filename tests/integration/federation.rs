@@ -62,6 +62,71 @@ async fn explain_federated_shows_each_station_fragment_and_the_merge() {
     federation.shutdown().await.unwrap();
 }
 
+/// `avg(x)` beside `sum(x)` costs the stations no accumulator of its own: they send the sum's
+/// state and a count, and the hub builds avg's state from both (the values are checked
+/// against the centralized engine in `sql/registry.slt`, `sql/lung.slt` and TPC-H Q1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_avg_beside_a_sum_of_its_argument_shares_the_stations_sum() {
+    let federation = fixtures::federation(&lung_only(), HubOptions::default()).await;
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    // avg(age) averages age as a double; the sum of that double is the one it can share.
+    let shared = "SELECT sex, sum(CAST(age AS DOUBLE)) AS s, avg(age) AS a FROM lung GROUP BY sex";
+    let rows = explain_rows(
+        &client
+            .query(&format!("EXPLAIN FEDERATED {shared}"))
+            .await
+            .unwrap()
+            .batches,
+    );
+    let fragment = &rows
+        .iter()
+        .find(|r| r[0] == "station_a")
+        .expect("a fragment")[2];
+    assert!(fragment.contains("partial_sum("), "{fragment}");
+    assert!(fragment.contains("partial_count("), "{fragment}");
+    assert!(!fragment.contains("partial_avg("), "{fragment}");
+    let hub = rows.iter().find(|r| r[0] == "hub").expect("a hub row");
+    assert!(hub[2].contains("merge_avg"), "{hub:?}");
+
+    // A sum of another argument (the integer age) shares nothing.
+    let apart = "EXPLAIN FEDERATED SELECT sex, sum(age), avg(age) FROM lung GROUP BY sex";
+    let rows = explain_rows(&client.query(apart).await.unwrap().batches);
+    let fragment = &rows
+        .iter()
+        .find(|r| r[0] == "station_a")
+        .expect("a fragment")[2];
+    assert!(fragment.contains("partial_avg("), "{fragment}");
+    assert!(!fragment.contains("partial_count("), "{fragment}");
+
+    // The shared answer is the answer of the query without sharing (avg alone).
+    let value = |batches: &[RecordBatch], col: usize| -> Vec<f64> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let c = b
+                    .column(col)
+                    .as_primitive::<arrow::datatypes::Float64Type>()
+                    .clone();
+                (0..c.len()).map(move |i| c.value(i))
+            })
+            .collect()
+    };
+    let with_sum = client
+        .query(&format!("{shared} ORDER BY sex"))
+        .await
+        .unwrap();
+    let alone = client
+        .query("SELECT sex, avg(age) AS a FROM lung GROUP BY sex ORDER BY sex")
+        .await
+        .unwrap();
+    let (a, b) = (value(&with_sum.batches, 2), value(&alone.batches, 1));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-12 * y.abs(), "{a:?} vs {b:?}");
+    }
+    federation.shutdown().await.unwrap();
+}
+
 /// Sends a fragment straight to a station, as the hub would, and returns its batches.
 async fn run_at_station(url: &str, sql: &str) -> Vec<RecordBatch> {
     fixtures::run_at_station(url, sql)

@@ -341,11 +341,10 @@ impl FederationPlanner {
         let mut hub_aggs: Vec<Expr> = split
             .merges
             .into_iter()
-            .enumerate()
-            .map(|(j, merge)| {
+            .map(|merge| {
                 Expr::AggregateFunction(AggregateFunction::new_udf(
-                    Arc::new(merge),
-                    vec![Expr::Column(Column::new_unqualified(format!("a{j}")))],
+                    Arc::new(merge.func),
+                    vec![merge.input.hub_arg()],
                     false,
                     None,
                     vec![],
