@@ -165,6 +165,22 @@ impl AggregateUDFImpl for MergeAggregate {
     }
 }
 
+/// Runs one step of the inner accumulator over states that came from stations, turning a
+/// panic into an error. DataFusion's accumulators trust their states: a state no station
+/// computes (an `avg` state with a count of 0 beside a sum, say, which its merge divides by)
+/// would panic the hub's task, and the researcher would see a cancelled stream instead of an
+/// answer or an error. A station that sends such a state is broken or compromised; the query
+/// fails with a message that says so and names no value.
+fn guarded<T>(step: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(result) => result,
+        Err(_) => exec_err!(
+            "the hub could not merge the aggregate states the stations sent (a station sent a \
+             state its own accumulator would not produce)"
+        ),
+    }
+}
+
 /// The children of the state struct a station sent.
 fn state_columns(values: &[ArrayRef]) -> Result<Vec<ArrayRef>> {
     let [value] = values else {
@@ -189,11 +205,12 @@ struct MergeAccumulator {
 
 impl Accumulator for MergeAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        self.inner.merge_batch(&state_columns(values)?)
+        let states = state_columns(values)?;
+        guarded(|| self.inner.merge_batch(&states))
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        self.inner.evaluate()
+        guarded(|| self.inner.evaluate())
     }
 
     fn size(&self) -> usize {
@@ -224,11 +241,11 @@ impl GroupsAccumulator for MergeGroupsAccumulator {
         // A merge never has a FILTER clause of its own, but DataFusion passes an all-false
         // filter to create the groups of empty grouping sets: merge only the selected rows.
         let Some(filter) = opt_filter else {
-            return self.inner.merge_batch(
-                &state_columns(values)?,
-                group_indices,
-                total_num_groups,
-            );
+            let states = state_columns(values)?;
+            return guarded(|| {
+                self.inner
+                    .merge_batch(&states, group_indices, total_num_groups)
+            });
         };
         let selected: Vec<ArrayRef> = values
             .iter()
@@ -240,12 +257,12 @@ impl GroupsAccumulator for MergeGroupsAccumulator {
             .filter(|(i, _)| filter.is_valid(*i) && filter.value(*i))
             .map(|(_, g)| *g)
             .collect();
-        self.inner
-            .merge_batch(&state_columns(&selected)?, &indices, total_num_groups)
+        let states = state_columns(&selected)?;
+        guarded(|| self.inner.merge_batch(&states, &indices, total_num_groups))
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        self.inner.evaluate(emit_to)
+        guarded(|| self.inner.evaluate(emit_to))
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
