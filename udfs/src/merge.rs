@@ -165,8 +165,8 @@ impl AggregateUDFImpl for MergeAggregate {
     }
 }
 
-/// Runs one step of the inner accumulator over states that came from stations, turning a
-/// panic into an error. DataFusion's accumulators trust their states: a state no station
+/// Runs one step of the inner accumulator over states that came from stations (directly, or
+/// through the hub's own two-phase aggregation of them), turning a panic into an error. DataFusion's accumulators trust their states: a state no station
 /// computes (an `avg` state with a count of 0 beside a sum, say, which its merge divides by)
 /// would panic the hub's task, and the researcher would see a cancelled stream instead of an
 /// answer or an error. A station that sends such a state is broken or compromised; the query
@@ -218,11 +218,11 @@ impl Accumulator for MergeAccumulator {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        self.inner.state()
+        guarded(|| self.inner.state())
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        self.inner.merge_batch(states)
+        guarded(|| self.inner.merge_batch(states))
     }
 }
 
@@ -266,7 +266,7 @@ impl GroupsAccumulator for MergeGroupsAccumulator {
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        self.inner.state(emit_to)
+        guarded(|| self.inner.state(emit_to))
     }
 
     fn merge_batch(
@@ -275,8 +275,10 @@ impl GroupsAccumulator for MergeGroupsAccumulator {
         group_indices: &[usize],
         total_num_groups: usize,
     ) -> Result<()> {
-        self.inner
-            .merge_batch(values, group_indices, total_num_groups)
+        guarded(|| {
+            self.inner
+                .merge_batch(values, group_indices, total_num_groups)
+        })
     }
 
     fn convert_to_state(
