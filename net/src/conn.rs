@@ -222,12 +222,31 @@ pub async fn dial_confirmed(
     Ok(conn)
 }
 
-/// What one connection attempt of a [`connector`] resolves to.
-pub type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<Coalesce<Conn>>>> + Send>>;
+/// What one connection attempt of a [`connector`] or [`plaintext_connector`] resolves to.
+pub type Connecting<C> = Pin<Box<dyn Future<Output = io::Result<TokioIo<Coalesce<C>>>> + Send>>;
 
-/// What one connection attempt of a [`plaintext_connector`] resolves to.
-pub type PlaintextConnecting =
-    Pin<Box<dyn Future<Output = io::Result<TokioIo<Coalesce<TcpStream>>>> + Send>>;
+/// A connector for tonic's `Endpoint::connect_with_connector` whose every (re)connection is
+/// `dial()`, its writes gathered per burst ([`Coalesce`]).
+fn coalescing<C, D, F>(
+    dial: D,
+) -> impl tower::Service<
+    http::Uri,
+    Response = TokioIo<Coalesce<C>>,
+    Error = io::Error,
+    Future = Connecting<C>,
+> + Clone
++ Send
++ 'static
+where
+    C: 'static,
+    D: Fn() -> F + Clone + Send + 'static,
+    F: Future<Output = io::Result<C>> + Send + 'static,
+{
+    tower::service_fn(move |_: http::Uri| {
+        let connecting = dial();
+        Box::pin(async move { Ok(TokioIo::new(Coalesce::new(connecting.await?))) }) as Connecting<C>
+    })
+}
 
 /// A connector for tonic's `Endpoint::connect_with_connector` over plaintext TCP (`railyard
 /// local`, tests): every (re)connection dials `addr`, with Nagle's algorithm off and writes
@@ -238,17 +257,17 @@ pub fn plaintext_connector(
     http::Uri,
     Response = TokioIo<Coalesce<TcpStream>>,
     Error = io::Error,
-    Future = PlaintextConnecting,
+    Future = Connecting<TcpStream>,
 > + Clone
 + Send
 + 'static {
-    tower::service_fn(move |_: http::Uri| {
+    coalescing(move || {
         let addr = addr.clone();
-        Box::pin(async move {
+        async move {
             let tcp = TcpStream::connect(&addr).await?;
             tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(Coalesce::new(tcp)))
-        }) as PlaintextConnecting
+            Ok(tcp)
+        }
     })
 }
 
@@ -264,17 +283,13 @@ pub fn connector(
     http::Uri,
     Response = TokioIo<Coalesce<Conn>>,
     Error = io::Error,
-    Future = Connecting,
+    Future = Connecting<Conn>,
 > + Clone
 + Send
 + 'static {
-    tower::service_fn(move |_: http::Uri| {
+    coalescing(move || {
         let (addr, name, config) = (addr.clone(), name.clone(), Arc::clone(&config));
-        Box::pin(async move {
-            dial_confirmed(&addr, &name, config, expect)
-                .await
-                .map(|conn| TokioIo::new(Coalesce::new(conn)))
-        }) as Connecting
+        async move { dial_confirmed(&addr, &name, config, expect).await }
     })
 }
 

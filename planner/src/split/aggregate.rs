@@ -269,19 +269,13 @@ impl AggregateSplit {
                 None => {
                     let count_udf = count_udaf();
                     let arg_fields = self.arg_fields[avg].clone();
-                    let fields = railyard_udfs::PartialAggregate::state_struct_fields(
-                        &count_udf,
-                        &arg_fields,
-                        false,
-                    )?;
-                    if !matches!(
-                        fields
-                            .iter()
-                            .map(|f| f.data_type())
-                            .collect::<Vec<_>>()
-                            .as_slice(),
-                        [DataType::Int64]
-                    ) {
+                    let state =
+                        DataType::Struct(railyard_udfs::PartialAggregate::state_struct_fields(
+                            &count_udf,
+                            &arg_fields,
+                            false,
+                        )?);
+                    if !matches!(state_children(&state).as_slice(), [DataType::Int64]) {
                         // Not the count state this expects: keep avg's own.
                         continue;
                     }
@@ -303,7 +297,7 @@ impl AggregateSplit {
                             vec![],
                             None,
                         )));
-                    self.state_types.push(DataType::Struct(fields));
+                    self.state_types.push(state);
                     self.arg_fields.push(arg_fields);
                     dropped.push(false);
                     self.partials.len() - 1
