@@ -2,18 +2,23 @@
 //! rounds.
 //!
 //! ```text
-//!   round 0   intercept-only terms at b = 0        → n, Σy      (the mean outcome ȳ)
-//!   round 1   model terms at b_1 = (g(ȳ), 0, …, 0) → XᵀWX, XᵀWz, deviance at b_1; b_1 is
-//!             the null model's point, so that deviance is the null deviance
+//!   round 1   model terms at the start b_1         → n, Σy, XᵀWX, XᵀWz, deviance at b_1
 //!   rounds 2… model terms at b_k                   → XᵀWX, XᵀWz, deviance at b_k
 //!             b_{k+1} = (XᵀWX)⁻¹ XᵀWz  (Cholesky)
 //! ```
 //!
-//! Converged when the Newton step from b_k is negligible or the deviance stops changing;
-//! the reported estimates are b_k, with standard errors from the XᵀWX of the same round,
-//! so estimates, deviance and errors belong to one point. A gaussian model (identity link)
-//! needs round 1 only: its solve is exact, and the deviance at the solution follows from
-//! round 1's sums. A model without an intercept asks the null deviance in a round of its own.
+//! Binomial and gaussian fits start at b = 0, whose round also gives the null deviance in
+//! closed form; a binomial fit with an intercept asks its second round at Fisher's
+//! discriminant, computed from the first round's sums, and goes on from there unless its
+//! deviance is no better than b = 0's (then from the Newton step from 0). Poisson fits
+//! first ask ȳ (and, without an intercept, the null deviance) in rounds of their own.
+//!
+//! Converged when the Newton step from b_k is negligible (1e-8 relative): the estimates are
+//! its end b_{k+1} (accurate to about the step squared), the deviance moves there by the
+//! round's quadratic model, and the standard errors are the round's (within the step,
+//! relative). Or when the deviance stops changing (the steps still large): then everything
+//! is b_k's. A gaussian model (identity link) needs round 1 only: its solve is exact, and
+//! the deviance at the solution follows from round 1's sums.
 
 use std::sync::Arc;
 
@@ -32,8 +37,12 @@ use super::{
 };
 
 const MAX_ITERATIONS: usize = 50;
-/// Relative size of a Newton step (or deviance change) taken as convergence.
-const TOLERANCE: f64 = 1e-10;
+/// Relative size of a Newton step taken as convergence: the estimate is the step's end,
+/// accurate to about its square.
+const STEP_TOLERANCE: f64 = 1e-8;
+/// Relative change of the deviance between rounds taken as convergence (where the steps
+/// stay large, as on the way to a separated outcome).
+const DEVIANCE_TOLERANCE: f64 = 1e-10;
 
 #[derive(Debug, Clone)]
 pub(crate) struct GlmJob {
@@ -93,7 +102,8 @@ impl GlmJob {
         }
     }
 
-    /// One round: the summed `glm_terms` of every station for `design` at `beta`.
+    /// One round: the summed `glm_terms` of every station for `design` at `beta`, to be
+    /// checked with [`Self::valid`] before use.
     async fn terms(
         &self,
         rounds: &Rounds,
@@ -130,6 +140,11 @@ impl GlmJob {
                 }
             }
         }
+        Ok(sums)
+    }
+
+    /// The error for summed terms that counted rows the family cannot use.
+    fn valid(&self, sums: Vec<f64>) -> Result<Vec<f64>> {
         if sums[GlmLayout::INVALID] > 0.0 {
             let what = match self.family {
                 Family::Binomial => "a binomial outcome must lie between 0 and 1",
@@ -215,7 +230,8 @@ impl GlmJob {
         let (mut beta, mut null_deviance, mut first) = match self.family {
             Family::Binomial | Family::Gaussian => {
                 let beta = vec![0.0; q];
-                let sums = self.terms(rounds, &rows, &design, intercept, &beta).await?;
+                let sums =
+                    self.valid(self.terms(rounds, &rows, &design, intercept, &beta).await?)?;
                 let (n, sum_y) = (sums[GlmLayout::N], sums[GlmLayout::SUM_Y]);
                 self.null_point(n, sum_y)?;
                 let null =
@@ -223,12 +239,15 @@ impl GlmJob {
                 (beta, Some(null), Some(sums))
             }
             Family::Poisson => {
-                let first = self.terms(rounds, &rows, &[], true, &[0.0]).await?;
+                let first = self.valid(self.terms(rounds, &rows, &[], true, &[0.0]).await?)?;
                 let start = self.null_point(first[GlmLayout::N], first[GlmLayout::SUM_Y])?;
                 let null = if intercept {
                     None
                 } else {
-                    Some(self.terms(rounds, &rows, &[], true, &[start]).await?[GlmLayout::DEVIANCE])
+                    Some(
+                        self.valid(self.terms(rounds, &rows, &[], true, &[start]).await?)?
+                            [GlmLayout::DEVIANCE],
+                    )
                 };
                 let mut beta = vec![0.0; q];
                 if intercept {
@@ -245,7 +264,7 @@ impl GlmJob {
             iterations += 1;
             sums = match first.take() {
                 Some(sums) => sums,
-                None => self.terms(rounds, &rows, &design, intercept, &beta).await?,
+                None => self.valid(self.terms(rounds, &rows, &design, intercept, &beta).await?)?,
             };
             let deviance = sums[GlmLayout::DEVIANCE];
             null_deviance.get_or_insert(deviance);
@@ -277,10 +296,27 @@ impl GlmJob {
             let step_small = next
                 .iter()
                 .zip(&beta)
-                .all(|(b1, b0)| (b1 - b0).abs() <= TOLERANCE * b1.abs().max(1.0));
+                .all(|(b1, b0)| (b1 - b0).abs() <= STEP_TOLERANCE * b1.abs().max(1.0));
+            if step_small {
+                // The estimate is the step's end b' = b + δ, as R and statsmodels report it
+                // (its error is of the order of |δ|², far below the step), and the deviance
+                // and log-likelihood move there by this round's quadratic model: for a
+                // canonical link XᵀWz − XᵀWX·b is the score, so D(b') = D(b) − δᵀ·XᵀWX·δ
+                // up to |δ|³. The standard errors stay this round's, within |δ| relative.
+                let xtwx = &sums[layout.xtwx()];
+                let step: Vec<f64> = next.iter().zip(&beta).map(|(b1, b0)| b1 - b0).collect();
+                let curvature: f64 = (0..q)
+                    .map(|i| step[i] * (0..q).map(|j| xtwx[i * q + j] * step[j]).sum::<f64>())
+                    .sum();
+                sums[GlmLayout::DEVIANCE] = (deviance - curvature).max(0.0);
+                sums[GlmLayout::LOGLIK] += curvature / 2.0;
+                beta = next;
+                converged = true;
+                break;
+            }
             let deviance_still =
-                (deviance - previous_deviance).abs() <= TOLERANCE * (deviance.abs() + 0.1);
-            if step_small || deviance_still {
+                (deviance - previous_deviance).abs() <= DEVIANCE_TOLERANCE * (deviance.abs() + 0.1);
+            if deviance_still {
                 converged = true;
                 break;
             }
@@ -288,6 +324,28 @@ impl GlmJob {
                 break;
             }
             previous_deviance = deviance;
+            // A binomial model with an intercept asks its second round at Fisher's
+            // discriminant (from the sums at b = 0) instead of the Newton step from 0: near
+            // the estimate where the covariates are roughly normal within each outcome. If
+            // its deviance is not below b = 0's (covariates far from normal), or a station
+            // does not answer it, the fit goes on from the Newton step: one round more.
+            if iterations == 1
+                && matches!(self.family, Family::Binomial)
+                && intercept
+                && let Some(start) = discriminant_start(&sums, layout)
+            {
+                match self.terms(rounds, &rows, &design, intercept, &start).await {
+                    Ok(at_start)
+                        if at_start[GlmLayout::INVALID] == 0.0
+                            && at_start[GlmLayout::DEVIANCE] < deviance =>
+                    {
+                        (beta, first) = (start, Some(at_start));
+                        continue;
+                    }
+                    Ok(_) => tracing::debug!("glm: the discriminant start is no better than 0"),
+                    Err(e) => tracing::debug!("glm: the discriminant start was not answered: {e}"),
+                }
+            }
             beta = next;
         }
 
@@ -348,6 +406,44 @@ impl GlmJob {
         }
         coefficients(names, estimates, errors, statistics, p_values)
     }
+}
+
+/// Fisher's linear discriminant as coefficients of a binomial model with an intercept (the
+/// intercept first), from the summed terms at b = 0 — a start near the estimate when the
+/// covariates are roughly normal within each outcome (Efron 1975). At b = 0 every weight
+/// is ¼ and every mean ½, so XᵀX = 4·XᵀWX and Xᵀy = XᵀWz + ½·Xᵀ1, with Xᵀ1 the intercept's
+/// column of XᵀX. With n₁ = Σy, n₀ = n − n₁, the outcome means m₁ = Σyx/n₁ and
+/// m₀ = Σ(1 − y)x/n₀ and S = (XᵀX − n₁m₁m₁ᵀ − n₀m₀m₀ᵀ)/(n − 2) over the covariates:
+/// slopes S⁻¹(m₁ − m₀), intercept ln(n₁/n₀) − ½(m₁ + m₀)ᵀ·slopes. None where S is not
+/// positive definite or an outcome has no weight.
+fn discriminant_start(sums: &[f64], layout: GlmLayout) -> Option<Vec<f64>> {
+    let q = layout.q;
+    let (n, n1) = (sums[GlmLayout::N], sums[GlmLayout::SUM_Y]);
+    let n0 = n - n1;
+    if q < 2 || n1 <= 0.0 || n0 <= 0.0 || n <= 2.0 {
+        return None;
+    }
+    let xtwx = &sums[layout.xtwx()];
+    let xtwz = &sums[layout.xtwz()];
+    let xtx = |i: usize, j: usize| 4.0 * xtwx[i * q + j];
+    let p = q - 1;
+    let sum1: Vec<f64> = (1..q).map(|j| xtwz[j] + 0.5 * xtx(j, 0)).collect();
+    let m1: Vec<f64> = sum1.iter().map(|s| s / n1).collect();
+    let m0: Vec<f64> = (1..q).map(|j| (xtx(j, 0) - sum1[j - 1]) / n0).collect();
+    let mut within = vec![0.0; p * p];
+    for j in 0..p {
+        for k in 0..p {
+            within[j * p + k] =
+                (xtx(j + 1, k + 1) - n1 * m1[j] * m1[k] - n0 * m0[j] * m0[k]) / (n - 2.0);
+        }
+    }
+    let difference: Vec<f64> = m1.iter().zip(&m0).map(|(a, b)| a - b).collect();
+    let slopes = spd_solve(&within, &difference)?;
+    let centre: f64 = (0..p).map(|j| (m1[j] + m0[j]) / 2.0 * slopes[j]).sum();
+    let mut start = Vec::with_capacity(q);
+    start.push((n1 / n0).ln() - centre);
+    start.extend(slopes);
+    start.iter().all(|b| b.is_finite()).then_some(start)
 }
 
 /// The deviance of the intercept-only model at ȳ = Σy / n, from the deviance `d0` of the
@@ -445,5 +541,79 @@ mod tests {
                 "{family:?}: {got} against {want}"
             );
         }
+    }
+
+    /// Fisher's discriminant from the sums a round at b = 0 answers equals the one computed
+    /// from each outcome's rows apart (means per outcome, pooled within-outcome covariance).
+    #[test]
+    fn the_discriminant_start_equals_the_discriminant_of_the_rows() {
+        let rows: [(f64, [f64; 2]); 9] = [
+            (1.0, [14.2, 20.1]),
+            (0.0, [11.0, 17.5]),
+            (1.0, [17.9, 23.0]),
+            (0.0, [12.4, 15.2]),
+            (1.0, [15.5, 18.8]),
+            (0.0, [10.1, 19.9]),
+            (0.0, [13.3, 14.1]),
+            (1.0, [16.0, 25.4]),
+            (0.0, [11.7, 16.6]),
+        ];
+        // The sums glm_terms answers at b = 0 with an intercept: W = ¼, Wη + y − μ = y − ½.
+        let layout = GlmLayout { q: 3 };
+        let mut sums = vec![0.0; layout.len()];
+        for (y, x) in &rows {
+            let design = [1.0, x[0], x[1]];
+            sums[GlmLayout::N] += 1.0;
+            sums[GlmLayout::SUM_Y] += y;
+            for j in 0..3 {
+                sums[layout.xtwz().start + j] += design[j] * (y - 0.5);
+                for k in 0..3 {
+                    sums[layout.xtwx().start + j * 3 + k] += 0.25 * design[j] * design[k];
+                }
+            }
+        }
+        let got = discriminant_start(&sums, layout).expect("a discriminant");
+
+        let group = |outcome: f64| -> Vec<[f64; 2]> {
+            rows.iter()
+                .filter(|(y, _)| *y == outcome)
+                .map(|(_, x)| *x)
+                .collect()
+        };
+        let (ones, zeros) = (group(1.0), group(0.0));
+        let mean = |g: &[[f64; 2]], j: usize| g.iter().map(|x| x[j]).sum::<f64>() / g.len() as f64;
+        let (m1, m0) = (
+            [mean(&ones, 0), mean(&ones, 1)],
+            [mean(&zeros, 0), mean(&zeros, 1)],
+        );
+        let mut s = [[0.0; 2]; 2];
+        for (g, m) in [(&ones, m1), (&zeros, m0)] {
+            for x in g.iter() {
+                for j in 0..2 {
+                    for k in 0..2 {
+                        s[j][k] += (x[j] - m[j]) * (x[k] - m[k]);
+                    }
+                }
+            }
+        }
+        let df = rows.len() as f64 - 2.0;
+        let (a, b, d) = (s[0][0] / df, s[0][1] / df, s[1][1] / df);
+        let det = a * d - b * b;
+        let (u, v) = (m1[0] - m0[0], m1[1] - m0[1]);
+        let slopes = [(d * u - b * v) / det, (a * v - b * u) / det];
+        let intercept = (ones.len() as f64 / zeros.len() as f64).ln()
+            - (m1[0] + m0[0]) / 2.0 * slopes[0]
+            - (m1[1] + m0[1]) / 2.0 * slopes[1];
+        let want = [intercept, slopes[0], slopes[1]];
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-9 * w.abs().max(1.0),
+                "{got:?} against {want:?}"
+            );
+        }
+        // Without both outcomes there is no discriminant.
+        let mut all_ones = sums.clone();
+        all_ones[GlmLayout::SUM_Y] = all_ones[GlmLayout::N];
+        assert!(discriminant_start(&all_ones, layout).is_none());
     }
 }
