@@ -292,6 +292,7 @@ impl Station {
             .query_planner()
             .create_physical_plan(plan, &self.state)
             .await?;
+        let physical = self.file_schemas.supply(physical).await?;
         Ok((physical, railyard_udfs::query_task(&self.state)?))
     }
 

@@ -153,7 +153,7 @@ fn files_unchanged(plan: &Arc<dyn ExecutionPlan>) -> bool {
 }
 
 /// Whether the local file behind `meta` is the one `meta` describes.
-fn same_file(meta: &datafusion::object_store::ObjectMeta) -> bool {
+pub(crate) fn same_file(meta: &datafusion::object_store::ObjectMeta) -> bool {
     use std::os::unix::fs::MetadataExt;
     // A station's files are on its local file system, whose object paths are absolute
     // paths without their leading '/'.

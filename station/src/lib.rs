@@ -29,6 +29,7 @@
 
 pub mod dp;
 pub mod error;
+mod file_schemas;
 pub mod fragment;
 mod kept;
 pub mod ledger;
@@ -94,6 +95,8 @@ pub struct Station {
     plans: Mutex<HashMap<String, fragment::Approved>>,
     /// Physical plans of approved fragments seen before, by SQL text (see [`kept`]).
     kept: kept::KeptPlans,
+    /// The Arrow schema of each Parquet file, handed to its scans (see [`file_schemas`]).
+    file_schemas: file_schemas::FileSchemas,
     /// Runs containerized trains (Docker is reached on the first train only).
     trains: train::Trains,
     /// The privacy ledger (ε spent), if the policy has a `[dp]` budget.
@@ -223,6 +226,7 @@ impl Station {
             audit,
             plans: Mutex::new(HashMap::new()),
             kept: kept::KeptPlans::default(),
+            file_schemas: file_schemas::FileSchemas::default(),
             trains,
             ledger,
             threshold_key,

@@ -808,4 +808,37 @@ async fn a_station_answers_a_fragment_sent_again_from_its_data_as_it_is_now() {
         [5],
         "a rewritten Parquet file is counted afresh"
     );
+    // Each Parquet file is read with the schema it has now (station/src/file_schemas.rs
+    // keeps schemas by file): replaced, at the same modification time, by a file whose
+    // column holds doubles, it is read as doubles (cast to the table's Int64), not with the
+    // schema kept for the file before.
+    let sum = "SELECT sum(x) AS s FROM p";
+    assert_eq!(ask(sum, &["s"]).await, [15]);
+    assert_eq!(ask(sum, &["s"]).await, [15]);
+    let before = std::fs::metadata(&parquet).unwrap().modified().unwrap();
+    let doubles = dir.path().join("doubles.parquet");
+    let double_schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("x", DataType::Float64, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&double_schema),
+        vec![Arc::new(arrow::array::Float64Array::from(vec![10.0, 20.0]))],
+    )
+    .unwrap();
+    let file = std::fs::File::create(&doubles).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, double_schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&doubles)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
+    std::fs::rename(&doubles, &parquet).unwrap();
+    assert_eq!(
+        ask(sum, &["s"]).await,
+        [30],
+        "a Parquet file replaced by one of another schema is read with its own"
+    );
 }
