@@ -12,7 +12,8 @@
 //! `ArrowReaderMetadata::try_new` with default options, over the file's footer), read once
 //! per file identity: path, size, modification time and entity tag (the local store's
 //! inode-mtime-size), as the listing of the scan saw them. A file rewritten or replaced is a
-//! new identity and is read again; a file that changes while it is read is not kept.
+//! new identity and is read again; a file whose open descriptor no longer matches that
+//! identity after its footer was read (replaced or rewritten meanwhile) is not kept.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -143,16 +144,17 @@ fn parquet_scan(node: &Arc<dyn ExecutionPlan>) -> Option<&FileScanConfig> {
 }
 
 /// The Arrow schema the Parquet reader derives for the local file `meta` describes, if the
-/// file still is that file after it was read.
+/// file read is that file.
 fn read_schema(meta: &ObjectMeta) -> Option<SchemaRef> {
-    // A station's files are on its local file system, whose object paths are absolute
-    // paths without their leading '/'.
-    let path = std::path::Path::new("/").join(meta.location.as_ref());
-    let file = std::fs::File::open(&path).ok()?;
+    let file = std::fs::File::open(crate::kept::local_path(meta)).ok()?;
     let metadata = ParquetMetaDataReader::new().parse_and_finish(&file).ok()?;
-    let schema = ArrowReaderMetadata::try_new(Arc::new(metadata), ArrowReaderOptions::new())
-        .ok()?
-        .schema()
-        .clone();
-    crate::kept::same_file(meta).then_some(schema)
+    // What was read belongs to `meta` only if the open file (the same descriptor) still
+    // is that file: one replaced or rewritten since the listing is not kept.
+    let now = file.metadata().ok()?;
+    if !crate::kept::describes(meta, &now) {
+        return None;
+    }
+    ArrowReaderMetadata::try_new(Arc::new(metadata), ArrowReaderOptions::new())
+        .ok()
+        .map(|m| Arc::clone(m.schema()))
 }

@@ -152,15 +152,24 @@ fn files_unchanged(plan: &Arc<dyn ExecutionPlan>) -> bool {
     unchanged
 }
 
+/// The local path of a station's file: its object paths are absolute paths without their
+/// leading '/'.
+pub(crate) fn local_path(meta: &datafusion::object_store::ObjectMeta) -> std::path::PathBuf {
+    std::path::Path::new("/").join(meta.location.as_ref())
+}
+
 /// Whether the local file behind `meta` is the one `meta` describes.
-pub(crate) fn same_file(meta: &datafusion::object_store::ObjectMeta) -> bool {
+fn same_file(meta: &datafusion::object_store::ObjectMeta) -> bool {
+    std::fs::metadata(local_path(meta)).is_ok_and(|now| describes(meta, &now))
+}
+
+/// Whether `meta` describes the file whose metadata is `now`: its size, modification time
+/// and, where `meta` has the local store's entity tag, its inode.
+pub(crate) fn describes(
+    meta: &datafusion::object_store::ObjectMeta,
+    now: &std::fs::Metadata,
+) -> bool {
     use std::os::unix::fs::MetadataExt;
-    // A station's files are on its local file system, whose object paths are absolute
-    // paths without their leading '/'.
-    let path = std::path::Path::new("/").join(meta.location.as_ref());
-    let Ok(now) = std::fs::metadata(&path) else {
-        return false;
-    };
     let Ok(modified) = now.modified() else {
         return false;
     };
