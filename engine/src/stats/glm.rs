@@ -25,7 +25,7 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::array::{BooleanArray, Float64Array, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::{Result, exec_err, plan_err};
+use datafusion::common::{DataFusionError, Result, exec_err, plan_err};
 use railyard_udfs::glm_terms::{
     Family, GLM_TERMS, GlmLayout, add_terms, f64_list_type, list_values,
 };
@@ -35,6 +35,7 @@ use super::{
     Rounds, Select, Source, batch, float_sql, ident, levels, normal_p, spd_inverse, spd_solve, t_p,
     value_sql, value_text, with_rows,
 };
+use crate::error::StationFailure;
 
 const MAX_ITERATIONS: usize = 50;
 /// Relative size of a Newton step taken as convergence: the estimate is the step's end,
@@ -328,7 +329,7 @@ impl GlmJob {
             // discriminant (from the sums at b = 0) instead of the Newton step from 0: near
             // the estimate where the covariates are roughly normal within each outcome. If
             // its deviance is not below b = 0's (covariates far from normal), or a station
-            // does not answer it, the fit goes on from the Newton step: one round more.
+            // refuses it, the fit goes on from the Newton step: one round more.
             if iterations == 1
                 && matches!(self.family, Family::Binomial)
                 && intercept
@@ -343,7 +344,12 @@ impl GlmJob {
                         continue;
                     }
                     Ok(_) => tracing::debug!("glm: the discriminant start is no better than 0"),
-                    Err(e) => tracing::debug!("glm: the discriminant start was not answered: {e}"),
+                    Err(e) if refused(&e) => {
+                        tracing::debug!("glm: a station refused the discriminant start: {e}")
+                    }
+                    // A station that failed or did not answer would not answer the Newton
+                    // step either: the fit fails now rather than after a second timeout.
+                    Err(e) => return Err(e),
                 }
             }
             beta = next;
@@ -406,6 +412,13 @@ impl GlmJob {
         }
         coefficients(names, estimates, errors, statistics, p_values)
     }
+}
+
+/// Whether `e` is a station's refusal under its policy, as opposed to a station that
+/// failed or did not answer.
+fn refused(e: &DataFusionError) -> bool {
+    matches!(e, DataFusionError::External(inner)
+        if matches!(inner.downcast_ref::<StationFailure>(), Some(StationFailure::Refused { .. })))
 }
 
 /// Fisher's linear discriminant as coefficients of a binomial model with an intercept (the
