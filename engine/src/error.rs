@@ -156,7 +156,7 @@ impl From<StationFailure> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Finds a [`StationFailure`] anywhere inside a DataFusion error chain.
-fn station_failure(e: &DataFusionError) -> Option<StationFailure> {
+pub(crate) fn station_failure(e: &DataFusionError) -> Option<StationFailure> {
     let mut current: &dyn std::error::Error = e;
     loop {
         if let Some(failure) = current.downcast_ref::<StationFailure>() {

@@ -35,7 +35,7 @@ use super::{
     Rounds, Select, Source, batch, float_sql, ident, levels, normal_p, spd_inverse, spd_solve, t_p,
     value_sql, value_text, with_rows,
 };
-use crate::error::StationFailure;
+use crate::error::{StationFailure, station_failure};
 
 const MAX_ITERATIONS: usize = 50;
 /// Relative size of a Newton step taken as convergence: the estimate is the step's end,
@@ -281,14 +281,9 @@ impl GlmJob {
                 // solve is the least-squares fit itself, and its deviance follows from
                 // this round's: D(b) = yᵀy − 2bᵀXᵀy + bᵀXᵀXb. One round, not two.
                 let (xtx, xty) = (&sums[layout.xtwx()], &sums[layout.xtwz()]);
-                let quadratic = |b: &[f64]| -> f64 {
-                    (0..q)
-                        .map(|i| b[i] * (0..q).map(|j| xtx[i * q + j] * b[j]).sum::<f64>())
-                        .sum()
-                };
                 let linear = |b: &[f64]| -> f64 { b.iter().zip(xty).map(|(b, v)| b * v).sum() };
-                let yty = deviance + 2.0 * linear(&beta) - quadratic(&beta);
-                let fitted = (yty - 2.0 * linear(&next) + quadratic(&next)).max(0.0);
+                let yty = deviance + 2.0 * linear(&beta) - quadratic_form(xtx, &beta);
+                let fitted = (yty - 2.0 * linear(&next) + quadratic_form(xtx, &next)).max(0.0);
                 sums[GlmLayout::DEVIANCE] = fitted;
                 beta = next;
                 converged = true;
@@ -304,11 +299,8 @@ impl GlmJob {
                 // and log-likelihood move there by this round's quadratic model: for a
                 // canonical link XᵀWz − XᵀWX·b is the score, so D(b') = D(b) − δᵀ·XᵀWX·δ
                 // up to |δ|³. The standard errors stay this round's, within |δ| relative.
-                let xtwx = &sums[layout.xtwx()];
                 let step: Vec<f64> = next.iter().zip(&beta).map(|(b1, b0)| b1 - b0).collect();
-                let curvature: f64 = (0..q)
-                    .map(|i| step[i] * (0..q).map(|j| xtwx[i * q + j] * step[j]).sum::<f64>())
-                    .sum();
+                let curvature = quadratic_form(&sums[layout.xtwx()], &step);
                 sums[GlmLayout::DEVIANCE] = (deviance - curvature).max(0.0);
                 sums[GlmLayout::LOGLIK] += curvature / 2.0;
                 beta = next;
@@ -417,8 +409,15 @@ impl GlmJob {
 /// Whether `e` is a station's refusal under its policy, as opposed to a station that
 /// failed or did not answer.
 fn refused(e: &DataFusionError) -> bool {
-    matches!(e, DataFusionError::External(inner)
-        if matches!(inner.downcast_ref::<StationFailure>(), Some(StationFailure::Refused { .. })))
+    matches!(station_failure(e), Some(StationFailure::Refused { .. }))
+}
+
+/// `vᵀ·M·v` for the row-major square matrix `m`.
+fn quadratic_form(m: &[f64], v: &[f64]) -> f64 {
+    let q = v.len();
+    (0..q)
+        .map(|i| v[i] * (0..q).map(|j| m[i * q + j] * v[j]).sum::<f64>())
+        .sum()
 }
 
 /// Fisher's linear discriminant as coefficients of a binomial model with an intercept (the
