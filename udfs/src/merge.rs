@@ -166,11 +166,12 @@ impl AggregateUDFImpl for MergeAggregate {
 }
 
 /// Runs one step of the inner accumulator over states that came from stations (directly, or
-/// through the hub's own two-phase aggregation of them), turning a panic into an error. DataFusion's accumulators trust their states: a state no station
-/// computes (an `avg` state with a count of 0 beside a sum, say, which its merge divides by)
-/// would panic the hub's task, and the researcher would see a cancelled stream instead of an
-/// answer or an error. A station that sends such a state is broken or compromised; the query
-/// fails with a message that says so and names no value.
+/// through the hub's own two-phase aggregation of them), turning a panic into an error.
+/// DataFusion's accumulators trust their states: a state no station computes (an `avg`
+/// state with a count of 0 beside a sum, say, which its merge divides by) would panic the
+/// hub's task, and the researcher would see a cancelled stream instead of an answer or an
+/// error. A station that sends such a state is broken or compromised; the query fails with a
+/// message that says so and names no value.
 fn guarded<T>(step: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
         Ok(result) => result,
