@@ -27,6 +27,7 @@ use std::sync::Mutex;
 use railyard_policy::Refusal;
 use railyard_policy::queryset::{Earlier, ReleasedSet};
 use railyard_policy::release::ThresholdKey;
+use railyard_udfs::unit_share::UnitHashing;
 use roaring::RoaringBitmap;
 use rusqlite::{Connection, TransactionBehavior, params};
 
@@ -82,7 +83,7 @@ struct Inner {
 /// station, shared by every account.
 #[derive(Default)]
 struct Numbers {
-    id_of: HashMap<u32, u32>,
+    id_of: HashMap<u32, u32, UnitHashing>,
     unit_of: Vec<u32>,
 }
 
@@ -196,22 +197,29 @@ impl QuerySets {
         // the next numbers, kept only if the release is committed.
         let known = numbers.unit_of.len();
         let mut fresh: Vec<u32> = Vec::new();
-        let mut fresh_id: HashMap<u32, u32> = HashMap::new();
+        let mut fresh_id: HashMap<u32, u32, UnitHashing> = HashMap::default();
         let sets: Vec<ReleasedSet> = sets
             .iter()
             .map(|s| ReleasedSet {
                 group: s.group,
-                set: s
-                    .set
-                    .iter()
-                    .map(|unit| match numbers.id_of.get(&unit) {
-                        Some(id) => *id,
-                        None => *fresh_id.entry(unit).or_insert_with(|| {
-                            fresh.push(unit);
-                            (known + fresh.len() - 1) as u32
-                        }),
-                    })
-                    .collect(),
+                set: {
+                    let mut ids: Vec<u32> = s
+                        .set
+                        .iter()
+                        .map(|unit| match numbers.id_of.get(&unit) {
+                            Some(id) => *id,
+                            None => *fresh_id.entry(unit).or_insert_with(|| {
+                                fresh.push(unit);
+                                (known + fresh.len() - 1) as u32
+                            }),
+                        })
+                        .collect();
+                    // Distinct units have distinct numbers; sorted, the bitmap appends
+                    // each instead of searching and shifting its containers.
+                    ids.sort_unstable();
+                    RoaringBitmap::from_sorted_iter(ids)
+                        .expect("distinct units' numbers, sorted, ascend strictly")
+                },
             })
             .collect();
         let unit_of = |id: u32| -> u32 {

@@ -104,13 +104,23 @@ impl Accumulator for Units {
         let [units] = values else {
             return internal_err!("{UNIT_SET} takes one argument");
         };
-        self.set.extend(
-            units
-                .as_primitive::<UInt64Type>()
-                .iter()
-                .flatten()
-                .map(element),
-        );
+        // Sorted first: a bitmap built from ascending elements appends each to its last
+        // container, where inserting them in hash order searched and shifted for every one.
+        let mut elements: Vec<u32> = units
+            .as_primitive::<UInt64Type>()
+            .iter()
+            .flatten()
+            .map(element)
+            .collect();
+        elements.sort_unstable();
+        elements.dedup();
+        let batch = RoaringBitmap::from_sorted_iter(elements)
+            .expect("the elements were sorted and deduplicated");
+        if self.set.is_empty() {
+            self.set = batch;
+        } else {
+            self.set |= batch;
+        }
         Ok(())
     }
 

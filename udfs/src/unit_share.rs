@@ -12,7 +12,7 @@
 //! largest share larger: never less protective. NULL sizes contribute nothing; a NULL unit
 //! is its own unit (a row without a patient is one contributor).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, ListArray, UInt64Array};
@@ -24,6 +24,11 @@ use datafusion::logical_expr::utils::format_state_name;
 use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, Signature, TypeSignature, Volatility,
 };
+
+/// How the aggregates here hash unit hashes: foldhash, seeded per process. The keys are
+/// the station's hashes of its own units' ids, which no researcher chooses; std's SipHash
+/// cost about a hundred instructions per row here.
+pub type UnitHashing = foldhash::fast::RandomState;
 
 /// The function's name (a station-internal aggregate; it is never registered for SQL).
 pub const UNIT_MAX_SUM: &str = "unit_max_sum";
@@ -135,7 +140,7 @@ impl AggregateUDFImpl for UnitMaxSum {
 /// contributor (one row: never "several").
 #[derive(Debug, Default)]
 struct PerUnit {
-    sums: HashMap<u64, (f64, u64)>,
+    sums: HashMap<u64, (f64, u64), UnitHashing>,
     unkeyed_max: Option<f64>,
     /// Sizes of rows without a unit (each its own contributor), for the deviation modes.
     unkeyed: Vec<f64>,
@@ -329,7 +334,7 @@ impl AggregateUDFImpl for UnitDigest {
 
 #[derive(Debug, Default)]
 struct DistinctHashes {
-    seen: std::collections::HashSet<u64>,
+    seen: HashSet<u64, UnitHashing>,
 }
 
 impl Accumulator for DistinctHashes {
