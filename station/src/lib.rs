@@ -37,6 +37,7 @@ pub mod postgres;
 pub mod private;
 pub mod queryset;
 pub mod service;
+mod small_scans;
 pub mod source;
 pub mod train;
 pub mod train_run;
@@ -156,7 +157,7 @@ impl Station {
             tables,
             !postgres.is_empty(),
         );
-        let ctx = railyard_udfs::fragment_context_with(session)?;
+        let ctx = small_scans::install(railyard_udfs::fragment_context_with(session)?);
         if let Some(secret) = &config.collaboration_secret {
             let keyed = Pseudonym::keyed(Arc::clone(secret))
                 .map_err(|e| Error::BadRequest(format!("station '{name}': {e}")))?;
