@@ -214,11 +214,12 @@ impl QuerySets {
                             }),
                         })
                         .collect();
-                    // Distinct units have distinct numbers; sorted, the bitmap appends
-                    // each instead of searching and shifting its containers.
+                    // Sorted, the bitmap appends each number instead of searching and
+                    // shifting its containers for it.
                     ids.sort_unstable();
+                    ids.dedup();
                     RoaringBitmap::from_sorted_iter(ids)
-                        .expect("distinct units' numbers, sorted, ascend strictly")
+                        .expect("sorted and deduplicated numbers ascend strictly")
                 },
             })
             .collect();
