@@ -27,6 +27,7 @@ use std::sync::Mutex;
 use railyard_policy::Refusal;
 use railyard_policy::queryset::{Earlier, ReleasedSet};
 use railyard_policy::release::ThresholdKey;
+use railyard_udfs::unit_set::bitmap_of;
 use railyard_udfs::unit_share::UnitHashing;
 use roaring::RoaringBitmap;
 use rusqlite::{Connection, TransactionBehavior, params};
@@ -202,9 +203,8 @@ impl QuerySets {
             .iter()
             .map(|s| ReleasedSet {
                 group: s.group,
-                set: {
-                    let mut ids: Vec<u32> = s
-                        .set
+                set: bitmap_of(
+                    s.set
                         .iter()
                         .map(|unit| match numbers.id_of.get(&unit) {
                             Some(id) => *id,
@@ -213,14 +213,8 @@ impl QuerySets {
                                 (known + fresh.len() - 1) as u32
                             }),
                         })
-                        .collect();
-                    // Sorted, the bitmap appends each number instead of searching and
-                    // shifting its containers for it.
-                    ids.sort_unstable();
-                    ids.dedup();
-                    RoaringBitmap::from_sorted_iter(ids)
-                        .expect("sorted and deduplicated numbers ascend strictly")
-                },
+                        .collect(),
+                ),
             })
             .collect();
         let unit_of = |id: u32| -> u32 {

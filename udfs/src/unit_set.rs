@@ -34,6 +34,15 @@ pub fn element(hash: u64) -> u32 {
     (hash ^ (hash >> 32)) as u32
 }
 
+/// The set of `elements`, in any order, with repeats. Sorted first, the bitmap appends each
+/// element to its last container; inserted in hash order, it searched and shifted its
+/// containers for every one.
+pub fn bitmap_of(mut elements: Vec<u32>) -> RoaringBitmap {
+    elements.sort_unstable();
+    elements.dedup();
+    RoaringBitmap::from_sorted_iter(elements).expect("sorted, deduplicated elements ascend")
+}
+
 /// A serialized set back as a bitmap (`None`: the bytes are not a bitmap).
 pub fn decode(bytes: &[u8]) -> Option<RoaringBitmap> {
     RoaringBitmap::deserialize_from(bytes).ok()
@@ -104,23 +113,14 @@ impl Accumulator for Units {
         let [units] = values else {
             return internal_err!("{UNIT_SET} takes one argument");
         };
-        // Sorted first: a bitmap built from ascending elements appends each to its last
-        // container, where inserting them in hash order searched and shifted for every one.
-        let mut elements: Vec<u32> = units
-            .as_primitive::<UInt64Type>()
-            .iter()
-            .flatten()
-            .map(element)
-            .collect();
-        elements.sort_unstable();
-        elements.dedup();
-        let batch = RoaringBitmap::from_sorted_iter(elements)
-            .expect("the elements were sorted and deduplicated");
-        if self.set.is_empty() {
-            self.set = batch;
-        } else {
-            self.set |= batch;
-        }
+        self.set |= bitmap_of(
+            units
+                .as_primitive::<UInt64Type>()
+                .iter()
+                .flatten()
+                .map(element)
+                .collect(),
+        );
         Ok(())
     }
 
