@@ -43,7 +43,6 @@ pub(crate) fn install(ctx: SessionContext) -> SessionContext {
             if rule.name() == FilterPushdown::new().name() {
                 Arc::new(PushdownBeyondSmallScans {
                     inner: Arc::clone(rule),
-                    small: SMALL_SCAN_BYTES,
                 })
             } else {
                 Arc::clone(rule)
@@ -57,11 +56,10 @@ pub(crate) fn install(ctx: SessionContext) -> SessionContext {
 }
 
 /// Runs `inner` (filter pushdown) unless every scan of the plan reads files of at most
-/// `small` bytes in all.
+/// [`SMALL_SCAN_BYTES`] in all.
 #[derive(Debug)]
 pub(crate) struct PushdownBeyondSmallScans {
     inner: Arc<dyn PhysicalOptimizerRule + Send + Sync>,
-    small: u64,
 }
 
 impl PhysicalOptimizerRule for PushdownBeyondSmallScans {
@@ -70,7 +68,7 @@ impl PhysicalOptimizerRule for PushdownBeyondSmallScans {
         plan: Arc<dyn ExecutionPlan>,
         config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        if reads_at_most(&plan, self.small)? {
+        if reads_at_most(&plan, SMALL_SCAN_BYTES)? {
             return Ok(plan);
         }
         self.inner.optimize(plan, config)

@@ -56,15 +56,6 @@ impl Family {
         }
     }
 
-    /// The mean for a linear predictor (the inverse link).
-    pub fn mean(self, eta: f64) -> f64 {
-        match self {
-            Family::Gaussian => eta,
-            Family::Binomial => 1.0 / (1.0 + (-eta).exp()),
-            Family::Poisson => eta.exp(),
-        }
-    }
-
     /// The linear predictor for a mean (the link).
     pub fn link(self, mu: f64) -> f64 {
         match self {
