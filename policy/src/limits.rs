@@ -5,7 +5,10 @@
 //! runs the stack out and aborts the whole process. Growing the stack only moves the limit,
 //! so the statement is measured first, by a tokenizer that does not recurse, and refused
 //! over any limit with rule `query_too_complex`, naming the limit. The hub applies it to a
-//! researcher's statement, every station to every fragment it receives.
+//! researcher's statement, every station to every fragment it parses. (A model round that
+//! differs from an approved fragment only in its coefficients is not parsed: the station
+//! tokenizes it, checks its length and runs the approved plan with the new coefficients,
+//! see `station/src/rebind.rs`.)
 //!
 //! Shallow is not yet cheap: the SQL parser backtracks. A reserved word that fails to parse
 //! as its own construct (`NOT …`, `CAST(…)`) is parsed again as a function name, so a chain

@@ -79,12 +79,19 @@ impl Station {
         if let Some(call) = &ticket.train {
             return self.run_train(ticket, call).await;
         }
-        let approved = self.approve(ticket).await?;
+        let (approved, rebound) = match self.rebound(ticket) {
+            Some((approved, physical)) => (approved, Some(physical)),
+            None => (self.approve(ticket).await?, None),
+        };
         if let Release::Dp(release) = &approved.release {
             return self.run_dp(ticket, &approved, release).await;
         }
         info!(station = %self.name, query_id = %ticket.query_id, fragment = ticket.fragment, researcher = %ticket.researcher, "fragment approved");
-        let batches = match self.execute_kept(&ticket.sql, &approved.plan).await {
+        let run = match rebound {
+            Some(physical) => self.execute_physical(physical).await,
+            None => self.execute_kept(&ticket.sql, &approved).await,
+        };
+        let batches = match run {
             Ok(batches) => batches,
             Err(e) => return Err(self.failure(ticket, None, &e).await),
         };
@@ -263,23 +270,50 @@ impl Station {
     }
 
     /// Runs the approved plan of the fragment `sql`, from its physical plan kept from an
-    /// earlier run when there is one (see `kept.rs`).
+    /// earlier run when there is one (see `kept.rs`). A plan kept by its text is also kept
+    /// for its shape, when it is a model round (see `rebind.rs`).
     async fn execute_kept(
         &self,
         sql: &str,
-        plan: &LogicalPlan,
+        approved: &Approved,
     ) -> Result<Vec<RecordBatch>, DataFusionError> {
+        let plan = &approved.plan;
         let (physical, task) = match self.kept.get(sql)? {
             Some(physical) => (physical, railyard_udfs::query_task(&self.state)?),
             None => {
                 let (physical, task) = self.physical_plan(plan).await?;
-                if railyard_policy::check::only_immutable_functions(plan) {
-                    self.kept.keep(sql, plan, &physical);
+                if railyard_policy::check::only_immutable_functions(plan)
+                    && self.kept.keep(sql, plan, &physical)
+                {
+                    self.rebinder.keep(sql, approved, &physical);
                 }
                 (physical, task)
             }
         };
         execute_stream(physical, task)?.try_collect().await
+    }
+
+    /// Runs a physical plan made ready by [`Self::rebound`].
+    async fn execute_physical(
+        &self,
+        physical: Arc<dyn ExecutionPlan>,
+    ) -> Result<Vec<RecordBatch>, DataFusionError> {
+        execute_stream(physical, railyard_udfs::query_task(&self.state)?)?
+            .try_collect()
+            .await
+    }
+
+    /// The approval and physical plan of a model round that differs from a fragment run
+    /// before only in its coefficients (see `rebind.rs`), if `ticket` is one (not for a
+    /// text approved as it is). A plan that cannot be made ready is planned from its text.
+    pub(crate) fn rebound(
+        &self,
+        ticket: &FragmentTicket,
+    ) -> Option<(Approved, Arc<dyn ExecutionPlan>)> {
+        if self.cached(&ticket.sql).is_some() {
+            return None;
+        }
+        self.rebinder.rebind(&ticket.sql).ok().flatten()
     }
 
     /// The physical plan of an approved plan.

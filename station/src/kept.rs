@@ -65,15 +65,22 @@ impl KeptPlans {
     /// Keeps `physical`, planned from `logical`, for `sql` if each of its leaves reads its
     /// data when it runs and it still scans every table `logical` does; the caller has
     /// checked that `logical` has only immutable functions.
-    pub(crate) fn keep(&self, sql: &str, logical: &LogicalPlan, physical: &Arc<dyn ExecutionPlan>) {
+    /// Whether it was kept.
+    pub(crate) fn keep(
+        &self,
+        sql: &str,
+        logical: &LogicalPlan,
+        physical: &Arc<dyn ExecutionPlan>,
+    ) -> bool {
         if !reads_when_run(physical) || scan_leaves(physical) < table_scans(logical) {
-            return;
+            return false;
         }
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         if plans.len() >= ENTRIES {
             plans.clear();
         }
         plans.insert(sql.to_string(), Arc::clone(physical));
+        true
     }
 }
 
@@ -132,7 +139,7 @@ fn scans(node: &Arc<dyn ExecutionPlan>) -> bool {
 
 /// Whether every file `plan` scans still has the size, modification time and inode it had
 /// when the plan listed it. A file that cannot be read counts as changed.
-fn files_unchanged(plan: &Arc<dyn ExecutionPlan>) -> bool {
+pub(crate) fn files_unchanged(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let mut unchanged = true;
     let _ = plan.apply(|node| {
         let Some(config) = node

@@ -20,7 +20,8 @@
 //!
 //! The station is the I/O shell around the pure rules of `railyard-policy`. Layout:
 //! [`fragment`] (approve and run a fragment: plan cache, check, execute, release, audit),
-//! `kept` (physical plans of fragments seen before),
+//! `kept` (physical plans of fragments seen before), `rebind` (model rounds that differ only
+//! in their coefficients run a kept plan with the new ones bound in),
 //! [`private`] (DP fragments: ε and budget, charge, noise), [`train_run`] (train fragments:
 //! image, input, container, output), [`service`] (the Flight service), [`source`] (files as
 //! tables), [`postgres`] (PostgreSQL relations as tables), [`dp`] (OpenDP noise),
@@ -36,6 +37,7 @@ pub mod ledger;
 pub mod postgres;
 pub mod private;
 pub mod queryset;
+mod rebind;
 pub mod service;
 mod small_scans;
 pub mod source;
@@ -96,6 +98,9 @@ pub struct Station {
     plans: Mutex<HashMap<String, fragment::Approved>>,
     /// Physical plans of approved fragments seen before, by SQL text (see [`kept`]).
     kept: kept::KeptPlans,
+    /// Physical plans of approved model rounds, by their text without the coefficients
+    /// (see [`rebind`]).
+    rebinder: rebind::Rebinder,
     /// The Arrow schema of each Parquet file, handed to its scans (see [`file_schemas`]).
     file_schemas: file_schemas::FileSchemas,
     /// Runs containerized trains (Docker is reached on the first train only).
@@ -227,6 +232,7 @@ impl Station {
             audit,
             plans: Mutex::new(HashMap::new()),
             kept: kept::KeptPlans::default(),
+            rebinder: rebind::Rebinder::default(),
             file_schemas: file_schemas::FileSchemas::default(),
             trains,
             ledger,
