@@ -5,10 +5,10 @@
 //! runs the stack out and aborts the whole process. Growing the stack only moves the limit,
 //! so the statement is measured first, by a tokenizer that does not recurse, and refused
 //! over any limit with rule `query_too_complex`, naming the limit. The hub applies it to a
-//! researcher's statement, every station to every fragment it parses. (A model round that
+//! researcher's statement, every station to every fragment it receives. (A model round that
 //! differs from an approved fragment only in its coefficients is not parsed: the station
-//! tokenizes it, checks its length and runs the approved plan with the new coefficients,
-//! see `station/src/rebind.rs`.)
+//! holds its tokens to the limits here that need no parser, and runs the approved plan with
+//! the new coefficients, see `station/src/rebind.rs`.)
 //!
 //! Shallow is not yet cheap: the SQL parser backtracks. A reserved word that fails to parse
 //! as its own construct (`NOT …`, `CAST(…)`) is parsed again as a function name, so a chain
@@ -78,12 +78,40 @@ pub fn check_statement(sql: &str, who: &str) -> Result<(), Refusal> {
     let tokens = Tokenizer::new(&GenericDialect {}, sql)
         .tokenize()
         .map_err(|e| too_complex(who, format!("it does not tokenize ({e})")))?;
+    let count = check_tokens(&tokens, who)?;
+    let budget = PARSE_STEPS_BASE + MAX_PARSE_STEPS_PER_TOKEN * count;
+    let parse = parse_cost(sql, budget);
+    if parse.depth > MAX_PARSE_DEPTH {
+        return Err(too_complex(
+            who,
+            format!(
+                "the parser nests expressions in it deeper than {MAX_PARSE_DEPTH} \
+                 (limit max_parse_depth)"
+            ),
+        ));
+    }
+    if parse.steps > budget {
+        return Err(too_complex(
+            who,
+            format!(
+                "parsing it takes more than {MAX_PARSE_STEPS_PER_TOKEN} steps per token \
+                 (limit max_parse_steps)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a statement whose tokens are over a limit that does not need the parser (all
+/// but `max_parse_steps` and `max_parse_depth`); otherwise answers how many tokens it has,
+/// whitespace and comments aside.
+pub fn check_tokens(tokens: &[Token], who: &str) -> Result<usize, Refusal> {
     // Operators of the expression being read, per open parenthesis; a comma or a clause
     // keyword starts a new expression at its level.
     let mut levels: Vec<usize> = vec![0];
     let (mut deepest, mut deepest_expression, mut operators, mut count) = (0, 0, 0, 0);
     let mut blocks = 0;
-    for token in &tokens {
+    for token in tokens {
         let operator = match token {
             Token::Whitespace(_) => continue,
             Token::LParen | Token::LBracket | Token::LBrace => {
@@ -208,27 +236,7 @@ pub fn check_statement(sql: &str, who: &str) -> Result<(), Refusal> {
             format!("it has more than {MAX_TOKENS} tokens (limit max_tokens)"),
         ));
     }
-    let budget = PARSE_STEPS_BASE + MAX_PARSE_STEPS_PER_TOKEN * count;
-    let parse = parse_cost(sql, budget);
-    if parse.depth > MAX_PARSE_DEPTH {
-        return Err(too_complex(
-            who,
-            format!(
-                "the parser nests expressions in it deeper than {MAX_PARSE_DEPTH} \
-                 (limit max_parse_depth)"
-            ),
-        ));
-    }
-    if parse.steps > budget {
-        return Err(too_complex(
-            who,
-            format!(
-                "parsing it takes more than {MAX_PARSE_STEPS_PER_TOKEN} steps per token \
-                 (limit max_parse_steps)"
-            ),
-        ));
-    }
-    Ok(())
+    Ok(count)
 }
 
 /// What parsing a statement cost.

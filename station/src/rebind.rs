@@ -27,6 +27,7 @@
 //! calls, a changed file) is planned from its text as before.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 
 use datafusion::common::ScalarValue;
@@ -40,9 +41,11 @@ use datafusion::physical_plan::expressions::Literal;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
-use railyard_policy::limits::MAX_STATEMENT_BYTES;
+use railyard_policy::Release;
+use railyard_policy::limits::{MAX_STATEMENT_BYTES, check_tokens};
 use railyard_udfs::glm_terms::{GLM_TERMS, glm_covariates};
 use railyard_udfs::survival_terms::{SURVIVAL_TERMS, survival_covariates};
+use sha2::{Digest, Sha256};
 
 use crate::fragment::Approved;
 use crate::kept::files_unchanged;
@@ -55,10 +58,11 @@ const TEXTS: usize = 1024;
 /// A fragment's text with its model call's coefficients taken out.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Shape {
-    /// The fragment's tokens (whitespace and comments left out), each written with `Debug`
-    /// (which quotes and escapes what it holds, so that distinct token streams never write
-    /// the same key), with a `?` in each coefficient's place.
-    key: String,
+    /// The SHA-256 of the fragment's tokens (whitespace and comments left out), each
+    /// written with `Debug` (which quotes and escapes what it holds, so that distinct token
+    /// streams never write the same text) and ended by `\u{1}`, with a `?` in each
+    /// coefficient's place. A digest, so that a long fragment does not make a long key.
+    key: [u8; 32],
     /// The coefficients, in order, as DataFusion reads them.
     coefficients: Vec<f64>,
     /// How many arguments the model call has.
@@ -68,13 +72,20 @@ pub(crate) struct Shape {
 /// The shape of `sql`, if it holds exactly one model call (`glm_terms` or `survival_terms`)
 /// whose coefficients are all plain float literals. The station's session reads SQL in the
 /// generic dialect, which is the dialect tokenized here.
+///
+/// Its tokens must be within the statement limits that need no parser (`max_tokens`,
+/// `max_depth`, …): a rebound round is never parsed, so those of the parser do not apply.
 pub(crate) fn shape(sql: &str) -> Option<Shape> {
+    if sql.len() > MAX_STATEMENT_BYTES {
+        return None;
+    }
     let tokens: Vec<Token> = Tokenizer::new(&GenericDialect {}, sql)
         .tokenize()
         .ok()?
         .into_iter()
         .filter(|t| !matches!(t, Token::Whitespace(_)))
         .collect();
+    check_tokens(&tokens, "").ok()?;
     let mut calls = tokens
         .iter()
         .enumerate()
@@ -108,16 +119,21 @@ pub(crate) fn shape(sql: &str) -> Option<Shape> {
         role[arg.clone()].fill(REST);
         role[arg.start] = FIRST;
     }
-    let mut key = String::with_capacity(tokens.len() * 16);
+    let mut key = Sha256::new();
+    let mut written = String::new();
     for (token, role) in tokens.iter().zip(role) {
         match role {
-            KEEP => key.push_str(&format!("{token:?}\u{1}")),
-            FIRST => key.push_str("?\u{1}"),
+            KEEP => {
+                written.clear();
+                write!(written, "{token:?}\u{1}").ok()?;
+                key.update(written.as_bytes());
+            }
+            FIRST => key.update("?\u{1}".as_bytes()),
             _ => {}
         }
     }
     Some(Shape {
-        key,
+        key: key.finalize().into(),
         coefficients: values,
         arity: args.len(),
     })
@@ -206,17 +222,29 @@ struct Shaped {
 /// Physical plans of approved model fragments, by [`Shape`].
 #[derive(Default)]
 pub(crate) struct Rebinder {
-    shapes: Mutex<HashMap<String, Shaped>>,
-    /// The shapes of texts rebound before (a fit asked again sends the same texts), so that
-    /// they are not tokenized again.
-    texts: Mutex<HashMap<String, Shape>>,
+    shapes: Mutex<HashMap<[u8; 32], Shaped>>,
+    /// The shapes of texts rebound before, by the SHA-256 of their text (a fit asked again
+    /// sends the same texts), so that they are not tokenized again.
+    texts: Mutex<HashMap<[u8; 32], Shape>>,
 }
 
 impl Rebinder {
     /// Keeps `physical`, the plan of the approved fragment `sql`, for its shape, if its
     /// model aggregates hold the text's coefficients as literals in their places. The
     /// caller keeps only plans it would keep by text (see `kept.rs`).
+    ///
+    /// Not kept: a differentially private release (which plans from the logical plan), and
+    /// a fragment whose output names show the model call (`glm_terms(…)` without an alias
+    /// is named after its coefficients, and the released schema is the kept fragment's).
     pub(crate) fn keep(&self, sql: &str, approved: &Approved, physical: &Arc<dyn ExecutionPlan>) {
+        if matches!(approved.release, Release::Dp(_))
+            || approved.plan.schema().fields().iter().any(|f| {
+                let name = f.name().to_ascii_lowercase();
+                name.contains(GLM_TERMS) || name.contains(SURVIVAL_TERMS)
+            })
+        {
+            return;
+        }
         let Some(shape) = shape(sql) else { return };
         if bind(physical, &shape, &shape.coefficients)
             .ok()
@@ -230,7 +258,7 @@ impl Rebinder {
             shapes.clear();
         }
         shapes.insert(
-            shape.key.clone(),
+            shape.key,
             Shaped {
                 approved: approved.clone(),
                 physical: Arc::clone(physical),
@@ -244,17 +272,17 @@ impl Rebinder {
     /// in. The approval's logical plan is the kept fragment's (same schema, other
     /// coefficients): it serves for the released schema only, never to plan.
     ///
-    /// Nothing parses a rebound text: it is only tokenized, which does not recurse, so of
-    /// the statement limits (`railyard_policy::limits`, which guard the parser and the
-    /// planner's recursive walks) only its length applies here. A text over it is planned,
-    /// and refused, from its text.
+    /// Nothing parses a rebound text: it is only tokenized, which does not recurse, and held
+    /// to the statement limits that need no parser (its length, tokens, operators, depth,
+    /// nesting; see [`shape`]). A text over one is planned, and refused, from its text.
     pub(crate) fn rebind(&self, sql: &str) -> Result<Option<(Approved, Arc<dyn ExecutionPlan>)>> {
         if sql.len() > MAX_STATEMENT_BYTES {
             return Ok(None);
         }
+        let text: [u8; 32] = Sha256::digest(sql.as_bytes()).into();
         let known = {
             let texts = self.texts.lock().unwrap_or_else(|p| p.into_inner());
-            texts.get(sql).cloned()
+            texts.get(&text).cloned()
         };
         let (shape, known) = match known {
             Some(shape) => (shape, true),
@@ -288,7 +316,7 @@ impl Rebinder {
             if texts.len() >= TEXTS {
                 texts.clear();
             }
-            texts.insert(sql.to_string(), shape);
+            texts.insert(text, shape);
         }
         Ok(Some((approved, plan)))
     }
@@ -426,6 +454,9 @@ mod tests {
             ROUND.replace("0.5, ", ""),
             "SELECT glm_terms('binomial', maybe, y, x, 0.5, 0.5) FROM t".to_string(),
             "SELECT glm_terms('binomial', true, y, x, 0.5, 0.5 FROM t".to_string(),
+            // Over a statement limit that needs no parser (max_depth): planned, and
+            // refused, from its text.
+            format!("{ROUND}{}", " + x".repeat(150)),
         ] {
             assert_eq!(shape(&sql), None, "{sql}");
         }
@@ -543,6 +574,14 @@ mod tests {
             assert_eq!(last["sql"], sql.as_str());
             assert_eq!(last["decision"], "allowed");
         }
+        // A model call without an alias is named after its coefficients: not kept.
+        let unnamed = round(["0.0", "0.0", "0.0"]).replace(" AS \"terms\"", "");
+        terms(&kept, &unnamed).await;
+        let ticket = fragment_ticket(&unnamed.replace("0.0, 0.0, 0.0", "0.5, 0.5, 0.5"));
+        assert!(
+            kept.rebound(&ticket).is_none(),
+            "an unaliased call is planned afresh"
+        );
         // Another filter is another fragment.
         let other = round(["0.5", "0.5", "0.5"])
             .replace("IS NOT NULL)", "IS NOT NULL) AND (mean_radius > 10.0)");
