@@ -24,7 +24,8 @@
 //!   before, and the audit record holds the round's own text.
 //!
 //! Whatever does not fit (another function, an integer or a computed coefficient, two model
-//! calls, a changed file) is planned from its text as before.
+//! calls, a model call without an alias, tokens over a statement limit, a changed file) is
+//! planned from its text as before.
 
 use std::collections::HashMap;
 use std::fmt::Write;
