@@ -355,17 +355,9 @@ struct GlmAccumulator {
 }
 
 impl GlmAccumulator {
-    /// Adds one row's contribution `c` to released sum `i`, and to its dominance sums.
-    fn add(&mut self, i: usize, c: f64) {
-        let len = self.layout.len();
-        self.sums[i] += c;
-        self.sums[len + i] += c.abs();
-        self.sums[2 * len + i] = self.sums[2 * len + i].max(c.abs());
-    }
-
     fn add_row(&mut self, y: f64) {
         let layout = self.layout;
-        let q = layout.q;
+        let (q, len) = (layout.q, layout.len());
         let eta: f64 = self.row.iter().zip(&self.beta).map(|(x, b)| x * b).sum();
         if !self.family.valid(y) || !eta.is_finite() {
             self.sums[GlmLayout::INVALID] += 1.0;
@@ -405,22 +397,36 @@ impl GlmAccumulator {
                 (mu, mu, 2.0 * (saturated - ll), ll)
             }
         };
-        self.sums[GlmLayout::N] += 1.0;
-        self.sums[GlmLayout::SUM_Y] += y;
-        self.add(GlmLayout::DEVIANCE, deviance);
-        self.add(GlmLayout::LOGLIK, loglik);
+        // The released sums, the sums of their rows' absolute contributions and the largest
+        // of those, as three slices of one length (one bounds check each, not per update).
+        let (sums, rest) = self.sums.split_at_mut(len);
+        let (abs, max) = rest.split_at_mut(len);
+        let (sums, abs, max) = (&mut sums[..len], &mut abs[..len], &mut max[..len]);
+        let mut add = |i: usize, c: f64| {
+            sums[i] += c;
+            abs[i] += c.abs();
+            max[i] = max[i].max(c.abs());
+        };
+        add(GlmLayout::DEVIANCE, deviance);
+        add(GlmLayout::LOGLIK, loglik);
         let r = w * eta + (y - mu);
-        let (xtwz, xtwx, nonzero) = (layout.xtwz(), layout.xtwx(), layout.nonzero());
-        for j in 0..q {
-            let xj = self.row[j];
-            self.add(xtwz.start + j, xj * r);
-            if xj != 0.0 {
-                self.sums[nonzero.start + j] += 1.0;
-            }
+        let (xtwz, xtwx) = (layout.xtwz().start, layout.xtwx().start);
+        let row = &self.row[..q];
+        for (j, &xj) in row.iter().enumerate() {
+            add(xtwz + j, xj * r);
             // XᵀWX is symmetric: its upper triangle here, mirrored by `symmetric`.
-            for k in j..q {
-                let c = w * xj * self.row[k];
-                self.add(xtwx.start + j * q + k, c);
+            let wx = w * xj;
+            for (k, &xk) in row.iter().enumerate().skip(j) {
+                add(xtwx + j * q + k, wx * xk);
+            }
+        }
+        let nonzero = layout.nonzero().start;
+        let sums = &mut self.sums[..len];
+        sums[GlmLayout::N] += 1.0;
+        sums[GlmLayout::SUM_Y] += y;
+        for (j, &xj) in row.iter().enumerate() {
+            if xj != 0.0 {
+                sums[nonzero + j] += 1.0;
             }
         }
     }
