@@ -310,7 +310,11 @@ impl Station {
         &self,
         ticket: &FragmentTicket,
     ) -> Option<(Approved, Arc<dyn ExecutionPlan>)> {
-        if self.cached(&ticket.sql).is_some() {
+        let approved_as_is = {
+            let plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+            plans.contains_key(&ticket.sql)
+        };
+        if approved_as_is {
             return None;
         }
         self.rebinder.rebind(&ticket.sql).ok().flatten()

@@ -64,8 +64,7 @@ impl KeptPlans {
 
     /// Keeps `physical`, planned from `logical`, for `sql` if each of its leaves reads its
     /// data when it runs and it still scans every table `logical` does; the caller has
-    /// checked that `logical` has only immutable functions.
-    /// Whether it was kept.
+    /// checked that `logical` has only immutable functions. Answers whether it kept it.
     pub(crate) fn keep(
         &self,
         sql: &str,

@@ -77,7 +77,7 @@ pub(crate) struct Shape {
 /// Its tokens must be within the statement limits that need no parser (`max_tokens`,
 /// `max_depth`, …): a rebound round is never parsed, so those of the parser do not apply.
 pub(crate) fn shape(sql: &str) -> Option<Shape> {
-    if sql.len() > MAX_STATEMENT_BYTES {
+    if sql.len() > MAX_STATEMENT_BYTES || !mentions_a_model(sql) {
         return None;
     }
     let tokens: Vec<Token> = Tokenizer::new(&GenericDialect {}, sql)
@@ -137,6 +137,17 @@ pub(crate) fn shape(sql: &str) -> Option<Shape> {
         key: key.finalize().into(),
         coefficients: values,
         arity: args.len(),
+    })
+}
+
+/// Whether `sql` holds a model aggregate's name anywhere, in any case: a fragment that does
+/// not is no model round, and is not tokenized to learn so (every fragment a station plans
+/// afresh is asked).
+fn mentions_a_model(sql: &str) -> bool {
+    [GLM_TERMS, SURVIVAL_TERMS].iter().any(|name| {
+        sql.as_bytes()
+            .windows(name.len())
+            .any(|w| w.eq_ignore_ascii_case(name.as_bytes()))
     })
 }
 
@@ -277,7 +288,7 @@ impl Rebinder {
     /// to the statement limits that need no parser (its length, tokens, operators, depth,
     /// nesting; see [`shape`]). A text over one is planned, and refused, from its text.
     pub(crate) fn rebind(&self, sql: &str) -> Result<Option<(Approved, Arc<dyn ExecutionPlan>)>> {
-        if sql.len() > MAX_STATEMENT_BYTES {
+        if sql.len() > MAX_STATEMENT_BYTES || !mentions_a_model(sql) {
             return Ok(None);
         }
         let text: [u8; 32] = Sha256::digest(sql.as_bytes()).into();
