@@ -151,36 +151,34 @@ impl Station {
         domain: &str,
         sets: Vec<railyard_policy::queryset::ReleasedSet>,
     ) -> Result<()> {
-        let store = Arc::clone(&self.querysets);
-        let key = self.threshold_key().clone();
         let max_sets = self.policy.max_query_sets;
-        let researcher = railyard_contract::researcher_or_local(&ticket.researcher).to_string();
-        let collaboration =
-            railyard_contract::collaboration_or_default(&ticket.collaboration).to_string();
-        let (domain, table, query_id) = (
-            domain.to_string(),
-            approved.table.clone(),
-            ticket.query_id.clone(),
-        );
         let (fragment, k) = (ticket.fragment, approved.release.min_group_size());
-        let outcome = crate::blocking(&self.name, move || {
-            let release = crate::queryset::Release {
-                researcher: &researcher,
-                collaboration: &collaboration,
-                domain: &domain,
-                table: &table,
-                query_id: &query_id,
+        let researcher = railyard_contract::researcher_or_local(&ticket.researcher);
+        let collaboration = railyard_contract::collaboration_or_default(&ticket.collaboration);
+        // Every run of a query after its first releases sets the store already holds: that
+        // decision needs no disk, so it is taken here rather than on a blocking thread (two
+        // thread hand-offs per fragment). Anything else is decided below.
+        let in_memory = self.querysets.audit_in_memory(
+            crate::queryset::Release {
+                researcher,
+                collaboration,
+                domain,
+                table: &approved.table,
+                query_id: &ticket.query_id,
                 fragment,
                 k,
-            };
-            store
-                .audit(release, &sets, max_sets, &key)
-                .map_err(|e| Error::Internal {
-                    station: String::new(),
-                    message: e.to_string(),
-                })
-        })
-        .await;
+            },
+            &sets,
+            max_sets,
+            self.threshold_key(),
+        );
+        let outcome = match in_memory {
+            Some(audited) => Ok(audited),
+            None => {
+                self.audit_query_sets_on_disk(ticket, approved, domain, sets)
+                    .await
+            }
+        };
         match outcome {
             Ok(crate::queryset::Audited::Allowed) => Ok(()),
             Ok(crate::queryset::Audited::Refused(refusal)) => {
@@ -199,6 +197,47 @@ impl Station {
                 })
             }
         }
+    }
+
+    /// The query-set auditor's decision on a release that reads or writes its store, on a
+    /// blocking thread.
+    async fn audit_query_sets_on_disk(
+        &self,
+        ticket: &FragmentTicket,
+        approved: &Approved,
+        domain: &str,
+        sets: Vec<railyard_policy::queryset::ReleasedSet>,
+    ) -> Result<crate::queryset::Audited> {
+        let store = Arc::clone(&self.querysets);
+        let key = self.threshold_key().clone();
+        let max_sets = self.policy.max_query_sets;
+        let researcher = railyard_contract::researcher_or_local(&ticket.researcher).to_string();
+        let collaboration =
+            railyard_contract::collaboration_or_default(&ticket.collaboration).to_string();
+        let (domain, table, query_id) = (
+            domain.to_string(),
+            approved.table.clone(),
+            ticket.query_id.clone(),
+        );
+        let (fragment, k) = (ticket.fragment, approved.release.min_group_size());
+        crate::blocking(&self.name, move || {
+            let release = crate::queryset::Release {
+                researcher: &researcher,
+                collaboration: &collaboration,
+                domain: &domain,
+                table: &table,
+                query_id: &query_id,
+                fragment,
+                k,
+            };
+            store
+                .audit(release, &sets, max_sets, &key)
+                .map_err(|e| Error::Internal {
+                    station: String::new(),
+                    message: e.to_string(),
+                })
+        })
+        .await
     }
 
     /// Refuses (audited, rule `rate_limit`) a fragment beyond the policy's

@@ -166,12 +166,9 @@ impl QuerySets {
         max_sets: u64,
         key: &ThresholdKey,
     ) -> Result<Audited, StoreError> {
-        if sets.is_empty() {
-            return Ok(Audited::Allowed);
-        }
         // The lock guards the connection and the cache; after a panic the cache may lack a
         // committed set, so it is dropped and re-read.
-        let mut inner = match self.inner.lock() {
+        let inner = match self.inner.lock() {
             Ok(inner) => inner,
             Err(poisoned) => {
                 let mut inner = poisoned.into_inner();
@@ -179,12 +176,53 @@ impl QuerySets {
                 inner
             }
         };
+        let audited = self.audit_locked(inner, release, sets, max_sets, key, true)?;
+        Ok(audited.expect("an audit that may read and write always decides"))
+    }
+
+    /// [`Self::audit`] when it needs neither the disk nor a wait: the decision on a release
+    /// whose account is cached and which is refused or holds only sets already remembered
+    /// (every run of a query after its first). `None` when the decision would read or write
+    /// the store, or another release holds the lock: the caller then audits it with
+    /// [`Self::audit`] off the async workers. Called on an async worker, so it never blocks.
+    pub fn audit_in_memory(
+        &self,
+        release: Release<'_>,
+        sets: &[ReleasedSet],
+        max_sets: u64,
+        key: &ThresholdKey,
+    ) -> Option<Audited> {
+        // A poisoned lock is left to `audit`, which re-reads the cache; without I/O nothing
+        // fails, and anything that did would be decided (and reported) by `audit`.
+        let inner = self.inner.try_lock().ok()?;
+        self.audit_locked(inner, release, sets, max_sets, key, false)
+            .ok()
+            .flatten()
+    }
+
+    /// The decision on a release under the lock; `io`: the store may be read (an account
+    /// not cached) and written (new sets). Without it, `None` where either would be needed.
+    fn audit_locked(
+        &self,
+        mut inner: std::sync::MutexGuard<'_, Inner>,
+        release: Release<'_>,
+        sets: &[ReleasedSet],
+        max_sets: u64,
+        key: &ThresholdKey,
+        io: bool,
+    ) -> Result<Option<Audited>, StoreError> {
+        if sets.is_empty() {
+            return Ok(Some(Audited::Allowed));
+        }
         let account: Account = (
             release.researcher.to_string(),
             release.collaboration.to_string(),
             release.domain.to_string(),
         );
         if !inner.accounts.contains_key(&account) {
+            if !io {
+                return Ok(None);
+            }
             let loaded = load(&inner.conn, &account).map_err(|e| self.error(e))?;
             inner.accounts.insert(account.clone(), loaded);
         }
@@ -242,7 +280,7 @@ impl QuerySets {
                 key,
                 &unit_of,
             ) {
-                return Ok(Audited::Refused(refusal));
+                return Ok(Some(Audited::Refused(refusal)));
             }
         }
         let new: Vec<&RoaringBitmap> = sets
@@ -251,7 +289,10 @@ impl QuerySets {
             .filter(|s| !remembered.iter().any(|r| r.set == **s))
             .collect();
         if new.is_empty() {
-            return Ok(Audited::Allowed);
+            return Ok(Some(Audited::Allowed));
+        }
+        if !io {
+            return Ok(None);
         }
         // Nothing of a failed transaction stays, and the cache changes only after the
         // commit: a store that cannot be written leaves both as they were.
@@ -265,7 +306,7 @@ impl QuerySets {
             numbers.id_of.insert(*unit, (known + i) as u32);
         }
         numbers.unit_of.extend(fresh);
-        Ok(Audited::Allowed)
+        Ok(Some(Audited::Allowed))
     }
 
     /// How many sets an account holds and their serialized size in bytes (for the
@@ -493,6 +534,66 @@ mod tests {
             .unwrap();
         assert!(matches!(again, Audited::Allowed));
         assert_eq!(store.footprint().unwrap().0, 2);
+    }
+
+    /// The decision taken without the disk is the one `audit` takes, and it is taken only
+    /// where `audit` would neither read nor write: an account not read yet, a release with a
+    /// set not remembered, or a lock held elsewhere are left to `audit`.
+    #[test]
+    fn a_decision_in_memory_is_audits_own_and_never_skips_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let all: RoaringBitmap = (0..228).collect();
+        let mut but_one = all.clone();
+        but_one.remove(7);
+        let in_memory = |store: &QuerySets, who, id, set: &RoaringBitmap| {
+            store.audit_in_memory(release(who, id), &one(set), 100, &key())
+        };
+        {
+            let store = QuerySets::open(&path).unwrap();
+            // Nothing read for ann yet: left to `audit`, and nothing was written.
+            assert!(in_memory(&store, "ann", "q1", &all).is_none());
+            assert_eq!(store.footprint().unwrap().0, 0);
+            let first = store
+                .audit(release("ann", "q1"), &one(&all), 100, &key())
+                .unwrap();
+            assert!(matches!(first, Audited::Allowed));
+            // The same set again: allowed in memory, nothing more stored.
+            assert!(matches!(
+                in_memory(&store, "ann", "q2", &all),
+                Some(Audited::Allowed)
+            ));
+            // One patient fewer: refused in memory, as `audit` refuses it, naming q1.
+            match in_memory(&store, "ann", "q3", &but_one) {
+                Some(Audited::Refused(r)) => {
+                    assert_eq!(r.rule.as_str(), "differencing");
+                    assert!(r.message.contains("q1"), "{}", r.message);
+                }
+                other => panic!("a difference of one patient was not refused: {other:?}"),
+            }
+            // A set far from every remembered one must be committed: left to `audit`.
+            let other: RoaringBitmap = (1000..1100).collect();
+            assert!(in_memory(&store, "ann", "q4", &other).is_none());
+            assert_eq!(store.footprint().unwrap().0, 1);
+            // While another release holds the lock, nothing is decided here.
+            let held = store.inner.lock().unwrap();
+            assert!(in_memory(&store, "ann", "q5", &all).is_none());
+            drop(held);
+        }
+        // After a restart the account is read again by `audit` first.
+        let store = QuerySets::open(&path).unwrap();
+        assert!(in_memory(&store, "ann", "q6", &but_one).is_none());
+        match store
+            .audit(release("ann", "q6"), &one(&but_one), 100, &key())
+            .unwrap()
+        {
+            Audited::Refused(r) => assert_eq!(r.rule.as_str(), "differencing"),
+            Audited::Allowed => panic!("the difference of one patient passed after a restart"),
+        }
+        assert!(matches!(
+            in_memory(&store, "ann", "q7", &but_one),
+            Some(Audited::Refused(_))
+        ));
     }
 
     #[test]
