@@ -321,12 +321,18 @@ impl Station {
             Some(physical) => (physical, railyard_udfs::query_task(&self.state)?),
             None => {
                 let (physical, task) = self.physical_plan(plan).await?;
-                if railyard_policy::check::only_immutable_functions(plan)
-                    && self.kept.keep(sql, plan, &physical)
-                {
-                    self.rebinder.keep(sql, approved, &physical);
+                let kept = if railyard_policy::check::only_immutable_functions(plan) {
+                    self.kept.keep(sql, plan, &physical)?
+                } else {
+                    None
+                };
+                match kept {
+                    Some(kept) => {
+                        self.rebinder.keep(sql, approved, &kept);
+                        (kept, task)
+                    }
+                    None => (physical, task),
                 }
-                (physical, task)
             }
         };
         execute_stream(physical, task)?.try_collect().await

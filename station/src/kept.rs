@@ -16,14 +16,13 @@
 //!   time and inode (a file rewritten or replaced is planned afresh, so a kept plan never
 //!   reads a new file with the old file's length).
 //!
-//! Each run takes a copy with every operator's run state reset.
+//! Each run takes a copy with every operator's run state reset. A kept plan's scans of small
+//! files keep what they read while the files are unchanged (`remembered.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::datasource::physical_plan::FileScanConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::Result;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
@@ -32,6 +31,7 @@ use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
 
 use crate::postgres::PostgresScanExec;
+use crate::remembered::{KeptBytes, file_scan, remember_small_scans};
 
 /// Distinct fragment texts whose physical plans a station keeps; past it the cache starts
 /// over.
@@ -40,6 +40,8 @@ const ENTRIES: usize = 1024;
 #[derive(Default)]
 pub(crate) struct KeptPlans {
     plans: Mutex<HashMap<String, Arc<dyn ExecutionPlan>>>,
+    /// What the kept plans' small-file scans hold (`remembered.rs`).
+    bytes: Arc<KeptBytes>,
 }
 
 impl KeptPlans {
@@ -62,24 +64,32 @@ impl KeptPlans {
         reset_plan_states(kept).map(Some)
     }
 
+    /// Bytes the kept plans' small-file scans hold.
+    #[cfg(test)]
+    pub(crate) fn remembered_bytes(&self) -> usize {
+        self.bytes.used()
+    }
+
     /// Keeps `physical`, planned from `logical`, for `sql` if each of its leaves reads its
     /// data when it runs and it still scans every table `logical` does; the caller has
-    /// checked that `logical` has only immutable functions. Answers whether it kept it.
+    /// checked that `logical` has only immutable functions. Its scans of small files keep
+    /// what they read (`remembered.rs`). Returns the plan as kept, to run in its place.
     pub(crate) fn keep(
         &self,
         sql: &str,
         logical: &LogicalPlan,
         physical: &Arc<dyn ExecutionPlan>,
-    ) -> bool {
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
         if !reads_when_run(physical) || scan_leaves(physical) < table_scans(logical) {
-            return false;
+            return Ok(None);
         }
+        let kept = remember_small_scans(Arc::clone(physical), &self.bytes)?;
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         if plans.len() >= ENTRIES {
             plans.clear();
         }
-        plans.insert(sql.to_string(), Arc::clone(physical));
-        true
+        plans.insert(sql.to_string(), Arc::clone(&kept));
+        Ok(Some(kept))
     }
 }
 
@@ -131,9 +141,7 @@ fn scan_leaves(plan: &Arc<dyn ExecutionPlan>) -> usize {
 
 /// Whether `node` reads a file or a PostgreSQL relation when it runs.
 fn scans(node: &Arc<dyn ExecutionPlan>) -> bool {
-    node.downcast_ref::<DataSourceExec>()
-        .is_some_and(|s| s.data_source().downcast_ref::<FileScanConfig>().is_some())
-        || node.downcast_ref::<PostgresScanExec>().is_some()
+    file_scan(node).is_some() || node.downcast_ref::<PostgresScanExec>().is_some()
 }
 
 /// Whether every file `plan` scans still has the size, modification time and inode it had
@@ -141,10 +149,7 @@ fn scans(node: &Arc<dyn ExecutionPlan>) -> bool {
 pub(crate) fn files_unchanged(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let mut unchanged = true;
     let _ = plan.apply(|node| {
-        let Some(config) = node
-            .downcast_ref::<DataSourceExec>()
-            .and_then(|s| s.data_source().downcast_ref::<FileScanConfig>())
-        else {
+        let Some(config) = file_scan(node) else {
             return Ok(TreeNodeRecursion::Continue);
         };
         for file in config.file_groups.iter().flat_map(|g| g.files()) {
@@ -165,7 +170,7 @@ pub(crate) fn local_path(meta: &datafusion::object_store::ObjectMeta) -> std::pa
 }
 
 /// Whether the local file behind `meta` is the one `meta` describes.
-fn same_file(meta: &datafusion::object_store::ObjectMeta) -> bool {
+pub(crate) fn same_file(meta: &datafusion::object_store::ObjectMeta) -> bool {
     std::fs::metadata(local_path(meta)).is_ok_and(|now| describes(meta, &now))
 }
 

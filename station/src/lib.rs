@@ -38,6 +38,7 @@ pub mod postgres;
 pub mod private;
 pub mod queryset;
 mod rebind;
+mod remembered;
 pub mod service;
 mod small_scans;
 pub mod source;
