@@ -27,7 +27,7 @@ use crate::rule::{Refusal, Rule};
 /// meets cannot be computed, so it cannot be subtracted out.
 #[derive(Clone)]
 pub struct ThresholdKey {
-    key: [u8; 32],
+    key: railyard_udfs::pseudonym::PseudonymKey,
     /// The largest margin (the policy's `threshold_noise`).
     noise: u64,
     /// The largest share one row may hold of a non-linear value (the policy's
@@ -46,7 +46,7 @@ impl ThresholdKey {
     /// The key `bytes`, drawing margins of 0 to `noise` rows.
     pub fn new(bytes: [u8; 32], noise: u64) -> Self {
         Self {
-            key: bytes,
+            key: railyard_udfs::pseudonym::PseudonymKey::new(&bytes),
             noise,
             dominance: crate::file::DEFAULT_MODEL_DOMINANCE,
         }
@@ -74,7 +74,7 @@ impl ThresholdKey {
         let mut text = [0u8; 16];
         text[..8].copy_from_slice(&digest.to_le_bytes());
         text[8..].copy_from_slice(&k.to_le_bytes());
-        let mac = railyard_udfs::pseudonym::pseudonym_of(&self.key, &text);
+        let mac = self.key.of(&text);
         let draw = u64::from_le_bytes([
             mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], mac[6], mac[7],
         ]);

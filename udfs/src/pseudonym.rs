@@ -77,10 +77,34 @@ impl Pseudonym {
 
 /// HMAC-SHA256 of `text` under `secret`.
 pub fn pseudonym_of(secret: &[u8], text: &[u8]) -> [u8; PSEUDONYM_BYTES] {
-    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key");
-    mac.update(text);
-    mac.finalize().into_bytes().into()
+    PseudonymKey::new(secret).of(text)
+}
+
+/// An HMAC-SHA256 key made ready once: its padded inner and outer blocks hashed, so that
+/// each text then costs two SHA-256 compressions instead of four. The same MAC as
+/// [`pseudonym_of`], for a key used for many texts (a column's rows, a station's margins).
+#[derive(Clone)]
+pub struct PseudonymKey(Hmac<Sha256>);
+
+impl PseudonymKey {
+    pub fn new(secret: &[u8]) -> Self {
+        // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+        Self(<Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key"))
+    }
+
+    /// HMAC-SHA256 of `text` under this key.
+    pub fn of(&self, text: &[u8]) -> [u8; PSEUDONYM_BYTES] {
+        let mut mac = self.0.clone();
+        mac.update(text);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+impl fmt::Debug for PseudonymKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.write_str("PseudonymKey(…)")
+    }
 }
 
 impl ScalarUDFImpl for Pseudonym {
@@ -115,9 +139,10 @@ impl ScalarUDFImpl for Pseudonym {
         let text = cast(&keys, &DataType::Utf8)?;
         let text = text.as_string::<i32>();
         let mut out = BinaryBuilder::with_capacity(text.len(), text.len() * PSEUDONYM_BYTES);
+        let secret = PseudonymKey::new(secret);
         for value in text.iter() {
             match value {
-                Some(v) => out.append_value(pseudonym_of(secret, v.as_bytes())),
+                Some(v) => out.append_value(secret.of(v.as_bytes())),
                 None => out.append_null(),
             }
         }
@@ -169,6 +194,32 @@ mod tests {
         let other = Pseudonym::keyed(Arc::from(vec![8u8; 32])).unwrap();
         let moved = run(&other, Arc::new(Int64Array::from(vec![12]))).unwrap();
         assert_ne!(moved.value(0), ints.value(0));
+    }
+
+    /// A key made ready once gives every text the MAC a key made afresh gives it, for
+    /// keys shorter and longer than SHA-256's block (hashed first), and the RFC 4231 test
+    /// case 6 (a 131-byte key).
+    #[test]
+    fn a_key_made_ready_once_gives_each_text_its_own_mac() {
+        let long = [0xaau8; 131];
+        let mac =
+            PseudonymKey::new(&long).of(b"Test Using Larger Than Block-Size Key - Hash Key First");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        for secret in [&b"Jefe"[..], &[7u8; 32][..], &long[..]] {
+            let key = PseudonymKey::new(secret);
+            for text in [
+                &b""[..],
+                b"12",
+                b"what do ya want for nothing?",
+                &[0u8; 200][..],
+            ] {
+                assert_eq!(key.of(text), pseudonym_of(secret, text));
+            }
+        }
     }
 
     #[test]
