@@ -154,10 +154,9 @@ impl Source {
         let mut seen = BTreeSet::new();
         for c in columns {
             if seen.insert(c.clone()) {
-                let complete =
-                    datafusion::prelude::col(datafusion::common::Column::new_unqualified(c))
-                        .is_not_null();
-                parts.push(railyard_planner::sql::expr_sql(&complete)?);
+                // Written directly (a quoted identifier): unparsing `col(c).is_not_null()`
+                // through DataFusion took about 200,000 instructions a column, on every fit.
+                parts.push(format!("{} IS NOT NULL", ident(c)));
             }
         }
         Ok(parts)
