@@ -152,33 +152,26 @@ impl Station {
         sets: Vec<railyard_policy::queryset::ReleasedSet>,
     ) -> Result<()> {
         let max_sets = self.policy.max_query_sets;
-        let (fragment, k) = (ticket.fragment, approved.release.min_group_size());
-        let researcher = railyard_contract::researcher_or_local(&ticket.researcher);
-        let collaboration = railyard_contract::collaboration_or_default(&ticket.collaboration);
+        let release = crate::queryset::Release {
+            researcher: railyard_contract::researcher_or_local(&ticket.researcher),
+            collaboration: railyard_contract::collaboration_or_default(&ticket.collaboration),
+            domain,
+            table: &approved.table,
+            query_id: &ticket.query_id,
+            fragment: ticket.fragment,
+            k: approved.release.min_group_size(),
+        };
         // Every run of a query after its first releases sets the store already holds: that
         // decision needs no disk, so it is taken here rather than on a blocking thread (two
         // thread hand-offs per fragment). Anything else is decided below.
-        let in_memory = self.querysets.audit_in_memory(
-            crate::queryset::Release {
-                researcher,
-                collaboration,
-                domain,
-                table: &approved.table,
-                query_id: &ticket.query_id,
-                fragment,
-                k,
-            },
-            &sets,
-            max_sets,
-            self.threshold_key(),
-        );
-        let outcome = match in_memory {
-            Some(audited) => Ok(audited),
-            None => {
-                self.audit_query_sets_on_disk(ticket, approved, domain, sets)
-                    .await
-            }
-        };
+        let outcome =
+            match self
+                .querysets
+                .audit_in_memory(release, &sets, max_sets, self.threshold_key())
+            {
+                Some(audited) => Ok(audited),
+                None => self.audit_query_sets_on_disk(release, sets, max_sets).await,
+            };
         match outcome {
             Ok(crate::queryset::Audited::Allowed) => Ok(()),
             Ok(crate::queryset::Audited::Refused(refusal)) => {
@@ -203,30 +196,30 @@ impl Station {
     /// blocking thread.
     async fn audit_query_sets_on_disk(
         &self,
-        ticket: &FragmentTicket,
-        approved: &Approved,
-        domain: &str,
+        release: crate::queryset::Release<'_>,
         sets: Vec<railyard_policy::queryset::ReleasedSet>,
+        max_sets: u64,
     ) -> Result<crate::queryset::Audited> {
         let store = Arc::clone(&self.querysets);
         let key = self.threshold_key().clone();
-        let max_sets = self.policy.max_query_sets;
-        let researcher = railyard_contract::researcher_or_local(&ticket.researcher).to_string();
-        let collaboration =
-            railyard_contract::collaboration_or_default(&ticket.collaboration).to_string();
-        let (domain, table, query_id) = (
-            domain.to_string(),
-            approved.table.clone(),
-            ticket.query_id.clone(),
-        );
-        let (fragment, k) = (ticket.fragment, approved.release.min_group_size());
+        // The blocking thread needs owned copies of what the release names.
+        let owned: [String; 5] = [
+            release.researcher,
+            release.collaboration,
+            release.domain,
+            release.table,
+            release.query_id,
+        ]
+        .map(str::to_string);
+        let (fragment, k) = (release.fragment, release.k);
         crate::blocking(&self.name, move || {
+            let [researcher, collaboration, domain, table, query_id] = &owned;
             let release = crate::queryset::Release {
-                researcher: &researcher,
-                collaboration: &collaboration,
-                domain: &domain,
-                table: &table,
-                query_id: &query_id,
+                researcher,
+                collaboration,
+                domain,
+                table,
+                query_id,
                 fragment,
                 k,
             };
