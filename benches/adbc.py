@@ -18,7 +18,9 @@ Every figure comes from this run, on this machine, with the release build:
 - stations: the aggregate over N stations (3 to 100, and 1,000), open policy; the hub's
   own CPU time per query (its threads apart from the stations', read from /proc), and its
   growth per extra station.
-- tpch: TPC-H Q1 at SF1, lineitem over three stations, against DuckDB over the same files.
+- tpch: TPC-H Q1 at SF1, lineitem over three stations, against DuckDB over the same files,
+  and DataFusion on its own over them (the Python package of the engine's major version,
+  default settings): the engine's own cost beside the target.
 - glm: a binomial GLM on breast cancer over three stations, its rounds, and what 50 ms of
   round-trip latency per station would add (rounds x 50 ms: each round is one fetch). The
   same model asked again is answered from plans the hub and the stations kept; a model not
@@ -260,9 +262,10 @@ TPCH_Q1_COLUMNS = ["l_returnflag", "l_linestatus", "sum_qty", "sum_base_price", 
 
 
 def section_tpch(tmp, runs=11):
+    import datafusion
     import duckdb
 
-    print("\n== TPC-H Q1, SF1 (lineitem over 3 stations, open policy) against DuckDB over the same files; medians of", runs, "runs of each, taken in turns")
+    print("\n== TPC-H Q1, SF1 (lineitem over 3 stations, open policy) against DuckDB and DataFusion over the same files; medians of", runs, "runs of each, taken in turns")
     root = pathlib.Path(os.environ.get("RAILYARD_BENCH_DIR", tmp / "tpch"))
     lineitem = root / "lineitem"
     if not lineitem.exists():
@@ -271,17 +274,27 @@ def section_tpch(tmp, runs=11):
     duck = duckdb.connect()
     duck.execute(f"CREATE VIEW lineitem AS SELECT * FROM read_parquet({files!r})")
     want = duck.sql(TPCH_Q1).to_arrow_table()
+    # The engine the stations run, as released (the Python package of the same major
+    # version, its default settings: every core), over the pooled files: what DataFusion
+    # alone costs for Q1 on this machine, beside DuckDB.
+    engine = datafusion.SessionContext()
+    engine.register_parquet("lineitem", str(lineitem))
+    pooled = engine.sql(TPCH_Q1).to_arrow_table()
+    assert pooled.column(9).to_pylist() == want.column(9).to_pylist(), "DataFusion's count_order differs from DuckDB"
     hub = local(tmp / "tpchfed", [("lineitem", lineitem)], policy=REPO / "tests" / "policies" / "open.toml")
-    d, f = [], []
+    d, e, f = [], [], []
     try:
         with flightsql.connect(hub.url) as conn:
             timed(conn, TPCH_Q1, 0, False, warmup=1)
-            # One DuckDB run, then one federated run, and again: a slower stretch of the
-            # machine (another process, a frequency change) falls on both alike.
+            # One DuckDB run, one DataFusion run, then one federated run, and again: a slower
+            # stretch of the machine (another process, a frequency change) falls on all alike.
             for _ in range(runs):
                 t = time.perf_counter()
                 duck.sql(TPCH_Q1).to_arrow_table()
                 d.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                engine.sql(TPCH_Q1).collect()
+                e.append(time.perf_counter() - t)
                 f += timed(conn, TPCH_Q1, 1, False, warmup=0)
             cursor = conn.cursor()
             cursor.execute(TPCH_Q1)
@@ -297,9 +310,12 @@ def section_tpch(tmp, runs=11):
         for a, b in zip(got.column(c).to_pylist(), want.column(c).to_pylist()):
             assert abs(float(a) - float(b)) <= 1e-6 + 1e-9 * abs(float(b)), (TPCH_Q1_COLUMNS[c], a, b)
     d.sort()
+    e.sort()
     f.sort()
     row("DuckDB, pooled files", ms(pct(d, .5)))
+    row(f"DataFusion {datafusion.__version__} (Python package, defaults), pooled files", ms(pct(e, .5)))
     row("Railyard, 3 stations through ADBC", ms(pct(f, .5)))
+    row("ratio, DataFusion alone to DuckDB", f"{pct(e, .5) / pct(d, .5):8.2f} x")
     row("ratio", f"{pct(f, .5) / pct(d, .5):8.2f} x", "target <= 1.3x")
 
 
