@@ -61,7 +61,7 @@ impl CrosstabJob {
                 (ident(&self.column), "c".to_string()),
                 ("count(*)".to_string(), "n".to_string()),
             ],
-            filters: self.source.filters(columns.iter())?,
+            filters: self.source.filters(columns.iter()),
             group_by: vec![ident(&self.row), ident(&self.column)],
         };
         let answers = rounds.run(select, with_rows(fields)).await?;

@@ -165,7 +165,7 @@ impl GlmJob {
     /// withheld level would otherwise count as the reference level).
     async fn design(&self, rounds: &Rounds) -> Result<(Vec<DesignColumn>, Vec<String>)> {
         let complete = self.formula.columns();
-        let mut rows = self.source.filters(complete.iter())?;
+        let mut rows = self.source.filters(complete.iter());
         let mut design = Vec::new();
         for term in &self.formula.terms {
             match term {

@@ -146,10 +146,7 @@ pub(crate) struct Source {
 
 impl Source {
     /// The conditions of a fragment over `columns`: the filter, and complete cases.
-    pub fn filters<'a>(
-        &self,
-        columns: impl IntoIterator<Item = &'a String>,
-    ) -> DfResult<Vec<String>> {
+    pub fn filters<'a>(&self, columns: impl IntoIterator<Item = &'a String>) -> Vec<String> {
         let mut parts: Vec<String> = self.filter.iter().cloned().collect();
         let mut seen = BTreeSet::new();
         for c in columns {
@@ -159,7 +156,7 @@ impl Source {
                 parts.push(format!("{} IS NOT NULL", ident(c)));
             }
         }
-        Ok(parts)
+        parts
     }
 
     /// Every column a computation over `columns` touches (for thresholds).
@@ -587,7 +584,7 @@ pub(crate) async fn levels(
             (ident(column), "level".to_string()),
             ("count(*)".to_string(), "n".to_string()),
         ],
-        filters: source.filters(complete.iter())?,
+        filters: source.filters(complete.iter()),
         group_by: vec![ident(column)],
     };
     let answers = rounds.run(select, schema).await?;

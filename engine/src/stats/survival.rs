@@ -95,7 +95,7 @@ async fn event_tables(
     let mut fields = Vec::new();
     let mut select = Select {
         items: Vec::new(),
-        filters: source.filters(columns.iter())?,
+        filters: source.filters(columns.iter()),
         group_by: Vec::new(),
     };
     if let Some(g) = group {
