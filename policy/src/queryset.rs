@@ -34,11 +34,13 @@ pub struct Earlier<'a> {
 
 /// One set of a release: a released group's (its `count(*)`) or one of its values'
 /// contributors (`group`: the group's row), or the union of disjoint released groups
-/// (`group: None`).
+/// (`group: None`). `S`: the set, as the release found it (a
+/// [`railyard_udfs::unit_set::Set`] of unit elements) or as the station's auditor numbers
+/// it (a bitmap).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ReleasedSet {
+pub struct ReleasedSet<S = RoaringBitmap> {
     pub group: Option<usize>,
-    pub set: RoaringBitmap,
+    pub set: S,
 }
 
 /// Refuses `sets` (one release) if one of them differs by more than none and fewer than k
@@ -103,14 +105,15 @@ pub fn too_close(
         return true;
     }
     // Between k and k + noise: the margin of which patients differ decides.
-    differ < threshold(&(a ^ b), k, key, unit)
+    differ < threshold((a ^ b).iter(), k, key, unit)
 }
 
-/// The number of patients a difference `set` must reach to be no disclosure: k plus the
-/// margin drawn by which patients they are. (A release's secondary suppression uses the
-/// same threshold, so what it lets out is never refused for the same difference.)
+/// The number of patients a difference (`set`: its elements, each once) must reach to be
+/// no disclosure: k plus the margin drawn by which patients they are. (A release's
+/// secondary suppression uses the same threshold, so what it lets out is never refused for
+/// the same difference.)
 pub fn threshold(
-    set: &RoaringBitmap,
+    set: impl Iterator<Item = u32>,
     k: u64,
     key: &ThresholdKey,
     unit: &dyn Fn(u32) -> u32,
@@ -122,9 +125,9 @@ pub fn threshold(
 /// is both a group and a difference draws independent margins).
 const DIFFERENCING_TAG: u64 = 0x5155_4552_5953_4554;
 
-/// A 64-bit digest of which elements a set holds.
-fn digest(set: &RoaringBitmap, unit: &dyn Fn(u32) -> u32) -> u64 {
-    set.iter().fold(0u64, |acc, x| {
+/// A 64-bit digest of which elements a set holds (each once, in any order).
+fn digest(set: impl Iterator<Item = u32>, unit: &dyn Fn(u32) -> u32) -> u64 {
+    set.fold(0u64, |acc, x| {
         // splitmix64 of each unit, XORed: order-free.
         let mut z = u64::from(unit(x)).wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

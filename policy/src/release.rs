@@ -15,6 +15,7 @@ use arrow::compute::filter_record_batch;
 use arrow::datatypes::{Schema, SchemaRef};
 use datafusion::error::DataFusionError;
 use railyard_udfs::glm_terms::GlmLayout;
+use railyard_udfs::unit_set::Set as UnitSet;
 
 use crate::check::contributors::{
     CONTRIBUTORS_PREFIX, DIGEST_PREFIX, DOMINANCE_MAX_PREFIX, DOMINANCE_SUM_PREFIX, ROWS_DIGEST,
@@ -22,6 +23,9 @@ use crate::check::contributors::{
 };
 use crate::check::{ROWS_COLUMN, Release};
 use crate::rule::{Refusal, Rule};
+
+/// A released set of units as the release finds it: unit elements (folded hashes).
+pub type ReleasedUnits = crate::queryset::ReleasedSet<UnitSet>;
 
 /// The station's secret key of its noisy thresholds: without it the margin a set of rows
 /// meets cannot be computed, so it cannot be subtracted out.
@@ -144,7 +148,7 @@ pub struct Released {
     /// when the release is not watched): each released group's set and each value's
     /// contributor set, and for a grouped release also the union of each over the
     /// released groups (what a total minus the groups would isolate). Distinct sets only.
-    pub sets: Vec<crate::queryset::ReleasedSet>,
+    pub sets: Vec<ReleasedUnits>,
 }
 
 /// Why a result does not leave.
@@ -196,13 +200,13 @@ pub fn release(
 fn released_sets(
     batches: &[RecordBatch],
     grouped: bool,
-) -> Result<Vec<crate::queryset::ReleasedSet>, ReleaseError> {
-    use crate::queryset::ReleasedSet;
+) -> Result<Vec<ReleasedUnits>, ReleaseError> {
     use std::collections::BTreeMap;
-    let mut sets: Vec<ReleasedSet> = Vec::new();
-    // Per column: the union of the released groups' sets, and the sum of their sizes.
-    let mut unions: BTreeMap<String, (roaring::RoaringBitmap, u64)> = BTreeMap::new();
-    let add = |released: ReleasedSet, sets: &mut Vec<ReleasedSet>| {
+    let mut sets: Vec<ReleasedUnits> = Vec::new();
+    // Per column: the released groups' elements (each group's once), and the sum of their
+    // sizes.
+    let mut unions: BTreeMap<String, (Vec<u32>, u64)> = BTreeMap::new();
+    let add = |released: ReleasedUnits, sets: &mut Vec<ReleasedUnits>| {
         if !released.set.is_empty() && !sets.iter().any(|s| s.set == released.set) {
             sets.push(released);
         }
@@ -222,15 +226,15 @@ fn released_sets(
             };
             for (r, bytes) in column.iter().enumerate() {
                 let Some(bytes) = bytes else { continue };
-                let set = railyard_udfs::unit_set::decode(bytes)
+                let set = UnitSet::decode(bytes)
                     .ok_or_else(|| ReleaseError::Internal(format!("{name} holds no unit set")))?;
                 if grouped {
                     let (union, sizes) = unions.entry(name.clone()).or_default();
-                    *union |= &set;
+                    union.extend(set.iter());
                     *sizes += set.len();
                 }
                 let group = Some(first_row + r);
-                add(ReleasedSet { group, set }, &mut sets);
+                add(ReleasedUnits { group, set }, &mut sets);
             }
         }
         first_row += batch.num_rows();
@@ -239,9 +243,10 @@ fn released_sets(
     // (a patient in several drug groups) their counts add up to more than the union, and
     // the total minus them isolates nobody.
     for (_, (union, sizes)) in unions {
+        let union = UnitSet::of(union);
         if union.len() == sizes {
             add(
-                ReleasedSet {
+                ReleasedUnits {
                     group: None,
                     set: union,
                 },
@@ -633,7 +638,7 @@ fn secondary_suppression(
     k: u64,
     key: &ThresholdKey,
 ) -> Result<(), ReleaseError> {
-    let mut groups: Vec<(usize, usize, i64, roaring::RoaringBitmap)> = Vec::new();
+    let mut groups: Vec<(usize, usize, i64, UnitSet)> = Vec::new();
     for (b, batch) in batches.iter().enumerate() {
         let Some(sets) = batch.column_by_name(UNITS_ROWS) else {
             return Ok(());
@@ -645,42 +650,45 @@ fn secondary_suppression(
             .ok_or_else(|| ReleaseError::Internal(format!("{ROWS_COLUMN} is not an Int64")))?;
         for r in 0..batch.num_rows() {
             let set = if sets.is_valid(r) {
-                railyard_udfs::unit_set::decode(sets.value(r)).ok_or_else(|| {
+                UnitSet::decode(sets.value(r)).ok_or_else(|| {
                     ReleaseError::Internal(format!("{UNITS_ROWS} holds no unit set"))
                 })?
             } else {
-                roaring::RoaringBitmap::new()
+                UnitSet::default()
             };
             let n = if rows.is_valid(r) { rows.value(r) } else { 0 };
             groups.push((b, r, n, set));
         }
     }
+    // Nothing withheld: nothing to subtract to.
+    if groups.iter().all(|(b, r, _, _)| keeps[*b][*r]) {
+        return Ok(());
+    }
     // Groups that share patients (a patient in several drug groups) do not subtract from
     // a total: nothing to protect by withholding more.
-    let mut all = roaring::RoaringBitmap::new();
-    let mut sizes = 0u64;
-    for (_, _, _, set) in &groups {
-        all |= set;
-        sizes += set.len();
-    }
+    let all = UnitSet::from_iter(groups.iter().flat_map(|(_, _, _, set)| set.iter()));
+    let sizes: u64 = groups.iter().map(|(_, _, _, set)| set.len()).sum();
     if all.len() != sizes {
         return Ok(());
     }
     loop {
-        let mut released = roaring::RoaringBitmap::new();
-        let mut withheld = roaring::RoaringBitmap::new();
-        for (b, r, _, set) in &groups {
-            if keeps[*b][*r] {
-                released |= set;
-            } else {
-                withheld |= set;
-            }
-        }
-        withheld -= &released;
+        let of = |kept: bool| {
+            UnitSet::from_iter(
+                groups
+                    .iter()
+                    .filter(|(b, r, _, _)| keeps[*b][*r] == kept)
+                    .flat_map(|(_, _, _, set)| set.iter()),
+            )
+        };
+        let withheld = of(false);
         if withheld.is_empty() {
             return Ok(());
         }
-        if withheld.len() >= crate::queryset::threshold(&withheld, k, key, &|x| x) {
+        let withheld = withheld.difference(&of(true));
+        if withheld.is_empty() {
+            return Ok(());
+        }
+        if withheld.len() >= crate::queryset::threshold(withheld.iter(), k, key, &|x| x) {
             return Ok(());
         }
         let smallest = groups

@@ -149,7 +149,7 @@ impl Station {
         ticket: &FragmentTicket,
         approved: &Approved,
         domain: &str,
-        sets: Vec<railyard_policy::queryset::ReleasedSet>,
+        sets: Vec<railyard_policy::release::ReleasedUnits>,
     ) -> Result<()> {
         let max_sets = self.policy.max_query_sets;
         let release = crate::queryset::Release {
@@ -197,7 +197,7 @@ impl Station {
     async fn audit_query_sets_on_disk(
         &self,
         release: crate::queryset::Release<'_>,
-        sets: Vec<railyard_policy::queryset::ReleasedSet>,
+        sets: Vec<railyard_policy::release::ReleasedUnits>,
         max_sets: u64,
     ) -> Result<crate::queryset::Audited> {
         let store = Arc::clone(&self.querysets);

@@ -26,8 +26,7 @@ use std::sync::Mutex;
 
 use railyard_policy::Refusal;
 use railyard_policy::queryset::{Earlier, ReleasedSet};
-use railyard_policy::release::ThresholdKey;
-use railyard_udfs::unit_set::bitmap_of;
+use railyard_policy::release::{ReleasedUnits, ThresholdKey};
 use railyard_udfs::unit_share::UnitHashing;
 use roaring::RoaringBitmap;
 use rusqlite::{Connection, TransactionBehavior, params};
@@ -162,7 +161,7 @@ impl QuerySets {
     pub fn audit(
         &self,
         release: Release<'_>,
-        sets: &[ReleasedSet],
+        sets: &[ReleasedUnits],
         max_sets: u64,
         key: &ThresholdKey,
     ) -> Result<Audited, StoreError> {
@@ -188,7 +187,7 @@ impl QuerySets {
     pub fn audit_in_memory(
         &self,
         release: Release<'_>,
-        sets: &[ReleasedSet],
+        sets: &[ReleasedUnits],
         max_sets: u64,
         key: &ThresholdKey,
     ) -> Option<Audited> {
@@ -206,7 +205,7 @@ impl QuerySets {
         &self,
         mut inner: std::sync::MutexGuard<'_, Inner>,
         release: Release<'_>,
-        sets: &[ReleasedSet],
+        sets: &[ReleasedUnits],
         max_sets: u64,
         key: &ThresholdKey,
         io: bool,
@@ -324,6 +323,29 @@ impl QuerySets {
     }
 }
 
+/// The set of `elements`, in any order, with repeats. Sorted first, the bitmap appends each
+/// element to its last container; inserted in any other order, it searches and shifts its
+/// containers for every one.
+fn bitmap_of(mut elements: Vec<u32>) -> RoaringBitmap {
+    elements.sort_unstable();
+    elements.dedup();
+    RoaringBitmap::from_sorted_iter(elements).expect("sorted, deduplicated elements ascend")
+}
+
+/// A stored set's bytes (the roaring bitmap's portable format) back as the set (`None`:
+/// they are not a bitmap).
+fn decode(bytes: &[u8]) -> Option<RoaringBitmap> {
+    RoaringBitmap::deserialize_from(bytes).ok()
+}
+
+/// A set as the bytes the store keeps.
+fn encode(set: &RoaringBitmap) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(set.serialized_size());
+    set.serialize_into(&mut bytes)
+        .expect("writing into a Vec cannot fail");
+    bytes
+}
+
 /// Units numbered by a release: `units[i]` gets number `first + i`.
 struct Fresh<'a> {
     first: u32,
@@ -376,7 +398,7 @@ fn load(conn: &Connection, account: &Account) -> Result<Vec<Remembered>, String>
         let (seq, query_id, merged, bytes) = row.map_err(|e| e.to_string())?;
         // A set that cannot be read fails the account closed: nothing is released against
         // a state the auditor cannot see.
-        let set = railyard_udfs::unit_set::decode(&bytes)
+        let set = decode(&bytes)
             .ok_or_else(|| format!("set {seq} is not a bitmap (the file is damaged)"))?;
         out.push(Remembered {
             seq,
@@ -426,7 +448,7 @@ fn commit(
                 fragment as i64,
                 merged as i64,
                 set.len() as i64,
-                railyard_udfs::unit_set::encode(set),
+                encode(set),
             ],
         )?;
         Ok(tx.last_insert_rowid())
@@ -494,10 +516,11 @@ mod tests {
         ThresholdKey::new([1u8; 32], 3)
     }
 
-    fn one(set: &RoaringBitmap) -> Vec<ReleasedSet> {
-        vec![ReleasedSet {
+    /// A release of one set, as the release hands it over (unit elements).
+    fn one(set: &RoaringBitmap) -> Vec<ReleasedUnits> {
+        vec![ReleasedUnits {
             group: Some(0),
-            set: set.clone(),
+            set: set.iter().collect(),
         }]
     }
 
@@ -628,7 +651,7 @@ mod tests {
         // 10,000 patients as their 32-bit hashes scatter over the whole range.
         let hash = |i: u32| i.wrapping_mul(0x9E37_79B9).rotate_left(7);
         let everyone: RoaringBitmap = (0..10_000).map(hash).collect();
-        let scattered = railyard_udfs::unit_set::encode(&everyone).len();
+        let scattered = encode(&everyone).len();
         {
             let store = QuerySets::open(&path).unwrap();
             store
