@@ -20,13 +20,15 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray};
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, BooleanArray};
+use arrow::buffer::{Buffer, NullBuffer, OffsetBuffer};
 use arrow::datatypes::{DataType, Field, FieldRef, UInt64Type};
-use datafusion::common::{Result, ScalarValue, internal_err};
+use datafusion::common::{Result, ScalarValue, exec_err, internal_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::utils::format_state_name;
 use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, Signature, TypeSignature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature,
+    TypeSignature, Volatility,
 };
 
 /// The function's name (a station-internal aggregate; it is never registered for SQL).
@@ -162,6 +164,17 @@ impl AggregateUDFImpl for UnitSet {
         Ok(Box::new(Units::default()))
     }
 
+    fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
+        true
+    }
+
+    fn create_groups_accumulator(
+        &self,
+        _args: AccumulatorArgs,
+    ) -> Result<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(GroupUnits::default()))
+    }
+
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
         Ok(vec![Arc::new(Field::new(
             format_state_name(args.name, "set"),
@@ -171,38 +184,120 @@ impl AggregateUDFImpl for UnitSet {
     }
 }
 
-/// The accumulator: the first `distinct` elements ascend without repeats; the rest are as
-/// they arrived, with repeats (a patient has many rows), sorted in when they outgrow the
-/// sorted part, so that memory stays within about twice the set's.
-#[derive(Debug, Default)]
-struct Units {
-    elements: Vec<u32>,
+/// Distinct values as they are collected: the first `distinct` ascend without repeats; the
+/// rest are as they arrived, with repeats (a patient has many rows), sorted in when they
+/// outgrow the sorted part, so that memory stays within about twice the set's.
+#[derive(Debug, Clone)]
+pub(crate) struct Collected<T> {
+    elements: Vec<T>,
     distinct: usize,
 }
 
-impl Units {
-    fn normalize(&mut self) {
+impl<T> Default for Collected<T> {
+    fn default() -> Self {
+        Self {
+            elements: Vec::new(),
+            distinct: 0,
+        }
+    }
+}
+
+impl<T: Ord + Copy> Collected<T> {
+    /// Adds `x`; answers how many elements the buffer grew by (its capacity), for a
+    /// caller that keeps count of its memory.
+    pub(crate) fn push(&mut self, x: T) -> usize {
+        let before = self.elements.capacity();
+        self.elements.push(x);
+        self.grew();
+        self.elements.capacity() - before
+    }
+
+    /// Adds every element of `xs`; answers the growth of the buffer, as [`Self::push`].
+    pub(crate) fn extend(&mut self, xs: impl IntoIterator<Item = T>) -> usize {
+        let before = self.elements.capacity();
+        self.elements.extend(xs);
+        self.grew();
+        self.elements.capacity() - before
+    }
+
+    fn grew(&mut self) {
+        if self.elements.len() > 2 * self.distinct + 4096 {
+            self.sorted();
+        }
+    }
+
+    /// The distinct elements, ascending.
+    pub(crate) fn sorted(&mut self) -> &[T] {
         if self.elements.len() > self.distinct {
             self.elements.sort_unstable();
             self.elements.dedup();
             self.distinct = self.elements.len();
         }
+        &self.elements
     }
 
-    fn grew(&mut self) {
-        if self.elements.len() > 2 * self.distinct + 4096 {
-            self.normalize();
-        }
+    /// The distinct elements, ascending, as a vector.
+    pub(crate) fn into_vec(mut self) -> Vec<T> {
+        self.sorted();
+        self.elements
     }
 
-    fn bytes(&mut self) -> Vec<u8> {
-        self.normalize();
-        let mut bytes = Vec::with_capacity(4 * self.elements.len());
-        for x in &self.elements {
-            bytes.extend_from_slice(&x.to_le_bytes());
-        }
-        bytes
+    /// The buffer's capacity, in elements.
+    pub(crate) fn capacity(&self) -> usize {
+        self.elements.capacity()
     }
+}
+
+/// Appends a set's bytes (the elements of `set`, ascending) to `out`.
+fn append_encoded(set: &[u32], out: &mut Vec<u8>) {
+    out.reserve(4 * set.len());
+    for x in set {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Appends the elements of a set's bytes to `collected`; false when the bytes are not a
+/// set's. Answers the buffer's growth as [`Collected::push`].
+fn merge_encoded(bytes: &[u8], collected: &mut Collected<u32>) -> Option<usize> {
+    let before = collected.elements.capacity();
+    if !append_decoded(bytes, &mut collected.elements) {
+        return None;
+    }
+    collected.grew();
+    Some(collected.elements.capacity() - before)
+}
+
+/// A grouped aggregate's rows added to their groups (resized to `total_num_groups`): the
+/// value `of` the unit hash of each row that has one and passes the FILTER. Answers how
+/// many elements the groups' buffers grew by.
+pub(crate) fn add_rows<T: Ord + Copy>(
+    groups: &mut Vec<Collected<T>>,
+    units: &ArrayRef,
+    group_indices: &[usize],
+    opt_filter: Option<&BooleanArray>,
+    total_num_groups: usize,
+    of: impl Fn(u64) -> T,
+) -> usize {
+    let units = units.as_primitive::<UInt64Type>();
+    groups.resize_with(total_num_groups, Collected::default);
+    let mut grown = 0;
+    for (r, &g) in group_indices.iter().enumerate() {
+        if units.is_valid(r) && selected(opt_filter, r) {
+            grown += groups[g].push(of(units.value(r)));
+        }
+    }
+    grown
+}
+
+/// Whether row `r` passes an aggregate's FILTER (a NULL filter value does not).
+pub(crate) fn selected(filter: Option<&BooleanArray>, r: usize) -> bool {
+    filter.is_none_or(|f| f.is_valid(r) && f.value(r))
+}
+
+/// The accumulator of one group (or of a global aggregate).
+#[derive(Debug, Default)]
+struct Units {
+    collected: Collected<u32>,
 }
 
 impl Accumulator for Units {
@@ -212,12 +307,11 @@ impl Accumulator for Units {
         };
         let units = units.as_primitive::<UInt64Type>();
         if units.null_count() == 0 {
-            self.elements
+            self.collected
                 .extend(units.values().iter().map(|h| element(*h)));
         } else {
-            self.elements.extend(units.iter().flatten().map(element));
+            self.collected.extend(units.iter().flatten().map(element));
         }
-        self.grew();
         Ok(())
     }
 
@@ -226,25 +320,159 @@ impl Accumulator for Units {
             return internal_err!("{UNIT_SET} has one state field");
         };
         for bytes in sets.as_binary::<i32>().iter().flatten() {
-            if !append_decoded(bytes, &mut self.elements) {
+            if merge_encoded(bytes, &mut self.collected).is_none() {
                 return internal_err!("{UNIT_SET}: a partial state is not a unit set");
             }
-            self.grew();
         }
         Ok(())
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        Ok(vec![ScalarValue::Binary(Some(self.bytes()))])
+        let mut bytes = Vec::new();
+        append_encoded(self.collected.sorted(), &mut bytes);
+        Ok(vec![ScalarValue::Binary(Some(bytes))])
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        let bytes = self.bytes();
+        let mut bytes = Vec::new();
+        append_encoded(self.collected.sorted(), &mut bytes);
         Ok(ScalarValue::Binary((!bytes.is_empty()).then_some(bytes)))
     }
 
     fn size(&self) -> usize {
-        size_of_val(self) + 4 * self.elements.capacity()
+        size_of_val(self) + 4 * self.collected.capacity()
+    }
+}
+
+/// The accumulator of a grouped aggregate: every group's elements, each row added to its
+/// group directly (DataFusion's adapter for per-group accumulators sorts a batch's rows by
+/// group and copies each group's values out first).
+#[derive(Debug, Default)]
+struct GroupUnits {
+    groups: Vec<Collected<u32>>,
+    /// The groups' buffers' capacities, in elements (the memory they hold).
+    held: usize,
+}
+
+impl GroupUnits {
+    /// The first groups `emit_to` names, taken out of the accumulator.
+    fn take(&mut self, emit_to: EmitTo) -> Vec<Collected<u32>> {
+        let taken = emit_to.take_needed(&mut self.groups);
+        self.held -= taken.iter().map(Collected::capacity).sum::<usize>();
+        taken
+    }
+
+    /// The sets of `groups` as a Binary column; an empty set is NULL when `empty_is_null`.
+    fn column(groups: Vec<Collected<u32>>, empty_is_null: bool) -> Result<ArrayRef> {
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::with_capacity(groups.len() + 1);
+        offsets.push(0i32);
+        let mut valid = Vec::with_capacity(groups.len());
+        for mut group in groups {
+            let set = group.sorted();
+            valid.push(!(empty_is_null && set.is_empty()));
+            append_encoded(set, &mut bytes);
+            let Ok(end) = i32::try_from(bytes.len()) else {
+                return exec_err!("{UNIT_SET}: the groups' sets exceed 2 GiB");
+            };
+            offsets.push(end);
+        }
+        let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid));
+        Ok(Arc::new(BinaryArray::try_new(
+            OffsetBuffer::new(offsets.into()),
+            Buffer::from_vec(bytes),
+            nulls,
+        )?))
+    }
+}
+
+impl GroupsAccumulator for GroupUnits {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        let [units] = values else {
+            return internal_err!("{UNIT_SET} takes one argument");
+        };
+        self.held += add_rows(
+            &mut self.groups,
+            units,
+            group_indices,
+            opt_filter,
+            total_num_groups,
+            element,
+        );
+        Ok(())
+    }
+
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
+        let [sets] = values else {
+            return internal_err!("{UNIT_SET} has one state field");
+        };
+        let sets = sets.as_binary::<i32>();
+        self.groups
+            .resize_with(total_num_groups, Collected::default);
+        for (r, &g) in group_indices.iter().enumerate() {
+            if sets.is_null(r) {
+                continue;
+            }
+            match merge_encoded(sets.value(r), &mut self.groups[g]) {
+                Some(grown) => self.held += grown,
+                None => return internal_err!("{UNIT_SET}: a partial state is not a unit set"),
+            }
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        let taken = self.take(emit_to);
+        Self::column(taken, true)
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        let taken = self.take(emit_to);
+        Ok(vec![Self::column(taken, false)?])
+    }
+
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        let [units] = values else {
+            return internal_err!("{UNIT_SET} takes one argument");
+        };
+        let units = units.as_primitive::<UInt64Type>();
+        // Each row its own group: the set of its unit, or the empty set.
+        let mut bytes = Vec::with_capacity(4 * units.len());
+        let mut offsets = Vec::with_capacity(units.len() + 1);
+        offsets.push(0i32);
+        for r in 0..units.len() {
+            if units.is_valid(r) && selected(opt_filter, r) {
+                bytes.extend_from_slice(&element(units.value(r)).to_le_bytes());
+            }
+            let Ok(end) = i32::try_from(bytes.len()) else {
+                return exec_err!("{UNIT_SET}: the rows' sets exceed 2 GiB");
+            };
+            offsets.push(end);
+        }
+        Ok(vec![Arc::new(BinaryArray::try_new(
+            OffsetBuffer::new(offsets.into()),
+            Buffer::from_vec(bytes),
+            None,
+        )?)])
+    }
+
+    fn size(&self) -> usize {
+        size_of_val(self) + self.groups.capacity() * size_of::<Collected<u32>>() + 4 * self.held
     }
 }
 
@@ -255,65 +483,94 @@ mod tests {
     use arrow::datatypes::Schema;
     use datafusion::prelude::SessionContext;
 
-    /// `SELECT g, unit_set(u) … GROUP BY g` over `groups` and `hashes` in chunks of
-    /// `chunk` rows, against each group's distinct elements collected in a `BTreeSet`.
-    async fn sets_match_distinct_elements(
-        groups: Vec<u64>,
-        hashes: Vec<Option<u64>>,
+    /// How a test runs its aggregate.
+    #[derive(Clone, Copy)]
+    struct Run {
         chunk: usize,
         partitions: usize,
-    ) {
+        /// `FILTER (WHERE f)`, with `f` false on every fifth row and NULL on every seventh.
+        filtered: bool,
+        /// Partial aggregation skipped at once (each row converted to a state).
+        skip_partial: bool,
+    }
+
+    /// `SELECT g, unit_set(u) … GROUP BY g` over `groups` and `hashes` as `run` says, against
+    /// each group's distinct elements collected in a `BTreeSet`. Groups whose rows all fall
+    /// outside the filter or hold no unit must answer NULL (no set).
+    async fn sets_match_distinct_elements(groups: Vec<u64>, hashes: Vec<Option<u64>>, run: Run) {
+        let filter: Vec<Option<bool>> = (0..groups.len())
+            .map(|i| (i % 7 != 0).then_some(i % 5 != 0))
+            .collect();
         let schema = Arc::new(Schema::new(vec![
             Field::new("g", DataType::UInt64, false),
             Field::new("u", DataType::UInt64, true),
+            Field::new("f", DataType::Boolean, true),
         ]));
         let batch = RecordBatch::try_new(
             Arc::clone(&schema),
             vec![
                 Arc::new(UInt64Array::from(groups.clone())),
                 Arc::new(UInt64Array::from(hashes.clone())),
+                Arc::new(BooleanArray::from(filter.clone())),
             ],
         )
         .unwrap();
-        let ctx = SessionContext::new_with_config(
-            datafusion::prelude::SessionConfig::new().with_target_partitions(partitions),
-        );
-        let chunks: Vec<RecordBatch> = (0..batch.num_rows().div_ceil(chunk))
-            .map(|i| batch.slice(i * chunk, chunk.min(batch.num_rows() - i * chunk)))
+        let mut config =
+            datafusion::prelude::SessionConfig::new().with_target_partitions(run.partitions);
+        if run.skip_partial {
+            let execution = &mut config.options_mut().execution;
+            execution.skip_partial_aggregation_probe_rows_threshold = 10;
+            execution.skip_partial_aggregation_probe_ratio_threshold = 0.0;
+        }
+        let ctx = SessionContext::new_with_config(config);
+        let rows = batch.num_rows();
+        let chunks: Vec<RecordBatch> = (0..rows.div_ceil(run.chunk))
+            .map(|i| batch.slice(i * run.chunk, run.chunk.min(rows - i * run.chunk)))
             .collect();
         let table = datafusion::datasource::MemTable::try_new(schema, vec![chunks]).unwrap();
         ctx.register_table("t", Arc::new(table)).unwrap();
         ctx.register_udaf(udaf());
-        let out = ctx
-            .sql("SELECT g, unit_set(u) FROM t GROUP BY g ORDER BY g")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let sql = if run.filtered {
+            "SELECT g, unit_set(u) FILTER (WHERE f) FROM t GROUP BY g"
+        } else {
+            "SELECT g, unit_set(u) FROM t GROUP BY g"
+        };
+        let out = ctx.sql(sql).await.unwrap().collect().await.unwrap();
         let mut got = std::collections::BTreeMap::new();
         for b in &out {
             let keys = b.column(0).as_primitive::<UInt64Type>();
             let sets = b.column(1).as_binary::<i32>();
             for r in 0..b.num_rows() {
-                let set = Set::decode(sets.value(r)).expect("the aggregate answers a set");
-                got.insert(keys.value(r), set.iter().collect::<Vec<u32>>());
+                let set = sets.is_valid(r).then(|| {
+                    let set = Set::decode(sets.value(r)).expect("the aggregate answers a set");
+                    set.iter().collect::<Vec<u32>>()
+                });
+                got.insert(keys.value(r), set);
             }
         }
         let mut want: std::collections::BTreeMap<u64, std::collections::BTreeSet<u32>> =
             std::collections::BTreeMap::new();
-        for (g, h) in groups.iter().zip(&hashes) {
+        for (i, (g, h)) in groups.iter().zip(&hashes).enumerate() {
             let distinct = want.entry(*g).or_default();
-            if let Some(h) = h {
+            let counted = !run.filtered || filter[i] == Some(true);
+            if let (Some(h), true) = (h, counted) {
                 distinct.insert(((*h ^ (*h >> 32)) & 0xFFFF_FFFF) as u32);
             }
         }
         assert_eq!(got.len(), want.len());
         for (g, distinct) in want {
-            let distinct: Vec<u32> = distinct.into_iter().collect();
+            let distinct: Option<Vec<u32>> =
+                (!distinct.is_empty()).then(|| distinct.into_iter().collect());
             assert_eq!(got[&g], distinct, "group {g}");
         }
     }
+
+    const RUN: Run = Run {
+        chunk: 1000,
+        partitions: 4,
+        filtered: false,
+        skip_partial: false,
+    };
 
     #[tokio::test]
     async fn the_set_of_a_group_is_its_distinct_units_over_partitions() {
@@ -322,7 +579,21 @@ mod tests {
             .map(|i| (i % 101 != 0).then_some((i % 977).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
             .collect();
         let groups: Vec<u64> = (0..n).map(|i| i % 3).collect();
-        sets_match_distinct_elements(groups, hashes, 1000, 4).await;
+        for filtered in [false, true] {
+            let run = Run { filtered, ..RUN };
+            sets_match_distinct_elements(groups.clone(), hashes.clone(), run).await;
+        }
+        // Without a GROUP BY's many groups: one row per group, some NULL or filtered out, with
+        // partial aggregation skipped (each row becomes a state of its own).
+        let few: Vec<u64> = (0..n).map(|i| i % 4000).collect();
+        for filtered in [false, true] {
+            let run = Run {
+                filtered,
+                skip_partial: true,
+                ..RUN
+            };
+            sets_match_distinct_elements(few.clone(), hashes.clone(), run).await;
+        }
     }
 
     #[tokio::test]
@@ -333,9 +604,57 @@ mod tests {
             .map(|i| Some((i % 3000).wrapping_mul(0xD6E8_FEB8_6659_FD93)))
             .collect();
         for partitions in [1, 4] {
-            sets_match_distinct_elements(vec![7; hashes.len()], hashes.clone(), 8192, partitions)
-                .await;
+            let run = Run {
+                chunk: 8192,
+                partitions,
+                ..RUN
+            };
+            sets_match_distinct_elements(vec![7; hashes.len()], hashes.clone(), run).await;
         }
+    }
+
+    /// A grouped accumulator asked for its first groups (DataFusion does so under memory
+    /// pressure or over sorted input) answers those and keeps the rest, renumbered from 0,
+    /// and its memory count follows.
+    #[test]
+    fn emitting_the_first_groups_keeps_the_others() {
+        let mut acc = GroupUnits::default();
+        let units: ArrayRef = Arc::new(UInt64Array::from(vec![
+            Some(10),
+            Some(20),
+            None,
+            Some(30),
+            Some(10),
+            Some(40),
+        ]));
+        acc.update_batch(&[Arc::clone(&units)], &[0, 1, 2, 1, 0, 3], None, 4)
+            .unwrap();
+        let held = acc.size();
+        let first = acc.evaluate(EmitTo::First(2)).unwrap();
+        let first = first.as_binary::<i32>();
+        let decoded = |bytes: &[u8]| Set::decode(bytes).unwrap().iter().collect::<Vec<_>>();
+        assert_eq!(decoded(first.value(0)), [10]);
+        assert_eq!(decoded(first.value(1)), {
+            let mut two = vec![20, 30];
+            two.sort_unstable();
+            two
+        });
+        assert!(
+            acc.size() < held,
+            "the emitted groups' memory is no longer counted"
+        );
+        // Former groups 2 and 3 are now 0 and 1; a new row of group 0 joins former group 2.
+        acc.update_batch(&[units.slice(0, 1)], &[0], None, 2)
+            .unwrap();
+        let rest = acc.evaluate(EmitTo::All).unwrap();
+        let rest = rest.as_binary::<i32>();
+        assert_eq!(rest.len(), 2);
+        assert_eq!(decoded(rest.value(0)), [10]);
+        assert_eq!(decoded(rest.value(1)), [40]);
+        assert_eq!(
+            acc.size(),
+            size_of::<GroupUnits>() + acc.groups.capacity() * size_of::<Collected<u32>>()
+        );
     }
 
     #[test]
