@@ -86,10 +86,8 @@ impl Set {
 
     /// The set's bytes: each element as four little-endian bytes, ascending.
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(4 * self.0.len());
-        for x in &self.0 {
-            bytes.extend_from_slice(&x.to_le_bytes());
-        }
+        let mut bytes = Vec::new();
+        append_encoded(&self.0, &mut bytes);
         bytes
     }
 
@@ -203,27 +201,15 @@ impl<T> Default for Collected<T> {
 }
 
 impl<T: Ord + Copy> Collected<T> {
-    /// Adds `x`; answers how many elements the buffer grew by (its capacity), for a
-    /// caller that keeps count of its memory.
-    pub(crate) fn push(&mut self, x: T) -> usize {
+    /// Appends to the unsorted tail with `add`; answers what `add` answers and how many
+    /// elements the buffer's capacity grew by, for a caller that keeps count of its memory.
+    fn append<R>(&mut self, add: impl FnOnce(&mut Vec<T>) -> R) -> (R, usize) {
         let before = self.elements.capacity();
-        self.elements.push(x);
-        self.grew();
-        self.elements.capacity() - before
-    }
-
-    /// Adds every element of `xs`; answers the growth of the buffer, as [`Self::push`].
-    pub(crate) fn extend(&mut self, xs: impl IntoIterator<Item = T>) -> usize {
-        let before = self.elements.capacity();
-        self.elements.extend(xs);
-        self.grew();
-        self.elements.capacity() - before
-    }
-
-    fn grew(&mut self) {
+        let answer = add(&mut self.elements);
         if self.elements.len() > 2 * self.distinct + 4096 {
             self.sorted();
         }
+        (answer, self.elements.capacity() - before)
     }
 
     /// The distinct elements, ascending.
@@ -256,37 +242,72 @@ fn append_encoded(set: &[u32], out: &mut Vec<u8>) {
     }
 }
 
-/// Appends the elements of a set's bytes to `collected`; false when the bytes are not a
-/// set's. Answers the buffer's growth as [`Collected::push`].
-fn merge_encoded(bytes: &[u8], collected: &mut Collected<u32>) -> Option<usize> {
-    let before = collected.elements.capacity();
-    if !append_decoded(bytes, &mut collected.elements) {
-        return None;
-    }
-    collected.grew();
-    Some(collected.elements.capacity() - before)
+/// Every group's collected values, for a grouped accumulator that adds each row to its
+/// group directly (DataFusion's adapter for per-group accumulators sorts a batch's rows by
+/// group and copies each group's values out first), and the memory their buffers hold.
+#[derive(Debug)]
+pub(crate) struct Groups<T> {
+    groups: Vec<Collected<T>>,
+    /// The buffers' capacities, in values.
+    held: usize,
 }
 
-/// A grouped aggregate's rows added to their groups (resized to `total_num_groups`): the
-/// value `of` the unit hash of each row that has one and passes the FILTER. Answers how
-/// many elements the groups' buffers grew by.
-pub(crate) fn add_rows<T: Ord + Copy>(
-    groups: &mut Vec<Collected<T>>,
-    units: &ArrayRef,
-    group_indices: &[usize],
-    opt_filter: Option<&BooleanArray>,
-    total_num_groups: usize,
-    of: impl Fn(u64) -> T,
-) -> usize {
-    let units = units.as_primitive::<UInt64Type>();
-    groups.resize_with(total_num_groups, Collected::default);
-    let mut grown = 0;
-    for (r, &g) in group_indices.iter().enumerate() {
-        if units.is_valid(r) && selected(opt_filter, r) {
-            grown += groups[g].push(of(units.value(r)));
+impl<T> Default for Groups<T> {
+    fn default() -> Self {
+        Self {
+            groups: Vec::new(),
+            held: 0,
         }
     }
-    grown
+}
+
+impl<T: Ord + Copy> Groups<T> {
+    /// The value `of` the unit hash of each row that has one and passes the FILTER, added
+    /// to the row's group.
+    pub(crate) fn add_rows(
+        &mut self,
+        units: &ArrayRef,
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+        of: impl Fn(u64) -> T,
+    ) {
+        let units = units.as_primitive::<UInt64Type>();
+        self.groups
+            .resize_with(total_num_groups, Collected::default);
+        for (r, &g) in group_indices.iter().enumerate() {
+            if units.is_valid(r) && selected(opt_filter, r) {
+                self.append(g, |values| values.push(of(units.value(r))));
+            }
+        }
+    }
+
+    /// Makes room for `total_num_groups` groups.
+    pub(crate) fn resize(&mut self, total_num_groups: usize) {
+        self.groups
+            .resize_with(total_num_groups, Collected::default);
+    }
+
+    /// Appends to group `g`'s values with `add`; answers what `add` answers.
+    pub(crate) fn append<R>(&mut self, g: usize, add: impl FnOnce(&mut Vec<T>) -> R) -> R {
+        let (answer, grown) = self.groups[g].append(add);
+        self.held += grown;
+        answer
+    }
+
+    /// The first groups `emit_to` names, taken out.
+    pub(crate) fn take(&mut self, emit_to: EmitTo) -> Vec<Collected<T>> {
+        let taken = emit_to.take_needed(&mut self.groups);
+        self.held -= taken.iter().map(Collected::capacity).sum::<usize>();
+        taken
+    }
+
+    /// The memory held, in bytes.
+    pub(crate) fn size(&self) -> usize {
+        size_of::<Self>()
+            + self.groups.capacity() * size_of::<Collected<T>>()
+            + self.held * size_of::<T>()
+    }
 }
 
 /// Whether row `r` passes an aggregate's FILTER (a NULL filter value does not).
@@ -306,12 +327,13 @@ impl Accumulator for Units {
             return internal_err!("{UNIT_SET} takes one argument");
         };
         let units = units.as_primitive::<UInt64Type>();
-        if units.null_count() == 0 {
-            self.collected
-                .extend(units.values().iter().map(|h| element(*h)));
-        } else {
-            self.collected.extend(units.iter().flatten().map(element));
-        }
+        self.collected.append(|values| {
+            if units.null_count() == 0 {
+                values.extend(units.values().iter().map(|h| element(*h)));
+            } else {
+                values.extend(units.iter().flatten().map(element));
+            }
+        });
         Ok(())
     }
 
@@ -320,7 +342,10 @@ impl Accumulator for Units {
             return internal_err!("{UNIT_SET} has one state field");
         };
         for bytes in sets.as_binary::<i32>().iter().flatten() {
-            if merge_encoded(bytes, &mut self.collected).is_none() {
+            let (set, _) = self
+                .collected
+                .append(|values| append_decoded(bytes, values));
+            if !set {
                 return internal_err!("{UNIT_SET}: a partial state is not a unit set");
             }
         }
@@ -344,46 +369,43 @@ impl Accumulator for Units {
     }
 }
 
-/// The accumulator of a grouped aggregate: every group's elements, each row added to its
-/// group directly (DataFusion's adapter for per-group accumulators sorts a batch's rows by
-/// group and copies each group's values out first).
+/// The accumulator of a grouped aggregate: every group's elements.
 #[derive(Debug, Default)]
 struct GroupUnits {
-    groups: Vec<Collected<u32>>,
-    /// The groups' buffers' capacities, in elements (the memory they hold).
-    held: usize,
+    sets: Groups<u32>,
 }
 
-impl GroupUnits {
-    /// The first groups `emit_to` names, taken out of the accumulator.
-    fn take(&mut self, emit_to: EmitTo) -> Vec<Collected<u32>> {
-        let taken = emit_to.take_needed(&mut self.groups);
-        self.held -= taken.iter().map(Collected::capacity).sum::<usize>();
-        taken
+/// Sets as a Binary column, each with whether it is valid (NULL otherwise).
+fn binary_column<'a>(sets: impl ExactSizeIterator<Item = (&'a [u32], bool)>) -> Result<ArrayRef> {
+    let mut bytes = Vec::new();
+    let mut offsets = Vec::with_capacity(sets.len() + 1);
+    offsets.push(0i32);
+    let mut valid = Vec::with_capacity(sets.len());
+    for (set, is_valid) in sets {
+        valid.push(is_valid);
+        append_encoded(set, &mut bytes);
+        let Ok(end) = i32::try_from(bytes.len()) else {
+            return exec_err!("{UNIT_SET}: the sets of one batch exceed 2 GiB");
+        };
+        offsets.push(end);
     }
+    let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid));
+    Ok(Arc::new(BinaryArray::try_new(
+        OffsetBuffer::new(offsets.into()),
+        Buffer::from_vec(bytes),
+        nulls,
+    )?))
+}
 
-    /// The sets of `groups` as a Binary column; an empty set is NULL when `empty_is_null`.
-    fn column(groups: Vec<Collected<u32>>, empty_is_null: bool) -> Result<ArrayRef> {
-        let mut bytes = Vec::new();
-        let mut offsets = Vec::with_capacity(groups.len() + 1);
-        offsets.push(0i32);
-        let mut valid = Vec::with_capacity(groups.len());
-        for mut group in groups {
-            let set = group.sorted();
-            valid.push(!(empty_is_null && set.is_empty()));
-            append_encoded(set, &mut bytes);
-            let Ok(end) = i32::try_from(bytes.len()) else {
-                return exec_err!("{UNIT_SET}: the groups' sets exceed 2 GiB");
-            };
-            offsets.push(end);
-        }
-        let nulls = valid.iter().any(|v| !v).then(|| NullBuffer::from(valid));
-        Ok(Arc::new(BinaryArray::try_new(
-            OffsetBuffer::new(offsets.into()),
-            Buffer::from_vec(bytes),
-            nulls,
-        )?))
+/// The sets of `groups` as a Binary column; an empty set is NULL when `empty_is_null`.
+fn sets_column(mut groups: Vec<Collected<u32>>, empty_is_null: bool) -> Result<ArrayRef> {
+    for group in &mut groups {
+        group.sorted();
     }
+    binary_column(groups.iter().map(|group| {
+        let set = group.elements.as_slice();
+        (set, !(empty_is_null && set.is_empty()))
+    }))
 }
 
 impl GroupsAccumulator for GroupUnits {
@@ -397,14 +419,8 @@ impl GroupsAccumulator for GroupUnits {
         let [units] = values else {
             return internal_err!("{UNIT_SET} takes one argument");
         };
-        self.held += add_rows(
-            &mut self.groups,
-            units,
-            group_indices,
-            opt_filter,
-            total_num_groups,
-            element,
-        );
+        self.sets
+            .add_rows(units, group_indices, opt_filter, total_num_groups, element);
         Ok(())
     }
 
@@ -417,29 +433,26 @@ impl GroupsAccumulator for GroupUnits {
         let [sets] = values else {
             return internal_err!("{UNIT_SET} has one state field");
         };
-        let sets = sets.as_binary::<i32>();
-        self.groups
-            .resize_with(total_num_groups, Collected::default);
+        let states = sets.as_binary::<i32>();
+        self.sets.resize(total_num_groups);
         for (r, &g) in group_indices.iter().enumerate() {
-            if sets.is_null(r) {
-                continue;
-            }
-            match merge_encoded(sets.value(r), &mut self.groups[g]) {
-                Some(grown) => self.held += grown,
-                None => return internal_err!("{UNIT_SET}: a partial state is not a unit set"),
+            if states.is_valid(r)
+                && !self
+                    .sets
+                    .append(g, |values| append_decoded(states.value(r), values))
+            {
+                return internal_err!("{UNIT_SET}: a partial state is not a unit set");
             }
         }
         Ok(())
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        let taken = self.take(emit_to);
-        Self::column(taken, true)
+        sets_column(self.sets.take(emit_to), true)
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        let taken = self.take(emit_to);
-        Ok(vec![Self::column(taken, false)?])
+        Ok(vec![sets_column(self.sets.take(emit_to), false)?])
     }
 
     fn convert_to_state(
@@ -452,27 +465,18 @@ impl GroupsAccumulator for GroupUnits {
         };
         let units = units.as_primitive::<UInt64Type>();
         // Each row its own group: the set of its unit, or the empty set.
-        let mut bytes = Vec::with_capacity(4 * units.len());
-        let mut offsets = Vec::with_capacity(units.len() + 1);
-        offsets.push(0i32);
-        for r in 0..units.len() {
-            if units.is_valid(r) && selected(opt_filter, r) {
-                bytes.extend_from_slice(&element(units.value(r)).to_le_bytes());
-            }
-            let Ok(end) = i32::try_from(bytes.len()) else {
-                return exec_err!("{UNIT_SET}: the rows' sets exceed 2 GiB");
-            };
-            offsets.push(end);
-        }
-        Ok(vec![Arc::new(BinaryArray::try_new(
-            OffsetBuffer::new(offsets.into()),
-            Buffer::from_vec(bytes),
-            None,
-        )?)])
+        let ones: Vec<Option<u32>> = (0..units.len())
+            .map(|r| {
+                (units.is_valid(r) && selected(opt_filter, r)).then(|| element(units.value(r)))
+            })
+            .collect();
+        Ok(vec![binary_column(
+            ones.iter().map(|one| (one.as_slice(), true)),
+        )?])
     }
 
     fn size(&self) -> usize {
-        size_of_val(self) + self.groups.capacity() * size_of::<Collected<u32>>() + 4 * self.held
+        self.sets.size()
     }
 }
 
@@ -653,7 +657,7 @@ mod tests {
         assert_eq!(decoded(rest.value(1)), [40]);
         assert_eq!(
             acc.size(),
-            size_of::<GroupUnits>() + acc.groups.capacity() * size_of::<Collected<u32>>()
+            size_of::<GroupUnits>() + acc.sets.groups.capacity() * size_of::<Collected<u32>>()
         );
     }
 

@@ -26,7 +26,7 @@ use datafusion::logical_expr::{
     TypeSignature, Volatility,
 };
 
-use crate::unit_set::{Collected, add_rows, selected};
+use crate::unit_set::{Collected, Groups, selected};
 
 /// How the aggregates here hash unit hashes: foldhash, seeded per process. The keys are
 /// the station's hashes of its own units' ids, which no researcher chooses; std's SipHash
@@ -392,22 +392,10 @@ impl Accumulator for DistinctHashes {
     }
 }
 
-/// The digest of a grouped aggregate: every group's distinct hashes, each row added to its
-/// group directly (rather than through DataFusion's adapter, which sorts a batch's rows by
-/// group and copies each group's values out first).
+/// The digest of a grouped aggregate: every group's distinct hashes.
 #[derive(Debug, Default)]
 struct GroupDigests {
-    groups: Vec<Collected<u64>>,
-    /// The groups' buffers' capacities, in hashes.
-    held: usize,
-}
-
-impl GroupDigests {
-    fn take(&mut self, emit_to: EmitTo) -> Vec<Collected<u64>> {
-        let taken = emit_to.take_needed(&mut self.groups);
-        self.held -= taken.iter().map(Collected::capacity).sum::<usize>();
-        taken
-    }
+    hashes: Groups<u64>,
 }
 
 /// Each group's distinct hashes as the digest's state: one list per group.
@@ -437,14 +425,8 @@ impl GroupsAccumulator for GroupDigests {
         let [units] = values else {
             return internal_err!("{UNIT_DIGEST} takes one argument");
         };
-        self.held += add_rows(
-            &mut self.groups,
-            units,
-            group_indices,
-            opt_filter,
-            total_num_groups,
-            |h| h,
-        );
+        self.hashes
+            .add_rows(units, group_indices, opt_filter, total_num_groups, |h| h);
         Ok(())
     }
 
@@ -460,8 +442,7 @@ impl GroupsAccumulator for GroupDigests {
         let lists = lists.as_list::<i32>();
         let hashes = lists.values().as_primitive::<UInt64Type>();
         let offsets = lists.value_offsets();
-        self.groups
-            .resize_with(total_num_groups, Collected::default);
+        self.hashes.resize(total_num_groups);
         for (r, &g) in group_indices.iter().enumerate() {
             if lists.is_null(r) {
                 continue;
@@ -470,14 +451,15 @@ impl GroupsAccumulator for GroupDigests {
             let part = (start..end)
                 .filter(|i| hashes.is_valid(*i))
                 .map(|i| hashes.value(i));
-            self.held += self.groups[g].extend(part);
+            self.hashes.append(g, |values| values.extend(part));
         }
         Ok(())
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        let taken = self.take(emit_to);
-        let digests: UInt64Array = taken
+        let digests: UInt64Array = self
+            .hashes
+            .take(emit_to)
             .into_iter()
             .map(|mut group| {
                 let hashes = group.sorted();
@@ -488,7 +470,7 @@ impl GroupsAccumulator for GroupDigests {
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        let taken = self.take(emit_to);
+        let taken = self.hashes.take(emit_to);
         Ok(vec![hash_lists(taken.into_iter().map(Collected::into_vec))])
     }
 
@@ -512,7 +494,7 @@ impl GroupsAccumulator for GroupDigests {
     }
 
     fn size(&self) -> usize {
-        size_of_val(self) + self.groups.capacity() * size_of::<Collected<u64>>() + 8 * self.held
+        self.hashes.size()
     }
 }
 
