@@ -369,6 +369,9 @@ impl Station {
             .create_physical_plan(plan, &self.state)
             .await?;
         let physical = self.file_schemas.supply(physical).await?;
+        // Projections run without DataFusion's per-run expression metrics, which nothing
+        // here reads (`lean_projection`).
+        let physical = railyard_udfs::lean_projection::without_metrics(physical)?;
         Ok((physical, railyard_udfs::query_task(&self.state)?))
     }
 

@@ -30,6 +30,7 @@ pub mod checked_sum;
 pub mod decimal_arith;
 pub mod dp;
 pub mod glm_terms;
+pub mod lean_projection;
 pub mod merge;
 pub mod partial;
 pub mod pseudonym;

@@ -237,6 +237,7 @@ async fn plan_logical(
 ) -> Result<Planned> {
     query_only().verify_plan(&logical)?;
     let physical = state.create_physical_plan(&logical).await?;
+    let physical = railyard_udfs::lean_projection::without_metrics(physical)?;
     plan_physical(state, physical, query, trains).await
 }
 
@@ -684,6 +685,7 @@ impl Hub {
         query_only().verify_plan(&logical)?;
         let state = self.session_for(&logical);
         let physical = state.create_physical_plan(&logical).await?;
+        let physical = railyard_udfs::lean_projection::without_metrics(physical)?;
         if matches!(state, Cow::Borrowed(_)) {
             self.plans.keep(text, &physical);
         }
