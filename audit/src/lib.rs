@@ -99,11 +99,36 @@ fn hash_of(record: &Record) -> String {
     // A record of strings, integers and an optional float serializes; a NaN ε (which the
     // ledger never charges) would serialize as null and still hash.
     let body = serde_json::to_string(record).unwrap_or_default();
+    chain_hash(&record.prev, &body)
+}
+
+/// The hash of a record whose JSON is `body`, chained to the record before it (`prev`).
+fn chain_hash(prev: &str, body: &str) -> String {
     let mut h = Sha256::new();
-    h.update(record.prev.as_bytes());
+    h.update(prev.as_bytes());
     h.update(b"\n");
     h.update(body.as_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(64);
+    for b in h.finalize() {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    hex
+}
+
+/// The line of a record whose JSON is `body` (an object) and whose hash is `hash`: the
+/// record's fields, then `"hash"`, as [`Line`] serializes them (one serialization of the
+/// record serves both its hash and its line).
+fn line_of(body: &str, hash: &str) -> Option<Vec<u8>> {
+    let fields = body.strip_suffix('}')?;
+    let mut line = Vec::with_capacity(body.len() + hash.len() + 12);
+    line.extend_from_slice(fields.as_bytes());
+    // An object of no fields would take no comma; a record always has fields.
+    line.extend_from_slice(b",\"hash\":\"");
+    line.extend_from_slice(hash.as_bytes());
+    line.extend_from_slice(b"\"}");
+    Some(line)
 }
 
 /// The fields of a record the station fills in; sequence, time and chain are added on append.
@@ -448,15 +473,14 @@ impl Writer {
                 epsilon: e.epsilon,
                 prev: hash,
             };
-            hash = hash_of(&record);
-            let line = serde_json::to_vec(&Line {
-                record,
-                hash: hash.clone(),
-            })
-            .map_err(|e| AuditError::Io {
+            let not_serialized = |why: String| AuditError::Io {
                 path: self.path.clone(),
-                message: format!("a record does not serialize: {e}"),
-            })?;
+                message: format!("a record does not serialize: {why}"),
+            };
+            let body = serde_json::to_string(&record).map_err(|e| not_serialized(e.to_string()))?;
+            hash = chain_hash(&record.prev, &body);
+            let line =
+                line_of(&body, &hash).ok_or_else(|| not_serialized("not an object".into()))?;
             bytes.extend_from_slice(&line);
             bytes.push(b'\n');
             seq += 1;
@@ -699,6 +723,42 @@ mod tests {
         assert_eq!(matched, 3);
         let ids: Vec<_> = records.iter().map(|r| r.query_id.as_str()).collect();
         assert_eq!(ids, ["q2", "q1", "q0"]);
+    }
+
+    /// Each written line is what serde makes of the record with its hash (the `Line`), and
+    /// the hash is the SHA-256 of the chain, in lowercase hex: for records with every
+    /// optional field and none, and text that JSON escapes.
+    #[tokio::test]
+    async fn each_line_is_the_record_with_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, "st\u{e4}tion \"1\"").unwrap();
+        log.append(entry(Decision::Allowed)).await.unwrap();
+        log.append(Entry {
+            sql: "SELECT '\\n', \"x\" FROM t -- \u{1F600}\t\u{7}",
+            train: Some("sha256:abc"),
+            args: Some("{\"k\": [1, 2]}"),
+            rule: Some("k_anonymity"),
+            epsilon: Some(0.125),
+            ..entry(Decision::Refused)
+        })
+        .await
+        .unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut prev = GENESIS.to_string();
+        for written in text.lines() {
+            let line: Line = serde_json::from_str(written).unwrap();
+            assert_eq!(line.record.prev, prev);
+            let body = serde_json::to_string(&line.record).unwrap();
+            let mut h = Sha256::new();
+            h.update(format!("{prev}\n{body}").as_bytes());
+            let want: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(line.hash, want);
+            assert_eq!(written, serde_json::to_string(&line).unwrap());
+            prev = line.hash;
+        }
+        assert_eq!(text.lines().count(), 2);
     }
 
     #[tokio::test]
