@@ -333,6 +333,8 @@ pub struct Hub {
     announced: BTreeMap<String, String>,
     /// Plans kept by statement text.
     plans: cache::PlanCache,
+    /// Statements parsed, by their text.
+    parsed: cache::ParseCache,
 }
 
 impl Hub {
@@ -517,6 +519,7 @@ impl Hub {
             board,
             announced,
             plans: Default::default(),
+            parsed: Default::default(),
         })
     }
 
@@ -570,7 +573,6 @@ impl Hub {
     /// plan's fragments afterwards.
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
         self.within_rate(researcher)?;
-        railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
         let (mut statement, explain_federated) = self.parse(sql)?;
         let parameters = params::number_placeholders(&mut statement)?;
         if parameters > 0 {
@@ -602,17 +604,24 @@ impl Hub {
         }))
     }
 
-    /// `sql` parsed, and whether it was `EXPLAIN FEDERATED` (which is stripped).
+    /// `sql` held to the statement limits and parsed, and whether it was `EXPLAIN
+    /// FEDERATED` (which is stripped); a text parsed before is taken from `parsed`.
     fn parse(&self, sql: &str) -> Result<(DfStatement, bool)> {
+        if let Some(parsed) = self.parsed.get(sql) {
+            return Ok(parsed);
+        }
+        railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
         let (text, explain_federated) = match strip_explain_federated(sql) {
             Some(inner) => (inner, true),
             None => (sql, false),
         };
         let dialect = self.base.config().options().sql_parser.dialect;
-        Ok((
+        let parsed = (
             self.base.sql_to_statement(text, &dialect)?,
             explain_federated,
-        ))
+        );
+        self.parsed.keep(sql, &parsed);
+        Ok(parsed)
     }
 
     async fn plan_parsed(
@@ -850,7 +859,6 @@ impl Hub {
     /// planned for its columns here: its values are bound with [`Hub::bind`], and the
     /// statement they make is checked when it is run.
     pub async fn prepare(&self, sql: &str, researcher: &str) -> Result<(SchemaRef, SchemaRef)> {
-        railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
         let (mut statement, explain_federated) = self.parse(sql)?;
         let parameters = params::number_placeholders(&mut statement)?;
         if parameters > 0 {
@@ -889,7 +897,6 @@ impl Hub {
     /// parameter) written into it as literals: the text to run. Each value is cast to the
     /// type DataFusion infers for its parameter; a wrong count or type is a bad request.
     pub async fn bind(&self, sql: &str, values: &RecordBatch) -> Result<String> {
-        railyard_policy::limits::check_statement(sql, "the hub").map_err(Error::Limit)?;
         let (mut statement, explain_federated) = self.parse(sql)?;
         let parameters = params::number_placeholders(&mut statement)?;
         if parameters == 0 && values.num_columns() == 0 {
