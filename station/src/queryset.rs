@@ -27,6 +27,7 @@ use std::sync::Mutex;
 use railyard_policy::Refusal;
 use railyard_policy::queryset::{Earlier, ReleasedSet};
 use railyard_policy::release::{ReleasedUnits, ThresholdKey};
+use railyard_udfs::unit_set::Set;
 use railyard_udfs::unit_share::UnitHashing;
 use roaring::RoaringBitmap;
 use rusqlite::{Connection, TransactionBehavior, params};
@@ -74,6 +75,37 @@ struct Inner {
     conn: Connection,
     accounts: HashMap<Account, Vec<Remembered>>,
     numbers: Numbers,
+    numbered: Numbered,
+}
+
+/// Released sets of units already numbered, in the station's numbering: a set released
+/// again (every run of a query after its first) is looked up rather than renumbered and
+/// built into a bitmap (a hash lookup and a sort per patient). Only sets whose every unit
+/// had its number before are kept, and a unit's number never changes, so a kept bitmap is
+/// what renumbering the set would build. Bounded: past [`NUMBERED_ELEMENTS`] elements in
+/// all it starts over.
+#[derive(Default)]
+struct Numbered {
+    sets: HashMap<Set, RoaringBitmap, UnitHashing>,
+    elements: usize,
+}
+
+const NUMBERED_ELEMENTS: usize = 1 << 20;
+
+impl Numbered {
+    fn keep(&mut self, set: &Set, numbered: &RoaringBitmap) {
+        let len = set.len() as usize;
+        if len > NUMBERED_ELEMENTS {
+            return;
+        }
+        if self.elements + len > NUMBERED_ELEMENTS {
+            self.sets.clear();
+            self.elements = 0;
+        }
+        if self.sets.insert(set.clone(), numbered.clone()).is_none() {
+            self.elements += len;
+        }
+    }
 }
 
 /// The station's dense numbering of its units. A released set holds 32-bit unit hashes,
@@ -140,6 +172,7 @@ impl QuerySets {
                 conn,
                 accounts: HashMap::new(),
                 numbers,
+                numbered: Numbered::default(),
             }),
         })
     }
@@ -172,6 +205,7 @@ impl QuerySets {
             Err(poisoned) => {
                 let mut inner = poisoned.into_inner();
                 inner.accounts.clear();
+                inner.numbered = Numbered::default();
                 inner
             }
         };
@@ -229,6 +263,7 @@ impl QuerySets {
             conn,
             accounts,
             numbers,
+            numbered,
         } = &mut *inner;
         let remembered = accounts.get_mut(&account).expect("the account was loaded");
         // The release's sets in the station's numbering; units never released before get
@@ -238,9 +273,14 @@ impl QuerySets {
         let mut fresh_id: HashMap<u32, u32, UnitHashing> = HashMap::default();
         let sets: Vec<ReleasedSet> = sets
             .iter()
-            .map(|s| ReleasedSet {
-                group: s.group,
-                set: bitmap_of(
+            .map(|s| {
+                if let Some(set) = numbered.sets.get(&s.set) {
+                    return ReleasedSet {
+                        group: s.group,
+                        set: set.clone(),
+                    };
+                }
+                let set = bitmap_of(
                     s.set
                         .iter()
                         .map(|unit| match numbers.id_of.get(&unit) {
@@ -251,7 +291,15 @@ impl QuerySets {
                             }),
                         })
                         .collect(),
-                ),
+                );
+                // Numbers below `known` were all given before this release.
+                if set.max().is_none_or(|id| (id as usize) < known) {
+                    numbered.keep(&s.set, &set);
+                }
+                ReleasedSet {
+                    group: s.group,
+                    set,
+                }
             })
             .collect();
         let unit_of = |id: u32| -> u32 {
@@ -557,6 +605,38 @@ mod tests {
             .unwrap();
         assert!(matches!(again, Audited::Allowed));
         assert_eq!(store.footprint().unwrap().0, 2);
+    }
+
+    /// Sets numbered before are looked up, not renumbered: the lookup holds what
+    /// renumbering builds, and a difference of one patient is refused when both sets come
+    /// from it.
+    #[test]
+    fn sets_numbered_before_decide_as_renumbered_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = QuerySets::open(&dir.path().join("q.sqlite")).unwrap();
+        let all: RoaringBitmap = (0..228).map(|i| i * 7919 + 13).collect();
+        let mut but_one = all.clone();
+        but_one.remove(7 * 7919 + 13);
+        let audit = |who, id, set: &RoaringBitmap| {
+            store
+                .audit(release(who, id), &one(set), 100, &key())
+                .unwrap()
+        };
+        assert!(matches!(audit("ann", "q1", &all), Audited::Allowed));
+        // Every unit of `all` is numbered now: from here on its sets are looked up.
+        assert!(matches!(audit("ann", "q2", &all), Audited::Allowed));
+        assert!(matches!(audit("bob", "q3", &but_one), Audited::Allowed));
+        assert!(matches!(audit("bob", "q4", &but_one), Audited::Allowed));
+        match audit("ann", "q5", &but_one) {
+            Audited::Refused(r) => assert!(r.message.contains("q1"), "{}", r.message),
+            Audited::Allowed => panic!("a difference of one patient passed from the lookup"),
+        }
+        let inner = store.inner.lock().unwrap();
+        assert_eq!(inner.numbered.sets.len(), 2);
+        for (set, numbered) in &inner.numbered.sets {
+            let renumbered = bitmap_of(set.iter().map(|u| inner.numbers.id_of[&u]).collect());
+            assert_eq!(*numbered, renumbered);
+        }
     }
 
     /// The decision taken without the disk is the one `audit` takes, and it is taken only
