@@ -870,6 +870,15 @@ mod tests {
         ctx
     }
 
+    /// What `sql` answers in `ctx` (a failure names the query).
+    async fn answer(ctx: &SessionContext, sql: &str) -> Vec<RecordBatch> {
+        let frame = ctx.sql(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        frame
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// A FILTER column for `n` rows: true, false, and NULL (which does not pass).
     fn filter_column(n: u64) -> ArrayRef {
         Arc::new(BooleanArray::from(
@@ -903,13 +912,7 @@ mod tests {
                     let rows = |sql: String| {
                         let ctx = ctx.clone();
                         async move {
-                            let out = ctx
-                                .sql(&sql)
-                                .await
-                                .unwrap()
-                                .collect()
-                                .await
-                                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                            let out = answer(&ctx, &sql).await;
                             let mut rows = Vec::new();
                             for b in &out {
                                 let k = b.column(0).as_primitive::<UInt64Type>();
@@ -978,13 +981,7 @@ mod tests {
             let rows = |sql: String| {
                 let ctx = ctx.clone();
                 async move {
-                    let out = ctx
-                        .sql(&sql)
-                        .await
-                        .unwrap()
-                        .collect()
-                        .await
-                        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                    let out = answer(&ctx, &sql).await;
                     let mut rows = Vec::new();
                     for b in &out {
                         let k = b.column(0).as_primitive::<UInt64Type>();
