@@ -181,14 +181,7 @@ impl Entries {
     /// The three state columns, a list of `lengths[i]` entries for the i-th state.
     fn columns(self, lengths: Vec<usize>) -> Vec<ArrayRef> {
         let offsets = OffsetBuffer::from_lengths(lengths);
-        let list = |values: ArrayRef| -> ArrayRef {
-            Arc::new(ListArray::new(
-                Arc::new(Field::new_list_field(values.data_type().clone(), true)),
-                offsets.clone(),
-                values,
-                None,
-            ))
-        };
+        let list = |values: ArrayRef| list_column(values, offsets.clone());
         vec![
             list(Arc::new(UInt64Array::from(self.units))),
             list(Arc::new(Float64Array::from(self.sums))),
@@ -566,8 +559,8 @@ impl Accumulator for DistinctHashes {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        let values: ArrayRef = Arc::new(UInt64Array::from_iter_values(self.seen.iter().copied()));
-        Ok(vec![one_list(values)])
+        let hashes = hash_lists(std::iter::once(self.seen.iter().copied().collect()));
+        Ok(vec![ScalarValue::try_from_array(&hashes, 0)?])
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
@@ -595,10 +588,18 @@ fn hash_lists(groups: impl ExactSizeIterator<Item = Vec<u64>>) -> ArrayRef {
         lengths.push(hashes.len());
         values.extend(hashes);
     }
-    Arc::new(ListArray::new(
-        Arc::new(Field::new_list_field(DataType::UInt64, true)),
-        OffsetBuffer::from_lengths(lengths),
+    list_column(
         Arc::new(UInt64Array::from(values)),
+        OffsetBuffer::from_lengths(lengths),
+    )
+}
+
+/// `values` cut into lists at `offsets`: a state column of one list per state.
+fn list_column(values: ArrayRef, offsets: OffsetBuffer<i32>) -> ArrayRef {
+    Arc::new(ListArray::new(
+        Arc::new(Field::new_list_field(values.data_type().clone(), true)),
+        offsets,
+        values,
         None,
     ))
 }
@@ -685,16 +686,6 @@ impl GroupsAccumulator for GroupDigests {
     fn size(&self) -> usize {
         self.hashes.size()
     }
-}
-
-/// `values` as a state scalar: a list of one element, holding them all.
-fn one_list(values: ArrayRef) -> ScalarValue {
-    ScalarValue::List(Arc::new(ListArray::new(
-        Arc::new(Field::new_list_field(values.data_type().clone(), true)),
-        OffsetBuffer::from_lengths([values.len()]),
-        values,
-        None,
-    )))
 }
 
 #[cfg(test)]
