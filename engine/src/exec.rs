@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use arrow_flight::Ticket;
-use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
+use arrow_flight::{FlightData, Ticket};
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
@@ -32,6 +31,7 @@ use datafusion::physical_plan::{
 };
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use railyard_contract::FragmentTicket;
 use railyard_planner::{FederationPlanner, Fragment, FragmentNode, ThresholdNode};
 use tokio::time::{Instant, timeout_at};
@@ -709,7 +709,7 @@ where
             return Ok(announced);
         }
     };
-    let announced = |stream: &FlightRecordBatchStream| {
+    let announced = |stream: &Answer| {
         stream
             .schema()
             .cloned()
@@ -729,8 +729,11 @@ where
             .await
             .map_err(|_| Fetch::Timeout)?
             .map_err(from_status)?;
-            let mut stream = FlightRecordBatchStream::new_from_flight_data(
-                response.into_inner().map(|r| r.map_err(FlightError::from)),
+            let mut stream: Answer = railyard_net::flight_data::Decoder::new(
+                response
+                    .into_inner()
+                    .map(|r| r.map_err(FlightError::from))
+                    .boxed(),
             );
             loop {
                 let next = timeout_at(deadline, stream.next())
@@ -763,6 +766,10 @@ where
         }
     }
 }
+
+/// A station's answer as the hub reads it.
+type Answer =
+    railyard_net::flight_data::Decoder<BoxStream<'static, Result<FlightData, FlightError>>>;
 
 /// How long the hub waits before it retries a fragment whose connection failed (a
 /// restarted station's listener, or an outbound station's new tunnel, is up by then).

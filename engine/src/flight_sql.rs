@@ -23,8 +23,6 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::Schema;
-use arrow::ipc::writer::IpcWriteOptions;
-use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
@@ -37,10 +35,7 @@ use arrow_flight::sql::{
     CommandStatementSubstraitPlan, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
     TicketStatementQuery,
 };
-use arrow_flight::{
-    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc,
-    Ticket,
-};
+use arrow_flight::{Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{Stream, StreamExt, TryStreamExt, stream};
@@ -521,22 +516,18 @@ impl HubFlightSql {
         };
         let endpoint =
             FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
-        FlightInfo::new()
-            .try_with_schema(schema.as_ref())
-            .map_err(|e| Status::internal(e.to_string()))
-            .map(|info| {
-                info.with_endpoint(endpoint)
-                    .with_descriptor(descriptor)
-                    .with_ordered(true)
-            })
+        info_with_schema(schema.as_ref()).map(|info| {
+            info.with_endpoint(endpoint)
+                .with_descriptor(descriptor)
+                .with_ordered(true)
+        })
     }
 
     fn batch_stream(batch: arrow::array::RecordBatch) -> Result<Response<DoGetStream>, Status> {
         let schema = batch.schema();
-        let stream = FlightDataEncoderBuilder::new()
-            .with_schema(schema)
-            .build(stream::once(async move { Ok(batch) }))
-            .map_err(Status::from);
+        let stream =
+            railyard_net::flight_data::encode(schema, stream::once(async move { Ok(batch) }))
+                .map_err(Status::from);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -547,9 +538,7 @@ impl HubFlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let endpoint =
             FlightEndpoint::new().with_ticket(Ticket::new(command.as_any().encode_to_vec()));
-        let info = FlightInfo::new()
-            .try_with_schema(schema)
-            .map_err(|e| Status::internal(e.to_string()))?
+        let info = info_with_schema(schema)?
             .with_endpoint(endpoint)
             .with_descriptor(descriptor);
         Ok(Response::new(info))
@@ -559,10 +548,18 @@ impl HubFlightSql {
 /// `schema` as the IPC message a prepared statement's result carries (also the floor
 /// server's, `src/bin/flight_sql_floor.rs`).
 pub fn schema_ipc(schema: &Schema) -> Result<prost::bytes::Bytes, Status> {
-    let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
-        .try_into()
-        .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
-    Ok(bytes)
+    Ok(railyard_net::flight_data::schema_messages(schema)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .ipc
+        .clone())
+}
+
+/// A `FlightInfo` announcing `schema` (the schema's message kept, see
+/// `railyard_net::flight_data`).
+fn info_with_schema(schema: &Schema) -> Result<FlightInfo, Status> {
+    let mut info = FlightInfo::new();
+    info.schema = schema_ipc(schema)?;
+    Ok(info)
 }
 
 fn handle_sql(handle: &[u8]) -> Result<&str, Status> {
@@ -635,18 +632,19 @@ impl FlightSqlService for HubFlightSql {
                 .map_err(to_status)?,
         };
         let schema = batches.schema();
-        let stream = FlightDataEncoderBuilder::new()
-            .with_schema(schema)
-            .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))))
-            .map_err(|e| match e {
-                FlightError::ExternalError(inner) => {
-                    match inner.downcast::<datafusion::error::DataFusionError>() {
-                        Ok(df) => to_status(Error::from(*df)),
-                        Err(other) => Status::internal(other.to_string()),
-                    }
+        let stream = railyard_net::flight_data::encode(
+            schema,
+            batches.map_err(|e| FlightError::ExternalError(Box::new(e))),
+        )
+        .map_err(|e| match e {
+            FlightError::ExternalError(inner) => {
+                match inner.downcast::<datafusion::error::DataFusionError>() {
+                    Ok(df) => to_status(Error::from(*df)),
+                    Err(other) => Status::internal(other.to_string()),
                 }
-                other => Status::from(other),
-            });
+            }
+            other => Status::from(other),
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -729,7 +727,12 @@ impl FlightSqlService for HubFlightSql {
                 ));
             }
         };
-        let stream = request.into_inner().map_err(FlightError::from);
+        // A batch whose buffers reach beyond its body is refused before arrow's reader,
+        // which would panic on it, reads it.
+        let stream = request
+            .into_inner()
+            .map_err(FlightError::from)
+            .and_then(|data| async move { railyard_net::flight_data::check_body(data) });
         // At most a few rows are read: a statement binds one.
         let mut batches =
             arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(stream);

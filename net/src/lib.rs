@@ -21,12 +21,14 @@
 //! Layout: [`tls`] (PEM files → rustls configurations, peer-name checks), [`certs`] (the CA
 //! and its certificates), [`conn`] (accepting and dialing authenticated connections),
 //! [`tunnel`] (the hub's side of outbound stations), [`serve`] (one gRPC service on any of
-//! those connections), [`coalesce`] (one write per burst of HTTP/2 frames), [`error`].
+//! those connections), [`coalesce`] (one write per burst of HTTP/2 frames), [`flight_data`] (an answer's
+//! Flight messages, each schema's encoded once), [`error`].
 
 pub mod certs;
 pub mod coalesce;
 pub mod conn;
 pub mod error;
+pub mod flight_data;
 pub mod serve;
 pub mod tls;
 pub mod tunnel;

@@ -8,7 +8,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
@@ -129,18 +128,19 @@ impl FlightService for StationService {
             .await?;
         let station = self.station.name().to_string();
         let schema = batches.schema();
-        let flight = FlightDataEncoderBuilder::new()
-            .with_schema(schema)
-            .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))))
-            .map_err(move |e| match e {
-                FlightError::ExternalError(inner) => {
-                    match inner.downcast::<datafusion::error::DataFusionError>() {
-                        Ok(df) => to_status(&station, Error::DataFusion(df)),
-                        Err(other) => Status::internal(format!("station '{station}': {other}")),
-                    }
+        let flight = railyard_net::flight_data::encode(
+            schema,
+            batches.map_err(|e| FlightError::ExternalError(Box::new(e))),
+        )
+        .map_err(move |e| match e {
+            FlightError::ExternalError(inner) => {
+                match inner.downcast::<datafusion::error::DataFusionError>() {
+                    Ok(df) => to_status(&station, Error::DataFusion(df)),
+                    Err(other) => Status::internal(format!("station '{station}': {other}")),
                 }
-                other => Status::internal(format!("station '{station}': {other}")),
-            });
+            }
+            other => Status::internal(format!("station '{station}': {other}")),
+        });
         Ok(Response::new(Box::pin(flight)))
     }
 

@@ -980,3 +980,60 @@ fn fuzz_bound_parameters_at_the_hub() {
     });
     runtime.block_on(federation.shutdown()).unwrap();
 }
+
+/// Bound parameters whose record batch claims more bytes than its body holds (arrow's reader
+/// would slice past the body and panic) are refused with INVALID_ARGUMENT, and the hub
+/// answers the same client afterwards.
+#[test]
+fn bound_parameters_cut_short_are_refused() {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow_flight::encode::FlightDataEncoderBuilder;
+    use arrow_flight::sql::CommandPreparedStatementQuery;
+
+    let (runtime, federation) = lung_federation();
+    let url = federation.hub_url.clone();
+    runtime.block_on(async {
+        let mut client = flight(&url).await;
+        let command = CommandPreparedStatementQuery {
+            prepared_statement_handle: "SELECT ? AS v0".as_bytes().to_vec().into(),
+        };
+        let descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+        let schema = Arc::new(Schema::new(vec![Field::new("p0", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1_i64; 64]))])
+            .expect("a batch");
+        let mut data: Vec<arrow_flight::FlightData> = FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(descriptor))
+            .build(futures::stream::iter([Ok(batch)]))
+            .try_collect()
+            .await
+            .expect("encodes");
+        let body = &mut data[1].data_body;
+        *body = body.slice(..body.len() / 2);
+        let status = match client.do_put(futures::stream::iter(data)).await {
+            Ok(put) => put
+                .into_inner()
+                .try_collect::<Vec<_>>()
+                .await
+                .expect_err("refused"),
+            Err(status) => status,
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("beyond its body"), "{status:?}");
+        let info = client
+            .get_flight_info(FlightDescriptor::new_cmd(
+                CommandStatementQuery {
+                    query: "SELECT count(*) FROM lung".into(),
+                    transaction_id: None,
+                }
+                .as_any()
+                .encode_to_vec(),
+            ))
+            .await
+            .expect("the hub answers afterwards");
+        assert_eq!(info.into_inner().endpoint.len(), 1);
+    });
+    runtime.block_on(federation.shutdown()).unwrap();
+}

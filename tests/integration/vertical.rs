@@ -338,10 +338,15 @@ struct Recorded {
 type Log = Arc<Mutex<Vec<Recorded>>>;
 type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// A station's Flight service that records every ticket and every message it sends.
+/// What a compromised station does to each message it sends.
+type Tamper = fn(FlightData) -> FlightData;
+
+/// A station's Flight service that records every ticket and every message it sends, each
+/// message first passed through `tamper` (a compromised station's).
 struct Recorder {
     inner: StationService,
     log: Log,
+    tamper: Tamper,
 }
 
 #[tonic::async_trait]
@@ -396,7 +401,9 @@ impl FlightService for Recorder {
             log.len() - 1
         };
         let log = Arc::clone(&self.log);
+        let tamper = self.tamper;
         let stream = self.inner.do_get(r).await?.into_inner().map(move |item| {
+            let item = item.map(tamper);
             if let Ok(data) = &item {
                 log.lock().unwrap()[at].data.push(data.clone());
             }
@@ -443,6 +450,15 @@ struct Members {
 }
 
 async fn recorded_members(fragment_timeout: std::time::Duration) -> Members {
+    recorded_members_tampered(fragment_timeout, |_| None).await
+}
+
+/// [`recorded_members`], each member's messages passed through `tamper(member)` (none: sent
+/// as the station sent them).
+async fn recorded_members_tampered(
+    fragment_timeout: std::time::Duration,
+    tamper: fn(&str) -> Option<Tamper>,
+) -> Members {
     let secret: Arc<[u8]> = Arc::from(vec![42u8; 32]);
     let dir = fixtures::audit_dir();
     let mut policy = Policy::load(&fixtures::repo().join("tests/policies/open.toml")).unwrap();
@@ -474,6 +490,7 @@ async fn recorded_members(fragment_timeout: std::time::Duration) -> Members {
         let service = FlightServiceServer::new(Recorder {
             inner: StationService::new(station),
             log: Arc::clone(&log),
+            tamper: tamper(m).unwrap_or(std::convert::identity),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -734,6 +751,36 @@ async fn a_station_without_the_collaboration_secret_refuses_to_pseudonymize() {
         .to_string();
     assert!(err.contains("rule collaboration_secret"), "{err}");
     assert!(station.run_fragment(&ticket).await.is_err());
+}
+
+/// A member whose answer is cut short (a record batch's body shorter than its buffers say,
+/// which arrow's own reader would slice past and panic on) fails the query with an error
+/// naming it, and the hub answers the next query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_sends_a_short_batch_is_named() {
+    fn cut(mut data: FlightData) -> FlightData {
+        if !data.data_body.is_empty() {
+            data.data_body = data.data_body.slice(..data.data_body.len() / 2);
+        }
+        data
+    }
+    let Members {
+        hub,
+        servers: _servers,
+        ..
+    } = recorded_members_tampered(std::time::Duration::from_secs(60), |m| {
+        (m == "station_b").then_some(cut as Tamper)
+    })
+    .await;
+    for _ in 0..2 {
+        let err = hub
+            .collect("SELECT count(*) FROM breast", "r")
+            .await
+            .expect_err("a short answer fails the query")
+            .to_string();
+        assert!(err.contains("station_b"), "{err}");
+        assert!(err.contains("beyond its body"), "{err}");
+    }
 }
 
 /// A member that stops answering is named in the error: the join station gives its members
