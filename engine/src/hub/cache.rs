@@ -14,14 +14,16 @@
 //! every operator's run state reset, for each run. A hub is rebuilt when its stations
 //! announce something new, and its cache with it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
 use datafusion::sql::parser::Statement as DfStatement;
 
+use super::Planned;
 use crate::exec::FragmentExec;
 
 /// Distinct statements whose plans a hub keeps; past it the cache starts over.
@@ -119,6 +121,70 @@ impl ParseCache {
     }
 }
 
+/// Plans made to answer a prepare, kept for the run that follows it. A Flight SQL client
+/// (ADBC, JDBC) prepares every statement it executes and asks for its `FlightInfo` at once:
+/// the hub planned the same text for the same researcher twice, and for a DP query or a
+/// train asked every station to check it twice. [`Hub::plan`](super::Hub::plan) takes the
+/// prepare's plan instead: a plan is taken at most once, by the researcher it was planned
+/// for, for the same text, within [`PREPARED_FOR`] of its planning; a later run plans
+/// again. At most [`PREPARED_PLANS`] wait; the oldest goes first.
+#[derive(Default)]
+pub(super) struct PreparedPlans {
+    waiting: Mutex<VecDeque<Waiting>>,
+}
+
+struct Waiting {
+    researcher: String,
+    sql: String,
+    at: Instant,
+    planned: Planned,
+}
+
+/// How long a prepare's plan waits for its run. ADBC asks within a round trip; the limit
+/// bounds how old the moment is at which a plan folded `now()`.
+pub(super) const PREPARED_FOR: Duration = Duration::from_secs(2);
+/// The most plans that wait at once.
+pub(super) const PREPARED_PLANS: usize = 64;
+
+impl PreparedPlans {
+    /// Keeps the plan `planned` that `researcher`'s prepare of `sql` made.
+    pub(super) fn keep(&self, researcher: &str, sql: &str, planned: Planned) {
+        self.keep_at(researcher, sql, planned, Instant::now());
+    }
+
+    fn keep_at(&self, researcher: &str, sql: &str, planned: Planned, now: Instant) {
+        if sql.len() > PARSED_TEXT_BYTES {
+            return;
+        }
+        // The lock guards queue operations only; after a panic the queue is still valid.
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.retain(|w| now.saturating_duration_since(w.at) < PREPARED_FOR);
+        if waiting.len() >= PREPARED_PLANS {
+            waiting.pop_front();
+        }
+        waiting.push_back(Waiting {
+            researcher: researcher.to_string(),
+            sql: sql.to_string(),
+            at: now,
+            planned,
+        });
+    }
+
+    /// The plan `researcher`'s prepare of `sql` made, if it waits still; taken.
+    pub(super) fn take(&self, researcher: &str, sql: &str) -> Option<Planned> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        waiting.retain(|w| now.saturating_duration_since(w.at) < PREPARED_FOR);
+        let i = waiting
+            .iter()
+            .position(|w| w.researcher == researcher && w.sql == sql)?;
+        waiting.remove(i).map(|w| w.planned)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +227,60 @@ mod tests {
         assert!(kept <= PARSED_BYTES, "{kept} bytes kept");
         assert!(cache.get(texts.last().unwrap()).is_some());
         assert!(cache.get(sql).is_none(), "the cache started over");
+    }
+
+    /// A plan distinguishable by its one-column schema's name.
+    fn plan_named(name: &str) -> Planned {
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new(name, arrow::datatypes::DataType::Int64, true),
+        ]));
+        Planned::Batches(schema, Vec::new())
+    }
+
+    fn name_of(planned: Option<Planned>) -> Option<String> {
+        planned.map(|p| p.schema().field(0).name().clone())
+    }
+
+    /// A prepare's plan goes to the same researcher's run of the same text, once; never to
+    /// another researcher (whose query would run, be audited and charged, as the first's).
+    #[test]
+    fn a_prepared_plan_is_taken_once_by_its_researcher() {
+        let prepared = PreparedPlans::default();
+        prepared.keep("ann", "SELECT 1", plan_named("ann's"));
+        prepared.keep("bob", "SELECT 1", plan_named("bob's"));
+        assert_eq!(name_of(prepared.take("carol", "SELECT 1")), None);
+        assert_eq!(name_of(prepared.take("ann", "SELECT  1")), None);
+        assert_eq!(
+            name_of(prepared.take("bob", "SELECT 1")).as_deref(),
+            Some("bob's")
+        );
+        assert_eq!(
+            name_of(prepared.take("ann", "SELECT 1")).as_deref(),
+            Some("ann's")
+        );
+        assert_eq!(name_of(prepared.take("ann", "SELECT 1")), None);
+    }
+
+    /// A plan waits at most `PREPARED_FOR`, and past `PREPARED_PLANS` the oldest goes.
+    #[test]
+    fn prepared_plans_wait_within_bounds() {
+        let prepared = PreparedPlans::default();
+        let long_ago = Instant::now()
+            .checked_sub(PREPARED_FOR + Duration::from_millis(1))
+            .expect("the clock is past PREPARED_FOR");
+        prepared.keep_at("ann", "SELECT 1", plan_named("stale"), long_ago);
+        assert_eq!(name_of(prepared.take("ann", "SELECT 1")), None);
+        for i in 0..=PREPARED_PLANS {
+            prepared.keep("ann", &format!("SELECT {i}"), plan_named(&i.to_string()));
+        }
+        assert_eq!(name_of(prepared.take("ann", "SELECT 0")), None);
+        for i in 1..=PREPARED_PLANS {
+            let sql = format!("SELECT {i}");
+            assert_eq!(name_of(prepared.take("ann", &sql)), Some(i.to_string()));
+        }
+        // Texts longer than the parse cache keeps are not kept either.
+        let long = format!("SELECT 1 -- {}", "x".repeat(PARSED_TEXT_BYTES));
+        prepared.keep("ann", &long, plan_named("long"));
+        assert_eq!(name_of(prepared.take("ann", &long)), None);
     }
 }

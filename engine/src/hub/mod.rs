@@ -335,6 +335,8 @@ pub struct Hub {
     plans: cache::PlanCache,
     /// Statements parsed, by their text.
     parsed: cache::ParseCache,
+    /// Plans prepares made, waiting for their runs.
+    prepared: cache::PreparedPlans,
 }
 
 impl Hub {
@@ -520,6 +522,7 @@ impl Hub {
             announced,
             plans: Default::default(),
             parsed: Default::default(),
+            prepared: Default::default(),
         })
     }
 
@@ -573,6 +576,9 @@ impl Hub {
     /// plan's fragments afterwards.
     pub async fn plan(&self, sql: &str, researcher: &str) -> Result<Planned> {
         self.within_rate(researcher)?;
+        if let Some(planned) = self.prepared.take(researcher, sql) {
+            return Ok(planned);
+        }
         let (mut statement, explain_federated) = self.parse(sql)?;
         let parameters = params::number_placeholders(&mut statement)?;
         if parameters > 0 {
@@ -890,7 +896,10 @@ impl Hub {
         let planned = self
             .plan_parsed(statement, calls, explain_federated, researcher)
             .await?;
-        Ok((planned.schema(), no_parameters))
+        let schema = planned.schema();
+        // A client runs what it prepared at once: the run takes this plan (see `cache`).
+        self.prepared.keep(researcher, sql, planned);
+        Ok((schema, no_parameters))
     }
 
     /// The statement `sql` (prepared with parameters) with `values` (one row, a column per
