@@ -10,8 +10,9 @@
 //! its stations' answers with [`Decoder`], which decodes a schema message it has seen before
 //! (the same bytes) to the schema it decoded then, without reading and verifying it again.
 //!
-//! A schema holds column names and types, never a data value; nothing kept here depends on
-//! who asked or what the rows were.
+//! A schema holds column names, types and metadata (at most a station's count of the groups
+//! it withheld, which that answer releases), never a row's value; what is kept here is
+//! only ever used to send or read the very same schema again.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -97,13 +98,10 @@ where
             .build(batches)
             .boxed();
     }
-    let first = match schema_messages(&schema) {
-        Ok(messages) => Ok(FlightData {
-            data_header: messages.header.clone(),
-            ..Default::default()
-        }),
-        Err(e) => Err(e),
-    };
+    let first = schema_messages(&schema).map(|messages| FlightData {
+        data_header: messages.header.clone(),
+        ..Default::default()
+    });
     Encoder {
         batches: batches.boxed(),
         schema,
