@@ -47,18 +47,52 @@ pub struct SchemaMessages {
 const MAX_SCHEMAS: usize = 256;
 const MAX_BYTES: usize = 4 << 20;
 
-#[derive(Default)]
-struct Kept {
-    by_schema: HashMap<Arc<Schema>, Arc<SchemaMessages>>,
+/// A map that keeps at most [`MAX_SCHEMAS`] entries and [`MAX_BYTES`] of their bytes, and
+/// then starts over; one entry larger than a sixteenth of that is not kept.
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
     bytes: usize,
 }
 
-static KEPT: LazyLock<Mutex<Kept>> = LazyLock::new(Mutex::default);
+impl<K: std::hash::Hash + Eq, V> Default for Bounded<K, V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> Bounded<K, V> {
+    fn insert(&mut self, key: K, value: V, size: usize) {
+        if size > MAX_BYTES / 16 {
+            return;
+        }
+        if self.map.len() >= MAX_SCHEMAS || self.bytes + size > MAX_BYTES {
+            *self = Self::default();
+        }
+        self.bytes += size;
+        self.map.insert(key, value);
+    }
+}
+
+/// The schemas' messages, by schema, and the schemas decoded from stations' schema
+/// messages, by the message's bytes. Each holds only complete entries once inserted: a
+/// panic elsewhere while one was locked leaves nothing half-written.
+static KEPT: LazyLock<Mutex<Bounded<Arc<Schema>, Arc<SchemaMessages>>>> =
+    LazyLock::new(Mutex::default);
+static DECODED: LazyLock<Mutex<Bounded<Bytes, SchemaRef>>> = LazyLock::new(Mutex::default);
+
+fn lock<T>(cache: &'static Mutex<T>) -> std::sync::MutexGuard<'static, T> {
+    cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// The Flight messages of `schema` (IPC write options: the defaults, as arrow-flight's),
 /// built on first use and then kept.
 pub fn schema_messages(schema: &Schema) -> Result<Arc<SchemaMessages>> {
-    if let Some(kept) = lock().by_schema.get(schema) {
+    if let Some(kept) = lock(&KEPT).map.get(schema) {
         return Ok(kept.clone());
     }
     let options = IpcWriteOptions::default();
@@ -66,22 +100,8 @@ pub fn schema_messages(schema: &Schema) -> Result<Arc<SchemaMessages>> {
     let IpcMessage(ipc) = SchemaAsIpc::new(schema, &options).try_into()?;
     let messages = Arc::new(SchemaMessages { header, ipc });
     let size = messages.header.len() + messages.ipc.len();
-    if size <= MAX_BYTES / 16 {
-        let mut kept = lock();
-        if kept.by_schema.len() >= MAX_SCHEMAS || kept.bytes + size > MAX_BYTES {
-            *kept = Kept::default();
-        }
-        kept.bytes += size;
-        kept.by_schema
-            .insert(Arc::new(schema.clone()), messages.clone());
-    }
+    lock(&KEPT).insert(Arc::new(schema.clone()), messages.clone(), size);
     Ok(messages)
-}
-
-/// The cache holds only encoded schemas, each complete once inserted: a panic elsewhere
-/// while it was locked leaves nothing half-written.
-fn lock() -> std::sync::MutexGuard<'static, Kept> {
-    KEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `batches` of `schema` as a Flight stream: the schema's message, then each batch's (a
@@ -256,36 +276,15 @@ pub fn check_body(data: FlightData) -> Result<FlightData> {
     }
 }
 
-/// Schemas decoded from stations' schema messages, by the message's bytes.
-#[derive(Default)]
-struct Decoded {
-    by_header: HashMap<Bytes, SchemaRef>,
-    bytes: usize,
-}
-
-static DECODED: LazyLock<Mutex<Decoded>> = LazyLock::new(Mutex::default);
-
-fn decoded() -> std::sync::MutexGuard<'static, Decoded> {
-    DECODED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The schema a schema message's `header` decodes to: verified and decoded the first time,
-/// looked up by the same bytes after that (decoding is a function of the bytes alone).
-fn decode_schema(header: &Bytes) -> Result<SchemaRef> {
-    let schema = Arc::new(
-        arrow::ipc::convert::try_schema_from_flatbuffer_bytes(header)
-            .map_err(|e| FlightError::DecodeError(format!("Error decoding schema: {e}")))?,
-    );
-    if header.len() <= MAX_BYTES / 16 {
-        let mut kept = decoded();
-        if kept.by_header.len() >= MAX_SCHEMAS || kept.bytes + header.len() > MAX_BYTES {
-            *kept = Decoded::default();
-        }
-        kept.bytes += header.len();
-        kept.by_header.insert(header.clone(), schema.clone());
-    }
+/// The schema a schema message decodes to, from the message `header` already verified as
+/// `message`; kept by the header's bytes, so that the same bytes are not read again
+/// (decoding is a function of the bytes alone).
+fn decode_schema(header: &Bytes, message: arrow::ipc::Message<'_>) -> Result<SchemaRef> {
+    let decoded = message
+        .header_as_schema()
+        .ok_or_else(|| FlightError::DecodeError("Error decoding schema: no schema".to_string()))?;
+    let schema = Arc::new(arrow::ipc::convert::fb_to_schema(decoded));
+    lock(&DECODED).insert(header.clone(), schema.clone(), header.len());
     Ok(schema)
 }
 
@@ -320,7 +319,7 @@ where
     fn read(&mut self, data: FlightData) -> Result<Option<RecordBatch>> {
         use arrow::ipc::MessageHeader;
         if self.schema.is_none()
-            && let Some(schema) = decoded().by_header.get(&data.data_header)
+            && let Some(schema) = lock(&DECODED).map.get(&data.data_header)
         {
             self.schema = Some(schema.clone());
             return Ok(None);
@@ -333,7 +332,7 @@ where
                 "Unexpectedly saw multiple Schema messages in FlightData stream",
             )),
             MessageHeader::Schema => {
-                self.schema = Some(decode_schema(&data.data_header)?);
+                self.schema = Some(decode_schema(&data.data_header, message)?);
                 Ok(None)
             }
             MessageHeader::RecordBatch => {
