@@ -234,6 +234,32 @@ impl FederatedCatalog {
                         "station '{station}' announced table '{table}' twice"
                     )));
                 }
+                // A column is non-nullable for the federation only if it is at every
+                // station: the hub's optimizer folds `x IS NULL` to false for a
+                // non-nullable `x`, and the planner counts rows for `count(x)`.
+                if existing
+                    .fields()
+                    .iter()
+                    .zip(schema.fields())
+                    .any(|(a, b)| !a.is_nullable() && b.is_nullable())
+                {
+                    let fields: Vec<_> = existing
+                        .fields()
+                        .iter()
+                        .zip(schema.fields())
+                        .map(|(a, b)| {
+                            Arc::new(
+                                a.as_ref()
+                                    .clone()
+                                    .with_nullable(a.is_nullable() || b.is_nullable()),
+                            )
+                        })
+                        .collect();
+                    *existing = Arc::new(arrow::datatypes::Schema::new_with_metadata(
+                        fields,
+                        existing.metadata().clone(),
+                    ));
+                }
                 stations.push(station.to_string());
                 stations.sort();
             }

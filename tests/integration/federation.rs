@@ -127,6 +127,94 @@ async fn an_avg_beside_a_sum_of_its_argument_shares_the_stations_sum() {
     federation.shutdown().await.unwrap();
 }
 
+/// Writes `dir/<station>.parquet` with one Float64 column `dose`, declared non-nullable
+/// when `values` holds no NULL and `nullable` is false.
+fn write_doses(dir: &std::path::Path, station: &str, values: &[Option<f64>], nullable: bool) {
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("dose", DataType::Float64, nullable),
+    ]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(arrow::array::Float64Array::from(values.to_vec()))],
+    )
+    .unwrap();
+    let file = std::fs::File::create(dir.join(format!("{station}.parquet"))).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+/// A column is non-nullable for the hub only when every station announces it so: when one
+/// station's `x` holds NULLs, `x IS NULL` is not folded away and its rows are accepted.
+/// Every answer is checked against DataFusion over the pooled files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_is_never_null_only_if_no_station_says_it_may_be() {
+    let dense = tempfile::tempdir().unwrap();
+    let sparse = tempfile::tempdir().unwrap();
+    write_doses(
+        dense.path(),
+        "hospital_1",
+        &[Some(1.0), Some(2.0), Some(4.0)],
+        false,
+    );
+    write_doses(dense.path(), "hospital_2", &[Some(8.0), Some(16.5)], false);
+    // The first station announces `dose` as never NULL; the second holds a NULL. Either
+    // may be the one the hub hears first.
+    write_doses(
+        sparse.path(),
+        "hospital_1",
+        &[Some(1.0), Some(2.0), Some(4.0)],
+        false,
+    );
+    write_doses(
+        sparse.path(),
+        "hospital_2",
+        &[Some(8.0), None, Some(16.5)],
+        true,
+    );
+    let federation = fixtures::federation(
+        &[
+            spec("dense", dense.path().to_path_buf()),
+            spec("sparse", sparse.path().to_path_buf()),
+        ],
+        HubOptions::default(),
+    )
+    .await;
+    let pooled = datafusion::prelude::SessionContext::new();
+    for (name, dir) in [("dense", dense.path()), ("sparse", sparse.path())] {
+        pooled
+            .register_parquet(
+                name,
+                format!("{}/", fixtures::path(dir)),
+                datafusion::prelude::ParquetReadOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let as_text = |batches: &[RecordBatch]| {
+        arrow::util::pretty::pretty_format_batches(batches)
+            .unwrap()
+            .to_string()
+    };
+    for sql in [
+        "SELECT sum(dose) AS s, avg(dose) AS a, count(*) AS n FROM dense",
+        "SELECT sum(dose) AS s, avg(dose) AS a, count(*) AS n FROM sparse",
+        "SELECT avg(dose) AS a, count(dose) AS d, count(*) AS n FROM sparse",
+        "SELECT count(*) AS n FROM sparse WHERE dose IS NULL",
+        "SELECT count(*) AS n FROM sparse WHERE dose IS NOT NULL",
+        "SELECT dose FROM sparse ORDER BY dose NULLS FIRST",
+    ] {
+        let got = client
+            .query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let want = pooled.sql(sql).await.unwrap().collect().await.unwrap();
+        assert_eq!(as_text(&got.batches), as_text(&want), "{sql}");
+    }
+    federation.shutdown().await.unwrap();
+}
+
 /// Sends a fragment straight to a station, as the hub would, and returns its batches.
 async fn run_at_station(url: &str, sql: &str) -> Vec<RecordBatch> {
     fixtures::run_at_station(url, sql)
