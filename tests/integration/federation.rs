@@ -144,9 +144,11 @@ fn write_doses(dir: &std::path::Path, station: &str, values: &[Option<f64>], nul
     writer.close().unwrap();
 }
 
-/// A column is non-nullable for the hub only when every station announces it so: when one
-/// station's `x` holds NULLs, `x IS NULL` is not folded away and its rows are accepted.
-/// Every answer is checked against DataFusion over the pooled files.
+/// A column is non-nullable for the hub only when every station announces it so. When
+/// all do, `avg(x)` beside `sum(x)` counts its rows with `count(*)`'s state (one count at
+/// the stations, not two); when one station's `x` holds NULLs, `count(x)` is its own, and
+/// `x IS NULL` is not folded away. Every answer is checked against DataFusion over the
+/// pooled files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_is_never_null_only_if_no_station_says_it_may_be() {
     let dense = tempfile::tempdir().unwrap();
@@ -192,6 +194,22 @@ async fn a_column_is_never_null_only_if_no_station_says_it_may_be() {
             .unwrap();
     }
     let mut client = HubClient::connect(&federation.hub_url).await.unwrap();
+    let counts = |table: &str| {
+        format!("EXPLAIN FEDERATED SELECT sum(dose), avg(dose), count(*) FROM {table}")
+    };
+    for (table, want) in [("dense", 1), ("sparse", 2)] {
+        let rows = explain_rows(&client.query(&counts(table)).await.unwrap().batches);
+        let fragment = &rows
+            .iter()
+            .find(|r| r[0] == "hospital_1")
+            .expect("a fragment")[2];
+        assert_eq!(
+            fragment.matches("partial_count(").count(),
+            want,
+            "{table}: {fragment}"
+        );
+        assert!(!fragment.contains("partial_avg("), "{fragment}");
+    }
     let as_text = |batches: &[RecordBatch]| {
         arrow::util::pretty::pretty_format_batches(batches)
             .unwrap()

@@ -255,14 +255,33 @@ impl AggregateSplit {
             }) else {
                 continue;
             };
-            let existing = (0..self.partials.len()).find(|&k| {
-                !dropped[k]
-                    && plain_call(&self.originals[k], "count") == Some((args, filter))
-                    && matches!(
-                        state_children(&self.state_types[k]).as_slice(),
-                        [DataType::Int64]
-                    )
-            });
+            let count_state = |k: usize| {
+                matches!(
+                    state_children(&self.state_types[k]).as_slice(),
+                    [DataType::Int64]
+                )
+            };
+            // A count of the same argument; or, when the argument is never NULL (as every
+            // station announces it), any count whose arguments are never NULL either, such
+            // as `count(*)`: both count the group's rows that pass the FILTER.
+            let rows_only = |k: usize| self.arg_fields[k].iter().all(|f| !f.is_nullable());
+            let existing = (0..self.partials.len())
+                .find(|&k| {
+                    !dropped[k]
+                        && plain_call(&self.originals[k], "count") == Some((args, filter))
+                        && count_state(k)
+                })
+                .or_else(|| {
+                    rows_only(avg).then(|| {
+                        (0..self.partials.len()).find(|&k| {
+                            !dropped[k]
+                                && plain_call(&self.originals[k], "count")
+                                    .is_some_and(|(_, f)| f == filter)
+                                && rows_only(k)
+                                && count_state(k)
+                        })
+                    })?
+                });
             let (args, filter) = (args.to_vec(), filter.cloned().map(Box::new));
             let count = match existing {
                 Some(k) => k,
