@@ -5,6 +5,7 @@ the targets of issue 24.
     .venv/bin/python benches/adbc.py            # everything (about 10 minutes on 2 cores)
     .venv/bin/python benches/adbc.py latency    # or some of: latency throughput stations
                                                 #   tpch glm
+    RAILYARD_BASELINE=DIR .venv/bin/python benches/adbc.py compare   # A/B against DIR's build
 
 Every figure comes from this run, on this machine, with the release build:
 - floor: the same ADBC calls against src/bin/flight_sql_floor.rs, a Flight SQL server
@@ -29,9 +30,15 @@ Every figure comes from this run, on this machine, with the release build:
   same model asked again is answered from plans the hub and the stations kept; a model not
   fitted before (another filter text each time) is planned afresh in its first round, and
   each station binds the later rounds' coefficients into that round's plan.
+- compare (only when asked for, with RAILYARD_BASELINE set): an A/B of two builds in one
+  run. Both builds' `railyard local` run at once, and the small queries above go to one and
+  then the other in short alternating blocks, so that a slower stretch of the machine falls
+  on both alike. Prints each build's p50 and the ratio of the two, with the spread of the
+  per-block ratios (their quartiles).
 
 Environment: RAILYARD_RELEASE (default target/release), RAILYARD_BENCH_RUNS (timed runs per
-latency figure, default 300), RAILYARD_BENCH_DIR (keep generated data here).
+latency figure, default 300), RAILYARD_BENCH_DIR (keep generated data here),
+RAILYARD_BASELINE (for compare: the directory holding the other build's `railyard`).
 """
 
 import os
@@ -59,8 +66,8 @@ RUNS = int(os.environ.get("RAILYARD_BENCH_RUNS", "300"))
 AGGREGATE = "SELECT sex, count(*), avg(age) FROM lung GROUP BY sex"
 
 
-def binary(name):
-    path = RELEASE / name
+def binary(name, release=None):
+    path = (release or RELEASE) / name
     if not path.exists():
         sys.exit(f"{path} is missing: cargo build --release --bin railyard --bin flight_sql_floor")
     return path
@@ -102,8 +109,8 @@ class Server:
         return mine, other
 
 
-def local(tmp, tables, policy=None, extra=()):
-    args = [binary("railyard"), "local", "--listen", "127.0.0.1:0", "--data-dir", tmp]
+def local(tmp, tables, policy=None, extra=(), release=None):
+    args = [binary("railyard", release), "local", "--listen", "127.0.0.1:0", "--data-dir", tmp]
     for name, path in tables:
         args += ["--table", f"{name}={path}"]
     if policy:
@@ -390,6 +397,48 @@ def section_glm(tmp, runs=50):
     row("with 50 ms round trip per station: rounds x 50 ms", f"{rounds * 50:8.0f} ms", "target <= 10 rounds (500 ms)")
 
 
+def section_compare(tmp, blocks=20, block=10):
+    baseline = os.environ.get("RAILYARD_BASELINE")
+    if not baseline:
+        sys.exit("compare needs RAILYARD_BASELINE: the directory of the build to compare against")
+    baseline = pathlib.Path(baseline)
+    if baseline.resolve() == RELEASE.resolve():
+        sys.exit(f"RAILYARD_BASELINE and RAILYARD_RELEASE are the same directory ({RELEASE})")
+    print(f"\n== compare: {RELEASE} (new) against {baseline} (baseline), {blocks} alternating blocks of {block} runs; p50 each, ratio new / baseline (quartiles of the per-block ratios)")
+    tables = [("lung", DATA / "lung" / "horizontal" / "csv"),
+              ("breast_cancer", DATA / "breast_cancer" / "horizontal" / "parquet")]
+    hubs = {"baseline": local(tmp / "cmp-base", tables, release=baseline), "new": local(tmp / "cmp-new", tables)}
+    figures = [("SELECT 1, reused cursor", "SELECT 1", False), ("SELECT 1, new cursor", "SELECT 1", True),
+               (f"{AGGREGATE[:22]}…, reused cursor", AGGREGATE, False), (f"{AGGREGATE[:22]}…, new cursor", AGGREGATE, True),
+               ("binomial GLM, repeated fit", GLM, False)]
+    try:
+        conns = {k: flightsql.connect(h.url) for k, h in hubs.items()}
+        try:
+            for label, sql, new in figures:
+                samples = {"baseline": [], "new": []}
+                ratios = []
+                for k in conns:
+                    timed(conns[k], sql, 0, new, warmup=20)
+                for b in range(blocks):
+                    # ABBA order: neither build always runs right after the other.
+                    order = ("baseline", "new") if b % 2 == 0 else ("new", "baseline")
+                    got = {k: timed(conns[k], sql, block, new, warmup=0) for k in order}
+                    for k in order:
+                        samples[k] += got[k]
+                    ratios.append(pct(got["new"], .5) / pct(got["baseline"], .5))
+                for k in samples:
+                    samples[k].sort()
+                ratios.sort()
+                a, b = pct(samples["baseline"], .5), pct(samples["new"], .5)
+                row(label, f"{ms(a)} -> {ms(b)}", f"{b / a:.3f}x ({pct(ratios, .25):.3f}-{pct(ratios, .75):.3f})")
+        finally:
+            for c in conns.values():
+                c.close()
+    finally:
+        for h in hubs.values():
+            h.stop()
+
+
 SECTIONS = {
     "latency": section_latency,
     "throughput": section_throughput,
@@ -397,17 +446,20 @@ SECTIONS = {
     "tpch": section_tpch,
     "glm": section_glm,
 }
+# Sections that run only when named.
+ON_REQUEST = {"compare": section_compare}
 
 
 def main():
     chosen = sys.argv[1:] or list(SECTIONS)
-    unknown = [c for c in chosen if c not in SECTIONS]
+    every = {**SECTIONS, **ON_REQUEST}
+    unknown = [c for c in chosen if c not in every]
     if unknown:
-        sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        sys.exit(f"unknown section(s) {unknown}; choose from {list(every)}")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="railyard-bench-"))
     try:
         for name in chosen:
-            SECTIONS[name](tmp)
+            every[name](tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
