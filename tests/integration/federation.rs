@@ -145,10 +145,11 @@ fn write_doses(dir: &std::path::Path, station: &str, values: &[Option<f64>], nul
 }
 
 /// A column is non-nullable for the hub only when every station announces it so. When
-/// all do, `avg(x)` beside `sum(x)` counts its rows with `count(*)`'s state (one count at
-/// the stations, not two); when one station's `x` holds NULLs, `count(x)` is its own, and
-/// `x IS NULL` is not folded away. Every answer is checked against DataFusion over the
-/// pooled files.
+/// all do, the stations keep one count of a group's rows for every call that needs it:
+/// `avg(x)` beside `sum(x)` reads `count(*)`'s state, and `count(*)` the count in an avg's
+/// state. When one station's `x` holds NULLs, `count(x)` is its own, `x IS NULL` is not
+/// folded away, and its rows are accepted. Every answer is checked against DataFusion over
+/// the pooled files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_is_never_null_only_if_no_station_says_it_may_be() {
     let dense = tempfile::tempdir().unwrap();
@@ -197,18 +198,44 @@ async fn a_column_is_never_null_only_if_no_station_says_it_may_be() {
     let counts = |table: &str| {
         format!("EXPLAIN FEDERATED SELECT sum(dose), avg(dose), count(*) FROM {table}")
     };
-    for (table, want) in [("dense", 1), ("sparse", 2)] {
-        let rows = explain_rows(&client.query(&counts(table)).await.unwrap().batches);
+    // (query, partial counts, partial avgs at a station)
+    for (sql, counts, avgs) in [
+        (counts("dense"), 1, 0),
+        (counts("sparse"), 2, 0),
+        // count(*) reads the count in avg's state.
+        (
+            "EXPLAIN FEDERATED SELECT avg(dose), count(*) FROM dense".into(),
+            0,
+            1,
+        ),
+        (
+            "EXPLAIN FEDERATED SELECT avg(dose), count(*) FROM sparse".into(),
+            1,
+            1,
+        ),
+        // avg(dose) reads sum(dose) and the count of avg(dose * 2), as count(*) does.
+        (
+            "EXPLAIN FEDERATED SELECT sum(dose), avg(dose), avg(dose * 2), count(*) FROM dense"
+                .into(),
+            0,
+            1,
+        ),
+    ] {
+        let rows = explain_rows(&client.query(&sql).await.unwrap().batches);
         let fragment = &rows
             .iter()
             .find(|r| r[0] == "hospital_1")
             .expect("a fragment")[2];
         assert_eq!(
             fragment.matches("partial_count(").count(),
-            want,
-            "{table}: {fragment}"
+            counts,
+            "{sql}: {fragment}"
         );
-        assert!(!fragment.contains("partial_avg("), "{fragment}");
+        assert_eq!(
+            fragment.matches("partial_avg(").count(),
+            avgs,
+            "{sql}: {fragment}"
+        );
     }
     let as_text = |batches: &[RecordBatch]| {
         arrow::util::pretty::pretty_format_batches(batches)
@@ -219,6 +246,13 @@ async fn a_column_is_never_null_only_if_no_station_says_it_may_be() {
         "SELECT sum(dose) AS s, avg(dose) AS a, count(*) AS n FROM dense",
         "SELECT sum(dose) AS s, avg(dose) AS a, count(*) AS n FROM sparse",
         "SELECT avg(dose) AS a, count(dose) AS d, count(*) AS n FROM sparse",
+        "SELECT avg(dose) AS a, count(*) AS n FROM dense",
+        "SELECT avg(dose) AS a, count(*) AS n FROM sparse",
+        "SELECT sum(dose) AS s, avg(dose) AS a, avg(dose * 2) AS b, count(*) AS n FROM dense",
+        // A group where no row passes the FILTER: a count of 0 and a NULL average.
+        "SELECT dose > 3 AS big, avg(dose) FILTER (WHERE dose > 2) AS a, \
+         count(*) FILTER (WHERE dose > 2) AS n, count(*) AS rows FROM dense \
+         GROUP BY dose > 3 ORDER BY big",
         "SELECT count(*) AS n FROM sparse WHERE dose IS NULL",
         "SELECT count(*) AS n FROM sparse WHERE dose IS NOT NULL",
         "SELECT dose FROM sparse ORDER BY dose NULLS FIRST",

@@ -50,6 +50,9 @@ pub(super) enum StateInput {
         count_type: DataType,
         sum_type: DataType,
     },
+    /// A count of the group's rows (`count(*)`, or a count of never-NULL arguments) read
+    /// from the count in the state of `avg` over never-NULL arguments, of the same FILTER.
+    Rows { avg: usize },
 }
 
 impl StateInput {
@@ -74,6 +77,22 @@ impl StateInput {
                     nullif(cast(first(*count), count_type.clone()), lit(0u64)),
                     lit("s1"),
                     cast(first(*sum), sum_type.clone()),
+                ])
+            }
+            // avg's count is a `UInt64`, count's state an `Int64` (a count of rows is far
+            // below 2^63); avg's state marks a group where no row passed the FILTER with a
+            // NULL count, which counts 0.
+            // (A CASE, not `coalesce`: the hub's merge is planned after the simplifier that
+            // rewrites `coalesce` ran.)
+            StateInput::Rows { avg } => {
+                let count = cast(get_field(state(*avg), "s0"), DataType::Int64);
+                named_struct(vec![
+                    lit("s0"),
+                    Expr::Case(datafusion::logical_expr::Case::new(
+                        None,
+                        vec![(Box::new(count.clone().is_null()), Box::new(lit(0i64)))],
+                        Some(Box::new(count)),
+                    )),
                 ])
             }
         }
@@ -230,8 +249,16 @@ impl AggregateSplit {
     /// the stations then add `x` up once. The merge is avg's own (`merge_batch` of avg's
     /// accumulator over the state it would have sent), so the answer is unchanged; a count
     /// of the argument is what avg counts, and a sum over the same rows is what it adds.
+    ///
+    /// Where an argument is never NULL (as every station announces it), counting it counts
+    /// the group's rows that pass the call's FILTER. Every state that holds that number
+    /// serves every call that needs it: the count of another never-NULL argument or
+    /// `count(*)`, and the count inside the state of an `avg` of a never-NULL argument that
+    /// keeps its own partial. So such an `avg` also gives its count to a `count(*)` of the
+    /// same FILTER, whose partial the stations then do not compute.
     fn share_avg_sums(&mut self) -> Result<()> {
-        let mut dropped = vec![false; self.partials.len()];
+        // The avg calls that can read a sum's state, with the types of avg's own state.
+        let mut sharing = Vec::new();
         for j in 0..self.merges.len() {
             let StateInput::Partial(avg) = self.merges[j].input else {
                 continue;
@@ -249,41 +276,33 @@ impl AggregateSplit {
                 _ => continue,
             };
             let Some(sum) = (0..self.partials.len()).find(|&k| {
-                !dropped[k]
-                    && plain_call(&self.originals[k], "sum") == Some((args, filter))
+                plain_call(&self.originals[k], "sum") == Some((args, filter))
                     && matches!(state_children(&self.state_types[k]).as_slice(), [t] if widens(t, &sum_type))
             }) else {
                 continue;
             };
-            let count_state = |k: usize| {
-                matches!(
-                    state_children(&self.state_types[k]).as_slice(),
-                    [DataType::Int64]
-                )
+            sharing.push((j, avg, sum, count_type, sum_type));
+        }
+        let mut dropped = vec![false; self.partials.len()];
+        for &(_, avg, ..) in &sharing {
+            dropped[avg] = true;
+        }
+        for (j, avg, sum, count_type, sum_type) in sharing {
+            let (args, filter) = plain_call(&self.originals[avg], "avg")
+                .map(|(a, f)| (a.to_vec(), f.cloned()))
+                .expect("an avg call, found above");
+            let same_args = (0..self.partials.len()).find(|&k| {
+                plain_call(&self.originals[k], "count") == Some((&args, filter.as_ref()))
+                    && self.count_state(k)
+            });
+            let count = if self.never_null(avg) {
+                self.avg_rows(filter.as_ref(), &dropped)
+                    .or(same_args)
+                    .or_else(|| self.count_rows(filter.as_ref()))
+            } else {
+                same_args
             };
-            // A count of the same argument; or, when the argument is never NULL (as every
-            // station announces it), any count whose arguments are never NULL either, such
-            // as `count(*)`: both count the group's rows that pass the FILTER.
-            let rows_only = |k: usize| self.arg_fields[k].iter().all(|f| !f.is_nullable());
-            let existing = (0..self.partials.len())
-                .find(|&k| {
-                    !dropped[k]
-                        && plain_call(&self.originals[k], "count") == Some((args, filter))
-                        && count_state(k)
-                })
-                .or_else(|| {
-                    rows_only(avg).then(|| {
-                        (0..self.partials.len()).find(|&k| {
-                            !dropped[k]
-                                && plain_call(&self.originals[k], "count")
-                                    .is_some_and(|(_, f)| f == filter)
-                                && rows_only(k)
-                                && count_state(k)
-                        })
-                    })?
-                });
-            let (args, filter) = (args.to_vec(), filter.cloned().map(Box::new));
-            let count = match existing {
+            let count = match count {
                 Some(k) => k,
                 None => {
                     let count_udf = count_udaf();
@@ -296,8 +315,10 @@ impl AggregateSplit {
                         )?);
                     if !matches!(state_children(&state).as_slice(), [DataType::Int64]) {
                         // Not the count state this expects: keep avg's own.
+                        dropped[avg] = false;
                         continue;
                     }
+                    let filter = filter.map(Box::new);
                     self.originals
                         .push(Expr::AggregateFunction(AggregateFunction::new_udf(
                             Arc::clone(&count_udf),
@@ -328,7 +349,30 @@ impl AggregateSplit {
                 count_type,
                 sum_type,
             };
-            dropped[avg] = true;
+        }
+        // A count of never-NULL arguments (`count(*)`) reads the count of an avg that keeps
+        // its partial, unless an avg above reads this count.
+        for j in 0..self.merges.len() {
+            let StateInput::Partial(k) = self.merges[j].input else {
+                continue;
+            };
+            let Some((_, filter)) = plain_call(&self.originals[k], "count") else {
+                continue;
+            };
+            if !self.never_null(k)
+                || !self.count_state(k)
+                || self
+                    .merges
+                    .iter()
+                    .any(|m| matches!(m.input, StateInput::Avg { count, .. } if count == k))
+            {
+                continue;
+            }
+            let Some(avg) = self.avg_rows(filter, &dropped) else {
+                continue;
+            };
+            self.merges[j].input = StateInput::Rows { avg };
+            dropped[k] = true;
         }
         if !dropped.contains(&true) {
             return Ok(());
@@ -360,9 +404,49 @@ impl AggregateSplit {
                     *count = renumbered[*count];
                     *sum = renumbered[*sum];
                 }
+                StateInput::Rows { avg } => *avg = renumbered[*avg],
             }
         }
         Ok(())
+    }
+}
+
+impl AggregateSplit {
+    /// Whether every argument of partial `k` is never NULL (as the hub's plan types it,
+    /// from what every station announces).
+    fn never_null(&self, k: usize) -> bool {
+        self.arg_fields[k].iter().all(|f| !f.is_nullable())
+    }
+
+    /// Whether partial `k`'s state is a count's: one `Int64`.
+    fn count_state(&self, k: usize) -> bool {
+        matches!(
+            state_children(&self.state_types[k]).as_slice(),
+            [DataType::Int64]
+        )
+    }
+
+    /// A partial `avg` of never-NULL arguments under `filter` that keeps its partial: the
+    /// first child of its state counts the group's rows that pass `filter`.
+    fn avg_rows(&self, filter: Option<&Expr>, dropped: &[bool]) -> Option<usize> {
+        (0..self.partials.len()).find(|&k| {
+            !dropped[k]
+                && plain_call(&self.originals[k], "avg").is_some_and(|(_, f)| f == filter)
+                && self.never_null(k)
+                && matches!(
+                    state_children(&self.state_types[k]).as_slice(),
+                    [DataType::UInt64, _]
+                )
+        })
+    }
+
+    /// A partial count of never-NULL arguments under `filter` (`count(*)` among them).
+    fn count_rows(&self, filter: Option<&Expr>) -> Option<usize> {
+        (0..self.partials.len()).find(|&k| {
+            plain_call(&self.originals[k], "count").is_some_and(|(_, f)| f == filter)
+                && self.never_null(k)
+                && self.count_state(k)
+        })
     }
 }
 
