@@ -30,6 +30,7 @@
 
 pub mod dp;
 pub mod error;
+mod file_reads;
 mod file_schemas;
 pub mod fragment;
 mod kept;
@@ -164,6 +165,11 @@ impl Station {
             !postgres.is_empty(),
         );
         let ctx = small_scans::install(railyard_udfs::fragment_context_with(session)?);
+        // The station's files are read through buffers it reuses (`file_reads`).
+        ctx.register_object_store(
+            datafusion::execution::object_store::ObjectStoreUrl::local_filesystem().as_ref(),
+            Arc::new(file_reads::ReusingFiles::default()),
+        );
         if let Some(secret) = &config.collaboration_secret {
             let keyed = Pseudonym::keyed(Arc::clone(secret))
                 .map_err(|e| Error::BadRequest(format!("station '{name}': {e}")))?;
