@@ -11,8 +11,9 @@
 //! the same bytes (tested against `LocalFileSystem`), and a range past the end of the file is
 //! an error, as there.
 //!
-//! The pool keeps at most [`KEPT_BYTES`] of idle buffers; a range larger than that is read
-//! into a buffer of its own, which is then freed.
+//! The pool keeps at most [`KEPT_BUFFERS`] idle buffers, [`KEPT_BYTES`] in all; a range
+//! that would not fit, or one shorter than [`POOLED_FROM`], is read into a buffer of its
+//! own, which is then freed.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -30,8 +31,12 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 
-/// Idle buffers the pool keeps at most, in bytes.
+/// Idle buffers the pool keeps at most: so many, and so many bytes in all.
+pub(crate) const KEPT_BUFFERS: usize = 32;
 pub(crate) const KEPT_BYTES: usize = 64 << 20;
+/// Ranges shorter than this get a buffer of their own, never pooled: the allocator reuses
+/// blocks of that size without fresh pages anyway.
+pub(crate) const POOLED_FROM: usize = 64 << 10;
 
 /// `LocalFileSystem`, reading byte ranges into reused buffers (see the module docs).
 #[derive(Debug, Default)]
@@ -46,25 +51,26 @@ impl std::fmt::Display for ReusingFiles {
     }
 }
 
-/// Idle buffers, and their capacities' sum.
+/// Idle buffers.
 #[derive(Debug, Default)]
 struct Pool {
-    idle: Mutex<(Vec<Vec<u8>>, usize)>,
+    idle: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Pool {
     /// An empty buffer of at least `len` bytes' capacity: the smallest idle one that holds
     /// it, or a new one.
     fn take(&self, len: usize) -> Vec<u8> {
+        if len < POOLED_FROM {
+            return Vec::with_capacity(len);
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let (buffers, bytes) = &mut *idle;
-        let best = (0..buffers.len())
-            .filter(|&i| buffers[i].capacity() >= len)
-            .min_by_key(|&i| buffers[i].capacity());
+        let best = (0..idle.len())
+            .filter(|&i| idle[i].capacity() >= len)
+            .min_by_key(|&i| idle[i].capacity());
         match best {
             Some(i) => {
-                let mut buffer = buffers.swap_remove(i);
-                *bytes -= buffer.capacity();
+                let mut buffer = idle.swap_remove(i);
                 buffer.clear();
                 buffer
             }
@@ -72,14 +78,16 @@ impl Pool {
         }
     }
 
-    /// Keeps `buffer` for a later read, unless the pool would then hold more than
-    /// [`KEPT_BYTES`].
+    /// Keeps `buffer` for a later read, unless it is small or the pool would then hold
+    /// more than [`KEPT_BUFFERS`] or [`KEPT_BYTES`].
     fn give(&self, buffer: Vec<u8>) {
+        if buffer.capacity() < POOLED_FROM {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let (buffers, bytes) = &mut *idle;
-        if *bytes + buffer.capacity() <= KEPT_BYTES {
-            *bytes += buffer.capacity();
-            buffers.push(buffer);
+        let bytes: usize = idle.iter().map(Vec::capacity).sum();
+        if idle.len() < KEPT_BUFFERS && bytes + buffer.capacity() <= KEPT_BYTES {
+            idle.push(buffer);
         }
     }
 }
@@ -267,17 +275,32 @@ mod tests {
     #[test]
     fn the_pool_keeps_at_most_its_bound_and_hands_out_the_smallest_fitting_buffer() {
         let pool = Pool::default();
-        pool.give(Vec::with_capacity(1000));
-        pool.give(Vec::with_capacity(100));
+        let idle_bytes =
+            |pool: &Pool| -> usize { pool.idle.lock().unwrap().iter().map(Vec::capacity).sum() };
+        let (small, large) = (POOLED_FROM, 10 * POOLED_FROM);
+        pool.give(Vec::with_capacity(large));
+        pool.give(Vec::with_capacity(small));
         pool.give(Vec::with_capacity(KEPT_BYTES));
         assert_eq!(
-            pool.idle.lock().unwrap().1,
-            1100,
-            "the large one is not kept"
+            idle_bytes(&pool),
+            small + large,
+            "the largest one is not kept"
         );
-        assert_eq!(pool.take(50).capacity(), 100);
-        assert_eq!(pool.take(50).capacity(), 1000);
-        assert!(pool.take(50).capacity() >= 50);
-        assert_eq!(pool.idle.lock().unwrap().1, 0);
+        assert_eq!(
+            pool.take(small - 1).capacity(),
+            small - 1,
+            "small reads are not pooled"
+        );
+        assert_eq!(pool.take(small).capacity(), small);
+        assert_eq!(pool.take(small).capacity(), large);
+        assert!(pool.take(small).capacity() >= small);
+        assert_eq!(idle_bytes(&pool), 0);
+        // Small buffers are not kept, and at most KEPT_BUFFERS are.
+        pool.give(Vec::with_capacity(small - 1));
+        assert_eq!(idle_bytes(&pool), 0);
+        for _ in 0..=KEPT_BUFFERS {
+            pool.give(Vec::with_capacity(small));
+        }
+        assert_eq!(pool.idle.lock().unwrap().len(), KEPT_BUFFERS);
     }
 }
