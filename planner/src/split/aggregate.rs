@@ -281,16 +281,14 @@ impl AggregateSplit {
             }) else {
                 continue;
             };
-            sharing.push((j, avg, sum, count_type, sum_type));
+            let (args, filter) = (args.to_vec(), filter.cloned());
+            sharing.push((j, avg, sum, count_type, sum_type, args, filter));
         }
         let mut dropped = vec![false; self.partials.len()];
         for &(_, avg, ..) in &sharing {
             dropped[avg] = true;
         }
-        for (j, avg, sum, count_type, sum_type) in sharing {
-            let (args, filter) = plain_call(&self.originals[avg], "avg")
-                .map(|(a, f)| (a.to_vec(), f.cloned()))
-                .expect("an avg call, found above");
+        for (j, avg, sum, count_type, sum_type, args, filter) in sharing {
             let same_args = (0..self.partials.len()).find(|&k| {
                 plain_call(&self.originals[k], "count") == Some((&args, filter.as_ref()))
                     && self.count_state(k)
